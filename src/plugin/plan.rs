@@ -1,0 +1,276 @@
+//! Validated specs -> the derivations the shim creates with Nix's own `derivation`.
+
+use super::ffi::bridge::{Plan, PlannedAttr, PlannedDrv, Source};
+use super::validate::{self, as_set, Attrs};
+use super::value::Val;
+use crate::spec::*;
+use std::path::{Path, PathBuf};
+
+pub const BUILDER_NAME: &str = "nix-winvm-builder";
+/// The VM runs on an x86_64 Linux host whatever the guest is.
+pub const SYSTEM: &str = "x86_64-linux";
+pub const DEFAULT_CACHE: &str = "/var/cache/nix-winvm";
+
+/// Where the plugin finds the host things its derivations need.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub builder: PathBuf,
+    pub kernel_dir: PathBuf,
+}
+
+impl Env {
+    /// The builder sits next to the plugin (cargo's target dir, or the package's lib dir);
+    /// `NIX_WINVM_BUILDER` and `NIX_WINVM_KERNEL_DIR` override for unusual layouts.
+    pub fn discover(plugin_dir: &str) -> Result<Env, String> {
+        let builder = match std::env::var_os("NIX_WINVM_BUILDER") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let beside = Path::new(plugin_dir).join(BUILDER_NAME);
+                let in_bin = Path::new(plugin_dir).join("../bin").join(BUILDER_NAME);
+                if !beside.exists() && in_bin.exists() { in_bin } else { beside }
+            }
+        };
+        if !builder.is_file() {
+            return Err(format!(
+                "nix-winvm: the builder {} does not exist; build it (cargo build --release) or set NIX_WINVM_BUILDER",
+                builder.display()
+            ));
+        }
+        let kernel_dir = match std::env::var_os("NIX_WINVM_KERNEL_DIR") {
+            Some(p) => PathBuf::from(p),
+            None => Path::new(DEFAULT_CACHE).join("kernel"),
+        };
+        Ok(Env { builder, kernel_dir })
+    }
+
+    fn kernel(&self, builtin: &str) -> Result<String, String> {
+        if !self.kernel_dir.join("vmlinuz").is_file() {
+            return Err(format!(
+                "{builtin}: the Linux kernel for the VMs is missing ({}/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR",
+                self.kernel_dir.display()
+            ));
+        }
+        Ok(self.kernel_dir.display().to_string())
+    }
+}
+
+fn attr(name: &str, source: Source) -> PlannedAttr {
+    PlannedAttr { name: name.into(), source, text: String::new(), list: vec![], int_value: 0, path: vec![], stage: 0 }
+}
+pub fn text(name: &str, value: &str) -> PlannedAttr {
+    PlannedAttr { text: value.into(), ..attr(name, Source::Text) }
+}
+pub fn list(name: &str, values: Vec<String>) -> PlannedAttr {
+    PlannedAttr { list: values, ..attr(name, Source::StrList) }
+}
+pub fn user(name: &str, path: &[&str]) -> PlannedAttr {
+    PlannedAttr { path: path.iter().map(|s| s.to_string()).collect(), ..attr(name, Source::User) }
+}
+pub fn stage(name: &str, index: usize) -> PlannedAttr {
+    PlannedAttr { stage: index, ..attr(name, Source::Stage) }
+}
+pub fn host_path(name: &str, path: &str) -> PlannedAttr {
+    PlannedAttr { text: path.into(), ..attr(name, Source::HostPath) }
+}
+
+fn error_plan(msg: String) -> Plan {
+    Plan { error: msg, drvs: vec![], passthru: vec![] }
+}
+
+/// Which attributes the shim must evaluate before planning. Forcing an attribute the plan only
+/// passes through would make the builtin stricter than `derivation`, so those stay lazy.
+pub fn force_depth(builtin: &str, key: &str) -> u32 {
+    match (builtin, key) {
+        ("windowsImage", _) => 3,
+        (_, "windowsImage") => 3,
+        (_, "image") => 1,
+        ("windowsDerivation", "name" | "script" | "memory" | "cpus" | "accel" | "timeout") => 1,
+        ("windowsDerivation", "builder" | "args" | "system") => 1,
+        (_, "outputs" | "requiredSystemFeatures") => 2,
+        ("runInWindowsVM", "args") => 2,
+        ("runInWindowsVM", "name" | "timeout" | "builder") => 1,
+        _ => 0,
+    }
+}
+
+pub fn plan(builtin: &str, root: &Val, env: &Env) -> Plan {
+    let result = match builtin {
+        "windowsImage" => as_set(builtin, root).and_then(|a| plan_image(builtin, a, &[], env)),
+        "windowsDerivation" => as_set(builtin, root).and_then(|a| plan_build(builtin, a, env)),
+        "runInWindowsVM" => plan_run_in_vm(builtin, root, env),
+        other => Err(format!("nix-winvm: unknown builtin '{other}'")),
+    };
+    result.unwrap_or_else(error_plan)
+}
+
+/// `requiredSystemFeatures`, or nothing when no feature is needed (Nix treats both alike, and a
+/// derivation without it reads more plainly).
+fn features(accel: Accel, extra: &[String]) -> Option<PlannedAttr> {
+    let mut f: Vec<String> = extra.to_vec();
+    if accel == Accel::Kvm && !f.iter().any(|x| x == "kvm") {
+        f.push("kvm".into());
+    }
+    (!f.is_empty()).then(|| list("requiredSystemFeatures", f))
+}
+
+fn base(name: &str, stage_arg: &str, env: &Env) -> Vec<PlannedAttr> {
+    vec![
+        text("name", name),
+        text("system", SYSTEM),
+        host_path("builder", &env.builder.display().to_string()),
+        list("args", vec![stage_arg.into()]),
+    ]
+}
+
+/// The three stages of an image: media -> installed disk -> suspended VM. `prefix` locates the
+/// image's attributes inside the user's value (empty for `windowsImage`'s own argument).
+fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<Plan, String> {
+    let spec = validate::image_spec(builtin, attrs)?;
+    let spec_json = to_json(&spec);
+    let kernel = env.kernel(builtin)?;
+    let guest = spec.guest.name();
+    // Stages holding Windows itself carry the marker binary caches use to refuse redistribution.
+    let restricted = if spec.guest == Guest::Windows { "RESTRICTDIST-" } else { "" };
+    let at = |k: &'static str| -> Vec<&str> { prefix.iter().copied().chain([k]).collect() };
+    let mut drvs = Vec::new();
+
+    let mut iso_stage = None;
+    if let Some(WindowsImageOptions { iso: IsoSource::Fixed { name, sha256 }, .. }) = &spec.windows {
+        // Like nixpkgs' requireFile: the path exists once the user adds the file; otherwise the
+        // builder only explains how to.
+        let mut a = base(name, "require-file", env);
+        a.extend([
+            text("outputHashMode", "flat"),
+            text("outputHashAlgo", "sha256"),
+            text("outputHash", sha256),
+            text("winvmRequiredName", name),
+        ]);
+        iso_stage = Some(drvs.len());
+        drvs.push(PlannedDrv { attrs: a });
+    }
+
+    let mut media = base(&format!("winvm-{guest}-media"), "media", env);
+    media.push(text("winvmImageSpec", &spec_json));
+    media.push(host_path("kernel", &kernel));
+    if attrs.iter().any(|(k, _)| k == "cygwinRepo") {
+        media.push(user("cygwinRepo", &at("cygwinRepo")));
+    }
+    let media_index = drvs.len();
+    drvs.push(PlannedDrv { attrs: media });
+
+    let vm_features = features(spec.accel, &[]);
+    let mut installed = base(&format!("{restricted}winvm-{guest}-installed"), "install", env);
+    installed.push(text("winvmImageSpec", &spec_json));
+    installed.push(stage("media", media_index));
+    match (&spec.windows, iso_stage) {
+        (Some(_), Some(i)) => installed.push(stage("iso", i)),
+        (Some(_), None) => installed.push(user("iso", &at("iso"))),
+        _ => {}
+    }
+    installed.extend(vm_features.clone());
+    let installed_index = drvs.len();
+    drvs.push(PlannedDrv { attrs: installed });
+
+    let mut image = base(&format!("{restricted}winvm-{guest}-image"), "suspend", env);
+    image.push(text("winvmImageSpec", &spec_json));
+    image.push(stage("media", media_index));
+    image.push(stage("installed", installed_index));
+    image.extend(vm_features);
+    drvs.push(PlannedDrv { attrs: image });
+
+    let passthru = vec![stage("media", media_index), stage("installed", installed_index)];
+    Ok(Plan { error: String::new(), drvs, passthru })
+}
+
+fn plan_build(builtin: &str, attrs: &Attrs, env: &Env) -> Result<Plan, String> {
+    let args = validate::build_args(builtin, attrs)?;
+    let mut drv = vec![
+        text("system", SYSTEM),
+        host_path("builder", &env.builder.display().to_string()),
+        list("args", vec!["build".into()]),
+        text("winvmBuildSpec", &to_json(&args.spec)),
+    ];
+    drv.extend(features(args.spec.image.accel, &args.extra_features));
+    for (k, _) in attrs {
+        if validate::BUILD_CONSUMED_ATTRS.contains(&k.as_str()) || k == "requiredSystemFeatures" {
+            continue;
+        }
+        drv.push(user(k, &[k]));
+    }
+    Ok(Plan { error: String::new(), drvs: vec![PlannedDrv { attrs: drv }], passthru: vec![] })
+}
+
+/// The historic interface: a derivation in, the same derivation run inside the VM out. The
+/// shim hands over the derivation's `drvAttrs`.
+fn plan_run_in_vm(builtin: &str, root: &Val, env: &Env) -> Result<Plan, String> {
+    let attrs = match root {
+        Val::Set(a) => a,
+        other => {
+            return Err(format!("{builtin}: the argument must be a derivation, got {}", other.describe()));
+        }
+    };
+    let mut drvs = Vec::new();
+    let image_attr = match attrs.iter().find(|(k, _)| k == "windowsImage").map(|(_, v)| v) {
+        None => {
+            return Err(format!(
+                "{builtin}: the derivation has no attribute 'windowsImage'; set it to builtins.windowsImage {{ ... }} or to that builtin's arguments"
+            ))
+        }
+        Some(Val::Set(image_attrs)) => {
+            let image_plan = plan_image(&format!("{builtin}: windowsImage"), image_attrs, &["windowsImage"], env)?;
+            drvs = image_plan.drvs;
+            stage("image", drvs.len() - 1)
+        }
+        Some(v) => {
+            validate::image_of(builtin, "windowsImage", Some(v))?;
+            user("image", &["windowsImage"])
+        }
+    };
+    let image = match image_attr.source {
+        Source::Stage => {
+            let json = drvs[image_attr.stage].attrs.iter().find(|a| a.name == "winvmImageSpec").map(|a| a.text.clone());
+            image_spec_from_json(&json.unwrap_or_default()).map_err(|e| format!("{builtin}: {e}"))?
+        }
+        _ => validate::image_of(builtin, "windowsImage", attrs.iter().find(|(k, _)| k == "windowsImage").map(|(_, v)| v))?,
+    };
+    let mut spec = BuildSpec { timeout_secs: image.timeout_secs, image, run_original_builder: true };
+    validate::apply_build_overrides(builtin, &[], &mut spec)?;
+    if let Some((_, v)) = attrs.iter().find(|(k, _)| k == "timeout") {
+        let only_timeout = vec![("timeout".to_owned(), v.clone())];
+        validate::apply_build_overrides(builtin, &only_timeout, &mut spec)?;
+    }
+    let argc = match attrs.iter().find(|(k, _)| k == "args").map(|(_, v)| v) {
+        None => 0,
+        Some(Val::List(items)) => items.len(),
+        Some(other) => return Err(validate::type_error(builtin, "args", "a list", other)),
+    };
+    if !attrs.iter().any(|(k, _)| k == "builder") {
+        return Err(format!("{builtin}: the derivation has no attribute 'builder'"));
+    }
+    let mut drv = vec![
+        text("system", SYSTEM),
+        host_path("builder", &env.builder.display().to_string()),
+        list("args", vec!["build".into()]),
+        text("winvmBuildSpec", &to_json(&spec)),
+        user("winvmOrigBuilder", &["builder"]),
+        text("winvmArgc", &argc.to_string()),
+        image_attr,
+    ];
+    for i in 0..argc {
+        let index = i.to_string();
+        drv.push(user(&format!("winvmArg{i}"), &["args", &index]));
+    }
+    let extra = match attrs.iter().find(|(k, _)| k == "requiredSystemFeatures").map(|(_, v)| v) {
+        None => vec![],
+        Some(v) => validate::string_list(builtin, "requiredSystemFeatures", v, "a list of strings")?,
+    };
+    drv.extend(features(spec.image.accel, &extra));
+    const OWNED: &[&str] = &["builder", "args", "system", "windowsImage", "requiredSystemFeatures", "image"];
+    for (k, _) in attrs {
+        if !OWNED.contains(&k.as_str()) {
+            drv.push(user(k, &[k]));
+        }
+    }
+    drvs.push(PlannedDrv { attrs: drv });
+    Ok(Plan { error: String::new(), drvs, passthru: vec![] })
+}
