@@ -12,6 +12,12 @@
 #include <iostream>
 #include <map>
 
+// Mutable and external so that the compiler keeps one copy, read at load time: the tests patch
+// it in a copy of the plugin to prove the refusal.
+extern "C" {
+char nix_winvm_built_for[] = NIX_WINVM_BUILT_FOR;
+}
+
 namespace {
 
 using nix_winvm::Kind;
@@ -242,8 +248,8 @@ struct Registrar
     Registrar()
     {
         std::string running = nixc::nix_version();
-        if (running != NIX_WINVM_BUILT_FOR) {
-            std::cerr << "nix-winvm: this plugin was built for Nix " NIX_WINVM_BUILT_FOR " but is loaded into Nix "
+        if (running != nix_winvm_built_for) {
+            std::cerr << "nix-winvm: this plugin was built for Nix " << nix_winvm_built_for << " but is loaded into Nix "
                       << running << "; rebuild it against this Nix's headers. Its builtins are not registered.\n";
             return;
         }

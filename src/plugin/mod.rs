@@ -27,3 +27,6 @@ fn plan(builtin: &str, nodes: &Vec<Node>, plugin_dir: &str) -> Plan {
     };
     Plan { error, drvs: vec![], passthru: vec![] }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+//! Planner unit tests and a property test: no argument, however malformed, makes the planner
+//! panic (a panic would cross the FFI into the user's `nix`).
+
+use super::ffi::bridge::{Kind, Node, Source};
+use super::plan::{self, Env};
+use super::value::{from_nodes, to_nodes, Val};
+use proptest::prelude::*;
+
+fn env() -> (tempfile::TempDir, Env) {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("kernel");
+    std::fs::create_dir_all(&kernel).unwrap();
+    std::fs::write(kernel.join("vmlinuz"), b"").unwrap();
+    let env = Env { builder: dir.path().join("nix-winvm-builder"), kernel_dir: kernel };
+    (dir, env)
+}
+
+fn s(text: &str) -> Val {
+    Val::Str { text: text.into(), context: false }
+}
+
+fn set(attrs: &[(&str, Val)]) -> Val {
+    Val::Set(attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+}
+
+#[test]
+fn nodes_round_trip() {
+    let v = set(&[
+        ("a", Val::List(vec![Val::Int(1), s("x"), Val::Null, set(&[("deep", Val::Bool(true))])])),
+        ("b", Val::Derivation { image_spec: Some("{}".into()) }),
+        ("c", Val::Path("/p".into())),
+        ("d", Val::Float(1.5)),
+        ("e", Val::Unforced),
+    ]);
+    assert_eq!(from_nodes(&to_nodes(&v)).unwrap(), v);
+}
+
+#[test]
+fn malformed_nodes_are_errors() {
+    let mut nodes = to_nodes(&set(&[("a", Val::Int(1))]));
+    nodes[0].count = 5;
+    assert_eq!(from_nodes(&nodes).unwrap_err(), "child range out of order");
+    nodes[0].count = 1;
+    nodes[0].first = 0; // a set that contains itself
+    assert_eq!(from_nodes(&nodes).unwrap_err(), "child range out of order");
+    assert_eq!(from_nodes(&[]).unwrap_err(), "the shim passed no value");
+}
+
+#[test]
+fn standin_image_plan_has_three_stages_and_passthru() {
+    let (_d, env) = env();
+    let p = plan::plan("windowsImage", &set(&[("guest", s("standin")), ("accel", s("tcg"))]), &env);
+    assert_eq!(p.error, "");
+    let names: Vec<String> =
+        p.drvs.iter().map(|d| d.attrs.iter().find(|a| a.name == "name").unwrap().text.clone()).collect();
+    assert_eq!(names, ["winvm-standin-media", "winvm-standin-installed", "winvm-standin-image"]);
+    let installed = &p.drvs[1];
+    let media_ref = installed.attrs.iter().find(|a| a.name == "media").unwrap();
+    assert_eq!((media_ref.source, media_ref.stage), (Source::Stage, 0));
+    assert!(!installed.attrs.iter().any(|a| a.name == "requiredSystemFeatures"));
+    let passthru: Vec<(&str, usize)> = p.passthru.iter().map(|a| (a.name.as_str(), a.stage)).collect();
+    assert_eq!(passthru, [("media", 0), ("installed", 1)]);
+}
+
+#[test]
+fn missing_kernel_is_an_error_naming_the_fix() {
+    let (_d, mut env) = env();
+    env.kernel_dir = "/nonexistent".into();
+    let p = plan::plan("windowsImage", &set(&[("guest", s("standin"))]), &env);
+    assert_eq!(
+        p.error,
+        "windowsImage: the Linux kernel for the VMs is missing (/nonexistent/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR"
+    );
+}
+
+#[test]
+fn build_forwards_unknown_attributes_by_reference() {
+    let (_d, env) = env();
+    let image = plan::plan("windowsImage", &set(&[("guest", s("standin"))]), &env);
+    let json = image.drvs[2].attrs.iter().find(|a| a.name == "winvmImageSpec").unwrap().text.clone();
+    let args = set(&[
+        ("name", s("t")),
+        ("image", Val::Derivation { image_spec: Some(json) }),
+        ("script", Val::Str { text: "x".into(), context: true }),
+        ("FOO", Val::Unforced),
+        ("timeout", Val::Int(5)),
+    ]);
+    let p = plan::plan("windowsDerivation", &args, &env);
+    assert_eq!(p.error, "");
+    let attrs = &p.drvs[0].attrs;
+    for key in ["name", "image", "script", "FOO"] {
+        let a = attrs.iter().find(|a| a.name == key).unwrap_or_else(|| panic!("{key} not forwarded"));
+        assert_eq!((a.source, a.path.clone()), (Source::User, vec![key.to_string()]));
+    }
+    assert!(!attrs.iter().any(|a| a.name == "timeout"));
+    let features = attrs.iter().find(|a| a.name == "requiredSystemFeatures").unwrap();
+    assert_eq!(features.list, ["kvm"]);
+}
+
+#[test]
+fn force_depth_keeps_pass_through_attributes_lazy() {
+    assert_eq!(plan::force_depth("windowsDerivation", "src"), 0);
+    assert_eq!(plan::force_depth("windowsDerivation", "script"), 1);
+    assert_eq!(plan::force_depth("windowsImage", "anything"), 3);
+}
+
+fn arb_val() -> impl Strategy<Value = Val> {
+    let leaf = prop_oneof![
+        Just(Val::Null),
+        any::<bool>().prop_map(Val::Bool),
+        any::<i64>().prop_map(Val::Int),
+        any::<f64>().prop_map(Val::Float),
+        ("[a-z\"{}]{0,12}", any::<bool>()).prop_map(|(text, context)| Val::Str { text, context }),
+        "/[a-z]{0,8}".prop_map(Val::Path),
+        Just(Val::Function),
+        Just(Val::Unforced),
+        proptest::option::of("\\PC{0,40}").prop_map(|image_spec| Val::Derivation { image_spec }),
+        // A real image spec now and then, so that deeper validation is reached.
+        Just(Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())) }),
+    ];
+    let keys = prop_oneof![
+        Just("guest".to_string()), Just("memory".to_string()), Just("cpus".to_string()),
+        Just("accel".to_string()), Just("timeout".to_string()), Just("iso".to_string()),
+        Just("edition".to_string()), Just("name".to_string()), Just("script".to_string()),
+        Just("image".to_string()), Just("outputs".to_string()), Just("windowsImage".to_string()),
+        Just("args".to_string()), Just("builder".to_string()), Just("sha256".to_string()),
+        "[a-zA-Z]{1,6}",
+    ];
+    leaf.prop_recursive(4, 48, 8, move |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Val::List),
+            proptest::collection::vec((keys.clone(), inner), 0..8).prop_map(Val::Set),
+        ]
+    })
+}
+
+proptest! {
+    #[test]
+    fn planning_never_panics(v in arb_val(), builtin in prop_oneof![Just("windowsImage"), Just("windowsDerivation"), Just("runInWindowsVM")]) {
+        let (_d, env) = env();
+        let p = plan::plan(builtin, &v, &env);
+        // Either an error naming the builtin, or derivations whose stage references point backwards.
+        if p.error.is_empty() {
+            prop_assert!(!p.drvs.is_empty());
+            for (i, d) in p.drvs.iter().enumerate() {
+                for a in &d.attrs {
+                    if a.source == Source::Stage { prop_assert!(a.stage < i); }
+                }
+            }
+        } else {
+            prop_assert!(p.error.starts_with(builtin), "{}", p.error);
+        }
+    }
+
+    #[test]
+    fn corrupt_node_arrays_never_panic(raw in proptest::collection::vec((0u8..13, 0usize..12, 0usize..5, any::<i64>()), 0..12)) {
+        let kinds = [Kind::Null, Kind::Bool, Kind::Int, Kind::Float, Kind::Str, Kind::Path, Kind::Set,
+                     Kind::List, Kind::Function, Kind::Derivation, Kind::Unforced, Kind::External, Kind::Set];
+        let nodes: Vec<Node> = raw.iter().map(|(k, first, count, i)| Node {
+            kind: kinds[*k as usize], key: String::new(), text: String::new(), int_value: *i,
+            float_value: 0.0, context: false, first: *first, count: *count,
+        }).collect();
+        let _ = from_nodes(&nodes);
+    }
+}

@@ -1,0 +1,85 @@
+//! Shared helpers of the end-to-end tests: the real `nix` with the plugin, a throw-away store.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// target/<profile>/, where cargo puts both the plugin and the builder.
+pub fn target_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nix-winvm-builder")).parent().expect("bin dir").to_path_buf()
+}
+
+pub fn plugin() -> PathBuf {
+    let p = target_dir().join("libnix_winvm.so");
+    assert!(p.is_file(), "plugin not built at {}", p.display());
+    p
+}
+
+pub fn builder() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_nix-winvm-builder"))
+}
+
+/// A private chroot store and state directory, removed when dropped.
+pub struct NixEnv {
+    pub dir: tempfile::TempDir,
+}
+
+impl NixEnv {
+    pub fn new() -> NixEnv {
+        NixEnv { dir: tempfile::Builder::new().prefix("nix-winvm-test").tempdir().expect("tempdir") }
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(program);
+        c.env("NIX_CONFIG", "build-users-group =\nexperimental-features = nix-command\nsubstituters =")
+            .env("NIX_STATE_DIR", self.dir.path().join("state"))
+            .env("NIX_LOG_DIR", self.dir.path().join("log"))
+            .env("HOME", self.dir.path())
+            .env_remove("NIX_REMOTE")
+            .env_remove("NIX_PATH");
+        c
+    }
+
+    /// `nix-instantiate --plugin-files PLUGIN --store STORE ARGS... -E EXPR`
+    pub fn instantiate(&self, args: &[&str], expr: &str) -> Output {
+        let mut c = self.command("nix-instantiate");
+        c.arg("--plugin-files").arg(plugin()).arg("--store").arg(self.store()).args(args).arg("-E").arg(expr);
+        c.output().expect("run nix-instantiate")
+    }
+
+    pub fn eval(&self, expr: &str) -> Output {
+        self.instantiate(&["--eval", "--strict", "--json"], expr)
+    }
+
+    /// `nix --plugin-files PLUGIN --store STORE ARGS...`
+    pub fn nix(&self, args: &[&str]) -> Output {
+        let mut c = self.command("nix");
+        c.arg("--plugin-files").arg(plugin()).arg("--store").arg(self.store()).args(args);
+        c.output().expect("run nix")
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean evaluation error (exit 1, not a crash) whose message contains `msg`.
+pub fn assert_eval_error(o: &Output, msg: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "expected a Nix error (exit 1), got {:?}\nstderr: {err}", o.status);
+    assert!(err.contains(&format!("error: {msg}")), "expected error\n  {msg}\ngot:\n{err}");
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+pub const STANDIN_TCG: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;

@@ -1,0 +1,248 @@
+//! The plugin loaded into the real `nix`: builtins, derivations, validation, string context.
+
+mod common;
+use common::*;
+
+#[test]
+fn the_issue_example_evaluates_to_a_derivation_and_instantiates() {
+    let env = NixEnv::new();
+    let expr = format!(r#"(builtins.windowsDerivation {{ name = "t"; image = {STANDIN_TCG}; script = "echo hi > $out"; }})"#);
+    let o = env.eval(&format!("{expr}.type"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "\"derivation\"");
+    let o = env.instantiate(&[], &expr);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let drv = stdout(&o);
+    assert!(drv.starts_with("/nix/store/") && drv.ends_with("-t.drv"), "{drv}");
+    assert!(env.store().join(drv.trim_start_matches('/')).is_file());
+}
+
+fn show_derivation(env: &NixEnv, expr: &str) -> serde_json::Value {
+    let o = env.instantiate(&[], expr);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let drv = stdout(&o);
+    let o = env.nix(&["show-derivation", &drv]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let all: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    all[&drv].clone()
+}
+
+#[test]
+fn build_derivation_attributes() {
+    let env = NixEnv::new();
+    let d = show_derivation(
+        &env,
+        &format!(
+            r#"builtins.windowsDerivation {{ name = "t"; image = {STANDIN_TCG}; script = "true"; FOO = "bar"; timeout = 60; outputs = [ "out" "dev" ]; }}"#
+        ),
+    );
+    assert_eq!(d["system"], "x86_64-linux");
+    assert_eq!(d["args"], serde_json::json!(["build"]));
+    let builder = d["builder"].as_str().unwrap();
+    assert!(builder.starts_with("/nix/store/") && builder.ends_with("-nix-winvm-builder"), "{builder}");
+    assert_eq!(d["env"]["FOO"], "bar");
+    assert_eq!(d["env"]["script"], "true");
+    assert!(d["outputs"]["out"].is_object() && d["outputs"]["dev"].is_object(), "{d}");
+    assert!(d["env"].get("timeout").is_none(), "timeout is consumed, not passed through");
+    let spec: serde_json::Value = serde_json::from_str(d["env"]["winvmBuildSpec"].as_str().unwrap()).unwrap();
+    assert_eq!(spec["timeoutSecs"], 60);
+    assert_eq!(spec["image"]["guest"], "standin");
+    assert_eq!(spec["image"]["accel"], "tcg");
+    assert!(d["env"].get("requiredSystemFeatures").is_none(), "tcg needs no kvm feature");
+    // The image is an input derivation, its path is in the environment.
+    let inputs = d["inputDrvs"].as_object().unwrap();
+    assert!(inputs.keys().any(|k| k.ends_with("-winvm-standin-image.drv")), "{inputs:?}");
+    assert!(d["env"]["image"].as_str().unwrap().ends_with("-winvm-standin-image"));
+}
+
+#[test]
+fn kvm_images_require_the_kvm_feature() {
+    let env = NixEnv::new();
+    let d = show_derivation(
+        &env,
+        r#"builtins.windowsDerivation { name = "t"; image = builtins.windowsImage { guest = "standin"; }; script = "true"; requiredSystemFeatures = [ "big-parallel" ]; }"#,
+    );
+    assert_eq!(d["env"]["requiredSystemFeatures"], "big-parallel kvm");
+}
+
+#[test]
+fn image_is_a_chain_of_three_derivations_with_stages_exposed() {
+    let env = NixEnv::new();
+    let img = format!("({STANDIN_TCG})");
+    let o = env.eval(&format!(
+        "let i = {img}; in [ i.name i.media.name i.installed.name i.type (builtins.fromJSON i.winvmImageSpec).memoryMib ]"
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        r#"["winvm-standin-image","winvm-standin-media","winvm-standin-installed","derivation",256]"#
+    );
+    let d = show_derivation(&env, &img);
+    assert_eq!(d["args"], serde_json::json!(["suspend"]));
+    let inputs: Vec<&String> = d["inputDrvs"].as_object().unwrap().keys().collect();
+    assert!(inputs.iter().any(|k| k.ends_with("-winvm-standin-installed.drv")), "{inputs:?}");
+    assert!(inputs.iter().any(|k| k.ends_with("-winvm-standin-media.drv")), "{inputs:?}");
+    let media = show_derivation(&env, &format!("{img}.media"));
+    assert_eq!(media["args"], serde_json::json!(["media"]));
+    let srcs = media["inputSrcs"].as_array().unwrap();
+    assert!(srcs.iter().any(|s| s.as_str().unwrap().ends_with("-kernel")), "{srcs:?}");
+}
+
+#[test]
+fn script_context_makes_files_and_derivations_inputs() {
+    let env = NixEnv::new();
+    let file = env.dir.path().join("some-file");
+    std::fs::write(&file, "hello\n").unwrap();
+    let d = show_derivation(
+        &env,
+        &format!(
+            r#"let dep = derivation {{ name = "dep"; system = "x86_64-linux"; builder = "/bin/sh"; }};
+               in builtins.windowsDerivation {{ name = "t"; image = {STANDIN_TCG};
+                    script = "cat ${{{}}} ${{dep}} > $out"; }}"#,
+            path_str(&file)
+        ),
+    );
+    let srcs: Vec<String> = d["inputSrcs"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect();
+    assert!(srcs.iter().any(|s| s.ends_with("-some-file")), "{srcs:?}");
+    let drvs: Vec<&String> = d["inputDrvs"].as_object().unwrap().keys().collect();
+    assert!(drvs.iter().any(|k| k.ends_with("-dep.drv")), "{drvs:?}");
+}
+
+#[test]
+fn run_in_windows_vm_wraps_a_plain_derivation() {
+    let env = NixEnv::new();
+    let script = env.dir.path().join("builder.sh");
+    std::fs::write(&script, "echo hi > $out\n").unwrap();
+    let d = show_derivation(
+        &env,
+        &format!(
+            r#"builtins.runInWindowsVM (derivation {{
+                 name = "legacy"; system = "x86_64-linux"; builder = "/bin/sh";
+                 args = [ "-e" {} ]; HELLO = "world";
+                 windowsImage = {{ guest = "standin"; accel = "tcg"; }};
+               }})"#,
+            path_str(&script)
+        ),
+    );
+    assert_eq!(d["args"], serde_json::json!(["build"]));
+    assert_eq!(d["env"]["winvmOrigBuilder"], "/bin/sh");
+    assert_eq!(d["env"]["winvmArgc"], "2");
+    assert_eq!(d["env"]["winvmArg0"], "-e");
+    assert!(d["env"]["winvmArg1"].as_str().unwrap().ends_with("-builder.sh"), "args keep their context");
+    assert_eq!(d["env"]["HELLO"], "world");
+    assert!(d["env"].get("windowsImage").is_none());
+    let spec: serde_json::Value = serde_json::from_str(d["env"]["winvmBuildSpec"].as_str().unwrap()).unwrap();
+    assert_eq!(spec["runOriginalBuilder"], true);
+    let drvs: Vec<&String> = d["inputDrvs"].as_object().unwrap().keys().collect();
+    assert!(drvs.iter().any(|k| k.ends_with("-winvm-standin-image.drv")), "{drvs:?}");
+}
+
+#[test]
+fn windows_image_with_fixed_iso_has_a_require_file_stage_and_restricted_names() {
+    let env = NixEnv::new();
+    let hash = "a".repeat(64);
+    let o = env.eval(&format!(
+        r#"let i = builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; }};
+           in [ i.name i.installed.name i.media.name (builtins.fromJSON i.winvmImageSpec).windows.edition ]"#
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        r#"["RESTRICTDIST-winvm-windows-image","RESTRICTDIST-winvm-windows-installed","winvm-windows-media","Windows 11 Pro"]"#
+    );
+}
+
+/// Each bad input must be a clean Nix error with exactly this message: never a crash.
+#[test]
+fn bad_inputs_give_specific_errors() {
+    let env = NixEnv::new();
+    let img = STANDIN_TCG;
+    let cases: Vec<(String, &str)> = vec![
+        ("builtins.windowsImage 3".into(), "windowsImage: the argument must be a set of attributes, got an integer"),
+        (r#"builtins.windowsImage { guest = "standin"; memroy = 3; }"#.into(), "windowsImage: unknown attribute 'memroy'; did you mean 'memory'?"),
+        (r#"builtins.windowsImage { guest = "standin"; colour = 3; }"#.into(), "windowsImage: unknown attribute 'colour'; known attributes: accel, cpus, cygwinPackages, cygwinRepo, diskSize, edition, efi, guest, installCommands, iso, locale, memory, productKey, timeout"),
+        (r#"builtins.windowsImage { guest = "mac"; }"#.into(), r#"windowsImage: attribute 'guest' must be one of "windows", "standin", got "mac""#),
+        (r#"builtins.windowsImage { guest = "standin"; memory = "lots"; }"#.into(), "windowsImage: attribute 'memory' must be an integer (MiB), got a string"),
+        (r#"builtins.windowsImage { guest = "standin"; memory = 4294967296; }"#.into(), "windowsImage: attribute 'memory' must be between 64 and 1048576 (MiB), got 4294967296"),
+        (r#"builtins.windowsImage { guest = "standin"; accel = true; }"#.into(), r#"windowsImage: attribute 'accel' must be one of "kvm", "tcg", got a Boolean"#),
+        (r#"builtins.windowsImage { guest = "standin"; edition = "x"; }"#.into(), r#"windowsImage: attribute 'edition' applies only to guest = "windows""#),
+        (r#"builtins.windowsImage { edition = "Windows 11 Pro"; }"#.into(), r#"windowsImage: missing required attribute 'iso' for guest = "windows""#),
+        (r#"builtins.windowsImage { iso = { name = "w.iso"; sha256 = "abc"; }; edition = "x"; }"#.into(), r#"windowsImage: attribute 'iso.sha256' must be 64 hexadecimal digits, got "abc""#),
+        (r#"builtins.windowsImage { iso = "/tmp/w.iso"; edition = "x"; }"#.into(), "windowsImage: attribute 'iso' must be a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`, got a string"),
+        (r#"builtins.windowsImage { iso = ./x; cygwinPackages = [ "git" 3 ]; edition = "x"; }"#.into(), "windowsImage: element 1 of attribute 'cygwinPackages' must be a string, got an integer"),
+        (format!(r#"builtins.windowsDerivation {{ name = "t"; image = {img}; }}"#), "windowsDerivation: missing required attribute 'script' (a string: the shell script to run in the guest)"),
+        (r#"builtins.windowsDerivation { name = "t"; script = ""; }"#.into(), "windowsDerivation: missing required attribute 'image' (the result of builtins.windowsImage { ... })"),
+        (r#"builtins.windowsDerivation { name = "t"; script = ""; image = { }; }"#.into(), "windowsDerivation: attribute 'image' must be the result of builtins.windowsImage { ... }, got a set"),
+        (r#"builtins.windowsDerivation { name = "t"; script = ""; image = derivation { name = "x"; system = "x"; builder = "x"; }; }"#.into(), "windowsDerivation: attribute 'image' must be the result of builtins.windowsImage { ... }, got a derivation that is not a nix-winvm image"),
+        (format!(r#"builtins.windowsDerivation {{ name = "t"; image = {img}; script = ""; memory = "x"; }}"#), "windowsDerivation: attribute 'memory' must be an integer (MiB), got a string"),
+        (format!(r#"builtins.windowsDerivation {{ name = "t"; image = {img}; script = ""; memory = 512; }}"#), "windowsDerivation: attribute 'memory' (512 MiB) differs from the image's (256 MiB): a VM revived from a memory snapshot keeps the shape it was saved with; build another image"),
+        (format!(r#"builtins.windowsDerivation {{ name = "t"; image = {img}; script = 3; }}"#), "windowsDerivation: attribute 'script' must be a string (the shell script to run in the guest), got an integer"),
+        (format!(r#"builtins.windowsDerivation {{ name = "t"; image = {img}; script = ""; builder = "/bin/sh"; }}"#), "windowsDerivation: attribute 'builder' cannot be set: nix-winvm's builder runs the VM; put the build commands in 'script'"),
+        (format!(r#"builtins.windowsDerivation {{ name = "t"; image = {img}; script = ""; outputs = [ ]; }}"#), "windowsDerivation: attribute 'outputs' must not be empty"),
+        (format!(r#"builtins.windowsDerivation {{ name = "t"; image = {img}; script = ""; timeout = 0; }}"#), "windowsDerivation: attribute 'timeout' must be between 1 and 604800 (seconds), got 0"),
+        ("builtins.runInWindowsVM [ ]".into(), "runInWindowsVM: the argument must be a derivation, got a list"),
+        ("builtins.runInWindowsVM { }".into(), "runInWindowsVM: the argument must be a derivation, got a set without 'drvAttrs'"),
+        (r#"builtins.runInWindowsVM (derivation { name = "x"; system = "x"; builder = "x"; })"#.into(), "runInWindowsVM: the derivation has no attribute 'windowsImage'; set it to builtins.windowsImage { ... } or to that builtin's arguments"),
+        (r#"builtins.runInWindowsVM (derivation { name = "x"; system = "x"; builder = "x"; windowsImage = { guest = "standin"; memory = "x"; }; })"#.into(), "runInWindowsVM: windowsImage: attribute 'memory' must be an integer (MiB), got a string"),
+    ];
+    for (expr, msg) in cases {
+        let o = env.instantiate(&[], &expr);
+        assert_eval_error(&o, msg);
+        // The error points at the caller's expression.
+        assert!(stderr(&o).contains("«string»:1:"), "no position in:\n{}", stderr(&o));
+    }
+}
+
+#[test]
+fn errors_thrown_by_the_users_own_values_propagate() {
+    let env = NixEnv::new();
+    let o = env.eval(r#"builtins.windowsImage { guest = "standin"; memory = throw "my own error"; }"#);
+    assert_eval_error(&o, "my own error");
+}
+
+#[test]
+fn unused_attributes_stay_lazy() {
+    // `derivation` does not force attributes it merely passes on, and neither do we.
+    let env = NixEnv::new();
+    let o = env.eval(&format!(
+        r#"(builtins.windowsDerivation {{ name = "t"; image = {STANDIN_TCG}; script = ""; unused = throw "forced"; }}).type"#
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn a_plugin_built_for_another_nix_refuses_to_register_with_one_line() {
+    let env = NixEnv::new();
+    let o = env.eval("builtins ? windowsImage && builtins ? windowsDerivation && builtins ? runInWindowsVM");
+    assert_eq!(stdout(&o), "true", "{}", stderr(&o));
+    assert!(!stderr(&o).contains("was built for Nix"));
+
+    // The same plugin with the recorded version string patched to another, same-length version.
+    let version = nix_winvm::NIX_VERSION;
+    let fake: String = version.chars().map(|c| if c.is_ascii_digit() { '9' } else { c }).collect();
+    let mut bytes = std::fs::read(plugin()).unwrap();
+    let needle = format!("\0{version}\0").into_bytes();
+    let mut patched = 0;
+    let mut i = 0;
+    while i + needle.len() <= bytes.len() {
+        if bytes[i..i + needle.len()] == needle[..] {
+            bytes[i + 1..i + needle.len() - 1].copy_from_slice(fake.as_bytes());
+            patched += 1;
+        }
+        i += 1;
+    }
+    assert!(patched > 0, "version string not found in the plugin");
+    let other = env.dir.path().join("libnix_winvm_other.so");
+    std::fs::write(&other, bytes).unwrap();
+    let mut c = env.command("nix-instantiate");
+    c.arg("--plugin-files").arg(&other).args(["--eval", "-E", "builtins ? windowsImage"]);
+    let o = c.output().unwrap();
+    assert_eq!(stdout(&o), "false", "{}", stderr(&o));
+    let lines: Vec<String> = stderr(&o).lines().filter(|l| l.contains("nix-winvm")).map(String::from).collect();
+    assert_eq!(
+        lines,
+        vec![format!(
+            "nix-winvm: this plugin was built for Nix {fake} but is loaded into Nix {version}; rebuild it against this Nix's headers. Its builtins are not registered."
+        )]
+    );
+}
