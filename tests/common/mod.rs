@@ -9,8 +9,11 @@ pub fn target_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_nix-winvm-builder")).parent().expect("bin dir").to_path_buf()
 }
 
+/// `cargo test` rebuilds the cdylib in deps/ without copying it up to target/<profile>/, so the
+/// copy in deps/ is the one that matches the code under test.
 pub fn plugin() -> PathBuf {
-    let p = target_dir().join("libnix_winvm.so");
+    let fresh = target_dir().join("deps/libnix_winvm.so");
+    let p = if fresh.is_file() { fresh } else { target_dir().join("libnix_winvm.so") };
     assert!(p.is_file(), "plugin not built at {}", p.display());
     p
 }
@@ -39,6 +42,7 @@ impl NixEnv {
             .env("NIX_STATE_DIR", self.dir.path().join("state"))
             .env("NIX_LOG_DIR", self.dir.path().join("log"))
             .env("HOME", self.dir.path())
+            .env("NIX_WINVM_BUILDER", builder())
             .env_remove("NIX_REMOTE")
             .env_remove("NIX_PATH");
         c
