@@ -3,10 +3,17 @@
 //! - `plugin`: the safe half of the Nix plugin (the C++ half is cpp/): arguments -> specs -> derivations.
 //! - `spec`: the typed image and build specs shared by the plugin and the builder.
 //! - `builder`: the program Nix runs as the derivations' builder, one subcommand per stage.
+//! - `vm`: switch, QEMU, QMP, process guards; `controller`: the agent in the controller VM;
+//!   `guest`: the guest profiles (standin, windows); `initramfs`: our cpio writer.
 
 pub mod builder;
+pub mod controller;
+pub mod guest;
+pub mod initramfs;
 pub mod plugin;
 pub mod spec;
+pub mod tools;
+pub mod vm;
 
 /// The Nix version the plugin was compiled against.
 pub const NIX_VERSION: &str = env!("NIX_WINVM_NIX_VERSION");

@@ -1,5 +1,7 @@
 //! The derivations' builder: `nix-winvm-builder <stage>`, run by Nix inside its sandbox.
 
+pub mod run;
+
 use crate::spec;
 use std::fmt;
 
@@ -10,6 +12,7 @@ pub enum BuilderError {
     Spec(spec::SpecJsonError),
     NotImplemented(&'static str),
     RequiredFileMissing { name: String, hash: String },
+    Run(String),
 }
 
 impl fmt::Display for BuilderError {
@@ -19,6 +22,7 @@ impl fmt::Display for BuilderError {
             BuilderError::MissingEnv(v) => write!(f, "environment variable {v} is not set (is this run by Nix?)"),
             BuilderError::Spec(e) => write!(f, "{e}"),
             BuilderError::NotImplemented(stage) => write!(f, "stage '{stage}' is not implemented yet"),
+            BuilderError::Run(m) => write!(f, "{m}"),
             BuilderError::RequiredFileMissing { name, hash } => write!(
                 f,
                 "the file '{name}' is not in the Nix store. Add it with:\n  nix-store --add-fixed sha256 /path/to/{name}\n(expected sha256: {hash})"
@@ -56,6 +60,14 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
             name: env("winvmRequiredName")?,
             hash: env("outputHash")?,
         }),
+        "run" => run::main(&args[1..]),
+        "agent" => {
+            let config = match args.get(1..) {
+                Some([flag, path]) if flag == "--config" => path,
+                _ => return Err(BuilderError::Usage("usage: nix-winvm-builder agent --config FILE".into())),
+            };
+            crate::controller::agent::main(std::path::Path::new(config)).map_err(|e| BuilderError::Run(e.to_string()))
+        }
         "--help" | "-h" => {
             println!("{USAGE}");
             Ok(0)

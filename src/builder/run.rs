@@ -1,0 +1,169 @@
+//! `nix-winvm-builder run`: boot a fresh standin pair and run one command, for people and tests.
+//!
+//!   nix-winvm-builder run [--guest standin] [--accel auto|kvm|tcg] [--memory MIB] [--timeout SECS]
+//!                         [--out DIR] [-K|--keep] -- COMMAND...
+
+use super::BuilderError;
+use crate::controller::{agent::Verdict, shell_quote};
+use crate::spec::{Accel, STANDIN_MEMORY_MIB};
+use crate::tools::Tools;
+use crate::vm::accel;
+use crate::vm::session::{self, ExtraShare, Progress, SessionConfig};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunArgs {
+    pub accel: Option<Accel>,
+    pub memory_mib: u32,
+    pub timeout_secs: u64,
+    pub out: Option<PathBuf>,
+    pub keep: bool,
+    pub command: Vec<String>,
+}
+
+pub const USAGE: &str = "usage: nix-winvm-builder run [--guest standin] [--accel auto|kvm|tcg] [--memory MIB] [--timeout SECS] [--out DIR] [-K] -- COMMAND...";
+
+pub fn parse(args: &[String]) -> Result<RunArgs, BuilderError> {
+    let usage = |m: String| BuilderError::Usage(format!("{m}\n{USAGE}"));
+    let mut r = RunArgs { accel: None, memory_mib: STANDIN_MEMORY_MIB, timeout_secs: 600, out: None, keep: false, command: vec![] };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or_else(|| usage(format!("{name} needs a value")));
+        match a.as_str() {
+            "--guest" => {
+                let g = value("--guest")?;
+                if g != "standin" {
+                    return Err(usage(format!(
+                        "--guest {g}: direct runs boot the standin guest only; Windows guests run from an image (builtins.windowsImage)"
+                    )));
+                }
+            }
+            "--accel" => {
+                r.accel = match value("--accel")?.as_str() {
+                    "auto" => None,
+                    "kvm" => Some(Accel::Kvm),
+                    "tcg" => Some(Accel::Tcg),
+                    other => return Err(usage(format!("--accel {other}: expected auto, kvm or tcg"))),
+                }
+            }
+            "--memory" => {
+                let v = value("--memory")?;
+                r.memory_mib = v.parse().map_err(|_| usage(format!("--memory {v}: expected MiB")))?;
+            }
+            "--timeout" => {
+                let v = value("--timeout")?;
+                r.timeout_secs = v.parse().ok().filter(|s| *s > 0).ok_or_else(|| usage(format!("--timeout {v}: expected seconds")))?;
+            }
+            "--out" => r.out = Some(PathBuf::from(value("--out")?)),
+            "-K" | "--keep" => r.keep = true,
+            "--" => {
+                r.command = it.cloned().collect();
+                break;
+            }
+            other => return Err(usage(format!("unknown option '{other}'"))),
+        }
+    }
+    if r.command.is_empty() {
+        return Err(usage("no command given after --".into()));
+    }
+    Ok(r)
+}
+
+pub const GUEST_OUT: &str = "/tmp/out";
+
+pub fn main(args: &[String]) -> Result<i32, BuilderError> {
+    let a = parse(args)?;
+    let progress = Progress::new();
+    let accel = match a.accel {
+        Some(requested) => accel::choose(requested).map_err(|e| BuilderError::Run(e.to_string()))?,
+        None => match accel::choose(Accel::Kvm) {
+            Ok(k) => k,
+            Err(e) => {
+                progress.say(&format!("KVM unusable ({}): falling back to TCG, software emulation, several times slower", e.reason));
+                Accel::Tcg
+            }
+        },
+    };
+    progress.say(&format!("accelerator: {}", accel.name()));
+    let tools = Tools::find().map_err(|e| BuilderError::Run(e.to_string()))?;
+    let kernel_dir = std::env::var_os("NIX_WINVM_KERNEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(crate::plugin::plan::DEFAULT_CACHE).join("kernel"));
+    let work = tempfile::Builder::new()
+        .prefix("nix-winvm-")
+        .tempdir()
+        .map_err(|e| BuilderError::Run(format!("cannot create a work directory: {e}")))?;
+    let mut extra_shares = vec![];
+    let mut command = String::new();
+    if let Some(out) = &a.out {
+        std::fs::create_dir_all(out).map_err(|e| BuilderError::Run(format!("cannot create {}: {e}", out.display())))?;
+        let out = out.canonicalize().map_err(|e| BuilderError::Run(format!("{}: {e}", out.display())))?;
+        extra_shares.push(ExtraShare { name: "out".into(), host_path: out, guest_path: GUEST_OUT.into() });
+        command.push_str(&format!("out={GUEST_OUT}; export out; "));
+    }
+    command.push_str("exec");
+    for c in &a.command {
+        command.push(' ');
+        command.push_str(&shell_quote(c));
+    }
+    let cfg = SessionConfig {
+        accel,
+        memory_mib: a.memory_mib,
+        cpus: 1,
+        timeout: Duration::from_secs(a.timeout_secs),
+        work: work.path().to_path_buf(),
+        kernel_dir,
+        command,
+        store_dir: PathBuf::from("/nix/store"),
+        store_writable: false,
+        extra_shares,
+        tools,
+        agent: std::env::current_exe().map_err(|e| BuilderError::Run(format!("cannot find this program: {e}")))?,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BuilderError::Run(format!("cannot start the runtime: {e}")))?;
+    let result = rt.block_on(session::run(&cfg, &progress));
+    drop(rt);
+    if a.keep {
+        let kept = work.keep();
+        progress.say(&format!("work directory kept: {} (run-vm restarts the VMs)", kept.display()));
+    }
+    match result {
+        Ok(Verdict::Exited(code)) => {
+            progress.say(&format!("command exited {code}"));
+            Ok(code)
+        }
+        Ok(Verdict::Signal(sig)) => Err(BuilderError::Run(format!("the command was killed by signal {sig}"))),
+        Err(e) => Err(BuilderError::Run(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &[&str]) -> Vec<String> {
+        s.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn parses_the_issue_example() {
+        let r = parse(&v(&["--guest", "standin", "--accel", "tcg", "--out", "/tmp/o", "--", "sh", "-c", "exit 42"])).unwrap();
+        assert_eq!(r.accel, Some(Accel::Tcg));
+        assert_eq!(r.out, Some(PathBuf::from("/tmp/o")));
+        assert_eq!(r.command, v(&["sh", "-c", "exit 42"]));
+    }
+
+    #[test]
+    fn rejects_bad_options() {
+        let e = parse(&v(&["--accel", "hvf", "--", "true"])).unwrap_err().to_string();
+        assert!(e.starts_with("--accel hvf: expected auto, kvm or tcg"), "{e}");
+        let e = parse(&v(&["--guest", "windows", "--", "true"])).unwrap_err().to_string();
+        assert!(e.starts_with("--guest windows: direct runs boot the standin guest only"), "{e}");
+        let e = parse(&v(&["--accel", "tcg"])).unwrap_err().to_string();
+        assert!(e.starts_with("no command given after --"), "{e}");
+    }
+}

@@ -1,0 +1,218 @@
+//! The agent inside the controller VM (`nix-winvm-builder agent`): Samba up, wait for the
+//! guest's SSH, run the command, stream its output into the exchange directory, record its
+//! exit code. Blocking code: it is the only thing running in that VM.
+
+use super::{samba, AgentConfig, EXIT_FILE, OUTPUT_LOG, WAITING_DONE};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SMBD_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+pub enum AgentError {
+    Config(String),
+    Smbd(String),
+    SshWait { addr: String, after: Duration },
+    Ssh { step: &'static str, detail: String },
+    Io(String),
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentError::Config(e) => write!(f, "agent configuration: {e}"),
+            AgentError::Smbd(e) => write!(f, "smbd: {e}"),
+            AgentError::SshWait { addr, after } => {
+                write!(f, "the guest's SSH server at {addr} did not answer within {} s", after.as_secs())
+            }
+            AgentError::Ssh { step, detail } => write!(f, "SSH to the guest failed while {step}: {detail}"),
+            AgentError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// Appends progress and the command's output to the exchange directory's output log, which
+/// the host streams into the build log.
+struct Log(File);
+
+impl Log {
+    fn line(&mut self, msg: &str) {
+        let _ = writeln!(self.0, "nix-winvm: {msg}");
+        let _ = self.0.flush();
+    }
+}
+
+struct SmbdGuard(Child);
+
+impl Drop for SmbdGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn main(config_path: &Path) -> Result<i32, AgentError> {
+    let text = std::fs::read_to_string(config_path)
+        .map_err(|e| AgentError::Config(format!("cannot read {}: {e}", config_path.display())))?;
+    let cfg: AgentConfig = serde_json::from_str(&text).map_err(|e| AgentError::Config(e.to_string()))?;
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.xchg.join(OUTPUT_LOG))
+        .map_err(|e| AgentError::Io(format!("cannot open the output log: {e}")))?;
+    let mut log = Log(log_file);
+    let result = run(&cfg, &mut log);
+    let verdict = match &result {
+        Ok(Verdict::Exited(code)) => code.to_string(),
+        Ok(Verdict::Signal(sig)) => format!("signal {sig}"),
+        Err(e) => {
+            log.line(&format!("controller: {e}"));
+            format!("error {e}")
+        }
+    };
+    // Written last and renamed into place, so the host never reads half a verdict.
+    let tmp = cfg.xchg.join(format!("{EXIT_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{verdict}\n"))
+        .and_then(|_| std::fs::rename(&tmp, cfg.xchg.join(EXIT_FILE)))
+        .map_err(|e| AgentError::Io(format!("cannot write the exit code: {e}")))?;
+    result.map(|_| 0)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Exited(i32),
+    Signal(String),
+}
+
+fn run(cfg: &AgentConfig, log: &mut Log) -> Result<Verdict, AgentError> {
+    let _smbd = start_smbd(cfg)?;
+    log.line("controller: smbd up");
+    let addr: SocketAddr = cfg.guest_addr.parse().map_err(|e| AgentError::Config(format!("guestAddr: {e}")))?;
+    let timeout = Duration::from_secs(cfg.ssh_timeout_secs);
+    let tcp = wait_for_ssh(addr, timeout)?;
+    File::create(cfg.xchg.join(WAITING_DONE)).map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
+    log.line("ssh ready");
+    run_command(tcp, cfg, log)
+}
+
+fn start_smbd(cfg: &AgentConfig) -> Result<SmbdGuard, AgentError> {
+    for d in samba::STATE_DIRS {
+        std::fs::create_dir_all(cfg.run_dir.join(d)).map_err(|e| AgentError::Smbd(format!("creating {d}: {e}")))?;
+    }
+    let conf = cfg.run_dir.join("smb.conf");
+    std::fs::write(&conf, samba::smb_conf(&cfg.shares, &cfg.run_dir))
+        .map_err(|e| AgentError::Smbd(format!("writing {}: {e}", conf.display())))?;
+    let log = File::create(cfg.xchg.join("smbd.log")).map_err(|e| AgentError::Smbd(e.to_string()))?;
+    let log2 = log.try_clone().map_err(|e| AgentError::Smbd(e.to_string()))?;
+    let child = Command::new(&cfg.smbd)
+        .arg("--foreground")
+        .arg("--no-process-group")
+        .arg(format!("--configfile={}", conf.display()))
+        .arg("--debug-stdout")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .spawn()
+        .map_err(|e| AgentError::Smbd(format!("cannot start {}: {e}", cfg.smbd.display())))?;
+    let mut guard = SmbdGuard(child);
+    let start = Instant::now();
+    let smb: SocketAddr = ([127, 0, 0, 1], 445).into();
+    loop {
+        if TcpStream::connect_timeout(&smb, Duration::from_millis(200)).is_ok() {
+            return Ok(guard);
+        }
+        if let Ok(Some(status)) = guard.0.try_wait() {
+            let tail = std::fs::read_to_string(cfg.xchg.join("smbd.log")).unwrap_or_default();
+            return Err(AgentError::Smbd(format!("exited with {status} before listening: {}", tail.trim())));
+        }
+        if start.elapsed() > SMBD_READY_TIMEOUT {
+            return Err(AgentError::Smbd(format!("not listening on port 445 after {} s", SMBD_READY_TIMEOUT.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ready means the server sent its SSH banner, not merely that the port accepted.
+fn wait_for_ssh(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, AgentError> {
+    let start = Instant::now();
+    loop {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut banner = [0u8; 4];
+            if s.peek(&mut banner).map(|n| n == 4 && &banner == b"SSH-").unwrap_or(false) {
+                let _ = s.set_read_timeout(None);
+                return Ok(s);
+            }
+            // Dropbear starts slowly on a cold TCG guest: a closed connection means try again.
+            let _ = s.read(&mut banner);
+        }
+        if start.elapsed() > timeout {
+            return Err(AgentError::SshWait { addr: addr.to_string(), after: start.elapsed() });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ssh_err(step: &'static str) -> impl FnOnce(ssh2::Error) -> AgentError {
+    move |e| AgentError::Ssh { step, detail: e.to_string() }
+}
+
+fn run_command(tcp: TcpStream, cfg: &AgentConfig, log: &mut Log) -> Result<Verdict, AgentError> {
+    let mut session = ssh2::Session::new().map_err(ssh_err("creating a session"))?;
+    session.set_tcp_stream(tcp);
+    session.handshake().map_err(ssh_err("handshaking"))?;
+    session
+        .userauth_pubkey_file(&cfg.user, None, &cfg.key_file, None)
+        .map_err(ssh_err("authenticating with the image's key"))?;
+    let mut channel = session.channel_session().map_err(ssh_err("opening a channel"))?;
+    // One stream in order: the build log wants stdout and stderr as they interleave.
+    channel.handle_extended_data(ssh2::ExtendedData::Merge).map_err(ssh_err("merging stderr"))?;
+    channel.exec(&cfg.command).map_err(ssh_err("starting the command"))?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = channel.read(&mut buf).map_err(|e| AgentError::Ssh { step: "reading output", detail: e.to_string() })?;
+        if n == 0 {
+            break;
+        }
+        log.0.write_all(&buf[..n]).map_err(|e| AgentError::Io(format!("writing the output log: {e}")))?;
+        let _ = log.0.flush();
+    }
+    channel.wait_close().map_err(ssh_err("closing the channel"))?;
+    if let Some(signal) = channel.exit_signal().map_err(ssh_err("reading the exit signal"))?.exit_signal {
+        return Ok(Verdict::Signal(signal));
+    }
+    let code = channel.exit_status().map_err(ssh_err("reading the exit status"))?;
+    Ok(Verdict::Exited(code))
+}
+
+/// Parses the agent's exit file: "N", "signal NAME" or "error MESSAGE".
+pub fn parse_exit_file(text: &str) -> Result<Verdict, String> {
+    let t = text.trim();
+    if let Some(sig) = t.strip_prefix("signal ") {
+        return Ok(Verdict::Signal(sig.to_owned()));
+    }
+    if let Some(e) = t.strip_prefix("error ") {
+        return Err(e.to_owned());
+    }
+    t.parse::<i32>().map(Verdict::Exited).map_err(|_| format!("unreadable exit file: {t:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_file_forms() {
+        assert_eq!(parse_exit_file("42\n"), Ok(Verdict::Exited(42)));
+        assert_eq!(parse_exit_file("signal KILL"), Ok(Verdict::Signal("KILL".into())));
+        assert_eq!(parse_exit_file("error smbd: boom"), Err("smbd: boom".into()));
+        assert!(parse_exit_file("").is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! Finding the host programs the builder runs (QEMU, vde_switch, smbd, busybox, dropbear).
+//! Inside the Nix sandbox PATH is unset, so the usual system folders are searched too; the
+//! Nix library sets NIX_WINVM_TOOLS to a PATH of nixpkgs' tools instead.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+const FALLBACK: &[&str] = &["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin", "/usr/local/sbin"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingTool {
+    pub name: String,
+    pub searched: String,
+    pub hint: &'static str,
+}
+
+impl fmt::Display for MissingTool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot find '{}' (searched {}); {}", self.name, self.searched, self.hint)
+    }
+}
+
+impl std::error::Error for MissingTool {}
+
+fn search_path() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    for var in ["NIX_WINVM_TOOLS", "PATH"] {
+        if let Some(v) = std::env::var_os(var) {
+            dirs.extend(std::env::split_paths(&v).filter(|p| p.is_absolute()));
+        }
+    }
+    dirs.extend(FALLBACK.iter().map(PathBuf::from));
+    dirs
+}
+
+pub fn find(name: &str) -> Result<PathBuf, MissingTool> {
+    let dirs = search_path();
+    for d in &dirs {
+        let candidate = d.join(name);
+        if is_executable(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(MissingTool {
+        name: name.into(),
+        searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":"),
+        hint: "run scripts/setup, and inside the Nix sandbox make the host's /usr visible (see README, sandbox-paths)",
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// The programs one VM session needs.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub qemu: PathBuf,
+    pub vde_switch: PathBuf,
+    pub smbd: PathBuf,
+    pub busybox: PathBuf,
+    pub dropbear: PathBuf,
+    pub ssh_keygen: PathBuf,
+}
+
+impl Tools {
+    pub fn find() -> Result<Tools, MissingTool> {
+        Ok(Tools {
+            qemu: find("qemu-system-x86_64")?,
+            vde_switch: find("vde_switch")?,
+            smbd: find("smbd")?,
+            busybox: find("busybox")?,
+            dropbear: find("dropbear")?,
+            ssh_keygen: find("ssh-keygen")?,
+        })
+    }
+}

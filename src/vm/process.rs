@@ -1,0 +1,174 @@
+//! Child processes owned by guards: each in its own process group, shut down gracefully on
+//! request, and killed as a group and reaped when the guard is dropped, whatever happened.
+
+use std::fmt;
+use std::process::ExitStatus;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+#[derive(Debug)]
+pub struct SpawnError {
+    pub name: String,
+    pub program: String,
+    pub source: std::io::Error,
+}
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot start {} ({}): {}", self.name, self.program, self.source)
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
+pub struct ProcessGuard {
+    name: String,
+    child: Child,
+    pid: i32,
+    status: Option<ExitStatus>,
+}
+
+impl ProcessGuard {
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<ProcessGuard, SpawnError> {
+        let program = format!("{:?}", cmd.as_std().get_program());
+        // Own process group: one killpg reaches QEMU's helpers (e.g. a migration's gzip) too.
+        cmd.process_group(0).kill_on_drop(true);
+        let child = cmd.spawn().map_err(|source| SpawnError { name: name.into(), program, source })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        Ok(ProcessGuard { name: name.into(), child, pid, status: None })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn take_stdin(&mut self) -> Option<tokio::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
+    /// The exit status if the process has exited (reaping it), without waiting.
+    pub fn try_exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                self.status = Some(s);
+            }
+        }
+        self.status
+    }
+
+    pub async fn wait(&mut self) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        match self.child.wait().await {
+            Ok(s) => {
+                self.status = Some(s);
+                s
+            }
+            Err(_) => {
+                self.kill_group();
+                std::os::unix::process::ExitStatusExt::from_raw(libc::SIGKILL)
+            }
+        }
+    }
+
+    /// SIGTERM to the group, then SIGKILL after `grace`. Always leaves the process reaped.
+    pub async fn shutdown(&mut self, grace: Duration) -> ExitStatus {
+        if self.try_exited().is_none() {
+            self.signal_group(libc::SIGTERM);
+            if tokio::time::timeout(grace, self.wait()).await.is_err() {
+                self.kill_group();
+            }
+        }
+        let status = self.wait().await;
+        // The leader is gone; anything it left in its group goes too.
+        self.kill_group();
+        status
+    }
+
+    fn signal_group(&self, signal: i32) {
+        if self.pid > 0 {
+            // SAFETY: killpg only sends a signal; the group is the one this guard created, and
+            // a stale group id at worst yields ESRCH.
+            unsafe {
+                libc::killpg(self.pid, signal);
+            }
+        }
+    }
+
+    pub fn kill_group(&self) {
+        self.signal_group(libc::SIGKILL);
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill_group();
+        if self.status.is_none() && self.pid > 0 {
+            let mut status = 0;
+            // SAFETY: waits for our own child, which SIGKILL has just ended; blocking is brief.
+            unsafe {
+                libc::waitpid(self.pid, &mut status, 0);
+            }
+        }
+    }
+}
+
+/// Describes how a process ended, for error messages.
+pub fn describe_status(s: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(sig)) => format!("signal {sig}"),
+        _ => "an unknown status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alive(pid: i32) -> bool {
+        // SAFETY: signal 0 only checks for existence.
+        unsafe { libc::kill(pid, 0) == 0 }
+    }
+
+    #[tokio::test]
+    async fn drop_kills_the_whole_group() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30 & echo $! ; wait"]).stdout(std::process::Stdio::piped());
+        let mut guard = ProcessGuard::spawn("sleeper", cmd).unwrap();
+        let mut out = guard.child.stdout.take().unwrap();
+        let mut buf = [0u8; 32];
+        let n = tokio::io::AsyncReadExt::read(&mut out, &mut buf).await.unwrap();
+        let grandchild: i32 = std::str::from_utf8(&buf[..n]).unwrap().trim().parse().unwrap();
+        let leader = guard.pid();
+        assert!(alive(grandchild));
+        drop(guard);
+        // The grandchild is not ours to reap; give init a moment to do it.
+        for _ in 0..50 {
+            if !alive(grandchild) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!alive(grandchild), "grandchild {grandchild} survived");
+        assert!(!alive(leader), "leader {leader} not reaped");
+    }
+
+    #[tokio::test]
+    async fn shutdown_escalates_to_sigkill() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "trap '' TERM; sleep 30"]);
+        let mut guard = ProcessGuard::spawn("stubborn", cmd).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let start = std::time::Instant::now();
+        let status = guard.shutdown(Duration::from_millis(300)).await;
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(describe_status(status), "signal 9");
+    }
+}

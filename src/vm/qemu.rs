@@ -1,0 +1,129 @@
+//! QEMU command lines for the guest and the controller. Pure: built here, run by the caller.
+
+use crate::spec::Accel;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+pub const GUEST_MAC: &str = "52:54:00:12:01:01";
+pub const CONTROLLER_MAC: &str = "52:54:00:12:01:02";
+pub const CONTROLLER_MEMORY_MIB: u32 = 256;
+
+/// A directory the controller gets over 9p.
+#[derive(Debug, Clone)]
+pub struct Export {
+    pub tag: String,
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub serial_log: PathBuf,
+    pub vde_ctl: PathBuf,
+    pub mac: String,
+    pub qmp: Option<PathBuf>,
+    pub exports: Vec<Export>,
+    pub disk: Option<PathBuf>,
+    /// `-incoming` source for a VM revived from a saved state.
+    pub incoming: Option<String>,
+}
+
+fn s(x: &str) -> OsString {
+    x.into()
+}
+
+fn p(x: &Path) -> String {
+    x.display().to_string()
+}
+
+impl VmConfig {
+    pub fn args(&self) -> Vec<OsString> {
+        let accel = match self.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        };
+        let cpu = match self.accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        };
+        let mut a: Vec<OsString> = vec![
+            s("-name"), s(&self.name),
+            s("-machine"), s("q35"),
+            s("-accel"), s(accel),
+            s("-cpu"), s(cpu),
+            s("-m"), s(&self.memory_mib.to_string()),
+            s("-smp"), s(&self.cpus.to_string()),
+            s("-nodefaults"), s("-display"), s("none"), s("-no-reboot"),
+            s("-kernel"), self.kernel.clone().into(),
+            s("-initrd"), self.initrd.clone().into(),
+            s("-append"), s(&self.append),
+            s("-serial"), s(&format!("file:{}", p(&self.serial_log))),
+            s("-netdev"), s(&format!("vde,id=n0,sock={}", p(&self.vde_ctl))),
+            s("-device"), s(&format!("virtio-net-pci,netdev=n0,mac={}", self.mac)),
+            s("-device"), s("virtio-rng-pci"),
+        ];
+        if let Some(qmp) = &self.qmp {
+            a.push(s("-qmp"));
+            a.push(s(&format!("unix:{},server=on,wait=off", p(qmp))));
+        }
+        for e in &self.exports {
+            let mut opt = format!(
+                "local,path={},mount_tag={},security_model=none,multidevs=remap",
+                p(&e.path),
+                e.tag
+            );
+            if e.readonly {
+                opt.push_str(",readonly=on");
+            }
+            a.push(s("-virtfs"));
+            a.push(s(&opt));
+        }
+        if let Some(disk) = &self.disk {
+            a.push(s("-drive"));
+            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=unsafe", p(disk))));
+        }
+        if let Some(src) = &self.incoming {
+            a.push(s("-incoming"));
+            a.push(s(src));
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_has_the_measured_flags() {
+        let c = VmConfig {
+            name: "guest".into(),
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            cpus: 1,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            append: "console=ttyS0".into(),
+            serial_log: "/w/serial.log".into(),
+            vde_ctl: "/w/vde.ctl".into(),
+            mac: GUEST_MAC.into(),
+            qmp: Some("/w/qmp.sock".into()),
+            exports: vec![Export { tag: "root".into(), path: "/".into(), readonly: true }],
+            disk: None,
+            incoming: None,
+        };
+        let line = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(line.contains("-accel tcg -cpu max -m 256"), "{line}");
+        assert!(line.contains("-netdev vde,id=n0,sock=/w/vde.ctl -device virtio-net-pci,netdev=n0,mac=52:54:00:12:01:01"));
+        assert!(line.contains("-qmp unix:/w/qmp.sock,server=on,wait=off"));
+        assert!(line.contains("-virtfs local,path=/,mount_tag=root,security_model=none,multidevs=remap,readonly=on"));
+        assert!(!line.contains("-incoming"));
+    }
+}

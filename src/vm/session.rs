@@ -1,0 +1,413 @@
+//! One VM session on the host: the switch, the guest and the controller, the command's output
+//! streamed into the build log, the verdict read from the exchange directory, and everything
+//! torn down in reverse order on every path.
+
+use super::accel::NoKvm;
+use super::process::{describe_status, ProcessGuard, SpawnError};
+use super::qemu::{Export, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC};
+use super::qmp::Qmp;
+use super::vde::{StartSwitchError, VdeSwitch};
+use crate::controller::{self, agent::Verdict, AgentConfig, Mount, Share};
+use crate::guest::{standin, GUEST_IP, SSH_USER};
+use crate::spec::Accel;
+use crate::tools::Tools;
+use std::fmt;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+use tokio::signal::unix::{signal, SignalKind};
+
+pub const QEMU_UP_TIMEOUT: Duration = Duration::from_secs(60);
+pub const LOG_TAIL_LINES: usize = 30;
+
+/// A directory of the host that the guest sees at `guest_path`, through the controller.
+#[derive(Debug, Clone)]
+pub struct ExtraShare {
+    pub name: String,
+    pub host_path: PathBuf,
+    pub guest_path: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub timeout: Duration,
+    /// Where the session keeps its files; must exist, short enough for unix socket paths.
+    pub work: PathBuf,
+    pub kernel_dir: PathBuf,
+    /// The command line run by the guest's shell.
+    pub command: String,
+    pub store_dir: PathBuf,
+    pub store_writable: bool,
+    pub extra_shares: Vec<ExtraShare>,
+    pub tools: Tools,
+    /// This program, run as the controller's agent.
+    pub agent: PathBuf,
+}
+
+#[derive(Debug)]
+pub enum RunError {
+    Accel(NoKvm),
+    Prepare(String),
+    Switch(StartSwitchError),
+    Spawn(SpawnError),
+    QemuNotUp { name: String, detail: String, log_tail: String },
+    GuestDroppedOut { status: String, log_tail: String },
+    ControllerDied { status: String, log_tail: String },
+    NoExitCode { log_tail: String },
+    Agent { message: String, log_tail: String },
+    Timeout { secs: u64 },
+    Interrupted { signal: &'static str },
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tail = |f: &mut fmt::Formatter<'_>, what: &str, t: &str| {
+            if t.is_empty() {
+                Ok(())
+            } else {
+                write!(f, "\n--- last lines of {what} ---\n{t}")
+            }
+        };
+        match self {
+            RunError::Accel(e) => write!(f, "{e}"),
+            RunError::Prepare(e) => write!(f, "preparing the VMs: {e}"),
+            RunError::Switch(e) => write!(f, "{e}"),
+            RunError::Spawn(e) => write!(f, "{e}"),
+            RunError::QemuNotUp { name, detail, log_tail } => {
+                write!(f, "the {name} VM did not come up: {detail}")?;
+                tail(f, &format!("the {name}'s QEMU output"), log_tail)
+            }
+            RunError::GuestDroppedOut { status, log_tail } => {
+                write!(f, "the guest VM dropped out early (QEMU ended with {status} before SSH was reached)")?;
+                tail(f, "the guest's serial log", log_tail)
+            }
+            RunError::ControllerDied { status, log_tail } => {
+                write!(f, "the controller VM ended with {status} before the command finished")?;
+                tail(f, "the controller's serial log", log_tail)
+            }
+            RunError::NoExitCode { log_tail } => {
+                write!(f, "the VM produced no exit code")?;
+                tail(f, "the controller's serial log", log_tail)
+            }
+            RunError::Agent { message, log_tail } => {
+                write!(f, "the controller could not run the command: {message}")?;
+                tail(f, "the guest's serial log", log_tail)
+            }
+            RunError::Timeout { secs } => write!(f, "the build exceeded its timeout of {secs} s and was stopped"),
+            RunError::Interrupted { signal } => write!(f, "interrupted by {signal}; the VMs were stopped"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Progress lines in the build log, with the time since the session started.
+pub struct Progress {
+    start: Instant,
+}
+
+impl Progress {
+    pub fn new() -> Progress {
+        Progress { start: Instant::now() }
+    }
+    pub fn say(&self, msg: &str) {
+        eprintln!("nix-winvm: [{:6.2} s] {msg}", self.start.elapsed().as_secs_f64());
+    }
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
+}
+
+fn prep<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> RunError + '_ {
+    move |e| RunError::Prepare(format!("{what}: {e}"))
+}
+
+struct Files {
+    xchg: PathBuf,
+    run: PathBuf,
+    guest_initrd: PathBuf,
+    controller_initrd: PathBuf,
+    guest_serial: PathBuf,
+    controller_serial: PathBuf,
+}
+
+async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
+    let w = &cfg.work;
+    let files = Files {
+        xchg: w.join("xchg"),
+        run: w.join("run"),
+        guest_initrd: w.join("guest-initrd.img"),
+        controller_initrd: w.join("controller-initrd.img"),
+        guest_serial: w.join("guest-serial.log"),
+        controller_serial: w.join("controller-serial.log"),
+    };
+    for d in [&files.xchg, &files.run] {
+        std::fs::create_dir_all(d).map_err(prep("creating the work directory"))?;
+    }
+    let key = files.xchg.join("key");
+    let status = Command::new(&cfg.tools.ssh_keygen)
+        .args(["-q", "-t", "ecdsa", "-b", "256", "-N", "", "-m", "PEM", "-C", "nix-winvm", "-f"])
+        .arg(&key)
+        .stdin(Stdio::null())
+        .status()
+        .await
+        .map_err(prep("running ssh-keygen"))?;
+    if !status.success() {
+        return Err(RunError::Prepare(format!("ssh-keygen failed with {}", describe_status(status))));
+    }
+    let pubkey = std::fs::read_to_string(key.with_extension("pub")).map_err(prep("reading the public key"))?;
+    let modules = cfg.kernel_dir.join("modules");
+
+    let guest = standin::initramfs(&cfg.tools.busybox, &cfg.tools.dropbear, &modules, &pubkey).map_err(prep("guest"))?;
+    write_initrd(&guest, &files.guest_initrd)?;
+
+    let mut mounts = vec![
+        Mount { tag: "store".into(), at: cfg.store_dir.clone() },
+        Mount { tag: "xchg".into(), at: files.xchg.clone() },
+    ];
+    let mut shares = vec![
+        Share { name: "nixstore".into(), path: cfg.store_dir.clone() },
+        Share { name: "xchg".into(), path: files.xchg.clone() },
+    ];
+    let mut share_list = String::new();
+    for (i, s) in cfg.extra_shares.iter().enumerate() {
+        mounts.push(Mount { tag: format!("share{i}"), at: s.host_path.clone() });
+        shares.push(Share { name: s.name.clone(), path: s.host_path.clone() });
+        share_list.push_str(&format!("{} {}\n", s.name, s.guest_path));
+    }
+    std::fs::write(files.xchg.join("shares"), share_list).map_err(prep("writing the share list"))?;
+    let init = controller::init_script(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg);
+    let ctl = controller::initramfs(&cfg.tools.busybox, &modules, &init).map_err(prep("controller"))?;
+    write_initrd(&ctl, &files.controller_initrd)?;
+
+    let agent = AgentConfig {
+        shares,
+        xchg: files.xchg.clone(),
+        run_dir: files.run.clone(),
+        smbd: cfg.tools.smbd.clone(),
+        guest_addr: format!("{GUEST_IP}:22"),
+        user: SSH_USER.into(),
+        key_file: key,
+        command: cfg.command.clone(),
+        ssh_timeout_secs: cfg.timeout.as_secs().max(1),
+    };
+    let json = serde_json::to_string_pretty(&agent).map_err(prep("agent config"))?;
+    std::fs::write(files.xchg.join(controller::AGENT_CONFIG), json).map_err(prep("writing the agent config"))?;
+    Ok(files)
+}
+
+fn write_initrd(img: &crate::initramfs::Initramfs, path: &Path) -> Result<(), RunError> {
+    let f = std::fs::File::create(path).map_err(prep("creating an initramfs"))?;
+    let mut w = std::io::BufWriter::new(f);
+    img.write_gz(&mut w).map_err(prep("writing an initramfs"))?;
+    w.flush().map_err(prep("writing an initramfs"))
+}
+
+fn spawn_qemu(cfg: &SessionConfig, vm: &VmConfig, log: &Path) -> Result<ProcessGuard, RunError> {
+    let out = std::fs::File::create(log).map_err(prep("creating a QEMU log"))?;
+    let err = out.try_clone().map_err(prep("creating a QEMU log"))?;
+    let mut cmd = Command::new(&cfg.tools.qemu);
+    cmd.args(vm.args()).stdin(Stdio::null()).stdout(out).stderr(err);
+    ProcessGuard::spawn(&vm.name, cmd).map_err(RunError::Spawn)
+}
+
+async fn qmp_up(name: &str, guard: &mut ProcessGuard, sock: &Path, log: &Path) -> Result<Qmp, RunError> {
+    let not_up = |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
+    tokio::select! {
+        r = Qmp::connect(sock, QEMU_UP_TIMEOUT) => r.map_err(|e| not_up(e.to_string())),
+        s = guard.wait() => Err(not_up(format!("QEMU exited with {}", describe_status(s)))),
+    }
+}
+
+/// Streams new bytes of the output log to stderr.
+struct Tail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Tail {
+    fn pump(&mut self) {
+        let Ok(mut f) = std::fs::File::open(&self.path) else { return };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if let Ok(n) = f.read_to_end(&mut buf) {
+            if n > 0 {
+                self.offset += n as u64;
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(&buf);
+                let _ = err.flush();
+            }
+        }
+    }
+}
+
+/// Runs the command in a fresh guest. On every path, the VMs and the switch are gone when this
+/// returns.
+pub async fn run(cfg: &SessionConfig, progress: &Progress) -> Result<Verdict, RunError> {
+    let mut term = signal(SignalKind::terminate()).map_err(prep("installing signal handlers"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(prep("installing signal handlers"))?;
+    let deadline = tokio::time::sleep(cfg.timeout);
+    tokio::pin!(deadline);
+    let work = async {
+        let files = prepare(cfg).await?;
+        progress.say("initramfs images and key ready");
+        run_prepared(cfg, &files, progress).await
+    };
+    tokio::select! {
+        r = work => r,
+        _ = &mut deadline => Err(RunError::Timeout { secs: cfg.timeout.as_secs() }),
+        _ = term.recv() => Err(RunError::Interrupted { signal: "SIGTERM" }),
+        _ = int.recv() => Err(RunError::Interrupted { signal: "SIGINT" }),
+    }
+    // Dropping the `work` future drops every guard it owns: QEMUs and switch killed and reaped.
+}
+
+async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -> Result<Verdict, RunError> {
+    let w = &cfg.work;
+    let mut switch = VdeSwitch::start(&cfg.tools.vde_switch, w).await.map_err(RunError::Switch)?;
+    progress.say("switch up");
+
+    let guest_vm = VmConfig {
+        name: "guest".into(),
+        accel: cfg.accel,
+        memory_mib: cfg.memory_mib,
+        cpus: cfg.cpus,
+        kernel: cfg.kernel_dir.join("vmlinuz"),
+        initrd: files.guest_initrd.clone(),
+        append: "console=ttyS0 panic=-1 quiet".into(),
+        serial_log: files.guest_serial.clone(),
+        vde_ctl: switch.ctl.clone(),
+        mac: GUEST_MAC.into(),
+        qmp: Some(w.join("guest-qmp.sock")),
+        exports: vec![],
+        disk: None,
+        incoming: None,
+    };
+    let mut exports = vec![
+        Export { tag: "root".into(), path: "/".into(), readonly: true },
+        Export { tag: "store".into(), path: cfg.store_dir.clone(), readonly: !cfg.store_writable },
+        Export { tag: "xchg".into(), path: files.xchg.clone(), readonly: false },
+    ];
+    for (i, s) in cfg.extra_shares.iter().enumerate() {
+        exports.push(Export { tag: format!("share{i}"), path: s.host_path.clone(), readonly: false });
+    }
+    let controller_vm = VmConfig {
+        name: "controller".into(),
+        accel: cfg.accel,
+        memory_mib: CONTROLLER_MEMORY_MIB,
+        cpus: 1,
+        kernel: cfg.kernel_dir.join("vmlinuz"),
+        initrd: files.controller_initrd.clone(),
+        append: "console=ttyS0 panic=-1 quiet".into(),
+        serial_log: files.controller_serial.clone(),
+        vde_ctl: switch.ctl.clone(),
+        mac: CONTROLLER_MAC.into(),
+        qmp: Some(w.join("controller-qmp.sock")),
+        exports,
+        disk: None,
+        incoming: None,
+    };
+    let guest_log = w.join("guest-qemu.log");
+    let controller_log = w.join("controller-qemu.log");
+    write_run_vm_script(cfg, &guest_vm, &controller_vm);
+    let mut guest = spawn_qemu(cfg, &guest_vm, &guest_log)?;
+    let mut ctl = spawn_qemu(cfg, &controller_vm, &controller_log)?;
+    let mut guest_qmp = qmp_up("guest", &mut guest, &w.join("guest-qmp.sock"), &guest_log).await?;
+    progress.say("guest up");
+    let _ctl_qmp = qmp_up("controller", &mut ctl, &w.join("controller-qmp.sock"), &controller_log).await?;
+    progress.say("controller up");
+
+    let mut tail = Tail { path: files.xchg.join(controller::OUTPUT_LOG), offset: 0 };
+    let waiting_done = files.xchg.join(controller::WAITING_DONE);
+    let mut ssh_ready = false;
+    let verdict = loop {
+        tail.pump();
+        if !ssh_ready && waiting_done.exists() {
+            ssh_ready = true;
+        }
+        if let Some(s) = guest.try_exited() {
+            tail.pump();
+            if !ssh_ready {
+                return Err(RunError::GuestDroppedOut {
+                    status: describe_status(s),
+                    log_tail: tail_lines(&files.guest_serial, LOG_TAIL_LINES),
+                });
+            }
+            // After SSH was reached the controller notices the lost connection and says so.
+        }
+        if let Some(s) = ctl.try_exited() {
+            tail.pump();
+            let exit = std::fs::read_to_string(files.xchg.join(controller::EXIT_FILE));
+            break match exit {
+                Ok(text) => match controller::agent::parse_exit_file(&text) {
+                    Ok(v) => v,
+                    Err(message) => {
+                        return Err(RunError::Agent { message, log_tail: tail_lines(&files.guest_serial, LOG_TAIL_LINES) })
+                    }
+                },
+                Err(_) if s.success() => {
+                    return Err(RunError::NoExitCode { log_tail: tail_lines(&files.controller_serial, LOG_TAIL_LINES) })
+                }
+                Err(_) => {
+                    return Err(RunError::ControllerDied {
+                        status: describe_status(s),
+                        log_tail: tail_lines(&files.controller_serial, LOG_TAIL_LINES),
+                    })
+                }
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The guest has nothing left to do: stop it without a shutdown dance.
+    let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&super::qmp::Quit {})).await;
+    guest.shutdown(Duration::from_secs(2)).await;
+    ctl.shutdown(Duration::from_secs(2)).await;
+    switch.guard.shutdown(Duration::from_secs(2)).await;
+    Ok(verdict)
+}
+
+/// `run-vm` in the work directory starts the same pair by hand, for `-K` debugging.
+fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
+    let q = |a: &std::ffi::OsStr| controller::shell_quote(&a.to_string_lossy());
+    let line = |vm: &VmConfig| {
+        let mut s = q(cfg.tools.qemu.as_os_str());
+        for a in vm.args() {
+            s.push(' ');
+            s.push_str(&q(&a));
+        }
+        s
+    };
+    let script = format!(
+        "#!/bin/sh\n# Starts this session's VDE switch and both VMs again (nix-winvm -K).\ncd {}\n{} -s {} -M {} --dirmode 0700 -d\n{} &\n{} &\nwait\n",
+        controller::shell_quote(&cfg.work.display().to_string()),
+        q(cfg.tools.vde_switch.as_os_str()),
+        q(guest.vde_ctl.as_os_str()),
+        controller::shell_quote(&cfg.work.join("vde.mgmt").display().to_string()),
+        line(guest),
+        line(ctl)
+    );
+    let path = cfg.work.join("run-vm");
+    if std::fs::write(&path, script).is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
+    }
+}
