@@ -98,7 +98,6 @@ fn run(cfg: &AgentConfig, log: &mut Log) -> Result<Verdict, AgentError> {
     let timeout = Duration::from_secs(cfg.ssh_timeout_secs);
     let tcp = wait_for_ssh(addr, timeout)?;
     File::create(cfg.xchg.join(WAITING_DONE)).map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
-    log.line("ssh ready");
     run_command(tcp, cfg, log)
 }
 

@@ -33,6 +33,17 @@ impl ProcessGuard {
         let program = format!("{:?}", cmd.as_std().get_program());
         // Own process group: one killpg reaches QEMU's helpers (e.g. a migration's gzip) too.
         cmd.process_group(0).kill_on_drop(true);
+        // If the builder itself is SIGKILLed (Nix cancelling a build), the kernel ends the child.
+        // SAFETY: the closure runs between fork and exec and only calls prctl, which is
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().map_err(|source| SpawnError { name: name.into(), program, source })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         Ok(ProcessGuard { name: name.into(), child, pid, status: None })

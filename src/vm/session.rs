@@ -21,6 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 pub const QEMU_UP_TIMEOUT: Duration = Duration::from_secs(60);
 pub const LOG_TAIL_LINES: usize = 30;
+pub const GUEST_DEATH_GRACE: Duration = Duration::from_secs(2);
 
 /// A directory of the host that the guest sees at `guest_path`, through the controller.
 #[derive(Debug, Clone)]
@@ -57,6 +58,7 @@ pub enum RunError {
     Spawn(SpawnError),
     QemuNotUp { name: String, detail: String, log_tail: String },
     GuestDroppedOut { status: String, log_tail: String },
+    GuestDied { status: String, log_tail: String },
     ControllerDied { status: String, log_tail: String },
     NoExitCode { log_tail: String },
     Agent { message: String, log_tail: String },
@@ -84,6 +86,10 @@ impl fmt::Display for RunError {
             }
             RunError::GuestDroppedOut { status, log_tail } => {
                 write!(f, "the guest VM dropped out early (QEMU ended with {status} before SSH was reached)")?;
+                tail(f, "the guest's serial log", log_tail)
+            }
+            RunError::GuestDied { status, log_tail } => {
+                write!(f, "the guest VM died during the command (QEMU ended with {status})")?;
                 tail(f, "the guest's serial log", log_tail)
             }
             RunError::ControllerDied { status, log_tail } => {
@@ -339,20 +345,34 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
     let mut tail = Tail { path: files.xchg.join(controller::OUTPUT_LOG), offset: 0 };
     let waiting_done = files.xchg.join(controller::WAITING_DONE);
     let mut ssh_ready = false;
+    let mut guest_died: Option<(std::process::ExitStatus, Instant)> = None;
     let verdict = loop {
         tail.pump();
         if !ssh_ready && waiting_done.exists() {
             ssh_ready = true;
+            progress.say("ssh ready");
         }
-        if let Some(s) = guest.try_exited() {
-            tail.pump();
-            if !ssh_ready {
-                return Err(RunError::GuestDroppedOut {
+        if guest_died.is_none() {
+            if let Some(s) = guest.try_exited() {
+                tail.pump();
+                if !ssh_ready {
+                    return Err(RunError::GuestDroppedOut {
+                        status: describe_status(s),
+                        log_tail: tail_lines(&files.guest_serial, LOG_TAIL_LINES),
+                    });
+                }
+                guest_died = Some((s, Instant::now()));
+            }
+        }
+        // A guest that dies mid-command leaves the SSH connection hanging, not closed: give the
+        // controller a moment to report, then call it.
+        if let Some((s, at)) = guest_died {
+            if at.elapsed() > GUEST_DEATH_GRACE && !files.xchg.join(controller::EXIT_FILE).exists() {
+                return Err(RunError::GuestDied {
                     status: describe_status(s),
                     log_tail: tail_lines(&files.guest_serial, LOG_TAIL_LINES),
                 });
             }
-            // After SSH was reached the controller notices the lost connection and says so.
         }
         if let Some(s) = ctl.try_exited() {
             tail.pump();
