@@ -19,6 +19,8 @@ pub const WINDOWS_DISK_SIZE_MIB: u64 = 65536;
 pub const STANDIN_DISK_SIZE_MIB: u64 = 256;
 pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
 pub const DEFAULT_LOCALE: &str = "en-US";
+/// The store the guest sees through the `nixstore` share.
+pub const STORE_DIR: &str = "/nix/store";
 
 /// Bounds that catch typos (a memory size in bytes, a timeout in milliseconds) early.
 pub const MEMORY_MIB_RANGE: (i64, i64) = (64, 1 << 20);

@@ -1,6 +1,7 @@
 //! The derivations' builder: `nix-winvm-builder <stage>`, run by Nix inside its sandbox.
 
 pub mod run;
+pub mod stages;
 
 use crate::spec;
 use std::fmt;
@@ -10,7 +11,6 @@ pub enum BuilderError {
     Usage(String),
     MissingEnv(&'static str),
     Spec(spec::SpecJsonError),
-    NotImplemented(&'static str),
     RequiredFileMissing { name: String, hash: String },
     Run(String),
 }
@@ -21,7 +21,6 @@ impl fmt::Display for BuilderError {
             BuilderError::Usage(m) => write!(f, "{m}"),
             BuilderError::MissingEnv(v) => write!(f, "environment variable {v} is not set (is this run by Nix?)"),
             BuilderError::Spec(e) => write!(f, "{e}"),
-            BuilderError::NotImplemented(stage) => write!(f, "stage '{stage}' is not implemented yet"),
             BuilderError::Run(m) => write!(f, "{m}"),
             BuilderError::RequiredFileMissing { name, hash } => write!(
                 f,
@@ -33,7 +32,7 @@ impl fmt::Display for BuilderError {
 
 impl std::error::Error for BuilderError {}
 
-pub const USAGE: &str = "usage: nix-winvm-builder <media|install|suspend|build|require-file|run> [options]";
+pub const USAGE: &str = "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|agent|state-write|state-read> [options]";
 
 fn env(name: &'static str) -> Result<String, BuilderError> {
     std::env::var(name).map_err(|_| BuilderError::MissingEnv(name))
@@ -45,17 +44,20 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
     match stage {
         "media" | "install" | "suspend" => {
             let spec = spec::image_spec_from_json(&env("winvmImageSpec")?).map_err(BuilderError::Spec)?;
-            eprintln!("nix-winvm: stage {stage} of a {} image", spec.guest.name());
-            Err(BuilderError::NotImplemented(match stage {
-                "media" => "media",
-                "install" => "install",
-                _ => "suspend",
-            }))
+            let progress = crate::vm::session::Progress::new();
+            progress.say(&format!("stage {stage} of a {} image", spec.guest.name()));
+            match stage {
+                "media" => stages::media(&spec, &progress),
+                "install" => stages::install(&spec, &progress),
+                _ => stages::suspend(&spec, &progress),
+            }
         }
         "build" => {
-            spec::build_spec_from_json(&env("winvmBuildSpec")?).map_err(BuilderError::Spec)?;
-            Err(BuilderError::NotImplemented("build"))
+            let spec = spec::build_spec_from_json(&env("winvmBuildSpec")?).map_err(BuilderError::Spec)?;
+            stages::build(&spec, &crate::vm::session::Progress::new())
         }
+        "state-write" => state_write(&args[1..]),
+        "state-read" => state_read(&args[1..]),
         "require-file" => Err(BuilderError::RequiredFileMissing {
             name: env("winvmRequiredName")?,
             hash: env("outputHash")?,
@@ -74,4 +76,33 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
         }
         other => Err(BuilderError::Usage(format!("unknown stage '{other}'\n{USAGE}"))),
     }
+}
+
+fn flag<'a>(args: &'a [String], name: &str) -> Result<&'a str, BuilderError> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+        .ok_or_else(|| BuilderError::Usage(format!("missing {name}")))
+}
+
+/// QEMU's `migrate exec:` end: the migration stream on stdin, into a state file.
+fn state_write(args: &[String]) -> Result<i32, BuilderError> {
+    let header = crate::vm::state::StateHeader {
+        qemu_version: flag(args, "--qemu-version")?.to_owned(),
+        memory_mib: flag(args, "--memory")?.parse().map_err(|_| BuilderError::Usage("--memory: expected MiB".into()))?,
+        guest: flag(args, "--guest")?.to_owned(),
+    };
+    let path = std::path::PathBuf::from(flag(args, "--out")?);
+    let mut stdin = std::io::stdin().lock();
+    crate::vm::state::write(&path, &header, &mut stdin).map_err(|e| BuilderError::Run(e.to_string()))?;
+    Ok(0)
+}
+
+/// QEMU's `-incoming exec:` end: the state file, checked and inflated, on stdout.
+fn state_read(args: &[String]) -> Result<i32, BuilderError> {
+    let path = std::path::PathBuf::from(flag(args, "--in")?);
+    let mut stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+    crate::vm::state::read(&path, None, &mut stdout).map_err(|e| BuilderError::Run(e.to_string()))?;
+    Ok(0)
 }

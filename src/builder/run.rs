@@ -8,7 +8,8 @@ use crate::controller::{agent::Verdict, shell_quote};
 use crate::spec::{Accel, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
 use crate::vm::accel;
-use crate::vm::session::{self, ExtraShare, Progress, SessionConfig};
+use crate::guest::standin;
+use crate::vm::session::{self, After, ExtraShare, GuestBoot, Progress, SessionConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -107,13 +108,31 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         command.push(' ');
         command.push_str(&shell_quote(c));
     }
+    // A cold guest: a fresh key, and the standin system as the initramfs.
+    let key = work.path().join("key");
+    let pubkey = super::stages::generate_key(&tools.ssh_keygen, &key)?;
+    let modules_dir = kernel_dir.join("modules");
+    let guest_initrd = work.path().join("guest-initrd.img");
+    let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey).map_err(|e| BuilderError::Run(e.to_string()))?;
+    session::write_initrd(&img, &guest_initrd).map_err(|e| BuilderError::Run(e.to_string()))?;
     let cfg = SessionConfig {
         accel,
         memory_mib: a.memory_mib,
         cpus: 1,
         timeout: Duration::from_secs(a.timeout_secs),
         work: work.path().to_path_buf(),
-        kernel_dir,
+        kernel: kernel_dir.join("vmlinuz"),
+        modules_dir,
+        guest: GuestBoot {
+            kernel: kernel_dir.join("vmlinuz"),
+            initrd: guest_initrd,
+            append: super::stages::INSTALL_APPEND.into(),
+            disk: None,
+            revive_from: None,
+        },
+        key_file: key,
+        set_clock: false,
+        after: After::Quit,
         command,
         store_dir: PathBuf::from("/nix/store"),
         store_writable: false,

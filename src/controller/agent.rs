@@ -12,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const SMBD_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// A booted or revived guest answers SSH within this, or it never will.
+pub const SSH_READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 pub enum AgentError {
@@ -95,7 +97,7 @@ fn run(cfg: &AgentConfig, log: &mut Log) -> Result<Verdict, AgentError> {
     let _smbd = start_smbd(cfg)?;
     log.line("controller: smbd up");
     let addr: SocketAddr = cfg.guest_addr.parse().map_err(|e| AgentError::Config(format!("guestAddr: {e}")))?;
-    let timeout = Duration::from_secs(cfg.ssh_timeout_secs);
+    let timeout = Duration::from_secs(cfg.ssh_timeout_secs.min(SSH_READY_TIMEOUT.as_secs()));
     let tcp = wait_for_ssh(addr, timeout)?;
     File::create(cfg.xchg.join(WAITING_DONE)).map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
     run_command(tcp, cfg, log)
@@ -173,7 +175,8 @@ fn run_command(tcp: TcpStream, cfg: &AgentConfig, log: &mut Log) -> Result<Verdi
     let mut channel = session.channel_session().map_err(ssh_err("opening a channel"))?;
     // One stream in order: the build log wants stdout and stderr as they interleave.
     channel.handle_extended_data(ssh2::ExtendedData::Merge).map_err(ssh_err("merging stderr"))?;
-    channel.exec(&cfg.command).map_err(ssh_err("starting the command"))?;
+    let command = if cfg.set_clock { format!("{}{}", clock_prefix(std::time::SystemTime::now()), cfg.command) } else { cfg.command.clone() };
+    channel.exec(&command).map_err(ssh_err("starting the command"))?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = channel.read(&mut buf).map_err(|e| AgentError::Ssh { step: "reading output", detail: e.to_string() })?;
@@ -191,6 +194,28 @@ fn run_command(tcp: TcpStream, cfg: &AgentConfig, log: &mut Log) -> Result<Verdi
     Ok(Verdict::Exited(code))
 }
 
+/// `date -u -s 'YYYY-MM-DD hh:mm:ss'`: understood by busybox and by Cygwin's GNU date.
+pub fn clock_prefix(now: std::time::SystemTime) -> String {
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "date -u -s '{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}' >/dev/null 2>&1; ",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Parses the agent's exit file: "N", "signal NAME" or "error MESSAGE".
 pub fn parse_exit_file(text: &str) -> Result<Verdict, String> {
     let t = text.trim();
@@ -206,6 +231,13 @@ pub fn parse_exit_file(text: &str) -> Result<Verdict, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_prefix_is_utc_civil_time() {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(clock_prefix(t), "date -u -s '2026-11-18 11:06:40' >/dev/null 2>&1; ");
+        assert_eq!(clock_prefix(std::time::UNIX_EPOCH + Duration::from_secs(951_782_400)), "date -u -s '2000-02-29 00:00:00' >/dev/null 2>&1; ");
+    }
 
     #[test]
     fn exit_file_forms() {

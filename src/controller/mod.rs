@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub user: String,
     pub key_file: PathBuf,
     pub command: String,
+    /// Set the guest's clock from the controller's (fresh from the host) before the command.
+    pub set_clock: bool,
     pub ssh_timeout_secs: u64,
 }
 

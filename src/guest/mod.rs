@@ -4,7 +4,7 @@
 //! install of Windows + Cygwin.
 
 pub mod standin;
-// pub mod windows; (arrives with the Windows profile)
+pub mod windows;
 
 /// The guest's fixed address on the VM network; the controller is .2.
 pub const GUEST_IP: &str = "192.168.0.1";

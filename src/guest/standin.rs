@@ -19,7 +19,9 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 for m in $(cat /lib/modules/load-order); do
-    insmod "/lib/modules/$m" || echo "winvm-standin: loading $m failed"
+    # Booted from disk, the boot initramfs has loaded some of these already.
+    n=$(echo "${m%.ko}" | tr - _)
+    grep -q "^$n " /proc/modules || insmod "/lib/modules/$m" || echo "winvm-standin: loading $m failed"
 done
 ip link set lo up
 ip addr add 192.168.0.1/24 dev eth0
@@ -62,39 +64,113 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StandinError + '_ 
     move |e| StandinError(format!("{what}: {e}"))
 }
 
-/// Adds busybox (static) with its applets installed at boot, and the modules in load order.
-pub fn base(busybox: &Path, modules_dir: &Path, modules: &[&str]) -> Result<Initramfs, StandinError> {
-    let mut img = Initramfs::new();
-    img.host_file("/bin/busybox", busybox, Some(0o755)).map_err(err("busybox"))?;
+/// Adds busybox (static; its applets are installed at boot) and `modules` with their
+/// dependencies, plus the load order, under `root`.
+fn add_busybox_and_modules(img: &mut Initramfs, root: &str, busybox: &Path, modules_dir: &Path, modules: &[&str]) -> Result<(), StandinError> {
+    let e = err::<crate::initramfs::InitramfsError>;
+    img.host_file(format!("{root}/bin/busybox"), busybox, Some(0o755)).map_err(e("busybox"))?;
     let order = module_closure(modules_dir, modules).map_err(err("kernel modules"))?;
     let mut names = String::new();
     for m in &order {
         let name = m.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        img.host_file(&format!("/lib/modules/{name}"), m, Some(0o644)).map_err(err("kernel module"))?;
+        img.host_file(format!("{root}/lib/modules/{name}"), m, Some(0o644)).map_err(e("kernel module"))?;
         names.push_str(&name);
         names.push('\n');
     }
-    img.file("/lib/modules/load-order", 0o644, names.into_bytes()).map_err(err("load order"))?;
+    img.file(format!("{root}/lib/modules/load-order"), 0o644, names.into_bytes()).map_err(e("load order"))?;
+    Ok(())
+}
+
+/// An initramfs with busybox and `modules`; the caller adds /init.
+pub fn base(busybox: &Path, modules_dir: &Path, modules: &[&str]) -> Result<Initramfs, StandinError> {
+    let mut img = Initramfs::new();
+    add_busybox_and_modules(&mut img, "", busybox, modules_dir, modules)?;
     Ok(img)
 }
 
-pub fn initramfs(busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized_key: &str) -> Result<Initramfs, StandinError> {
-    let mut img = base(busybox, modules_dir, MODULES)?;
-    img.elf_with_libs("/usr/sbin/dropbear", dropbear).map_err(err("dropbear"))?;
+/// The standin system under `root` ("" for a cold-boot initramfs, "/system" inside the
+/// installer, which copies it onto the disk).
+pub fn add_system(img: &mut Initramfs, root: &str, busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized_key: &str) -> Result<(), StandinError> {
+    let at = |p: &str| format!("{root}{p}");
     let e = err::<crate::initramfs::InitramfsError>;
-    img.file("/init", 0o755, INIT.as_bytes().to_vec()).map_err(e("init"))?;
-    img.file("/bin/winvm-login", 0o755, LOGIN_SHELL.as_bytes().to_vec()).map_err(e("login shell"))?;
+    add_busybox_and_modules(img, root, busybox, modules_dir, MODULES)?;
+    let root_dir = if root.is_empty() { "/" } else { root };
+    img.elf_with_libs_under(root_dir, at("/usr/sbin/dropbear"), dropbear).map_err(err("dropbear"))?;
+    img.file(at("/init"), 0o755, INIT.as_bytes().to_vec()).map_err(e("init"))?;
+    img.file(at("/bin/winvm-login"), 0o755, LOGIN_SHELL.as_bytes().to_vec()).map_err(e("login shell"))?;
     img.file(
-        "/etc/passwd",
+        at("/etc/passwd"),
         0o644,
         b"root:x:0:0:root:/root:/bin/sh\nAdministrator:x:0:0:Administrator:/home/Administrator:/bin/winvm-login\n".to_vec(),
     )
     .map_err(e("passwd"))?;
-    img.file("/etc/group", 0o644, b"root:x:0:\n".to_vec()).map_err(e("group"))?;
-    img.file("/etc/shells", 0o644, b"/bin/sh\n/bin/winvm-login\n".to_vec()).map_err(e("shells"))?;
-    img.dir("/home/Administrator/.ssh", 0o700).map_err(e("ssh dir"))?;
-    img.file("/home/Administrator/.ssh/authorized_keys", 0o600, format!("{}\n", authorized_key.trim()).into_bytes())
+    img.file(at("/etc/group"), 0o644, b"root:x:0:\n".to_vec()).map_err(e("group"))?;
+    img.file(at("/etc/shells"), 0o644, b"/bin/sh\n/bin/winvm-login\n".to_vec()).map_err(e("shells"))?;
+    img.dir(at("/home/Administrator/.ssh"), 0o700).map_err(e("ssh dir"))?;
+    img.file(at("/home/Administrator/.ssh/authorized_keys"), 0o600, format!("{}\n", authorized_key.trim()).into_bytes())
         .map_err(e("authorized_keys"))?;
+    Ok(())
+}
+
+/// A cold-booting standin: the system itself is the initramfs.
+pub fn initramfs(busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized_key: &str) -> Result<Initramfs, StandinError> {
+    let mut img = Initramfs::new();
+    add_system(&mut img, "", busybox, dropbear, modules_dir, authorized_key)?;
+    Ok(img)
+}
+
+/// Disk and file system drivers for booting from the installed disk.
+pub const DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
+
+const INSTALLER_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /mnt
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/load-order); do insmod "/lib/modules/$m" || echo "winvm-install: loading $m failed"; done
+fail() { echo "winvm-install: FAILED: $*"; poweroff -f; }
+[ -b /dev/vda ] || fail "no disk /dev/vda"
+echo "winvm-install: formatting /dev/vda"
+mke2fs -q -L winvm-standin /dev/vda || fail "mke2fs"
+mount -t ext2 /dev/vda /mnt || fail "mounting the new file system"
+echo "winvm-install: copying the system"
+cp -a /system/. /mnt/ || fail "copying the system"
+sync
+umount /mnt || fail "unmounting"
+echo "winvm-install: done"
+poweroff -f
+"#;
+
+pub const INSTALL_DONE: &str = "winvm-install: done";
+
+/// The installer: a system to copy, and an init that puts it on /dev/vda.
+pub fn installer(busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized_key: &str) -> Result<Initramfs, StandinError> {
+    let mut img = base(busybox, modules_dir, DISK_MODULES)?;
+    img.file("/init", 0o755, INSTALLER_INIT.as_bytes().to_vec()).map_err(err("installer init"))?;
+    add_system(&mut img, "/system", busybox, dropbear, modules_dir, authorized_key)?;
+    Ok(img)
+}
+
+const BOOT_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /newroot
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/load-order); do insmod "/lib/modules/$m" || echo "winvm-boot: loading $m failed"; done
+mount -t ext2 /dev/vda /newroot || { echo "winvm-boot: cannot mount /dev/vda"; poweroff -f; }
+umount /proc /sys /dev
+exec switch_root /newroot /init
+"#;
+
+/// What a boot loader would do for a disk-installed system: load the disk drivers, mount the
+/// root file system, hand over.
+pub fn boot(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, StandinError> {
+    let mut img = base(busybox, modules_dir, DISK_MODULES)?;
+    img.file("/init", 0o755, BOOT_INIT.as_bytes().to_vec()).map_err(err("boot init"))?;
     Ok(img)
 }
 

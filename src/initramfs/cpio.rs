@@ -329,7 +329,18 @@ impl Initramfs {
         archive_path: impl AsRef<Path>,
         host_binary: impl AsRef<Path>,
     ) -> Result<&mut Self, InitramfsError> {
-        let (archive_path, host_binary) = (archive_path.as_ref(), host_binary.as_ref());
+        self.elf_with_libs_under("/", archive_path, host_binary)
+    }
+
+    /// Like [`Initramfs::elf_with_libs`], with the libraries placed under `root` too: for a
+    /// system tree that an installer copies elsewhere.
+    pub fn elf_with_libs_under(
+        &mut self,
+        root: impl AsRef<Path>,
+        archive_path: impl AsRef<Path>,
+        host_binary: impl AsRef<Path>,
+    ) -> Result<&mut Self, InitramfsError> {
+        let (root, archive_path, host_binary) = (root.as_ref(), archive_path.as_ref(), host_binary.as_ref());
         let closure = elf_closure(host_binary, &default_lib_dirs()).map_err(|source| {
             InitramfsError::Elf {
                 archive_path: archive_path.to_path_buf(),
@@ -338,7 +349,8 @@ impl Initramfs {
         })?;
         self.host_file(archive_path, host_binary, None)?;
         for library in closure {
-            self.host_file(&library, &library, None)?;
+            let inside = root.join(library.strip_prefix("/").unwrap_or(&library));
+            self.host_file(&inside, &library, None)?;
         }
         Ok(self)
     }

@@ -6,5 +6,6 @@ pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod session;
+pub mod state;
 pub mod vde;
 pub mod wait;

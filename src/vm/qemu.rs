@@ -26,7 +26,8 @@ pub struct VmConfig {
     pub initrd: PathBuf,
     pub append: String,
     pub serial_log: PathBuf,
-    pub vde_ctl: PathBuf,
+    /// The switch to plug into; None: no network at all.
+    pub vde_ctl: Option<PathBuf>,
     pub mac: String,
     pub qmp: Option<PathBuf>,
     pub exports: Vec<Export>,
@@ -65,10 +66,14 @@ impl VmConfig {
             s("-initrd"), self.initrd.clone().into(),
             s("-append"), s(&self.append),
             s("-serial"), s(&format!("file:{}", p(&self.serial_log))),
-            s("-netdev"), s(&format!("vde,id=n0,sock={}", p(&self.vde_ctl))),
-            s("-device"), s(&format!("virtio-net-pci,netdev=n0,mac={}", self.mac)),
             s("-device"), s("virtio-rng-pci"),
         ];
+        if let Some(ctl) = &self.vde_ctl {
+            a.push(s("-netdev"));
+            a.push(s(&format!("vde,id=n0,sock={}", p(ctl))));
+            a.push(s("-device"));
+            a.push(s(&format!("virtio-net-pci,netdev=n0,mac={}", self.mac)));
+        }
         if let Some(qmp) = &self.qmp {
             a.push(s("-qmp"));
             a.push(s(&format!("unix:{},server=on,wait=off", p(qmp))));
@@ -87,7 +92,9 @@ impl VmConfig {
         }
         if let Some(disk) = &self.disk {
             a.push(s("-drive"));
-            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=unsafe", p(disk))));
+            // writeback, not unsafe: a migration flushes the disk, and the saved memory must
+            // match what the overlay holds.
+            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=writeback", p(disk))));
         }
         if let Some(src) = &self.incoming {
             a.push(s("-incoming"));
@@ -112,7 +119,7 @@ mod tests {
             initrd: "/i".into(),
             append: "console=ttyS0".into(),
             serial_log: "/w/serial.log".into(),
-            vde_ctl: "/w/vde.ctl".into(),
+            vde_ctl: Some("/w/vde.ctl".into()),
             mac: GUEST_MAC.into(),
             qmp: Some("/w/qmp.sock".into()),
             exports: vec![Export { tag: "root".into(), path: "/".into(), readonly: true }],

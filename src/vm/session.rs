@@ -6,9 +6,10 @@ use super::accel::NoKvm;
 use super::process::{describe_status, ProcessGuard, SpawnError};
 use super::qemu::{Export, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC};
 use super::qmp::Qmp;
+use super::state::StateHeader;
 use super::vde::{StartSwitchError, VdeSwitch};
 use crate::controller::{self, agent::Verdict, AgentConfig, Mount, Share};
-use crate::guest::{standin, GUEST_IP, SSH_USER};
+use crate::guest::{GUEST_IP, SSH_USER};
 use crate::spec::Accel;
 use crate::tools::Tools;
 use std::fmt;
@@ -31,6 +32,25 @@ pub struct ExtraShare {
     pub guest_path: String,
 }
 
+/// How the guest starts: cold from a kernel (and maybe a disk), or revived from a state file.
+#[derive(Debug, Clone)]
+pub struct GuestBoot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+    pub disk: Option<PathBuf>,
+    /// A state file to revive from (validated by the caller).
+    pub revive_from: Option<PathBuf>,
+}
+
+/// What happens to the guest once the command succeeded.
+#[derive(Debug, Clone)]
+pub enum After {
+    Quit,
+    /// Save the guest's memory into `path` (the image's state file).
+    Suspend { path: PathBuf, guest: String },
+}
+
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub accel: Accel,
@@ -39,9 +59,17 @@ pub struct SessionConfig {
     pub timeout: Duration,
     /// Where the session keeps its files; must exist, short enough for unix socket paths.
     pub work: PathBuf,
-    pub kernel_dir: PathBuf,
+    /// Kernel and modules of the controller.
+    pub kernel: PathBuf,
+    pub modules_dir: PathBuf,
+    pub guest: GuestBoot,
+    /// The private key that opens the guest.
+    pub key_file: PathBuf,
     /// The command line run by the guest's shell.
     pub command: String,
+    /// Set the guest's clock first: a revived guest's clock lags by the time since the save.
+    pub set_clock: bool,
+    pub after: After,
     pub store_dir: PathBuf,
     pub store_writable: bool,
     pub extra_shares: Vec<ExtraShare>,
@@ -64,6 +92,7 @@ pub enum RunError {
     Agent { message: String, log_tail: String },
     Timeout { secs: u64 },
     Interrupted { signal: &'static str },
+    State(super::state::StateFileError),
 }
 
 impl fmt::Display for RunError {
@@ -105,6 +134,7 @@ impl fmt::Display for RunError {
                 tail(f, "the guest's serial log", log_tail)
             }
             RunError::Timeout { secs } => write!(f, "the build exceeded its timeout of {secs} s and was stopped"),
+            RunError::State(e) => write!(f, "{e}"),
             RunError::Interrupted { signal } => write!(f, "interrupted by {signal}; the VMs were stopped"),
         }
     }
@@ -148,7 +178,6 @@ fn prep<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> RunError + '_ {
 struct Files {
     xchg: PathBuf,
     run: PathBuf,
-    guest_initrd: PathBuf,
     controller_initrd: PathBuf,
     guest_serial: PathBuf,
     controller_serial: PathBuf,
@@ -159,7 +188,6 @@ async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     let files = Files {
         xchg: w.join("xchg"),
         run: w.join("run"),
-        guest_initrd: w.join("guest-initrd.img"),
         controller_initrd: w.join("controller-initrd.img"),
         guest_serial: w.join("guest-serial.log"),
         controller_serial: w.join("controller-serial.log"),
@@ -168,21 +196,11 @@ async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         std::fs::create_dir_all(d).map_err(prep("creating the work directory"))?;
     }
     let key = files.xchg.join("key");
-    let status = Command::new(&cfg.tools.ssh_keygen)
-        .args(["-q", "-t", "ecdsa", "-b", "256", "-N", "", "-m", "PEM", "-C", "nix-winvm", "-f"])
-        .arg(&key)
-        .stdin(Stdio::null())
-        .status()
-        .await
-        .map_err(prep("running ssh-keygen"))?;
-    if !status.success() {
-        return Err(RunError::Prepare(format!("ssh-keygen failed with {}", describe_status(status))));
+    std::fs::copy(&cfg.key_file, &key).map_err(prep("copying the key"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(prep("key permissions"))?;
     }
-    let pubkey = std::fs::read_to_string(key.with_extension("pub")).map_err(prep("reading the public key"))?;
-    let modules = cfg.kernel_dir.join("modules");
-
-    let guest = standin::initramfs(&cfg.tools.busybox, &cfg.tools.dropbear, &modules, &pubkey).map_err(prep("guest"))?;
-    write_initrd(&guest, &files.guest_initrd)?;
 
     let mut mounts = vec![
         Mount { tag: "store".into(), at: cfg.store_dir.clone() },
@@ -200,7 +218,7 @@ async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     }
     std::fs::write(files.xchg.join("shares"), share_list).map_err(prep("writing the share list"))?;
     let init = controller::init_script(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg);
-    let ctl = controller::initramfs(&cfg.tools.busybox, &modules, &init).map_err(prep("controller"))?;
+    let ctl = controller::initramfs(&cfg.tools.busybox, &cfg.modules_dir, &init).map_err(prep("controller"))?;
     write_initrd(&ctl, &files.controller_initrd)?;
 
     let agent = AgentConfig {
@@ -212,6 +230,7 @@ async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         user: SSH_USER.into(),
         key_file: key,
         command: cfg.command.clone(),
+        set_clock: cfg.set_clock,
         ssh_timeout_secs: cfg.timeout.as_secs().max(1),
     };
     let json = serde_json::to_string_pretty(&agent).map_err(prep("agent config"))?;
@@ -219,13 +238,12 @@ async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     Ok(files)
 }
 
-fn write_initrd(img: &crate::initramfs::Initramfs, path: &Path) -> Result<(), RunError> {
+pub fn write_initrd(img: &crate::initramfs::Initramfs, path: &Path) -> Result<(), RunError> {
     let f = std::fs::File::create(path).map_err(prep("creating an initramfs"))?;
     let mut w = std::io::BufWriter::new(f);
     img.write_gz(&mut w).map_err(prep("writing an initramfs"))?;
     w.flush().map_err(prep("writing an initramfs"))
 }
-
 fn spawn_qemu(cfg: &SessionConfig, vm: &VmConfig, log: &Path) -> Result<ProcessGuard, RunError> {
     let out = std::fs::File::create(log).map_err(prep("creating a QEMU log"))?;
     let err = out.try_clone().map_err(prep("creating a QEMU log"))?;
@@ -275,7 +293,7 @@ pub async fn run(cfg: &SessionConfig, progress: &Progress) -> Result<Verdict, Ru
     tokio::pin!(deadline);
     let work = async {
         let files = prepare(cfg).await?;
-        progress.say("initramfs images and key ready");
+        progress.say("controller initramfs ready");
         run_prepared(cfg, &files, progress).await
     };
     tokio::select! {
@@ -297,16 +315,17 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
         accel: cfg.accel,
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
-        kernel: cfg.kernel_dir.join("vmlinuz"),
-        initrd: files.guest_initrd.clone(),
-        append: "console=ttyS0 panic=-1 quiet".into(),
+        kernel: cfg.guest.kernel.clone(),
+        initrd: cfg.guest.initrd.clone(),
+        append: cfg.guest.append.clone(),
         serial_log: files.guest_serial.clone(),
-        vde_ctl: switch.ctl.clone(),
+        vde_ctl: Some(switch.ctl.clone()),
         mac: GUEST_MAC.into(),
         qmp: Some(w.join("guest-qmp.sock")),
         exports: vec![],
-        disk: None,
-        incoming: None,
+        disk: cfg.guest.disk.clone(),
+        // Deferred: the state file is checked against this QEMU's version before it loads.
+        incoming: cfg.guest.revive_from.as_ref().map(|_| "defer".to_owned()),
     };
     let mut exports = vec![
         Export { tag: "root".into(), path: "/".into(), readonly: true },
@@ -321,11 +340,11 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
         accel: cfg.accel,
         memory_mib: CONTROLLER_MEMORY_MIB,
         cpus: 1,
-        kernel: cfg.kernel_dir.join("vmlinuz"),
+        kernel: cfg.kernel.clone(),
         initrd: files.controller_initrd.clone(),
         append: "console=ttyS0 panic=-1 quiet".into(),
         serial_log: files.controller_serial.clone(),
-        vde_ctl: switch.ctl.clone(),
+        vde_ctl: Some(switch.ctl.clone()),
         mac: CONTROLLER_MAC.into(),
         qmp: Some(w.join("controller-qmp.sock")),
         exports,
@@ -339,6 +358,10 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
     let mut ctl = spawn_qemu(cfg, &controller_vm, &controller_log)?;
     let mut guest_qmp = qmp_up("guest", &mut guest, &w.join("guest-qmp.sock"), &guest_log).await?;
     progress.say("guest up");
+    if let Some(state) = &cfg.guest.revive_from {
+        revive(cfg, state, &mut guest_qmp, &mut guest, &guest_log).await?;
+        progress.say("guest revived");
+    }
     let _ctl_qmp = qmp_up("controller", &mut ctl, &w.join("controller-qmp.sock"), &controller_log).await?;
     progress.say("controller up");
 
@@ -397,8 +420,13 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    if let (After::Suspend { path, guest: guest_name }, Verdict::Exited(0)) = (&cfg.after, &verdict) {
+        let header = StateHeader { qemu_version: qemu_version(&guest_qmp), memory_mib: cfg.memory_mib, guest: guest_name.clone() };
+        suspend(cfg, &mut guest_qmp, path, &header).await?;
+        progress.say(&format!("guest memory saved to {}", path.display()));
+    }
     // The guest has nothing left to do: stop it without a shutdown dance.
-    let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&super::qmp::Quit {})).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&super::qmp::Quit)).await;
     guest.shutdown(Duration::from_secs(2)).await;
     ctl.shutdown(Duration::from_secs(2)).await;
     switch.guard.shutdown(Duration::from_secs(2)).await;
@@ -416,11 +444,12 @@ fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
         }
         s
     };
+    let ctl_sock = guest.vde_ctl.clone().unwrap_or_default();
     let script = format!(
         "#!/bin/sh\n# Starts this session's VDE switch and both VMs again (nix-winvm -K).\ncd {}\n{} -s {} -M {} --dirmode 0700 -d\n{} &\n{} &\nwait\n",
         controller::shell_quote(&cfg.work.display().to_string()),
         q(cfg.tools.vde_switch.as_os_str()),
-        q(guest.vde_ctl.as_os_str()),
+        q(ctl_sock.as_os_str()),
         controller::shell_quote(&cfg.work.join("vde.mgmt").display().to_string()),
         line(guest),
         line(ctl)
@@ -430,4 +459,77 @@ fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
     }
+}
+
+/// QEMU reads a saved state through this builder: `state-read` checks the frame and inflates.
+pub fn state_reader_uri(builder: &Path, state: &Path) -> String {
+    format!(
+        "exec:{} state-read --in {}",
+        controller::shell_quote(&builder.display().to_string()),
+        controller::shell_quote(&state.display().to_string())
+    )
+}
+
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// An incoming guest loads its memory, then waits paused until told to continue.
+async fn revive(cfg: &SessionConfig, state: &Path, qmp: &mut Qmp, guest: &mut ProcessGuard, log: &Path) -> Result<(), RunError> {
+    let failed = |detail: String| RunError::QemuNotUp { name: "guest".into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
+    let version = qemu_version(qmp);
+    super::state::validate(state, Some((cfg.memory_mib, &version))).map_err(RunError::State)?;
+    let uri = state_reader_uri(&cfg.agent, state);
+    qmp.execute(&super::qmp::MigrateIncoming { uri }).await.map_err(|e| failed(format!("starting the load: {e}")))?;
+    let start = Instant::now();
+    loop {
+        if let Some(s) = guest.try_exited() {
+            return Err(failed(format!("QEMU ended with {} while loading the saved state", describe_status(s))));
+        }
+        let status = match qmp.execute(&super::qmp::QueryStatus).await {
+            Ok(st) => st,
+            Err(e) => return Err(failed(format!("while loading the saved state: {e}"))),
+        };
+        match status.status.as_str() {
+            "inmigrate" => {}
+            "paused" | "postmigrate" | "prelaunch" => break,
+            "running" => return Ok(()),
+            other => return Err(failed(format!("the saved state left the guest in state '{other}'"))),
+        }
+        if start.elapsed() > MIGRATION_TIMEOUT {
+            return Err(failed(format!("the saved state did not load within {} s", MIGRATION_TIMEOUT.as_secs())));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    qmp.execute(&super::qmp::Cont).await.map_err(|e| failed(format!("continuing after the load: {e}")))?;
+    Ok(())
+}
+
+async fn suspend(cfg: &SessionConfig, qmp: &mut Qmp, path: &Path, header: &StateHeader) -> Result<(), RunError> {
+    let fail = |what: &str, e: String| RunError::Prepare(format!("saving the guest's memory ({what}): {e}"));
+    qmp.execute(&super::qmp::Stop).await.map_err(|e| fail("stop", e.to_string()))?;
+    let uri = format!(
+        "exec:{} state-write --out {} --memory {} --qemu-version {} --guest {}",
+        controller::shell_quote(&cfg.agent.display().to_string()),
+        controller::shell_quote(&path.display().to_string()),
+        header.memory_mib,
+        controller::shell_quote(&header.qemu_version),
+        controller::shell_quote(&header.guest),
+    );
+    qmp.execute(&super::qmp::Migrate { uri }).await.map_err(|e| fail("migrate", e.to_string()))?;
+    qmp.wait_migration(MIGRATION_TIMEOUT).await.map_err(|e| fail("migration", e.to_string()))?;
+    // QEMU reports completion when it has written the last byte; the writer may still be
+    // flushing. The file appears atomically, so wait for it, then check it whole.
+    super::wait::wait_until(&format!("the state file {}", path.display()), Duration::from_secs(60), || {
+        let exists = path.exists();
+        async move { exists.then_some(()) }
+    })
+    .await
+    .map_err(|e| fail("writer", e.to_string()))?;
+    super::state::validate(path, Some((header.memory_mib, &header.qemu_version))).map_err(|e| fail("check", e.to_string()))?;
+    Ok(())
+}
+
+/// QEMU's version as its QMP greeting states it; recorded in state files.
+pub fn qemu_version(qmp: &Qmp) -> String {
+    let v = &qmp.greeting().version;
+    format!("{}.{}.{} {}", v.qemu.major, v.qemu.minor, v.qemu.micro, v.package.trim())
 }

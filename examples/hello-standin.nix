@@ -1,0 +1,20 @@
+# The main example: a build on the standin guest, through the plugin.
+#
+#   nix-build --plugin-files target/release/libnix_winvm.so examples/hello-standin.nix
+#
+# The first build installs and suspends the image (three cached derivations); later builds
+# revive it. Change `script` and only the last derivation is rebuilt.
+{ accel ? "tcg", message ? "hello from the standin guest" }:
+let
+  image = builtins.windowsImage { guest = "standin"; inherit accel; };
+in
+builtins.windowsDerivation {
+  name = "hello-standin";
+  inherit image message;
+  script = ''
+    mkdir -p $out
+    echo "$message" > $out/greeting
+    uname -a > $out/uname
+    date -u +%Y > $out/year
+  '';
+}

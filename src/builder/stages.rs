@@ -1,0 +1,374 @@
+//! The image stages and the build, as Nix runs them: each reads its inputs from the
+//! environment (`$media`, `$installed`, `$image`, ...) and writes `$out`.
+//!
+//!   media   -> vmlinuz, modules/, installer.img, boot.img, key, key.pub
+//!   install -> disk.qcow2 (the installed base disk)
+//!   suspend -> disk.qcow2 (overlay on the base), state, key, media -> (link), meta.json
+//!   build   -> whatever the guest writes to $out through the share
+
+use super::BuilderError;
+use crate::controller::shell_quote;
+use crate::guest::standin;
+use crate::spec::{self, Accel, BuildSpec, Guest, ImageSpec};
+use crate::tools::Tools;
+use crate::vm::process::{describe_status, ProcessGuard};
+use crate::vm::qemu::VmConfig;
+use crate::vm::session::{self, After, GuestBoot, Progress, SessionConfig};
+use crate::vm::{accel, state};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn fail(msg: impl Into<String>) -> BuilderError {
+    BuilderError::Run(msg.into())
+}
+
+fn env_path(name: &'static str) -> Result<PathBuf, BuilderError> {
+    std::env::var_os(name).map(PathBuf::from).ok_or(BuilderError::MissingEnv(name))
+}
+
+fn windows_not_yet(stage: &'static str) -> BuilderError {
+    BuilderError::Run(format!(
+        "the {stage} stage of the windows guest is not implemented yet; the standin guest (guest = \"standin\") runs every stage"
+    ))
+}
+
+fn io<E: std::fmt::Display>(what: String) -> impl FnOnce(E) -> BuilderError {
+    move |e| fail(format!("{what}: {e}"))
+}
+
+pub fn generate_key(ssh_keygen: &Path, path: &Path) -> Result<String, BuilderError> {
+    let status = Command::new(ssh_keygen)
+        .args(["-q", "-t", "ecdsa", "-b", "256", "-N", "", "-m", "PEM", "-C", "nix-winvm", "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .status()
+        .map_err(io(format!("running {}", ssh_keygen.display())))?;
+    if !status.success() {
+        return Err(fail(format!("ssh-keygen failed with {}", describe_status(status))));
+    }
+    std::fs::read_to_string(path.with_extension("pub")).map_err(io("reading the public key".into()))
+}
+
+fn write_initrd(img: &crate::initramfs::Initramfs, path: &Path) -> Result<(), BuilderError> {
+    session::write_initrd(img, path).map_err(|e| fail(e.to_string()))
+}
+
+fn accel_for(spec: &ImageSpec, progress: &Progress) -> Result<Accel, BuilderError> {
+    let a = accel::choose(spec.accel).map_err(|e| fail(e.to_string()))?;
+    progress.say(&format!("accelerator: {}", a.name()));
+    Ok(a)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime".into()))
+}
+
+fn work_dir() -> Result<tempfile::TempDir, BuilderError> {
+    tempfile::Builder::new().prefix("winvm").tempdir().map_err(io("creating a work directory".into()))
+}
+
+/// Stage 1: everything the VMs boot from, and the image's own key pair.
+pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
+    if spec.guest == Guest::Windows {
+        return Err(windows_not_yet("media"));
+    }
+    let out = env_path("out")?;
+    let kernel = env_path("kernel")?;
+    let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
+    std::fs::create_dir_all(out.join("modules")).map_err(io(format!("creating {}", out.display())))?;
+    std::fs::copy(kernel.join("vmlinuz"), out.join("vmlinuz")).map_err(io("copying the kernel".into()))?;
+    for entry in std::fs::read_dir(kernel.join("modules")).map_err(io("reading the kernel modules".into()))? {
+        let entry = entry.map_err(io("reading the kernel modules".into()))?;
+        std::fs::copy(entry.path(), out.join("modules").join(entry.file_name())).map_err(io("copying a module".into()))?;
+    }
+    // A key per image: the VM has no network beyond the controller, and the key opens only it.
+    let pubkey = generate_key(&tools.ssh_keygen, &out.join("key"))?;
+    let modules = out.join("modules");
+    write_initrd(&standin::installer(&tools.busybox, &tools.dropbear, &modules, &pubkey).map_err(|e| fail(e.to_string()))?, &out.join("installer.img"))?;
+    write_initrd(&standin::boot(&tools.busybox, &modules).map_err(|e| fail(e.to_string()))?, &out.join("boot.img"))?;
+    progress.say("media ready: kernel, installer, boot initramfs, key pair");
+    Ok(0)
+}
+
+pub const INSTALL_APPEND: &str = "console=ttyS0 panic=-1 quiet";
+
+/// Stage 2: boot the installer with a blank disk; it installs and powers off.
+pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
+    if spec.guest == Guest::Windows {
+        return Err(windows_not_yet("install"));
+    }
+    let out = env_path("out")?;
+    let media = env_path("media")?;
+    let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
+    let accel = accel_for(spec, progress)?;
+    std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
+    let disk = out.join("disk.qcow2");
+    qemu_img(&tools, &["create", "-q", "-f", "qcow2"], &[disk.as_os_str()], &format!("{}M", spec.disk_size_mib))?;
+    let work = work_dir()?;
+    let serial = work.path().join("install-serial.log");
+    let vm = VmConfig {
+        name: "installer".into(),
+        accel,
+        memory_mib: spec.memory_mib,
+        cpus: spec.cpus,
+        kernel: media.join("vmlinuz"),
+        initrd: media.join("installer.img"),
+        append: INSTALL_APPEND.into(),
+        serial_log: serial.clone(),
+        vde_ctl: None,
+        mac: String::new(),
+        qmp: None,
+        exports: vec![],
+        disk: Some(disk),
+        incoming: None,
+    };
+    let timeout = Duration::from_secs(spec.timeout_secs);
+    let rt = runtime()?;
+    let status = rt.block_on(async {
+        let mut cmd = tokio::process::Command::new(&tools.qemu);
+        cmd.args(vm.args()).stdin(Stdio::null()).stderr(Stdio::inherit()).stdout(Stdio::null());
+        let mut guard = ProcessGuard::spawn("installer", cmd).map_err(|e| fail(e.to_string()))?;
+        progress.say("installer VM started");
+        match tokio::time::timeout(timeout, guard.wait()).await {
+            Ok(s) => Ok(s),
+            Err(_) => Err(fail(format!("the install exceeded its timeout of {} s and was stopped", timeout.as_secs()))),
+        }
+    })?;
+    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+    if !log.contains(standin::INSTALL_DONE) {
+        return Err(fail(format!(
+            "the installer ended ({}) without finishing\n--- last lines of the installer's serial log ---\n{}",
+            describe_status(status),
+            session::tail_lines(&serial, session::LOG_TAIL_LINES)
+        )));
+    }
+    progress.say("installed");
+    Ok(0)
+}
+
+fn qemu_img(tools: &Tools, args: &[&str], paths: &[&std::ffi::OsStr], size: &str) -> Result<(), BuilderError> {
+    let qemu_img = tools.qemu.with_file_name("qemu-img");
+    let qemu_img = if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img").map_err(|e| fail(e.to_string()))? };
+    let mut c = Command::new(&qemu_img);
+    c.args(args).args(paths);
+    if !size.is_empty() {
+        c.arg(size);
+    }
+    let o = c.output().map_err(io(format!("running {}", qemu_img.display())))?;
+    if !o.status.success() {
+        return Err(fail(format!("qemu-img {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim())));
+    }
+    Ok(())
+}
+
+/// An overlay on `backing`, which stays untouched.
+fn overlay(tools: &Tools, backing: &Path, path: &Path) -> Result<(), BuilderError> {
+    qemu_img(
+        tools,
+        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing.display().to_string()],
+        &[path.as_os_str()],
+        "",
+    )
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ImageMeta {
+    pub spec: ImageSpec,
+    pub state_format: u32,
+    pub media: PathBuf,
+}
+
+fn guest_boot(media: &Path, disk: PathBuf, revive_from: Option<PathBuf>) -> GuestBoot {
+    GuestBoot {
+        kernel: media.join("vmlinuz"),
+        initrd: media.join("boot.img"),
+        append: INSTALL_APPEND.into(),
+        disk: Some(disk),
+        revive_from,
+    }
+}
+
+fn session_config(
+    spec: &ImageSpec,
+    accel: Accel,
+    timeout: Duration,
+    work: &Path,
+    media: &Path,
+    guest: GuestBoot,
+    key: PathBuf,
+    command: String,
+    after: After,
+) -> Result<SessionConfig, BuilderError> {
+    Ok(SessionConfig {
+        accel,
+        memory_mib: spec.memory_mib,
+        cpus: spec.cpus,
+        timeout,
+        work: work.to_path_buf(),
+        kernel: media.join("vmlinuz"),
+        modules_dir: media.join("modules"),
+        guest,
+        key_file: key,
+        command,
+        set_clock: matches!(after, After::Quit),
+        after,
+        store_dir: PathBuf::from(spec::STORE_DIR),
+        store_writable: true,
+        extra_shares: vec![],
+        tools: Tools::find().map_err(|e| fail(e.to_string()))?,
+        agent: std::env::current_exe().map_err(io("finding this program".into()))?,
+    })
+}
+
+/// Stage 3: boot the installed disk under an overlay, map the shares, save the memory.
+pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
+    if spec.guest == Guest::Windows {
+        return Err(windows_not_yet("suspend"));
+    }
+    let out = env_path("out")?;
+    let media = env_path("media")?;
+    let installed = env_path("installed")?;
+    let accel = accel_for(spec, progress)?;
+    std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
+    let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
+    let disk = out.join("disk.qcow2");
+    overlay(&tools, &installed.join("disk.qcow2"), &disk)?;
+    std::fs::copy(media.join("key"), out.join("key")).map_err(io("copying the key".into()))?;
+    std::os::unix::fs::symlink(&media, out.join("media")).map_err(io("linking the media".into()))?;
+    let work = work_dir()?;
+    // The standin's login shell maps the shares, as Cygwin's fstab does at every login.
+    let command = "true".to_owned();
+    let cfg = session_config(
+        spec,
+        accel,
+        Duration::from_secs(spec.timeout_secs),
+        work.path(),
+        &media,
+        guest_boot(&media, disk, None),
+        media.join("key"),
+        command,
+        After::Suspend { path: out.join("state"), guest: spec.guest.name().into() },
+    )?;
+    let verdict = runtime()?.block_on(session::run(&cfg, progress)).map_err(|e| fail(e.to_string()))?;
+    if verdict != crate::controller::agent::Verdict::Exited(0) {
+        return Err(fail(format!("mapping the shares in the guest failed: {verdict:?}")));
+    }
+    let meta = ImageMeta { spec: spec.clone(), state_format: state::FORMAT_VERSION, media };
+    let json = serde_json::to_string_pretty(&meta).map_err(io("meta.json".into()))?;
+    std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json".into()))?;
+    Ok(0)
+}
+
+/// Variables that describe the host's build, not the build itself.
+const HOST_ONLY_VARS: &[&str] = &[
+    "PATH", "HOME", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "NIX_BUILD_TOP", "PWD", "OLDPWD", "SHLVL", "TERM", "NIX_LOG_FD",
+    "_", "SHELL", "script", "winvmBuildSpec", "builder",
+];
+
+/// The derivation's environment as a script the guest sources (the historic xchg/saved-env).
+pub fn saved_env(vars: impl Iterator<Item = (String, String)>) -> String {
+    let mut lines: Vec<String> = vars
+        .filter(|(k, _)| !HOST_ONLY_VARS.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .map(|(k, v)| format!("export {k}={}", shell_quote(&v)))
+        .collect();
+    lines.sort();
+    lines.push("export TMPDIR=/tmp".into());
+    lines.join("\n") + "\n"
+}
+
+/// The command the guest runs: the environment restored, then the script (or, for
+/// runInWindowsVM, the original builder with its arguments).
+pub fn guest_command(spec: &BuildSpec, argc: usize) -> String {
+    let mut c = String::from("cd /tmp && . /tmp/xchg/saved-env && ");
+    if spec.run_original_builder {
+        c.push_str("exec \"$winvmOrigBuilder\"");
+        for i in 0..argc {
+            c.push_str(&format!(" \"$winvmArg{i}\""));
+        }
+    } else {
+        c.push_str("exec /bin/sh -e /tmp/xchg/script");
+    }
+    c
+}
+
+/// Stage 4: revive the image on a throw-away overlay and run the build.
+pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError> {
+    let image = env_path("image")?;
+    let meta_path = image.join("meta.json");
+    let meta: ImageMeta = serde_json::from_str(
+        &std::fs::read_to_string(&meta_path).map_err(io(format!("reading {}", meta_path.display())))?,
+    )
+    .map_err(io(format!("{} is not a nix-winvm image's metadata", meta_path.display())))?;
+    if meta.spec != spec.image {
+        return Err(fail(format!("the image at {} was built from another spec than this build expects", image.display())));
+    }
+    let state_file = image.join("state");
+    // Refuse a bad state file before any VM starts.
+    state::validate(&state_file, None).map_err(|e| fail(e.to_string()))?;
+    let accel = accel_for(&spec.image, progress)?;
+    let work = work_dir()?;
+    let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
+    let disk = work.path().join("disk.qcow2");
+    overlay(&tools, &image.join("disk.qcow2"), &disk)?;
+    let xchg = work.path().join("xchg");
+    std::fs::create_dir_all(&xchg).map_err(io("creating the exchange directory".into()))?;
+    std::fs::write(xchg.join("saved-env"), saved_env(std::env::vars())).map_err(io("writing saved-env".into()))?;
+    if !spec.run_original_builder {
+        let script = std::env::var("script").map_err(|_| BuilderError::MissingEnv("script"))?;
+        std::fs::write(xchg.join("script"), script).map_err(io("writing the script".into()))?;
+    }
+    let argc = std::env::var("winvmArgc").ok().and_then(|a| a.parse().ok()).unwrap_or(0);
+    let cfg = session_config(
+        &spec.image,
+        accel,
+        Duration::from_secs(spec.timeout_secs),
+        work.path(),
+        &meta.media,
+        guest_boot(&meta.media, disk, Some(state_file)),
+        image.join("key"),
+        guest_command(spec, argc),
+        After::Quit,
+    )?;
+    match runtime()?.block_on(session::run(&cfg, progress)).map_err(|e| fail(e.to_string()))? {
+        crate::controller::agent::Verdict::Exited(code) => {
+            progress.say(&format!("command exited {code}"));
+            Ok(code)
+        }
+        crate::controller::agent::Verdict::Signal(sig) => Err(fail(format!("the build was killed by signal {sig}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saved_env_quotes_and_drops_host_variables() {
+        let vars = vec![
+            ("out".to_string(), "/nix/store/x-t".to_string()),
+            ("PATH".to_string(), "/path-not-set".to_string()),
+            ("msg".to_string(), "it's here".to_string()),
+            ("bad-name".to_string(), "x".to_string()),
+        ];
+        assert_eq!(
+            saved_env(vars.into_iter()),
+            "export msg='it'\\''s here'\nexport out=/nix/store/x-t\nexport TMPDIR=/tmp\n"
+        );
+    }
+
+    #[test]
+    fn original_builder_keeps_argument_boundaries() {
+        let spec = BuildSpec { image: ImageSpec::standin(), timeout_secs: 1, run_original_builder: true };
+        assert_eq!(
+            guest_command(&spec, 2),
+            "cd /tmp && . /tmp/xchg/saved-env && exec \"$winvmOrigBuilder\" \"$winvmArg0\" \"$winvmArg1\""
+        );
+    }
+}

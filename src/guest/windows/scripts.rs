@@ -1,0 +1,538 @@
+//! The scripts the guest runs: `install.cmd` (cmd.exe, first logon), `bootstrap.sh` (Cygwin
+//! bash, right after) and the share mapping (Cygwin bash, over SSH at the suspend stage).
+//!
+//! Before SSH works the serial console is the host's only window into the guest, so the
+//! install reports each step there as a line starting with [`INSTALL_MARKER_PREFIX`], and its
+//! last act on success is [`INSTALL_OK_LINE`]. The install stage treats a powered-off guest
+//! without that line as a failed install and shows the serial log.
+
+use super::cygwin::REQUIRED_PACKAGES;
+use super::{
+    media, WindowsOptions, CONTROLLER_IP, CYGWIN_ROOT, GUEST_IP, NETWORK_MASK, NETWORK_PREFIX_LEN,
+};
+
+pub const INSTALL_MARKER_PREFIX: &str = "nix-winvm-install:";
+pub const INSTALL_OK_LINE: &str = "nix-winvm-install: ok";
+
+/// Where install.cmd keeps its log and its copy of the Cygwin packages.
+pub const INSTALL_WORK_DIR: &str = r"C:\nix-winvm";
+/// The bootstrap's copy inside the installed Cygwin, left there for debugging.
+pub const BOOTSTRAP_PATH_IN_CYGWIN: &str = "/etc/nix-winvm/bootstrap.sh";
+
+/// (drive letter, share name, Cygwin mount point)
+pub const SHARES: [(char, &str, &str); 2] =
+    [('S', "nixstore", "/nix/store"), ('X', "xchg", "/tmp/xchg")];
+
+/// Runs once, as Administrator, right after Cygwin is installed. Ends by powering the VM off,
+/// whether it succeeded or not, so the install stage never waits for a timeout.
+pub fn bootstrap_sh(authorized_key: &str, opts: &WindowsOptions) -> String {
+    let mut script = String::new();
+    let quoted_key = sh_quote(authorized_key);
+    let ok_word = INSTALL_OK_LINE
+        .strip_prefix(INSTALL_MARKER_PREFIX)
+        .map_or(INSTALL_OK_LINE, str::trim);
+    let prefix = INSTALL_MARKER_PREFIX;
+    let guest_address = GUEST_IP;
+    let prefix_len = NETWORK_PREFIX_LEN;
+    let mask = NETWORK_MASK;
+    let cygwin_root = CYGWIN_ROOT;
+    script.push_str(&format!(
+        r#"#!/bin/bash
+# nix-winvm bootstrap: configures sshd and the network once, at the first logon after Windows
+# Setup, as Administrator in Cygwin's login bash. Generated; the same options give the same bytes.
+set -Eeuo pipefail
+
+readonly AUTHORIZED_KEY={quoted_key}
+readonly LOG=/var/log/nix-winvm-bootstrap.log
+SYSTEM32=$(cygpath -S)
+readonly SYSTEM32
+readonly POWERSHELL="$SYSTEM32/WindowsPowerShell/v1.0/powershell.exe"
+mkdir -p /var/log
+
+report() {{
+    local line
+    line="{prefix} $*"
+    printf '%s\n' "$line" | tee -a "$LOG"
+    # COM1 is the host's only view of the guest until SSH works; never let it block us.
+    printf '%s\r\n' "$line" | timeout 5 dd of=/dev/ttyS0 status=none 2>/dev/null || true
+}}
+
+# Windows' own shutdown.exe: a Cygwin "shutdown" package would take other arguments.
+power_off() {{
+    sync
+    "$SYSTEM32/shutdown.exe" /s /t 0 /f
+}}
+
+fail() {{
+    trap - ERR
+    report "failed: $*"
+    power_off
+    exit 1
+}}
+
+on_error() {{
+    local status=$? line=$1
+    fail "bootstrap line $line exited with status $status"
+}}
+trap 'on_error $LINENO' ERR
+
+report "bootstrap started"
+
+# The controller logs in as this account with the key generated for this image.
+home=${{HOME:-/home/$(id -un)}}
+mkdir -p "$home/.ssh"
+printf '%s\n' "$AUTHORIZED_KEY" >"$home/.ssh/authorized_keys"
+chmod go-w "$home"
+chmod 700 "$home/.ssh"
+chmod 600 "$home/.ssh/authorized_keys"
+
+# sshd runs as SYSTEM with privilege separation; --yes answers every question.
+if ! cygrunsrv --query cygsshd >/dev/null 2>&1; then
+    ssh-host-config --yes </dev/null || fail "ssh-host-config"
+fi
+# Windows ACLs inherited from {cygwin_root} can look group-writable to StrictModes, and this
+# single-user VM without outside network gains nothing from the check.
+sed -i -e '/^[#[:space:]]*StrictModes[[:space:]]/d' /etc/sshd_config
+sed -i -e '1i StrictModes no' /etc/sshd_config
+
+"$SYSTEM32/netsh.exe" advfirewall firewall delete rule name={rule} >/dev/null 2>&1 || true
+"$SYSTEM32/netsh.exe" advfirewall firewall add rule name={rule} dir=in action=allow \
+    protocol=TCP localport=22 profile=any >/dev/null || fail "firewall rule for sshd"
+
+state=$(cygrunsrv --query cygsshd) || fail "cygsshd service is not installed"
+case $state in
+    *Running*) ;;
+    *) cygrunsrv --start cygsshd || fail "cygrunsrv --start cygsshd" ;;
+esac
+timeout 30 bash -c 'until (exec 3<>/dev/tcp/127.0.0.1/22) 2>/dev/null; do sleep 1; done' ||
+    fail "sshd is not listening on port 22"
+report "sshd is running"
+
+# The historic setup did this so idle SMB sessions are never dropped between builds.
+"$SYSTEM32/net.exe" config server /autodisconnect:-1 >/dev/null ||
+    report "note: net config server /autodisconnect:-1 failed"
+
+# The answer file sets the address only when the adapter had a driver and the alias
+# "{nic}" during Setup; check the persistent configuration, which exists even while the
+# link is down, and set the address here otherwise.
+has_static_address() {{
+    "$POWERSHELL" -NoProfile -NonInteractive -Command \
+        'if (Get-NetIPAddress -IPAddress {guest_address} -PolicyStore PersistentStore -ErrorAction SilentlyContinue) {{ exit 0 }} else {{ exit 1 }}' \
+        </dev/null >/dev/null 2>&1
+}}
+if ! has_static_address; then
+    report "the answer file did not set {guest_address}; setting it with netsh"
+    # shellcheck disable=SC2016 # PowerShell variables, not shell ones.
+    "$SYSTEM32/netsh.exe" interface ipv4 set address name={nic} static {guest_address} {mask} ||
+        "$POWERSHELL" -NoProfile -NonInteractive -Command \
+            '$a = Get-NetAdapter -Physical | Sort-Object -Property ifIndex | Select-Object -First 1; Set-NetIPInterface -InterfaceIndex $a.ifIndex -Dhcp Disabled; New-NetIPAddress -InterfaceIndex $a.ifIndex -IPAddress {guest_address} -PrefixLength {prefix_len} | Out-Null' \
+            </dev/null || true
+    has_static_address || fail "could not give the first network adapter {guest_address}"
+fi
+report "network address {guest_address} configured"
+
+# Repeated from the answer file, whose commands fail silently: a sleeping guest drops SSH.
+"$SYSTEM32/powercfg.exe" /hibernate off || report "note: powercfg /hibernate off failed"
+"$SYSTEM32/powercfg.exe" /change standby-timeout-ac 0 || report "note: powercfg standby failed"
+# Scanning every file Cygwin touches makes builds several times slower.
+"$POWERSHELL" -NoProfile -NonInteractive -Command \
+    'Set-MpPreference -ScanScheduleDay 8; Add-MpPreference -ExclusionPath {cygwin_root}' \
+    </dev/null >/dev/null 2>&1 || report "note: Defender settings not applied"
+
+run_install_command() {{
+    local index=$1 command=$2
+    report "install command $index"
+    bash -c "$command" </dev/null || fail "install command $index exited with status $?"
+}}
+"#,
+        rule = super::answer::FIREWALL_RULE_NAME,
+        nic = super::answer::FIRST_NIC_ALIAS,
+    ));
+    for (index, command) in opts.install_commands.iter().enumerate() {
+        // The command is data here; its own `$` and backquotes are for the inner bash.
+        script.push_str("# shellcheck disable=SC2016\n");
+        script.push_str(&format!(
+            "run_install_command {} {}\n",
+            index + 1,
+            sh_quote(command)
+        ));
+    }
+    script.push_str(&format!(
+        r#"
+report "bootstrap finished"
+report {ok_word}
+power_off
+"#
+    ));
+    script
+}
+
+/// Runs over SSH at the suspend stage, as the account builds will run as. Its effect has to
+/// outlive this SSH session: see the comment in the script.
+pub fn map_shares_sh() -> String {
+    let mut script = format!(
+        r#"#!/bin/bash
+# nix-winvm: maps the controller's Samba shares into Cygwin. Generated.
+set -euo pipefail
+SYSTEM32=$(cygpath -S)
+readonly SYSTEM32
+
+map_share() {{
+    local letter=$1 share=$2 mount_point=$3
+    local unc="//{controller}/$share"
+    local fstab_line="$unc $mount_point smbfs binary,noacl 0 0"
+    # The drive letter serves Windows tools started from this session, and mapping it first
+    # fails early, with Windows' own message, when the share is unreachable.
+    "$SYSTEM32/net.exe" use "$letter:" /delete /y >/dev/null 2>&1 || true
+    "$SYSTEM32/net.exe" use "$letter:" "\\\\{controller}\\$share" /persistent:yes </dev/null
+    # Drive letters belong to one logon session and every SSH login is a new one, so Cygwin
+    # mounts the UNC path, which every session can open.
+    mkdir -p "$mount_point"
+    umount "$mount_point" 2>/dev/null || true
+    mount -o binary,noacl "$unc" "$mount_point"
+    # Cygwin rebuilds its mount table from /etc/fstab at every SSH login.
+    if ! grep -qxF "$fstab_line" /etc/fstab; then
+        printf '%s\n' "$fstab_line" >>/etc/fstab
+    fi
+    ls "$mount_point" >/dev/null
+}}
+
+"#,
+        controller = CONTROLLER_IP,
+    );
+    for (letter, share, mount_point) in SHARES {
+        script.push_str(&format!("map_share {letter} {share} {mount_point}\n"));
+    }
+    script
+}
+
+/// The `.cmd` at the root of the Cygwin medium. It copies the packages to the disk (Setup may
+/// write beside them, which a CD refuses), installs Cygwin offline and runs the bootstrap.
+/// Package names are validated by [`WindowsOptions::validate`]; they are escaped for cmd.exe
+/// here as well, so an unvalidated name cannot run a command.
+pub fn install_cmd(opts: &WindowsOptions) -> String {
+    let mut packages: Vec<&str> = REQUIRED_PACKAGES.to_vec();
+    packages.extend(opts.cygwin_packages.iter().map(String::as_str));
+    packages.sort_unstable();
+    packages.dedup();
+    let package_list = packages
+        .iter()
+        .map(|name| cmd_escape(name))
+        .collect::<Vec<_>>()
+        .join(",");
+    let work = INSTALL_WORK_DIR;
+    let packages_dir = media::CYGWIN_PACKAGES_DIR;
+    let setup_exe = media::CYGWIN_SETUP_EXE;
+    let bootstrap = media::BOOTSTRAP_SH;
+    let bootstrap_in_cygwin = BOOTSTRAP_PATH_IN_CYGWIN;
+    let bootstrap_dir_windows = format!(r"{CYGWIN_ROOT}\etc\nix-winvm");
+    let prefix = INSTALL_MARKER_PREFIX;
+    let text = format!(
+        r#"@echo off
+rem nix-winvm: installs Cygwin offline from this medium, then runs the bootstrap, which powers
+rem the VM off. Generated. Started from the answer file's first-logon commands.
+setlocal
+set "MEDIA=%~d0"
+set "WORK={work}"
+set "LOG=%WORK%\install.log"
+if not exist "%WORK%" mkdir "%WORK%"
+call :report started from %MEDIA%
+
+xcopy "%MEDIA%\{packages_dir}" "%WORK%\{packages_dir}" /E /I /Q /Y >>"%LOG%" 2>&1
+if errorlevel 1 goto copy_failed
+copy /Y "%MEDIA%\{setup_exe}" "%WORK%\{setup_exe}" >>"%LOG%" 2>&1
+if errorlevel 1 goto copy_failed
+
+call :report installing Cygwin
+rem --no-verify: the packages and setup.ini on this medium are pinned by hash on the host.
+start "" /wait "%WORK%\{setup_exe}" --quiet-mode --no-verify --local-install --local-package-dir "%WORK%\{packages_dir}" --root "{root}" --packages {package_list} --no-desktop --no-shortcuts --no-startmenu
+set "SETUP_EXIT=%ERRORLEVEL%"
+if not "%SETUP_EXIT%"=="0" if not "%SETUP_EXIT%"=="3010" goto setup_failed
+if not exist "{root}\bin\bash.exe" goto setup_failed
+
+if not exist "{bootstrap_dir_windows}" mkdir "{bootstrap_dir_windows}"
+copy /Y "%MEDIA%\{bootstrap}" "{bootstrap_dir_windows}\bootstrap.sh" >>"%LOG%" 2>&1
+if errorlevel 1 goto copy_failed
+call :report running the bootstrap
+"{root}\bin\bash.exe" --login {bootstrap_in_cygwin} >>"%LOG%" 2>&1
+set "BOOTSTRAP_EXIT=%ERRORLEVEL%"
+rem On success the bootstrap has already started the shutdown; only report a failure.
+if not "%BOOTSTRAP_EXIT%"=="0" call :report failed: the bootstrap exited with code %BOOTSTRAP_EXIT%
+exit /b %BOOTSTRAP_EXIT%
+
+:copy_failed
+call :report failed: copying from %MEDIA% to %WORK%, see %LOG%
+exit /b 1
+
+:setup_failed
+call :report failed: Cygwin setup exited with code %SETUP_EXIT%, see {root}\var\log\setup.log.full
+exit /b 1
+
+:report
+echo {prefix} %*
+>>"%LOG%" echo {prefix} %*
+rem COM1 is the host's only view of the guest until SSH works.
+2>nul >COM1 echo {prefix} %*
+exit /b 0
+"#,
+        root = CYGWIN_ROOT,
+    );
+    // cmd.exe mis-parses labels and `goto` in files with bare LF line endings.
+    text.replace('\n', "\r\n")
+}
+
+/// Single-quotes for POSIX shells: the only character that needs care is the quote itself.
+pub fn sh_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
+}
+
+/// Escapes a bare (unquoted) word in a batch file: `%` doubles, other metacharacters take `^`.
+fn cmd_escape(word: &str) -> String {
+    let mut out = String::with_capacity(word.len());
+    for c in word.chars() {
+        match c {
+            '%' => out.push_str("%%"),
+            '^' | '&' | '|' | '<' | '>' | '(' | ')' | '"' => {
+                out.push('^');
+                out.push(c);
+            }
+            '\r' | '\n' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::windows::test_util::{temp_path, tool_available};
+    use std::process::Command;
+
+    const KEY: &str =
+        "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBHx= o'brien@host";
+
+    fn run_checked(tool: &str, args: &[&str], script: &str) {
+        let path = temp_path("script.sh");
+        std::fs::write(&path, script).expect("write temp script");
+        let output = Command::new(tool).args(args).arg(&path).output();
+        let _ = std::fs::remove_file(&path);
+        let output = output.unwrap_or_else(|err| panic!("{tool} did not run: {err}"));
+        assert!(
+            output.status.success(),
+            "{tool} {args:?} rejected the script:\n{}{}\n{script}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn check_shell(script: &str) {
+        run_checked("bash", &["-n"], script);
+        if tool_available("shellcheck") {
+            run_checked("shellcheck", &["-s", "bash"], script);
+        }
+    }
+
+    /// Runs one line of a generated script in a real bash, with `$1` printed back.
+    fn bash_eval(prelude: &str, snippet: &str) -> String {
+        let output = Command::new("bash")
+            .arg("-c")
+            .arg(format!("{prelude}\n{snippet}"))
+            .output()
+            .expect("bash runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8")
+    }
+
+    fn options_with_tricky_commands() -> WindowsOptions {
+        let mut opts = WindowsOptions::new("Windows 11 Pro");
+        opts.install_commands = vec![
+            "echo 'single' \"double\" $HOME `date` \\ end".to_string(),
+            "cd /tmp &&\n  touch it's-here".to_string(),
+        ];
+        opts
+    }
+
+    #[test]
+    fn bootstrap_is_valid_bash_and_passes_shellcheck() {
+        check_shell(&bootstrap_sh(KEY, &options_with_tricky_commands()));
+        check_shell(&bootstrap_sh(KEY, &WindowsOptions::new("Windows 10 Pro")));
+    }
+
+    #[test]
+    fn bootstrap_embeds_the_key_verbatim() {
+        let script = bootstrap_sh(KEY, &WindowsOptions::new("Windows 10 Pro"));
+        let line = script
+            .lines()
+            .find(|line| line.starts_with("readonly AUTHORIZED_KEY="))
+            .expect("key line");
+        assert_eq!(bash_eval(line, r#"printf '%s' "$AUTHORIZED_KEY""#), KEY);
+    }
+
+    #[test]
+    fn bootstrap_reports_to_its_log_and_the_serial_port() {
+        let script = bootstrap_sh(KEY, &WindowsOptions::new("Windows 10 Pro"));
+        let start = script.find("report() {").expect("report function");
+        let end = script[start..].find("\n}\n").expect("function end") + start + 3;
+        let log = temp_path("bootstrap.log");
+        let serial = temp_path("ttyS0");
+        let function = script[start..end].replace("/dev/ttyS0", &serial.display().to_string());
+        let printed = bash_eval(
+            &format!("LOG={}\n{function}", log.display()),
+            "report \"sshd is running\"",
+        );
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        let on_serial = std::fs::read_to_string(&serial).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_file(&serial);
+        assert_eq!(printed, "nix-winvm-install: sshd is running\n");
+        assert_eq!(logged, printed);
+        assert_eq!(on_serial, "nix-winvm-install: sshd is running\r\n");
+    }
+
+    #[test]
+    fn bootstrap_passes_install_commands_through_unchanged() {
+        let opts = options_with_tricky_commands();
+        let script = bootstrap_sh(KEY, &opts);
+        let calls: Vec<&str> = script
+            .lines()
+            .filter(|line| line.starts_with("run_install_command "))
+            .collect();
+        // The second command spans two lines; re-join the script's own call text.
+        let start = script.find("run_install_command 1 ").expect("first call");
+        let end = script[start..]
+            .find("\n\nreport \"bootstrap finished\"")
+            .expect("end")
+            + start;
+        assert_eq!(calls.len(), 2);
+        let printed = bash_eval(
+            r#"run_install_command() { printf '<%s:%s>' "$1" "$2"; }"#,
+            &script[start..end],
+        );
+        assert_eq!(
+            printed,
+            format!(
+                "<1:{}><2:{}>",
+                opts.install_commands[0], opts.install_commands[1]
+            )
+        );
+    }
+
+    #[test]
+    fn bootstrap_does_the_steps_in_order() {
+        let script = bootstrap_sh(KEY, &options_with_tricky_commands());
+        let order = [
+            "authorized_keys",
+            "ssh-host-config --yes",
+            "cygrunsrv --start cygsshd",
+            "net.exe\" config server /autodisconnect:-1",
+            "interface ipv4 set address name=Ethernet static 192.168.0.1 255.255.255.0",
+            "run_install_command 1 ",
+            "report \"bootstrap finished\"",
+        ];
+        let positions: Vec<usize> = order
+            .iter()
+            .map(|needle| {
+                script
+                    .find(needle)
+                    .unwrap_or_else(|| panic!("missing {needle}"))
+            })
+            .collect();
+        assert!(
+            positions.windows(2).all(|pair| pair[0] < pair[1]),
+            "{positions:?}"
+        );
+        assert!(script.contains("\"$SYSTEM32/shutdown.exe\" /s /t 0 /f"));
+        assert!(script.ends_with("report \"bootstrap finished\"\nreport ok\npower_off\n"));
+        assert_eq!(INSTALL_OK_LINE, format!("{INSTALL_MARKER_PREFIX} ok"));
+    }
+
+    #[test]
+    fn map_shares_is_valid_and_maps_both_shares() {
+        let script = map_shares_sh();
+        check_shell(&script);
+        assert!(script.contains(r#""\\\\192.168.0.2\\$share" /persistent:yes"#));
+        assert!(script.contains("map_share S nixstore /nix/store\n"));
+        assert!(script.contains("map_share X xchg /tmp/xchg\n"));
+        assert!(script.contains("grep -qxF \"$fstab_line\" /etc/fstab"));
+        // The UNC argument as bash hands it to net.exe.
+        let unc = bash_eval("share=nixstore", r#"printf '%s' "\\\\192.168.0.2\\$share""#);
+        assert_eq!(unc, r"\\192.168.0.2\nixstore");
+    }
+
+    #[test]
+    fn map_shares_fstab_append_is_idempotent() {
+        let script = map_shares_sh();
+        let start = script.find("    local fstab_line=").expect("fstab line");
+        let fstab_line_def = script[start..].lines().next().expect("line").trim();
+        let fstab = temp_path("fstab");
+        std::fs::write(&fstab, "none /cygdrive cygdrive binary,posix=0,user 0 0\n").expect("write");
+        let append = format!(
+            "unc=//192.168.0.2/nixstore; mount_point=/nix/store; {}\n\
+             for _ in 1 2; do grep -qxF \"$fstab_line\" {f} || printf '%s\\n' \"$fstab_line\" >>{f}; done",
+            fstab_line_def.trim_start_matches("local "),
+            f = fstab.display()
+        );
+        bash_eval("", &append);
+        let written = std::fs::read_to_string(&fstab).expect("read");
+        let _ = std::fs::remove_file(&fstab);
+        assert_eq!(
+            written,
+            "none /cygdrive cygdrive binary,posix=0,user 0 0\n\
+             //192.168.0.2/nixstore /nix/store smbfs binary,noacl 0 0\n"
+        );
+    }
+
+    #[test]
+    fn install_cmd_runs_setup_offline_with_the_package_list() {
+        let mut opts = WindowsOptions::new("Windows 10 Pro");
+        opts.cygwin_packages = vec!["make".into(), "openssh".into(), "gcc-core".into()];
+        let cmd = install_cmd(&opts);
+        assert!(cmd.contains(
+            r#"start "" /wait "%WORK%\setup-x86_64.exe" --quiet-mode --no-verify --local-install --local-package-dir "%WORK%\cygwin-packages" --root "C:\cygwin64" --packages cygrunsrv,gcc-core,make,openssh --no-desktop --no-shortcuts --no-startmenu"#
+        ));
+        assert!(cmd.contains(r#""C:\cygwin64\bin\bash.exe" --login /etc/nix-winvm/bootstrap.sh"#));
+        assert!(cmd.contains(r#"copy /Y "%MEDIA%\bootstrap.sh""#));
+        assert!(
+            !cmd.replace("\r\n", "").contains('\n'),
+            "CRLF line endings only"
+        );
+        assert!(cmd.ends_with("exit /b 0\r\n"));
+    }
+
+    #[test]
+    fn install_cmd_escapes_unvalidated_names() {
+        let mut opts = WindowsOptions::new("Windows 10 Pro");
+        opts.cygwin_packages = vec!["evil&calc".into(), "100%".into()];
+        let cmd = install_cmd(&opts);
+        assert!(cmd.contains("--packages 100%%,cygrunsrv,evil^&calc,openssh "));
+    }
+
+    #[test]
+    fn sh_quote_round_trips_through_bash() {
+        for value in [
+            "",
+            "plain",
+            "it's",
+            "'",
+            "a'b'c",
+            "$(rm -rf /) `x` \\ \"q\"",
+            "line\nbreak",
+        ] {
+            let printed = bash_eval("", &format!("printf '%s' {}", sh_quote(value)));
+            assert_eq!(printed, value);
+        }
+    }
+
+    #[test]
+    fn scripts_are_deterministic() {
+        let opts = options_with_tricky_commands();
+        assert_eq!(bootstrap_sh(KEY, &opts), bootstrap_sh(KEY, &opts.clone()));
+        assert_eq!(install_cmd(&opts), install_cmd(&opts.clone()));
+        assert_eq!(map_shares_sh(), map_shares_sh());
+    }
+}
