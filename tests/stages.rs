@@ -1,0 +1,155 @@
+//! The stages as Nix runs them: `nix-build` in the sandbox, with the real store (the image is
+//! built once and shared by every test here), TCG, the standin guest.
+
+mod common;
+use common::{builder, plugin};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const SANDBOX_CONFIG: &str = "build-users-group =\nsandbox = true\nsubstituters =\n\
+    extra-sandbox-paths = /usr /lib /lib64 /bin=/usr/bin /etc/alternatives\nexperimental-features = nix-command";
+
+const IMAGE: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
+
+fn nix_build(expr: &str, out_link: &Path) -> Output {
+    Command::new("nix-build")
+        .env("NIX_CONFIG", SANDBOX_CONFIG)
+        .env("NIX_WINVM_BUILDER", builder())
+        .env_remove("NIX_REMOTE")
+        .arg("--plugin-files")
+        .arg(plugin())
+        .arg("-o")
+        .arg(out_link)
+        .args(["-E", expr])
+        .output()
+        .expect("run nix-build")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn built(o: &Output) -> PathBuf {
+    assert!(o.status.success(), "nix-build failed:\n{}", stderr(o));
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().expect("an output path"))
+}
+
+/// A unique token per test run, so that build derivations are new while the image is shared.
+fn token(name: &str) -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{name}-{t}")
+}
+
+fn build_expr(name: &str, extra: &str, script: &str) -> String {
+    format!(
+        r#"builtins.windowsDerivation {{ name = "{name}"; image = {IMAGE}; token = "{}"; {extra} script = ''{script}''; }}"#,
+        token(name)
+    )
+}
+
+#[test]
+fn two_builds_share_one_image_and_the_second_revives_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = nix_build(&build_expr("share-a", "", "echo a > $out"), &tmp.path().join("a"));
+    assert_eq!(std::fs::read_to_string(built(&a)).unwrap(), "a\n");
+    let b = nix_build(&build_expr("share-b", "", "echo b > $out"), &tmp.path().join("b"));
+    assert_eq!(std::fs::read_to_string(built(&b)).unwrap(), "b\n");
+    let log = stderr(&b);
+    assert!(!log.contains("winvm-standin-image.drv'..."), "the image was rebuilt:\n{log}");
+    assert!(log.contains("guest revived"), "{log}");
+    assert!(log.contains("command exited 0"), "{log}");
+}
+
+#[test]
+fn a_failing_build_reports_its_exit_code() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = nix_build(&build_expr("fails", "", "echo about to fail; exit 3"), &tmp.path().join("r"));
+    assert!(!o.status.success());
+    let log = stderr(&o);
+    assert!(log.contains("about to fail"), "{log}");
+    assert!(log.contains("failed with exit code 3"), "{log}");
+}
+
+#[test]
+fn multiple_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = nix_build(
+        &build_expr("multi", r#"outputs = [ "out" "dev" ];"#, "echo lib > $out; mkdir $dev; echo header > $dev/x.h"),
+        &tmp.path().join("r"),
+    );
+    let out = built(&o);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "lib\n");
+    let paths: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect();
+    let dev = PathBuf::from(paths.iter().find(|p| p.ends_with("-multi-dev")).expect("a dev output path"));
+    assert_eq!(std::fs::read_to_string(dev.join("x.h")).unwrap(), "header\n");
+}
+
+#[test]
+fn a_thousand_small_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = nix_build(
+        &build_expr("many", "", "mkdir $out; i=0; while [ $i -lt 1000 ]; do echo $i > $out/f$i; i=$((i+1)); done"),
+        &tmp.path().join("r"),
+    );
+    let out = built(&o);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1000);
+    assert_eq!(std::fs::read_to_string(out.join("f999")).unwrap(), "999\n");
+}
+
+#[test]
+fn run_in_windows_vm_runs_the_original_builder_with_its_environment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expr = format!(
+        r#"builtins.runInWindowsVM (derivation {{
+             name = "legacy"; system = "x86_64-linux"; builder = "/bin/sh";
+             args = [ "-c" "echo \"$HELLO, $(uname -s)\" > $out" ];
+             HELLO = "hello world"; token = "{}";
+             windowsImage = {IMAGE};
+           }})"#,
+        token("legacy")
+    );
+    let o = nix_build(&expr, &tmp.path().join("r"));
+    assert_eq!(std::fs::read_to_string(built(&o)).unwrap(), "hello world, Linux\n");
+}
+
+/// Build stage run by hand against copies of a real image whose state file is damaged.
+#[test]
+fn bad_state_files_are_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = nix_build(IMAGE, &tmp.path().join("img"));
+    let image = built(&o);
+    let spec_json = std::fs::read_to_string(image.join("meta.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&spec_json).unwrap();
+    let build_spec = serde_json::json!({ "image": meta["spec"], "timeoutSecs": 60, "runOriginalBuilder": false });
+    let state = std::fs::read(image.join("state")).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated", state[..state.len() / 2].to_vec(), "is truncated (its end marker is missing"),
+        ("corrupt", { let mut s = state.clone(); let i = s.len() / 2; s[i] ^= 0xff; s }, "is corrupt: checksum"),
+        ("foreign", b"QEVM\0\0\0\x03 not ours".to_vec(), "is not a nix-winvm state file (wrong magic number)"),
+    ];
+    for (name, bytes, msg) in cases {
+        let copy = tmp.path().join(name);
+        std::fs::create_dir_all(&copy).unwrap();
+        for f in ["disk.qcow2", "key", "meta.json"] {
+            std::fs::copy(image.join(f), copy.join(f)).unwrap();
+        }
+        std::os::unix::fs::symlink(std::fs::read_link(image.join("media")).unwrap(), copy.join("media")).unwrap();
+        std::fs::write(copy.join("state"), bytes).unwrap();
+        let start = std::time::Instant::now();
+        let o = Command::new(builder())
+            .arg("build")
+            .env("image", &copy)
+            .env("winvmBuildSpec", build_spec.to_string())
+            .env("script", "echo never")
+            .env("out", tmp.path().join(format!("{name}-out")))
+            .env("TMPDIR", tmp.path())
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(&format!("state file {}", copy.join("state").display())) || err.contains(&copy.join("state").display().to_string()), "{name}: {err}");
+        assert!(err.contains(msg), "{name}: expected '{msg}' in:\n{err}");
+        assert!(!err.contains("guest up"), "{name}: a VM was started:\n{err}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    }
+}
