@@ -73,10 +73,8 @@ fn a_failing_build_reports_its_exit_code() {
 #[test]
 fn multiple_outputs() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = nix_build(
-        &build_expr("multi", r#"outputs = [ "out" "dev" ];"#, "echo lib > $out; mkdir $dev; echo header > $dev/x.h"),
-        &tmp.path().join("r"),
-    );
+    let drv = build_expr("multi", r#"outputs = [ "out" "dev" ];"#, "echo lib > $out; mkdir $dev; echo header > $dev/x.h");
+    let o = nix_build(&format!("let d = {drv}; in [ d.out d.dev ]"), &tmp.path().join("r"));
     let out = built(&o);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "lib\n");
     let paths: Vec<String> = String::from_utf8_lossy(&o.stdout).lines().map(String::from).collect();
