@@ -6,8 +6,8 @@ use common::{builder, plugin};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const SANDBOX_CONFIG: &str = "build-users-group =\nsandbox = true\nsubstituters =\n\
-    extra-sandbox-paths = /usr /lib /lib64 /bin=/usr/bin /etc/alternatives\nexperimental-features = nix-command";
+/// The same settings the README and scripts/example use.
+const SANDBOX_CONFIG: &str = include_str!("../nix/sandbox.conf");
 
 const IMAGE: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
 

@@ -1,0 +1,27 @@
+# The Nix library over nix-winvm's builtins.
+#
+#   let winvm = import ./nix { }; in winvm.runCommandWindows "hello" { image = ...; } "echo hi > $out"
+#
+# Every function checks that the plugin is loaded and says how to load it when it is not.
+{ }:
+let
+  builtin = name:
+    builtins.${name} or (throw ''
+      nix-winvm: builtins.${name} does not exist: load the plugin with
+        --plugin-files /path/to/libnix_winvm.so   (or plugin-files = ... in nix.conf)'');
+in
+rec {
+  windowsImage = args: builtin "windowsImage" args;
+  windowsDerivation = args: builtin "windowsDerivation" args;
+  runInWindowsVM = drv: builtin "runInWindowsVM" drv;
+
+  # Like nixpkgs' runCommand: name, environment, script.
+  runCommandWindows = name: env: script: windowsDerivation (env // { inherit name script; });
+
+  # The standin guest: a Linux stand-in for Windows + Cygwin, for tests and machines without
+  # Windows media. `accel = "kvm"` where the CPU has hardware virtualisation.
+  standinImage = { accel ? "kvm", ... }@args: windowsImage ({ guest = "standin"; } // args // { inherit accel; });
+
+  # Cygwin package directory from a pinned setup.ini (see docs/WINDOWS.md).
+  cygwinRepo = import ./cygwin.nix;
+}
