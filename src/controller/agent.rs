@@ -46,7 +46,9 @@ struct Log(File);
 
 impl Log {
     fn line(&mut self, msg: &str) {
-        let _ = writeln!(self.0, "nix-winvm: {msg}");
+        // The controller's own uptime: where its boot time goes, in the build log.
+        let uptime = std::fs::read_to_string("/proc/uptime").ok().and_then(|u| u.split_whitespace().next().map(String::from));
+        let _ = writeln!(self.0, "nix-winvm: [controller {} s] {msg}", uptime.unwrap_or_else(|| "?".into()));
         let _ = self.0.flush();
     }
 }
@@ -94,11 +96,13 @@ pub enum Verdict {
 }
 
 fn run(cfg: &AgentConfig, log: &mut Log) -> Result<Verdict, AgentError> {
+    log.line("agent started");
     let _smbd = start_smbd(cfg)?;
     log.line("controller: smbd up");
     let addr: SocketAddr = cfg.guest_addr.parse().map_err(|e| AgentError::Config(format!("guestAddr: {e}")))?;
     let timeout = Duration::from_secs(cfg.ssh_timeout_secs.min(SSH_READY_TIMEOUT.as_secs()));
     let tcp = wait_for_ssh(addr, timeout)?;
+    log.line("guest SSH answered");
     File::create(cfg.xchg.join(WAITING_DONE)).map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
     run_command(tcp, cfg, log)
 }
