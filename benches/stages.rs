@@ -53,7 +53,17 @@ fn size(p: &Path) -> f64 {
     std::fs::metadata(p).unwrap().len() as f64 / 1e6
 }
 
-async fn qemu_with_qmp(work: &Path, name: &str, extra: &[&str], initrd: &Path, kernel: &Path) -> (std::process::Child, Qmp) {
+/// Kills its QEMU when dropped, so a failed bench leaves nothing running.
+struct Vm(std::process::Child);
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn qemu_with_qmp(work: &Path, name: &str, extra: &[&str], initrd: &Path, kernel: &Path) -> (Vm, Qmp) {
     let sock = work.join(format!("{name}.sock"));
     let child = Command::new("qemu-system-x86_64")
         .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256", "-nodefaults", "-display", "none"])
@@ -65,8 +75,9 @@ async fn qemu_with_qmp(work: &Path, name: &str, extra: &[&str], initrd: &Path, k
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
+    let vm = Vm(child);
     let qmp = Qmp::connect(&sock, Duration::from_secs(30)).await.unwrap();
-    (child, qmp)
+    (vm, qmp)
 }
 
 async fn loaded(qmp: &mut Qmp) -> f64 {
@@ -116,7 +127,7 @@ fn main() {
     nix_winvm::vm::session::write_initrd(&img, &initrd).unwrap();
     let kernel = media.join("vmlinuz");
     rt.block_on(async {
-        let (mut src, mut qmp) = qemu_with_qmp(w, "src", &[], &initrd, &kernel).await;
+        let (src, mut qmp) = qemu_with_qmp(w, "src", &[], &initrd, &kernel).await;
         // Let it boot to its shell so that memory holds a real system.
         let log = w.join("src.log");
         let start = Instant::now();
@@ -124,39 +135,51 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         qmp.execute(&Stop).await.unwrap();
+        // QEMU migrates a VM once; the raw stream is kept and both compressors get the same bytes.
+        let raw = w.join("state.raw");
+        let t = Instant::now();
+        qmp.execute(&Migrate { uri: format!("exec:cat > {}", raw.display()) }).await.unwrap();
+        qmp.wait_migration(Duration::from_secs(120)).await.unwrap();
+        let t_raw = t.elapsed().as_secs_f64();
+        let version = nix_winvm::vm::session::qemu_version(&qmp);
+        let _ = qmp.execute(&Quit).await;
+        drop(src);
         let gz = w.join("state.gz");
         let ours = w.join("state.ours");
-        let t = Instant::now();
-        qmp.execute(&Migrate { uri: format!("exec:gzip -c > {}", gz.display()) }).await.unwrap();
-        qmp.wait_migration(Duration::from_secs(120)).await.unwrap();
-        let t_gzip = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let version = nix_winvm::vm::session::qemu_version(&qmp);
-        qmp.execute(&Migrate {
-            uri: format!("exec:{BUILDER} state-write --out {} --memory 256 --qemu-version '{version}' --guest standin", ours.display()),
-        })
-        .await
-        .unwrap();
-        qmp.wait_migration(Duration::from_secs(120)).await.unwrap();
-        while !ours.exists() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let t_ours = t.elapsed().as_secs_f64();
-        let _ = qmp.execute(&Quit).await;
-        let _ = src.wait();
-        println!("  save   exec:gzip -c                     {t_gzip:6.2} s  {:6.1} MB", size(&gz));
-        println!("  save   ours (flate2/zlib-rs, level {})   {t_ours:6.2} s  {:6.1} MB   size ratio {:.2}", nix_winvm::vm::state::LEVEL, size(&ours), size(&ours) / size(&gz));
-
-        let mut restore = |uri: String, name: &'static str| {
+        let sh = |cmd: String| {
+            let t = Instant::now();
+            let st = Command::new("sh").args(["-c", &cmd]).status().unwrap();
+            assert!(st.success(), "{cmd}");
+            t.elapsed().as_secs_f64()
+        };
+        let t_gzip = sh(format!("gzip -c < {} > {}", raw.display(), gz.display()));
+        let t_ours = sh(format!(
+            "{BUILDER} state-write --out {} --memory 256 --qemu-version '{version}' --guest standin < {}",
+            ours.display(),
+            raw.display()
+        ));
+        let t_gunzip = sh(format!("gzip -c -d < {} > /dev/null", gz.display()));
+        let t_read = sh(format!("{BUILDER} state-read --in {} > /dev/null", ours.display()));
+        println!("  migration stream (raw, via exec:cat)    {t_raw:6.2} s  {:6.1} MB", size(&raw));
+        println!("  compress  gzip -c (level 6)             {t_gzip:6.2} s  {:6.1} MB", size(&gz));
+        println!(
+            "  compress  ours (zlib-rs, level {})       {t_ours:6.2} s  {:6.1} MB   size ratio {:.2}",
+            nix_winvm::vm::state::LEVEL,
+            size(&ours),
+            size(&ours) / size(&gz)
+        );
+        println!("  inflate   gzip -d                       {t_gunzip:6.2} s");
+        println!("  inflate   ours (checks the frame too)   {t_read:6.2} s   {:.1}x faster", t_gunzip / t_read);
+        let restore = |uri: String, name: &'static str| {
             let w = w.to_path_buf();
             let initrd = initrd.clone();
             let kernel = kernel.clone();
             async move {
-                let (mut q, mut qmp) = qemu_with_qmp(&w, name, &["-incoming", &uri], &initrd, &kernel).await;
+                let (q, mut qmp) = qemu_with_qmp(&w, name, &["-incoming", &uri], &initrd, &kernel).await;
                 let t = loaded(&mut qmp).await;
                 qmp.execute(&Cont).await.unwrap();
                 let _ = qmp.execute(&Quit).await;
-                let _ = q.wait();
+                drop(q);
                 t
             }
         };

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub mod answer;
 pub mod cygwin;
 pub mod fat;
+#[path = "media.rs"] pub mod install_media; // media.rs: the inline `media` module below holds the names
 pub mod scripts;
 
 /// SSH_USER is the built-in "Administrator": Setup enables that account by itself only when the
