@@ -151,3 +151,29 @@ fn bad_state_files_are_refused_with_the_reason() {
         assert!(start.elapsed() < std::time::Duration::from_secs(5));
     }
 }
+
+#[test]
+fn windows_media_builds_offline_without_the_iso() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hash = "0".repeat(64);
+    let o = nix_build(
+        &format!(r#"(builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; }}).media"#),
+        &tmp.path().join("r"),
+    );
+    let media = built(&o);
+    for f in ["autounattend.xml", "answer.img", "cygwin.img", "README.txt", "meta.json", "vmlinuz", "key", "key.pub"] {
+        assert!(media.join(f).exists(), "{f} missing in {}", media.display());
+    }
+    let xml = std::fs::read_to_string(media.join("autounattend.xml")).unwrap();
+    assert!(xml.contains("Windows 11 Pro") && xml.contains("BypassTPMCheck"), "{xml}");
+    let key = std::fs::read_to_string(media.join("key.pub")).unwrap();
+    let bootstrap = std::fs::read_to_string(media.join("bootstrap.sh")).unwrap();
+    assert!(bootstrap.contains(key.trim()), "the image's key is authorised in the bootstrap");
+    // The installed stage needs the ISO and says how to add it; the media stage did not.
+    let o = nix_build(
+        &format!(r#"(builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; }}).installed"#),
+        &tmp.path().join("i"),
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("nix-store --add-fixed sha256"), "{}", stderr(&o));
+}

@@ -9,6 +9,7 @@
 use super::BuilderError;
 use crate::controller::shell_quote;
 use crate::guest::standin;
+use crate::guest::windows::install_media;
 use crate::spec::{self, Accel, BuildSpec, Guest, ImageSpec};
 use crate::tools::Tools;
 use crate::vm::process::{describe_status, ProcessGuard};
@@ -71,13 +72,11 @@ fn work_dir() -> Result<tempfile::TempDir, BuilderError> {
 
 /// Stage 1: everything the VMs boot from, and the image's own key pair.
 pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
-    if spec.guest == Guest::Windows {
-        return Err(windows_not_yet("media"));
-    }
     let out = env_path("out")?;
     let kernel = env_path("kernel")?;
     let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
     std::fs::create_dir_all(out.join("modules")).map_err(io(format!("creating {}", out.display())))?;
+    // The controller is Linux whatever the guest is: every image carries its kernel.
     std::fs::copy(kernel.join("vmlinuz"), out.join("vmlinuz")).map_err(io("copying the kernel".into()))?;
     for entry in std::fs::read_dir(kernel.join("modules")).map_err(io("reading the kernel modules".into()))? {
         let entry = entry.map_err(io("reading the kernel modules".into()))?;
@@ -86,6 +85,18 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     // A key per image: the VM has no network beyond the controller, and the key opens only it.
     let pubkey = generate_key(&tools.ssh_keygen, &out.join("key"))?;
     let modules = out.join("modules");
+    if let (Guest::Windows, Some(opts)) = (spec.guest, &spec.windows) {
+        let media_tools = install_media::MediaTools::find().map_err(|e| fail(e.to_string()))?;
+        let repo = std::env::var_os("cygwinRepo").map(PathBuf::from);
+        let summary = install_media::build_media(opts, spec.disk_size_mib, &pubkey, repo.as_deref(), &out, &media_tools)
+            .map_err(|e| fail(e.to_string()))?;
+        progress.say(&format!(
+            "windows media ready: autounattend.xml for '{}', answer.img, cygwin.img ({})",
+            opts.edition,
+            if summary.cygwin_packages_present { "with Cygwin packages" } else { "WITHOUT Cygwin packages: see README.txt" }
+        ));
+        return Ok(0);
+    }
     write_initrd(&standin::installer(&tools.busybox, &tools.dropbear, &modules, &pubkey).map_err(|e| fail(e.to_string()))?, &out.join("installer.img"))?;
     write_initrd(&standin::boot(&tools.busybox, &modules).map_err(|e| fail(e.to_string()))?, &out.join("boot.img"))?;
     progress.say("media ready: kernel, installer, boot initramfs, key pair");
@@ -96,11 +107,13 @@ pub const INSTALL_APPEND: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Stage 2: boot the installer with a blank disk; it installs and powers off.
 pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
-    if spec.guest == Guest::Windows {
-        return Err(windows_not_yet("install"));
-    }
     let out = env_path("out")?;
     let media = env_path("media")?;
+    if spec.guest == Guest::Windows {
+        // Media without Cygwin packages are refused with the way to add them.
+        install_media::ensure_ready_for_install(&media).map_err(|e| fail(e.to_string()))?;
+        return Err(windows_not_yet("install"));
+    }
     let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
     let accel = accel_for(spec, progress)?;
     std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
