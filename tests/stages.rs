@@ -177,3 +177,54 @@ fn windows_media_builds_offline_without_the_iso() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("nix-store --add-fixed sha256"), "{}", stderr(&o));
 }
+
+/// No Windows ISO exists here: the install stage is run by hand with a blank stand-in ISO, to
+/// prove that its QEMU command line is accepted and its failure paths are clean.
+#[test]
+fn windows_install_stage_refuses_incomplete_media_and_times_out_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hash = "0".repeat(64);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cygwin-repo");
+    let image = |extra: &str| {
+        format!(r#"builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; accel = "tcg"; timeout = 15; {extra} }}"#)
+    };
+    let bare = built(&nix_build(&format!("({}).media", image("")), &tmp.path().join("bare")));
+    let full = built(&nix_build(&format!("({}).media", image(&format!("cygwinRepo = {};", repo.display()))), &tmp.path().join("full")));
+    let spec_of = |media: &Path| -> String {
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(media.join("meta.json")).unwrap()).unwrap();
+        assert_eq!(meta["edition"], "Windows 11 Pro");
+        let o = Command::new("nix-instantiate")
+            .env("NIX_CONFIG", SANDBOX_CONFIG)
+            .env("NIX_WINVM_BUILDER", builder())
+            .arg("--plugin-files").arg(plugin())
+            .args(["--eval", "--json", "-E", &format!("({}).winvmImageSpec", image(""))])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<String>(&o.stdout).unwrap()
+    };
+    let iso = tmp.path().join("blank.iso");
+    std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
+    let run = |media: &Path, name: &str| {
+        Command::new(builder())
+            .arg("install")
+            .env("winvmImageSpec", spec_of(media))
+            .env("media", media)
+            .env("iso", &iso)
+            .env("out", tmp.path().join(name))
+            .env("TMPDIR", tmp.path())
+            .output()
+            .unwrap()
+    };
+    let o = run(&bare, "bare-out");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cygwinRepo"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("installer VM started"));
+
+    let start = std::time::Instant::now();
+    let o = run(&full, "full-out");
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("installer VM started"), "{err}");
+    assert!(err.contains("the install exceeded its timeout of 15 s and was stopped"), "{err}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(40));
+}

@@ -8,6 +8,7 @@ use crate::controller::{agent::Verdict, shell_quote};
 use crate::spec::{Accel, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
 use crate::vm::accel;
+use crate::vm::qemu::{KernelBoot, VIRTIO_NET};
 use crate::guest::standin;
 use crate::vm::session::{self, After, ExtraShare, GuestBoot, Progress, SessionConfig};
 use std::path::PathBuf;
@@ -124,10 +125,10 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         kernel: kernel_dir.join("vmlinuz"),
         modules_dir,
         guest: GuestBoot {
-            kernel: kernel_dir.join("vmlinuz"),
-            initrd: guest_initrd,
-            append: super::stages::INSTALL_APPEND.into(),
+            boot: Some(KernelBoot { kernel: kernel_dir.join("vmlinuz"), initrd: guest_initrd, append: super::stages::APPEND.into() }),
             disk: None,
+            nic_model: VIRTIO_NET,
+            extra_args: vec![],
             revive_from: None,
         },
         key_file: key,

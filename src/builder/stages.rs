@@ -9,11 +9,11 @@
 use super::BuilderError;
 use crate::controller::shell_quote;
 use crate::guest::standin;
-use crate::guest::windows::install_media;
+use crate::guest::windows::{self, install_media};
 use crate::spec::{self, Accel, BuildSpec, Guest, ImageSpec};
 use crate::tools::Tools;
 use crate::vm::process::{describe_status, ProcessGuard};
-use crate::vm::qemu::VmConfig;
+use crate::vm::qemu::{KernelBoot, VmConfig, E1000E, GUEST_MAC, VIRTIO_NET};
 use crate::vm::session::{self, After, GuestBoot, Progress, SessionConfig};
 use crate::vm::{accel, state};
 use serde::{Deserialize, Serialize};
@@ -27,12 +27,6 @@ fn fail(msg: impl Into<String>) -> BuilderError {
 
 fn env_path(name: &'static str) -> Result<PathBuf, BuilderError> {
     std::env::var_os(name).map(PathBuf::from).ok_or(BuilderError::MissingEnv(name))
-}
-
-fn windows_not_yet(stage: &'static str) -> BuilderError {
-    BuilderError::Run(format!(
-        "the {stage} stage of the windows guest is not implemented yet; the standin guest (guest = \"standin\") runs every stage"
-    ))
 }
 
 fn io<E: std::fmt::Display>(what: String) -> impl FnOnce(E) -> BuilderError {
@@ -103,38 +97,55 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     Ok(0)
 }
 
-pub const INSTALL_APPEND: &str = "console=ttyS0 panic=-1 quiet";
+/// The Linux VMs' kernel command line: console on the serial log, power off on panic.
+pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Stage 2: boot the installer with a blank disk; it installs and powers off.
 pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let out = env_path("out")?;
     let media = env_path("media")?;
-    if spec.guest == Guest::Windows {
-        // Media without Cygwin packages are refused with the way to add them.
-        install_media::ensure_ready_for_install(&media).map_err(|e| fail(e.to_string()))?;
-        return Err(windows_not_yet("install"));
-    }
     let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
-    let accel = accel_for(spec, progress)?;
     std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
     let disk = out.join("disk.qcow2");
-    qemu_img(&tools, &["create", "-q", "-f", "qcow2"], &[disk.as_os_str()], &format!("{}M", spec.disk_size_mib))?;
     let work = work_dir()?;
     let serial = work.path().join("install-serial.log");
+    let (boot, nic_model, mac, extra_args, no_reboot, done) = match spec.guest {
+        Guest::Standin => (
+            Some(KernelBoot { kernel: media.join("vmlinuz"), initrd: media.join("installer.img"), append: APPEND.into() }),
+            VIRTIO_NET,
+            "",
+            vec![],
+            true,
+            standin::INSTALL_DONE,
+        ),
+        Guest::Windows => {
+            // Media without Cygwin packages are refused with the way to add them.
+            install_media::ensure_ready_for_install(&media).map_err(|e| fail(e.to_string()))?;
+            let iso = env_path("iso")?;
+            let mut args = install_media::install_drive_args(&media, &iso, &disk);
+            args.extend(windows_devices());
+            // Setup reboots several times; the bootstrap powers off at the very end. The card
+            // is there, in the slot of the later stages, for the static address to bind to.
+            (None, E1000E, GUEST_MAC, args, false, windows::scripts::INSTALL_OK_LINE)
+        }
+    };
+    qemu_img(&tools, &["create", "-q", "-f", "qcow2"], &[disk.as_os_str()], &format!("{}M", spec.disk_size_mib))?;
+    let accel = accel_for(spec, progress)?;
     let vm = VmConfig {
         name: "installer".into(),
         accel,
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
-        kernel: media.join("vmlinuz"),
-        initrd: media.join("installer.img"),
-        append: INSTALL_APPEND.into(),
+        boot,
+        nic_model,
+        extra_args,
+        no_reboot,
         serial_log: serial.clone(),
         vde_ctl: None,
-        mac: String::new(),
+        mac: mac.into(),
         qmp: None,
         exports: vec![],
-        disk: Some(disk),
+        disk: (spec.guest == Guest::Standin).then(|| disk.clone()),
         incoming: None,
     };
     let timeout = Duration::from_secs(spec.timeout_secs);
@@ -150,7 +161,7 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         }
     })?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    if !log.contains(standin::INSTALL_DONE) {
+    if !log.contains(done) {
         return Err(fail(format!(
             "the installer ended ({}) without finishing\n--- last lines of the installer's serial log ---\n{}",
             describe_status(status),
@@ -159,6 +170,24 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     }
     progress.say("installed");
     Ok(0)
+}
+
+/// Devices every Windows stage has, in the same slots: a display adapter (Windows expects
+/// one) shown nowhere.
+fn windows_devices() -> Vec<std::ffi::OsString> {
+    vec!["-vga".into(), "std".into()]
+}
+
+/// Windows boots from its disk on AHCI port 0, the controller it was installed on.
+fn windows_disk_args(disk: &Path) -> Vec<std::ffi::OsString> {
+    let mut args = vec![
+        "-drive".into(),
+        format!("if=none,id=winvm-system,file={},format=qcow2,cache=writeback", disk.display().to_string().replace(',', ",,")).into(),
+        "-device".into(),
+        "ide-hd,drive=winvm-system,bus=ide.0,bootindex=0".into(),
+    ];
+    args.extend(windows_devices());
+    args
 }
 
 fn qemu_img(tools: &Tools, args: &[&str], paths: &[&std::ffi::OsStr], size: &str) -> Result<(), BuilderError> {
@@ -194,13 +223,17 @@ pub struct ImageMeta {
     pub media: PathBuf,
 }
 
-fn guest_boot(media: &Path, disk: PathBuf, revive_from: Option<PathBuf>) -> GuestBoot {
-    GuestBoot {
-        kernel: media.join("vmlinuz"),
-        initrd: media.join("boot.img"),
-        append: INSTALL_APPEND.into(),
-        disk: Some(disk),
-        revive_from,
+/// How each stage starts the guest: identical at suspend and revive, as migration requires.
+fn guest_boot(guest: Guest, media: &Path, disk: PathBuf, revive_from: Option<PathBuf>) -> GuestBoot {
+    match guest {
+        Guest::Standin => GuestBoot {
+            boot: Some(KernelBoot { kernel: media.join("vmlinuz"), initrd: media.join("boot.img"), append: APPEND.into() }),
+            disk: Some(disk),
+            nic_model: VIRTIO_NET,
+            extra_args: vec![],
+            revive_from,
+        },
+        Guest::Windows => GuestBoot { boot: None, disk: None, nic_model: E1000E, extra_args: windows_disk_args(&disk), revive_from },
     }
 }
 
@@ -238,9 +271,6 @@ fn session_config(
 
 /// Stage 3: boot the installed disk under an overlay, map the shares, save the memory.
 pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
-    if spec.guest == Guest::Windows {
-        return Err(windows_not_yet("suspend"));
-    }
     let out = env_path("out")?;
     let media = env_path("media")?;
     let installed = env_path("installed")?;
@@ -252,15 +282,19 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     std::fs::copy(media.join("key"), out.join("key")).map_err(io("copying the key".into()))?;
     std::os::unix::fs::symlink(&media, out.join("media")).map_err(io("linking the media".into()))?;
     let work = work_dir()?;
-    // The standin's login shell maps the shares, as Cygwin's fstab does at every login.
-    let command = "true".to_owned();
+    let command = match spec.guest {
+        // The standin's login shell maps the shares, as Cygwin's fstab does at every login.
+        Guest::Standin => "true".to_owned(),
+        // net use + Cygwin bind mounts + fstab lines (the historic design's mapping).
+        Guest::Windows => windows::scripts::map_shares_sh(),
+    };
     let cfg = session_config(
         spec,
         accel,
         Duration::from_secs(spec.timeout_secs),
         work.path(),
         &media,
-        guest_boot(&media, disk, None),
+        guest_boot(spec.guest, &media, disk, None),
         media.join("key"),
         command,
         After::Suspend { path: out.join("state"), guest: spec.guest.name().into() },
@@ -306,7 +340,12 @@ pub fn guest_command(spec: &BuildSpec, argc: usize) -> String {
             c.push_str(&format!(" \"$winvmArg{i}\""));
         }
     } else {
-        c.push_str("exec /bin/sh -e /tmp/xchg/script");
+        // Cygwin's bash, or the standin's busybox sh.
+        let shell = match spec.image.guest {
+            Guest::Windows => "/bin/bash",
+            Guest::Standin => "/bin/sh",
+        };
+        c.push_str(&format!("exec {shell} -e /tmp/xchg/script"));
     }
     c
 }
@@ -344,7 +383,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         Duration::from_secs(spec.timeout_secs),
         work.path(),
         &meta.media,
-        guest_boot(&meta.media, disk, Some(state_file)),
+        guest_boot(spec.image.guest, &meta.media, disk, Some(state_file)),
         image.join("key"),
         guest_command(spec, argc),
         After::Quit,

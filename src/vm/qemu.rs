@@ -16,17 +16,33 @@ pub struct Export {
     pub readonly: bool,
 }
 
+/// Direct kernel boot (the Linux VMs); without it the firmware boots the disks (Windows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub append: String,
+}
+
+/// virtio for the Linux VMs; e1000e for Windows, which has no virtio driver built in. Its PCI
+/// address is fixed: Windows binds its network settings to the adapter's slot.
+pub const VIRTIO_NET: &str = "virtio-net-pci";
+pub const E1000E: &str = "e1000e,addr=0x5";
+
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub name: String,
     pub accel: Accel,
     pub memory_mib: u32,
     pub cpus: u32,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub append: String,
+    pub boot: Option<KernelBoot>,
+    pub nic_model: &'static str,
+    /// Guest-specific devices (Windows: AHCI disks, CD, floppy, display).
+    pub extra_args: Vec<OsString>,
+    /// Installers reboot on purpose; everything else powering off means the end.
+    pub no_reboot: bool,
     pub serial_log: PathBuf,
-    /// The switch to plug into; None: no network at all.
+    /// The switch to plug into. None: no network; the card is still there if `mac` is set.
     pub vde_ctl: Option<PathBuf>,
     pub mac: String,
     pub qmp: Option<PathBuf>,
@@ -61,19 +77,27 @@ impl VmConfig {
             s("-cpu"), s(cpu),
             s("-m"), s(&self.memory_mib.to_string()),
             s("-smp"), s(&self.cpus.to_string()),
-            s("-nodefaults"), s("-display"), s("none"), s("-no-reboot"),
-            s("-kernel"), self.kernel.clone().into(),
-            s("-initrd"), self.initrd.clone().into(),
-            s("-append"), s(&self.append),
+            s("-nodefaults"), s("-display"), s("none"),
             s("-serial"), s(&format!("file:{}", p(&self.serial_log))),
             s("-device"), s("virtio-rng-pci"),
         ];
+        if self.no_reboot {
+            a.push(s("-no-reboot"));
+        }
+        if let Some(b) = &self.boot {
+            a.extend([s("-kernel"), b.kernel.clone().into(), s("-initrd"), b.initrd.clone().into(), s("-append"), s(&b.append)]);
+        }
         if let Some(ctl) = &self.vde_ctl {
             a.push(s("-netdev"));
             a.push(s(&format!("vde,id=n0,sock={}", p(ctl))));
             a.push(s("-device"));
-            a.push(s(&format!("virtio-net-pci,netdev=n0,mac={}", self.mac)));
+            a.push(s(&format!("{},netdev=n0,mac={}", self.nic_model, self.mac)));
+        } else if !self.mac.is_empty() {
+            // A card connected to nothing: present for the guest's configuration, no traffic.
+            a.push(s("-device"));
+            a.push(s(&format!("{},mac={}", self.nic_model, self.mac)));
         }
+        a.extend(self.extra_args.iter().cloned());
         if let Some(qmp) = &self.qmp {
             a.push(s("-qmp"));
             a.push(s(&format!("unix:{},server=on,wait=off", p(qmp))));
@@ -115,9 +139,10 @@ mod tests {
             accel: Accel::Tcg,
             memory_mib: 256,
             cpus: 1,
-            kernel: "/k".into(),
-            initrd: "/i".into(),
-            append: "console=ttyS0".into(),
+            boot: Some(KernelBoot { kernel: "/k".into(), initrd: "/i".into(), append: "console=ttyS0".into() }),
+            nic_model: VIRTIO_NET,
+            extra_args: vec![],
+            no_reboot: true,
             serial_log: "/w/serial.log".into(),
             vde_ctl: Some("/w/vde.ctl".into()),
             mac: GUEST_MAC.into(),

@@ -4,7 +4,7 @@
 
 use super::accel::NoKvm;
 use super::process::{describe_status, ProcessGuard, SpawnError};
-use super::qemu::{Export, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC};
+use super::qemu::{Export, KernelBoot, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC, VIRTIO_NET};
 use super::qmp::Qmp;
 use super::state::StateHeader;
 use super::vde::{StartSwitchError, VdeSwitch};
@@ -35,10 +35,11 @@ pub struct ExtraShare {
 /// How the guest starts: cold from a kernel (and maybe a disk), or revived from a state file.
 #[derive(Debug, Clone)]
 pub struct GuestBoot {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub append: String,
+    pub boot: Option<KernelBoot>,
+    /// A virtio disk (the standin's); Windows attaches its disks through `extra_args`.
     pub disk: Option<PathBuf>,
+    pub nic_model: &'static str,
+    pub extra_args: Vec<std::ffi::OsString>,
     /// A state file to revive from (validated by the caller).
     pub revive_from: Option<PathBuf>,
 }
@@ -315,9 +316,10 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
         accel: cfg.accel,
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
-        kernel: cfg.guest.kernel.clone(),
-        initrd: cfg.guest.initrd.clone(),
-        append: cfg.guest.append.clone(),
+        boot: cfg.guest.boot.clone(),
+        nic_model: cfg.guest.nic_model,
+        extra_args: cfg.guest.extra_args.clone(),
+        no_reboot: true,
         serial_log: files.guest_serial.clone(),
         vde_ctl: Some(switch.ctl.clone()),
         mac: GUEST_MAC.into(),
@@ -340,9 +342,14 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
         accel: cfg.accel,
         memory_mib: CONTROLLER_MEMORY_MIB,
         cpus: 1,
-        kernel: cfg.kernel.clone(),
-        initrd: files.controller_initrd.clone(),
-        append: "console=ttyS0 panic=-1 quiet".into(),
+        boot: Some(KernelBoot {
+            kernel: cfg.kernel.clone(),
+            initrd: files.controller_initrd.clone(),
+            append: "console=ttyS0 panic=-1 quiet".into(),
+        }),
+        nic_model: VIRTIO_NET,
+        extra_args: vec![],
+        no_reboot: true,
         serial_log: files.controller_serial.clone(),
         vde_ctl: Some(switch.ctl.clone()),
         mac: CONTROLLER_MAC.into(),
