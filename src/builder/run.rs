@@ -109,6 +109,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         command.push(' ');
         command.push_str(&shell_quote(c));
     }
+    let kernel = pvh_kernel(&kernel_dir, &progress);
     // A cold guest: a fresh key, and the standin system as the initramfs.
     let key = work.path().join("key");
     let pubkey = super::stages::generate_key(&tools.ssh_keygen, &key)?;
@@ -122,10 +123,10 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         cpus: 1,
         timeout: Duration::from_secs(a.timeout_secs),
         work: work.path().to_path_buf(),
-        kernel: kernel_dir.join("vmlinuz"),
+        kernel: kernel.clone(),
         modules_dir,
         guest: GuestBoot {
-            boot: Some(KernelBoot { kernel: kernel_dir.join("vmlinuz"), initrd: guest_initrd, append: super::stages::APPEND.into() }),
+            boot: Some(KernelBoot { kernel, initrd: guest_initrd, append: super::stages::APPEND.into() }),
             disk: None,
             nic_model: VIRTIO_NET,
             extra_args: vec![],
@@ -158,6 +159,34 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         }
         Ok(Verdict::Signal(sig)) => Err(BuilderError::Run(format!("the command was killed by signal {sig}"))),
         Err(e) => Err(BuilderError::Run(e.to_string())),
+    }
+}
+
+/// The uncompressed kernel, made once per kernel version in the cache (direct runs have no
+/// media stage to make it); the compressed one when that fails.
+fn pvh_kernel(kernel_dir: &std::path::Path, progress: &Progress) -> PathBuf {
+    if kernel_dir.join("vmlinux").is_file() {
+        return kernel_dir.join("vmlinux");
+    }
+    let version = std::fs::read_to_string(kernel_dir.join("version")).unwrap_or_else(|_| "unknown".into());
+    let dir = PathBuf::from(crate::plugin::plan::DEFAULT_CACHE).join("pvh").join(version.trim());
+    let pvh = dir.join("vmlinux");
+    if pvh.is_file() {
+        return pvh;
+    }
+    let made = std::fs::create_dir_all(&dir).map_err(|e| e.to_string()).and_then(|_| {
+        let xz = crate::tools::find("xz").map_err(|e| e.to_string())?;
+        crate::vm::kernel::extract_vmlinux(&kernel_dir.join("vmlinuz"), &pvh, &xz).map_err(|e| e.to_string())
+    });
+    match made {
+        Ok(()) => {
+            progress.say(&format!("uncompressed kernel cached in {}", pvh.display()));
+            pvh
+        }
+        Err(e) => {
+            progress.say(&format!("booting the compressed kernel ({e})"));
+            kernel_dir.join("vmlinuz")
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use crate::tools::Tools;
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{KernelBoot, VmConfig, E1000E, GUEST_MAC, VIRTIO_NET};
 use crate::vm::session::{self, After, GuestBoot, Progress, SessionConfig};
-use crate::vm::{accel, state};
+use crate::vm::{accel, kernel, state};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -76,6 +76,12 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
         let entry = entry.map_err(io("reading the kernel modules".into()))?;
         std::fs::copy(entry.path(), out.join("modules").join(entry.file_name())).map_err(io("copying a module".into()))?;
     }
+    match crate::tools::find("xz").map_err(|e| e.to_string()).and_then(|xz| {
+        kernel::extract_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux"), &xz).map_err(|e| e.to_string())
+    }) {
+        Ok(()) => progress.say("uncompressed kernel ready (PVH boot)"),
+        Err(e) => progress.say(&format!("{e}; the VMs boot the compressed kernel, seconds slower")),
+    }
     // A key per image: the VM has no network beyond the controller, and the key opens only it.
     let pubkey = generate_key(&tools.ssh_keygen, &out.join("key"))?;
     let modules = out.join("modules");
@@ -111,7 +117,7 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let serial = work.path().join("install-serial.log");
     let (boot, nic_model, mac, extra_args, no_reboot, done) = match spec.guest {
         Guest::Standin => (
-            Some(KernelBoot { kernel: media.join("vmlinuz"), initrd: media.join("installer.img"), append: APPEND.into() }),
+            Some(KernelBoot { kernel: kernel::bootable(&media), initrd: media.join("installer.img"), append: APPEND.into() }),
             VIRTIO_NET,
             "",
             vec![],
@@ -227,7 +233,7 @@ pub struct ImageMeta {
 fn guest_boot(guest: Guest, media: &Path, disk: PathBuf, revive_from: Option<PathBuf>) -> GuestBoot {
     match guest {
         Guest::Standin => GuestBoot {
-            boot: Some(KernelBoot { kernel: media.join("vmlinuz"), initrd: media.join("boot.img"), append: APPEND.into() }),
+            boot: Some(KernelBoot { kernel: kernel::bootable(media), initrd: media.join("boot.img"), append: APPEND.into() }),
             disk: Some(disk),
             nic_model: VIRTIO_NET,
             extra_args: vec![],
@@ -254,7 +260,7 @@ fn session_config(
         cpus: spec.cpus,
         timeout,
         work: work.to_path_buf(),
-        kernel: media.join("vmlinuz"),
+        kernel: kernel::bootable(media),
         modules_dir: media.join("modules"),
         guest,
         key_file: key,

@@ -2,6 +2,7 @@
 //! acceleration, and the one wait helper.
 
 pub mod accel;
+pub mod kernel;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
