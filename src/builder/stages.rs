@@ -289,8 +289,11 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     std::os::unix::fs::symlink(&media, out.join("media")).map_err(io("linking the media".into()))?;
     let work = work_dir()?;
     let command = match spec.guest {
-        // The standin's login shell maps the shares, as Cygwin's fstab does at every login.
-        Guest::Standin => "true".to_owned(),
+        // The standin's login shell has just mapped the shares (proving they work); they are
+        // unmapped again so that the snapshot holds no SMB connection to this controller: a
+        // revived client would spend seconds in reconnect back-off, where a fresh mount at the
+        // next login takes a fraction of one.
+        Guest::Standin => "umount /nix/store /tmp/xchg".to_owned(),
         // net use + Cygwin bind mounts + fstab lines (the historic design's mapping).
         Guest::Windows => windows::scripts::map_shares_sh(),
     };
