@@ -56,9 +56,7 @@ pub struct Mount {
 pub fn init_script(mounts: &[Mount], tmpfs: &[PathBuf], agent: &Path, xchg: &Path) -> String {
     let q = |p: &Path| shell_quote(&p.display().to_string());
     let mut s = String::from(
-        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nexport PATH=/bin\n\
-         mkdir -p /proc /sys /dev /fs\nmount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-         for m in $(cat /lib/modules/load-order); do insmod \"/lib/modules/$m\" || echo \"winvm-controller: loading $m failed\"; done\n\
+        "mkdir -p /fs\n\
          ip link set lo up\nip addr add 192.168.0.2/24 dev eth0\nip link set eth0 up\n\
          fail() { echo \"winvm-controller: $*\"; poweroff -f; }\n\
          mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro root /fs || fail 'cannot mount the root export'\n",
@@ -94,7 +92,7 @@ pub fn shell_quote(s: &str) -> String {
 
 pub fn initramfs(busybox: &Path, modules_dir: &Path, init: &str) -> Result<Initramfs, standin::StandinError> {
     let mut img = standin::base(busybox, modules_dir, MODULES)?;
-    img.file("/init", 0o755, init.as_bytes().to_vec())
+    img.file("/init", 0o755, standin::init(init))
         .map_err(|e| standin::StandinError(format!("controller init: {e}")))?;
     Ok(img)
 }

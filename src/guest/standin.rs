@@ -10,19 +10,23 @@ pub const MODULES: &[&str] = &[
     "virtio_pci", "virtio_net", "virtio_rng", "cifs", "ctr", "gcm", "ghash_generic", "ccm", "cmac", "sha512_generic",
 ];
 
-const INIT: &str = r#"#!/bin/busybox sh
+/// What every init of this project's Linux VMs starts with: busybox's applets, the kernel's
+/// file systems, and the modules in load order (skipping any a boot initramfs loaded already).
+pub const INIT_PREAMBLE: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
-mkdir -p /proc /sys /dev /run /tmp/xchg /nix/store /etc/dropbear
+mkdir -p /proc /sys /dev
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 for m in $(cat /lib/modules/load-order); do
-    # Booted from disk, the boot initramfs has loaded some of these already.
     n=$(echo "${m%.ko}" | tr - _)
-    grep -q "^$n " /proc/modules || insmod "/lib/modules/$m" || echo "winvm-standin: loading $m failed"
+    grep -q "^$n " /proc/modules || insmod "/lib/modules/$m" || echo "winvm-init: loading $m failed"
 done
+"#;
+
+const INIT: &str = r#"mkdir -p /run /tmp/xchg /nix/store /etc/dropbear
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 ip link set lo up
 ip addr add 192.168.0.1/24 dev eth0
 ip link set eth0 up
@@ -96,7 +100,7 @@ pub fn add_system(img: &mut Initramfs, root: &str, busybox: &Path, dropbear: &Pa
     add_busybox_and_modules(img, root, busybox, modules_dir, MODULES)?;
     let root_dir = if root.is_empty() { "/" } else { root };
     img.elf_with_libs_under(root_dir, at("/usr/sbin/dropbear"), dropbear).map_err(err("dropbear"))?;
-    img.file(at("/init"), 0o755, INIT.as_bytes().to_vec()).map_err(e("init"))?;
+    img.file(at("/init"), 0o755, init(INIT)).map_err(e("init"))?;
     img.file(at("/bin/winvm-login"), 0o755, LOGIN_SHELL.as_bytes().to_vec()).map_err(e("login shell"))?;
     img.file(
         at("/etc/passwd"),
@@ -122,14 +126,7 @@ pub fn initramfs(busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized
 /// Disk and file system drivers for booting from the installed disk.
 pub const DISK_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "crc32c_generic", "ext4"];
 
-const INSTALLER_INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mkdir -p /proc /sys /dev /mnt
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in $(cat /lib/modules/load-order); do insmod "/lib/modules/$m" || echo "winvm-install: loading $m failed"; done
+const INSTALLER_INIT: &str = r#"mkdir -p /mnt
 fail() { echo "winvm-install: FAILED: $*"; poweroff -f; }
 [ -b /dev/vda ] || fail "no disk /dev/vda"
 echo "winvm-install: formatting /dev/vda"
@@ -148,19 +145,12 @@ pub const INSTALL_DONE: &str = "winvm-install: done";
 /// The installer: a system to copy, and an init that puts it on /dev/vda.
 pub fn installer(busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized_key: &str) -> Result<Initramfs, StandinError> {
     let mut img = base(busybox, modules_dir, DISK_MODULES)?;
-    img.file("/init", 0o755, INSTALLER_INIT.as_bytes().to_vec()).map_err(err("installer init"))?;
+    img.file("/init", 0o755, init(INSTALLER_INIT)).map_err(err("installer init"))?;
     add_system(&mut img, "/system", busybox, dropbear, modules_dir, authorized_key)?;
     Ok(img)
 }
 
-const BOOT_INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mkdir -p /proc /sys /dev /newroot
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in $(cat /lib/modules/load-order); do insmod "/lib/modules/$m" || echo "winvm-boot: loading $m failed"; done
+const BOOT_INIT: &str = r#"mkdir -p /newroot
 mount -t ext2 /dev/vda /newroot || { echo "winvm-boot: cannot mount /dev/vda"; poweroff -f; }
 umount /proc /sys /dev
 exec switch_root /newroot /init
@@ -170,14 +160,11 @@ exec switch_root /newroot /init
 /// root file system, hand over.
 pub fn boot(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, StandinError> {
     let mut img = base(busybox, modules_dir, DISK_MODULES)?;
-    img.file("/init", 0o755, BOOT_INIT.as_bytes().to_vec()).map_err(err("boot init"))?;
+    img.file("/init", 0o755, init(BOOT_INIT)).map_err(err("boot init"))?;
     Ok(img)
 }
 
-pub fn login_shell() -> &'static str {
-    LOGIN_SHELL
-}
-
-pub fn init_script() -> &'static str {
-    INIT
+/// A complete /init: the common preamble, then `body`.
+pub fn init(body: &str) -> Vec<u8> {
+    format!("{INIT_PREAMBLE}{body}").into_bytes()
 }
