@@ -483,7 +483,8 @@ pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 async fn revive(cfg: &SessionConfig, state: &Path, qmp: &mut Qmp, guest: &mut ProcessGuard, log: &Path) -> Result<(), RunError> {
     let failed = |detail: String| RunError::QemuNotUp { name: "guest".into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
     let version = qemu_version(qmp);
-    super::state::validate(state, Some((cfg.memory_mib, &version))).map_err(RunError::State)?;
+    // The caller checked the whole file; here only what needs this QEMU: its version, the memory.
+    super::state::inspect(state, Some((cfg.memory_mib, &version))).map_err(RunError::State)?;
     let uri = state_reader_uri(&cfg.agent, state);
     qmp.execute(&super::qmp::MigrateIncoming { uri }).await.map_err(|e| failed(format!("starting the load: {e}")))?;
     let start = Instant::now();

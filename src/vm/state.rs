@@ -41,6 +41,7 @@ pub struct StateInfo {
     pub payload_offset: u64,
     pub payload_len: u64,
     pub raw_len: u64,
+    pub crc32: u32,
 }
 
 #[derive(Debug)]
@@ -131,12 +132,19 @@ pub fn write(path: &Path, header: &StateHeader, input: &mut dyn Read) -> Result<
     let file = out.into_inner().map_err(|e| StateFileError::Io { path: path.into(), what: "writing", source: e.into_error() })?;
     file.sync_all().map_err(io_err("syncing"))?;
     std::fs::rename(&tmp, path).map_err(io_err("renaming into place"))?;
-    Ok(StateInfo { header: header.clone(), payload_offset, payload_len, raw_len })
+    Ok(StateInfo { header: header.clone(), payload_offset, payload_len, raw_len, crc32: crc.sum() })
 }
 
 /// Reads the frame and checks the checksum; `wanted` (memory MiB, QEMU version) is compared
 /// with what the file says.
 pub fn validate(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, StateFileError> {
+    let info = inspect(path, wanted)?;
+    verify_checksum(path, &info)?;
+    Ok(info)
+}
+
+/// The frame and the header checked, the payload not read.
+pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, StateFileError> {
     let p = || path.to_path_buf();
     let io_err = |what: &'static str| move |source| StateFileError::Io { path: path.to_path_buf(), what, source };
     let mut f = File::open(path).map_err(io_err("opening"))?;
@@ -187,10 +195,15 @@ pub fn validate(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, S
             return Err(StateFileError::QemuMismatch { path: p(), saved: header.qemu_version.clone(), running: qemu.into() });
         }
     }
-    f.seek(SeekFrom::Start(payload_offset)).map_err(io_err("seeking"))?;
+    Ok(StateInfo { header, payload_offset, payload_len, raw_len, crc32: expected })
+}
+
+fn verify_checksum(path: &Path, info: &StateInfo) -> Result<(), StateFileError> {
+    let io_err = |what: &'static str| move |source| StateFileError::Io { path: path.to_path_buf(), what, source };
+    let mut f = File::open(path).map_err(io_err("opening"))?;
+    f.seek(SeekFrom::Start(info.payload_offset)).map_err(io_err("seeking"))?;
     let mut crc = Crc::new();
-    f.seek(SeekFrom::Start(payload_offset)).map_err(io_err("seeking"))?;
-    let mut take = (&mut f).take(payload_len);
+    let mut take = f.take(info.payload_len);
     let mut chunk = vec![0u8; 1 << 20];
     loop {
         let n = take.read(&mut chunk).map_err(io_err("reading"))?;
@@ -199,10 +212,10 @@ pub fn validate(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, S
         }
         crc.update(&chunk[..n]);
     }
-    if crc.sum() != expected {
-        return Err(StateFileError::Checksum { path: p(), expected, actual: crc.sum() });
+    if crc.sum() != info.crc32 {
+        return Err(StateFileError::Checksum { path: path.to_path_buf(), expected: info.crc32, actual: crc.sum() });
     }
-    Ok(StateInfo { header, payload_offset, payload_len, raw_len })
+    Ok(())
 }
 
 /// Validates, then streams the decompressed migration stream to `out`.
