@@ -64,11 +64,10 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
         }),
         "run" => run::main(&args[1..]),
         "agent" => {
-            let config = match args.get(1..) {
-                Some([flag, path]) if flag == "--config" => path,
-                _ => return Err(BuilderError::Usage("usage: nix-winvm-builder agent --config FILE".into())),
-            };
-            crate::controller::agent::main(std::path::Path::new(config)).map_err(|e| BuilderError::Run(e.to_string()))
+            let config = flag(args, "--config")?;
+            // The host's clock when the session began: a revived controller's own clock lags.
+            let now = flag(args, "--now").ok().and_then(|n| n.parse::<u64>().ok());
+            crate::controller::agent::main(std::path::Path::new(config), now).map_err(|e| BuilderError::Run(e.to_string()))
         }
         "--help" | "-h" => {
             println!("{USAGE}");

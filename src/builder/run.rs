@@ -10,7 +10,7 @@ use crate::tools::Tools;
 use crate::vm::accel;
 use crate::vm::qemu::{KernelBoot, VIRTIO_NET};
 use crate::guest::standin;
-use crate::vm::session::{self, After, ExtraShare, GuestBoot, Progress, SessionConfig};
+use crate::vm::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, Progress, SessionConfig};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -132,6 +132,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
             extra_args: vec![],
             revive_from: None,
         },
+        controller: ControllerBoot::default(),
         key_file: key,
         set_clock: false,
         after: After::Quit,

@@ -14,7 +14,7 @@ use crate::spec::{self, Accel, BuildSpec, Guest, ImageSpec};
 use crate::tools::Tools;
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{KernelBoot, VmConfig, E1000E, GUEST_MAC, VIRTIO_NET};
-use crate::vm::session::{self, After, GuestBoot, Progress, SessionConfig};
+use crate::vm::session::{self, After, ControllerBoot, GuestBoot, Progress, SessionConfig};
 use crate::vm::{accel, kernel, state};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -85,6 +85,9 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     // A key per image: the VM has no network beyond the controller, and the key opens only it.
     let pubkey = generate_key(&tools.ssh_keygen, &out.join("key"))?;
     let modules = out.join("modules");
+    // The controller's initramfs is the same for every session: made once, saved with the image.
+    let controller = crate::controller::initramfs(&tools.busybox, &modules).map_err(|e| fail(e.to_string()))?;
+    write_initrd(&controller, &out.join(CONTROLLER_IMG))?;
     if let (Guest::Windows, Some(opts)) = (spec.guest, &spec.windows) {
         let media_tools = install_media::MediaTools::find().map_err(|e| fail(e.to_string()))?;
         let repo = std::env::var_os("cygwinRepo").map(PathBuf::from);
@@ -102,6 +105,11 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     progress.say("media ready: kernel, installer, boot initramfs, key pair");
     Ok(0)
 }
+
+/// In the media: the controller's initramfs; in the image: the controller saved while it
+/// waits for its session.
+pub const CONTROLLER_IMG: &str = "controller.img";
+pub const CONTROLLER_STATE: &str = "controller-state";
 
 /// The Linux VMs' kernel command line: console on the serial log, power off on panic.
 pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
@@ -243,6 +251,7 @@ fn guest_boot(guest: Guest, media: &Path, disk: PathBuf, revive_from: Option<Pat
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn session_config(
     spec: &ImageSpec,
     accel: Accel,
@@ -250,6 +259,7 @@ fn session_config(
     work: &Path,
     media: &Path,
     guest: GuestBoot,
+    controller: ControllerBoot,
     key: PathBuf,
     command: String,
     after: After,
@@ -263,6 +273,7 @@ fn session_config(
         kernel: kernel::bootable(media),
         modules_dir: media.join("modules"),
         guest,
+        controller,
         key_file: key,
         command,
         set_clock: matches!(after, After::Quit),
@@ -304,6 +315,11 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         work.path(),
         &media,
         guest_boot(spec.guest, &media, disk, None),
+        ControllerBoot {
+            initrd: Some(media.join(CONTROLLER_IMG)),
+            revive_from: None,
+            save_to: Some(out.join(CONTROLLER_STATE)),
+        },
         media.join("key"),
         command,
         After::Suspend { path: out.join("state"), guest: spec.guest.name().into() },
@@ -371,8 +387,11 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         return Err(fail(format!("the image at {} was built from another spec than this build expects", image.display())));
     }
     let state_file = image.join("state");
+    let controller_state = image.join(CONTROLLER_STATE);
     // Refuse a bad state file before any VM starts.
-    state::validate(&state_file, None).map_err(|e| fail(e.to_string()))?;
+    for f in [&state_file, &controller_state] {
+        state::validate(f, None).map_err(|e| fail(e.to_string()))?;
+    }
     let accel = accel_for(&spec.image, progress)?;
     let work = work_dir()?;
     let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
@@ -393,6 +412,11 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         work.path(),
         &meta.media,
         guest_boot(spec.image.guest, &meta.media, disk, Some(state_file)),
+        ControllerBoot {
+            initrd: Some(meta.media.join(CONTROLLER_IMG)),
+            revive_from: Some(controller_state),
+            save_to: None,
+        },
         image.join("key"),
         guest_command(spec, argc),
         After::Quit,

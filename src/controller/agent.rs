@@ -62,7 +62,12 @@ impl Drop for SmbdGuard {
     }
 }
 
-pub fn main(config_path: &Path) -> Result<i32, AgentError> {
+pub fn main(config_path: &Path, host_now: Option<u64>) -> Result<i32, AgentError> {
+    let started = Instant::now();
+    let clock = move || match host_now {
+        Some(secs) => std::time::UNIX_EPOCH + Duration::from_secs(secs) + started.elapsed(),
+        None => std::time::SystemTime::now(),
+    };
     let text = std::fs::read_to_string(config_path)
         .map_err(|e| AgentError::Config(format!("cannot read {}: {e}", config_path.display())))?;
     let cfg: AgentConfig = serde_json::from_str(&text).map_err(|e| AgentError::Config(e.to_string()))?;
@@ -72,7 +77,7 @@ pub fn main(config_path: &Path) -> Result<i32, AgentError> {
         .open(cfg.xchg.join(OUTPUT_LOG))
         .map_err(|e| AgentError::Io(format!("cannot open the output log: {e}")))?;
     let mut log = Log(log_file);
-    let result = run(&cfg, &mut log);
+    let result = run(&cfg, &mut log, &clock);
     let verdict = match &result {
         Ok(Verdict::Exited(code)) => code.to_string(),
         Ok(Verdict::Signal(sig)) => format!("signal {sig}"),
@@ -95,7 +100,7 @@ pub enum Verdict {
     Signal(String),
 }
 
-fn run(cfg: &AgentConfig, log: &mut Log) -> Result<Verdict, AgentError> {
+fn run(cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTime) -> Result<Verdict, AgentError> {
     log.line("agent started");
     let _smbd = start_smbd(cfg)?;
     log.line("controller: smbd up");
@@ -104,7 +109,7 @@ fn run(cfg: &AgentConfig, log: &mut Log) -> Result<Verdict, AgentError> {
     let tcp = wait_for_ssh(addr, timeout)?;
     log.line("guest SSH answered");
     File::create(cfg.xchg.join(WAITING_DONE)).map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
-    run_command(tcp, cfg, log)
+    run_command(tcp, cfg, log, clock)
 }
 
 fn start_smbd(cfg: &AgentConfig) -> Result<SmbdGuard, AgentError> {
@@ -169,7 +174,7 @@ fn ssh_err(step: &'static str) -> impl FnOnce(ssh2::Error) -> AgentError {
     move |e| AgentError::Ssh { step, detail: e.to_string() }
 }
 
-fn run_command(tcp: TcpStream, cfg: &AgentConfig, log: &mut Log) -> Result<Verdict, AgentError> {
+fn run_command(tcp: TcpStream, cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTime) -> Result<Verdict, AgentError> {
     let mut session = ssh2::Session::new().map_err(ssh_err("creating a session"))?;
     session.set_tcp_stream(tcp);
     session.handshake().map_err(ssh_err("handshaking"))?;
@@ -179,7 +184,7 @@ fn run_command(tcp: TcpStream, cfg: &AgentConfig, log: &mut Log) -> Result<Verdi
     let mut channel = session.channel_session().map_err(ssh_err("opening a channel"))?;
     // One stream in order: the build log wants stdout and stderr as they interleave.
     channel.handle_extended_data(ssh2::ExtendedData::Merge).map_err(ssh_err("merging stderr"))?;
-    let command = if cfg.set_clock { format!("{}{}", clock_prefix(std::time::SystemTime::now()), cfg.command) } else { cfg.command.clone() };
+    let command = if cfg.set_clock { format!("{}{}", clock_prefix(clock()), cfg.command) } else { cfg.command.clone() };
     channel.exec(&command).map_err(ssh_err("starting the command"))?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {

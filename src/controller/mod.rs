@@ -51,36 +51,65 @@ pub struct Mount {
     pub at: PathBuf,
 }
 
-/// The controller's /init: mounts, chroot, agent, exit code, power off. The paths are fixed
-/// per build, so they are written into the script rather than parsed from the command line.
-pub fn init_script(mounts: &[Mount], tmpfs: &[PathBuf], agent: &Path, xchg: &Path) -> String {
-    let q = |p: &Path| shell_quote(&p.display().to_string());
-    let mut s = String::from(
-        "mkdir -p /fs\n\
-         ip link set lo up\nip addr add 192.168.0.2/24 dev eth0\nip link set eth0 up\n\
-         fail() { echo \"winvm-controller: $*\"; poweroff -f; }\n\
-         mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro root /fs || fail 'cannot mount the root export'\n",
-    );
+/// What the controller's init prints before it waits for its session on ttyS1.
+pub const WAITING_MARKER: &str = "winvm-controller: waiting for the session";
+
+/// The controller's /init. It is the same for every session, so the controller can be saved
+/// while it waits and revived later: the session's paths arrive afterwards, as one line of
+/// shell assignments on the second serial port (see `session_line`).
+pub const INIT: &str = r#"mkdir -p /fs
+ip link set lo up
+ip addr add 192.168.0.2/24 dev eth0
+ip link set eth0 up
+fail() { echo "winvm-controller: $*"; poweroff -f; }
+stty -F /dev/ttyS1 -echo 2>/dev/null
+echo "winvm-controller: waiting for the session"
+read -r session < /dev/ttyS1 || fail "no session on ttyS1"
+eval "$session"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro root /fs || fail 'cannot mount the root export'
+for m in $MOUNTS; do
+    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "${m%%=*}" "/fs${m#*=}" || fail "cannot mount export ${m%%=*}"
+done
+for t in $TMPFS; do mount -t tmpfs tmpfs "/fs$t" || fail "cannot mount a tmpfs at $t"; done
+mount -t proc proc /fs/proc 2>/dev/null
+mount -t devtmpfs dev /fs/dev 2>/dev/null
+echo 'winvm-controller: starting the agent'
+chroot /fs "$AGENT" agent --config "$CONFIG" --now "$NOW"
+code=$?
+echo "$code" > "/fs$XCHG/agent-exit"
+echo "winvm-controller: agent exited $code"
+sync
+poweroff -f
+"#;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadPath(pub PathBuf);
+
+impl std::fmt::Display for BadPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the path {} has white space or '=' in it, which the controller's init cannot take", self.0.display())
+    }
+}
+
+/// The session as the controller's init reads it: shell assignments on one line.
+pub fn session_line(mounts: &[Mount], tmpfs: &[PathBuf], agent: &Path, xchg: &Path) -> Result<String, BadPath> {
+    let plain = |p: &Path| {
+        let t = p.display().to_string();
+        if t.chars().any(|c| c.is_whitespace() || c == '=') { Err(BadPath(p.to_path_buf())) } else { Ok(t) }
+    };
+    let mut list = Vec::new();
     for m in mounts {
-        s.push_str(&format!(
-            "mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 {} /fs{} || fail 'cannot mount export {}'\n",
-            m.tag,
-            q(&m.at),
-            m.tag
-        ));
+        list.push(format!("{}={}", m.tag, plain(&m.at)?));
     }
-    for t in tmpfs {
-        s.push_str(&format!("mount -t tmpfs tmpfs /fs{} || fail 'cannot mount a tmpfs at {}'\n", q(t), t.display()));
-    }
-    s.push_str("mount -t proc proc /fs/proc 2>/dev/null\nmount -t devtmpfs dev /fs/dev 2>/dev/null\n");
-    s.push_str(&format!(
-        "echo 'winvm-controller: starting the agent'\nchroot /fs {} agent --config {}\ncode=$?\n\
-         echo \"$code\" > /fs{}/agent-exit\necho \"winvm-controller: agent exited $code\"\nsync\npoweroff -f\n",
-        q(agent),
-        q(&xchg.join(AGENT_CONFIG)),
-        q(xchg)
-    ));
-    s
+    let tmpfs: Vec<String> = tmpfs.iter().map(|t| plain(t)).collect::<Result<_, _>>()?;
+    Ok(format!(
+        "AGENT={} CONFIG={} XCHG={} MOUNTS={} TMPFS={}\n",
+        shell_quote(&plain(agent)?),
+        shell_quote(&plain(&xchg.join(AGENT_CONFIG))?),
+        shell_quote(&plain(xchg)?),
+        shell_quote(&list.join(" ")),
+        shell_quote(&tmpfs.join(" "))
+    ))
 }
 
 pub fn shell_quote(s: &str) -> String {
@@ -90,9 +119,9 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
 
-pub fn initramfs(busybox: &Path, modules_dir: &Path, init: &str) -> Result<Initramfs, standin::StandinError> {
+pub fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, standin::StandinError> {
     let mut img = standin::base(busybox, modules_dir, MODULES)?;
-    img.file("/init", 0o755, standin::init(init))
+    img.file("/init", 0o755, standin::init(INIT))
         .map_err(|e| standin::StandinError(format!("controller init: {e}")))?;
     Ok(img)
 }
@@ -110,15 +139,26 @@ mod tests {
 
     #[test]
     fn init_mounts_before_chroot_and_always_powers_off() {
-        let s = init_script(
-            &[Mount { tag: "xchg".into(), at: "/w/xchg".into() }],
+        let mount = INIT.find("for m in $MOUNTS").unwrap();
+        let chroot = INIT.find("chroot /fs").unwrap();
+        assert!(INIT.find(WAITING_MARKER).unwrap() < mount && mount < chroot);
+        assert!(INIT.trim_end().ends_with("poweroff -f"));
+    }
+
+    #[test]
+    fn session_line_is_one_line_of_quoted_assignments() {
+        let line = session_line(
+            &[Mount { tag: "xchg".into(), at: "/w/xchg".into() }, Mount { tag: "store".into(), at: "/nix/store".into() }],
             &["/w/run".into()],
             Path::new("/bin/agent"),
             Path::new("/w/xchg"),
+        )
+        .unwrap();
+        assert_eq!(
+            line,
+            "AGENT=/bin/agent CONFIG=/w/xchg/agent.json XCHG=/w/xchg MOUNTS='xchg=/w/xchg store=/nix/store' TMPFS=/w/run\n"
         );
-        let mount = s.find("xchg /fs/w/xchg").unwrap();
-        let chroot = s.find("chroot /fs /bin/agent agent --config /w/xchg/agent.json").unwrap();
-        assert!(mount < chroot);
-        assert!(s.trim_end().ends_with("poweroff -f"));
+        let bad = session_line(&[], &[], Path::new("/a b"), Path::new("/x")).unwrap_err();
+        assert_eq!(bad, BadPath("/a b".into()));
     }
 }

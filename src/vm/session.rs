@@ -52,6 +52,17 @@ pub enum After {
     Suspend { path: PathBuf, guest: String },
 }
 
+/// How the controller starts. Its initramfs is the same for every session, so an image can
+/// carry a saved controller that builds revive instead of booting.
+#[derive(Debug, Clone, Default)]
+pub struct ControllerBoot {
+    /// A prebuilt controller initramfs (the media's); None: made for this session.
+    pub initrd: Option<PathBuf>,
+    pub revive_from: Option<PathBuf>,
+    /// Save the controller, waiting for its session, into this state file (suspend stage).
+    pub save_to: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
     pub accel: Accel,
@@ -64,6 +75,7 @@ pub struct SessionConfig {
     pub kernel: PathBuf,
     pub modules_dir: PathBuf,
     pub guest: GuestBoot,
+    pub controller: ControllerBoot,
     /// The private key that opens the guest.
     pub key_file: PathBuf,
     /// The command line run by the guest's shell.
@@ -180,16 +192,19 @@ struct Files {
     xchg: PathBuf,
     run: PathBuf,
     controller_initrd: PathBuf,
+    /// The line the controller's init waits for on ttyS1.
+    session_line: String,
     guest_serial: PathBuf,
     controller_serial: PathBuf,
 }
 
 async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     let w = &cfg.work;
-    let files = Files {
+    let mut files = Files {
         xchg: w.join("xchg"),
         run: w.join("run"),
-        controller_initrd: w.join("controller-initrd.img"),
+        controller_initrd: cfg.controller.initrd.clone().unwrap_or_else(|| w.join("controller-initrd.img")),
+        session_line: String::new(),
         guest_serial: w.join("guest-serial.log"),
         controller_serial: w.join("controller-serial.log"),
     };
@@ -218,9 +233,12 @@ async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         share_list.push_str(&format!("{} {}\n", s.name, s.guest_path));
     }
     std::fs::write(files.xchg.join("shares"), share_list).map_err(prep("writing the share list"))?;
-    let init = controller::init_script(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg);
-    let ctl = controller::initramfs(&cfg.tools.busybox, &cfg.modules_dir, &init).map_err(prep("controller"))?;
-    write_initrd(&ctl, &files.controller_initrd)?;
+    files.session_line =
+        controller::session_line(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg).map_err(prep("the controller's session"))?;
+    if cfg.controller.initrd.is_none() {
+        let ctl = controller::initramfs(&cfg.tools.busybox, &cfg.modules_dir).map_err(prep("controller"))?;
+        write_initrd(&ctl, &files.controller_initrd)?;
+    }
 
     let agent = AgentConfig {
         shares,
@@ -348,7 +366,13 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
             append: "console=ttyS0 panic=-1 quiet".into(),
         }),
         nic_model: VIRTIO_NET,
-        extra_args: vec![],
+        // ttyS1: where the session arrives.
+        extra_args: vec![
+            "-chardev".into(),
+            format!("socket,id=session,path={},server=on,wait=off", w.join("controller-session.sock").display()).into(),
+            "-device".into(),
+            "isa-serial,chardev=session".into(),
+        ],
         no_reboot: true,
         serial_log: files.controller_serial.clone(),
         vde_ctl: Some(switch.ctl.clone()),
@@ -356,7 +380,7 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
         qmp: Some(w.join("controller-qmp.sock")),
         exports,
         disk: None,
-        incoming: None,
+        incoming: cfg.controller.revive_from.as_ref().map(|_| "defer".to_owned()),
     };
     let guest_log = w.join("guest-qemu.log");
     let controller_log = w.join("controller-qemu.log");
@@ -365,12 +389,39 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
     let mut ctl = spawn_qemu(cfg, &controller_vm, &controller_log)?;
     let mut guest_qmp = qmp_up("guest", &mut guest, &w.join("guest-qmp.sock"), &guest_log).await?;
     progress.say("guest up");
+    let mut ctl_qmp = qmp_up("controller", &mut ctl, &w.join("controller-qmp.sock"), &controller_log).await?;
+    progress.say("controller up");
     if let Some(state) = &cfg.guest.revive_from {
-        revive(cfg, state, &mut guest_qmp, &mut guest, &guest_log).await?;
+        revive(cfg, "guest", state, cfg.memory_mib, &mut guest_qmp, &mut guest, &guest_log).await?;
         progress.say("guest revived");
     }
-    let _ctl_qmp = qmp_up("controller", &mut ctl, &w.join("controller-qmp.sock"), &controller_log).await?;
-    progress.say("controller up");
+    if let Some(state) = &cfg.controller.revive_from {
+        revive(cfg, "controller", state, CONTROLLER_MEMORY_MIB, &mut ctl_qmp, &mut ctl, &controller_log).await?;
+        progress.say("controller revived");
+    } else {
+        let marker = controller::WAITING_MARKER;
+        let serial = files.controller_serial.clone();
+        let what = format!("the controller's init ('{marker}')");
+        let waited = tokio::select! {
+            r = super::wait::wait_until(&what, QEMU_UP_TIMEOUT, || {
+                let seen = std::fs::read_to_string(&serial).map(|t| t.contains(marker)).unwrap_or(false);
+                async move { seen.then_some(()) }
+            }) => r.map_err(|e| e.to_string()),
+            s = ctl.wait() => Err(format!("QEMU ended with {}", describe_status(s))),
+        };
+        waited.map_err(|detail| RunError::QemuNotUp {
+            name: "controller".into(),
+            detail,
+            log_tail: tail_lines(&files.controller_serial, LOG_TAIL_LINES),
+        })?;
+        if let Some(path) = &cfg.controller.save_to {
+            let header = StateHeader { qemu_version: qemu_version(&ctl_qmp), memory_mib: CONTROLLER_MEMORY_MIB, guest: "controller".into() };
+            save(cfg, &mut ctl_qmp, path, &header).await?;
+            ctl_qmp.execute(&super::qmp::Cont).await.map_err(|e| RunError::Prepare(format!("continuing the controller: {e}")))?;
+            progress.say("controller saved while waiting for its session");
+        }
+    }
+    let _session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
 
     let mut tail = Tail { path: files.xchg.join(controller::OUTPUT_LOG), offset: 0 };
     let waiting_done = files.xchg.join(controller::WAITING_DONE);
@@ -429,7 +480,7 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
     };
     if let (After::Suspend { path, guest: guest_name }, Verdict::Exited(0)) = (&cfg.after, &verdict) {
         let header = StateHeader { qemu_version: qemu_version(&guest_qmp), memory_mib: cfg.memory_mib, guest: guest_name.clone() };
-        suspend(cfg, &mut guest_qmp, path, &header).await?;
+        save(cfg, &mut guest_qmp, path, &header).await?;
         progress.say(&format!("guest memory saved to {}", path.display()));
     }
     // The guest has nothing left to do: stop it without a shutdown dance.
@@ -479,12 +530,35 @@ pub fn state_reader_uri(builder: &Path, state: &Path) -> String {
 
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// An incoming guest loads its memory, then waits paused until told to continue.
-async fn revive(cfg: &SessionConfig, state: &Path, qmp: &mut Qmp, guest: &mut ProcessGuard, log: &Path) -> Result<(), RunError> {
-    let failed = |detail: String| RunError::QemuNotUp { name: "guest".into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
+/// Sends the session line, with the host's clock (a revived controller's lags); the returned
+/// connection must stay open while the session runs, so that QEMU can hand the line over as
+/// the controller reads it.
+async fn send_session(sock: &Path, line: &str) -> Result<tokio::net::UnixStream, RunError> {
+    use tokio::io::AsyncWriteExt;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let line = format!("NOW={now} {line}");
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| RunError::Prepare(format!("connecting to the controller's session port {}: {e}", sock.display())))?;
+    s.write_all(line.as_bytes()).await.map_err(|e| RunError::Prepare(format!("sending the controller its session: {e}")))?;
+    Ok(s)
+}
+
+/// An incoming VM loads its memory, then waits paused until told to continue.
+async fn revive(
+    cfg: &SessionConfig,
+    name: &str,
+    state: &Path,
+    memory_mib: u32,
+    qmp: &mut Qmp,
+    vm: &mut ProcessGuard,
+    log: &Path,
+) -> Result<(), RunError> {
+    let guest = vm;
+    let failed = |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
     let version = qemu_version(qmp);
     // The caller checked the whole file; here only what needs this QEMU: its version, the memory.
-    super::state::inspect(state, Some((cfg.memory_mib, &version))).map_err(RunError::State)?;
+    super::state::inspect(state, Some((memory_mib, &version))).map_err(RunError::State)?;
     let uri = state_reader_uri(&cfg.agent, state);
     qmp.execute(&super::qmp::MigrateIncoming { uri }).await.map_err(|e| failed(format!("starting the load: {e}")))?;
     let start = Instant::now();
@@ -511,8 +585,8 @@ async fn revive(cfg: &SessionConfig, state: &Path, qmp: &mut Qmp, guest: &mut Pr
     Ok(())
 }
 
-async fn suspend(cfg: &SessionConfig, qmp: &mut Qmp, path: &Path, header: &StateHeader) -> Result<(), RunError> {
-    let fail = |what: &str, e: String| RunError::Prepare(format!("saving the guest's memory ({what}): {e}"));
+async fn save(cfg: &SessionConfig, qmp: &mut Qmp, path: &Path, header: &StateHeader) -> Result<(), RunError> {
+    let fail = |what: &str, e: String| RunError::Prepare(format!("saving the {}'s memory ({what}): {e}", header.guest));
     qmp.execute(&super::qmp::Stop).await.map_err(|e| fail("stop", e.to_string()))?;
     let uri = format!(
         "exec:{} state-write --out {} --memory {} --qemu-version {} --guest {}",
