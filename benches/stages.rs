@@ -40,12 +40,15 @@ fn time_to(mut cmd: Command, marker: &str) -> (f64, f64) {
     let start = Instant::now();
     let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let mut first = f64::NAN;
+    let mut log = String::new();
     for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
         if first.is_nan() && line.contains(marker) {
             first = start.elapsed().as_secs_f64();
         }
+        log.push_str(&line);
+        log.push('\n');
     }
-    assert!(child.wait().unwrap().success());
+    assert!(child.wait().unwrap().success(), "{log}");
     (first, start.elapsed().as_secs_f64())
 }
 
