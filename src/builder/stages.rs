@@ -133,6 +133,11 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
             standin::INSTALL_DONE,
         ),
         Guest::Windows => {
+            if spec.windows.as_ref().is_some_and(|w| w.efi) {
+                return Err(fail(
+                    "efi = true: the media are made for UEFI, but the install stage boots BIOS firmware (SeaBIOS) only so far; build the image with efi = false",
+                ));
+            }
             // Media without Cygwin packages are refused with the way to add them.
             install_media::ensure_ready_for_install(&media).map_err(|e| fail(e.to_string()))?;
             let iso = env_path("iso")?;

@@ -14,6 +14,7 @@ fn force_depth(builtin: &str, key: &str) -> u32 {
 }
 
 /// Never unwinds: a panic here would cross the FFI and abort the user's `nix`.
+#[allow(clippy::ptr_arg)] // the cxx bridge hands over a rust::Vec, declared as &Vec
 fn plan(builtin: &str, nodes: &Vec<Node>, plugin_dir: &str) -> Plan {
     let result = catch_unwind(AssertUnwindSafe(|| {
         let root = value::from_nodes(nodes).map_err(|e| format!("nix-winvm: internal error reading the argument: {e}"))?;

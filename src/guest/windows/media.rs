@@ -391,7 +391,7 @@ pub fn build_media(
     let meta = out.join(META_JSON);
     let json = serde_json::to_string_pretty(&summary).map_err(|e| MediaError::Write {
         path: meta.clone(),
-        source: io::Error::new(io::ErrorKind::Other, e),
+        source: io::Error::other(e),
     })?;
     fs::write(&meta, json + "\n").map_err(|source| MediaError::Write {
         path: meta.clone(),
