@@ -60,8 +60,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime".into()))
 }
 
-fn work_dir() -> Result<tempfile::TempDir, BuilderError> {
-    tempfile::Builder::new().prefix("winvm").tempdir().map_err(io("creating a work directory".into()))
+/// The stage's working folder: serial logs, QMP sockets, the `run-vm` script. It is left in
+/// the build folder, which Nix removes after the build unless it was asked to keep it
+/// (`nix-build -K`), so a failed build can be examined and its VMs started again.
+fn work_dir() -> Result<PathBuf, BuilderError> {
+    let dir = tempfile::Builder::new().prefix("winvm").tempdir().map_err(io("creating a work directory".into()))?;
+    Ok(dir.keep())
 }
 
 /// Stage 1: everything the VMs boot from, and the image's own key pair.
@@ -122,7 +126,7 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
     let disk = out.join("disk.qcow2");
     let work = work_dir()?;
-    let serial = work.path().join("install-serial.log");
+    let serial = work.join("install-serial.log");
     let (boot, nic_model, mac, extra_args, no_reboot, done) = match spec.guest {
         Guest::Standin => (
             Some(KernelBoot { kernel: kernel::bootable(&media), initrd: media.join("installer.img"), append: APPEND.into() }),
@@ -317,7 +321,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         spec,
         accel,
         Duration::from_secs(spec.timeout_secs),
-        work.path(),
+        &work,
         &media,
         guest_boot(spec.guest, &media, disk, None),
         ControllerBoot {
@@ -400,9 +404,9 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     let accel = accel_for(&spec.image, progress)?;
     let work = work_dir()?;
     let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
-    let disk = work.path().join("disk.qcow2");
+    let disk = work.join("disk.qcow2");
     overlay(&tools, &image.join("disk.qcow2"), &disk)?;
-    let xchg = work.path().join("xchg");
+    let xchg = work.join("xchg");
     std::fs::create_dir_all(&xchg).map_err(io("creating the exchange directory".into()))?;
     std::fs::write(xchg.join("saved-env"), saved_env(std::env::vars())).map_err(io("writing saved-env".into()))?;
     if !spec.run_original_builder {
@@ -414,7 +418,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         &spec.image,
         accel,
         Duration::from_secs(spec.timeout_secs),
-        work.path(),
+        &work,
         &meta.media,
         guest_boot(spec.image.guest, &meta.media, disk, Some(state_file)),
         ControllerBoot {

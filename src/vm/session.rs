@@ -504,7 +504,9 @@ fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
     };
     let ctl_sock = guest.vde_ctl.clone().unwrap_or_default();
     let script = format!(
-        "#!/bin/sh\n# Starts this session's VDE switch and both VMs again (nix-winvm -K).\ncd {}\n{} -s {} -M {} --dirmode 0700 -d\n{} &\n{} &\nwait\n",
+        "#!/bin/sh\n# Starts this session's VDE switch and both VMs again (nix-winvm -K, nix-build -K).\n\
+         # A VM started with -incoming defer waits for migrate-incoming on its QMP socket; the\n\
+         # controller waits for its session line on controller-session.sock.\ncd {}\n{} -s {} -M {} --dirmode 0700 -d\n{} &\n{} &\nwait\n",
         controller::shell_quote(&cfg.work.display().to_string()),
         q(cfg.tools.vde_switch.as_os_str()),
         q(ctl_sock.as_os_str()),
