@@ -6,7 +6,7 @@ use std::process::Command;
 
 const NIX_PC_DIRS: &[&str] = &["/usr/lib/nix/pkgconfig"];
 const HEADER_CACHE: &str = "/var/cache/nix-winvm";
-const HOW_TO_INSTALL: &str = "run `sudo scripts/setup` (installs Debian's nix-bin and fetches Nix's headers from Debian's nix source package), or point NIX_HEADERS_DIR at a directory containing nix/eval.hh";
+const HOW_TO_INSTALL: &str = "run `scripts/setup` as root (installs Debian's nix-bin and fetches Nix's headers from Debian's nix source package), or point NIX_HEADERS_DIR at a directory containing nix/eval.hh";
 
 fn fail(msg: &str) -> ! {
     eprintln!("\nnix-winvm build: {msg}\n");

@@ -88,21 +88,24 @@ fn spawn_until(s: &Scratch, cmd: &[&str], marker: &str) -> (Child, std::thread::
     let mut child = s.command(&[], cmd).stderr(Stdio::piped()).spawn().unwrap();
     let err = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let marker = marker.to_owned();
+    let wanted = marker.to_owned();
     let reader = std::thread::spawn(move || {
         let mut all = String::new();
         let mut sent = false;
         for line in BufReader::new(err).lines().map_while(Result::ok) {
             all.push_str(&line);
             all.push('\n');
-            if !sent && line.contains(&marker) {
+            if !sent && line.contains(&wanted) {
                 let _ = tx.send(());
                 sent = true;
             }
         }
         all
     });
-    rx.recv_timeout(Duration::from_secs(300)).expect("marker never appeared");
+    if rx.recv_timeout(Duration::from_secs(300)).is_err() {
+        let log = reader.join().unwrap_or_default();
+        panic!("'{marker}' never appeared; the builder said:\n{log}");
+    }
     (child, reader)
 }
 

@@ -62,10 +62,13 @@ ip link set lo up
 ip addr add 192.168.0.2/24 dev eth0
 ip link set eth0 up
 fail() { echo "winvm-controller: $*"; poweroff -f; }
+# Held open from here on: bytes that reach a closed serial port are lost.
+exec 3</dev/ttyS1 || fail "no ttyS1"
 stty -F /dev/ttyS1 -echo 2>/dev/null
 echo "winvm-controller: waiting for the session"
-read -r session < /dev/ttyS1 || fail "no session on ttyS1"
+read -r session <&3 || fail "no session on ttyS1"
 eval "$session"
+[ -n "$AGENT" ] && [ -n "$XCHG" ] || fail "garbled session line: $session"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro root /fs || fail 'cannot mount the root export'
 for m in $MOUNTS; do
     mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "${m%%=*}" "/fs${m#*=}" || fail "cannot mount export ${m%%=*}"

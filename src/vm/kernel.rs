@@ -27,7 +27,8 @@ pub fn extract_vmlinux(vmlinuz: &Path, dest: &Path, xz: &Path) -> Result<(), Pvh
         .windows(XZ_MAGIC.len())
         .position(|w| w == XZ_MAGIC)
         .ok_or_else(|| PvhError(format!("{} holds no xz-compressed kernel", vmlinuz.display())))?;
-    let tmp = dest.with_extension("partial");
+    // Unique per process: two runs may make the same cached kernel at once.
+    let tmp = dest.with_extension(format!("partial-{}", std::process::id()));
     let out = std::fs::File::create(&tmp).map_err(|e| PvhError(format!("creating {}: {e}", tmp.display())))?;
     let mut child = Command::new(xz)
         .args(["-dc", "--single-stream"])
@@ -78,6 +79,6 @@ mod tests {
         std::fs::write(&bad, b"not a kernel").unwrap();
         let e = extract_vmlinux(&bad, &d.path().join("x"), &xz).unwrap_err().to_string();
         assert!(e.ends_with("holds no xz-compressed kernel"), "{e}");
-        assert!(!d.path().join("x.partial").exists());
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2, "only vmlinux and bad remain");
     }
 }

@@ -556,7 +556,6 @@ async fn revive(
     vm: &mut ProcessGuard,
     log: &Path,
 ) -> Result<(), RunError> {
-    let guest = vm;
     let failed = |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
     let version = qemu_version(qmp);
     // The caller checked the whole file; here only what needs this QEMU: its version, the memory.
@@ -565,7 +564,7 @@ async fn revive(
     qmp.execute(&super::qmp::MigrateIncoming { uri }).await.map_err(|e| failed(format!("starting the load: {e}")))?;
     let start = Instant::now();
     loop {
-        if let Some(s) = guest.try_exited() {
+        if let Some(s) = vm.try_exited() {
             return Err(failed(format!("QEMU ended with {} while loading the saved state", describe_status(s))));
         }
         let status = match qmp.execute(&super::qmp::QueryStatus).await {
@@ -576,7 +575,7 @@ async fn revive(
             "inmigrate" => {}
             "paused" | "postmigrate" | "prelaunch" => break,
             "running" => return Ok(()),
-            other => return Err(failed(format!("the saved state left the guest in state '{other}'"))),
+            other => return Err(failed(format!("the saved state left the {name} in state '{other}'"))),
         }
         if start.elapsed() > MIGRATION_TIMEOUT {
             return Err(failed(format!("the saved state did not load within {} s", MIGRATION_TIMEOUT.as_secs())));
