@@ -181,7 +181,7 @@ fn windows_media_builds_offline_without_the_iso() {
 /// No Windows ISO exists here: the install stage is run by hand with a blank stand-in ISO, to
 /// prove that its QEMU command line is accepted and its failure paths are clean.
 #[test]
-fn windows_install_stage_refuses_incomplete_media_and_times_out_cleanly() {
+fn windows_install_stage_refuses_incomplete_media_and_uefi_and_times_out_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     let hash = "0".repeat(64);
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cygwin-repo");
@@ -220,6 +220,31 @@ fn windows_install_stage_refuses_incomplete_media_and_times_out_cleanly() {
     assert!(stderr(&o).contains("cygwinRepo"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("installer VM started"));
 
+    let efi = built(&nix_build(
+        &format!("({}).media", image(&format!("efi = true; cygwinRepo = {};", repo.display()))),
+        &tmp.path().join("efi"),
+    ));
+    let o = Command::new(builder())
+        .arg("install")
+        .env("winvmImageSpec", {
+            let o = Command::new("nix-instantiate")
+                .env("NIX_CONFIG", SANDBOX_CONFIG)
+                .env("NIX_WINVM_BUILDER", builder())
+                .arg("--plugin-files").arg(plugin())
+                .args(["--eval", "--json", "-E", &format!("({}).winvmImageSpec", image("efi = true;"))])
+                .output()
+                .unwrap();
+            serde_json::from_slice::<String>(&o.stdout).unwrap()
+        })
+        .env("media", &efi)
+        .env("iso", &iso)
+        .env("out", tmp.path().join("efi-out"))
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("efi = true: the media are made for UEFI, but the install stage boots BIOS firmware"), "{}", stderr(&o));
+
     let start = std::time::Instant::now();
     let o = run(&full, "full-out");
     let err = stderr(&o);
@@ -227,4 +252,31 @@ fn windows_install_stage_refuses_incomplete_media_and_times_out_cleanly() {
     assert!(err.contains("installer VM started"), "{err}");
     assert!(err.contains("the install exceeded its timeout of 15 s and was stopped"), "{err}");
     assert!(start.elapsed() < std::time::Duration::from_secs(40));
+}
+
+#[test]
+fn a_failed_build_kept_with_k_has_its_logs_and_run_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new("nix-build")
+        .env("NIX_CONFIG", SANDBOX_CONFIG)
+        .env("NIX_WINVM_BUILDER", builder())
+        .env("TMPDIR", tmp.path())
+        .env_remove("NIX_REMOTE")
+        .arg("-K")
+        .arg("--plugin-files")
+        .arg(plugin())
+        .args(["--no-out-link", "-E", &build_expr("kept", "", "echo boom; exit 9")])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let kept: Vec<PathBuf> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.path()).collect();
+    let build_dir = kept.iter().find(|p| p.to_string_lossy().contains("nix-build-kept")).expect("a kept build folder");
+    let work = std::fs::read_dir(build_dir).unwrap().flatten().map(|e| e.path()).find(|p| {
+        p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm"))
+    });
+    let work = work.expect("the stage's work folder");
+    for f in ["run-vm", "guest-serial.log", "controller-serial.log", "xchg/output.log"] {
+        assert!(work.join(f).exists(), "{f} missing in {}", work.display());
+    }
+    assert!(std::fs::read_to_string(work.join("xchg/output.log")).unwrap().contains("boom"));
 }
