@@ -190,24 +190,25 @@ fn windows_install_stage_refuses_incomplete_media_and_uefi_and_times_out_cleanly
     };
     let bare = built(&nix_build(&format!("({}).media", image("")), &tmp.path().join("bare")));
     let full = built(&nix_build(&format!("({}).media", image(&format!("cygwinRepo = {};", repo.display()))), &tmp.path().join("full")));
-    let spec_of = |media: &Path| -> String {
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(media.join("meta.json")).unwrap()).unwrap();
-        assert_eq!(meta["edition"], "Windows 11 Pro");
+    // The spec the plugin writes for an image with `extra` attributes (media do not record it).
+    let spec_of = |extra: &str| -> String {
         let o = Command::new("nix-instantiate")
             .env("NIX_CONFIG", SANDBOX_CONFIG)
             .env("NIX_WINVM_BUILDER", builder())
             .arg("--plugin-files").arg(plugin())
-            .args(["--eval", "--json", "-E", &format!("({}).winvmImageSpec", image(""))])
+            .args(["--eval", "--json", "-E", &format!("({}).winvmImageSpec", image(extra))])
             .output()
             .unwrap();
         serde_json::from_slice::<String>(&o.stdout).unwrap()
     };
     let iso = tmp.path().join("blank.iso");
     std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
-    let run = |media: &Path, name: &str| {
+    let run = |media: &Path, spec_extra: &str, name: &str| {
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(media.join("meta.json")).unwrap()).unwrap();
+        assert_eq!(meta["edition"], "Windows 11 Pro");
         Command::new(builder())
             .arg("install")
-            .env("winvmImageSpec", spec_of(media))
+            .env("winvmImageSpec", spec_of(spec_extra))
             .env("media", media)
             .env("iso", &iso)
             .env("out", tmp.path().join(name))
@@ -215,7 +216,7 @@ fn windows_install_stage_refuses_incomplete_media_and_uefi_and_times_out_cleanly
             .output()
             .unwrap()
     };
-    let o = run(&bare, "bare-out");
+    let o = run(&bare, "", "bare-out");
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("cygwinRepo"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("installer VM started"));
@@ -224,29 +225,12 @@ fn windows_install_stage_refuses_incomplete_media_and_uefi_and_times_out_cleanly
         &format!("({}).media", image(&format!("efi = true; cygwinRepo = {};", repo.display()))),
         &tmp.path().join("efi"),
     ));
-    let o = Command::new(builder())
-        .arg("install")
-        .env("winvmImageSpec", {
-            let o = Command::new("nix-instantiate")
-                .env("NIX_CONFIG", SANDBOX_CONFIG)
-                .env("NIX_WINVM_BUILDER", builder())
-                .arg("--plugin-files").arg(plugin())
-                .args(["--eval", "--json", "-E", &format!("({}).winvmImageSpec", image("efi = true;"))])
-                .output()
-                .unwrap();
-            serde_json::from_slice::<String>(&o.stdout).unwrap()
-        })
-        .env("media", &efi)
-        .env("iso", &iso)
-        .env("out", tmp.path().join("efi-out"))
-        .env("TMPDIR", tmp.path())
-        .output()
-        .unwrap();
+    let o = run(&efi, "efi = true;", "efi-out");
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("efi = true: the media are made for UEFI, but the install stage boots BIOS firmware"), "{}", stderr(&o));
 
     let start = std::time::Instant::now();
-    let o = run(&full, "full-out");
+    let o = run(&full, "", "full-out");
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("installer VM started"), "{err}");
