@@ -272,6 +272,7 @@ fn session_config(
     key: PathBuf,
     command: String,
     after: After,
+    tools: Tools,
 ) -> Result<SessionConfig, BuilderError> {
     Ok(SessionConfig {
         accel,
@@ -290,7 +291,7 @@ fn session_config(
         store_dir: PathBuf::from(spec::STORE_DIR),
         store_writable: true,
         extra_shares: vec![],
-        tools: Tools::find().map_err(|e| fail(e.to_string()))?,
+        tools,
         agent: std::env::current_exe().map_err(io("finding this program".into()))?,
     })
 }
@@ -332,6 +333,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         media.join("key"),
         command,
         After::Suspend { path: out.join("state"), guest: spec.guest.name().into() },
+        tools,
     )?;
     let verdict = runtime()?.block_on(session::run(&cfg, progress)).map_err(|e| fail(e.to_string()))?;
     if verdict != crate::controller::agent::Verdict::Exited(0) {
@@ -429,6 +431,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         image.join("key"),
         guest_command(spec, argc),
         After::Quit,
+        tools,
     )?;
     match runtime()?.block_on(session::run(&cfg, progress)).map_err(|e| fail(e.to_string()))? {
         crate::controller::agent::Verdict::Exited(code) => {
