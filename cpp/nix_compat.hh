@@ -163,7 +163,9 @@ inline void mk_string(nix::EvalState & state, nix::Value & val, std::string_view
 
 inline void mk_path(nix::EvalState & state, nix::Value & val, const std::string & p)
 {
-#if NIXC_GE(24, 0)
+#if NIXC_GE(33, 0)
+    val.mkPath(state.rootPath(nix::CanonPath(p)), state.mem);
+#elif NIXC_GE(24, 0)
     val.mkPath(state.rootPath(nix::CanonPath(p)));
 #else
     (void) state;

@@ -37,6 +37,15 @@ std::string plugin_dir()
     return slash == std::string::npos ? "." : file.substr(0, slash);
 }
 
+// A Nix string may hold any bytes; the Rust side decides where they must be UTF-8.
+rust::Vec<uint8_t> bytes(std::string_view s)
+{
+    rust::Vec<uint8_t> out;
+    out.reserve(s.size());
+    for (char c : s) out.push_back(static_cast<uint8_t>(c));
+    return out;
+}
+
 struct Converter
 {
     nix::EvalState & state;
@@ -48,7 +57,7 @@ struct Converter
     {
         Node n{};
         n.kind = Kind::Null;
-        n.key = rust::String(key.data(), key.size());
+        n.key = bytes(key);
         nodes.push_back(std::move(n));
         return nodes.size() - 1;
     }
@@ -69,14 +78,13 @@ struct Converter
         case nix::nFloat: nodes[at].kind = Kind::Float; nodes[at].float_value = nixc::float_of(val); break;
         case nix::nString: {
             nodes[at].kind = Kind::Str;
-            auto s = nixc::string_text(val);
-            nodes[at].text = rust::String(s.data(), s.size());
+            nodes[at].text = bytes(nixc::string_text(val));
             nodes[at].context = nixc::string_has_context(val);
             break;
         }
         case nix::nPath: {
             nodes[at].kind = Kind::Path;
-            nodes[at].text = rust::String(nixc::path_text(val));
+            nodes[at].text = bytes(nixc::path_text(val));
             break;
         }
         case nix::nFunction: nodes[at].kind = Kind::Function; break;
@@ -97,8 +105,7 @@ struct Converter
                 if (auto * spec = nixc::find_attr(state, val, "winvmImageSpec")) {
                     nixc::force(state, *spec, pos);
                     if (spec->type() == nix::nString) {
-                        auto s = nixc::string_text(*spec);
-                        nodes[at].text = rust::String(s.data(), s.size());
+                        nodes[at].text = bytes(nixc::string_text(*spec));
                         nodes[at].int_value = 1;
                     }
                 }
@@ -115,7 +122,9 @@ struct Converter
             nodes[at].count = sorted.size();
             size_t i = 0;
             for (auto & [name, child] : sorted) {
-                uint32_t d = top_level_children ? nix_winvm::force_depth(builtin, name) : depth - 1;
+                uint32_t d = top_level_children
+                    ? nix_winvm::force_depth(builtin, rust::Slice<const uint8_t>(reinterpret_cast<const uint8_t *>(name.data()), name.size()))
+                    : depth - 1;
                 fill(first + i++, *child, d, false);
             }
             break;
@@ -211,46 +220,94 @@ struct Executor
 
 void call(const char * builtin, nix::EvalState & state, nixc::Pos pos, nix::Value * root, nix::Value & v)
 {
+    Converter conv{state, pos, builtin, {}};
+    conv.push("");
+    conv.fill(0, *root, UINT32_MAX, true);
+    Plan plan = nix_winvm::plan(builtin, conv.nodes, plugin_dir());
+    if (!plan.error.empty()) nixc::throw_eval_error(state, pos, std::string(plan.error));
+    Executor{state, pos, root, {}}.run(plan, v);
+}
+
+// Every entry from Nix into the shim goes through here: Nix's own errors (with their traces)
+// pass on; anything else (rust::Error, std::bad_alloc, a foreign exception) becomes an
+// evaluation error at the call site instead of terminating the user's `nix`.
+template<typename F> void guarded(const char * builtin, nix::EvalState & state, nixc::Pos pos, F && body)
+{
+    std::string what;
     try {
-        Converter conv{state, pos, builtin, {}};
-        conv.push("");
-        conv.fill(0, *root, UINT32_MAX, true);
-        Plan plan = nix_winvm::plan(builtin, conv.nodes, plugin_dir());
-        if (!plan.error.empty()) nixc::throw_eval_error(state, pos, std::string(plan.error));
-        Executor{state, pos, root, {}}.run(plan, v);
+        body();
+        return;
     } catch (nix::Error &) {
         throw;
     } catch (std::exception & e) {
-        // Anything else (rust::Error, bad_alloc) must not escape as an unknown exception.
-        nixc::throw_eval_error(state, pos, std::string("nix-winvm: internal error: ") + e.what());
+        what = e.what();
+    } catch (...) {
+        what = "an unknown exception";
     }
+    nixc::throw_eval_error(state, pos, std::string("nix-winvm: internal error in ") + builtin + ": " + what);
 }
 
-NIXC_PRIMOP(prim_windowsImage) { call("windowsImage", state, pos, args[0], v); }
+NIXC_PRIMOP(prim_windowsImage)
+{
+    guarded("windowsImage", state, pos, [&] { call("windowsImage", state, pos, args[0], v); });
+}
 
-NIXC_PRIMOP(prim_windowsDerivation) { call("windowsDerivation", state, pos, args[0], v); }
+NIXC_PRIMOP(prim_windowsDerivation)
+{
+    guarded("windowsDerivation", state, pos, [&] { call("windowsDerivation", state, pos, args[0], v); });
+}
 
 NIXC_PRIMOP(prim_runInWindowsVM)
 {
-    nixc::force(state, *args[0], pos);
-    nix::Value * root = args[0];
-    if (args[0]->type() == nix::nAttrs) {
-        root = nixc::find_attr(state, *args[0], "drvAttrs");
-        if (!root)
-            nixc::throw_eval_error(state, pos,
-                "runInWindowsVM: the argument must be a derivation, got a set without 'drvAttrs'");
-    }
-    call("runInWindowsVM", state, pos, root, v);
+    guarded("runInWindowsVM", state, pos, [&] {
+        nixc::force(state, *args[0], pos);
+        nix::Value * root = args[0];
+        if (args[0]->type() == nix::nAttrs) {
+            root = nixc::find_attr(state, *args[0], "drvAttrs");
+            if (!root)
+                nixc::throw_eval_error(state, pos,
+                    "runInWindowsVM: the argument must be a derivation, got a set without 'drvAttrs'");
+        }
+        call("runInWindowsVM", state, pos, root, v);
+    });
+}
+
+// How the `nix` process named this file when it loaded it: a relative path breaks later,
+// because Nix's build hook reloads plugin-files from another working folder.
+std::string loaded_as()
+{
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void *>(&loaded_as), &info) == 0 || info.dli_fname == nullptr) return "";
+    return info.dli_fname;
 }
 
 struct Registrar
 {
     Registrar()
     {
+        // A static constructor: an exception escaping it would terminate the user's `nix`.
+        try {
+            register_all();
+        } catch (std::exception & e) {
+            std::cerr << "nix-winvm: could not register the builtins: " << e.what() << "\n";
+        } catch (...) {
+            std::cerr << "nix-winvm: could not register the builtins: an unknown exception\n";
+        }
+    }
+
+    static void register_all()
+    {
         std::string running = nixc::nix_version();
         if (running != nix_winvm_built_for) {
             std::cerr << "nix-winvm: this plugin was built for Nix " << nix_winvm_built_for << " but is loaded into Nix "
                       << running << "; rebuild it against this Nix's headers. Its builtins are not registered.\n";
+            return;
+        }
+        std::string file = loaded_as();
+        if (!file.empty() && file[0] != '/') {
+            std::cerr << "nix-winvm: the plugin was loaded as '" << file
+                      << "', a relative path; give --plugin-files (or plugin-files) an absolute path, because Nix's "
+                         "build hook reloads plugins from another folder. Its builtins are not registered.\n";
             return;
         }
         nixc::register_primop("__windowsImage", 1,

@@ -2,6 +2,7 @@
 
 mod common;
 use common::*;
+use std::path::Path;
 
 #[test]
 fn the_issue_example_evaluates_to_a_derivation_and_instantiates() {
@@ -245,4 +246,79 @@ fn a_plugin_built_for_another_nix_refuses_to_register_with_one_line() {
             "nix-winvm: this plugin was built for Nix {fake} but is loaded into Nix {version}; rebuild it against this Nix's headers. Its builtins are not registered."
         )]
     );
+}
+
+/// Nix's build hook reloads plugin-files from another folder: a relative path would fail there
+/// with "unexpected EOF reading a line", so the plugin refuses it at once, in one line.
+#[test]
+fn a_plugin_loaded_through_a_relative_path_asks_for_an_absolute_one() {
+    let env = NixEnv::new();
+    let p = plugin();
+    let dir = p.parent().unwrap();
+    let relative = Path::new(dir.file_name().unwrap()).join(p.file_name().unwrap());
+    let mut c = env.command("nix-instantiate");
+    c.current_dir(dir.parent().unwrap())
+        .arg("--plugin-files")
+        .arg(&relative)
+        .arg("--store")
+        .arg(env.store())
+        .args(["--eval", "-E", "builtins ? windowsImage"]);
+    let o = c.output().unwrap();
+    assert_eq!(stdout(&o), "false", "{}", stderr(&o));
+    let lines: Vec<String> = stderr(&o).lines().filter(|l| l.contains("nix-winvm")).map(String::from).collect();
+    assert_eq!(
+        lines,
+        vec![format!(
+            "nix-winvm: the plugin was loaded as '{}', a relative path; give --plugin-files (or plugin-files) an absolute path, because Nix's build hook reloads plugins from another folder. Its builtins are not registered.",
+            relative.display()
+        )]
+    );
+}
+
+/// Evaluates a Nix file holding `expr`, where the byte \x01 is replaced by 0xff (not UTF-8).
+fn instantiate_bytes(env: &NixEnv, args: &[&str], expr: &str) -> std::process::Output {
+    let bytes: Vec<u8> = expr.bytes().map(|b| if b == 1 { 0xff } else { b }).collect();
+    let file = env.dir.path().join("bytes.nix");
+    std::fs::write(&file, bytes).unwrap();
+    let mut c = env.command("nix-instantiate");
+    c.arg("--plugin-files").arg(plugin()).arg("--store").arg(env.store()).args(args).arg(&file);
+    c.output().unwrap()
+}
+
+#[test]
+fn strings_that_are_not_utf8_are_forwarded_where_forwarded_and_named_where_text() {
+    let env = NixEnv::new();
+    let img = STANDIN_TCG;
+    // Passed through: the bytes land in the derivation unchanged.
+    let o = instantiate_bytes(
+        &env,
+        &[],
+        &format!("builtins.windowsDerivation {{ name = \"t\"; image = {img}; script = \"echo \u{1}\"; RAW = \"a\u{1}b\"; }}"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let drv = std::fs::read(env.store().join(stdout(&o).trim_start_matches('/'))).unwrap();
+    let has = |needle: &[u8]| drv.windows(needle.len()).any(|w| w == needle);
+    assert!(has(b"\"echo \xff\"") && has(b"\"a\xffb\""), "{}", String::from_utf8_lossy(&drv));
+    // Needed as text: a clear error, never "data for rust::String is not utf-8".
+    let cases = [
+        (
+            format!("builtins.windowsDerivation {{ name = \"t\u{1}\"; image = {img}; script = \"\"; }}"),
+            "windowsDerivation: attribute 'name' must be UTF-8 text, but byte 1 of the string is not valid UTF-8",
+        ),
+        (
+            "builtins.windowsImage { iso = ./x.iso; edition = \"Windows\u{1}\"; }".to_string(),
+            "windowsImage: attribute 'edition' must be UTF-8 text, but byte 7 of the string is not valid UTF-8",
+        ),
+        (
+            "builtins.windowsImage { guest = \"standin\"; \"m\u{1}\" = 1; }".to_string(),
+            "windowsImage: attribute name 'm\u{fffd}' is not valid UTF-8",
+        ),
+        (
+            "builtins.windowsImage { iso = ./x.iso; edition = \"W\"; cygwinPackages = [ \"git\" \"\u{1}\" ]; }".to_string(),
+            "windowsImage: element 1 of attribute 'cygwinPackages' must be UTF-8 text, but byte 0 of the string is not valid UTF-8",
+        ),
+    ];
+    for (expr, msg) in cases {
+        assert_eval_error(&instantiate_bytes(&env, &[], &expr), msg);
+    }
 }

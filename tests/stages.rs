@@ -3,6 +3,7 @@
 
 mod common;
 use common::{builder, plugin};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -12,6 +13,10 @@ const SANDBOX_CONFIG: &str = include_str!("../nix/sandbox.conf");
 const IMAGE: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
 
 fn nix_build(expr: &str, out_link: &Path) -> Output {
+    nix_build_args(&[OsStr::new("-E"), OsStr::new(expr)], out_link)
+}
+
+fn nix_build_args(args: &[&OsStr], out_link: &Path) -> Output {
     Command::new("nix-build")
         .env("NIX_CONFIG", SANDBOX_CONFIG)
         .env("NIX_WINVM_BUILDER", builder())
@@ -20,7 +25,7 @@ fn nix_build(expr: &str, out_link: &Path) -> Output {
         .arg(plugin())
         .arg("-o")
         .arg(out_link)
-        .args(["-E", expr])
+        .args(args)
         .output()
         .expect("run nix-build")
 }
@@ -108,6 +113,23 @@ fn run_in_windows_vm_runs_the_original_builder_with_its_environment() {
     );
     let o = nix_build(&expr, &tmp.path().join("r"));
     assert_eq!(std::fs::read_to_string(built(&o)).unwrap(), "hello world, Linux\n");
+}
+
+/// A Nix string may hold any bytes: the script and the environment reach the guest unchanged.
+#[test]
+fn bytes_that_are_not_utf8_reach_the_guest_unchanged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut expr = build_expr("bytes", "RAW = \"caf\u{1}\";", "printf '%s|' \"$RAW\" > $out; printf 'caf\u{1}' >> $out").into_bytes();
+    // \x01 stands in for the byte that is not UTF-8; Nix source files may hold any bytes.
+    for b in expr.iter_mut() {
+        if *b == 1 {
+            *b = 0xe9;
+        }
+    }
+    let file = tmp.path().join("bytes.nix");
+    std::fs::write(&file, expr).unwrap();
+    let o = nix_build_args(&[file.as_os_str()], &tmp.path().join("r"));
+    assert_eq!(std::fs::read(built(&o)).unwrap(), b"caf\xe9|caf\xe9".to_vec());
 }
 
 /// Build stage run by hand against copies of a real image whose state file is damaged.

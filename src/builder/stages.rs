@@ -17,6 +17,8 @@ use crate::vm::qemu::{KernelBoot, VmConfig, E1000E, GUEST_MAC, VIRTIO_NET};
 use crate::vm::session::{self, After, ControllerBoot, GuestBoot, Progress, SessionConfig};
 use crate::vm::{accel, kernel, state};
 use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -352,18 +354,43 @@ const HOST_ONLY_VARS: &[&str] = &[
 ];
 
 /// The derivation's environment as a script the guest sources (the historic xchg/saved-env).
-pub fn saved_env(vars: impl Iterator<Item = (String, String)>) -> String {
-    let mut lines: Vec<String> = vars
+/// Values are bytes: a Nix string, and so an environment variable, may hold any.
+pub fn saved_env(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<u8> {
+    let mut lines: Vec<(String, Vec<u8>)> = vars
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v)))
         .filter(|(k, _)| !HOST_ONLY_VARS.contains(&k.as_str()))
         .filter(|(k, _)| {
             k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         })
-        .map(|(k, v)| format!("export {k}={}", shell_quote(&v)))
+        .map(|(k, v)| (k, shell_quote_bytes(v.as_bytes())))
         .collect();
     lines.sort();
-    lines.push("export TMPDIR=/tmp".into());
-    lines.join("\n") + "\n"
+    let mut out = Vec::new();
+    for (k, v) in lines {
+        out.extend_from_slice(format!("export {k}=").as_bytes());
+        out.extend_from_slice(&v);
+        out.push(b'\n');
+    }
+    out.extend_from_slice(b"export TMPDIR=/tmp\n");
+    out
+}
+
+/// `shell_quote` for bytes that may not be UTF-8: single quotes keep every byte as it is.
+fn shell_quote_bytes(v: &[u8]) -> Vec<u8> {
+    if let Ok(text) = std::str::from_utf8(v) {
+        return shell_quote(text).into_bytes();
+    }
+    let mut q = vec![b'\''];
+    for &b in v {
+        if b == b'\'' {
+            q.extend_from_slice(br"'\''");
+        } else {
+            q.push(b);
+        }
+    }
+    q.push(b'\'');
+    q
 }
 
 /// The command the guest runs: the environment restored, then the script (or, for
@@ -410,9 +437,9 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     overlay(&tools, &image.join("disk.qcow2"), &disk)?;
     let xchg = work.join("xchg");
     std::fs::create_dir_all(&xchg).map_err(io("creating the exchange directory".into()))?;
-    std::fs::write(xchg.join("saved-env"), saved_env(std::env::vars())).map_err(io("writing saved-env".into()))?;
+    std::fs::write(xchg.join("saved-env"), saved_env(std::env::vars_os())).map_err(io("writing saved-env".into()))?;
     if !spec.run_original_builder {
-        let script = std::env::var("script").map_err(|_| BuilderError::MissingEnv("script"))?;
+        let script = std::env::var_os("script").ok_or(BuilderError::MissingEnv("script"))?.into_vec();
         std::fs::write(xchg.join("script"), script).map_err(io("writing the script".into()))?;
     }
     let argc = std::env::var("winvmArgc").ok().and_then(|a| a.parse().ok()).unwrap_or(0);
@@ -448,15 +475,16 @@ mod tests {
 
     #[test]
     fn saved_env_quotes_and_drops_host_variables() {
-        let vars = vec![
-            ("out".to_string(), "/nix/store/x-t".to_string()),
-            ("PATH".to_string(), "/path-not-set".to_string()),
-            ("msg".to_string(), "it's here".to_string()),
-            ("bad-name".to_string(), "x".to_string()),
+        let vars: Vec<(OsString, OsString)> = vec![
+            ("out".into(), "/nix/store/x-t".into()),
+            ("PATH".into(), "/path-not-set".into()),
+            ("msg".into(), "it's here".into()),
+            ("bad-name".into(), "x".into()),
+            ("raw".into(), OsString::from_vec(b"caf\xe9 'x'".to_vec())),
         ];
         assert_eq!(
             saved_env(vars.into_iter()),
-            "export msg='it'\\''s here'\nexport out=/nix/store/x-t\nexport TMPDIR=/tmp\n"
+            b"export msg='it'\\''s here'\nexport out=/nix/store/x-t\nexport raw='caf\xe9 '\\''x'\\'''\nexport TMPDIR=/tmp\n".to_vec()
         );
     }
 

@@ -28,11 +28,13 @@ pub mod bridge {
     }
 
     /// One value in a flattened tree: a set's or list's children are `nodes[first..first+count]`.
+    /// `key` and `text` are bytes: a Nix string (or attribute name) may hold any bytes, and
+    /// whether they must be UTF-8 is the planner's decision, per attribute.
     #[derive(Debug, Clone)]
     struct Node {
         kind: Kind,
-        key: String,
-        text: String,
+        key: Vec<u8>,
+        text: Vec<u8>,
         int_value: i64,
         float_value: f64,
         /// The string carries Nix string context (store paths it depends on).
@@ -84,7 +86,7 @@ pub mod bridge {
     // ---- Rust, called by the shim ----------------------------------------------------------
     extern "Rust" {
         /// How deep the shim should force attribute `key` of `builtin`'s argument (0: not at all).
-        fn force_depth(builtin: &str, key: &str) -> u32;
+        fn force_depth(builtin: &str, key: &[u8]) -> u32;
         fn plan(builtin: &str, nodes: &Vec<Node>, plugin_dir: &str) -> Plan;
     }
 }

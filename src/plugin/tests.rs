@@ -3,7 +3,7 @@
 
 use super::ffi::bridge::{Kind, Node, Source};
 use super::plan::{self, Env};
-use super::value::{from_nodes, to_nodes, Val};
+use super::value::{from_nodes, to_nodes, DecodeError, Val};
 use proptest::prelude::*;
 
 fn env() -> (tempfile::TempDir, Env) {
@@ -39,11 +39,11 @@ fn nodes_round_trip() {
 fn malformed_nodes_are_errors() {
     let mut nodes = to_nodes(&set(&[("a", Val::Int(1))]));
     nodes[0].count = 5;
-    assert_eq!(from_nodes(&nodes).unwrap_err(), "child range out of order");
+    assert_eq!(from_nodes(&nodes).unwrap_err(), DecodeError::Malformed("child range out of order".into()));
     nodes[0].count = 1;
     nodes[0].first = 0; // a set that contains itself
-    assert_eq!(from_nodes(&nodes).unwrap_err(), "child range out of order");
-    assert_eq!(from_nodes(&[]).unwrap_err(), "the shim passed no value");
+    assert_eq!(from_nodes(&nodes).unwrap_err(), DecodeError::Malformed("child range out of order".into()));
+    assert_eq!(from_nodes(&[]).unwrap_err(), DecodeError::Malformed("the shim passed no value".into()));
 }
 
 #[test]
@@ -111,6 +111,7 @@ fn arb_val() -> impl Strategy<Value = Val> {
         any::<i64>().prop_map(Val::Int),
         any::<f64>().prop_map(Val::Float),
         ("[a-z\"{}]{0,12}", any::<bool>()).prop_map(|(text, context)| Val::Str { text, context }),
+        (0usize..20, any::<bool>()).prop_map(|(valid_up_to, context)| Val::NonUtf8Str { valid_up_to, context }),
         "/[a-z]{0,8}".prop_map(Val::Path),
         Just(Val::Function),
         Just(Val::Unforced),
@@ -132,6 +133,40 @@ fn arb_val() -> impl Strategy<Value = Val> {
             proptest::collection::vec((keys.clone(), inner), 0..8).prop_map(Val::Set),
         ]
     })
+}
+
+#[test]
+fn strings_that_are_not_utf8_are_forwarded_or_named() {
+    let (_d, env) = env();
+    let image = Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())) };
+    let bad = Val::NonUtf8Str { valid_up_to: 3, context: false };
+    let build = |extra: Vec<(&str, Val)>| {
+        let mut attrs = vec![("name".to_string(), s("x")), ("image".to_string(), image.clone()), ("script".to_string(), s("true"))];
+        for (k, v) in extra {
+            attrs.retain(|(n, _)| n != k);
+            attrs.push((k.to_string(), v));
+        }
+        plan::plan("windowsDerivation", &Val::Set(attrs), &env)
+    };
+    // The script and environment attributes are forwarded as the user's own values.
+    assert_eq!(build(vec![("script", bad.clone()), ("FOO", bad.clone())]).error, "");
+    assert_eq!(
+        build(vec![("name", bad.clone())]).error,
+        "windowsDerivation: attribute 'name' must be UTF-8 text, but byte 3 of the string is not valid UTF-8"
+    );
+    let image = Val::Set(vec![("guest".into(), s("standin")), ("accel".into(), bad)]);
+    assert_eq!(
+        plan::plan("windowsImage", &image, &env).error,
+        "windowsImage: attribute 'accel' must be UTF-8 text, but byte 3 of the string is not valid UTF-8"
+    );
+}
+
+#[test]
+fn attribute_names_that_are_not_utf8_are_named() {
+    let mut nodes = to_nodes(&Val::Set(vec![("ok".into(), Val::Set(vec![("k".into(), Val::Null)]))]));
+    nodes[2].key = vec![b'a', 0xff];
+    let e = from_nodes(&nodes).unwrap_err();
+    assert_eq!(e.message("windowsImage"), "windowsImage: attribute name 'a\u{fffd}' in 'ok' is not valid UTF-8");
 }
 
 proptest! {
@@ -157,7 +192,7 @@ proptest! {
         let kinds = [Kind::Null, Kind::Bool, Kind::Int, Kind::Float, Kind::Str, Kind::Path, Kind::Set,
                      Kind::List, Kind::Function, Kind::Derivation, Kind::Unforced, Kind::External, Kind::Set];
         let nodes: Vec<Node> = raw.iter().map(|(k, first, count, i)| Node {
-            kind: kinds[*k as usize], key: String::new(), text: String::new(), int_value: *i,
+            kind: kinds[*k as usize], key: vec![], text: vec![], int_value: *i,
             float_value: 0.0, context: false, first: *first, count: *count,
         }).collect();
         let _ = from_nodes(&nodes);

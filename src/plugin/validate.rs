@@ -47,6 +47,19 @@ fn int_in(builtin: &str, attr: &str, v: &Val, unit: &str, range: (i64, i64)) -> 
 fn string(builtin: &str, attr: &str, v: &Val, expected: &str) -> Result<String, String> {
     match v {
         Val::Str { text, .. } => Ok(text.clone()),
+        Val::NonUtf8Str { valid_up_to, .. } => Err(not_utf8(builtin, &format!("attribute '{attr}'"), *valid_up_to)),
+        other => Err(type_error(builtin, attr, expected, other)),
+    }
+}
+
+fn not_utf8(builtin: &str, what: &str, valid_up_to: usize) -> String {
+    format!("{builtin}: {what} must be UTF-8 text, but byte {valid_up_to} of the string is not valid UTF-8")
+}
+
+/// A string the plan only forwards: any bytes will do.
+fn any_string(builtin: &str, attr: &str, v: &Val, expected: &str) -> Result<(), String> {
+    match v {
+        Val::Str { .. } | Val::NonUtf8Str { .. } => Ok(()),
         other => Err(type_error(builtin, attr, expected, other)),
     }
 }
@@ -68,6 +81,9 @@ pub fn string_list(builtin: &str, attr: &str, v: &Val, expected: &str) -> Result
         .enumerate()
         .map(|(i, item)| match item {
             Val::Str { text, .. } => Ok(text.clone()),
+            Val::NonUtf8Str { valid_up_to, .. } => {
+                Err(not_utf8(builtin, &format!("element {i} of attribute '{attr}'"), *valid_up_to))
+            }
             other => Err(format!(
                 "{builtin}: element {i} of attribute '{attr}' must be a string, got {}",
                 other.describe()
@@ -85,6 +101,7 @@ fn enum_str<T: Copy>(builtin: &str, attr: &str, v: &Val, choices: &[(&str, T)]) 
             .find(|(n, _)| n == text)
             .map(|(_, t)| *t)
             .ok_or_else(|| format!("{builtin}: attribute '{attr}' must be {expected}, got \"{text}\"")),
+        Val::NonUtf8Str { valid_up_to, .. } => Err(not_utf8(builtin, &format!("attribute '{attr}'"), *valid_up_to)),
         other => Err(type_error(builtin, attr, &expected, other)),
     }
 }
@@ -262,7 +279,7 @@ pub fn build_args(builtin: &str, attrs: &Attrs) -> Result<BuildArgs, String> {
             ))
         }
         Some(v) => {
-            string(builtin, "script", v, "a string (the shell script to run in the guest)")?;
+            any_string(builtin, "script", v, "a string (the shell script to run in the guest)")?;
         }
     }
     let image = image_of(builtin, "image", get(attrs, "image"))?;

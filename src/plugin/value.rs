@@ -9,6 +9,9 @@ pub enum Val {
     Int(i64),
     Float(f64),
     Str { text: String, context: bool },
+    /// A Nix string whose bytes are not UTF-8: fine where the plan only forwards the user's
+    /// value, an error where the text itself is needed. `valid_up_to` locates the first bad byte.
+    NonUtf8Str { valid_up_to: usize, context: bool },
     Path(String),
     Set(Vec<(String, Val)>),
     List(Vec<Val>),
@@ -27,6 +30,7 @@ impl Val {
             Val::Int(_) => "an integer",
             Val::Float(_) => "a float",
             Val::Str { .. } => "a string",
+            Val::NonUtf8Str { .. } => "a string that is not valid UTF-8",
             Val::Path(_) => "a path",
             Val::Set(_) => "a set",
             Val::List(_) => "a list",
@@ -45,23 +49,60 @@ impl Val {
     }
 }
 
+/// Why the shim's nodes could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The user's value has an attribute name that is not UTF-8 (`path` leads to its set).
+    NonUtf8Name { path: String, lossy: String },
+    /// A path or an image's spec that is not UTF-8.
+    NonUtf8Text { path: String },
+    /// The nodes themselves are malformed: a bug in the shim.
+    Malformed(String),
+}
+
+impl DecodeError {
+    /// The message for the user of `builtin`.
+    pub fn message(&self, builtin: &str) -> String {
+        match self {
+            DecodeError::NonUtf8Name { path, lossy } if path.is_empty() => {
+                format!("{builtin}: attribute name '{lossy}' is not valid UTF-8")
+            }
+            DecodeError::NonUtf8Name { path, lossy } => {
+                format!("{builtin}: attribute name '{lossy}' in '{path}' is not valid UTF-8")
+            }
+            DecodeError::NonUtf8Text { path } => format!("{builtin}: the path in attribute '{path}' is not valid UTF-8"),
+            DecodeError::Malformed(e) => format!("nix-winvm: internal error reading the argument: {e}"),
+        }
+    }
+}
+
+impl From<&str> for DecodeError {
+    fn from(e: &str) -> DecodeError {
+        DecodeError::Malformed(e.into())
+    }
+}
+
 /// Rebuilds the tree rooted at `nodes[0]`. Malformed input (indices out of range, cycles)
 /// is an error, never a panic: it crosses the FFI.
-pub fn from_nodes(nodes: &[Node]) -> Result<Val, String> {
+pub fn from_nodes(nodes: &[Node]) -> Result<Val, DecodeError> {
     if nodes.is_empty() {
         return Err("the shim passed no value".into());
     }
-    build(nodes, 0, 0)
+    build(nodes, 0, 0, "")
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
 }
 
 const MAX_DEPTH: usize = 64;
 
-fn build(nodes: &[Node], index: usize, depth: usize) -> Result<Val, String> {
+fn build(nodes: &[Node], index: usize, depth: usize, path: &str) -> Result<Val, DecodeError> {
     if depth > MAX_DEPTH {
         return Err("value nested too deeply".into());
     }
     let node = nodes.get(index).ok_or("node index out of range")?;
-    let children = |nodes: &[Node]| -> Result<Vec<usize>, String> {
+    let children = |nodes: &[Node]| -> Result<Vec<usize>, DecodeError> {
         let end = node.first.checked_add(node.count).ok_or("child range overflows")?;
         if end > nodes.len() || (node.count > 0 && node.first <= index) {
             return Err("child range out of order".into());
@@ -73,25 +114,33 @@ fn build(nodes: &[Node], index: usize, depth: usize) -> Result<Val, String> {
         Kind::Bool => Val::Bool(node.int_value != 0),
         Kind::Int => Val::Int(node.int_value),
         Kind::Float => Val::Float(node.float_value),
-        Kind::Str => Val::Str { text: node.text.clone(), context: node.context },
-        Kind::Path => Val::Path(node.text.clone()),
+        Kind::Str => match std::str::from_utf8(&node.text) {
+            Ok(text) => Val::Str { text: text.to_owned(), context: node.context },
+            Err(e) => Val::NonUtf8Str { valid_up_to: e.valid_up_to(), context: node.context },
+        },
+        Kind::Path => Val::Path(text(node, path)?),
         Kind::Set => {
             let mut attrs = Vec::with_capacity(node.count);
             for i in children(nodes)? {
-                attrs.push((nodes[i].key.clone(), build(nodes, i, depth + 1)?));
+                let key = String::from_utf8(nodes[i].key.clone()).map_err(|_| DecodeError::NonUtf8Name {
+                    path: path.to_owned(),
+                    lossy: String::from_utf8_lossy(&nodes[i].key).into_owned(),
+                })?;
+                let child = build(nodes, i, depth + 1, &join(path, &key))?;
+                attrs.push((key, child));
             }
             Val::Set(attrs)
         }
         Kind::List => {
             let mut items = Vec::with_capacity(node.count);
-            for i in children(nodes)? {
-                items.push(build(nodes, i, depth + 1)?);
+            for (n, i) in children(nodes)?.into_iter().enumerate() {
+                items.push(build(nodes, i, depth + 1, &join(path, &n.to_string()))?);
             }
             Val::List(items)
         }
         Kind::Function => Val::Function,
         Kind::Derivation => Val::Derivation {
-            image_spec: if node.int_value != 0 { Some(node.text.clone()) } else { None },
+            image_spec: if node.int_value != 0 { Some(text(node, path)?) } else { None },
         },
         Kind::Unforced => Val::Unforced,
         Kind::External => Val::External,
@@ -99,15 +148,19 @@ fn build(nodes: &[Node], index: usize, depth: usize) -> Result<Val, String> {
     })
 }
 
+fn text(node: &Node, path: &str) -> Result<String, DecodeError> {
+    String::from_utf8(node.text.clone()).map_err(|_| DecodeError::NonUtf8Text { path: path.to_owned() })
+}
+
 /// The inverse of `from_nodes`, for tests and fuzzing: lays a tree out the way the shim does.
 pub fn to_nodes(v: &Val) -> Vec<Node> {
-    let mut nodes = vec![leaf(Kind::Null, "")];
+    let mut nodes = vec![leaf(Kind::Null, b"")];
     fill(&mut nodes, 0, v);
     nodes
 }
 
-fn leaf(kind: Kind, key: &str) -> Node {
-    Node { kind, key: key.into(), text: String::new(), int_value: 0, float_value: 0.0, context: false, first: 0, count: 0 }
+fn leaf(kind: Kind, key: &[u8]) -> Node {
+    Node { kind, key: key.to_vec(), text: vec![], int_value: 0, float_value: 0.0, context: false, first: 0, count: 0 }
 }
 
 fn fill(nodes: &mut Vec<Node>, at: usize, v: &Val) {
@@ -119,8 +172,14 @@ fn fill(nodes: &mut Vec<Node>, at: usize, v: &Val) {
         Val::Bool(b) => (n.kind, n.int_value) = (Kind::Bool, *b as i64),
         Val::Int(i) => (n.kind, n.int_value) = (Kind::Int, *i),
         Val::Float(f) => (n.kind, n.float_value) = (Kind::Float, *f),
-        Val::Str { text, context } => (n.kind, n.text, n.context) = (Kind::Str, text.clone(), *context),
-        Val::Path(p) => (n.kind, n.text) = (Kind::Path, p.clone()),
+        Val::Str { text, context } => (n.kind, n.text, n.context) = (Kind::Str, text.clone().into(), *context),
+        // Any bytes that are not UTF-8 at `valid_up_to` stand for such a string.
+        Val::NonUtf8Str { valid_up_to, context } => {
+            let mut bytes = vec![b'x'; *valid_up_to];
+            bytes.push(0xff);
+            (n.kind, n.text, n.context) = (Kind::Str, bytes, *context)
+        }
+        Val::Path(p) => (n.kind, n.text) = (Kind::Path, p.clone().into()),
         Val::Set(attrs) => {
             n.kind = Kind::Set;
             kids = attrs.iter().map(|(k, v)| (k.clone(), v)).collect();
@@ -133,7 +192,7 @@ fn fill(nodes: &mut Vec<Node>, at: usize, v: &Val) {
         Val::Derivation { image_spec } => {
             n.kind = Kind::Derivation;
             if let Some(s) = image_spec {
-                (n.text, n.int_value) = (s.clone(), 1);
+                (n.text, n.int_value) = (s.clone().into(), 1);
             }
         }
         Val::Unforced => n.kind = Kind::Unforced,
@@ -142,7 +201,7 @@ fn fill(nodes: &mut Vec<Node>, at: usize, v: &Val) {
     n.first = nodes.len();
     n.count = kids.len();
     for (k, _) in &kids {
-        nodes.push(leaf(Kind::Null, k));
+        nodes.push(leaf(Kind::Null, k.as_bytes()));
     }
     let first = n.first;
     nodes[at] = n;
