@@ -39,6 +39,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
 
     let version = pkg_config(&["--modversion", "nix-expr"]).unwrap_or_else(|| {
+        if pkg_config(&["--exists", "lix-expr"]).is_some() {
+            fail("only Lix's development files (lix-expr) were found: Lix's plugin API differs from Nix's and is not supported");
+        }
         fail(&format!("Nix's development files (pkg-config module nix-expr) were not found; {HOW_TO_INSTALL}."))
     });
     let (major, minor, patch) =

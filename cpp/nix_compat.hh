@@ -98,7 +98,13 @@ inline std::string_view string_text(const nix::Value & val)
 inline bool string_has_context(const nix::Value & val)
 {
 #if NIXC_GE(24, 0)
-    return val.context() && *val.context();
+    // A null-terminated `const char **` until 2.32, a sized `Context` array after.
+    return [](auto * ctx) {
+        if constexpr (requires { ctx->size(); })
+            return ctx && ctx->size() > 0;
+        else
+            return ctx && *ctx;
+    }(val.context());
 #else
     return val.string.context && *val.string.context;
 #endif
