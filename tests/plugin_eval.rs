@@ -25,7 +25,16 @@ fn show_derivation(env: &NixEnv, expr: &str) -> serde_json::Value {
     let o = env.nix(&["show-derivation", &drv]);
     assert!(o.status.success(), "{}", stderr(&o));
     let all: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    all[&drv].clone()
+    if all.get("version").is_none() {
+        return all[&drv].clone();
+    }
+    // Nix 2.33 and later: { version, derivations: { BASENAME: { inputs: { srcs, drvs }, ... } } }.
+    let name = drv.trim_start_matches("/nix/store/");
+    let mut d = all["derivations"][name].clone();
+    assert!(d.is_object(), "{drv} missing in {all}");
+    d["inputSrcs"] = d["inputs"]["srcs"].clone();
+    d["inputDrvs"] = d["inputs"]["drvs"].clone();
+    d
 }
 
 #[test]

@@ -275,14 +275,27 @@ fn a_failed_build_kept_with_k_has_its_logs_and_run_vm() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    let kept: Vec<PathBuf> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.path()).collect();
-    let build_dir = kept.iter().find(|p| p.to_string_lossy().contains("nix-build-kept")).expect("a kept build folder");
-    let work = std::fs::read_dir(build_dir).unwrap().flatten().map(|e| e.path()).find(|p| {
-        p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm"))
+    // Nix names the folder it keeps: under TMPDIR up to 2.29, under its build-dir after.
+    let log = stderr(&o);
+    let build_dir = log
+        .lines()
+        .find_map(|l| l.split("keeping build directory ").nth(1))
+        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
+        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"));
+    // The sandbox's /build is the kept folder itself (Nix 2.8) or its `build` child (later
+    // Nix keeps the top folder private and builds in a folder inside it).
+    let work = [build_dir.clone(), build_dir.join("build")].iter().filter(|d| d.is_dir()).find_map(|d| {
+        std::fs::read_dir(d).unwrap().flatten().map(|e| e.path()).find(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm"))
+        })
     });
     let work = work.expect("the stage's work folder");
     for f in ["run-vm", "guest-serial.log", "controller-serial.log", "xchg/output.log"] {
         assert!(work.join(f).exists(), "{f} missing in {}", work.display());
     }
     assert!(std::fs::read_to_string(work.join("xchg/output.log")).unwrap().contains("boom"));
+    // Outside TMPDIR (Nix's build-dir) nothing else removes it: Nix 2.34 names the inner
+    // `build` folder, whose private parent it made for this build alone.
+    let top = if build_dir.ends_with("build") { build_dir.parent().unwrap().to_path_buf() } else { build_dir };
+    let _ = std::fs::remove_dir_all(top);
 }
