@@ -331,3 +331,29 @@ fn strings_that_are_not_utf8_are_forwarded_where_forwarded_and_named_where_text(
         assert_eval_error(&instantiate_bytes(&env, &[], &expr), msg);
     }
 }
+
+/// The NixOS module builds the plugin against the system's `nix.package` and refuses a package
+/// built for another Nix (evaluated against stubs of the nixpkgs functions it uses).
+#[test]
+fn the_nixos_module_builds_for_the_systems_nix_and_refuses_another() {
+    let env = NixEnv::new();
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/module-eval.nix");
+    let eval = |args: &[&str]| {
+        let mut c = env.command("nix-instantiate");
+        c.arg("--store").arg(env.store()).args(["--eval", "--strict", "--json"]).args(args).arg(fixture);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let ok = eval(&["--argstr", "systemNix", "2.34.8"]);
+    assert_eq!(ok["assertion"], true, "{ok}");
+    assert_eq!(ok["pkgNix"], "2.34.8");
+    assert!(ok["plugin"].as_str().unwrap().ends_with("-nix-winvm/lib/libnix_winvm.so"), "{ok}");
+    assert_eq!(ok["features"]["content"]["content"], serde_json::json!(["kvm"]));
+    let other = eval(&["--argstr", "systemNix", "2.34.8", "--argstr", "builtFor", "2.28.5"]);
+    assert_eq!(other["assertion"], false, "{other}");
+    assert_eq!(
+        other["message"],
+        "nix-winvm.package was built for Nix 2.28.5, but the system runs Nix 2.34.8: the plugin would refuse to load. Use nix-winvm.override { nix = config.nix.package; }."
+    );
+}
