@@ -1,5 +1,6 @@
 //! Compiles the C++ shim (cpp/) against the installed Nix's headers and links it into the
 //! plugin (cdylib) only: the builder binary shares the Rust code but never Nix's libraries.
+//! Without the `plugin` feature it does nothing, and the crate builds without Nix.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +33,10 @@ fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
 }
 
 fn main() {
+    if std::env::var_os("CARGO_FEATURE_PLUGIN").is_none() {
+        // Built without the plugin feature: no C++ shim, no Nix needed.
+        return;
+    }
     println!("cargo:rerun-if-changed=cpp/plugin.cc");
     println!("cargo:rerun-if-changed=cpp/nix_compat.hh");
     println!("cargo:rerun-if-changed=src/plugin/ffi.rs");

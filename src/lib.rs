@@ -16,4 +16,5 @@ pub mod tools;
 pub mod vm;
 
 /// The Nix version the plugin was compiled against.
+#[cfg(feature = "plugin")]
 pub const NIX_VERSION: &str = env!("NIX_WINVM_NIX_VERSION");

@@ -21,6 +21,8 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
 pub const DEFAULT_LOCALE: &str = "en-US";
 /// The store the guest sees through the `nixstore` share.
 pub const STORE_DIR: &str = "/nix/store";
+/// Where scripts/setup puts the guest kernel (and the builder its PVH cache) on the host.
+pub const DEFAULT_CACHE: &str = "/var/cache/nix-winvm";
 
 /// Bounds that catch typos (a memory size in bytes, a timeout in milliseconds) early.
 pub const MEMORY_MIB_RANGE: (i64, i64) = (64, 1 << 20);

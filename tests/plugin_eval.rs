@@ -1,4 +1,5 @@
 //! The plugin loaded into the real `nix`: builtins, derivations, validation, string context.
+#![cfg(feature = "plugin")]
 
 mod common;
 use common::*;

@@ -1,5 +1,6 @@
 //! The stages as Nix runs them: `nix-build` in the sandbox, with the real store (the image is
 //! built once and shared by every test here), TCG, the standin guest.
+#![cfg(feature = "plugin")]
 
 mod common;
 use common::{builder, plugin};

@@ -91,7 +91,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     let tools = Tools::find().map_err(|e| BuilderError::Run(e.to_string()))?;
     let kernel_dir = std::env::var_os("NIX_WINVM_KERNEL_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(crate::plugin::plan::DEFAULT_CACHE).join("kernel"));
+        .unwrap_or_else(|| PathBuf::from(crate::spec::DEFAULT_CACHE).join("kernel"));
     let work = tempfile::Builder::new()
         .prefix("nix-winvm-")
         .tempdir()
@@ -170,7 +170,7 @@ fn pvh_kernel(kernel_dir: &std::path::Path, progress: &Progress) -> PathBuf {
         return kernel_dir.join("vmlinux");
     }
     let version = std::fs::read_to_string(kernel_dir.join("version")).unwrap_or_else(|_| "unknown".into());
-    let dir = PathBuf::from(crate::plugin::plan::DEFAULT_CACHE).join("pvh").join(version.trim());
+    let dir = PathBuf::from(crate::spec::DEFAULT_CACHE).join("pvh").join(version.trim());
     let pvh = dir.join("vmlinux");
     if pvh.is_file() {
         return pvh;

@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 pub const BUILDER_NAME: &str = "nix-winvm-builder";
 /// The VM runs on an x86_64 Linux host whatever the guest is.
 pub const SYSTEM: &str = "x86_64-linux";
-pub const DEFAULT_CACHE: &str = "/var/cache/nix-winvm";
 
 /// Where the plugin finds the host things its derivations need.
 #[derive(Debug, Clone)]
