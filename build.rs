@@ -53,19 +53,15 @@ fn main() {
         parse_version(&version).unwrap_or_else(|| fail(&format!("cannot parse the Nix version '{version}'")));
     let cflags = pkg_config(&["--cflags", "nix-expr"]).unwrap_or_default();
 
-    let mut include_dirs: Vec<PathBuf> = cflags
-        .split_whitespace()
-        .filter_map(|f| f.strip_prefix("-I"))
-        .map(PathBuf::from)
-        .collect();
+    let mut include_dirs: Vec<PathBuf> =
+        cflags.split_whitespace().filter_map(|f| f.strip_prefix("-I")).map(PathBuf::from).collect();
     let std_flag = cflags
         .split_whitespace()
         .find(|f| f.starts_with("-std="))
         .map(|f| f.trim_start_matches("-std=").to_owned())
         .unwrap_or_else(|| "c++17".into());
-    let has_headers = |dirs: &[PathBuf]| {
-        dirs.iter().any(|d| d.join("eval.hh").is_file() || d.join("nix/expr/eval.hh").is_file())
-    };
+    let has_headers =
+        |dirs: &[PathBuf]| dirs.iter().any(|d| d.join("eval.hh").is_file() || d.join("nix/expr/eval.hh").is_file());
     if !has_headers(&include_dirs) {
         // Debian ships Nix without headers: scripts/setup extracts them from the source package.
         let candidates: Vec<PathBuf> = match std::env::var_os("NIX_HEADERS_DIR") {

@@ -18,7 +18,11 @@ const IMAGE: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg";
 fn plugin() -> PathBuf {
     let dir = Path::new(BUILDER).parent().unwrap();
     let fresh = dir.join("deps/libnix_winvm.so");
-    if fresh.exists() { fresh } else { dir.join("libnix_winvm.so") }
+    if fresh.exists() {
+        fresh
+    } else {
+        dir.join("libnix_winvm.so")
+    }
 }
 
 fn nix_build(expr: &str) -> (PathBuf, f64) {
@@ -70,10 +74,14 @@ async fn qemu_with_qmp(work: &Path, name: &str, extra: &[&str], initrd: &Path, k
     let sock = work.join(format!("{name}.sock"));
     let child = Command::new("qemu-system-x86_64")
         .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256", "-nodefaults", "-display", "none"])
-        .arg("-kernel").arg(kernel).arg("-initrd").arg(initrd)
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
         .args(["-append", "console=ttyS0 panic=-1 quiet", "-serial"])
         .arg(format!("file:{}", work.join(format!("{name}.log")).display()))
-        .arg("-qmp").arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
         .args(extra)
         .stdin(Stdio::null())
         .spawn()
@@ -105,7 +113,8 @@ fn main() {
     let mut cold = Command::new(BUILDER);
     cold.args(["run", "--accel", "tcg", "--", "echo", "FIRST-OUTPUT"]);
     let (cold_first, _) = time_to(cold, "FIRST-OUTPUT");
-    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(image.join("meta.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(image.join("meta.json")).unwrap()).unwrap();
     let spec = serde_json::json!({ "image": meta["spec"], "timeoutSecs": 600, "runOriginalBuilder": false });
     let mut revive = Command::new(BUILDER);
     revive
@@ -126,7 +135,13 @@ fn main() {
     let key = w.join("key");
     let pubkey = nix_winvm::builder::stages::generate_key(Path::new("/usr/bin/ssh-keygen"), &key).unwrap();
     let initrd = w.join("guest.img");
-    let img = nix_winvm::guest::standin::initramfs(Path::new("/bin/busybox"), Path::new("/usr/sbin/dropbear"), &media.join("modules"), &pubkey).unwrap();
+    let img = nix_winvm::guest::standin::initramfs(
+        Path::new("/bin/busybox"),
+        Path::new("/usr/sbin/dropbear"),
+        &media.join("modules"),
+        &pubkey,
+    )
+    .unwrap();
     nix_winvm::vm::session::write_initrd(&img, &initrd).unwrap();
     let kernel = media.join("vmlinuz");
     rt.block_on(async {
@@ -134,7 +149,9 @@ fn main() {
         // Let it boot to its shell so that memory holds a real system.
         let log = w.join("src.log");
         let start = Instant::now();
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains("sshd started") && start.elapsed() < Duration::from_secs(60) {
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("sshd started")
+            && start.elapsed() < Duration::from_secs(60)
+        {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         qmp.execute(&Stop).await.unwrap();
@@ -204,6 +221,8 @@ fn main() {
         .unwrap();
     assert!(o.status.success());
     let t_eval = start.elapsed().as_secs_f64();
-    let (_, t_build) = nix_build(&format!(r#"builtins.windowsDerivation {{ name = "bench"; image = {IMAGE}; token = "{t}"; script = "true > $out"; }}"#));
+    let (_, t_build) = nix_build(&format!(
+        r#"builtins.windowsDerivation {{ name = "bench"; image = {IMAGE}; token = "{t}"; script = "true > $out"; }}"#
+    ));
     println!("  trivial nix-build, image cached         {t_build:6.2} s   (evaluation {t_eval:.2} s; the rest is the VM session)");
 }

@@ -53,6 +53,21 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
+/// For tests: whether `what` (a program, a file the set-up provides) is there. Without it a
+/// test returns early, and says so, unless NIX_WINVM_REQUIRE_TOOLS=1 (scripts/test sets it):
+/// then the missing piece fails the test by name, so that no test passes by skipping.
+#[doc(hidden)]
+pub fn test_requires(what: &str, present: bool) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var_os("NIX_WINVM_REQUIRE_TOOLS").is_some_and(|v| v == "1") {
+        panic!("this test needs {what}, which is missing (NIX_WINVM_REQUIRE_TOOLS=1)");
+    }
+    eprintln!("skipped: {what} is missing");
+    false
+}
+
 /// The programs one VM session needs.
 #[derive(Debug, Clone)]
 pub struct Tools {

@@ -114,7 +114,8 @@ fn the_issue_example_exits_42_with_its_output_and_a_store_file_read_in_the_guest
     let s = Scratch::new();
     let file = s.dir.path().join("input.txt");
     std::fs::write(&file, "from the store\n").unwrap();
-    let added = Command::new("nix-store").env("NIX_CONFIG", "build-users-group =").arg("--add").arg(&file).output().unwrap();
+    let added =
+        Command::new("nix-store").env("NIX_CONFIG", "build-users-group =").arg("--add").arg(&file).output().unwrap();
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
     let store_path = String::from_utf8_lossy(&added.stdout).trim().to_owned();
     let script = format!("echo hello > $out/greeting; cat {store_path} > $out/copy; exit 42");
@@ -211,9 +212,9 @@ fn kvm_on_a_machine_without_it_fails_fast() {
     }
     let s = Scratch::new();
     let start = Instant::now();
-    let o = Command::new(builder()).env("TMPDIR", s.tmp()).args(["run", "--accel", "kvm", "--", "true"]).output().unwrap();
+    let o =
+        Command::new(builder()).env("TMPDIR", s.tmp()).args(["run", "--accel", "kvm", "--", "true"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("accel = \"kvm\" was requested but KVM is not usable here"), "{}", stderr(&o));
     assert!(start.elapsed() < Duration::from_secs(2));
 }
-

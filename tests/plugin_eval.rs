@@ -8,7 +8,8 @@ use std::path::Path;
 #[test]
 fn the_issue_example_evaluates_to_a_derivation_and_instantiates() {
     let env = NixEnv::new();
-    let expr = format!(r#"(builtins.windowsDerivation {{ name = "t"; image = {STANDIN_TCG}; script = "echo hi > $out"; }})"#);
+    let expr =
+        format!(r#"(builtins.windowsDerivation {{ name = "t"; image = {STANDIN_TCG}; script = "echo hi > $out"; }})"#);
     let o = env.eval(&format!("{expr}.type"));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), "\"derivation\"");
@@ -267,12 +268,11 @@ fn a_plugin_loaded_through_a_relative_path_asks_for_an_absolute_one() {
     let dir = p.parent().unwrap();
     let relative = Path::new(dir.file_name().unwrap()).join(p.file_name().unwrap());
     let mut c = env.command("nix-instantiate");
-    c.current_dir(dir.parent().unwrap())
-        .arg("--plugin-files")
-        .arg(&relative)
-        .arg("--store")
-        .arg(env.store())
-        .args(["--eval", "-E", "builtins ? windowsImage"]);
+    c.current_dir(dir.parent().unwrap()).arg("--plugin-files").arg(&relative).arg("--store").arg(env.store()).args([
+        "--eval",
+        "-E",
+        "builtins ? windowsImage",
+    ]);
     let o = c.output().unwrap();
     assert_eq!(stdout(&o), "false", "{}", stderr(&o));
     let lines: Vec<String> = stderr(&o).lines().filter(|l| l.contains("nix-winvm")).map(String::from).collect();
@@ -303,7 +303,9 @@ fn strings_that_are_not_utf8_are_forwarded_where_forwarded_and_named_where_text(
     let o = instantiate_bytes(
         &env,
         &[],
-        &format!("builtins.windowsDerivation {{ name = \"t\"; image = {img}; script = \"echo \u{1}\"; RAW = \"a\u{1}b\"; }}"),
+        &format!(
+            "builtins.windowsDerivation {{ name = \"t\"; image = {img}; script = \"echo \u{1}\"; RAW = \"a\u{1}b\"; }}"
+        ),
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let drv = std::fs::read(env.store().join(stdout(&o).trim_start_matches('/'))).unwrap();

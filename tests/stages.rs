@@ -79,7 +79,8 @@ fn a_failing_build_reports_its_exit_code() {
 #[test]
 fn multiple_outputs() {
     let tmp = tempfile::tempdir().unwrap();
-    let drv = build_expr("multi", r#"outputs = [ "out" "dev" ];"#, "echo lib > $out; mkdir $dev; echo header > $dev/x.h");
+    let drv =
+        build_expr("multi", r#"outputs = [ "out" "dev" ];"#, "echo lib > $out; mkdir $dev; echo header > $dev/x.h");
     let o = nix_build(&format!("let d = {drv}; in [ d.out d.dev ]"), &tmp.path().join("r"));
     let out = built(&o);
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "lib\n");
@@ -120,7 +121,9 @@ fn run_in_windows_vm_runs_the_original_builder_with_its_environment() {
 #[test]
 fn bytes_that_are_not_utf8_reach_the_guest_unchanged() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut expr = build_expr("bytes", "RAW = \"caf\u{1}\";", "printf '%s|' \"$RAW\" > $out; printf 'caf\u{1}' >> $out").into_bytes();
+    let mut expr =
+        build_expr("bytes", "RAW = \"caf\u{1}\";", "printf '%s|' \"$RAW\" > $out; printf 'caf\u{1}' >> $out")
+            .into_bytes();
     // \x01 stands in for the byte that is not UTF-8; Nix source files may hold any bytes.
     for b in expr.iter_mut() {
         if *b == 1 {
@@ -145,7 +148,16 @@ fn bad_state_files_are_refused_with_the_reason() {
     let state = std::fs::read(image.join("state")).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("truncated", state[..state.len() / 2].to_vec(), "is truncated (its end marker is missing"),
-        ("corrupt", { let mut s = state.clone(); let i = s.len() / 2; s[i] ^= 0xff; s }, "is corrupt: checksum"),
+        (
+            "corrupt",
+            {
+                let mut s = state.clone();
+                let i = s.len() / 2;
+                s[i] ^= 0xff;
+                s
+            },
+            "is corrupt: checksum",
+        ),
         ("foreign", b"QEVM\0\0\0\x03 not ours".to_vec(), "is not a nix-winvm state file (wrong magic number)"),
     ];
     for (name, bytes, msg) in cases {
@@ -168,7 +180,11 @@ fn bad_state_files_are_refused_with_the_reason() {
             .unwrap();
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{name}: {err}");
-        assert!(err.contains(&format!("state file {}", copy.join("state").display())) || err.contains(&copy.join("state").display().to_string()), "{name}: {err}");
+        assert!(
+            err.contains(&format!("state file {}", copy.join("state").display()))
+                || err.contains(&copy.join("state").display().to_string()),
+            "{name}: {err}"
+        );
         assert!(err.contains(msg), "{name}: expected '{msg}' in:\n{err}");
         assert!(!err.contains("guest up"), "{name}: a VM was started:\n{err}");
         assert!(start.elapsed() < std::time::Duration::from_secs(5));
@@ -180,7 +196,9 @@ fn windows_media_builds_offline_without_the_iso() {
     let tmp = tempfile::tempdir().unwrap();
     let hash = "0".repeat(64);
     let o = nix_build(
-        &format!(r#"(builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; }}).media"#),
+        &format!(
+            r#"(builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; }}).media"#
+        ),
         &tmp.path().join("r"),
     );
     let media = built(&o);
@@ -194,7 +212,9 @@ fn windows_media_builds_offline_without_the_iso() {
     assert!(bootstrap.contains(key.trim()), "the image's key is authorised in the bootstrap");
     // The installed stage needs the ISO and says how to add it; the media stage did not.
     let o = nix_build(
-        &format!(r#"(builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; }}).installed"#),
+        &format!(
+            r#"(builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; }}).installed"#
+        ),
         &tmp.path().join("i"),
     );
     assert!(!o.status.success());
@@ -209,16 +229,22 @@ fn windows_install_stage_refuses_incomplete_media_and_uefi_and_times_out_cleanly
     let hash = "0".repeat(64);
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/cygwin-repo");
     let image = |extra: &str| {
-        format!(r#"builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; accel = "tcg"; timeout = 15; {extra} }}"#)
+        format!(
+            r#"builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; accel = "tcg"; timeout = 15; {extra} }}"#
+        )
     };
     let bare = built(&nix_build(&format!("({}).media", image("")), &tmp.path().join("bare")));
-    let full = built(&nix_build(&format!("({}).media", image(&format!("cygwinRepo = {};", repo.display()))), &tmp.path().join("full")));
+    let full = built(&nix_build(
+        &format!("({}).media", image(&format!("cygwinRepo = {};", repo.display()))),
+        &tmp.path().join("full"),
+    ));
     // The spec the plugin writes for an image with `extra` attributes (media do not record it).
     let spec_of = |extra: &str| -> String {
         let o = Command::new("nix-instantiate")
             .env("NIX_CONFIG", SANDBOX_CONFIG)
             .env("NIX_WINVM_BUILDER", builder())
-            .arg("--plugin-files").arg(plugin())
+            .arg("--plugin-files")
+            .arg(plugin())
             .args(["--eval", "--json", "-E", &format!("({}).winvmImageSpec", image(extra))])
             .output()
             .unwrap();
@@ -227,7 +253,8 @@ fn windows_install_stage_refuses_incomplete_media_and_uefi_and_times_out_cleanly
     let iso = tmp.path().join("blank.iso");
     std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
     let run = |media: &Path, spec_extra: &str, name: &str| {
-        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(media.join("meta.json")).unwrap()).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(media.join("meta.json")).unwrap()).unwrap();
         assert_eq!(meta["edition"], "Windows 11 Pro");
         Command::new(builder())
             .arg("install")
@@ -250,7 +277,11 @@ fn windows_install_stage_refuses_incomplete_media_and_uefi_and_times_out_cleanly
     ));
     let o = run(&efi, "efi = true;", "efi-out");
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("efi = true: the media are made for UEFI, but the install stage boots BIOS firmware"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("efi = true: the media are made for UEFI, but the install stage boots BIOS firmware"),
+        "{}",
+        stderr(&o)
+    );
 
     let start = std::time::Instant::now();
     let o = run(&full, "", "full-out");
@@ -286,9 +317,11 @@ fn a_failed_build_kept_with_k_has_its_logs_and_run_vm() {
     // The sandbox's /build is the kept folder itself (Nix 2.8) or its `build` child (later
     // Nix keeps the top folder private and builds in a folder inside it).
     let work = [build_dir.clone(), build_dir.join("build")].iter().filter(|d| d.is_dir()).find_map(|d| {
-        std::fs::read_dir(d).unwrap().flatten().map(|e| e.path()).find(|p| {
-            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm"))
-        })
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm")))
     });
     let work = work.expect("the stage's work folder");
     for f in ["run-vm", "guest-serial.log", "controller-serial.log", "xchg/output.log"] {

@@ -32,7 +32,8 @@ impl fmt::Display for BuilderError {
 
 impl std::error::Error for BuilderError {}
 
-pub const USAGE: &str = "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|agent|state-write|state-read> [options]";
+pub const USAGE: &str =
+    "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|agent|state-write|state-read> [options]";
 
 fn env(name: &'static str) -> Result<String, BuilderError> {
     std::env::var(name).map_err(|_| BuilderError::MissingEnv(name))
@@ -58,16 +59,16 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
         }
         "state-write" => state_write(&args[1..]),
         "state-read" => state_read(&args[1..]),
-        "require-file" => Err(BuilderError::RequiredFileMissing {
-            name: env("winvmRequiredName")?,
-            hash: env("outputHash")?,
-        }),
+        "require-file" => {
+            Err(BuilderError::RequiredFileMissing { name: env("winvmRequiredName")?, hash: env("outputHash")? })
+        }
         "run" => run::main(&args[1..]),
         "agent" => {
             let config = flag(args, "--config")?;
             // The host's clock when the session began: a revived controller's own clock lags.
             let now = flag(args, "--now").ok().and_then(|n| n.parse::<u64>().ok());
-            crate::controller::agent::main(std::path::Path::new(config), now).map_err(|e| BuilderError::Run(e.to_string()))
+            crate::controller::agent::main(std::path::Path::new(config), now)
+                .map_err(|e| BuilderError::Run(e.to_string()))
         }
         "--help" | "-h" => {
             println!("{USAGE}");
@@ -89,7 +90,9 @@ fn flag<'a>(args: &'a [String], name: &str) -> Result<&'a str, BuilderError> {
 fn state_write(args: &[String]) -> Result<i32, BuilderError> {
     let header = crate::vm::state::StateHeader {
         qemu_version: flag(args, "--qemu-version")?.to_owned(),
-        memory_mib: flag(args, "--memory")?.parse().map_err(|_| BuilderError::Usage("--memory: expected MiB".into()))?,
+        memory_mib: flag(args, "--memory")?
+            .parse()
+            .map_err(|_| BuilderError::Usage("--memory: expected MiB".into()))?,
         guest: flag(args, "--guest")?.to_owned(),
     };
     let path = std::path::PathBuf::from(flag(args, "--out")?);

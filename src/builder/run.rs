@@ -5,11 +5,11 @@
 
 use super::BuilderError;
 use crate::controller::{agent::Verdict, shell_quote};
+use crate::guest::standin;
 use crate::spec::{Accel, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
 use crate::vm::accel;
 use crate::vm::qemu::{KernelBoot, VIRTIO_NET};
-use crate::guest::standin;
 use crate::vm::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, Progress, SessionConfig};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,7 +28,14 @@ pub const USAGE: &str = "usage: nix-winvm-builder run [--guest standin] [--accel
 
 pub fn parse(args: &[String]) -> Result<RunArgs, BuilderError> {
     let usage = |m: String| BuilderError::Usage(format!("{m}\n{USAGE}"));
-    let mut r = RunArgs { accel: None, memory_mib: STANDIN_MEMORY_MIB, timeout_secs: 600, out: None, keep: false, command: vec![] };
+    let mut r = RunArgs {
+        accel: None,
+        memory_mib: STANDIN_MEMORY_MIB,
+        timeout_secs: 600,
+        out: None,
+        keep: false,
+        command: vec![],
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().cloned().ok_or_else(|| usage(format!("{name} needs a value")));
@@ -55,7 +62,11 @@ pub fn parse(args: &[String]) -> Result<RunArgs, BuilderError> {
             }
             "--timeout" => {
                 let v = value("--timeout")?;
-                r.timeout_secs = v.parse().ok().filter(|s| *s > 0).ok_or_else(|| usage(format!("--timeout {v}: expected seconds")))?;
+                r.timeout_secs = v
+                    .parse()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| usage(format!("--timeout {v}: expected seconds")))?;
             }
             "--out" => r.out = Some(PathBuf::from(value("--out")?)),
             "-K" | "--keep" => r.keep = true,
@@ -82,7 +93,10 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         None => match accel::choose(Accel::Kvm) {
             Ok(k) => k,
             Err(e) => {
-                progress.say(&format!("KVM unusable ({}): falling back to TCG, software emulation, several times slower", e.reason));
+                progress.say(&format!(
+                    "KVM unusable ({}): falling back to TCG, software emulation, several times slower",
+                    e.reason
+                ));
                 Accel::Tcg
             }
         },
@@ -115,7 +129,8 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     let pubkey = super::stages::generate_key(&tools.ssh_keygen, &key)?;
     let modules_dir = kernel_dir.join("modules");
     let guest_initrd = work.path().join("guest-initrd.img");
-    let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey).map_err(|e| BuilderError::Run(e.to_string()))?;
+    let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey)
+        .map_err(|e| BuilderError::Run(e.to_string()))?;
     session::write_initrd(&img, &guest_initrd).map_err(|e| BuilderError::Run(e.to_string()))?;
     let cfg = SessionConfig {
         accel,
@@ -201,7 +216,8 @@ mod tests {
 
     #[test]
     fn parses_the_issue_example() {
-        let r = parse(&v(&["--guest", "standin", "--accel", "tcg", "--out", "/tmp/o", "--", "sh", "-c", "exit 42"])).unwrap();
+        let r = parse(&v(&["--guest", "standin", "--accel", "tcg", "--out", "/tmp/o", "--", "sh", "-c", "exit 42"]))
+            .unwrap();
         assert_eq!(r.accel, Some(Accel::Tcg));
         assert_eq!(r.out, Some(PathBuf::from("/tmp/o")));
         assert_eq!(r.command, v(&["sh", "-c", "exit 42"]));

@@ -80,7 +80,8 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     std::fs::copy(kernel.join("vmlinuz"), out.join("vmlinuz")).map_err(io("copying the kernel".into()))?;
     for entry in std::fs::read_dir(kernel.join("modules")).map_err(io("reading the kernel modules".into()))? {
         let entry = entry.map_err(io("reading the kernel modules".into()))?;
-        std::fs::copy(entry.path(), out.join("modules").join(entry.file_name())).map_err(io("copying a module".into()))?;
+        std::fs::copy(entry.path(), out.join("modules").join(entry.file_name()))
+            .map_err(io("copying a module".into()))?;
     }
     match crate::tools::find("xz").map_err(|e| e.to_string()).and_then(|xz| {
         kernel::extract_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux"), &xz).map_err(|e| e.to_string())
@@ -97,16 +98,24 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     if let (Guest::Windows, Some(opts)) = (spec.guest, &spec.windows) {
         let media_tools = install_media::MediaTools::find().map_err(|e| fail(e.to_string()))?;
         let repo = std::env::var_os("cygwinRepo").map(PathBuf::from);
-        let summary = install_media::build_media(opts, spec.disk_size_mib, &pubkey, repo.as_deref(), &out, &media_tools)
-            .map_err(|e| fail(e.to_string()))?;
+        let summary =
+            install_media::build_media(opts, spec.disk_size_mib, &pubkey, repo.as_deref(), &out, &media_tools)
+                .map_err(|e| fail(e.to_string()))?;
         progress.say(&format!(
             "windows media ready: autounattend.xml for '{}', answer.img, cygwin.img ({})",
             opts.edition,
-            if summary.cygwin_packages_present { "with Cygwin packages" } else { "WITHOUT Cygwin packages: see README.txt" }
+            if summary.cygwin_packages_present {
+                "with Cygwin packages"
+            } else {
+                "WITHOUT Cygwin packages: see README.txt"
+            }
         ));
         return Ok(0);
     }
-    write_initrd(&standin::installer(&tools.busybox, &tools.dropbear, &modules, &pubkey).map_err(|e| fail(e.to_string()))?, &out.join("installer.img"))?;
+    write_initrd(
+        &standin::installer(&tools.busybox, &tools.dropbear, &modules, &pubkey).map_err(|e| fail(e.to_string()))?,
+        &out.join("installer.img"),
+    )?;
     write_initrd(&standin::boot(&tools.busybox, &modules).map_err(|e| fail(e.to_string()))?, &out.join("boot.img"))?;
     progress.say("media ready: kernel, installer, boot initramfs, key pair");
     Ok(0)
@@ -131,7 +140,11 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let serial = work.join("install-serial.log");
     let (boot, nic_model, mac, extra_args, no_reboot, done) = match spec.guest {
         Guest::Standin => (
-            Some(KernelBoot { kernel: kernel::bootable(&media), initrd: media.join("installer.img"), append: APPEND.into() }),
+            Some(KernelBoot {
+                kernel: kernel::bootable(&media),
+                initrd: media.join("installer.img"),
+                append: APPEND.into(),
+            }),
             VIRTIO_NET,
             "",
             vec![],
@@ -207,7 +220,11 @@ fn windows_devices() -> Vec<std::ffi::OsString> {
 fn windows_disk_args(disk: &Path) -> Vec<std::ffi::OsString> {
     let mut args = vec![
         "-drive".into(),
-        format!("if=none,id=winvm-system,file={},format=qcow2,cache=writeback", disk.display().to_string().replace(',', ",,")).into(),
+        format!(
+            "if=none,id=winvm-system,file={},format=qcow2,cache=writeback",
+            disk.display().to_string().replace(',', ",,")
+        )
+        .into(),
         "-device".into(),
         "ide-hd,drive=winvm-system,bus=ide.0,bootindex=0".into(),
     ];
@@ -217,7 +234,8 @@ fn windows_disk_args(disk: &Path) -> Vec<std::ffi::OsString> {
 
 fn qemu_img(tools: &Tools, args: &[&str], paths: &[&std::ffi::OsStr], size: &str) -> Result<(), BuilderError> {
     let qemu_img = tools.qemu.with_file_name("qemu-img");
-    let qemu_img = if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img").map_err(|e| fail(e.to_string()))? };
+    let qemu_img =
+        if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img").map_err(|e| fail(e.to_string()))? };
     let mut c = Command::new(&qemu_img);
     c.args(args).args(paths);
     if !size.is_empty() {
@@ -252,13 +270,19 @@ pub struct ImageMeta {
 fn guest_boot(guest: Guest, media: &Path, disk: PathBuf, revive_from: Option<PathBuf>) -> GuestBoot {
     match guest {
         Guest::Standin => GuestBoot {
-            boot: Some(KernelBoot { kernel: kernel::bootable(media), initrd: media.join("boot.img"), append: APPEND.into() }),
+            boot: Some(KernelBoot {
+                kernel: kernel::bootable(media),
+                initrd: media.join("boot.img"),
+                append: APPEND.into(),
+            }),
             disk: Some(disk),
             nic_model: VIRTIO_NET,
             extra_args: vec![],
             revive_from,
         },
-        Guest::Windows => GuestBoot { boot: None, disk: None, nic_model: E1000E, extra_args: windows_disk_args(&disk), revive_from },
+        Guest::Windows => {
+            GuestBoot { boot: None, disk: None, nic_model: E1000E, extra_args: windows_disk_args(&disk), revive_from }
+        }
     }
 }
 
@@ -349,8 +373,23 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
 
 /// Variables that describe the host's build, not the build itself.
 const HOST_ONLY_VARS: &[&str] = &[
-    "PATH", "HOME", "TMPDIR", "TEMPDIR", "TMP", "TEMP", "NIX_BUILD_TOP", "PWD", "OLDPWD", "SHLVL", "TERM", "NIX_LOG_FD",
-    "_", "SHELL", "script", "winvmBuildSpec", "builder",
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "TEMPDIR",
+    "TMP",
+    "TEMP",
+    "NIX_BUILD_TOP",
+    "PWD",
+    "OLDPWD",
+    "SHLVL",
+    "TERM",
+    "NIX_LOG_FD",
+    "_",
+    "SHELL",
+    "script",
+    "winvmBuildSpec",
+    "builder",
 ];
 
 /// The derivation's environment as a script the guest sources (the historic xchg/saved-env).
@@ -422,7 +461,10 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     )
     .map_err(io(format!("{} is not a nix-winvm image's metadata", meta_path.display())))?;
     if meta.spec != spec.image {
-        return Err(fail(format!("the image at {} was built from another spec than this build expects", image.display())));
+        return Err(fail(format!(
+            "the image at {} was built from another spec than this build expects",
+            image.display()
+        )));
     }
     let state_file = image.join("state");
     let controller_state = image.join(CONTROLLER_STATE);

@@ -47,7 +47,8 @@ struct Log(File);
 impl Log {
     fn line(&mut self, msg: &str) {
         // The controller's own uptime: where its boot time goes, in the build log.
-        let uptime = std::fs::read_to_string("/proc/uptime").ok().and_then(|u| u.split_whitespace().next().map(String::from));
+        let uptime =
+            std::fs::read_to_string("/proc/uptime").ok().and_then(|u| u.split_whitespace().next().map(String::from));
         let _ = writeln!(self.0, "nix-winvm: [controller {} s] {msg}", uptime.unwrap_or_else(|| "?".into()));
         let _ = self.0.flush();
     }
@@ -108,7 +109,8 @@ fn run(cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTi
     let timeout = Duration::from_secs(cfg.ssh_timeout_secs.min(SSH_READY_TIMEOUT.as_secs()));
     let tcp = wait_for_ssh(addr, timeout)?;
     log.line("guest SSH answered");
-    File::create(cfg.xchg.join(WAITING_DONE)).map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
+    File::create(cfg.xchg.join(WAITING_DONE))
+        .map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
     run_command(tcp, cfg, log, clock)
 }
 
@@ -143,7 +145,10 @@ fn start_smbd(cfg: &AgentConfig) -> Result<SmbdGuard, AgentError> {
             return Err(AgentError::Smbd(format!("exited with {status} before listening: {}", tail.trim())));
         }
         if start.elapsed() > SMBD_READY_TIMEOUT {
-            return Err(AgentError::Smbd(format!("not listening on port 445 after {} s", SMBD_READY_TIMEOUT.as_secs())));
+            return Err(AgentError::Smbd(format!(
+                "not listening on port 445 after {} s",
+                SMBD_READY_TIMEOUT.as_secs()
+            )));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -174,7 +179,12 @@ fn ssh_err(step: &'static str) -> impl FnOnce(ssh2::Error) -> AgentError {
     move |e| AgentError::Ssh { step, detail: e.to_string() }
 }
 
-fn run_command(tcp: TcpStream, cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTime) -> Result<Verdict, AgentError> {
+fn run_command(
+    tcp: TcpStream,
+    cfg: &AgentConfig,
+    log: &mut Log,
+    clock: &dyn Fn() -> std::time::SystemTime,
+) -> Result<Verdict, AgentError> {
     let mut session = ssh2::Session::new().map_err(ssh_err("creating a session"))?;
     session.set_tcp_stream(tcp);
     session.handshake().map_err(ssh_err("handshaking"))?;
@@ -188,7 +198,8 @@ fn run_command(tcp: TcpStream, cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn(
     channel.exec(&command).map_err(ssh_err("starting the command"))?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = channel.read(&mut buf).map_err(|e| AgentError::Ssh { step: "reading output", detail: e.to_string() })?;
+        let n =
+            channel.read(&mut buf).map_err(|e| AgentError::Ssh { step: "reading output", detail: e.to_string() })?;
         if n == 0 {
             break;
         }
@@ -245,7 +256,10 @@ mod tests {
     fn clock_prefix_is_utc_civil_time() {
         let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
         assert_eq!(clock_prefix(t), "date -u -s '2026-11-18 11:06:40' >/dev/null 2>&1; ");
-        assert_eq!(clock_prefix(std::time::UNIX_EPOCH + Duration::from_secs(951_782_400)), "date -u -s '2000-02-29 00:00:00' >/dev/null 2>&1; ");
+        assert_eq!(
+            clock_prefix(std::time::UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "date -u -s '2000-02-29 00:00:00' >/dev/null 2>&1; "
+        );
     }
 
     #[test]

@@ -98,7 +98,11 @@ impl std::fmt::Display for BadPath {
 pub fn session_line(mounts: &[Mount], tmpfs: &[PathBuf], agent: &Path, xchg: &Path) -> Result<String, BadPath> {
     let plain = |p: &Path| {
         let t = p.display().to_string();
-        if t.chars().any(|c| c.is_whitespace() || c == '=') { Err(BadPath(p.to_path_buf())) } else { Ok(t) }
+        if t.chars().any(|c| c.is_whitespace() || c == '=') {
+            Err(BadPath(p.to_path_buf()))
+        } else {
+            Ok(t)
+        }
     };
     let mut list = Vec::new();
     for m in mounts {
@@ -151,7 +155,10 @@ mod tests {
     #[test]
     fn session_line_is_one_line_of_quoted_assignments() {
         let line = session_line(
-            &[Mount { tag: "xchg".into(), at: "/w/xchg".into() }, Mount { tag: "store".into(), at: "/nix/store".into() }],
+            &[
+                Mount { tag: "xchg".into(), at: "/w/xchg".into() },
+                Mount { tag: "store".into(), at: "/nix/store".into() },
+            ],
             &["/w/run".into()],
             Path::new("/bin/agent"),
             Path::new("/w/xchg"),

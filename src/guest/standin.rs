@@ -6,9 +6,8 @@ use crate::initramfs::{module_closure, Initramfs};
 use std::path::Path;
 
 /// Network, SMB client, entropy.
-pub const MODULES: &[&str] = &[
-    "virtio_pci", "virtio_net", "virtio_rng", "cifs", "ctr", "gcm", "ghash_generic", "ccm", "cmac", "sha512_generic",
-];
+pub const MODULES: &[&str] =
+    &["virtio_pci", "virtio_net", "virtio_rng", "cifs", "ctr", "gcm", "ghash_generic", "ccm", "cmac", "sha512_generic"];
 
 /// What every init of this project's Linux VMs starts with: busybox's applets, the kernel's
 /// file systems, and the modules in load order (skipping any a boot initramfs loaded already).
@@ -70,7 +69,13 @@ fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StandinError + '_ 
 
 /// Adds busybox (static; its applets are installed at boot) and `modules` with their
 /// dependencies, plus the load order, under `root`.
-fn add_busybox_and_modules(img: &mut Initramfs, root: &str, busybox: &Path, modules_dir: &Path, modules: &[&str]) -> Result<(), StandinError> {
+fn add_busybox_and_modules(
+    img: &mut Initramfs,
+    root: &str,
+    busybox: &Path,
+    modules_dir: &Path,
+    modules: &[&str],
+) -> Result<(), StandinError> {
     let e = err::<crate::initramfs::InitramfsError>;
     img.host_file(format!("{root}/bin/busybox"), busybox, Some(0o755)).map_err(e("busybox"))?;
     let order = module_closure(modules_dir, modules).map_err(err("kernel modules"))?;
@@ -94,7 +99,14 @@ pub fn base(busybox: &Path, modules_dir: &Path, modules: &[&str]) -> Result<Init
 
 /// The standin system under `root` ("" for a cold-boot initramfs, "/system" inside the
 /// installer, which copies it onto the disk).
-pub fn add_system(img: &mut Initramfs, root: &str, busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized_key: &str) -> Result<(), StandinError> {
+pub fn add_system(
+    img: &mut Initramfs,
+    root: &str,
+    busybox: &Path,
+    dropbear: &Path,
+    modules_dir: &Path,
+    authorized_key: &str,
+) -> Result<(), StandinError> {
     let at = |p: &str| format!("{root}{p}");
     let e = err::<crate::initramfs::InitramfsError>;
     add_busybox_and_modules(img, root, busybox, modules_dir, MODULES)?;
@@ -105,19 +117,29 @@ pub fn add_system(img: &mut Initramfs, root: &str, busybox: &Path, dropbear: &Pa
     img.file(
         at("/etc/passwd"),
         0o644,
-        b"root:x:0:0:root:/root:/bin/sh\nAdministrator:x:0:0:Administrator:/home/Administrator:/bin/winvm-login\n".to_vec(),
+        b"root:x:0:0:root:/root:/bin/sh\nAdministrator:x:0:0:Administrator:/home/Administrator:/bin/winvm-login\n"
+            .to_vec(),
     )
     .map_err(e("passwd"))?;
     img.file(at("/etc/group"), 0o644, b"root:x:0:\n".to_vec()).map_err(e("group"))?;
     img.file(at("/etc/shells"), 0o644, b"/bin/sh\n/bin/winvm-login\n".to_vec()).map_err(e("shells"))?;
     img.dir(at("/home/Administrator/.ssh"), 0o700).map_err(e("ssh dir"))?;
-    img.file(at("/home/Administrator/.ssh/authorized_keys"), 0o600, format!("{}\n", authorized_key.trim()).into_bytes())
-        .map_err(e("authorized_keys"))?;
+    img.file(
+        at("/home/Administrator/.ssh/authorized_keys"),
+        0o600,
+        format!("{}\n", authorized_key.trim()).into_bytes(),
+    )
+    .map_err(e("authorized_keys"))?;
     Ok(())
 }
 
 /// A cold-booting standin: the system itself is the initramfs.
-pub fn initramfs(busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized_key: &str) -> Result<Initramfs, StandinError> {
+pub fn initramfs(
+    busybox: &Path,
+    dropbear: &Path,
+    modules_dir: &Path,
+    authorized_key: &str,
+) -> Result<Initramfs, StandinError> {
     let mut img = Initramfs::new();
     add_system(&mut img, "", busybox, dropbear, modules_dir, authorized_key)?;
     Ok(img)
@@ -143,7 +165,12 @@ poweroff -f
 pub const INSTALL_DONE: &str = "winvm-install: done";
 
 /// The installer: a system to copy, and an init that puts it on /dev/vda.
-pub fn installer(busybox: &Path, dropbear: &Path, modules_dir: &Path, authorized_key: &str) -> Result<Initramfs, StandinError> {
+pub fn installer(
+    busybox: &Path,
+    dropbear: &Path,
+    modules_dir: &Path,
+    authorized_key: &str,
+) -> Result<Initramfs, StandinError> {
     let mut img = base(busybox, modules_dir, DISK_MODULES)?;
     img.file("/init", 0o755, init(INSTALLER_INIT)).map_err(err("installer init"))?;
     add_system(&mut img, "/system", busybox, dropbear, modules_dir, authorized_key)?;

@@ -68,44 +68,24 @@ impl fmt::Display for InitramfsError {
                 "initramfs path {}: mode {mode:#o} has bits outside 0o7777 (give permissions only)",
                 path.display()
             ),
-            InitramfsError::Conflict {
-                path,
-                existing,
-                new,
-            } => write!(
-                f,
-                "initramfs path {} added twice: first as {existing}, then as {new}",
-                path.display()
-            ),
+            InitramfsError::Conflict { path, existing, new } => {
+                write!(f, "initramfs path {} added twice: first as {existing}, then as {new}", path.display())
+            }
             InitramfsError::NotADirectory { path, parent } => write!(
                 f,
                 "initramfs path {} cannot be added: its parent {} is not a directory",
                 path.display(),
                 parent.display()
             ),
-            InitramfsError::TooLarge { path, size } => write!(
-                f,
-                "initramfs file {} is {size} bytes; cpio newc holds at most 4 GiB - 1",
-                path.display()
-            ),
-            InitramfsError::ReadHost {
-                archive_path,
-                host_path,
-                source,
-            } => write!(
-                f,
-                "cannot read {} for initramfs path {}: {source}",
-                host_path.display(),
-                archive_path.display()
-            ),
-            InitramfsError::Elf {
-                archive_path,
-                source,
-            } => write!(
-                f,
-                "cannot collect the libraries of initramfs binary {}: {source}",
-                archive_path.display()
-            ),
+            InitramfsError::TooLarge { path, size } => {
+                write!(f, "initramfs file {} is {size} bytes; cpio newc holds at most 4 GiB - 1", path.display())
+            }
+            InitramfsError::ReadHost { archive_path, host_path, source } => {
+                write!(f, "cannot read {} for initramfs path {}: {source}", host_path.display(), archive_path.display())
+            }
+            InitramfsError::Elf { archive_path, source } => {
+                write!(f, "cannot collect the libraries of initramfs binary {}: {source}", archive_path.display())
+            }
         }
     }
 }
@@ -204,10 +184,7 @@ pub struct Initramfs {
 
 /// The archive name of `path`: its normal components joined by '/', without a leading '/'.
 fn archive_name(path: &Path) -> Result<Vec<u8>, InitramfsError> {
-    let invalid = |reason| InitramfsError::InvalidPath {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let invalid = |reason| InitramfsError::InvalidPath { path: path.to_path_buf(), reason };
     let mut name = Vec::new();
     for component in path.components() {
         match component {
@@ -257,10 +234,7 @@ impl Initramfs {
         let contents = contents.into();
         if u32::try_from(contents.len()).is_err() {
             let size = contents.len() as u64;
-            return Err(InitramfsError::TooLarge {
-                path: path.to_path_buf(),
-                size,
-            });
+            return Err(InitramfsError::TooLarge { path: path.to_path_buf(), size });
         }
         self.add(path, mode, Kind::File(contents))
     }
@@ -281,32 +255,19 @@ impl Initramfs {
         };
         let mode = match mode {
             Some(mode) => mode,
-            None => {
-                std::fs::metadata(host_path)
-                    .map_err(read_error)?
-                    .permissions()
-                    .mode()
-                    & PERMISSION_BITS
-            }
+            None => std::fs::metadata(host_path).map_err(read_error)?.permissions().mode() & PERMISSION_BITS,
         };
         let contents = std::fs::read(host_path).map_err(read_error)?;
         self.file(archive_path, mode, contents)
     }
 
     /// `target` is stored as given; relative targets resolve against the link's folder.
-    pub fn symlink(
-        &mut self,
-        path: impl AsRef<Path>,
-        target: impl AsRef<Path>,
-    ) -> Result<&mut Self, InitramfsError> {
+    pub fn symlink(&mut self, path: impl AsRef<Path>, target: impl AsRef<Path>) -> Result<&mut Self, InitramfsError> {
         let path = path.as_ref();
         let target = target.as_ref().as_os_str().as_bytes().to_vec();
         if target.is_empty() || target.contains(&0) {
             let reason = "a symlink target must be non-empty and free of NUL bytes";
-            return Err(InitramfsError::InvalidPath {
-                path: path.to_path_buf(),
-                reason,
-            });
+            return Err(InitramfsError::InvalidPath { path: path.to_path_buf(), reason });
         }
         self.add(path, 0o777, Kind::Symlink(target))
     }
@@ -341,12 +302,8 @@ impl Initramfs {
         host_binary: impl AsRef<Path>,
     ) -> Result<&mut Self, InitramfsError> {
         let (root, archive_path, host_binary) = (root.as_ref(), archive_path.as_ref(), host_binary.as_ref());
-        let closure = elf_closure(host_binary, &default_lib_dirs()).map_err(|source| {
-            InitramfsError::Elf {
-                archive_path: archive_path.to_path_buf(),
-                source,
-            }
-        })?;
+        let closure = elf_closure(host_binary, &default_lib_dirs())
+            .map_err(|source| InitramfsError::Elf { archive_path: archive_path.to_path_buf(), source })?;
         self.host_file(archive_path, host_binary, None)?;
         for library in closure {
             let inside = root.join(library.strip_prefix("/").unwrap_or(&library));
@@ -362,10 +319,7 @@ impl Initramfs {
 
     fn add(&mut self, path: &Path, mode: u32, kind: Kind) -> Result<&mut Self, InitramfsError> {
         if mode & !PERMISSION_BITS != 0 {
-            return Err(InitramfsError::InvalidMode {
-                path: path.to_path_buf(),
-                mode,
-            });
+            return Err(InitramfsError::InvalidMode { path: path.to_path_buf(), mode });
         }
         let name = archive_name(path)?;
         self.ensure_parents(path, &name)?;
@@ -390,25 +344,15 @@ impl Initramfs {
     }
 
     fn ensure_parents(&mut self, path: &Path, name: &[u8]) -> Result<(), InitramfsError> {
-        let slashes = name
-            .iter()
-            .enumerate()
-            .filter(|(_, &b)| b == b'/')
-            .map(|(i, _)| i);
+        let slashes = name.iter().enumerate().filter(|(_, &b)| b == b'/').map(|(i, _)| i);
         for end in slashes {
             let parent = &name[..end];
             match self.entries.get(parent) {
                 None => {
-                    let entry = Entry {
-                        kind: Kind::Dir { implicit: true },
-                        mode: IMPLICIT_DIR_MODE,
-                    };
+                    let entry = Entry { kind: Kind::Dir { implicit: true }, mode: IMPLICIT_DIR_MODE };
                     self.entries.insert(parent.to_vec(), entry);
                 }
-                Some(Entry {
-                    kind: Kind::Dir { .. },
-                    ..
-                }) => {}
+                Some(Entry { kind: Kind::Dir { .. }, .. }) => {}
                 Some(_) => {
                     return Err(InitramfsError::NotADirectory {
                         path: path.to_path_buf(),
@@ -430,23 +374,13 @@ impl Initramfs {
             let header = Header {
                 ino: u32::try_from(index + 1).unwrap_or(u32::MAX),
                 mode: entry.file_type() | entry.mode,
-                nlink: if matches!(entry.kind, Kind::Dir { .. }) {
-                    2
-                } else {
-                    1
-                },
+                nlink: if matches!(entry.kind, Kind::Dir { .. }) { 2 } else { 1 },
                 rdev_major,
                 rdev_minor,
             };
             write_entry(&mut out, &header, name, entry.data())?;
         }
-        let trailer = Header {
-            ino: 0,
-            mode: 0,
-            nlink: 1,
-            rdev_major: 0,
-            rdev_minor: 0,
-        };
+        let trailer = Header { ino: 0, mode: 0, nlink: 1, rdev_major: 0, rdev_minor: 0 };
         write_entry(&mut out, &trailer, b"TRAILER!!!", &[])?;
         out.flush()
     }
@@ -461,9 +395,7 @@ impl Initramfs {
     /// Writes the archive gzip-compressed (no name, mtime 0 in the gzip header), which every
     /// kernel that can unpack an initramfs supports.
     pub fn write_gz<W: Write>(&self, out: W) -> io::Result<()> {
-        let mut encoder = flate2::GzBuilder::new()
-            .mtime(0)
-            .write(out, flate2::Compression::default());
+        let mut encoder = flate2::GzBuilder::new().mtime(0).write(out, flate2::Compression::default());
         self.write_cpio(&mut encoder)?;
         encoder.finish()?.flush()
     }

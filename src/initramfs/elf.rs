@@ -12,13 +12,8 @@ use std::path::{Path, PathBuf};
 
 /// Where the loader of a Debian/Ubuntu x86_64 system looks, in its order. `elf_closure` does
 /// not read /etc/ld.so.cache: on the systems we build from these folders are what it lists.
-pub const DEFAULT_LIB_DIRS: &[&str] = &[
-    "/lib/x86_64-linux-gnu",
-    "/usr/lib/x86_64-linux-gnu",
-    "/lib64",
-    "/usr/lib",
-    "/lib",
-];
+pub const DEFAULT_LIB_DIRS: &[&str] =
+    &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib", "/lib"];
 
 pub fn default_lib_dirs() -> Vec<PathBuf> {
     DEFAULT_LIB_DIRS.iter().map(PathBuf::from).collect()
@@ -26,31 +21,12 @@ pub fn default_lib_dirs() -> Vec<PathBuf> {
 
 #[derive(Debug)]
 pub enum ElfError {
-    Read {
-        path: PathBuf,
-        source: io::Error,
-    },
-    NotElf {
-        path: PathBuf,
-    },
-    Unsupported {
-        path: PathBuf,
-        what: String,
-    },
-    Malformed {
-        path: PathBuf,
-        what: String,
-    },
-    InterpreterMissing {
-        interpreter: PathBuf,
-        binary: PathBuf,
-        source: io::Error,
-    },
-    LibraryNotFound {
-        library: String,
-        needed_by: PathBuf,
-        searched: Vec<PathBuf>,
-    },
+    Read { path: PathBuf, source: io::Error },
+    NotElf { path: PathBuf },
+    Unsupported { path: PathBuf, what: String },
+    Malformed { path: PathBuf, what: String },
+    InterpreterMissing { interpreter: PathBuf, binary: PathBuf, source: io::Error },
+    LibraryNotFound { library: String, needed_by: PathBuf, searched: Vec<PathBuf> },
 }
 
 impl fmt::Display for ElfError {
@@ -60,11 +36,7 @@ impl fmt::Display for ElfError {
                 write!(f, "cannot read ELF file {}: {source}", path.display())
             }
             ElfError::NotElf { path } => {
-                write!(
-                    f,
-                    "{} is not an ELF file (no \\x7fELF magic)",
-                    path.display()
-                )
+                write!(f, "{} is not an ELF file (no \\x7fELF magic)", path.display())
             }
             ElfError::Unsupported { path, what } => {
                 write!(f, "{}: unsupported ELF file: {what}", path.display())
@@ -72,21 +44,10 @@ impl fmt::Display for ElfError {
             ElfError::Malformed { path, what } => {
                 write!(f, "{}: malformed ELF file: {what}", path.display())
             }
-            ElfError::InterpreterMissing {
-                interpreter,
-                binary,
-                source,
-            } => write!(
-                f,
-                "interpreter {} of {} cannot be read: {source}",
-                interpreter.display(),
-                binary.display()
-            ),
-            ElfError::LibraryNotFound {
-                library,
-                needed_by,
-                searched,
-            } => {
+            ElfError::InterpreterMissing { interpreter, binary, source } => {
+                write!(f, "interpreter {} of {} cannot be read: {source}", interpreter.display(), binary.display())
+            }
+            ElfError::LibraryNotFound { library, needed_by, searched } => {
                 let dirs: Vec<String> = searched.iter().map(|d| d.display().to_string()).collect();
                 write!(
                     f,
@@ -102,9 +63,7 @@ impl fmt::Display for ElfError {
 impl std::error::Error for ElfError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            ElfError::Read { source, .. } | ElfError::InterpreterMissing { source, .. } => {
-                Some(source)
-            }
+            ElfError::Read { source, .. } | ElfError::InterpreterMissing { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -218,34 +177,16 @@ impl<'a> Elf<'a> {
         if data.len() < 4 || &data[..4] != b"\x7fELF" {
             return Err(ParseError::NotElf);
         }
-        let header = data
-            .get(..64)
-            .ok_or_else(|| malformed("file ends inside the 64-byte ELF header"))?;
+        let header = data.get(..64).ok_or_else(|| malformed("file ends inside the 64-byte ELF header"))?;
         match header[4] {
             2 => {}
-            1 => {
-                return Err(ParseError::Unsupported(
-                    "32-bit ELF (only ELF64 is read)".into(),
-                ))
-            }
-            class => {
-                return Err(ParseError::Unsupported(format!(
-                    "unknown ELF class {class}"
-                )))
-            }
+            1 => return Err(ParseError::Unsupported("32-bit ELF (only ELF64 is read)".into())),
+            class => return Err(ParseError::Unsupported(format!("unknown ELF class {class}"))),
         }
         match header[5] {
             1 => {}
-            2 => {
-                return Err(ParseError::Unsupported(
-                    "big-endian ELF (only little-endian is read)".into(),
-                ))
-            }
-            encoding => {
-                return Err(ParseError::Unsupported(format!(
-                    "unknown ELF data encoding {encoding}"
-                )))
-            }
+            2 => return Err(ParseError::Unsupported("big-endian ELF (only little-endian is read)".into())),
+            encoding => return Err(ParseError::Unsupported(format!("unknown ELF data encoding {encoding}"))),
         }
         // The header is 64 bytes long, so these fixed offsets cannot miss.
         let field16 = |offset| u16_at(header, offset).unwrap_or(0);
@@ -262,28 +203,22 @@ impl<'a> Elf<'a> {
             shstrndx: field16(0x3e),
         };
         if elf.phnum > 0 && usize::from(elf.phentsize) < PHDR_SIZE {
-            return Err(malformed(format!(
-                "program header entry size {} < 56",
-                elf.phentsize
-            )));
+            return Err(malformed(format!("program header entry size {} < 56", elf.phentsize)));
         }
         if elf.shoff != 0 && usize::from(elf.shentsize) < SHDR_SIZE {
-            return Err(malformed(format!(
-                "section header entry size {} < 64",
-                elf.shentsize
-            )));
+            return Err(malformed(format!("section header entry size {} < 64", elf.shentsize)));
         }
         // Files with 0xff00 or more sections keep the real counts in section header 0.
         if elf.shoff != 0 && (elf.shnum == 0 || elf.shstrndx == SHN_XINDEX) {
             let zero = elf.raw_section(0)?;
             if elf.shnum == 0 {
-                elf.shnum = u16::try_from(zero.size)
-                    .map_err(|_| malformed(format!("{} sections are too many", zero.size)))?;
+                elf.shnum =
+                    u16::try_from(zero.size).map_err(|_| malformed(format!("{} sections are too many", zero.size)))?;
             }
             if elf.shstrndx == SHN_XINDEX {
                 let link = u32_at(elf.section_header_bytes(0)?, 40).unwrap_or(0);
-                elf.shstrndx = u16::try_from(link)
-                    .map_err(|_| malformed(format!("section name table index {link} too large")))?;
+                elf.shstrndx =
+                    u16::try_from(link).map_err(|_| malformed(format!("section name table index {link} too large")))?;
             }
         }
         Ok(elf)
@@ -296,9 +231,8 @@ impl<'a> Elf<'a> {
                     .checked_mul(index as u64)
                     .and_then(|o| o.checked_add(self.phoff))
                     .ok_or_else(|| malformed("program header offset overflows"))?;
-                let bytes = slice_at(self.data, offset, PHDR_SIZE as u64).ok_or_else(|| {
-                    malformed(format!("program header {index} lies outside the file"))
-                })?;
+                let bytes = slice_at(self.data, offset, PHDR_SIZE as u64)
+                    .ok_or_else(|| malformed(format!("program header {index} lies outside the file")))?;
                 Ok(ProgramHeader {
                     p_type: u32_at(bytes, 0).unwrap_or(0),
                     offset: u64_at(bytes, 8).unwrap_or(0),
@@ -354,11 +288,8 @@ impl<'a> Elf<'a> {
         let names = self.section_contents(&self.raw_section(usize::from(self.shstrndx))?)?;
         for index in 0..usize::from(self.shnum) {
             let section = self.raw_section(index)?;
-            let section_name = c_str_at(names, u64::from(section.name)).ok_or_else(|| {
-                malformed(format!(
-                    "name of section {index} lies outside the name table"
-                ))
-            })?;
+            let section_name = c_str_at(names, u64::from(section.name))
+                .ok_or_else(|| malformed(format!("name of section {index} lies outside the name table")))?;
             if section_name == name.as_bytes() {
                 return self.section_contents(&section).map(Some);
             }
@@ -370,9 +301,7 @@ impl<'a> Elf<'a> {
     fn file_offset_of(&self, phdrs: &[ProgramHeader], vaddr: u64) -> Option<u64> {
         phdrs.iter().filter(|p| p.p_type == PT_LOAD).find_map(|p| {
             let delta = vaddr.checked_sub(p.vaddr)?;
-            (delta < p.filesz)
-                .then(|| p.offset.checked_add(delta))
-                .flatten()
+            (delta < p.filesz).then(|| p.offset.checked_add(delta)).flatten()
         })
     }
 
@@ -412,32 +341,23 @@ impl<'a> Elf<'a> {
             return Ok(info);
         }
         let strtab = strtab.ok_or_else(|| malformed("dynamic section has no DT_STRTAB"))?;
-        let strtab_offset = self.file_offset_of(&phdrs, strtab).ok_or_else(|| {
-            malformed(format!(
-                "DT_STRTAB address {strtab:#x} is in no PT_LOAD segment"
-            ))
-        })?;
+        let strtab_offset = self
+            .file_offset_of(&phdrs, strtab)
+            .ok_or_else(|| malformed(format!("DT_STRTAB address {strtab:#x} is in no PT_LOAD segment")))?;
         // Without DT_STRSZ the table runs to the end of the file; c_str_at still stops at NUL.
         let strings = match strsz {
             Some(size) => slice_at(self.data, strtab_offset, size),
-            None => usize::try_from(strtab_offset)
-                .ok()
-                .and_then(|o| self.data.get(o..)),
+            None => usize::try_from(strtab_offset).ok().and_then(|o| self.data.get(o..)),
         }
         .ok_or_else(|| malformed("dynamic string table lies outside the file"))?;
         let string = |offset: u64, what: &str| {
             c_str_at(strings, offset)
                 .map(<[u8]>::to_vec)
-                .ok_or_else(|| {
-                    malformed(format!(
-                        "{what} string at {offset:#x} lies outside the string table"
-                    ))
-                })
+                .ok_or_else(|| malformed(format!("{what} string at {offset:#x} lies outside the string table")))
         };
         for offset in needed {
             let name = string(offset, "DT_NEEDED")?;
-            info.needed
-                .push(String::from_utf8(name).map_err(|_| malformed("DT_NEEDED is not UTF-8"))?);
+            info.needed.push(String::from_utf8(name).map_err(|_| malformed("DT_NEEDED is not UTF-8"))?);
         }
         // glibc ignores DT_RPATH when DT_RUNPATH is present.
         let search = match (runpath, rpath) {
@@ -446,11 +366,7 @@ impl<'a> Elf<'a> {
             (None, None) => None,
         };
         if let Some(search) = search {
-            info.search_path = search
-                .split(|&b| b == b':')
-                .filter(|dir| !dir.is_empty())
-                .map(bytes_to_path)
-                .collect();
+            info.search_path = search.split(|&b| b == b':').filter(|dir| !dir.is_empty()).map(bytes_to_path).collect();
         }
         Ok(info)
     }
@@ -470,10 +386,7 @@ pub(crate) struct DynamicInfo {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, ElfError> {
-    std::fs::read(path).map_err(|source| ElfError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| ElfError::Read { path: path.to_path_buf(), source })
 }
 
 struct Object {
@@ -485,10 +398,7 @@ fn read_object(path: &Path) -> Result<Object, ElfError> {
     let data = read_file(path)?;
     let elf = Elf::parse(&data).map_err(|e| e.at(path))?;
     let info = elf.dynamic_info().map_err(|e| e.at(path))?;
-    Ok(Object {
-        machine: elf.machine,
-        info,
-    })
+    Ok(Object { machine: elf.machine, info })
 }
 
 /// Expands `$ORIGIN`/`${ORIGIN}` against the folder of the (symlink-resolved) object, as
@@ -499,15 +409,8 @@ fn expand_origin(dir: &Path, object: &Path) -> PathBuf {
         return dir.to_path_buf();
     }
     let real = std::fs::canonicalize(object).unwrap_or_else(|_| object.to_path_buf());
-    let origin = real
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .to_string_lossy()
-        .into_owned();
-    PathBuf::from(
-        text.replace("${ORIGIN}", &origin)
-            .replace("$ORIGIN", &origin),
-    )
+    let origin = real.parent().unwrap_or(Path::new("/")).to_string_lossy().into_owned();
+    PathBuf::from(text.replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin))
 }
 
 /// The files a dynamically linked `binary` needs at run time: its interpreter (the PT_INTERP
@@ -525,12 +428,11 @@ pub fn elf_closure(binary: &Path, lib_dirs: &[PathBuf]) -> Result<Vec<PathBuf>, 
     let mut closure = Vec::new();
     let mut seen_files = HashSet::new();
     if let Some(interpreter) = &root.info.interpreter {
-        let real =
-            std::fs::canonicalize(interpreter).map_err(|source| ElfError::InterpreterMissing {
-                interpreter: interpreter.clone(),
-                binary: binary.to_path_buf(),
-                source,
-            })?;
+        let real = std::fs::canonicalize(interpreter).map_err(|source| ElfError::InterpreterMissing {
+            interpreter: interpreter.clone(),
+            binary: binary.to_path_buf(),
+            source,
+        })?;
         seen_files.insert(real);
         closure.push(interpreter.clone());
     }
@@ -542,11 +444,8 @@ pub fn elf_closure(binary: &Path, lib_dirs: &[PathBuf]) -> Result<Vec<PathBuf>, 
             if !resolved_names.insert(name.clone()) {
                 continue;
             }
-            let mut searched: Vec<PathBuf> = info
-                .search_path
-                .iter()
-                .map(|dir| expand_origin(dir, &object_path))
-                .collect();
+            let mut searched: Vec<PathBuf> =
+                info.search_path.iter().map(|dir| expand_origin(dir, &object_path)).collect();
             searched.extend(lib_dirs.iter().cloned());
             let found = if name.contains('/') {
                 // A DT_NEEDED with a slash is a path, used as it is, like ld.so does.
@@ -565,10 +464,7 @@ pub fn elf_closure(binary: &Path, lib_dirs: &[PathBuf]) -> Result<Vec<PathBuf>, 
                     searched,
                 });
             };
-            let real = std::fs::canonicalize(&path).map_err(|source| ElfError::Read {
-                path: path.clone(),
-                source,
-            })?;
+            let real = std::fs::canonicalize(&path).map_err(|source| ElfError::Read { path: path.clone(), source })?;
             if seen_files.insert(real) {
                 closure.push(path.clone());
                 queue.push_back((path, object.info));
@@ -579,11 +475,7 @@ pub fn elf_closure(binary: &Path, lib_dirs: &[PathBuf]) -> Result<Vec<PathBuf>, 
 }
 
 /// The first `dir/name` that is an ELF object for `machine`, with its dynamic information.
-fn find_library(
-    name: &str,
-    dirs: &[PathBuf],
-    machine: u16,
-) -> Result<Option<(PathBuf, Object)>, ElfError> {
+fn find_library(name: &str, dirs: &[PathBuf], machine: u16) -> Result<Option<(PathBuf, Object)>, ElfError> {
     for dir in dirs {
         let candidate = dir.join(name);
         if !candidate.is_file() {
@@ -600,13 +492,7 @@ fn find_library(
             continue;
         }
         let info = elf.dynamic_info().map_err(|e| e.at(&candidate))?;
-        return Ok(Some((
-            candidate,
-            Object {
-                machine: elf.machine,
-                info,
-            },
-        )));
+        return Ok(Some((candidate, Object { machine: elf.machine, info })));
     }
     Ok(None)
 }

@@ -47,28 +47,15 @@ impl fmt::Display for ModuleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ModuleError::ReadDir { dir, source } => {
-                write!(
-                    f,
-                    "cannot list kernel modules in {}: {source}",
-                    dir.display()
-                )
+                write!(f, "cannot list kernel modules in {}: {source}", dir.display())
             }
-            ModuleError::Ambiguous {
-                module,
-                first,
-                second,
-            } => write!(
+            ModuleError::Ambiguous { module, first, second } => write!(
                 f,
                 "kernel module {module} is ambiguous: both {} and {} match",
                 first.display(),
                 second.display()
             ),
-            ModuleError::Missing {
-                module,
-                needed_by,
-                dir,
-                compressed,
-            } => {
+            ModuleError::Missing { module, needed_by, dir, compressed } => {
                 write!(f, "kernel module {module}")?;
                 match needed_by {
                     Some(parent) => write!(f, " (needed by {parent})")?,
@@ -76,11 +63,7 @@ impl fmt::Display for ModuleError {
                 }
                 write!(f, " not found in {}", dir.display())?;
                 if let Some(compressed) = compressed {
-                    write!(
-                        f,
-                        "; only {} exists, decompress it first",
-                        compressed.display()
-                    )?;
+                    write!(f, "; only {} exists, decompress it first", compressed.display())?;
                 }
                 Ok(())
             }
@@ -121,21 +104,14 @@ struct ModuleIndex {
 
 impl ModuleIndex {
     fn scan(dir: &Path) -> Result<ModuleIndex, ModuleError> {
-        let read_dir_error = |source| ModuleError::ReadDir {
-            dir: dir.to_path_buf(),
-            source,
-        };
+        let read_dir_error = |source| ModuleError::ReadDir { dir: dir.to_path_buf(), source };
         let mut entries = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
             entries.push(entry.map_err(read_dir_error)?.path());
         }
         // Sorted so that which of two ambiguous files is "first" does not depend on readdir.
         entries.sort();
-        let mut index = ModuleIndex {
-            dir: dir.to_path_buf(),
-            modules: BTreeMap::new(),
-            compressed: BTreeMap::new(),
-        };
+        let mut index = ModuleIndex { dir: dir.to_path_buf(), modules: BTreeMap::new(), compressed: BTreeMap::new() };
         for path in entries {
             let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
@@ -143,17 +119,10 @@ impl ModuleIndex {
             if let Some(stem) = file_name.strip_suffix(".ko") {
                 let module = normalize_module_name(stem);
                 if let Some(first) = index.modules.get(&module) {
-                    return Err(ModuleError::Ambiguous {
-                        module,
-                        first: first.clone(),
-                        second: path.clone(),
-                    });
+                    return Err(ModuleError::Ambiguous { module, first: first.clone(), second: path.clone() });
                 }
                 index.modules.insert(module, path);
-            } else if let Some(stem) = COMPRESSED_SUFFIXES
-                .iter()
-                .find_map(|suffix| file_name.strip_suffix(suffix))
-            {
+            } else if let Some(stem) = COMPRESSED_SUFFIXES.iter().find_map(|suffix| file_name.strip_suffix(suffix)) {
                 index.compressed.insert(normalize_module_name(stem), path);
             }
         }
@@ -161,27 +130,19 @@ impl ModuleIndex {
     }
 
     fn lookup(&self, module: &str, needed_by: Option<&str>) -> Result<&PathBuf, ModuleError> {
-        self.modules
-            .get(module)
-            .ok_or_else(|| ModuleError::Missing {
-                module: module.to_string(),
-                needed_by: needed_by.map(str::to_string),
-                dir: self.dir.clone(),
-                compressed: self.compressed.get(module).cloned(),
-            })
+        self.modules.get(module).ok_or_else(|| ModuleError::Missing {
+            module: module.to_string(),
+            needed_by: needed_by.map(str::to_string),
+            dir: self.dir.clone(),
+            compressed: self.compressed.get(module).cloned(),
+        })
     }
 }
 
 /// The `depends=` list of the module file at `path`, names normalized.
 pub fn module_depends(path: &Path) -> Result<Vec<String>, ModuleError> {
-    let data = std::fs::read(path).map_err(|source| ModuleError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let bad = |what: String| ModuleError::BadModule {
-        path: path.to_path_buf(),
-        what,
-    };
+    let data = std::fs::read(path).map_err(|source| ModuleError::Read { path: path.to_path_buf(), source })?;
+    let bad = |what: String| ModuleError::BadModule { path: path.to_path_buf(), what };
     let elf = Elf::parse(&data).map_err(|e| bad(e.at(path).to_string()))?;
     let modinfo = elf
         .section_by_name(".modinfo")
@@ -190,13 +151,8 @@ pub fn module_depends(path: &Path) -> Result<Vec<String>, ModuleError> {
     let mut depends = Vec::new();
     for entry in modinfo.split(|&b| b == 0) {
         if let Some(list) = entry.strip_prefix(b"depends=") {
-            let list = std::str::from_utf8(list)
-                .map_err(|_| bad("its depends= entry is not UTF-8".to_string()))?;
-            depends.extend(
-                list.split(',')
-                    .filter(|name| !name.is_empty())
-                    .map(normalize_module_name),
-            );
+            let list = std::str::from_utf8(list).map_err(|_| bad("its depends= entry is not UTF-8".to_string()))?;
+            depends.extend(list.split(',').filter(|name| !name.is_empty()).map(normalize_module_name));
         }
     }
     Ok(depends)
@@ -212,11 +168,7 @@ pub fn module_depends(path: &Path) -> Result<Vec<String>, ModuleError> {
 /// and '_' interchangeable.
 pub fn module_closure(modules_dir: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>, ModuleError> {
     let index = ModuleIndex::scan(modules_dir)?;
-    let mut walk = Walk {
-        index: &index,
-        done: BTreeSet::new(),
-        order: Vec::new(),
-    };
+    let mut walk = Walk { index: &index, done: BTreeSet::new(), order: Vec::new() };
     for module in wanted {
         let module = normalize_module_name(module.strip_suffix(".ko").unwrap_or(module));
         walk.visit(&module, &mut Vec::new())?;
@@ -243,10 +195,7 @@ impl Walk<'_> {
             cycle.push(module.to_string());
             return Err(ModuleError::Cycle { chain: cycle });
         }
-        let path = self
-            .index
-            .lookup(module, chain.last().map(String::as_str))?
-            .clone();
+        let path = self.index.lookup(module, chain.last().map(String::as_str))?.clone();
         let depends = module_depends(&path)?;
         chain.push(module.to_string());
         for dependency in &depends {

@@ -44,15 +44,10 @@ fn parse_newc(bytes: &[u8]) -> Vec<RawEntry> {
         let name = &bytes[name_start..name_start + namesize];
         assert_eq!(name.last(), Some(&0), "name at {at} is not NUL-terminated");
         let data_start = (name_start + namesize + 3) & !3;
-        assert!(bytes[name_start + namesize..data_start]
-            .iter()
-            .all(|&b| b == 0));
+        assert!(bytes[name_start + namesize..data_start].iter().all(|&b| b == 0));
         let data_end = data_start + filesize;
         let next = (data_end + 3) & !3;
-        assert!(
-            bytes[data_end..next].iter().all(|&b| b == 0),
-            "non-zero padding after {at}"
-        );
+        assert!(bytes[data_end..next].iter().all(|&b| b == 0), "non-zero padding after {at}");
         let entry = RawEntry {
             offset: at,
             ino: field(0),
@@ -86,25 +81,15 @@ fn run_cpio_extract(archive: &[u8], into: &Path) {
         .expect("cpio must be installed for these tests");
     child.stdin.take().unwrap().write_all(archive).unwrap();
     let output = child.wait_with_output().unwrap();
-    assert!(
-        output.status.success(),
-        "cpio failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "cpio failed: {}", String::from_utf8_lossy(&output.stderr));
 }
 
 fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
 }
 
 fn perms(path: &Path) -> u32 {
-    std::fs::symlink_metadata(path)
-        .unwrap()
-        .permissions()
-        .mode()
-        & 0o7777
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
 }
 
 fn sample() -> Initramfs {
@@ -158,12 +143,7 @@ fn archive_layout_is_deterministic_and_aligned() {
     );
     for (index, entry) in entries[..entries.len() - 1].iter().enumerate() {
         assert_eq!(entry.ino as usize, index + 1, "{}", entry.name);
-        assert_eq!(
-            (entry.uid, entry.gid, entry.mtime),
-            (0, 0, 0),
-            "{}",
-            entry.name
-        );
+        assert_eq!((entry.uid, entry.gid, entry.mtime), (0, 0, 0), "{}", entry.name);
     }
     let find = |name: &str| entries.iter().find(|e| e.name == name).unwrap();
     assert_eq!(find("bin").mode, 0o040755);
@@ -211,49 +191,27 @@ fn insertion_order_does_not_change_the_bytes() {
 fn real_cpio_unpacks_contents_modes_and_symlinks() {
     let dir = tempfile::tempdir().unwrap();
     let mut initramfs = sample();
-    initramfs
-        .file("/bin/busybox", 0o4755, b"not really busybox".to_vec())
-        .unwrap();
+    initramfs.file("/bin/busybox", 0o4755, b"not really busybox".to_vec()).unwrap();
     run_cpio_extract(&initramfs.to_cpio(), dir.path());
     let root = dir.path();
-    assert_eq!(
-        std::fs::read(root.join("init")).unwrap(),
-        b"#!/bin/sh\necho hi\n"
-    );
+    assert_eq!(std::fs::read(root.join("init")).unwrap(), b"#!/bin/sh\necho hi\n");
     assert_eq!(perms(&root.join("init")), 0o755);
-    assert_eq!(
-        std::fs::read(root.join("etc/deep/nested/conf")).unwrap(),
-        b"x=1\n"
-    );
+    assert_eq!(std::fs::read(root.join("etc/deep/nested/conf")).unwrap(), b"x=1\n");
     assert_eq!(perms(&root.join("etc/deep/nested/conf")), 0o640);
     assert_eq!(perms(&root.join("etc/deep")), 0o755);
     assert_eq!(std::fs::read(root.join("empty")).unwrap(), b"");
     assert_eq!(perms(&root.join("empty")), 0o600);
     assert_eq!(perms(&root.join("tmp")), 0o1777);
     assert_eq!(perms(&root.join("proc")), 0o555);
-    assert_eq!(
-        std::fs::read_link(root.join("bin/sh")).unwrap(),
-        Path::new("busybox")
-    );
-    assert_eq!(
-        std::fs::read_link(root.join("lib64")).unwrap(),
-        Path::new("/lib")
-    );
-    assert_eq!(
-        std::fs::read(root.join("bin/sh")).unwrap(),
-        b"not really busybox"
-    );
+    assert_eq!(std::fs::read_link(root.join("bin/sh")).unwrap(), Path::new("busybox"));
+    assert_eq!(std::fs::read_link(root.join("lib64")).unwrap(), Path::new("/lib"));
+    assert_eq!(std::fs::read(root.join("bin/sh")).unwrap(), b"not really busybox");
     assert_eq!(std::fs::metadata(root.join("init")).unwrap().mtime(), 0);
     if running_as_root() {
         assert_eq!(perms(&root.join("bin/busybox")), 0o4755);
         let console = std::fs::symlink_metadata(root.join("dev/console")).unwrap();
-        assert!(std::os::unix::fs::FileTypeExt::is_char_device(
-            &console.file_type()
-        ));
-        assert_eq!(
-            (libc::major(console.rdev()), libc::minor(console.rdev())),
-            (5, 1)
-        );
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(&console.file_type()));
+        assert_eq!((libc::major(console.rdev()), libc::minor(console.rdev())), (5, 1));
         assert_eq!(console.permissions().mode() & 0o7777, 0o600);
     } else {
         println!("not root: device nodes and setuid bits not checked after unpacking");
@@ -279,14 +237,8 @@ fn gzip_archive_unpacks_with_gzip_and_cpio() {
         .status()
         .unwrap();
     assert!(status.success());
-    assert_eq!(
-        std::fs::read(root.join("init")).unwrap(),
-        b"#!/bin/sh\necho hi\n"
-    );
-    assert_eq!(
-        std::fs::read_link(root.join("bin/sh")).unwrap(),
-        Path::new("busybox")
-    );
+    assert_eq!(std::fs::read(root.join("init")).unwrap(), b"#!/bin/sh\necho hi\n");
+    assert_eq!(std::fs::read_link(root.join("bin/sh")).unwrap(), Path::new("busybox"));
     let mut again = Vec::new();
     sample().write_gz(&mut again).unwrap();
     assert_eq!(gz, again, "gzip output is reproducible");
@@ -299,10 +251,7 @@ fn every_name_and_size_combination_survives_padding() {
     // Names of 1..=8 bytes against sizes 0..=9 cover every name and data padding remainder.
     for name_len in 1..=8usize {
         for size in 0..=9usize {
-            let name = format!(
-                "d{name_len}/{}",
-                "abcdefgh".repeat(2)[..name_len].to_string() + &size.to_string()
-            );
+            let name = format!("d{name_len}/{}", "abcdefgh".repeat(2)[..name_len].to_string() + &size.to_string());
             let contents: Vec<u8> = (0..size).map(|i| (i * 37 + name_len) as u8).collect();
             let mode = 0o600 | ((size as u32 % 2) << 6);
             initramfs.file(&name, mode, contents.clone()).unwrap();
@@ -328,9 +277,7 @@ fn duplicates_are_errors_unless_identical() {
     initramfs.file("/bin/x", 0o755, b"one".to_vec()).unwrap();
     // Identical re-adds are accepted: two binaries may bring the same libc.
     initramfs.file("bin/x", 0o755, b"one".to_vec()).unwrap();
-    let error = initramfs
-        .file("/bin/x", 0o755, b"two".to_vec())
-        .unwrap_err();
+    let error = initramfs.file("/bin/x", 0o755, b"two".to_vec()).unwrap_err();
     assert_eq!(
         error.to_string(),
         "initramfs path bin/x added twice: first as a 3-byte file with mode 0755, \
@@ -355,34 +302,19 @@ fn duplicates_are_errors_unless_identical() {
 #[test]
 fn invalid_paths_and_modes_are_refused_with_the_path() {
     let mut initramfs = Initramfs::new();
-    initramfs
-        .file("/etc/passwd", 0o644, b"root:x:0:0::/:/bin/sh\n".to_vec())
-        .unwrap();
-    let error = initramfs
-        .file("/etc/passwd/x", 0o644, Vec::new())
-        .unwrap_err();
+    initramfs.file("/etc/passwd", 0o644, b"root:x:0:0::/:/bin/sh\n".to_vec()).unwrap();
+    let error = initramfs.file("/etc/passwd/x", 0o644, Vec::new()).unwrap_err();
     assert_eq!(
         error.to_string(),
         "initramfs path /etc/passwd/x cannot be added: its parent etc/passwd is not a directory"
     );
     let error = initramfs.file("/a/../b", 0o644, Vec::new()).unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "invalid initramfs path \"/a/../b\": '..' is not allowed"
-    );
+    assert_eq!(error.to_string(), "invalid initramfs path \"/a/../b\": '..' is not allowed");
     let error = initramfs.dir("/", 0o755).unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "invalid initramfs path \"/\": it names the archive root"
-    );
+    assert_eq!(error.to_string(), "invalid initramfs path \"/\": it names the archive root");
     let error = initramfs.file("/x", 0o100644, Vec::new()).unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "initramfs path /x: mode 0o100644 has bits outside 0o7777 (give permissions only)"
-    );
-    let error = initramfs
-        .host_file("/y", "/nonexistent/file", None)
-        .unwrap_err();
+    assert_eq!(error.to_string(), "initramfs path /x: mode 0o100644 has bits outside 0o7777 (give permissions only)");
+    let error = initramfs.host_file("/y", "/nonexistent/file", None).unwrap_err();
     assert_eq!(
         error.to_string(),
         "cannot read /nonexistent/file for initramfs path /y: No such file or directory (os error 2)"
@@ -390,10 +322,7 @@ fn invalid_paths_and_modes_are_refused_with_the_path() {
     let io_error: std::io::Error = error.into();
     assert_eq!(io_error.kind(), std::io::ErrorKind::NotFound);
     // Nothing half-added: the failed calls left the archive as it was.
-    assert_eq!(
-        initramfs.paths(),
-        [PathBuf::from("etc"), PathBuf::from("etc/passwd")]
-    );
+    assert_eq!(initramfs.paths(), [PathBuf::from("etc"), PathBuf::from("etc/passwd")]);
 }
 
 #[test]
@@ -407,17 +336,11 @@ fn host_file_takes_host_mode_unless_given() {
     let mut initramfs = Initramfs::new();
     initramfs.host_file("/bin/tool", &host, None).unwrap();
     initramfs.host_file("/bin/via-link", &link, None).unwrap();
-    initramfs
-        .host_file("/bin/other", &host, Some(0o700))
-        .unwrap();
+    initramfs.host_file("/bin/other", &host, Some(0o700)).unwrap();
     let entries = parse_newc(&initramfs.to_cpio());
     let find = |name: &str| entries.iter().find(|e| e.name == name).unwrap();
     assert_eq!(find("bin/tool").mode, 0o100750);
-    assert_eq!(
-        find("bin/via-link").mode,
-        0o100750,
-        "symlink followed to the real file"
-    );
+    assert_eq!(find("bin/via-link").mode, 0o100750, "symlink followed to the real file");
     assert_eq!(find("bin/via-link").data, b"#!/bin/sh\n");
     assert_eq!(find("bin/other").mode, 0o100700);
 }
@@ -444,11 +367,7 @@ fn ldd_closure(binary: &str) -> BTreeSet<PathBuf> {
 }
 
 fn skip_unless_exists(path: &str) -> bool {
-    if Path::new(path).exists() {
-        return false;
-    }
-    println!("skipped: {path} is not installed");
-    true
+    !crate::tools::test_requires(path, Path::new(path).exists())
 }
 
 #[test]
@@ -457,24 +376,14 @@ fn dropbear_closure_matches_ldd() {
         return;
     }
     let closure = elf_closure(Path::new(DROPBEAR), &default_lib_dirs()).unwrap();
-    assert_eq!(
-        closure[0],
-        Path::new("/lib64/ld-linux-x86-64.so.2"),
-        "interpreter first"
-    );
+    assert_eq!(closure[0], Path::new("/lib64/ld-linux-x86-64.so.2"), "interpreter first");
     let ours: BTreeSet<PathBuf> = closure.iter().cloned().collect();
     assert_eq!(ours.len(), closure.len(), "no duplicates: {closure:?}");
     assert_eq!(ours, ldd_closure(DROPBEAR));
     assert!(ours.contains(Path::new("/lib/x86_64-linux-gnu/libc.so.6")));
     // libgmp comes in only through libtomcrypt/libtommath: the walk is recursive.
-    assert!(
-        ours.iter().any(|p| p.ends_with("libgmp.so.10")),
-        "{closure:?}"
-    );
-    assert_eq!(
-        closure,
-        elf_closure(Path::new(DROPBEAR), &default_lib_dirs()).unwrap()
-    );
+    assert!(ours.iter().any(|p| p.ends_with("libgmp.so.10")), "{closure:?}");
+    assert_eq!(closure, elf_closure(Path::new(DROPBEAR), &default_lib_dirs()).unwrap());
 }
 
 #[test]
@@ -482,10 +391,7 @@ fn static_busybox_has_an_empty_closure() {
     if skip_unless_exists(BUSYBOX) {
         return;
     }
-    assert_eq!(
-        elf_closure(Path::new(BUSYBOX), &default_lib_dirs()).unwrap(),
-        Vec::<PathBuf>::new()
-    );
+    assert_eq!(elf_closure(Path::new(BUSYBOX), &default_lib_dirs()).unwrap(), Vec::<PathBuf>::new());
 }
 
 #[test]
@@ -496,12 +402,7 @@ fn missing_library_names_itself_and_its_user() {
     let empty = tempfile::tempdir().unwrap();
     let error = elf_closure(Path::new(DROPBEAR), &[empty.path().to_path_buf()]).unwrap_err();
     let text = error.to_string();
-    assert!(
-        text.starts_with(
-            "shared library libtomcrypt.so.1 needed by /usr/sbin/dropbear not found in ["
-        ),
-        "{text}"
-    );
+    assert!(text.starts_with("shared library libtomcrypt.so.1 needed by /usr/sbin/dropbear not found in ["), "{text}");
     assert!(text.contains(&empty.path().display().to_string()), "{text}");
 }
 
@@ -511,13 +412,7 @@ fn non_elf_and_broken_elf_files_are_typed_errors() {
     let script = dir.path().join("script");
     std::fs::write(&script, b"#!/bin/sh\n").unwrap();
     let error = elf_closure(&script, &[]).unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        format!(
-            "{} is not an ELF file (no \\x7fELF magic)",
-            script.display()
-        )
-    );
+    assert_eq!(error.to_string(), format!("{} is not an ELF file (no \\x7fELF magic)", script.display()));
 
     let truncated = dir.path().join("truncated");
     std::fs::write(&truncated, b"\x7fELF\x02\x01\x01").unwrap();
@@ -531,10 +426,7 @@ fn non_elf_and_broken_elf_files_are_typed_errors() {
     let error = elf_closure(&path32, &[]).unwrap_err();
     assert_eq!(
         error.to_string(),
-        format!(
-            "{}: unsupported ELF file: 32-bit ELF (only ELF64 is read)",
-            path32.display()
-        )
+        format!("{}: unsupported ELF file: 32-bit ELF (only ELF64 is read)", path32.display())
     );
 
     // A real binary cut short after its headers: program headers point past the end.
@@ -547,79 +439,36 @@ fn non_elf_and_broken_elf_files_are_typed_errors() {
     }
 
     let error = elf_closure(Path::new("/nonexistent/bin"), &[]).unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        "cannot read ELF file /nonexistent/bin: No such file or directory (os error 2)"
-    );
+    assert_eq!(error.to_string(), "cannot read ELF file /nonexistent/bin: No such file or directory (os error 2)");
 }
 
 /// Builds a program whose library sits next to it in `$ORIGIN/../lib`, found only through
 /// DT_RUNPATH, as in Nix-built binaries. Needs a C compiler; skipped without one.
 #[test]
 fn runpath_with_origin_is_followed() {
-    if Command::new("cc")
-        .arg("--version")
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        println!("skipped: no C compiler");
+    let cc = Command::new("cc").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !crate::tools::test_requires("a C compiler (cc)", cc) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let (bin, lib) = (dir.path().join("bin"), dir.path().join("lib"));
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(&lib).unwrap();
-    std::fs::write(
-        dir.path().join("greet.c"),
-        "int greet(void) { return 7; }\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("main.c"),
-        "int greet(void);\nint main(void) { return greet(); }\n",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("greet.c"), "int greet(void) { return 7; }\n").unwrap();
+    std::fs::write(dir.path().join("main.c"), "int greet(void);\nint main(void) { return greet(); }\n").unwrap();
     let cc = |args: &[&str]| {
-        let output = Command::new("cc")
-            .args(args)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let output = Command::new("cc").args(args).current_dir(dir.path()).output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     };
-    cc(&[
-        "-shared",
-        "-fPIC",
-        "-Wl,-soname,libgreet.so.1",
-        "-o",
-        "lib/libgreet.so.1",
-        "greet.c",
-    ]);
-    cc(&[
-        "-o",
-        "bin/main",
-        "main.c",
-        "lib/libgreet.so.1",
-        "-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib",
-    ]);
+    cc(&["-shared", "-fPIC", "-Wl,-soname,libgreet.so.1", "-o", "lib/libgreet.so.1", "greet.c"]);
+    cc(&["-o", "bin/main", "main.c", "lib/libgreet.so.1", "-Wl,--enable-new-dtags,-rpath,$ORIGIN/../lib"]);
     let status = Command::new(bin.join("main")).status().unwrap();
     assert_eq!(status.code(), Some(7), "the test program itself runs");
     let closure = elf_closure(&bin.join("main"), &default_lib_dirs()).unwrap();
     let real_lib = std::fs::canonicalize(lib.join("libgreet.so.1")).unwrap();
-    let found: Vec<PathBuf> = closure
-        .iter()
-        .map(|p| std::fs::canonicalize(p).unwrap())
-        .collect();
+    let found: Vec<PathBuf> = closure.iter().map(|p| std::fs::canonicalize(p).unwrap()).collect();
     assert!(found.contains(&real_lib), "{closure:?}");
-    assert!(
-        closure.iter().any(|p| p.ends_with("libc.so.6")),
-        "{closure:?}"
-    );
+    assert!(closure.iter().any(|p| p.ends_with("libc.so.6")), "{closure:?}");
 }
 
 #[test]
@@ -630,38 +479,19 @@ fn elf_with_libs_puts_everything_at_its_host_path() {
     let mut initramfs = Initramfs::new();
     initramfs.elf_with_libs(DROPBEAR, DROPBEAR).unwrap();
     // A second binary sharing libc and the loader adds no conflict.
-    initramfs
-        .elf_with_libs("/usr/bin/dropbearkey", "/usr/bin/dropbearkey")
-        .unwrap();
+    initramfs.elf_with_libs("/usr/bin/dropbearkey", "/usr/bin/dropbearkey").unwrap();
     let entries = parse_newc(&initramfs.to_cpio());
-    let find = |name: &str| {
-        entries
-            .iter()
-            .find(|e| e.name == name)
-            .unwrap_or_else(|| panic!("{name} missing"))
-    };
+    let find = |name: &str| entries.iter().find(|e| e.name == name).unwrap_or_else(|| panic!("{name} missing"));
     let loader = find("lib64/ld-linux-x86-64.so.2");
-    assert_eq!(
-        loader.mode & 0o170000,
-        0o100000,
-        "loader is a regular file, not a symlink"
-    );
-    assert_eq!(
-        loader.data,
-        std::fs::read("/lib64/ld-linux-x86-64.so.2").unwrap()
-    );
-    assert_eq!(
-        find("usr/sbin/dropbear").data,
-        std::fs::read(DROPBEAR).unwrap()
-    );
+    assert_eq!(loader.mode & 0o170000, 0o100000, "loader is a regular file, not a symlink");
+    assert_eq!(loader.data, std::fs::read("/lib64/ld-linux-x86-64.so.2").unwrap());
+    assert_eq!(find("usr/sbin/dropbear").data, std::fs::read(DROPBEAR).unwrap());
     assert_eq!(find("usr/sbin/dropbear").mode, 0o100755);
     for library in ldd_closure(DROPBEAR) {
         let name = library.to_str().unwrap().trim_start_matches('/');
         assert_eq!(find(name).data, std::fs::read(&library).unwrap(), "{name}");
     }
-    let error = Initramfs::new()
-        .elf_with_libs("/bin/x", "/nonexistent")
-        .unwrap_err();
+    let error = Initramfs::new().elf_with_libs("/bin/x", "/nonexistent").unwrap_err();
     assert_eq!(
         error.to_string(),
         "cannot collect the libraries of initramfs binary /bin/x: \
@@ -674,21 +504,11 @@ fn elf_with_libs_puts_everything_at_its_host_path() {
 
 fn modules_dir() -> Option<PathBuf> {
     let dir = Path::new(KERNEL_DIR).join("modules");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    println!(
-        "skipped: {} does not exist (see scripts/setup)",
-        dir.display()
-    );
-    None
+    crate::tools::test_requires(&format!("{} (scripts/setup)", dir.display()), dir.is_dir()).then_some(dir)
 }
 
 fn names(paths: &[PathBuf]) -> Vec<String> {
-    paths
-        .iter()
-        .map(|p| p.file_stem().unwrap().to_str().unwrap().to_string())
-        .collect()
+    paths.iter().map(|p| p.file_stem().unwrap().to_str().unwrap().to_string()).collect()
 }
 
 #[test]
@@ -697,12 +517,8 @@ fn module_closure_orders_dependencies_first() {
     let wanted = ["virtio_net", "9pnet_virtio", "9p", "cifs", "virtio_pci"];
     let closure = module_closure(&dir, &wanted).unwrap();
     let order = names(&closure);
-    let position = |name: &str| {
-        order
-            .iter()
-            .position(|n| n == name)
-            .unwrap_or_else(|| panic!("{name} missing: {order:?}"))
-    };
+    let position =
+        |name: &str| order.iter().position(|n| n == name).unwrap_or_else(|| panic!("{name} missing: {order:?}"));
     for (before, after) in [
         ("virtio", "virtio_net"),
         ("virtio_ring", "virtio_net"),
@@ -720,31 +536,17 @@ fn module_closure_orders_dependencies_first() {
         ("virtio_pci_modern_dev", "virtio_pci"),
         ("virtio_pci_legacy_dev", "virtio_pci"),
     ] {
-        assert!(
-            position(before) < position(after),
-            "{before} must precede {after}: {order:?}"
-        );
+        assert!(position(before) < position(after), "{before} must precede {after}: {order:?}");
     }
     // Each file once, and every listed module's own dependencies precede it.
-    assert_eq!(
-        order.iter().collect::<BTreeSet<_>>().len(),
-        order.len(),
-        "{order:?}"
-    );
+    assert_eq!(order.iter().collect::<BTreeSet<_>>().len(), order.len(), "{order:?}");
     for (index, path) in closure.iter().enumerate() {
         for dependency in module_depends(path).unwrap() {
-            let at = order
-                .iter()
-                .position(|n| normalize_module_name(n) == dependency)
-                .unwrap();
+            let at = order.iter().position(|n| normalize_module_name(n) == dependency).unwrap();
             assert!(at < index, "{dependency} after {}", order[index]);
         }
     }
-    assert_eq!(
-        closure,
-        module_closure(&dir, &wanted).unwrap(),
-        "deterministic"
-    );
+    assert_eq!(closure, module_closure(&dir, &wanted).unwrap(), "deterministic");
 }
 
 #[test]
@@ -760,13 +562,7 @@ fn module_names_treat_dash_and_underscore_alike() {
 fn missing_modules_name_who_needs_them() {
     let Some(dir) = modules_dir() else { return };
     let error = module_closure(&dir, &["no_such_module"]).unwrap_err();
-    assert_eq!(
-        error.to_string(),
-        format!(
-            "kernel module no_such_module (requested) not found in {}",
-            dir.display()
-        )
-    );
+    assert_eq!(error.to_string(), format!("kernel module no_such_module (requested) not found in {}", dir.display()));
     let partial = tempfile::tempdir().unwrap();
     std::fs::copy(dir.join("9p.ko"), partial.path().join("9p.ko")).unwrap();
     std::fs::write(partial.path().join("9pnet.ko.xz"), b"").unwrap();
@@ -788,10 +584,7 @@ fn ambiguous_and_broken_modules_are_reported() {
     std::fs::copy(dir.join("netfs.ko"), scratch.path().join("my-mod.ko")).unwrap();
     std::fs::copy(dir.join("netfs.ko"), scratch.path().join("my_mod.ko")).unwrap();
     let error = module_closure(scratch.path(), &["netfs"]).unwrap_err();
-    assert!(
-        matches!(error, ModuleError::Ambiguous { ref module, .. } if module == "my_mod"),
-        "{error}"
-    );
+    assert!(matches!(error, ModuleError::Ambiguous { ref module, .. } if module == "my_mod"), "{error}");
 
     let broken = tempfile::tempdir().unwrap();
     if Path::new(BUSYBOX).exists() {
@@ -799,10 +592,7 @@ fn ambiguous_and_broken_modules_are_reported() {
         let error = module_closure(broken.path(), &["fake"]).unwrap_err();
         assert_eq!(
             error.to_string(),
-            format!(
-                "kernel module {}/fake.ko: has no .modinfo section",
-                broken.path().display()
-            )
+            format!("kernel module {}/fake.ko: has no .modinfo section", broken.path().display())
         );
     }
     std::fs::write(broken.path().join("text.ko"), b"hello").unwrap();
@@ -813,10 +603,7 @@ fn ambiguous_and_broken_modules_are_reported() {
 // ---------------------------------------------------------------------------------------
 // The real kernel unpacks our archive, loads the modules in our order, runs dropbear.
 
-fn wait_with_deadline(
-    child: &mut std::process::Child,
-    deadline: Duration,
-) -> Option<std::process::ExitStatus> {
+fn wait_with_deadline(child: &mut std::process::Child, deadline: Duration) -> Option<std::process::ExitStatus> {
     let start = Instant::now();
     while start.elapsed() < deadline {
         if let Some(status) = child.try_wait().unwrap() {
@@ -833,19 +620,16 @@ fn wait_with_deadline(
 fn real_kernel_boots_our_initramfs() {
     let kernel = Path::new(KERNEL_DIR).join("vmlinuz");
     let qemu = "qemu-system-x86_64";
-    if !kernel.exists() || Command::new(qemu).arg("--version").output().is_err() {
-        println!("skipped: needs {} and {qemu}", kernel.display());
+    if !crate::tools::test_requires(&format!("{} (scripts/setup)", kernel.display()), kernel.exists())
+        || !crate::tools::test_requires(qemu, Command::new(qemu).arg("--version").output().is_ok())
+    {
         return;
     }
     if skip_unless_exists(BUSYBOX) || skip_unless_exists(DROPBEAR) {
         return;
     }
     let Some(dir) = modules_dir() else { return };
-    let modules = module_closure(
-        &dir,
-        &["virtio_net", "9pnet_virtio", "9p", "cifs", "virtio_pci"],
-    )
-    .unwrap();
+    let modules = module_closure(&dir, &["virtio_net", "9pnet_virtio", "9p", "cifs", "virtio_pci"]).unwrap();
     let mut initramfs = Initramfs::new();
     initramfs
         .host_file("/bin/busybox", BUSYBOX, None)
@@ -861,12 +645,8 @@ fn real_kernel_boots_our_initramfs() {
     let mut script = String::from("#!/bin/sh\n/bin/busybox mount -t proc proc /proc\n");
     for module in &modules {
         let name = module.file_name().unwrap().to_str().unwrap();
-        initramfs
-            .host_file(format!("/modules/{name}"), module, None)
-            .unwrap();
-        script.push_str(&format!(
-            "/bin/busybox insmod /modules/{name} || echo INSMOD-FAILED {name}\n"
-        ));
+        initramfs.host_file(format!("/modules/{name}"), module, None).unwrap();
+        script.push_str(&format!("/bin/busybox insmod /modules/{name} || echo INSMOD-FAILED {name}\n"));
     }
     script.push_str(
         "echo LOADED $(/bin/busybox wc -l < /proc/modules)\n\
@@ -878,22 +658,10 @@ fn real_kernel_boots_our_initramfs() {
 
     let work = tempfile::tempdir().unwrap();
     let initrd = work.path().join("initrd.gz");
-    initramfs
-        .write_gz(std::fs::File::create(&initrd).unwrap())
-        .unwrap();
+    initramfs.write_gz(std::fs::File::create(&initrd).unwrap()).unwrap();
     let log = work.path().join("serial.log");
     let mut child = Command::new(qemu)
-        .args([
-            "-machine",
-            "q35",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-m",
-            "256",
-            "-nodefaults",
-        ])
+        .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max", "-m", "256", "-nodefaults"])
         .args(["-display", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&kernel)
@@ -909,18 +677,9 @@ fn real_kernel_boots_our_initramfs() {
     let status = wait_with_deadline(&mut child, Duration::from_secs(180));
     let serial = std::fs::read_to_string(&log).unwrap_or_default();
     println!("serial log:\n{serial}");
-    assert!(
-        status.is_some(),
-        "guest did not power off within 180 s; serial log:\n{serial}"
-    );
+    assert!(status.is_some(), "guest did not power off within 180 s; serial log:\n{serial}");
     assert!(serial.contains("INIT-DONE"), "serial log:\n{serial}");
     assert!(!serial.contains("INSMOD-FAILED"), "serial log:\n{serial}");
-    assert!(
-        serial.contains(&format!("LOADED {}", modules.len())),
-        "serial log:\n{serial}"
-    );
-    assert!(
-        serial.contains("DROPBEAR: Dropbear v"),
-        "serial log:\n{serial}"
-    );
+    assert!(serial.contains(&format!("LOADED {}", modules.len())), "serial log:\n{serial}");
+    assert!(serial.contains("DROPBEAR: Dropbear v"), "serial log:\n{serial}");
 }

@@ -26,7 +26,11 @@ impl Env {
             None => {
                 let beside = Path::new(plugin_dir).join(BUILDER_NAME);
                 let in_bin = Path::new(plugin_dir).join("../bin").join(BUILDER_NAME);
-                if !beside.exists() && in_bin.exists() { in_bin } else { beside }
+                if !beside.exists() && in_bin.exists() {
+                    in_bin
+                } else {
+                    beside
+                }
             }
         };
         if !builder.is_file() {
@@ -230,7 +234,11 @@ fn plan_run_in_vm(builtin: &str, root: &Val, env: &Env) -> Result<Plan, String> 
             let json = drvs[image_attr.stage].attrs.iter().find(|a| a.name == "winvmImageSpec").map(|a| a.text.clone());
             image_spec_from_json(&json.unwrap_or_default()).map_err(|e| format!("{builtin}: {e}"))?
         }
-        _ => validate::image_of(builtin, "windowsImage", attrs.iter().find(|(k, _)| k == "windowsImage").map(|(_, v)| v))?,
+        _ => validate::image_of(
+            builtin,
+            "windowsImage",
+            attrs.iter().find(|(k, _)| k == "windowsImage").map(|(_, v)| v),
+        )?,
     };
     let mut spec = BuildSpec { timeout_secs: image.timeout_secs, image, run_original_builder: true };
     validate::apply_build_overrides(builtin, &[], &mut spec)?;

@@ -120,11 +120,21 @@ fn arb_val() -> impl Strategy<Value = Val> {
         Just(Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())) }),
     ];
     let keys = prop_oneof![
-        Just("guest".to_string()), Just("memory".to_string()), Just("cpus".to_string()),
-        Just("accel".to_string()), Just("timeout".to_string()), Just("iso".to_string()),
-        Just("edition".to_string()), Just("name".to_string()), Just("script".to_string()),
-        Just("image".to_string()), Just("outputs".to_string()), Just("windowsImage".to_string()),
-        Just("args".to_string()), Just("builder".to_string()), Just("sha256".to_string()),
+        Just("guest".to_string()),
+        Just("memory".to_string()),
+        Just("cpus".to_string()),
+        Just("accel".to_string()),
+        Just("timeout".to_string()),
+        Just("iso".to_string()),
+        Just("edition".to_string()),
+        Just("name".to_string()),
+        Just("script".to_string()),
+        Just("image".to_string()),
+        Just("outputs".to_string()),
+        Just("windowsImage".to_string()),
+        Just("args".to_string()),
+        Just("builder".to_string()),
+        Just("sha256".to_string()),
         "[a-zA-Z]{1,6}",
     ];
     leaf.prop_recursive(4, 48, 8, move |inner| {
@@ -141,7 +151,8 @@ fn strings_that_are_not_utf8_are_forwarded_or_named() {
     let image = Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())) };
     let bad = Val::NonUtf8Str { valid_up_to: 3, context: false };
     let build = |extra: Vec<(&str, Val)>| {
-        let mut attrs = vec![("name".to_string(), s("x")), ("image".to_string(), image.clone()), ("script".to_string(), s("true"))];
+        let mut attrs =
+            vec![("name".to_string(), s("x")), ("image".to_string(), image.clone()), ("script".to_string(), s("true"))];
         for (k, v) in extra {
             attrs.retain(|(n, _)| n != k);
             attrs.push((k.to_string(), v));

@@ -8,8 +8,20 @@ pub type Attrs = [(String, Val)];
 
 /// The attributes of `windowsImage`, a closed set: a typo is an error, not a silent default.
 pub const IMAGE_ATTRS: &[&str] = &[
-    "accel", "cpus", "cygwinPackages", "cygwinRepo", "diskSize", "edition", "efi", "guest",
-    "installCommands", "iso", "locale", "memory", "productKey", "timeout",
+    "accel",
+    "cpus",
+    "cygwinPackages",
+    "cygwinRepo",
+    "diskSize",
+    "edition",
+    "efi",
+    "guest",
+    "installCommands",
+    "iso",
+    "locale",
+    "memory",
+    "productKey",
+    "timeout",
 ];
 const WINDOWS_ONLY_ATTRS: &[&str] =
     &["cygwinPackages", "cygwinRepo", "edition", "efi", "installCommands", "iso", "locale", "productKey"];
@@ -36,10 +48,9 @@ fn int_in(builtin: &str, attr: &str, v: &Val, unit: &str, range: (i64, i64)) -> 
     let expected = format!("an integer ({unit})");
     match v {
         Val::Int(i) if (range.0..=range.1).contains(i) => Ok(*i),
-        Val::Int(i) => Err(format!(
-            "{builtin}: attribute '{attr}' must be between {} and {} ({unit}), got {i}",
-            range.0, range.1
-        )),
+        Val::Int(i) => {
+            Err(format!("{builtin}: attribute '{attr}' must be between {} and {} ({unit}), got {i}", range.0, range.1))
+        }
         other => Err(type_error(builtin, attr, &expected, other)),
     }
 }
@@ -84,10 +95,9 @@ pub fn string_list(builtin: &str, attr: &str, v: &Val, expected: &str) -> Result
             Val::NonUtf8Str { valid_up_to, .. } => {
                 Err(not_utf8(builtin, &format!("element {i} of attribute '{attr}'"), *valid_up_to))
             }
-            other => Err(format!(
-                "{builtin}: element {i} of attribute '{attr}' must be a string, got {}",
-                other.describe()
-            )),
+            other => {
+                Err(format!("{builtin}: element {i} of attribute '{attr}' must be a string, got {}", other.describe()))
+            }
         })
         .collect()
 }
@@ -108,11 +118,7 @@ fn enum_str<T: Copy>(builtin: &str, attr: &str, v: &Val, choices: &[(&str, T)]) 
 
 /// Suggests the closest known name for a typo ("memroy" -> "memory").
 pub fn unknown_attr(builtin: &str, attr: &str, known: &[&str]) -> String {
-    let closest = known
-        .iter()
-        .map(|k| (edit_distance(attr, k), *k))
-        .filter(|(d, _)| *d <= 2)
-        .min();
+    let closest = known.iter().map(|k| (edit_distance(attr, k), *k)).filter(|(d, _)| *d <= 2).min();
     match closest {
         Some((_, k)) => format!("{builtin}: unknown attribute '{attr}'; did you mean '{k}'?"),
         None => format!("{builtin}: unknown attribute '{attr}'; known attributes: {}", known.join(", ")),
@@ -182,9 +188,12 @@ pub fn image_spec(builtin: &str, attrs: &Attrs) -> Result<ImageSpec, String> {
 }
 
 fn windows_options(builtin: &str, attrs: &Attrs) -> Result<WindowsImageOptions, String> {
-    const ISO_SHAPE: &str = "a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`";
+    const ISO_SHAPE: &str =
+        "a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`";
     let iso = match get(attrs, "iso") {
-        None => return Err(format!("{builtin}: missing required attribute 'iso' for guest = \"windows\" ({ISO_SHAPE})")),
+        None => {
+            return Err(format!("{builtin}: missing required attribute 'iso' for guest = \"windows\" ({ISO_SHAPE})"))
+        }
         Some(Val::Path(_)) | Some(Val::Derivation { .. }) => IsoSource::Path,
         Some(Val::Str { context: true, .. }) => IsoSource::Path,
         Some(Val::Set(fields)) => {
@@ -244,7 +253,14 @@ fn windows_options(builtin: &str, attrs: &Attrs) -> Result<WindowsImageOptions, 
     if let Some(v) = get(attrs, "cygwinRepo") {
         match v {
             Val::Path(_) | Val::Derivation { .. } | Val::Str { context: true, .. } => {}
-            other => return Err(type_error(builtin, "cygwinRepo", "a path or derivation (a local Cygwin package directory)", other)),
+            other => {
+                return Err(type_error(
+                    builtin,
+                    "cygwinRepo",
+                    "a path or derivation (a local Cygwin package directory)",
+                    other,
+                ))
+            }
         }
     }
     Ok(WindowsImageOptions { iso, edition, product_key, locale, efi, cygwin_packages, install_commands })
@@ -316,7 +332,10 @@ pub fn apply_build_overrides(builtin: &str, attrs: &Attrs, spec: &mut BuildSpec)
     if let Some(v) = get(attrs, "cpus") {
         let c = int_in(builtin, "cpus", v, "count", CPUS_RANGE)? as u32;
         if c != spec.image.cpus {
-            return Err(format!("{builtin}: attribute 'cpus' ({c}) differs from the image's ({}): {FIXED}", spec.image.cpus));
+            return Err(format!(
+                "{builtin}: attribute 'cpus' ({c}) differs from the image's ({}): {FIXED}",
+                spec.image.cpus
+            ));
         }
     }
     if let Some(v) = get(attrs, "accel") {

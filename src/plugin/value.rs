@@ -8,15 +8,23 @@ pub enum Val {
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str { text: String, context: bool },
+    Str {
+        text: String,
+        context: bool,
+    },
     /// A Nix string whose bytes are not UTF-8: fine where the plan only forwards the user's
     /// value, an error where the text itself is needed. `valid_up_to` locates the first bad byte.
-    NonUtf8Str { valid_up_to: usize, context: bool },
+    NonUtf8Str {
+        valid_up_to: usize,
+        context: bool,
+    },
     Path(String),
     Set(Vec<(String, Val)>),
     List(Vec<Val>),
     Function,
-    Derivation { image_spec: Option<String> },
+    Derivation {
+        image_spec: Option<String>,
+    },
     Unforced,
     External,
 }
@@ -70,7 +78,9 @@ impl DecodeError {
             DecodeError::NonUtf8Name { path, lossy } => {
                 format!("{builtin}: attribute name '{lossy}' in '{path}' is not valid UTF-8")
             }
-            DecodeError::NonUtf8Text { path } => format!("{builtin}: the path in attribute '{path}' is not valid UTF-8"),
+            DecodeError::NonUtf8Text { path } => {
+                format!("{builtin}: the path in attribute '{path}' is not valid UTF-8")
+            }
             DecodeError::Malformed(e) => format!("nix-winvm: internal error reading the argument: {e}"),
         }
     }
@@ -92,7 +102,11 @@ pub fn from_nodes(nodes: &[Node]) -> Result<Val, DecodeError> {
 }
 
 fn join(path: &str, key: &str) -> String {
-    if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") }
+    if path.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{path}.{key}")
+    }
 }
 
 const MAX_DEPTH: usize = 64;
@@ -139,9 +153,9 @@ fn build(nodes: &[Node], index: usize, depth: usize, path: &str) -> Result<Val, 
             Val::List(items)
         }
         Kind::Function => Val::Function,
-        Kind::Derivation => Val::Derivation {
-            image_spec: if node.int_value != 0 { Some(text(node, path)?) } else { None },
-        },
+        Kind::Derivation => {
+            Val::Derivation { image_spec: if node.int_value != 0 { Some(text(node, path)?) } else { None } }
+        }
         Kind::Unforced => Val::Unforced,
         Kind::External => Val::External,
         _ => return Err("unknown value kind".into()),

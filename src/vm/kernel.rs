@@ -54,7 +54,11 @@ pub fn extract_vmlinux(vmlinuz: &Path, dest: &Path, xz: &Path) -> Result<(), Pvh
 /// when it is there.
 pub fn bootable(dir: &Path) -> PathBuf {
     let pvh = dir.join("vmlinux");
-    if pvh.is_file() { pvh } else { dir.join("vmlinuz") }
+    if pvh.is_file() {
+        pvh
+    } else {
+        dir.join("vmlinuz")
+    }
 }
 
 #[cfg(test)]
@@ -64,14 +68,13 @@ mod tests {
     #[test]
     fn extracts_debians_kernel_and_refuses_other_files() {
         let kernel = Path::new("/var/cache/nix-winvm/kernel/vmlinuz");
-        let Ok(xz) = crate::tools::find("xz") else {
-            eprintln!("skipped: no xz");
-            return;
-        };
-        if !kernel.is_file() {
-            eprintln!("skipped: no kernel (scripts/setup fetches it)");
+        let xz = crate::tools::find("xz");
+        if !crate::tools::test_requires("xz", xz.is_ok())
+            || !crate::tools::test_requires(&format!("{} (scripts/setup)", kernel.display()), kernel.is_file())
+        {
             return;
         }
+        let xz = xz.unwrap();
         let d = tempfile::tempdir().unwrap();
         extract_vmlinux(kernel, &d.path().join("vmlinux"), &xz).unwrap();
         assert_eq!(bootable(d.path()), d.path().join("vmlinux"));

@@ -71,21 +71,38 @@ impl VmConfig {
             Accel::Tcg => "max",
         };
         let mut a: Vec<OsString> = vec![
-            s("-name"), s(&self.name),
-            s("-machine"), s("q35"),
-            s("-accel"), s(accel),
-            s("-cpu"), s(cpu),
-            s("-m"), s(&self.memory_mib.to_string()),
-            s("-smp"), s(&self.cpus.to_string()),
-            s("-nodefaults"), s("-display"), s("none"),
-            s("-serial"), s(&format!("file:{}", p(&self.serial_log))),
-            s("-device"), s("virtio-rng-pci"),
+            s("-name"),
+            s(&self.name),
+            s("-machine"),
+            s("q35"),
+            s("-accel"),
+            s(accel),
+            s("-cpu"),
+            s(cpu),
+            s("-m"),
+            s(&self.memory_mib.to_string()),
+            s("-smp"),
+            s(&self.cpus.to_string()),
+            s("-nodefaults"),
+            s("-display"),
+            s("none"),
+            s("-serial"),
+            s(&format!("file:{}", p(&self.serial_log))),
+            s("-device"),
+            s("virtio-rng-pci"),
         ];
         if self.no_reboot {
             a.push(s("-no-reboot"));
         }
         if let Some(b) = &self.boot {
-            a.extend([s("-kernel"), b.kernel.clone().into(), s("-initrd"), b.initrd.clone().into(), s("-append"), s(&b.append)]);
+            a.extend([
+                s("-kernel"),
+                b.kernel.clone().into(),
+                s("-initrd"),
+                b.initrd.clone().into(),
+                s("-append"),
+                s(&b.append),
+            ]);
         }
         if let Some(ctl) = &self.vde_ctl {
             a.push(s("-netdev"));
@@ -103,11 +120,7 @@ impl VmConfig {
             a.push(s(&format!("unix:{},server=on,wait=off", p(qmp))));
         }
         for e in &self.exports {
-            let mut opt = format!(
-                "local,path={},mount_tag={},security_model=none,multidevs=remap",
-                p(&e.path),
-                e.tag
-            );
+            let mut opt = format!("local,path={},mount_tag={},security_model=none,multidevs=remap", p(&e.path), e.tag);
             if e.readonly {
                 opt.push_str(",readonly=on");
             }
@@ -153,7 +166,9 @@ mod tests {
         };
         let line = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(line.contains("-accel tcg -cpu max -m 256"), "{line}");
-        assert!(line.contains("-netdev vde,id=n0,sock=/w/vde.ctl -device virtio-net-pci,netdev=n0,mac=52:54:00:12:01:01"));
+        assert!(
+            line.contains("-netdev vde,id=n0,sock=/w/vde.ctl -device virtio-net-pci,netdev=n0,mac=52:54:00:12:01:01")
+        );
         assert!(line.contains("-qmp unix:/w/qmp.sock,server=on,wait=off"));
         assert!(line.contains("-virtfs local,path=/,mount_tag=root,security_model=none,multidevs=remap,readonly=on"));
         assert!(!line.contains("-incoming"));

@@ -231,41 +231,18 @@ pub enum QmpError {
 impl fmt::Display for QmpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            QmpError::Connect {
-                socket,
-                waited,
-                source,
-            } => write!(
-                f,
-                "could not connect to QMP socket {} within {}: {source}",
-                socket.display(),
-                seconds(*waited)
-            ),
-            QmpError::Io {
-                peer,
-                during,
-                source,
-            } => write!(f, "{peer}: {during}: {source}"),
-            QmpError::Timeout {
-                peer,
-                awaited,
-                after,
-            } => {
-                write!(
-                    f,
-                    "{peer}: timed out after {} waiting for {awaited}",
-                    seconds(*after)
-                )
+            QmpError::Connect { socket, waited, source } => {
+                write!(f, "could not connect to QMP socket {} within {}: {source}", socket.display(), seconds(*waited))
+            }
+            QmpError::Io { peer, during, source } => write!(f, "{peer}: {during}: {source}"),
+            QmpError::Timeout { peer, awaited, after } => {
+                write!(f, "{peer}: timed out after {} waiting for {awaited}", seconds(*after))
             }
             QmpError::Closed { peer, awaited } => {
                 write!(f, "{peer} closed while waiting for {awaited}")
             }
             QmpError::Protocol { peer, what } => write!(f, "{peer}: protocol error: {what}"),
-            QmpError::Command {
-                command,
-                class,
-                desc,
-            } => {
+            QmpError::Command { command, class, desc } => {
                 write!(f, "QMP command {command} failed: {class}: {desc}")
             }
             QmpError::MigrationFailed { status, desc } => {
@@ -296,10 +273,7 @@ fn seconds(duration: Duration) -> String {
 enum Message {
     Greeting(Greeting),
     Event(Event),
-    Reply {
-        id: Option<Value>,
-        result: Result<Value, WireError>,
-    },
+    Reply { id: Option<Value>, result: Result<Value, WireError> },
 }
 
 #[derive(Deserialize)]
@@ -346,28 +320,19 @@ impl Qmp {
         let stream = loop {
             let attempt = match tokio::time::timeout_at(end, UnixStream::connect(path)).await {
                 Ok(attempt) => attempt,
-                Err(_) => Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connect() did not finish",
-                )),
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect() did not finish")),
             };
             match attempt {
                 Ok(stream) => break stream,
                 // QEMU creates the socket a moment after it starts; anything else is final.
                 Err(error)
-                    if matches!(
-                        error.kind(),
-                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
-                    ) && Instant::now() + CONNECT_RETRY_INTERVAL < end =>
+                    if matches!(error.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused)
+                        && Instant::now() + CONNECT_RETRY_INTERVAL < end =>
                 {
                     tokio::time::sleep(CONNECT_RETRY_INTERVAL).await;
                 }
                 Err(source) => {
-                    return Err(QmpError::Connect {
-                        socket: path.to_path_buf(),
-                        waited: start.elapsed(),
-                        source,
-                    })
+                    return Err(QmpError::Connect { socket: path.to_path_buf(), waited: start.elapsed(), source })
                 }
             }
         };
@@ -377,11 +342,7 @@ impl Qmp {
 
     /// The greeting and capabilities negotiation on an already connected stream. `peer`
     /// names it in error messages.
-    pub async fn handshake(
-        stream: UnixStream,
-        peer: impl Into<String>,
-        deadline: Duration,
-    ) -> Result<Qmp, QmpError> {
+    pub async fn handshake(stream: UnixStream, peer: impl Into<String>, deadline: Duration) -> Result<Qmp, QmpError> {
         let (reader, writer) = stream.into_split();
         let mut qmp = Qmp {
             peer: peer.into(),
@@ -391,14 +352,7 @@ impl Qmp {
             next_id: 1,
             events: VecDeque::new(),
             greeting: Greeting {
-                version: GreetingVersion {
-                    qemu: QemuVersion {
-                        major: 0,
-                        minor: 0,
-                        micro: 0,
-                    },
-                    package: String::new(),
-                },
+                version: GreetingVersion { qemu: QemuVersion { major: 0, minor: 0, micro: 0 }, package: String::new() },
                 capabilities: Vec::new(),
             },
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
@@ -412,9 +366,7 @@ impl Qmp {
                     break;
                 }
                 Message::Event(event) => qmp.events.push_back(event),
-                Message::Reply { .. } => {
-                    return Err(qmp.protocol("a reply arrived before the QMP greeting".into()))
-                }
+                Message::Reply { .. } => return Err(qmp.protocol("a reply arrived before the QMP greeting".into())),
             }
         }
         let remaining = end.saturating_duration_since(Instant::now());
@@ -435,28 +387,17 @@ impl Qmp {
         self.execute_within(command, self.command_timeout).await
     }
 
-    pub async fn execute_within<C: Command>(
-        &mut self,
-        command: &C,
-        timeout: Duration,
-    ) -> Result<C::Reply, QmpError> {
+    pub async fn execute_within<C: Command>(&mut self, command: &C, timeout: Duration) -> Result<C::Reply, QmpError> {
         let awaited = format!("the reply to {}", C::NAME);
         if self.closed {
-            return Err(QmpError::Closed {
-                peer: self.peer.clone(),
-                awaited,
-            });
+            return Err(QmpError::Closed { peer: self.peer.clone(), awaited });
         }
         let id = self.next_id;
         self.next_id += 1;
         let mut request = serde_json::Map::new();
         request.insert("execute".into(), Value::from(C::NAME));
-        let arguments = serde_json::to_value(command).map_err(|error| {
-            self.protocol(format!(
-                "cannot encode the arguments of {}: {error}",
-                C::NAME
-            ))
-        })?;
+        let arguments = serde_json::to_value(command)
+            .map_err(|error| self.protocol(format!("cannot encode the arguments of {}: {error}", C::NAME)))?;
         match arguments {
             Value::Null => {}
             Value::Object(ref fields) if fields.is_empty() => {}
@@ -464,10 +405,9 @@ impl Qmp {
                 request.insert("arguments".into(), arguments);
             }
             other => {
-                return Err(self.protocol(format!(
-                    "the arguments of {} must encode to a JSON object, not {other}",
-                    C::NAME
-                )))
+                return Err(
+                    self.protocol(format!("the arguments of {} must encode to a JSON object, not {other}", C::NAME))
+                )
             }
         }
         request.insert("id".into(), Value::from(id));
@@ -480,21 +420,13 @@ impl Qmp {
             Ok(Err(source)) => {
                 self.closed = true;
                 let during = format!("sending {}", C::NAME);
-                return Err(QmpError::Io {
-                    peer: self.peer.clone(),
-                    during,
-                    source,
-                });
+                return Err(QmpError::Io { peer: self.peer.clone(), during, source });
             }
             Err(_) => {
                 // Part of the line may be out: the stream can no longer be trusted.
                 self.closed = true;
                 let awaited = format!("{} to be sent", C::NAME);
-                return Err(QmpError::Timeout {
-                    peer: self.peer.clone(),
-                    awaited,
-                    after: timeout,
-                });
+                return Err(QmpError::Timeout { peer: self.peer.clone(), awaited, after: timeout });
             }
         }
 
@@ -509,36 +441,25 @@ impl Qmp {
             match message {
                 Message::Event(event) => self.events.push_back(event),
                 Message::Greeting(_) => {
-                    return Err(self.protocol(format!(
-                        "a second greeting arrived while waiting for {awaited}"
-                    )))
+                    return Err(self.protocol(format!("a second greeting arrived while waiting for {awaited}")))
                 }
-                Message::Reply {
-                    id: reply_id,
-                    result,
-                } => match reply_id {
+                Message::Reply { id: reply_id, result } => match reply_id {
                     // QEMU leaves out the id only when it could not parse the request.
                     None => break result,
                     Some(reply_id) if reply_id == id => break result,
                     // A late reply to a request whose wait timed out earlier.
                     Some(Value::Number(n)) if n.as_u64().is_some_and(|old| old < id) => continue,
                     Some(other) => {
-                        return Err(self.protocol(format!(
-                            "reply with unknown id {other} while waiting for {awaited} (id {id})"
-                        )))
+                        return Err(self
+                            .protocol(format!("reply with unknown id {other} while waiting for {awaited} (id {id})")))
                     }
                 },
             }
         };
         match result {
-            Ok(value) => serde_json::from_value(value.clone()).map_err(|error| {
-                self.protocol(format!("unexpected reply to {}: {error}: {value}", C::NAME))
-            }),
-            Err(WireError { class, desc }) => Err(QmpError::Command {
-                command: C::NAME.to_string(),
-                class,
-                desc,
-            }),
+            Ok(value) => serde_json::from_value(value.clone())
+                .map_err(|error| self.protocol(format!("unexpected reply to {}: {error}: {value}", C::NAME))),
+            Err(WireError { class, desc }) => Err(QmpError::Command { command: C::NAME.to_string(), class, desc }),
         }
     }
 
@@ -557,24 +478,18 @@ impl Qmp {
         }
         let awaited = format!("event {name}");
         if self.closed {
-            return Err(QmpError::Closed {
-                peer: self.peer.clone(),
-                awaited,
-            });
+            return Err(QmpError::Closed { peer: self.peer.clone(), awaited });
         }
         let end = Instant::now() + timeout;
         loop {
             match self.read_message(&awaited, end, timeout).await? {
                 Message::Event(event) if event.event == name => return Ok(event),
                 Message::Event(event) => self.events.push_back(event),
-                Message::Reply {
-                    id: Some(Value::Number(n)),
-                    ..
-                } if n.as_u64().is_some_and(|old| old < self.next_id) => {}
+                Message::Reply { id: Some(Value::Number(n)), .. }
+                    if n.as_u64().is_some_and(|old| old < self.next_id) => {}
                 Message::Reply { .. } | Message::Greeting(_) => {
-                    return Err(self.protocol(format!(
-                        "unexpected message while waiting for {awaited}, with no command pending"
-                    )))
+                    return Err(self
+                        .protocol(format!("unexpected message while waiting for {awaited}, with no command pending")))
                 }
             }
         }
@@ -582,24 +497,18 @@ impl Qmp {
 
     /// Polls `query-migrate` until the migration (outgoing or incoming) has completed.
     /// A `failed` or `cancelled` migration is [`QmpError::MigrationFailed`].
-    pub async fn wait_migration(
-        &mut self,
-        deadline: Duration,
-    ) -> Result<MigrationSummary, QmpError> {
+    pub async fn wait_migration(&mut self, deadline: Duration) -> Result<MigrationSummary, QmpError> {
         let start = Instant::now();
         let end = start + deadline;
         loop {
             let remaining = end.saturating_duration_since(Instant::now());
-            let info = self
-                .execute_within(&QueryMigrate, remaining)
-                .await
-                .map_err(|error| {
-                    match error {
-                        // The poll's own timeout is the migration's.
-                        QmpError::Timeout { .. } => self.migration_timeout(None, deadline),
-                        other => other,
-                    }
-                })?;
+            let info = self.execute_within(&QueryMigrate, remaining).await.map_err(|error| {
+                match error {
+                    // The poll's own timeout is the migration's.
+                    QmpError::Timeout { .. } => self.migration_timeout(None, deadline),
+                    other => other,
+                }
+            })?;
             match info.status.as_deref() {
                 Some("completed") => {
                     return Ok(MigrationSummary {
@@ -609,10 +518,7 @@ impl Qmp {
                     })
                 }
                 Some(status @ ("failed" | "cancelled")) => {
-                    return Err(QmpError::MigrationFailed {
-                        status: status.to_string(),
-                        desc: info.error_desc,
-                    })
+                    return Err(QmpError::MigrationFailed { status: status.to_string(), desc: info.error_desc })
                 }
                 _ => {}
             }
@@ -633,52 +539,29 @@ impl Qmp {
             }
             awaited.push(')');
         }
-        QmpError::Timeout {
-            peer: self.peer.clone(),
-            awaited,
-            after,
-        }
+        QmpError::Timeout { peer: self.peer.clone(), awaited, after }
     }
 
     fn protocol(&self, what: String) -> QmpError {
-        QmpError::Protocol {
-            peer: self.peer.clone(),
-            what,
-        }
+        QmpError::Protocol { peer: self.peer.clone(), what }
     }
 
     /// The next message, waiting at most until `end`; `timeout` is only for the error.
-    async fn read_message(
-        &mut self,
-        awaited: &str,
-        end: Instant,
-        timeout: Duration,
-    ) -> Result<Message, QmpError> {
+    async fn read_message(&mut self, awaited: &str, end: Instant, timeout: Duration) -> Result<Message, QmpError> {
         let line = match tokio::time::timeout_at(end, self.read_line()).await {
             Ok(Ok(Some(line))) => line,
             Ok(Ok(None)) => {
                 self.closed = true;
-                return Err(QmpError::Closed {
-                    peer: self.peer.clone(),
-                    awaited: awaited.into(),
-                });
+                return Err(QmpError::Closed { peer: self.peer.clone(), awaited: awaited.into() });
             }
             Ok(Err(source)) => {
                 self.closed = true;
                 let during = format!("reading while waiting for {awaited}");
-                return Err(QmpError::Io {
-                    peer: self.peer.clone(),
-                    during,
-                    source,
-                });
+                return Err(QmpError::Io { peer: self.peer.clone(), during, source });
             }
             Err(_) => {
                 let (peer, awaited) = (self.peer.clone(), awaited.to_string());
-                return Err(QmpError::Timeout {
-                    peer,
-                    awaited,
-                    after: timeout,
-                });
+                return Err(QmpError::Timeout { peer, awaited, after: timeout });
             }
         };
         self.parse_message(&line)
@@ -710,8 +593,8 @@ impl Qmp {
 
     fn parse_message(&self, line: &[u8]) -> Result<Message, QmpError> {
         let shown = || String::from_utf8_lossy(line).trim_end().to_string();
-        let value: Value = serde_json::from_slice(line)
-            .map_err(|error| self.protocol(format!("not JSON ({error}): {}", shown())))?;
+        let value: Value =
+            serde_json::from_slice(line).map_err(|error| self.protocol(format!("not JSON ({error}): {}", shown())))?;
         let Value::Object(mut object) = value else {
             return Err(self.protocol(format!("not a JSON object: {}", shown())));
         };
@@ -727,18 +610,12 @@ impl Qmp {
         }
         let id = object.remove("id");
         if let Some(value) = object.remove("return") {
-            return Ok(Message::Reply {
-                id,
-                result: Ok(value),
-            });
+            return Ok(Message::Reply { id, result: Ok(value) });
         }
         if let Some(error) = object.remove("error") {
             let error: WireError = serde_json::from_value(error)
                 .map_err(|e| self.protocol(format!("bad error reply ({e}): {}", shown())))?;
-            return Ok(Message::Reply {
-                id,
-                result: Err(error),
-            });
+            return Ok(Message::Reply { id, result: Err(error) });
         }
         Err(self.protocol(format!("neither greeting, event nor reply: {}", shown())))
     }
@@ -766,20 +643,13 @@ mod tests {
         }
 
         async fn greet(&mut self) {
-            self.send(
-                json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
-                "package": "fake"}, "capabilities": ["oob"]}}),
-            )
-            .await;
+            self.send(json!({"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10},
+                "package": "fake"}, "capabilities": ["oob"]}}))
+                .await;
         }
 
         async fn receive(&mut self) -> Value {
-            let line = self
-                .lines
-                .next_line()
-                .await
-                .unwrap()
-                .expect("client closed");
+            let line = self.lines.next_line().await.unwrap().expect("client closed");
             serde_json::from_str(&line).unwrap()
         }
 
@@ -806,13 +676,7 @@ mod tests {
     fn pair() -> (UnixStream, FakeQemu) {
         let (client, server) = UnixStream::pair().unwrap();
         let (read, writer) = server.into_split();
-        (
-            client,
-            FakeQemu {
-                lines: BufReader::new(read).lines(),
-                writer,
-            },
-        )
+        (client, FakeQemu { lines: BufReader::new(read).lines(), writer })
     }
 
     async fn connected() -> (Qmp, FakeQemu) {
@@ -832,14 +696,7 @@ mod tests {
         };
         let (qmp, ()) = tokio::join!(Qmp::handshake(client, "fake QMP", SHORT), server_side);
         let qmp = qmp.unwrap();
-        assert_eq!(
-            qmp.greeting().version.qemu,
-            QemuVersion {
-                major: 10,
-                minor: 0,
-                micro: 2
-            }
-        );
+        assert_eq!(qmp.greeting().version.qemu, QemuVersion { major: 10, minor: 0, micro: 2 });
         assert_eq!(qmp.greeting().capabilities, ["oob"]);
     }
 
@@ -848,43 +705,22 @@ mod tests {
         let (mut qmp, mut server) = connected().await;
         let server_side = async {
             let (id, _) = server.expect("stop").await;
-            server
-                .send(json!({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}))
-                .await;
-            server
-                .send(json!({"event": "RESUME", "data": {"x": 1}}))
-                .await;
+            server.send(json!({"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}})).await;
+            server.send(json!({"event": "RESUME", "data": {"x": 1}})).await;
             server.reply(id, json!({})).await;
             let (id, _) = server.expect("query-status").await;
-            server
-                .reply(
-                    id,
-                    json!({"status": "paused", "running": false, "singlestep": false}),
-                )
-                .await;
+            server.reply(id, json!({"status": "paused", "running": false, "singlestep": false})).await;
         };
         let client_side = async {
             qmp.execute(&Stop).await.unwrap();
             qmp.execute(&QueryStatus).await.unwrap()
         };
         let (status, ()) = tokio::join!(client_side, server_side);
-        assert_eq!(
-            status,
-            StatusInfo {
-                status: "paused".into(),
-                running: false
-            }
-        );
+        assert_eq!(status, StatusInfo { status: "paused".into(), running: false });
         let events = qmp.take_events();
         let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
         assert_eq!(names, ["STOP", "RESUME"]);
-        assert_eq!(
-            events[0].timestamp,
-            Some(Timestamp {
-                seconds: 1,
-                microseconds: 2
-            })
-        );
+        assert_eq!(events[0].timestamp, Some(Timestamp { seconds: 1, microseconds: 2 }));
         assert_eq!(events[1].data, json!({"x": 1}));
         assert!(qmp.take_events().is_empty());
     }
@@ -894,24 +730,16 @@ mod tests {
         let (mut qmp, mut server) = connected().await;
         let server_side = async {
             let (id, arguments) = server.expect("migrate").await;
-            assert_eq!(
-                arguments,
-                Some(json!({"uri": "exec:gzip -c > /x/state.gz"}))
-            );
+            assert_eq!(arguments, Some(json!({"uri": "exec:gzip -c > /x/state.gz"})));
             server
                 .send(json!({"id": id, "error": {"class": "GenericError",
                 "desc": "Migration is disabled when VirtFS export path '/' is mounted"}}))
                 .await;
         };
-        let migrate = Migrate {
-            uri: "exec:gzip -c > /x/state.gz".into(),
-        };
+        let migrate = Migrate { uri: "exec:gzip -c > /x/state.gz".into() };
         let (result, ()) = tokio::join!(qmp.execute(&migrate), server_side);
         let error = result.unwrap_err();
-        assert!(
-            matches!(&error, QmpError::Command { class, .. } if class == "GenericError"),
-            "{error:?}"
-        );
+        assert!(matches!(&error, QmpError::Command { class, .. } if class == "GenericError"), "{error:?}");
         assert_eq!(
             error.to_string(),
             "QMP command migrate failed: GenericError: \
@@ -929,21 +757,12 @@ mod tests {
         let (result, ()) = tokio::join!(qmp.execute(&QueryStatus), server_side);
         let error = result.unwrap_err();
         assert!(matches!(error, QmpError::Closed { .. }), "{error:?}");
-        assert_eq!(
-            error.to_string(),
-            "fake QMP closed while waiting for the reply to query-status"
-        );
+        assert_eq!(error.to_string(), "fake QMP closed while waiting for the reply to query-status");
         // Later calls fail at once instead of writing into a dead socket.
         let error = qmp.execute(&Cont).await.unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "fake QMP closed while waiting for the reply to cont"
-        );
+        assert_eq!(error.to_string(), "fake QMP closed while waiting for the reply to cont");
         let error = qmp.wait_event("SHUTDOWN", SHORT).await.unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "fake QMP closed while waiting for event SHUTDOWN"
-        );
+        assert_eq!(error.to_string(), "fake QMP closed while waiting for event SHUTDOWN");
     }
 
     #[tokio::test]
@@ -951,11 +770,7 @@ mod tests {
         let (mut qmp, mut server) = connected().await;
         let server_side = async move {
             server.expect("query-status").await;
-            server
-                .writer
-                .write_all(b"{\"return\": {\"status\": ")
-                .await
-                .unwrap();
+            server.writer.write_all(b"{\"return\": {\"status\": ").await.unwrap();
             drop(server);
         };
         let (result, ()) = tokio::join!(qmp.execute(&QueryStatus), server_side);
@@ -968,22 +783,12 @@ mod tests {
         let server_side = async {
             let (late_id, _) = server.expect("query-status").await;
             let (id, _) = server.expect("query-status").await;
-            server
-                .reply(late_id, json!({"status": "stale", "running": false}))
-                .await;
-            server
-                .reply(id, json!({"status": "running", "running": true}))
-                .await;
+            server.reply(late_id, json!({"status": "stale", "running": false})).await;
+            server.reply(id, json!({"status": "running", "running": true})).await;
         };
         let client_side = async {
-            let error = qmp
-                .execute_within(&QueryStatus, Duration::from_millis(200))
-                .await
-                .unwrap_err();
-            assert_eq!(
-                error.to_string(),
-                "fake QMP: timed out after 0.2 s waiting for the reply to query-status"
-            );
+            let error = qmp.execute_within(&QueryStatus, Duration::from_millis(200)).await.unwrap_err();
+            assert_eq!(error.to_string(), "fake QMP: timed out after 0.2 s waiting for the reply to query-status");
             qmp.execute(&QueryStatus).await
         };
         let (status, ()) = tokio::join!(client_side, server_side);
@@ -1009,10 +814,7 @@ mod tests {
         };
         let (result, ()) = tokio::join!(qmp.execute(&Cont), server_side);
         let text = result.unwrap_err().to_string();
-        assert!(
-            text.starts_with("fake QMP: protocol error: not JSON ("),
-            "{text}"
-        );
+        assert!(text.starts_with("fake QMP: protocol error: not JSON ("), "{text}");
         assert!(text.ends_with("): not json"), "{text}");
         let server_side = async {
             let (id, _) = server.expect("query-status").await;
@@ -1020,29 +822,18 @@ mod tests {
         };
         let (result, ()) = tokio::join!(qmp.execute(&QueryStatus), server_side);
         let text = result.unwrap_err().to_string();
-        assert!(
-            text.starts_with("fake QMP: protocol error: unexpected reply to query-status"),
-            "{text}"
-        );
+        assert!(text.starts_with("fake QMP: protocol error: unexpected reply to query-status"), "{text}");
     }
 
     #[tokio::test]
     async fn greeting_must_come_in_time() {
         let (client, _server) = pair();
-        let error = Qmp::handshake(client, "fake QMP", Duration::from_millis(100))
-            .await
-            .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "fake QMP: timed out after 0.1 s waiting for the QMP greeting"
-        );
+        let error = Qmp::handshake(client, "fake QMP", Duration::from_millis(100)).await.unwrap_err();
+        assert_eq!(error.to_string(), "fake QMP: timed out after 0.1 s waiting for the QMP greeting");
         let (client, server) = pair();
         drop(server);
         let error = Qmp::handshake(client, "fake QMP", SHORT).await.unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "fake QMP closed while waiting for the QMP greeting"
-        );
+        assert_eq!(error.to_string(), "fake QMP closed while waiting for the QMP greeting");
     }
 
     #[tokio::test]
@@ -1050,10 +841,7 @@ mod tests {
         let (mut qmp, mut server) = connected().await;
         let server_side = async {
             let (id, arguments) = server.expect("migrate-set-capabilities").await;
-            assert_eq!(
-                arguments,
-                Some(json!({"capabilities": [{"capability": "events", "state": true}]}))
-            );
+            assert_eq!(arguments, Some(json!({"capabilities": [{"capability": "events", "state": true}]})));
             server.reply(id, json!({})).await;
             let (id, _) = server.expect("stop").await;
             server.reply(id, json!({})).await;
@@ -1066,26 +854,15 @@ mod tests {
                 json!({"status": "completed", "total-time": 42, "ram": {"transferred": 1089}}),
             ] {
                 let (id, _) = server.expect("query-migrate").await;
-                server
-                    .send(json!({"event": "MIGRATION", "data": {"status": reply["status"]}}))
-                    .await;
+                server.send(json!({"event": "MIGRATION", "data": {"status": reply["status"]}})).await;
                 server.reply(id, reply).await;
             }
         };
         let client_side = async {
-            let capabilities = vec![MigrationCapability {
-                capability: "events".into(),
-                state: true,
-            }];
-            qmp.execute(&MigrateSetCapabilities { capabilities })
-                .await
-                .unwrap();
+            let capabilities = vec![MigrationCapability { capability: "events".into(), state: true }];
+            qmp.execute(&MigrateSetCapabilities { capabilities }).await.unwrap();
             qmp.execute(&Stop).await.unwrap();
-            qmp.execute(&Migrate {
-                uri: "file:/build/state".into(),
-            })
-            .await
-            .unwrap();
+            qmp.execute(&Migrate { uri: "file:/build/state".into() }).await.unwrap();
             qmp.wait_migration(SHORT).await
         };
         let (summary, ()) = tokio::join!(client_side, server_side);
@@ -1102,18 +879,10 @@ mod tests {
             let (id, _) = server.expect("query-migrate").await;
             server.reply(id, json!({"status": "active"})).await;
             let (id, _) = server.expect("query-migrate").await;
-            server
-                .reply(
-                    id,
-                    json!({"status": "failed", "error-desc": "No space left on device"}),
-                )
-                .await;
+            server.reply(id, json!({"status": "failed", "error-desc": "No space left on device"})).await;
         };
         let (result, ()) = tokio::join!(qmp.wait_migration(SHORT), server_side);
-        assert_eq!(
-            result.unwrap_err().to_string(),
-            "migration ended with status failed: No space left on device"
-        );
+        assert_eq!(result.unwrap_err().to_string(), "migration ended with status failed: No space left on device");
     }
 
     #[tokio::test]
@@ -1144,9 +913,7 @@ mod tests {
         let (mut qmp, mut server) = connected().await;
         let server_side = async move {
             server.expect("quit").await;
-            server
-                .send(json!({"event": "SHUTDOWN", "data": {"guest": false}}))
-                .await;
+            server.send(json!({"event": "SHUTDOWN", "data": {"guest": false}})).await;
             drop(server);
         };
         let (result, ()) = tokio::join!(qmp.execute(&Quit), server_side);
@@ -1161,12 +928,8 @@ mod tests {
             let (id, _) = server.expect("stop").await;
             server.send(json!({"event": "STOP"})).await;
             server.reply(id, json!({})).await;
-            server
-                .send(json!({"event": "RTC_CHANGE", "data": {"offset": 1}}))
-                .await;
-            server
-                .send(json!({"event": "SHUTDOWN", "data": {"guest": true}}))
-                .await;
+            server.send(json!({"event": "RTC_CHANGE", "data": {"offset": 1}})).await;
+            server.send(json!({"event": "SHUTDOWN", "data": {"guest": true}})).await;
         };
         let client_side = async {
             qmp.execute(&Stop).await.unwrap();
@@ -1179,35 +942,18 @@ mod tests {
         assert_eq!(shutdown.data, json!({"guest": true}));
         let rest: Vec<String> = qmp.take_events().into_iter().map(|e| e.event).collect();
         assert_eq!(rest, ["RTC_CHANGE"]);
-        let error = qmp
-            .wait_event("RESET", Duration::from_millis(100))
-            .await
-            .unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "fake QMP: timed out after 0.1 s waiting for event RESET"
-        );
+        let error = qmp.wait_event("RESET", Duration::from_millis(100)).await.unwrap_err();
+        assert_eq!(error.to_string(), "fake QMP: timed out after 0.1 s waiting for event RESET");
     }
 
     #[tokio::test]
     async fn connect_retries_until_the_socket_appears() {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("qmp.sock");
-        let error = Qmp::connect(&socket, Duration::from_millis(200))
-            .await
-            .unwrap_err();
+        let error = Qmp::connect(&socket, Duration::from_millis(200)).await.unwrap_err();
         let text = error.to_string();
-        assert!(
-            text.starts_with(&format!(
-                "could not connect to QMP socket {} within 0.",
-                socket.display()
-            )),
-            "{text}"
-        );
-        assert!(
-            text.ends_with("No such file or directory (os error 2)"),
-            "{text}"
-        );
+        assert!(text.starts_with(&format!("could not connect to QMP socket {} within 0.", socket.display())), "{text}");
+        assert!(text.ends_with("No such file or directory (os error 2)"), "{text}");
 
         let listener_path = socket.clone();
         let server_side = async move {
@@ -1215,10 +961,7 @@ mod tests {
             let listener = tokio::net::UnixListener::bind(&listener_path).unwrap();
             let (stream, _) = listener.accept().await.unwrap();
             let (read, writer) = stream.into_split();
-            let mut server = FakeQemu {
-                lines: BufReader::new(read).lines(),
-                writer,
-            };
+            let mut server = FakeQemu { lines: BufReader::new(read).lines(), writer };
             server.accept().await;
             server
         };
@@ -1232,14 +975,8 @@ mod tests {
     const QEMU: &str = "qemu-system-x86_64";
 
     fn qemu_available() -> bool {
-        let found = std::process::Command::new(QEMU)
-            .arg("--version")
-            .output()
-            .is_ok();
-        if !found {
-            println!("skipped: {QEMU} is not installed");
-        }
-        found
+        let found = std::process::Command::new(QEMU).arg("--version").output().is_ok();
+        crate::tools::test_requires(QEMU, found)
     }
 
     fn spawn_qemu(socket: &Path, extra: &[&str]) -> tokio::process::Child {
@@ -1270,28 +1007,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("qmp.sock");
         let mut child = spawn_qemu(&socket, &[]);
-        let mut qmp = Qmp::connect(&socket, Duration::from_secs(20))
-            .await
-            .unwrap();
-        assert!(
-            qmp.greeting().version.qemu.major >= 2,
-            "{:?}",
-            qmp.greeting()
-        );
+        let mut qmp = Qmp::connect(&socket, Duration::from_secs(20)).await.unwrap();
+        assert!(qmp.greeting().version.qemu.major >= 2, "{:?}", qmp.greeting());
         let status = qmp.execute(&QueryStatus).await.unwrap();
-        assert_eq!(
-            status,
-            StatusInfo {
-                status: "running".into(),
-                running: true
-            }
-        );
-        let error = qmp
-            .execute(&MigrateIncoming {
-                uri: "file:/nonexistent".into(),
-            })
-            .await
-            .unwrap_err();
+        assert_eq!(status, StatusInfo { status: "running".into(), running: true });
+        let error = qmp.execute(&MigrateIncoming { uri: "file:/nonexistent".into() }).await.unwrap_err();
         assert!(matches!(error, QmpError::Command { .. }), "{error:?}");
         qmp.execute(&Quit).await.unwrap();
         exits_within(&mut child, Duration::from_secs(20)).await;
@@ -1310,25 +1030,13 @@ mod tests {
 
         let socket = dir.path().join("save.sock");
         let mut saver = spawn_qemu(&socket, &[]);
-        let mut qmp = Qmp::connect(&socket, Duration::from_secs(20))
-            .await
-            .unwrap();
-        let events = vec![MigrationCapability {
-            capability: "events".into(),
-            state: true,
-        }];
-        qmp.execute(&MigrateSetCapabilities {
-            capabilities: events,
-        })
-        .await
-        .unwrap();
+        let mut qmp = Qmp::connect(&socket, Duration::from_secs(20)).await.unwrap();
+        let events = vec![MigrationCapability { capability: "events".into(), state: true }];
+        qmp.execute(&MigrateSetCapabilities { capabilities: events }).await.unwrap();
         qmp.execute(&Stop).await.unwrap();
         qmp.execute(&Migrate { uri: uri.clone() }).await.unwrap();
         let summary = qmp.wait_migration(Duration::from_secs(60)).await.unwrap();
-        assert!(
-            summary.ram_transferred.is_some_and(|sent| sent > 0),
-            "{summary:?}"
-        );
+        assert!(summary.ram_transferred.is_some_and(|sent| sent > 0), "{summary:?}");
         assert!(state.metadata().unwrap().len() > 0);
         let names: Vec<String> = qmp.take_events().into_iter().map(|e| e.event).collect();
         assert!(names.contains(&"STOP".to_string()), "{names:?}");
@@ -1337,9 +1045,7 @@ mod tests {
 
         let socket = dir.path().join("restore.sock");
         let mut restorer = spawn_qemu(&socket, &["-incoming", "defer"]);
-        let mut qmp = Qmp::connect(&socket, Duration::from_secs(20))
-            .await
-            .unwrap();
+        let mut qmp = Qmp::connect(&socket, Duration::from_secs(20)).await.unwrap();
         assert_eq!(qmp.execute(&QueryStatus).await.unwrap().status, "inmigrate");
         qmp.execute(&MigrateIncoming { uri }).await.unwrap();
         qmp.wait_migration(Duration::from_secs(60)).await.unwrap();

@@ -49,7 +49,10 @@ pub struct GuestBoot {
 pub enum After {
     Quit,
     /// Save the guest's memory into `path` (the image's state file).
-    Suspend { path: PathBuf, guest: String },
+    Suspend {
+        path: PathBuf,
+        guest: String,
+    },
 }
 
 /// How the controller starts. Its initramfs is the same for every session, so an image can
@@ -233,8 +236,8 @@ async fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         share_list.push_str(&format!("{} {}\n", s.name, s.guest_path));
     }
     std::fs::write(files.xchg.join("shares"), share_list).map_err(prep("writing the share list"))?;
-    files.session_line =
-        controller::session_line(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg).map_err(prep("the controller's session"))?;
+    files.session_line = controller::session_line(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg)
+        .map_err(prep("the controller's session"))?;
     if cfg.controller.initrd.is_none() {
         let ctl = controller::initramfs(&cfg.tools.busybox, &cfg.modules_dir).map_err(prep("controller"))?;
         write_initrd(&ctl, &files.controller_initrd)?;
@@ -272,7 +275,8 @@ fn spawn_qemu(cfg: &SessionConfig, vm: &VmConfig, log: &Path) -> Result<ProcessG
 }
 
 async fn qmp_up(name: &str, guard: &mut ProcessGuard, sock: &Path, log: &Path) -> Result<Qmp, RunError> {
-    let not_up = |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
+    let not_up =
+        |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
     tokio::select! {
         r = Qmp::connect(sock, QEMU_UP_TIMEOUT) => r.map_err(|e| not_up(e.to_string())),
         s = guard.wait() => Err(not_up(format!("QEMU exited with {}", describe_status(s)))),
@@ -415,9 +419,16 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
             log_tail: tail_lines(&files.controller_serial, LOG_TAIL_LINES),
         })?;
         if let Some(path) = &cfg.controller.save_to {
-            let header = StateHeader { qemu_version: qemu_version(&ctl_qmp), memory_mib: CONTROLLER_MEMORY_MIB, guest: "controller".into() };
+            let header = StateHeader {
+                qemu_version: qemu_version(&ctl_qmp),
+                memory_mib: CONTROLLER_MEMORY_MIB,
+                guest: "controller".into(),
+            };
             save(cfg, &mut ctl_qmp, path, &header).await?;
-            ctl_qmp.execute(&super::qmp::Cont).await.map_err(|e| RunError::Prepare(format!("continuing the controller: {e}")))?;
+            ctl_qmp
+                .execute(&super::qmp::Cont)
+                .await
+                .map_err(|e| RunError::Prepare(format!("continuing the controller: {e}")))?;
             progress.say("controller saved while waiting for its session");
         }
     }
@@ -462,7 +473,10 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
                 Ok(text) => match controller::agent::parse_exit_file(&text) {
                     Ok(v) => v,
                     Err(message) => {
-                        return Err(RunError::Agent { message, log_tail: tail_lines(&files.guest_serial, LOG_TAIL_LINES) })
+                        return Err(RunError::Agent {
+                            message,
+                            log_tail: tail_lines(&files.guest_serial, LOG_TAIL_LINES),
+                        })
                     }
                 },
                 Err(_) if s.success() => {
@@ -479,7 +493,11 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     if let (After::Suspend { path, guest: guest_name }, Verdict::Exited(0)) = (&cfg.after, &verdict) {
-        let header = StateHeader { qemu_version: qemu_version(&guest_qmp), memory_mib: cfg.memory_mib, guest: guest_name.clone() };
+        let header = StateHeader {
+            qemu_version: qemu_version(&guest_qmp),
+            memory_mib: cfg.memory_mib,
+            guest: guest_name.clone(),
+        };
         save(cfg, &mut guest_qmp, path, &header).await?;
         progress.say(&format!("guest memory saved to {}", path.display()));
     }
@@ -539,10 +557,12 @@ async fn send_session(sock: &Path, line: &str) -> Result<tokio::net::UnixStream,
     use tokio::io::AsyncWriteExt;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let line = format!("NOW={now} {line}");
-    let mut s = tokio::net::UnixStream::connect(sock)
+    let mut s = tokio::net::UnixStream::connect(sock).await.map_err(|e| {
+        RunError::Prepare(format!("connecting to the controller's session port {}: {e}", sock.display()))
+    })?;
+    s.write_all(line.as_bytes())
         .await
-        .map_err(|e| RunError::Prepare(format!("connecting to the controller's session port {}: {e}", sock.display())))?;
-    s.write_all(line.as_bytes()).await.map_err(|e| RunError::Prepare(format!("sending the controller its session: {e}")))?;
+        .map_err(|e| RunError::Prepare(format!("sending the controller its session: {e}")))?;
     Ok(s)
 }
 
@@ -556,7 +576,8 @@ async fn revive(
     vm: &mut ProcessGuard,
     log: &Path,
 ) -> Result<(), RunError> {
-    let failed = |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
+    let failed =
+        |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
     let version = qemu_version(qmp);
     // The caller checked the whole file; here only what needs this QEMU: its version, the memory.
     super::state::inspect(state, Some((memory_mib, &version))).map_err(RunError::State)?;
@@ -607,7 +628,8 @@ async fn save(cfg: &SessionConfig, qmp: &mut Qmp, path: &Path, header: &StateHea
     })
     .await
     .map_err(|e| fail("writer", e.to_string()))?;
-    super::state::validate(path, Some((header.memory_mib, &header.qemu_version))).map_err(|e| fail("check", e.to_string()))?;
+    super::state::validate(path, Some((header.memory_mib, &header.qemu_version)))
+        .map_err(|e| fail("check", e.to_string()))?;
     Ok(())
 }
 

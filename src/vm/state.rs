@@ -115,7 +115,8 @@ pub fn write(path: &Path, header: &StateHeader, input: &mut dyn Read) -> Result<
     let tmp = path.with_extension("partial");
     let file = File::create(&tmp).map_err(io_err("creating"))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
-    let header_json = serde_json::to_vec(header).map_err(|e| StateFileError::BadHeader { path: path.into(), detail: e.to_string() })?;
+    let header_json = serde_json::to_vec(header)
+        .map_err(|e| StateFileError::BadHeader { path: path.into(), detail: e.to_string() })?;
     out.write_all(MAGIC).map_err(io_err("writing"))?;
     out.write_all(&FORMAT_VERSION.to_le_bytes()).map_err(io_err("writing"))?;
     out.write_all(&(header_json.len() as u32).to_le_bytes()).map_err(io_err("writing"))?;
@@ -129,7 +130,11 @@ pub fn write(path: &Path, header: &StateHeader, input: &mut dyn Read) -> Result<
     out.write_all(&raw_len.to_le_bytes()).map_err(io_err("writing"))?;
     out.write_all(&crc.sum().to_le_bytes()).map_err(io_err("writing"))?;
     out.write_all(END_MAGIC).map_err(io_err("writing"))?;
-    let file = out.into_inner().map_err(|e| StateFileError::Io { path: path.into(), what: "writing", source: e.into_error() })?;
+    let file = out.into_inner().map_err(|e| StateFileError::Io {
+        path: path.into(),
+        what: "writing",
+        source: e.into_error(),
+    })?;
     file.sync_all().map_err(io_err("syncing"))?;
     std::fs::rename(&tmp, path).map_err(io_err("renaming into place"))?;
     Ok(StateInfo { header: header.clone(), payload_offset, payload_len, raw_len, crc32: crc.sum() })
@@ -162,12 +167,15 @@ pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, St
     f.read_exact(&mut word).map_err(|_| StateFileError::Truncated { path: p() })?;
     let header_len = u32::from_le_bytes(word);
     if header_len > MAX_HEADER {
-        return Err(StateFileError::BadHeader { path: p(), detail: format!("header length {header_len} is implausible") });
+        return Err(StateFileError::BadHeader {
+            path: p(),
+            detail: format!("header length {header_len} is implausible"),
+        });
     }
     let mut header_bytes = vec![0u8; header_len as usize];
     f.read_exact(&mut header_bytes).map_err(|_| StateFileError::Truncated { path: p() })?;
-    let header: StateHeader =
-        serde_json::from_slice(&header_bytes).map_err(|e| StateFileError::BadHeader { path: p(), detail: e.to_string() })?;
+    let header: StateHeader = serde_json::from_slice(&header_bytes)
+        .map_err(|e| StateFileError::BadHeader { path: p(), detail: e.to_string() })?;
     let payload_offset = (MAGIC.len() + 8) as u64 + header_len as u64;
     if size < payload_offset + TRAILER_LEN {
         return Err(StateFileError::Truncated { path: p() });
@@ -192,7 +200,11 @@ pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, St
             return Err(StateFileError::MemoryMismatch { path: p(), saved: header.memory_mib, wanted: memory });
         }
         if header.qemu_version != qemu {
-            return Err(StateFileError::QemuMismatch { path: p(), saved: header.qemu_version.clone(), running: qemu.into() });
+            return Err(StateFileError::QemuMismatch {
+                path: p(),
+                saved: header.qemu_version.clone(),
+                running: qemu.into(),
+            });
         }
     }
     Ok(StateInfo { header, payload_offset, payload_len, raw_len, crc32: expected })
@@ -228,7 +240,8 @@ pub fn read(path: &Path, wanted: Option<(u32, &str)>, out: &mut dyn Write) -> Re
     let mut chunk = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = dec.read(&mut chunk).map_err(|e| StateFileError::Corrupt { path: path.into(), detail: e.to_string() })?;
+        let n =
+            dec.read(&mut chunk).map_err(|e| StateFileError::Corrupt { path: path.into(), detail: e.to_string() })?;
         if n == 0 {
             break;
         }
@@ -282,15 +295,24 @@ mod tests {
             std::fs::write(&path, b).unwrap();
             validate(&path, wanted).unwrap_err().to_string()
         };
-        assert_eq!(msg(&bytes[..bytes.len() - 100], None), format!("state file {p} is truncated (its end marker is missing: the save did not finish)"));
+        assert_eq!(
+            msg(&bytes[..bytes.len() - 100], None),
+            format!("state file {p} is truncated (its end marker is missing: the save did not finish)")
+        );
         let mut flipped = bytes.clone();
         let mid = bytes.len() / 2;
         flipped[mid] ^= 0x55;
         assert!(msg(&flipped, None).starts_with(&format!("state file {p} is corrupt: checksum ")));
-        assert_eq!(msg(b"\x7fELF and more bytes", None), format!("{p} is not a nix-winvm state file (wrong magic number)"));
+        assert_eq!(
+            msg(b"\x7fELF and more bytes", None),
+            format!("{p} is not a nix-winvm state file (wrong magic number)")
+        );
         let mut v2 = bytes.clone();
         v2[16] = 2;
-        assert_eq!(msg(&v2, None), format!("state file {p} has format version 2; this nix-winvm reads version 1: rebuild the image"));
+        assert_eq!(
+            msg(&v2, None),
+            format!("state file {p} has format version 2; this nix-winvm reads version 1: rebuild the image")
+        );
         assert_eq!(
             msg(&bytes, Some((512, "10.0.2 (test)"))),
             format!("state file {p} holds a VM with 256 MiB of memory, but 512 MiB were asked for: rebuild the image")

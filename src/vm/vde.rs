@@ -45,7 +45,11 @@ impl VdeSwitch {
         let mgmt = dir.join("vde.mgmt");
         let log = dir.join("vde_switch.log");
         let log_file = std::fs::File::create(&log).map_err(|source| {
-            StartSwitchError::Spawn(SpawnError { name: "vde_switch".into(), program: log.display().to_string(), source })
+            StartSwitchError::Spawn(SpawnError {
+                name: "vde_switch".into(),
+                program: log.display().to_string(),
+                source,
+            })
         })?;
         let mut cmd = Command::new(program);
         // --dirmode 0700: in the Nix sandbox the builder is not root and cannot chown to a group.
@@ -54,17 +58,18 @@ impl VdeSwitch {
         let mut guard = ProcessGuard::spawn("vde_switch", cmd).map_err(StartSwitchError::Spawn)?;
         let stdin = guard.take_stdin();
         let mgmt_path = mgmt.clone();
-        let ready = wait_until(&format!("vde_switch to answer 'showinfo' on {}", mgmt.display()), READY_TIMEOUT, || {
-            let exited = guard.try_exited();
-            let mgmt = mgmt_path.clone();
-            async move {
-                if let Some(s) = exited {
-                    return Some(Err(super::process::describe_status(s)));
+        let ready =
+            wait_until(&format!("vde_switch to answer 'showinfo' on {}", mgmt.display()), READY_TIMEOUT, || {
+                let exited = guard.try_exited();
+                let mgmt = mgmt_path.clone();
+                async move {
+                    if let Some(s) = exited {
+                        return Some(Err(super::process::describe_status(s)));
+                    }
+                    showinfo(&mgmt).await.ok().map(Ok)
                 }
-                showinfo(&mgmt).await.ok().map(Ok)
-            }
-        })
-        .await;
+            })
+            .await;
         match ready {
             Ok(Ok(())) => Ok(VdeSwitch { guard, ctl, mgmt, _stdin: stdin }),
             Ok(Err(status)) => Err(StartSwitchError::Exited {

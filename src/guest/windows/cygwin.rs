@@ -87,25 +87,21 @@ impl fmt::Display for SetupIniError {
             E::TextAfterClosingQuote { line } => {
                 write!(f, "setup.ini line {line}: text after the closing quote")
             }
-            E::DuplicateCurrentVersion { package, line } => write!(
-                f,
-                "setup.ini line {line}: package '{package}' has a second unlabelled (current) version"
-            ),
-            E::InstallFieldCount { line, found } => write!(
-                f,
-                "setup.ini line {line}: install: needs 'path size sha512', found {found} fields"
-            ),
-            E::UnsafeInstallPath { line, path } => write!(
-                f,
-                "setup.ini line {line}: install path '{path}' is not a plain relative path"
-            ),
+            E::DuplicateCurrentVersion { package, line } => {
+                write!(f, "setup.ini line {line}: package '{package}' has a second unlabelled (current) version")
+            }
+            E::InstallFieldCount { line, found } => {
+                write!(f, "setup.ini line {line}: install: needs 'path size sha512', found {found} fields")
+            }
+            E::UnsafeInstallPath { line, path } => {
+                write!(f, "setup.ini line {line}: install path '{path}' is not a plain relative path")
+            }
             E::InvalidInstallSize { line, value } => {
                 write!(f, "setup.ini line {line}: install size '{value}' is not a number")
             }
-            E::InstallHashNotSha512 { line } => write!(
-                f,
-                "setup.ini line {line}: install hash is not 128 hex digits (SHA-512)"
-            ),
+            E::InstallHashNotSha512 { line } => {
+                write!(f, "setup.ini line {line}: install hash is not 128 hex digits (SHA-512)")
+            }
             E::UnbalancedParentheses { line } => {
                 write!(f, "setup.ini line {line}: unbalanced parentheses in a dependency list")
             }
@@ -124,14 +120,12 @@ pub enum ClosureError {
 impl fmt::Display for ClosureError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ClosureError::UnknownPackage { name } => write!(
-                f,
-                "cygwin package '{name}' (requested for installation) is not in setup.ini"
-            ),
-            ClosureError::MissingDependency { name, required_by } => write!(
-                f,
-                "cygwin package '{name}' (required by '{required_by}') is not in setup.ini"
-            ),
+            ClosureError::UnknownPackage { name } => {
+                write!(f, "cygwin package '{name}' (requested for installation) is not in setup.ini")
+            }
+            ClosureError::MissingDependency { name, required_by } => {
+                write!(f, "cygwin package '{name}' (required by '{required_by}') is not in setup.ini")
+            }
         }
     }
 }
@@ -165,10 +159,7 @@ impl SetupIni {
     pub fn parse(text: &str) -> Result<SetupIni, SetupIniError> {
         let mut packages = BTreeMap::new();
         let mut current: Option<PackageBuilder> = None;
-        let mut lines = text
-            .lines()
-            .enumerate()
-            .map(|(index, line)| (index + 1, line));
+        let mut lines = text.lines().enumerate().map(|(index, line)| (index + 1, line));
 
         while let Some((line_no, raw)) = lines.next() {
             let line = raw.trim_end_matches('\r');
@@ -185,16 +176,10 @@ impl SetupIni {
                     packages.insert(done.name.clone(), done);
                 }
                 if packages.contains_key(name) {
-                    return Err(SetupIniError::DuplicatePackage {
-                        name: name.to_string(),
-                        line: line_no,
-                    });
+                    return Err(SetupIniError::DuplicatePackage { name: name.to_string(), line: line_no });
                 }
                 current = Some(PackageBuilder {
-                    package: Package {
-                        name: name.to_string(),
-                        ..Package::default()
-                    },
+                    package: Package { name: name.to_string(), ..Package::default() },
                     requires: Vec::new(),
                     depends2: None,
                     section: Section::Current,
@@ -203,9 +188,7 @@ impl SetupIni {
             }
             let trimmed = line.trim();
             if trimmed.starts_with('[') && trimmed.ends_with(']') {
-                let builder = current
-                    .as_mut()
-                    .ok_or(SetupIniError::SectionOutsidePackage { line: line_no })?;
+                let builder = current.as_mut().ok_or(SetupIniError::SectionOutsidePackage { line: line_no })?;
                 builder.section = match &trimmed[1..trimmed.len() - 1] {
                     "curr" => Section::Current,
                     _ => Section::Other,
@@ -252,20 +235,13 @@ fn read_value<'a>(
         }
         value.push_str(&piece);
         value.push('\n');
-        let (next_no, next) = lines
-            .next()
-            .ok_or(SetupIniError::UnterminatedQuote { line: line_no })?;
+        let (next_no, next) = lines.next().ok_or(SetupIniError::UnterminatedQuote { line: line_no })?;
         piece = next.trim_end_matches('\r').to_string();
         piece_line = next_no;
     }
 }
 
-fn apply_field(
-    builder: &mut PackageBuilder,
-    key: &str,
-    value: String,
-    line: usize,
-) -> Result<(), SetupIniError> {
+fn apply_field(builder: &mut PackageBuilder, key: &str, value: String, line: usize) -> Result<(), SetupIniError> {
     if builder.section != Section::Current {
         return Ok(());
     }
@@ -279,10 +255,7 @@ fn apply_field(
         "provides" => package.provides = parse_dependency_list(&value, line)?,
         "version" => {
             if package.version.is_some() {
-                return Err(SetupIniError::DuplicateCurrentVersion {
-                    package: package.name.clone(),
-                    line,
-                });
+                return Err(SetupIniError::DuplicateCurrentVersion { package: package.name.clone(), line });
             }
             package.version = Some(value);
         }
@@ -300,9 +273,7 @@ fn parse_dependency_list(value: &str, line: usize) -> Result<Vec<String>, SetupI
         match c {
             '(' => depth += 1,
             ')' => {
-                depth = depth
-                    .checked_sub(1)
-                    .ok_or(SetupIniError::UnbalancedParentheses { line })?;
+                depth = depth.checked_sub(1).ok_or(SetupIniError::UnbalancedParentheses { line })?;
             }
             c if depth == 0 => without_constraints.push(c),
             _ => {}
@@ -323,37 +294,20 @@ fn parse_dependency_list(value: &str, line: usize) -> Result<Vec<String>, SetupI
 fn parse_install(value: &str, line: usize) -> Result<Install, SetupIniError> {
     let fields: Vec<&str> = value.split_whitespace().collect();
     let &[path, size, hash] = fields.as_slice() else {
-        return Err(SetupIniError::InstallFieldCount {
-            line,
-            found: fields.len(),
-        });
+        return Err(SetupIniError::InstallFieldCount { line, found: fields.len() });
     };
     // These paths become file names on the install medium.
     let safe = !path.starts_with('/')
         && !path.contains('\\')
-        && path
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..");
+        && path.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
     if !safe {
-        return Err(SetupIniError::UnsafeInstallPath {
-            line,
-            path: path.to_string(),
-        });
+        return Err(SetupIniError::UnsafeInstallPath { line, path: path.to_string() });
     }
-    let size = size
-        .parse::<u64>()
-        .map_err(|_| SetupIniError::InvalidInstallSize {
-            line,
-            value: size.to_string(),
-        })?;
+    let size = size.parse::<u64>().map_err(|_| SetupIniError::InvalidInstallSize { line, value: size.to_string() })?;
     if hash.len() != 128 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(SetupIniError::InstallHashNotSha512 { line });
     }
-    Ok(Install {
-        path: path.to_string(),
-        size,
-        sha512: hash.to_ascii_lowercase(),
-    })
+    Ok(Install { path: path.to_string(), size, sha512: hash.to_ascii_lowercase() })
 }
 
 /// Everything installed besides the dependencies: the Base category (setup always installs
@@ -377,23 +331,17 @@ pub fn closure(ini: &SetupIni, roots: &[&str]) -> Result<Vec<Package>, ClosureEr
     let mut providers: BTreeMap<&str, &str> = BTreeMap::new();
     for package in ini.packages.values() {
         for virtual_name in &package.provides {
-            providers
-                .entry(virtual_name.as_str())
-                .or_insert(package.name.as_str());
+            providers.entry(virtual_name.as_str()).or_insert(package.name.as_str());
         }
     }
     let resolve = |name: &str| -> Option<&Package> {
-        ini.packages
-            .get(name)
-            .or_else(|| providers.get(name).and_then(|p| ini.packages.get(*p)))
+        ini.packages.get(name).or_else(|| providers.get(name).and_then(|p| ini.packages.get(*p)))
     };
 
     let mut chosen: BTreeMap<&str, &Package> = BTreeMap::new();
     let mut queue: VecDeque<&Package> = VecDeque::new();
     for root in roots {
-        let package = resolve(root).ok_or_else(|| ClosureError::UnknownPackage {
-            name: root.to_string(),
-        })?;
+        let package = resolve(root).ok_or_else(|| ClosureError::UnknownPackage { name: root.to_string() })?;
         if chosen.insert(package.name.as_str(), package).is_none() {
             queue.push_back(package);
         }
@@ -421,13 +369,7 @@ pub fn local_repo_layout(pkgs: &[Package]) -> Vec<(String, String, u64)> {
     let mut files: Vec<(String, String, u64)> = pkgs
         .iter()
         .filter_map(|package| package.install.as_ref())
-        .map(|install| {
-            (
-                format!("{LOCAL_MIRROR_DIR}/{}", install.path),
-                install.sha512.clone(),
-                install.size,
-            )
-        })
+        .map(|install| (format!("{LOCAL_MIRROR_DIR}/{}", install.path), install.sha512.clone(), install.size))
         .collect();
     files.sort();
     files.dedup();
@@ -440,10 +382,8 @@ pub fn local_repo_layout(pkgs: &[Package]) -> Vec<(String, String, u64)> {
 /// `mirror_placeholder`, a slash and `path`. The placeholder is inserted verbatim inside the
 /// string literal, so it can be a URL or an interpolation such as `${mirror}`.
 pub fn nix_package_set(pkgs: &[Package], mirror_placeholder: &str) -> String {
-    let mut sorted: Vec<(&Package, &Install)> = pkgs
-        .iter()
-        .filter_map(|package| package.install.as_ref().map(|install| (package, install)))
-        .collect();
+    let mut sorted: Vec<(&Package, &Install)> =
+        pkgs.iter().filter_map(|package| package.install.as_ref().map(|install| (package, install))).collect();
     sorted.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut out = String::from("[\n");
     for (package, install) in sorted {
@@ -461,10 +401,7 @@ pub fn nix_package_set(pkgs: &[Package], mirror_placeholder: &str) -> String {
 
 /// The inside of a Nix double-quoted string.
 fn nix_string_body(value: &str) -> String {
-    value
-        .replace('\\', r"\\")
-        .replace('"', "\\\"")
-        .replace("${", "\\${")
+    value.replace('\\', r"\\").replace('"', "\\\"").replace("${", "\\${")
 }
 
 #[cfg(test)]
@@ -478,10 +415,7 @@ mod tests {
     }
 
     fn names(packages: &[Package]) -> Vec<&str> {
-        packages
-            .iter()
-            .map(|package| package.name.as_str())
-            .collect()
+        packages.iter().map(|package| package.name.as_str()).collect()
     }
 
     #[test]
@@ -490,41 +424,19 @@ mod tests {
         assert_eq!(ini.packages.len(), 19);
         let openssh = &ini.packages["openssh"];
         assert_eq!(openssh.version.as_deref(), Some("9.9p1-1"));
-        assert_eq!(
-            openssh.sdesc.as_deref(),
-            Some("The OpenSSH server and client programs")
-        );
+        assert_eq!(openssh.sdesc.as_deref(), Some("The OpenSSH server and client programs"));
         assert_eq!(openssh.categories, ["Net"]);
         assert_eq!(
             openssh.depends,
-            [
-                "bash",
-                "csih",
-                "cygrunsrv",
-                "cygwin",
-                "diffutils",
-                "editrights",
-                "libcrypt2",
-                "libssl3",
-                "zlib0"
-            ]
+            ["bash", "csih", "cygrunsrv", "cygwin", "diffutils", "editrights", "libcrypt2", "libssl3", "zlib0"]
         );
         let install = openssh.install.as_ref().expect("install line");
-        assert_eq!(
-            install.path,
-            "x86_64/release/openssh/openssh-9.9p1-1-x86_64.tar.xz"
-        );
+        assert_eq!(install.path, "x86_64/release/openssh/openssh-9.9p1-1-x86_64.tar.xz");
         assert_eq!(install.size, 1_265_140);
         assert_eq!(install.sha512.len(), 128);
         let ldesc = openssh.ldesc.as_deref().expect("ldesc");
-        assert!(
-            ldesc.starts_with("OpenSSH is a program for logging into"),
-            "{ldesc}"
-        );
-        assert!(
-            ldesc.contains("\n\nThis package"),
-            "blank line kept: {ldesc}"
-        );
+        assert!(ldesc.starts_with("OpenSSH is a program for logging into"), "{ldesc}");
+        assert!(ldesc.contains("\n\nThis package"), "blank line kept: {ldesc}");
         assert!(ldesc.ends_with("and sftp."), "{ldesc}");
     }
 
@@ -534,22 +446,15 @@ mod tests {
         // [test] has a newer cygwin with another dependency; [prev] an older openssh.
         let cygwin = &ini.packages["cygwin"];
         assert_eq!(cygwin.version.as_deref(), Some("3.6.4-1"));
-        assert_eq!(
-            cygwin.depends,
-            ["_windows", "bash", "libgcc1", "libintl8", "zlib0"]
-        );
-        assert!(ini.packages["openssh"]
-            .depends
-            .iter()
-            .all(|d| d != "libssl1.1"));
+        assert_eq!(cygwin.depends, ["_windows", "bash", "libgcc1", "libintl8", "zlib0"]);
+        assert!(ini.packages["openssh"].depends.iter().all(|d| d != "libssl1.1"));
     }
 
     #[test]
     fn requires_is_the_fallback_for_depends2() {
         let ini = fixture();
         assert_eq!(ini.packages["zlib0"].depends, ["cygwin"]);
-        let ini =
-            SetupIni::parse("@ a\nrequires: b c\nversion: 1\ndepends2: d\n@ b\n").expect("ok");
+        let ini = SetupIni::parse("@ a\nrequires: b c\nversion: 1\ndepends2: d\n@ b\n").expect("ok");
         assert_eq!(ini.packages["a"].depends, ["d"]);
     }
 
@@ -559,12 +464,7 @@ mod tests {
         let roots = base_roots(&ini, &[]);
         let roots: Vec<&str> = roots.iter().map(String::as_str).collect();
         let packages = closure(&ini, &roots).expect("closure");
-        let all: Vec<&str> = ini
-            .packages
-            .keys()
-            .map(String::as_str)
-            .filter(|n| *n != "make")
-            .collect();
+        let all: Vec<&str> = ini.packages.keys().map(String::as_str).filter(|n| *n != "make").collect();
         assert_eq!(names(&packages), all);
 
         let roots = base_roots(&ini, &["make".to_string()]);
@@ -595,20 +495,15 @@ mod tests {
 
     #[test]
     fn missing_dependency_names_both_packages() {
-        let ini = SetupIni::parse(
-            "@ openssh\nversion: 1\ndepends2: cygwin, foo (>= 2)\n@ cygwin\nversion: 1\n",
-        )
-        .expect("parses");
+        let ini = SetupIni::parse("@ openssh\nversion: 1\ndepends2: cygwin, foo (>= 2)\n@ cygwin\nversion: 1\n")
+            .expect("parses");
         assert_eq!(
             closure(&ini, &["openssh"]).map_err(|e| e.to_string()),
             Err("cygwin package 'foo' (required by 'openssh') is not in setup.ini".to_string())
         );
         assert_eq!(
             closure(&ini, &["nope"]).map_err(|e| e.to_string()),
-            Err(
-                "cygwin package 'nope' (requested for installation) is not in setup.ini"
-                    .to_string()
-            )
+            Err("cygwin package 'nope' (requested for installation) is not in setup.ini".to_string())
         );
     }
 
@@ -618,68 +513,29 @@ mod tests {
             "@ tool\nversion: 1\ndepends2: perl5_036\n@ perl_base\nversion: 5.36\nprovides: perl5_036\n",
         )
         .expect("parses");
-        assert_eq!(
-            names(&closure(&ini, &["tool"]).expect("closure")),
-            ["perl_base", "tool"]
-        );
+        assert_eq!(names(&closure(&ini, &["tool"]).expect("closure")), ["perl_base", "tool"]);
     }
 
     #[test]
     fn parse_errors_carry_line_numbers() {
         let cases: &[(&str, SetupIniError)] = &[
             ("@\n", SetupIniError::MissingPackageName { line: 1 }),
-            (
-                "@ a\n@ b\n@ a\n",
-                SetupIniError::DuplicatePackage {
-                    name: "a".into(),
-                    line: 3,
-                },
-            ),
-            (
-                "[prev]\n@ a\n",
-                SetupIniError::SectionOutsidePackage { line: 1 },
-            ),
-            (
-                "@ a\nldesc: \"never\nclosed\n",
-                SetupIniError::UnterminatedQuote { line: 2 },
-            ),
-            (
-                "@ a\nsdesc: \"x\" y\n",
-                SetupIniError::TextAfterClosingQuote { line: 2 },
-            ),
-            (
-                "@ a\nversion: 1\nversion: 2\n",
-                SetupIniError::DuplicateCurrentVersion {
-                    package: "a".into(),
-                    line: 3,
-                },
-            ),
-            (
-                "@ a\ninstall: x 1\n",
-                SetupIniError::InstallFieldCount { line: 2, found: 2 },
-            ),
+            ("@ a\n@ b\n@ a\n", SetupIniError::DuplicatePackage { name: "a".into(), line: 3 }),
+            ("[prev]\n@ a\n", SetupIniError::SectionOutsidePackage { line: 1 }),
+            ("@ a\nldesc: \"never\nclosed\n", SetupIniError::UnterminatedQuote { line: 2 }),
+            ("@ a\nsdesc: \"x\" y\n", SetupIniError::TextAfterClosingQuote { line: 2 }),
+            ("@ a\nversion: 1\nversion: 2\n", SetupIniError::DuplicateCurrentVersion { package: "a".into(), line: 3 }),
+            ("@ a\ninstall: x 1\n", SetupIniError::InstallFieldCount { line: 2, found: 2 }),
             (
                 "@ a\ninstall: ../../etc/passwd 1 ab\n",
-                SetupIniError::UnsafeInstallPath {
-                    line: 2,
-                    path: "../../etc/passwd".into(),
-                },
+                SetupIniError::UnsafeInstallPath { line: 2, path: "../../etc/passwd".into() },
             ),
-            (
-                "@ a\ninstall: x/y 1k 00\n",
-                SetupIniError::InvalidInstallSize {
-                    line: 2,
-                    value: "1k".into(),
-                },
-            ),
+            ("@ a\ninstall: x/y 1k 00\n", SetupIniError::InvalidInstallSize { line: 2, value: "1k".into() }),
             (
                 "@ a\ninstall: x/y 10 d41d8cd98f00b204e9800998ecf8427e\n",
                 SetupIniError::InstallHashNotSha512 { line: 2 },
             ),
-            (
-                "@ a\ndepends2: b (>= 1\n",
-                SetupIniError::UnbalancedParentheses { line: 2 },
-            ),
+            ("@ a\ndepends2: b (>= 1\n", SetupIniError::UnbalancedParentheses { line: 2 }),
         ];
         for (text, expected) in cases {
             assert_eq!(SetupIni::parse(text).as_ref(), Err(expected), "{text:?}");
@@ -695,10 +551,7 @@ mod tests {
         let text = "@ a\r\nldesc: \"first\r\n@ not a package\r\n[prev]\r\nlast\"\r\nversion: 1\r\n";
         let ini = SetupIni::parse(text).expect("parses");
         assert_eq!(ini.packages.len(), 1);
-        assert_eq!(
-            ini.packages["a"].ldesc.as_deref(),
-            Some("first\n@ not a package\n[prev]\nlast")
-        );
+        assert_eq!(ini.packages["a"].ldesc.as_deref(), Some("first\n@ not a package\n[prev]\nlast"));
         assert_eq!(ini.packages["a"].version.as_deref(), Some("1"));
     }
 
@@ -709,29 +562,18 @@ mod tests {
         let layout = local_repo_layout(&packages);
         assert_eq!(layout.len(), packages.len());
         assert!(layout.windows(2).all(|pair| pair[0].0 < pair[1].0));
-        let (path, sha512, size) = layout
-            .iter()
-            .find(|(path, _, _)| path.contains("/openssh-"))
-            .expect("openssh archive");
-        assert_eq!(
-            path,
-            "nix-winvm-mirror/x86_64/release/openssh/openssh-9.9p1-1-x86_64.tar.xz"
-        );
+        let (path, sha512, size) =
+            layout.iter().find(|(path, _, _)| path.contains("/openssh-")).expect("openssh archive");
+        assert_eq!(path, "nix-winvm-mirror/x86_64/release/openssh/openssh-9.9p1-1-x86_64.tar.xz");
         assert_eq!(
             Some(sha512),
-            packages
-                .iter()
-                .find(|p| p.name == "openssh")
-                .and_then(|p| p.install.as_ref())
-                .map(|i| &i.sha512)
+            packages.iter().find(|p| p.name == "openssh").and_then(|p| p.install.as_ref()).map(|i| &i.sha512)
         );
         assert_eq!(*size, 1_265_140);
 
         let nix = nix_package_set(&packages, "${mirror}");
         assert!(nix.starts_with("[\n  { name = \"bash\"; path = \"x86_64/release/bash/"));
-        assert!(nix.contains(
-            "url = \"${mirror}/x86_64/release/openssh/openssh-9.9p1-1-x86_64.tar.xz\"; sha512 = \""
-        ));
+        assert!(nix.contains("url = \"${mirror}/x86_64/release/openssh/openssh-9.9p1-1-x86_64.tar.xz\"; sha512 = \""));
         assert!(nix.ends_with("; size = 103024; }\n]"), "{nix}");
         assert_eq!(nix.lines().count(), packages.len() + 2);
         assert_eq!(nix, nix_package_set(&packages, "${mirror}"));

@@ -44,25 +44,11 @@ const SHORT_NAME_PUNCTUATION: &[u8] = b"$%'-_@~`!(){}^#&";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FatError {
-    InvalidLabel {
-        label: String,
-        reason: &'static str,
-    },
-    InvalidFileName {
-        name: String,
-        reason: &'static str,
-    },
-    DuplicateFileName {
-        name: String,
-    },
-    TooManyFiles {
-        entries_needed: usize,
-        entries_available: usize,
-    },
-    DoesNotFit {
-        bytes_needed: usize,
-        bytes_available: usize,
-    },
+    InvalidLabel { label: String, reason: &'static str },
+    InvalidFileName { name: String, reason: &'static str },
+    DuplicateFileName { name: String },
+    TooManyFiles { entries_needed: usize, entries_available: usize },
+    DoesNotFit { bytes_needed: usize, bytes_available: usize },
 }
 
 impl fmt::Display for FatError {
@@ -72,30 +58,19 @@ impl fmt::Display for FatError {
                 write!(f, "FAT volume label '{label}' {reason}")
             }
             FatError::InvalidFileName { name, reason } => {
-                write!(
-                    f,
-                    "file name '{name}' cannot go on a FAT floppy: it {reason}"
-                )
+                write!(f, "file name '{name}' cannot go on a FAT floppy: it {reason}")
             }
-            FatError::DuplicateFileName { name } => write!(
-                f,
-                "file name '{name}' appears twice (FAT compares names without case)"
-            ),
-            FatError::TooManyFiles {
-                entries_needed,
-                entries_available,
-            } => write!(
+            FatError::DuplicateFileName { name } => {
+                write!(f, "file name '{name}' appears twice (FAT compares names without case)")
+            }
+            FatError::TooManyFiles { entries_needed, entries_available } => write!(
                 f,
                 "the files need {entries_needed} root directory entries, the floppy has \
                  {entries_available}"
             ),
-            FatError::DoesNotFit {
-                bytes_needed,
-                bytes_available,
-            } => write!(
-                f,
-                "the files need {bytes_needed} bytes of clusters, the floppy has {bytes_available}"
-            ),
+            FatError::DoesNotFit { bytes_needed, bytes_available } => {
+                write!(f, "the files need {bytes_needed} bytes of clusters, the floppy has {bytes_available}")
+            }
         }
     }
 }
@@ -113,25 +88,11 @@ pub fn fat12_floppy(label: &str, files: &[(&str, &[u8])]) -> Result<Vec<u8>, Fat
     let names = directory_names(files)?;
 
     let entries_needed = usize::from(label.is_some())
-        + names
-            .iter()
-            .map(|name| {
-                1 + name
-                    .long
-                    .as_ref()
-                    .map_or(0, |long| long_entry_count(long.len()))
-            })
-            .sum::<usize>();
+        + names.iter().map(|name| 1 + name.long.as_ref().map_or(0, |long| long_entry_count(long.len()))).sum::<usize>();
     if entries_needed > ROOT_ENTRIES {
-        return Err(FatError::TooManyFiles {
-            entries_needed,
-            entries_available: ROOT_ENTRIES,
-        });
+        return Err(FatError::TooManyFiles { entries_needed, entries_available: ROOT_ENTRIES });
     }
-    let clusters_needed: usize = files
-        .iter()
-        .map(|(_, data)| data.len().div_ceil(SECTOR_BYTES))
-        .sum();
+    let clusters_needed: usize = files.iter().map(|(_, data)| data.len().div_ceil(SECTOR_BYTES)).sum();
     if clusters_needed > DATA_CLUSTERS {
         return Err(FatError::DoesNotFit {
             bytes_needed: clusters_needed * SECTOR_BYTES,
@@ -156,11 +117,7 @@ pub fn fat12_floppy(label: &str, files: &[(&str, &[u8])]) -> Result<Vec<u8>, Fat
         let first_cluster = if clusters == 0 { 0 } else { next_cluster };
         for index in 0..clusters {
             let cluster = next_cluster + index;
-            let next = if index + 1 == clusters {
-                FAT12_END_OF_CHAIN
-            } else {
-                (cluster + 1) as u16
-            };
+            let next = if index + 1 == clusters { FAT12_END_OF_CHAIN } else { (cluster + 1) as u16 };
             set_fat12(&mut fat, cluster, next);
         }
         let start = (FIRST_DATA_SECTOR + next_cluster - 2) * SECTOR_BYTES;
@@ -172,12 +129,7 @@ pub fn fat12_floppy(label: &str, files: &[(&str, &[u8])]) -> Result<Vec<u8>, Fat
                 root.extend_from_slice(&entry);
             }
         }
-        root.extend_from_slice(&short_entry(
-            &name.short,
-            ATTR_ARCHIVE,
-            first_cluster as u16,
-            data.len() as u32,
-        ));
+        root.extend_from_slice(&short_entry(&name.short, ATTR_ARCHIVE, first_cluster as u16, data.len() as u32));
     }
 
     for copy in 0..FAT_COPIES {
@@ -261,18 +213,10 @@ fn long_name_entries(long: &[u16], short: &[u8; 11]) -> Vec<[u8; 32]> {
                 })
                 .collect();
             let mut entry = [0u8; 32];
-            entry[0] = sequence as u8
-                | if sequence == count {
-                    LAST_LONG_ENTRY
-                } else {
-                    0
-                };
+            entry[0] = sequence as u8 | if sequence == count { LAST_LONG_ENTRY } else { 0 };
             entry[11] = ATTR_LONG_NAME;
             entry[13] = checksum;
-            let slots = (1..11)
-                .step_by(2)
-                .chain((14..26).step_by(2))
-                .chain((28..32).step_by(2));
+            let slots = (1..11).step_by(2).chain((14..26).step_by(2)).chain((28..32).step_by(2));
             for (slot, unit) in slots.zip(units) {
                 entry[slot..slot + 2].copy_from_slice(&unit.to_le_bytes());
             }
@@ -282,9 +226,7 @@ fn long_name_entries(long: &[u16], short: &[u8; 11]) -> Vec<[u8; 32]> {
 }
 
 fn short_name_checksum(short: &[u8; 11]) -> u8 {
-    short
-        .iter()
-        .fold(0u8, |sum, &byte| sum.rotate_right(1).wrapping_add(byte))
+    short.iter().fold(0u8, |sum, &byte| sum.rotate_right(1).wrapping_add(byte))
 }
 
 fn is_short_name_byte(byte: u8) -> bool {
@@ -295,18 +237,13 @@ fn volume_label(label: &str) -> Result<Option<[u8; 11]>, FatError> {
     if label.is_empty() {
         return Ok(None);
     }
-    let invalid = |reason| FatError::InvalidLabel {
-        label: label.to_string(),
-        reason,
-    };
+    let invalid = |reason| FatError::InvalidLabel { label: label.to_string(), reason };
     let upper = label.to_ascii_uppercase();
     if upper.len() > 11 {
         return Err(invalid("is longer than 11 characters"));
     }
     if !upper.bytes().all(|b| is_short_name_byte(b) || b == b' ') {
-        return Err(invalid(
-            "may only hold letters, digits, spaces and $%'-_@~`!(){}^#&",
-        ));
+        return Err(invalid("may only hold letters, digits, spaces and $%'-_@~`!(){}^#&"));
     }
     if upper.starts_with(' ') {
         return Err(invalid("starts with a space"));
@@ -334,25 +271,15 @@ fn as_short_name(name: &str) -> Option<[u8; 11]> {
 }
 
 fn check_long_name(name: &str) -> Result<Vec<u16>, FatError> {
-    let invalid = |reason| FatError::InvalidFileName {
-        name: name.to_string(),
-        reason,
-    };
+    let invalid = |reason| FatError::InvalidFileName { name: name.to_string(), reason };
     if name.is_empty() {
         return Err(invalid("is empty"));
     }
     if name.contains('/') || name.contains('\\') {
-        return Err(invalid(
-            "holds a path separator; only the root directory is written",
-        ));
+        return Err(invalid("holds a path separator; only the root directory is written"));
     }
-    if name
-        .chars()
-        .any(|c| c.is_control() || "\"*:<>?|".contains(c))
-    {
-        return Err(invalid(
-            "holds a control character or one of \" * : < > ? |",
-        ));
+    if name.chars().any(|c| c.is_control() || "\"*:<>?|".contains(c)) {
+        return Err(invalid("holds a control character or one of \" * : < > ? |"));
     }
     if name.ends_with('.') || name.ends_with(' ') {
         return Err(invalid("ends with a dot or a space"));
@@ -371,11 +298,7 @@ fn generated_short_name(name: &str, used: &BTreeSet<[u8; 11]>) -> Option<[u8; 11
         part.chars()
             .filter(|&c| c != ' ' && c != '.')
             .map(|c| {
-                let byte = if c.is_ascii() {
-                    c.to_ascii_uppercase() as u8
-                } else {
-                    b'_'
-                };
+                let byte = if c.is_ascii() { c.to_ascii_uppercase() as u8 } else { b'_' };
                 if is_short_name_byte(byte) {
                     byte
                 } else {
@@ -410,9 +333,7 @@ fn directory_names(files: &[(&str, &[u8])]) -> Result<Vec<DirName>, FatError> {
     for (name, _) in files {
         let long = check_long_name(name)?;
         if !seen.insert(name.to_uppercase()) {
-            return Err(FatError::DuplicateFileName {
-                name: name.to_string(),
-            });
+            return Err(FatError::DuplicateFileName { name: name.to_string() });
         }
         let short = as_short_name(name);
         if let Some(short) = short {
@@ -425,15 +346,10 @@ fn directory_names(files: &[(&str, &[u8])]) -> Result<Vec<DirName>, FatError> {
         let dir_name = match short {
             Some(short) => DirName { short, long: None },
             None => {
-                let short = generated_short_name(name, &used).ok_or(FatError::TooManyFiles {
-                    entries_needed: files.len(),
-                    entries_available: ROOT_ENTRIES,
-                })?;
+                let short = generated_short_name(name, &used)
+                    .ok_or(FatError::TooManyFiles { entries_needed: files.len(), entries_available: ROOT_ENTRIES })?;
                 used.insert(short);
-                DirName {
-                    short,
-                    long: Some(long),
-                }
+                DirName { short, long: Some(long) }
             }
         };
         names.push(dir_name);
@@ -484,18 +400,11 @@ mod tests {
 
     fn run(tool: &str, args: &[&str], image: &TempImage) -> (bool, Vec<u8>, String) {
         let output = Command::new(tool)
-            .args(
-                args.iter()
-                    .map(|arg| arg.replace("{img}", &image.path().display().to_string())),
-            )
+            .args(args.iter().map(|arg| arg.replace("{img}", &image.path().display().to_string())))
             .env("MTOOLS_SKIP_CHECK", "0")
             .output()
             .unwrap_or_else(|err| panic!("{tool} did not run: {err}"));
-        (
-            output.status.success(),
-            output.stdout,
-            String::from_utf8_lossy(&output.stderr).into(),
-        )
+        (output.status.success(), output.stdout, String::from_utf8_lossy(&output.stderr).into())
     }
 
     fn sample_files() -> Vec<(&'static str, Vec<u8>)> {
@@ -507,10 +416,7 @@ mod tests {
             ("readme.txt", b"lower-case 8.3 name\n".to_vec()),
             ("big.bin", big),
             ("empty", Vec::new()),
-            (
-                "A file with spaces and a long name.text",
-                b"long\n".to_vec(),
-            ),
+            ("A file with spaces and a long name.text", b"long\n".to_vec()),
         ]
     }
 
@@ -568,10 +474,7 @@ mod tests {
         let (ok, listing, stderr) = run("mdir", &["-i", "{img}", "::"], &image);
         let listing = String::from_utf8_lossy(&listing).into_owned();
         assert!(ok, "mdir failed: {stderr}");
-        assert!(
-            listing.contains("Volume in drive : is NIXWINVM"),
-            "{listing}"
-        );
+        assert!(listing.contains("Volume in drive : is NIXWINVM"), "{listing}");
         assert!(listing.contains("autounattend.xml"), "{listing}");
         for (name, data) in &files {
             let upper = format!("::/{}", name.to_uppercase());
@@ -613,8 +516,7 @@ mod tests {
         if tool_available("mtype") {
             let image = TempImage::new(&fat12_floppy("", &refs).expect("image"));
             for (name, data) in &files {
-                let (ok, content, stderr) =
-                    run("mtype", &["-i", "{img}", &format!("::/{name}")], &image);
+                let (ok, content, stderr) = run("mtype", &["-i", "{img}", &format!("::/{name}")], &image);
                 assert!(ok, "{name}: {stderr}");
                 assert_eq!(&content, data);
             }
@@ -626,35 +528,19 @@ mod tests {
         let one = |name: &'static str| fat12_floppy("X", &[(name, b"x")]);
         assert_eq!(
             one("what?.txt").map_err(|e| e.to_string()),
-            Err(
-                "file name 'what?.txt' cannot go on a FAT floppy: it holds a control character \
+            Err("file name 'what?.txt' cannot go on a FAT floppy: it holds a control character \
                  or one of \" * : < > ? |"
-                    .to_string()
-            )
+                .to_string())
         );
-        assert!(matches!(
-            one("dir/file"),
-            Err(FatError::InvalidFileName { .. })
-        ));
+        assert!(matches!(one("dir/file"), Err(FatError::InvalidFileName { .. })));
         assert!(matches!(one(""), Err(FatError::InvalidFileName { .. })));
-        assert!(matches!(
-            one("trailing."),
-            Err(FatError::InvalidFileName { .. })
-        ));
+        assert!(matches!(one("trailing."), Err(FatError::InvalidFileName { .. })));
         assert_eq!(
             fat12_floppy("X", &[("a.txt", b"1"), ("A.TXT", b"2")]),
-            Err(FatError::DuplicateFileName {
-                name: "A.TXT".into()
-            })
+            Err(FatError::DuplicateFileName { name: "A.TXT".into() })
         );
-        assert!(matches!(
-            fat12_floppy("this label is long", &[]),
-            Err(FatError::InvalidLabel { .. })
-        ));
-        assert!(matches!(
-            fat12_floppy("bad*", &[]),
-            Err(FatError::InvalidLabel { .. })
-        ));
+        assert!(matches!(fat12_floppy("this label is long", &[]), Err(FatError::InvalidLabel { .. })));
+        assert!(matches!(fat12_floppy("bad*", &[]), Err(FatError::InvalidLabel { .. })));
     }
 
     #[test]
@@ -663,15 +549,9 @@ mod tests {
         let files: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b""[..])).collect();
         assert_eq!(
             fat12_floppy("LABEL", &files),
-            Err(FatError::TooManyFiles {
-                entries_needed: 225,
-                entries_available: 224
-            })
+            Err(FatError::TooManyFiles { entries_needed: 225, entries_available: 224 })
         );
-        assert!(
-            fat12_floppy("", &files).is_ok(),
-            "224 entries fit without a label"
-        );
+        assert!(fat12_floppy("", &files).is_ok(), "224 entries fit without a label");
 
         let big = vec![0u8; DATA_CLUSTERS * 512 + 1];
         assert_eq!(
@@ -703,9 +583,6 @@ mod tests {
                 pair >> 4
             }
         };
-        assert_eq!(
-            [get(0), get(1), get(2), get(3), get(4)],
-            [0xFF0, 0xFFF, 0x003, 0xABC, 0x123]
-        );
+        assert_eq!([get(0), get(1), get(2), get(3), get(4)], [0xFF0, 0xFFF, 0x003, 0xABC, 0x123]);
     }
 }

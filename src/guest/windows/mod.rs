@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 pub mod answer;
 pub mod cygwin;
 pub mod fat;
-#[path = "media.rs"] pub mod install_media; // media.rs: the inline `media` module below holds the names
+#[path = "media.rs"]
+pub mod install_media; // media.rs: the inline `media` module below holds the names
 pub mod scripts;
 
 /// SSH_USER is the built-in "Administrator": Setup enables that account by itself only when the
@@ -110,14 +111,10 @@ impl WindowsOptions {
             }
         }
         if !is_language_tag(&self.locale) {
-            return Err(E::InvalidLocale {
-                locale: self.locale.clone(),
-            });
+            return Err(E::InvalidLocale { locale: self.locale.clone() });
         }
         if self.disk_size_mib < MIN_DISK_SIZE_MIB {
-            return Err(E::DiskTooSmall {
-                disk_size_mib: self.disk_size_mib,
-            });
+            return Err(E::DiskTooSmall { disk_size_mib: self.disk_size_mib });
         }
         for name in &self.cygwin_packages {
             if !is_cygwin_package_name(name) {
@@ -133,9 +130,7 @@ impl WindowsOptions {
             return Err(E::EmptyAdminPassword);
         }
         if self.admin_password.chars().any(char::is_control) {
-            return Err(E::ControlCharacter {
-                field: "admin_password",
-            });
+            return Err(E::ControlCharacter { field: "admin_password" });
         }
         if self.admin_password.chars().count() > MAX_PASSWORD_CHARS {
             return Err(E::AdminPasswordTooLong);
@@ -168,10 +163,9 @@ impl fmt::Display for WindowsOptionsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use WindowsOptionsError as E;
         match self {
-            E::EmptyEdition => write!(
-                f,
-                "edition is empty: give the image name from install.wim, e.g. \"Windows 11 Pro\""
-            ),
+            E::EmptyEdition => {
+                write!(f, "edition is empty: give the image name from install.wim, e.g. \"Windows 11 Pro\"")
+            }
             E::ControlCharacter { field } => write!(f, "{field} contains a control character"),
             E::InvalidProductKey { key } => write!(
                 f,
@@ -179,28 +173,20 @@ impl fmt::Display for WindowsOptionsError {
                  (XXXXX-XXXXX-XXXXX-XXXXX-XXXXX)"
             ),
             E::InvalidLocale { locale } => {
-                write!(
-                    f,
-                    "locale '{locale}' is not a language tag such as \"en-US\""
-                )
+                write!(f, "locale '{locale}' is not a language tag such as \"en-US\"")
             }
-            E::DiskTooSmall { disk_size_mib } => write!(
-                f,
-                "disk size {disk_size_mib} MiB is below the {MIN_DISK_SIZE_MIB} MiB Windows needs"
-            ),
-            E::InvalidCygwinPackage { name } => write!(
-                f,
-                "cygwin package name '{name}' may only hold letters, digits and . _ + -"
-            ),
+            E::DiskTooSmall { disk_size_mib } => {
+                write!(f, "disk size {disk_size_mib} MiB is below the {MIN_DISK_SIZE_MIB} MiB Windows needs")
+            }
+            E::InvalidCygwinPackage { name } => {
+                write!(f, "cygwin package name '{name}' may only hold letters, digits and . _ + -")
+            }
             E::NulInInstallCommand { index } => {
                 write!(f, "install command {index} contains a NUL byte")
             }
             E::EmptyAdminPassword => write!(f, "admin password is empty"),
             E::AdminPasswordTooLong => {
-                write!(
-                    f,
-                    "admin password is longer than {MAX_PASSWORD_CHARS} characters"
-                )
+                write!(f, "admin password is longer than {MAX_PASSWORD_CHARS} characters")
             }
             E::AdminPasswordNotComplex => write!(
                 f,
@@ -216,33 +202,26 @@ impl std::error::Error for WindowsOptionsError {}
 fn is_product_key(key: &str) -> bool {
     let groups: Vec<&str> = key.split('-').collect();
     groups.len() == 5
-        && groups.iter().all(|group| {
-            group.len() == 5
-                && group
-                    .bytes()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-        })
+        && groups
+            .iter()
+            .all(|group| group.len() == 5 && group.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()))
 }
 
 fn is_language_tag(tag: &str) -> bool {
     let mut parts = tag.split('-');
-    let language_ok = parts.next().is_some_and(|language| {
-        (2..=3).contains(&language.len()) && language.bytes().all(|b| b.is_ascii_lowercase())
-    });
+    let language_ok = parts
+        .next()
+        .is_some_and(|language| (2..=3).contains(&language.len()) && language.bytes().all(|b| b.is_ascii_lowercase()));
     let rest: Vec<&str> = parts.collect();
     language_ok
         && !rest.is_empty()
-        && rest.iter().all(|part| {
-            (2..=8).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_alphanumeric())
-        })
+        && rest.iter().all(|part| (2..=8).contains(&part.len()) && part.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 pub(crate) fn is_cygwin_package_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
 }
 
 fn is_complex_password(password: &str) -> bool {
@@ -267,34 +246,14 @@ pub fn kms_client_key(edition: &str) -> Option<&'static str> {
         ("Windows 11 Enterprise", "NPPR9-FWDCX-D2C8J-H872K-2YT43"),
         ("Windows 10 Education", "NW6C2-QMPVW-D7KKK-3GKT6-VCFB2"),
         ("Windows 11 Education", "NW6C2-QMPVW-D7KKK-3GKT6-VCFB2"),
-        (
-            "Windows Server 2019 Standard",
-            "N69G4-B89J2-4G8F4-WWYCC-J464C",
-        ),
-        (
-            "Windows Server 2019 Datacenter",
-            "WMDGN-G9PQG-XVVXX-R3X43-63DFG",
-        ),
-        (
-            "Windows Server 2022 Standard",
-            "VDYBN-27WPP-V4HQT-9VMD4-VMK7H",
-        ),
-        (
-            "Windows Server 2022 Datacenter",
-            "WX4NM-KYWYW-QJJR4-XV3QB-6VM33",
-        ),
-        (
-            "Windows Server 2025 Standard",
-            "TVRH6-WHNXV-R9WG3-9XRFY-MY832",
-        ),
-        (
-            "Windows Server 2025 Datacenter",
-            "D764K-2NDRG-47T6Q-P8T8W-YP6DF",
-        ),
+        ("Windows Server 2019 Standard", "N69G4-B89J2-4G8F4-WWYCC-J464C"),
+        ("Windows Server 2019 Datacenter", "WMDGN-G9PQG-XVVXX-R3X43-63DFG"),
+        ("Windows Server 2022 Standard", "VDYBN-27WPP-V4HQT-9VMD4-VMK7H"),
+        ("Windows Server 2022 Datacenter", "WX4NM-KYWYW-QJJR4-XV3QB-6VM33"),
+        ("Windows Server 2025 Standard", "TVRH6-WHNXV-R9WG3-9XRFY-MY832"),
+        ("Windows Server 2025 Datacenter", "D764K-2NDRG-47T6Q-P8T8W-YP6DF"),
     ];
-    KEYS.iter()
-        .find(|(name, _)| *name == edition)
-        .map(|(_, key)| *key)
+    KEYS.iter().find(|(name, _)| *name == edition).map(|(_, key)| *key)
 }
 
 #[cfg(test)]
@@ -317,10 +276,7 @@ pub(crate) mod test_util {
             .status()
             .map(|status| status.success())
             .unwrap_or(false);
-        if !found {
-            eprintln!("skipping the {tool} check: {tool} is not on PATH");
-        }
-        found
+        crate::tools::test_requires(tool, found)
     }
 }
 
@@ -331,10 +287,7 @@ mod tests {
     #[test]
     fn new_gives_valid_defaults_for_client_and_server() {
         assert_eq!(WindowsOptions::new("Windows 11 Pro").validate(), Ok(()));
-        assert_eq!(
-            WindowsOptions::new("Windows Server 2022 SERVERSTANDARD").validate(),
-            Ok(())
-        );
+        assert_eq!(WindowsOptions::new("Windows Server 2022 SERVERSTANDARD").validate(), Ok(()));
     }
 
     #[test]
@@ -354,11 +307,9 @@ mod tests {
         opts.product_key = Some("abcde-12345".into());
         assert_eq!(
             opts.validate().map_err(|e| e.to_string()),
-            Err(
-                "product key 'abcde-12345' is not five groups of five letters or digits \
+            Err("product key 'abcde-12345' is not five groups of five letters or digits \
                  (XXXXX-XXXXX-XXXXX-XXXXX-XXXXX)"
-                    .to_string()
-            )
+                .to_string())
         );
 
         let mut opts = WindowsOptions::new("Windows 10 Pro");
@@ -370,29 +321,18 @@ mod tests {
 
         let mut opts = WindowsOptions::new("Windows 10 Pro");
         opts.disk_size_mib = 1024;
-        assert_eq!(
-            opts.validate(),
-            Err(WindowsOptionsError::DiskTooSmall {
-                disk_size_mib: 1024
-            })
-        );
+        assert_eq!(opts.validate(), Err(WindowsOptionsError::DiskTooSmall { disk_size_mib: 1024 }));
 
         let mut opts = WindowsOptions::new("Windows 10 Pro");
         opts.cygwin_packages = vec!["make".into(), "gcc&calc".into()];
         assert_eq!(
             opts.validate().map_err(|e| e.to_string()),
-            Err(
-                "cygwin package name 'gcc&calc' may only hold letters, digits and . _ + -"
-                    .to_string()
-            )
+            Err("cygwin package name 'gcc&calc' may only hold letters, digits and . _ + -".to_string())
         );
 
         let mut opts = WindowsOptions::new("Windows Server 2025 Datacenter");
         opts.admin_password = "password".into();
-        assert_eq!(
-            opts.validate(),
-            Err(WindowsOptionsError::AdminPasswordNotComplex)
-        );
+        assert_eq!(opts.validate(), Err(WindowsOptionsError::AdminPasswordNotComplex));
 
         let mut opts = WindowsOptions::new("");
         opts.edition = " ".into();
@@ -411,10 +351,7 @@ mod tests {
 
     #[test]
     fn kms_keys_are_well_formed_and_exact_match_only() {
-        assert_eq!(
-            kms_client_key("Windows 11 Pro"),
-            Some("W269N-WFGWX-YVC9B-4J6C9-T83GX")
-        );
+        assert_eq!(kms_client_key("Windows 11 Pro"), Some("W269N-WFGWX-YVC9B-4J6C9-T83GX"));
         assert_eq!(kms_client_key("Windows 11 Pro N"), None);
         for edition in ["Windows 10 Pro", "Windows Server 2022 Standard"] {
             assert!(kms_client_key(edition).is_some_and(is_product_key));

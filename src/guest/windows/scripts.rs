@@ -7,9 +7,7 @@
 //! without that line as a failed install and shows the serial log.
 
 use super::cygwin::REQUIRED_PACKAGES;
-use super::{
-    media, WindowsOptions, CONTROLLER_IP, CYGWIN_ROOT, GUEST_IP, NETWORK_MASK, NETWORK_PREFIX_LEN,
-};
+use super::{media, WindowsOptions, CONTROLLER_IP, CYGWIN_ROOT, GUEST_IP, NETWORK_MASK, NETWORK_PREFIX_LEN};
 
 pub const INSTALL_MARKER_PREFIX: &str = "nix-winvm-install:";
 pub const INSTALL_OK_LINE: &str = "nix-winvm-install: ok";
@@ -20,17 +18,14 @@ pub const INSTALL_WORK_DIR: &str = r"C:\nix-winvm";
 pub const BOOTSTRAP_PATH_IN_CYGWIN: &str = "/etc/nix-winvm/bootstrap.sh";
 
 /// (drive letter, share name, Cygwin mount point)
-pub const SHARES: [(char, &str, &str); 2] =
-    [('S', "nixstore", "/nix/store"), ('X', "xchg", "/tmp/xchg")];
+pub const SHARES: [(char, &str, &str); 2] = [('S', "nixstore", "/nix/store"), ('X', "xchg", "/tmp/xchg")];
 
 /// Runs once, as Administrator, right after Cygwin is installed. Ends by powering the VM off,
 /// whether it succeeded or not, so the install stage never waits for a timeout.
 pub fn bootstrap_sh(authorized_key: &str, opts: &WindowsOptions) -> String {
     let mut script = String::new();
     let quoted_key = sh_quote(authorized_key);
-    let ok_word = INSTALL_OK_LINE
-        .strip_prefix(INSTALL_MARKER_PREFIX)
-        .map_or(INSTALL_OK_LINE, str::trim);
+    let ok_word = INSTALL_OK_LINE.strip_prefix(INSTALL_MARKER_PREFIX).map_or(INSTALL_OK_LINE, str::trim);
     let prefix = INSTALL_MARKER_PREFIX;
     let guest_address = GUEST_IP;
     let prefix_len = NETWORK_PREFIX_LEN;
@@ -151,11 +146,7 @@ run_install_command() {{
     for (index, command) in opts.install_commands.iter().enumerate() {
         // The command is data here; its own `$` and backquotes are for the inner bash.
         script.push_str("# shellcheck disable=SC2016\n");
-        script.push_str(&format!(
-            "run_install_command {} {}\n",
-            index + 1,
-            sh_quote(command)
-        ));
+        script.push_str(&format!("run_install_command {} {}\n", index + 1, sh_quote(command)));
     }
     script.push_str(&format!(
         r#"
@@ -215,11 +206,7 @@ pub fn install_cmd(opts: &WindowsOptions) -> String {
     packages.extend(opts.cygwin_packages.iter().map(String::as_str));
     packages.sort_unstable();
     packages.dedup();
-    let package_list = packages
-        .iter()
-        .map(|name| cmd_escape(name))
-        .collect::<Vec<_>>()
-        .join(",");
+    let package_list = packages.iter().map(|name| cmd_escape(name)).collect::<Vec<_>>().join(",");
     let work = INSTALL_WORK_DIR;
     let packages_dir = media::CYGWIN_PACKAGES_DIR;
     let setup_exe = media::CYGWIN_SETUP_EXE;
@@ -309,8 +296,7 @@ mod tests {
     use crate::guest::windows::test_util::{temp_path, tool_available};
     use std::process::Command;
 
-    const KEY: &str =
-        "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBHx= o'brien@host";
+    const KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBHx= o'brien@host";
 
     fn run_checked(tool: &str, args: &[&str], script: &str) {
         let path = temp_path("script.sh");
@@ -335,16 +321,8 @@ mod tests {
 
     /// Runs one line of a generated script in a real bash, with `$1` printed back.
     fn bash_eval(prelude: &str, snippet: &str) -> String {
-        let output = Command::new("bash")
-            .arg("-c")
-            .arg(format!("{prelude}\n{snippet}"))
-            .output()
-            .expect("bash runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let output = Command::new("bash").arg("-c").arg(format!("{prelude}\n{snippet}")).output().expect("bash runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).expect("utf-8")
     }
 
@@ -366,10 +344,7 @@ mod tests {
     #[test]
     fn bootstrap_embeds_the_key_verbatim() {
         let script = bootstrap_sh(KEY, &WindowsOptions::new("Windows 10 Pro"));
-        let line = script
-            .lines()
-            .find(|line| line.starts_with("readonly AUTHORIZED_KEY="))
-            .expect("key line");
+        let line = script.lines().find(|line| line.starts_with("readonly AUTHORIZED_KEY=")).expect("key line");
         assert_eq!(bash_eval(line, r#"printf '%s' "$AUTHORIZED_KEY""#), KEY);
     }
 
@@ -381,10 +356,7 @@ mod tests {
         let log = temp_path("bootstrap.log");
         let serial = temp_path("ttyS0");
         let function = script[start..end].replace("/dev/ttyS0", &serial.display().to_string());
-        let printed = bash_eval(
-            &format!("LOG={}\n{function}", log.display()),
-            "report \"sshd is running\"",
-        );
+        let printed = bash_eval(&format!("LOG={}\n{function}", log.display()), "report \"sshd is running\"");
         let logged = std::fs::read_to_string(&log).unwrap_or_default();
         let on_serial = std::fs::read_to_string(&serial).unwrap_or_default();
         let _ = std::fs::remove_file(&log);
@@ -398,28 +370,13 @@ mod tests {
     fn bootstrap_passes_install_commands_through_unchanged() {
         let opts = options_with_tricky_commands();
         let script = bootstrap_sh(KEY, &opts);
-        let calls: Vec<&str> = script
-            .lines()
-            .filter(|line| line.starts_with("run_install_command "))
-            .collect();
+        let calls: Vec<&str> = script.lines().filter(|line| line.starts_with("run_install_command ")).collect();
         // The second command spans two lines; re-join the script's own call text.
         let start = script.find("run_install_command 1 ").expect("first call");
-        let end = script[start..]
-            .find("\n\nreport \"bootstrap finished\"")
-            .expect("end")
-            + start;
+        let end = script[start..].find("\n\nreport \"bootstrap finished\"").expect("end") + start;
         assert_eq!(calls.len(), 2);
-        let printed = bash_eval(
-            r#"run_install_command() { printf '<%s:%s>' "$1" "$2"; }"#,
-            &script[start..end],
-        );
-        assert_eq!(
-            printed,
-            format!(
-                "<1:{}><2:{}>",
-                opts.install_commands[0], opts.install_commands[1]
-            )
-        );
+        let printed = bash_eval(r#"run_install_command() { printf '<%s:%s>' "$1" "$2"; }"#, &script[start..end]);
+        assert_eq!(printed, format!("<1:{}><2:{}>", opts.install_commands[0], opts.install_commands[1]));
     }
 
     #[test]
@@ -434,18 +391,9 @@ mod tests {
             "run_install_command 1 ",
             "report \"bootstrap finished\"",
         ];
-        let positions: Vec<usize> = order
-            .iter()
-            .map(|needle| {
-                script
-                    .find(needle)
-                    .unwrap_or_else(|| panic!("missing {needle}"))
-            })
-            .collect();
-        assert!(
-            positions.windows(2).all(|pair| pair[0] < pair[1]),
-            "{positions:?}"
-        );
+        let positions: Vec<usize> =
+            order.iter().map(|needle| script.find(needle).unwrap_or_else(|| panic!("missing {needle}"))).collect();
+        assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "{positions:?}");
         assert!(script.contains("\"$SYSTEM32/shutdown.exe\" /s /t 0 /f"));
         assert!(script.ends_with("report \"bootstrap finished\"\nreport ok\npower_off\n"));
         assert_eq!(INSTALL_OK_LINE, format!("{INSTALL_MARKER_PREFIX} ok"));
@@ -497,10 +445,7 @@ mod tests {
         ));
         assert!(cmd.contains(r#""C:\cygwin64\bin\bash.exe" --login /etc/nix-winvm/bootstrap.sh"#));
         assert!(cmd.contains(r#"copy /Y "%MEDIA%\bootstrap.sh""#));
-        assert!(
-            !cmd.replace("\r\n", "").contains('\n'),
-            "CRLF line endings only"
-        );
+        assert!(!cmd.replace("\r\n", "").contains('\n'), "CRLF line endings only");
         assert!(cmd.ends_with("exit /b 0\r\n"));
     }
 
@@ -514,15 +459,7 @@ mod tests {
 
     #[test]
     fn sh_quote_round_trips_through_bash() {
-        for value in [
-            "",
-            "plain",
-            "it's",
-            "'",
-            "a'b'c",
-            "$(rm -rf /) `x` \\ \"q\"",
-            "line\nbreak",
-        ] {
+        for value in ["", "plain", "it's", "'", "a'b'c", "$(rm -rf /) `x` \\ \"q\"", "line\nbreak"] {
             let printed = bash_eval("", &format!("printf '%s' {}", sh_quote(value)));
             assert_eq!(printed, value);
         }
