@@ -1,8 +1,9 @@
 // Every difference between the Nix versions nix-winvm builds against lives here.
 //
 // build.rs passes NIX_MAJOR/NIX_MINOR/NIX_PATCH from `pkg-config --modversion nix-expr`.
-// Compile-tested: Nix 2.8.0 (Debian 12). The >= 2.24 branches follow the API as documented in
-// docs/NIX-COMPAT.md and are not compile-tested yet; anything between 2.9 and 2.23 is refused.
+// Built and tested: Nix 2.8.0 (Debian 12), 2.26.3 and 2.34.8 (scripts/with-nix). The gates
+// between them follow those versions' headers as read, not compiled; anything between 2.9
+// and 2.23 is refused. README, "Nix versions", says which versions are believed to work.
 #pragma once
 
 #if !defined(NIX_MAJOR) || !defined(NIX_MINOR) || !defined(NIX_PATCH)

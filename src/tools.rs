@@ -1,6 +1,7 @@
 //! Finding the host programs the builder runs (QEMU, vde_switch, smbd, busybox, dropbear).
-//! Inside the Nix sandbox PATH is unset, so the usual system folders are searched too; the
-//! Nix library sets NIX_WINVM_TOOLS to a PATH of nixpkgs' tools instead.
+//! Inside the Nix sandbox PATH is unset, so the usual system folders are searched too. A
+//! builder built by nix/package.nix gets NIX_WINVM_TOOLS, a PATH of nixpkgs' tools, in the
+//! environment of its own build (not yet in the derivations it runs for; see README).
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -218,3 +218,33 @@ fn kvm_on_a_machine_without_it_fails_fast() {
     assert!(stderr(&o).contains("accel = \"kvm\" was requested but KVM is not usable here"), "{}", stderr(&o));
     assert!(start.elapsed() < Duration::from_secs(2));
 }
+
+/// `--accel auto` (the default) runs the command on a machine without KVM, saying in one line
+/// why it falls back to TCG; where KVM is real it uses it.
+#[test]
+fn accel_auto_falls_back_to_tcg_and_says_why() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hardware = cpuinfo.split_whitespace().any(|f| f == "vmx" || f == "svm");
+    let s = Scratch::new();
+    let o = Command::new(builder())
+        .env("TMPDIR", s.tmp())
+        .args(["run", "--guest", "standin", "--accel", "auto", "--", "true"])
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    if hardware {
+        assert!(err.contains("accelerator: kvm"), "{err}");
+    } else {
+        let lines: Vec<&str> = err.lines().filter(|l| l.contains("falling back to TCG")).collect();
+        assert_eq!(lines.len(), 1, "one fallback line expected:\n{err}");
+        assert!(
+            lines[0].contains(
+                "KVM unusable (the CPU has no vmx/svm flag in /proc/cpuinfo): falling back to TCG, software emulation, several times slower"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("accelerator: tcg"), "{err}");
+    }
+    s.assert_nothing_left();
+}

@@ -178,7 +178,7 @@ fn bad_inputs_give_specific_errors() {
         (r#"builtins.windowsImage { guest = "standin"; memory = 4294967296; }"#.into(), "windowsImage: attribute 'memory' must be between 64 and 1048576 (MiB), got 4294967296"),
         (r#"builtins.windowsImage { guest = "standin"; accel = true; }"#.into(), r#"windowsImage: attribute 'accel' must be one of "kvm", "tcg", got a Boolean"#),
         (r#"builtins.windowsImage { guest = "standin"; edition = "x"; }"#.into(), r#"windowsImage: attribute 'edition' applies only to guest = "windows""#),
-        (r#"builtins.windowsImage { edition = "Windows 11 Pro"; }"#.into(), r#"windowsImage: missing required attribute 'iso' for guest = "windows""#),
+        (r#"builtins.windowsImage { edition = "Windows 11 Pro"; }"#.into(), r#"windowsImage: missing required attribute 'iso' for guest = "windows" (a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`)"#),
         (r#"builtins.windowsImage { iso = { name = "w.iso"; sha256 = "abc"; }; edition = "x"; }"#.into(), r#"windowsImage: attribute 'iso.sha256' must be 64 hexadecimal digits, got "abc""#),
         (r#"builtins.windowsImage { iso = "/tmp/w.iso"; edition = "x"; }"#.into(), "windowsImage: attribute 'iso' must be a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`, got a string"),
         (r#"builtins.windowsImage { iso = ./x; cygwinPackages = [ "git" 3 ]; edition = "x"; }"#.into(), "windowsImage: element 1 of attribute 'cygwinPackages' must be a string, got an integer"),

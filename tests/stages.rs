@@ -107,14 +107,23 @@ fn run_in_windows_vm_runs_the_original_builder_with_its_environment() {
     let expr = format!(
         r#"builtins.runInWindowsVM (derivation {{
              name = "legacy"; system = "x86_64-linux"; builder = "/bin/sh";
-             args = [ "-c" "echo \"$HELLO, $(uname -s)\" > $out" ];
+             args = [ "-c" "echo \"$HELLO, $(uname -s) $(uname -r)\" > $out" ];
              HELLO = "hello world"; token = "{}";
              windowsImage = {IMAGE};
            }})"#,
         token("legacy")
     );
     let o = nix_build(&expr, &tmp.path().join("r"));
-    assert_eq!(std::fs::read_to_string(built(&o)).unwrap(), "hello world, Linux\n");
+    // The guest runs the project's own kernel (scripts/setup), not the host's: the builder
+    // really ran in the VM.
+    let guest_kernel = std::fs::read_to_string("/var/cache/nix-winvm/kernel/version").expect("scripts/setup's kernel");
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_ne!(
+        guest_kernel.trim(),
+        host_kernel.trim(),
+        "host and guest kernels must differ for this test to prove anything"
+    );
+    assert_eq!(std::fs::read_to_string(built(&o)).unwrap(), format!("hello world, Linux {}\n", guest_kernel.trim()));
 }
 
 /// A Nix string may hold any bytes: the script and the environment reach the guest unchanged.

@@ -21,7 +21,7 @@ pub const END_MAGIC: &[u8; 8] = b"STATEEND";
 pub const FORMAT_VERSION: u32 = 1;
 const TRAILER_LEN: u64 = 8 + 8 + 4 + 8;
 /// zlib-rs at level 6: within a few percent of `gzip -6`'s size, and inflates about three
-/// times faster than `gzip -d` (measured in FACTS.md and by benches/stages.rs).
+/// times faster than `gzip -d` (measured by benches/stages.rs; README, "Measured here").
 pub const LEVEL: u32 = 6;
 const MAX_HEADER: u32 = 64 * 1024;
 

@@ -75,11 +75,13 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Asserts a clean evaluation error (exit 1, not a crash) whose message contains `msg`.
+/// Asserts a clean evaluation error (exit 1, not a crash) whose message is exactly `msg`: the
+/// last `error: ` line of Nix's report (later Nix prints its trace above it).
 pub fn assert_eval_error(o: &Output, msg: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(1), "expected a Nix error (exit 1), got {:?}\nstderr: {err}", o.status);
-    assert!(err.contains(&format!("error: {msg}")), "expected error\n  {msg}\ngot:\n{err}");
+    let last = err.lines().filter_map(|l| l.trim_start().strip_prefix("error: ")).last();
+    assert_eq!(last, Some(msg), "in:\n{err}");
 }
 
 pub fn path_str(p: &Path) -> String {
