@@ -4,8 +4,9 @@
 //!                         [--out DIR] [-K|--keep] -- COMMAND...
 
 use super::BuilderError;
-use crate::controller::{agent::Verdict, shell_quote};
+use crate::controller::agent::Verdict;
 use crate::guest::standin;
+use crate::shell;
 use crate::spec::{Accel, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
 use crate::vm::accel;
@@ -121,7 +122,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     command.push_str("exec");
     for c in &a.command {
         command.push(' ');
-        command.push_str(&shell_quote(c));
+        command.push_str(&shell::quote(c));
     }
     let kernel = pvh_kernel(&kernel_dir, &progress);
     // A cold guest: a fresh key, and the standin system as the initramfs.

@@ -7,9 +7,9 @@
 //!   build   -> whatever the guest writes to $out through the share
 
 use super::BuilderError;
-use crate::controller::shell_quote;
 use crate::guest::standin;
 use crate::guest::windows::{self, install_media};
+use crate::shell;
 use crate::spec::{self, Accel, BuildSpec, Guest, ImageSpec};
 use crate::tools::Tools;
 use crate::vm::process::{describe_status, ProcessGuard};
@@ -402,7 +402,7 @@ pub fn saved_env(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<u8> {
             k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                 && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         })
-        .map(|(k, v)| (k, shell_quote_bytes(v.as_bytes())))
+        .map(|(k, v)| (k, shell::quote_bytes(v.as_bytes())))
         .collect();
     lines.sort();
     let mut out = Vec::new();
@@ -413,23 +413,6 @@ pub fn saved_env(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<u8> {
     }
     out.extend_from_slice(b"export TMPDIR=/tmp\n");
     out
-}
-
-/// `shell_quote` for bytes that may not be UTF-8: single quotes keep every byte as it is.
-fn shell_quote_bytes(v: &[u8]) -> Vec<u8> {
-    if let Ok(text) = std::str::from_utf8(v) {
-        return shell_quote(text).into_bytes();
-    }
-    let mut q = vec![b'\''];
-    for &b in v {
-        if b == b'\'' {
-            q.extend_from_slice(br"'\''");
-        } else {
-            q.push(b);
-        }
-    }
-    q.push(b'\'');
-    q
 }
 
 /// The command the guest runs: the environment restored, then the script (or, for

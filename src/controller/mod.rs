@@ -8,6 +8,7 @@ pub mod samba;
 
 use crate::guest::standin;
 use crate::initramfs::Initramfs;
+use crate::shell;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -111,19 +112,12 @@ pub fn session_line(mounts: &[Mount], tmpfs: &[PathBuf], agent: &Path, xchg: &Pa
     let tmpfs: Vec<String> = tmpfs.iter().map(|t| plain(t)).collect::<Result<_, _>>()?;
     Ok(format!(
         "AGENT={} CONFIG={} XCHG={} MOUNTS={} TMPFS={}\n",
-        shell_quote(&plain(agent)?),
-        shell_quote(&plain(&xchg.join(AGENT_CONFIG))?),
-        shell_quote(&plain(xchg)?),
-        shell_quote(&list.join(" ")),
-        shell_quote(&tmpfs.join(" "))
+        shell::quote(&plain(agent)?),
+        shell::quote(&plain(&xchg.join(AGENT_CONFIG))?),
+        shell::quote(&plain(xchg)?),
+        shell::quote(&list.join(" ")),
+        shell::quote(&tmpfs.join(" "))
     ))
-}
-
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,@".contains(&b)) {
-        return s.to_owned();
-    }
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 pub fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, standin::StandinError> {
@@ -136,13 +130,6 @@ pub fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, standi
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote("/build/xchg"), "/build/xchg");
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(shell_quote(""), "''");
-    }
 
     #[test]
     fn init_mounts_before_chroot_and_always_powers_off() {

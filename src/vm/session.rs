@@ -511,7 +511,7 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
 
 /// `run-vm` in the work directory starts the same pair by hand, for `-K` debugging.
 fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
-    let q = |a: &std::ffi::OsStr| controller::shell_quote(&a.to_string_lossy());
+    let q = |a: &std::ffi::OsStr| crate::shell::quote(&a.to_string_lossy());
     let line = |vm: &VmConfig| {
         let mut s = q(cfg.tools.qemu.as_os_str());
         for a in vm.args() {
@@ -525,10 +525,10 @@ fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
         "#!/bin/sh\n# Starts this session's VDE switch and both VMs again (nix-winvm -K, nix-build -K).\n\
          # A VM started with -incoming defer waits for migrate-incoming on its QMP socket; the\n\
          # controller waits for its session line on controller-session.sock.\ncd {}\n{} -s {} -M {} --dirmode 0700 -d\n{} &\n{} &\nwait\n",
-        controller::shell_quote(&cfg.work.display().to_string()),
+        crate::shell::quote(&cfg.work.display().to_string()),
         q(cfg.tools.vde_switch.as_os_str()),
         q(ctl_sock.as_os_str()),
-        controller::shell_quote(&cfg.work.join("vde.mgmt").display().to_string()),
+        crate::shell::quote(&cfg.work.join("vde.mgmt").display().to_string()),
         line(guest),
         line(ctl)
     );
@@ -543,8 +543,8 @@ fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
 pub fn state_reader_uri(builder: &Path, state: &Path) -> String {
     format!(
         "exec:{} state-read --in {}",
-        controller::shell_quote(&builder.display().to_string()),
-        controller::shell_quote(&state.display().to_string())
+        crate::shell::quote(&builder.display().to_string()),
+        crate::shell::quote(&state.display().to_string())
     )
 }
 
@@ -612,11 +612,11 @@ async fn save(cfg: &SessionConfig, qmp: &mut Qmp, path: &Path, header: &StateHea
     qmp.execute(&super::qmp::Stop).await.map_err(|e| fail("stop", e.to_string()))?;
     let uri = format!(
         "exec:{} state-write --out {} --memory {} --qemu-version {} --guest {}",
-        controller::shell_quote(&cfg.agent.display().to_string()),
-        controller::shell_quote(&path.display().to_string()),
+        crate::shell::quote(&cfg.agent.display().to_string()),
+        crate::shell::quote(&path.display().to_string()),
         header.memory_mib,
-        controller::shell_quote(&header.qemu_version),
-        controller::shell_quote(&header.guest),
+        crate::shell::quote(&header.qemu_version),
+        crate::shell::quote(&header.guest),
     );
     qmp.execute(&super::qmp::Migrate { uri }).await.map_err(|e| fail("migrate", e.to_string()))?;
     qmp.wait_migration(MIGRATION_TIMEOUT).await.map_err(|e| fail("migration", e.to_string()))?;

@@ -24,7 +24,7 @@ pub const SHARES: [(char, &str, &str); 2] = [('S', "nixstore", "/nix/store"), ('
 /// whether it succeeded or not, so the install stage never waits for a timeout.
 pub fn bootstrap_sh(authorized_key: &str, opts: &WindowsOptions) -> String {
     let mut script = String::new();
-    let quoted_key = sh_quote(authorized_key);
+    let quoted_key = crate::shell::quote(authorized_key);
     let ok_word = INSTALL_OK_LINE.strip_prefix(INSTALL_MARKER_PREFIX).map_or(INSTALL_OK_LINE, str::trim);
     let prefix = INSTALL_MARKER_PREFIX;
     let guest_address = GUEST_IP;
@@ -146,7 +146,7 @@ run_install_command() {{
     for (index, command) in opts.install_commands.iter().enumerate() {
         // The command is data here; its own `$` and backquotes are for the inner bash.
         script.push_str("# shellcheck disable=SC2016\n");
-        script.push_str(&format!("run_install_command {} {}\n", index + 1, sh_quote(command)));
+        script.push_str(&format!("run_install_command {} {}\n", index + 1, crate::shell::quote(command)));
     }
     script.push_str(&format!(
         r#"
@@ -266,11 +266,6 @@ exit /b 0
     );
     // cmd.exe mis-parses labels and `goto` in files with bare LF line endings.
     text.replace('\n', "\r\n")
-}
-
-/// Single-quotes for POSIX shells: the only character that needs care is the quote itself.
-pub fn sh_quote(value: &str) -> String {
-    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 /// Escapes a bare (unquoted) word in a batch file: `%` doubles, other metacharacters take `^`.
@@ -458,9 +453,9 @@ mod tests {
     }
 
     #[test]
-    fn sh_quote_round_trips_through_bash() {
+    fn quoted_words_round_trip_through_bash() {
         for value in ["", "plain", "it's", "'", "a'b'c", "$(rm -rf /) `x` \\ \"q\"", "line\nbreak"] {
-            let printed = bash_eval("", &format!("printf '%s' {}", sh_quote(value)));
+            let printed = bash_eval("", &format!("printf '%s' {}", crate::shell::quote(value)));
             assert_eq!(printed, value);
         }
     }
