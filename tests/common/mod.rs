@@ -80,7 +80,7 @@ pub fn stderr(o: &Output) -> String {
 pub fn assert_eval_error(o: &Output, msg: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(1), "expected a Nix error (exit 1), got {:?}\nstderr: {err}", o.status);
-    let last = err.lines().filter_map(|l| l.trim_start().strip_prefix("error: ")).last();
+    let last = err.lines().rev().find_map(|l| l.trim_start().strip_prefix("error: "));
     assert_eq!(last, Some(msg), "in:\n{err}");
 }
 
