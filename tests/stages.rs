@@ -172,7 +172,7 @@ fn bad_state_files_are_refused_with_the_reason() {
     for (name, bytes, msg) in cases {
         let copy = tmp.path().join(name);
         std::fs::create_dir_all(&copy).unwrap();
-        for f in ["disk.qcow2", "key", "meta.json"] {
+        for f in ["disk.qcow2", "key", "meta.json", "controller-state"] {
             std::fs::copy(image.join(f), copy.join(f)).unwrap();
         }
         std::os::unix::fs::symlink(std::fs::read_link(image.join("media")).unwrap(), copy.join("media")).unwrap();
@@ -195,8 +195,21 @@ fn bad_state_files_are_refused_with_the_reason() {
             "{name}: {err}"
         );
         assert!(err.contains(msg), "{name}: expected '{msg}' in:\n{err}");
-        assert!(!err.contains("guest up"), "{name}: a VM was started:\n{err}");
-        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        if name == "corrupt" {
+            // Found in the one pass that streams the file into QEMU: the VMs started, and the
+            // load failed on the withheld end of the stream; the reader's verdict leads.
+            assert!(
+                err.contains(&format!(
+                    "the guest's saved state could not be loaded: state file {}",
+                    copy.join("state").display()
+                )),
+                "{err}"
+            );
+            assert!(start.elapsed() < std::time::Duration::from_secs(60));
+        } else {
+            assert!(!err.contains("guest up"), "{name}: a VM was started:\n{err}");
+            assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        }
     }
 }
 

@@ -101,10 +101,17 @@ fn state_write(args: &[String]) -> Result<i32, BuilderError> {
     Ok(0)
 }
 
-/// QEMU's `-incoming exec:` end: the state file, checked and inflated, on stdout.
+/// QEMU's `-incoming exec:` end: the state file, checked and inflated, on stdout. With
+/// `--error-to FILE`, a refusal is also left in FILE for the session (QEMU only sees the
+/// stream end).
 fn state_read(args: &[String]) -> Result<i32, BuilderError> {
     let path = std::path::PathBuf::from(flag(args, "--in")?);
     let mut stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-    crate::vm::state::read(&path, None, &mut stdout).map_err(|e| BuilderError::Run(e.to_string()))?;
+    if let Err(e) = crate::vm::state::read(&path, None, &mut stdout) {
+        if let Ok(file) = flag(args, "--error-to") {
+            let _ = std::fs::write(file, e.to_string());
+        }
+        return Err(BuilderError::Run(e.to_string()));
+    }
     Ok(0)
 }

@@ -451,9 +451,10 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     }
     let state_file = image.join("state");
     let controller_state = image.join(CONTROLLER_STATE);
-    // Refuse a bad state file before any VM starts.
+    // Refuse a wrong or truncated state file before any VM starts; its checksum is checked
+    // in the one pass that streams it into QEMU.
     for f in [&state_file, &controller_state] {
-        state::validate(f, None).map_err(|e| fail(e.to_string()))?;
+        state::inspect(f, None).map_err(|e| fail(e.to_string()))?;
     }
     let accel = accel_for(&spec.image, progress)?;
     let work = work_dir()?;

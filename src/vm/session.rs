@@ -100,15 +100,44 @@ pub enum RunError {
     Prepare(String),
     Switch(StartSwitchError),
     Spawn(SpawnError),
-    QemuNotUp { name: String, detail: String, log_tail: String },
-    GuestDroppedOut { status: String, log_tail: String },
-    GuestDied { status: String, log_tail: String },
-    ControllerDied { status: String, log_tail: String },
-    NoExitCode { log_tail: String },
-    Agent { message: String, log_tail: String },
-    Timeout { secs: u64 },
-    Interrupted { signal: &'static str },
+    QemuNotUp {
+        name: String,
+        detail: String,
+        log_tail: String,
+    },
+    GuestDroppedOut {
+        status: String,
+        log_tail: String,
+    },
+    GuestDied {
+        status: String,
+        log_tail: String,
+    },
+    ControllerDied {
+        status: String,
+        log_tail: String,
+    },
+    NoExitCode {
+        log_tail: String,
+    },
+    Agent {
+        message: String,
+        log_tail: String,
+    },
+    Timeout {
+        secs: u64,
+    },
+    Interrupted {
+        signal: &'static str,
+    },
     State(super::state::StateFileError),
+    /// The state reader refused the file while streaming it into QEMU.
+    StateLoad {
+        name: String,
+        reader: String,
+        detail: String,
+        log_tail: String,
+    },
 }
 
 impl fmt::Display for RunError {
@@ -151,6 +180,10 @@ impl fmt::Display for RunError {
             }
             RunError::Timeout { secs } => write!(f, "the build exceeded its timeout of {secs} s and was stopped"),
             RunError::State(e) => write!(f, "{e}"),
+            RunError::StateLoad { name, reader, detail, log_tail } => {
+                write!(f, "the {name}'s saved state could not be loaded: {reader} (QEMU: {detail})")?;
+                tail(f, &format!("the {name}'s QEMU output"), log_tail)
+            }
             RunError::Interrupted { signal } => write!(f, "interrupted by {signal}; the VMs were stopped"),
         }
     }
@@ -539,12 +572,14 @@ fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
     }
 }
 
-/// QEMU reads a saved state through this builder: `state-read` checks the frame and inflates.
-pub fn state_reader_uri(builder: &Path, state: &Path) -> String {
+/// QEMU reads a saved state through this builder: `state-read` checks the frame and the
+/// checksum as it inflates, and leaves its error in `error_file` for the session to report.
+pub fn state_reader_uri(builder: &Path, state: &Path, error_file: &Path) -> String {
     format!(
-        "exec:{} state-read --in {}",
+        "exec:{} state-read --in {} --error-to {}",
         crate::shell::quote(&builder.display().to_string()),
-        crate::shell::quote(&state.display().to_string())
+        crate::shell::quote(&state.display().to_string()),
+        crate::shell::quote(&error_file.display().to_string())
     )
 }
 
@@ -576,12 +611,21 @@ async fn revive(
     vm: &mut ProcessGuard,
     log: &Path,
 ) -> Result<(), RunError> {
-    let failed =
-        |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
+    let reader_error = cfg.work.join(format!("{name}-state-read.err"));
+    // The state reader's own verdict (a corrupt file) comes first; QEMU's view follows.
+    let failed = |detail: String| {
+        let log_tail = tail_lines(log, LOG_TAIL_LINES);
+        match std::fs::read_to_string(&reader_error) {
+            Ok(reader) if !reader.trim().is_empty() => {
+                RunError::StateLoad { name: name.into(), reader: reader.trim().into(), detail, log_tail }
+            }
+            _ => RunError::QemuNotUp { name: name.into(), detail, log_tail },
+        }
+    };
     let version = qemu_version(qmp);
-    // The caller checked the whole file; here only what needs this QEMU: its version, the memory.
+    // The caller checked the frame; here what needs this QEMU: its version, the memory.
     super::state::inspect(state, Some((memory_mib, &version))).map_err(RunError::State)?;
-    let uri = state_reader_uri(&cfg.agent, state);
+    let uri = state_reader_uri(&cfg.agent, state, &reader_error);
     qmp.execute(&super::qmp::MigrateIncoming { uri }).await.map_err(|e| failed(format!("starting the load: {e}")))?;
     let start = Instant::now();
     loop {
@@ -628,7 +672,8 @@ async fn save(cfg: &SessionConfig, qmp: &mut Qmp, path: &Path, header: &StateHea
     })
     .await
     .map_err(|e| fail("writer", e.to_string()))?;
-    super::state::validate(path, Some((header.memory_mib, &header.qemu_version)))
+    // The writer checksummed what it wrote; its frame and header are checked, not re-read.
+    super::state::inspect(path, Some((header.memory_mib, &header.qemu_version)))
         .map_err(|e| fail("check", e.to_string()))?;
     Ok(())
 }

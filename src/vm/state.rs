@@ -1,6 +1,7 @@
 //! The saved memory of a suspended guest: QEMU's migration stream, deflate-compressed by our
-//! own code, framed so that a wrong, truncated or corrupt file is refused before QEMU reads a
-//! byte of it.
+//! own code, framed so that a wrong or truncated file is refused before QEMU reads a byte of
+//! it, and a corrupt one before QEMU receives the end of the stream (the checksum is checked
+//! in the one pass that feeds QEMU).
 //!
 //! Layout: MAGIC | format version (u32 LE) | header length (u32 LE) | header (JSON)
 //!         | payload (raw deflate) | trailer: payload length (u64 LE), raw length (u64 LE),
@@ -95,6 +96,19 @@ impl std::error::Error for StateFileError {}
 struct CrcWriter<W: Write> {
     inner: W,
     crc: Crc,
+}
+
+struct CrcReader<R: Read> {
+    inner: R,
+    crc: Crc,
+}
+
+impl<R: Read> Read for CrcReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.crc.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 impl<W: Write> Write for CrcWriter<W> {
@@ -230,30 +244,54 @@ fn verify_checksum(path: &Path, info: &StateInfo) -> Result<(), StateFileError> 
     Ok(())
 }
 
-/// Validates, then streams the decompressed migration stream to `out`.
+/// Streams the decompressed migration stream to `out`, reading the file once: the checksum
+/// and the lengths are checked as the bytes go by, and the last chunk is held back until they
+/// pass, so that QEMU never receives the end of a stream that fails them (it then refuses the
+/// incomplete stream instead of running a damaged guest).
 pub fn read(path: &Path, wanted: Option<(u32, &str)>, out: &mut dyn Write) -> Result<StateInfo, StateFileError> {
-    let info = validate(path, wanted)?;
+    let info = inspect(path, wanted)?;
     let io_err = |what: &'static str| move |source| StateFileError::Io { path: path.to_path_buf(), what, source };
+    let corrupt = |detail: String| StateFileError::Corrupt { path: path.into(), detail };
     let mut f = File::open(path).map_err(io_err("opening"))?;
     f.seek(SeekFrom::Start(info.payload_offset)).map_err(io_err("seeking"))?;
-    let mut dec = DeflateDecoder::new(BufReader::with_capacity(1 << 20, f.take(info.payload_len)));
+    let payload = CrcReader { inner: f.take(info.payload_len), crc: Crc::new() };
+    let mut dec = DeflateDecoder::new(BufReader::with_capacity(1 << 20, payload));
     let mut chunk = vec![0u8; 1 << 20];
+    let mut held: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut total = 0u64;
-    loop {
-        let n =
-            dec.read(&mut chunk).map_err(|e| StateFileError::Corrupt { path: path.into(), detail: e.to_string() })?;
-        if n == 0 {
-            break;
-        }
+    // Inflating fails on some damage; QEMU stops reading (a broken pipe) on other damage that
+    // inflates. Either way the checksum, finished below, says whether the file is at fault.
+    let stopped: Option<StateFileError> = loop {
+        let n = match dec.read(&mut chunk) {
+            Ok(0) => break None,
+            Ok(n) => n,
+            Err(e) => break Some(corrupt(e.to_string())),
+        };
         total += n as u64;
-        out.write_all(&chunk[..n]).map_err(io_err("handing the stream to QEMU"))?;
+        if !held.is_empty() {
+            if let Err(e) = out.write_all(&held) {
+                break Some(io_err("handing the stream to QEMU")(e));
+            }
+        }
+        held.clear();
+        held.extend_from_slice(&chunk[..n]);
+    };
+    // Whatever the inflater left unread still counts for the checksum.
+    let mut payload = dec.into_inner().into_inner();
+    io::copy(&mut payload, &mut io::sink()).map_err(io_err("reading"))?;
+    if payload.crc.amount() as u64 != info.payload_len {
+        return Err(StateFileError::Truncated { path: path.into() });
+    }
+    if payload.crc.sum() != info.crc32 {
+        return Err(StateFileError::Checksum { path: path.into(), expected: info.crc32, actual: payload.crc.sum() });
+    }
+    if let Some(e) = stopped {
+        return Err(e);
     }
     if total != info.raw_len {
-        return Err(StateFileError::Corrupt {
-            path: path.into(),
-            detail: format!("it inflates to {total} bytes, not the recorded {}", info.raw_len),
-        });
+        return Err(corrupt(format!("it inflates to {total} bytes, not the recorded {}", info.raw_len)));
     }
+    out.write_all(&held).map_err(io_err("handing the stream to QEMU"))?;
     out.flush().map_err(io_err("handing the stream to QEMU"))?;
     Ok(info)
 }
@@ -319,5 +357,24 @@ mod tests {
         );
         assert!(msg(&bytes, Some((256, "9.2.0"))).contains("was saved by QEMU 10.0.2 (test), but this is QEMU 9.2.0"));
         assert!(validate(&d.path().join("missing"), None).unwrap_err().to_string().contains("opening"));
+    }
+
+    /// The one reading pass never hands QEMU the end of a stream that fails its checks.
+    #[test]
+    fn a_corrupt_payload_is_named_and_its_end_withheld() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, raw) = sample(d.path());
+        let p = path.display().to_string();
+        let info = inspect(&path, None).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        for at in [info.payload_offset as usize + 10, bytes.len() / 2, bytes.len() - TRAILER_LEN as usize - 3] {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x55;
+            std::fs::write(&path, &flipped).unwrap();
+            let mut out = vec![];
+            let e = read(&path, None, &mut out).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("state file {p} is corrupt: ")), "byte {at}: {e}");
+            assert!(out.len() < raw.len() && raw.starts_with(&out[..out.len().min(1)]), "byte {at}: the end was sent");
+        }
     }
 }
