@@ -6,7 +6,7 @@
 pub mod agent;
 pub mod samba;
 
-use crate::guest::standin;
+use crate::initramfs::linux::{self, LinuxInitError};
 use crate::initramfs::Initramfs;
 use crate::shell;
 use serde::{Deserialize, Serialize};
@@ -120,10 +120,9 @@ pub fn session_line(mounts: &[Mount], tmpfs: &[PathBuf], agent: &Path, xchg: &Pa
     ))
 }
 
-pub fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, standin::StandinError> {
-    let mut img = standin::base(busybox, modules_dir, MODULES)?;
-    img.file("/init", 0o755, standin::init(INIT))
-        .map_err(|e| standin::StandinError(format!("controller init: {e}")))?;
+pub fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, LinuxInitError> {
+    let mut img = linux::base(busybox, modules_dir, MODULES)?;
+    img.file("/init", 0o755, linux::init(INIT)).map_err(|e| LinuxInitError(format!("controller init: {e}")))?;
     Ok(img)
 }
 

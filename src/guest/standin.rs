@@ -2,27 +2,13 @@
 //! code. It honours the Cygwin guest's contract, so every stage is tested for real without
 //! Windows media.
 
-use crate::initramfs::{module_closure, Initramfs};
+use crate::initramfs::linux::{add_busybox_and_modules, base, init, LinuxInitError};
+use crate::initramfs::Initramfs;
 use std::path::Path;
 
 /// Network, SMB client, entropy.
 pub const MODULES: &[&str] =
     &["virtio_pci", "virtio_net", "virtio_rng", "cifs", "ctr", "gcm", "ghash_generic", "ccm", "cmac", "sha512_generic"];
-
-/// What every init of this project's Linux VMs starts with: busybox's applets, the kernel's
-/// file systems, and the modules in load order (skipping any a boot initramfs loaded already).
-pub const INIT_PREAMBLE: &str = r#"#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin
-mkdir -p /proc /sys /dev
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-for m in $(cat /lib/modules/load-order); do
-    n=$(echo "${m%.ko}" | tr - _)
-    grep -q "^$n " /proc/modules || insmod "/lib/modules/$m" || echo "winvm-init: loading $m failed"
-done
-"#;
 
 const INIT: &str = r#"mkdir -p /run /tmp/xchg /nix/store /etc/dropbear
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
@@ -63,38 +49,14 @@ impl std::fmt::Display for StandinError {
 
 impl std::error::Error for StandinError {}
 
+impl From<LinuxInitError> for StandinError {
+    fn from(e: LinuxInitError) -> StandinError {
+        StandinError(e.0)
+    }
+}
+
 fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StandinError + '_ {
     move |e| StandinError(format!("{what}: {e}"))
-}
-
-/// Adds busybox (static; its applets are installed at boot) and `modules` with their
-/// dependencies, plus the load order, under `root`.
-fn add_busybox_and_modules(
-    img: &mut Initramfs,
-    root: &str,
-    busybox: &Path,
-    modules_dir: &Path,
-    modules: &[&str],
-) -> Result<(), StandinError> {
-    let e = err::<crate::initramfs::InitramfsError>;
-    img.host_file(format!("{root}/bin/busybox"), busybox, Some(0o755)).map_err(e("busybox"))?;
-    let order = module_closure(modules_dir, modules).map_err(err("kernel modules"))?;
-    let mut names = String::new();
-    for m in &order {
-        let name = m.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        img.host_file(format!("{root}/lib/modules/{name}"), m, Some(0o644)).map_err(e("kernel module"))?;
-        names.push_str(&name);
-        names.push('\n');
-    }
-    img.file(format!("{root}/lib/modules/load-order"), 0o644, names.into_bytes()).map_err(e("load order"))?;
-    Ok(())
-}
-
-/// An initramfs with busybox and `modules`; the caller adds /init.
-pub fn base(busybox: &Path, modules_dir: &Path, modules: &[&str]) -> Result<Initramfs, StandinError> {
-    let mut img = Initramfs::new();
-    add_busybox_and_modules(&mut img, "", busybox, modules_dir, modules)?;
-    Ok(img)
 }
 
 /// The standin system under `root` ("" for a cold-boot initramfs, "/system" inside the
@@ -189,9 +151,4 @@ pub fn boot(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, StandinErro
     let mut img = base(busybox, modules_dir, DISK_MODULES)?;
     img.file("/init", 0o755, init(BOOT_INIT)).map_err(err("boot init"))?;
     Ok(img)
-}
-
-/// A complete /init: the common preamble, then `body`.
-pub fn init(body: &str) -> Vec<u8> {
-    format!("{INIT_PREAMBLE}{body}").into_bytes()
 }

@@ -4,6 +4,7 @@
 
 mod cpio;
 mod elf;
+pub mod linux;
 mod modules;
 
 pub use cpio::{Initramfs, InitramfsError};
