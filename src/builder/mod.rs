@@ -3,16 +3,71 @@
 pub mod run;
 pub mod stages;
 
+use crate::controller::agent::AgentError;
+use crate::guest::standin::StandinError;
+use crate::guest::windows::install_media::MediaError;
+use crate::initramfs::linux::LinuxInitError;
 use crate::spec;
+use crate::tools::MissingTool;
+use crate::vm::accel::NoKvm;
+use crate::vm::process::SpawnError;
+use crate::vm::session::RunError;
+use crate::vm::state::StateFileError;
 use std::fmt;
 
+/// Everything a stage can fail with, each layer's own error kept whole; the chain is rendered
+/// once, by `Display`, at the top (src/bin).
 #[derive(Debug)]
 pub enum BuilderError {
     Usage(String),
     MissingEnv(&'static str),
     Spec(spec::SpecJsonError),
-    RequiredFileMissing { name: String, hash: String },
-    Run(String),
+    RequiredFileMissing {
+        name: String,
+        hash: String,
+    },
+    NoKvm(NoKvm),
+    MissingTool(MissingTool),
+    Session(RunError),
+    State(StateFileError),
+    Initramfs(LinuxInitError),
+    Standin(StandinError),
+    Media(MediaError),
+    Spawn(SpawnError),
+    Agent(AgentError),
+    /// Reading or writing a file, starting a runtime: what was being done, and the cause.
+    Io {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A helper program (ssh-keygen, qemu-img) failed: its name and what it said.
+    Tool {
+        tool: String,
+        detail: String,
+    },
+    /// The installer VM ran past the image's time-out.
+    InstallTimeout {
+        secs: u64,
+    },
+    /// The installer VM ended without announcing success.
+    InstallUnfinished {
+        status: String,
+        log_tail: String,
+    },
+    /// The guest could not map the controller's shares before the suspend.
+    SharesNotMapped {
+        verdict: String,
+    },
+    /// The build's image was made from another spec than the build was planned with.
+    ImageMismatch {
+        image: std::path::PathBuf,
+    },
+    /// The command (a build's script, or `run`'s) was killed by a signal in the guest.
+    Killed {
+        signal: String,
+    },
+    /// The image asks for something the stage cannot do yet.
+    Unsupported(&'static str),
 }
 
 impl fmt::Display for BuilderError {
@@ -21,16 +76,70 @@ impl fmt::Display for BuilderError {
             BuilderError::Usage(m) => write!(f, "{m}"),
             BuilderError::MissingEnv(v) => write!(f, "environment variable {v} is not set (is this run by Nix?)"),
             BuilderError::Spec(e) => write!(f, "{e}"),
-            BuilderError::Run(m) => write!(f, "{m}"),
             BuilderError::RequiredFileMissing { name, hash } => write!(
                 f,
                 "the file '{name}' is not in the Nix store. Add it with:\n  nix-store --add-fixed sha256 /path/to/{name}\n(expected sha256: {hash})"
             ),
+            BuilderError::NoKvm(e) => write!(f, "{e}"),
+            BuilderError::MissingTool(e) => write!(f, "{e}"),
+            BuilderError::Session(e) => write!(f, "{e}"),
+            BuilderError::State(e) => write!(f, "{e}"),
+            BuilderError::Initramfs(e) => write!(f, "{e}"),
+            BuilderError::Standin(e) => write!(f, "{e}"),
+            BuilderError::Media(e) => write!(f, "{e}"),
+            BuilderError::Spawn(e) => write!(f, "{e}"),
+            BuilderError::Agent(e) => write!(f, "{e}"),
+            BuilderError::Io { what, source } => write!(f, "{what}: {source}"),
+            BuilderError::Tool { tool, detail } => write!(f, "{tool} {detail}"),
+            BuilderError::InstallTimeout { secs } => {
+                write!(f, "the install exceeded its timeout of {secs} s and was stopped")
+            }
+            BuilderError::InstallUnfinished { status, log_tail } => write!(
+                f,
+                "the installer ended ({status}) without finishing\n--- last lines of the installer's serial log ---\n{log_tail}"
+            ),
+            BuilderError::SharesNotMapped { verdict } => write!(f, "mapping the shares in the guest failed: {verdict}"),
+            BuilderError::ImageMismatch { image } => {
+                write!(f, "the image at {} was built from another spec than this build expects", image.display())
+            }
+            BuilderError::Killed { signal } => write!(f, "the command was killed by signal {signal}"),
+            BuilderError::Unsupported(what) => write!(f, "{what}"),
         }
     }
 }
 
 impl std::error::Error for BuilderError {}
+
+macro_rules! from_layer {
+    ($($t:ty => $v:ident),* $(,)?) => {
+        $(impl From<$t> for BuilderError {
+            fn from(e: $t) -> BuilderError {
+                BuilderError::$v(e)
+            }
+        })*
+    };
+}
+
+from_layer!(
+    NoKvm => NoKvm,
+    MissingTool => MissingTool,
+    RunError => Session,
+    StateFileError => State,
+    LinuxInitError => Initramfs,
+    StandinError => Standin,
+    MediaError => Media,
+    SpawnError => Spawn,
+    AgentError => Agent,
+    spec::SpecJsonError => Spec,
+);
+
+/// `map_err(io("doing what"))`: an I/O (or parse) failure with what was being done.
+pub fn io<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> BuilderError {
+    let what = what.into();
+    move |e| BuilderError::Io { what, source: e.into() }
+}
 
 pub const USAGE: &str =
     "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|agent|state-write|state-read> [options]";
@@ -67,8 +176,7 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
             let config = flag(args, "--config")?;
             // The host's clock when the session began: a revived controller's own clock lags.
             let now = flag(args, "--now").ok().and_then(|n| n.parse::<u64>().ok());
-            crate::controller::agent::main(std::path::Path::new(config), now)
-                .map_err(|e| BuilderError::Run(e.to_string()))
+            Ok(crate::controller::agent::main(std::path::Path::new(config), now)?)
         }
         "--help" | "-h" => {
             println!("{USAGE}");
@@ -97,7 +205,7 @@ fn state_write(args: &[String]) -> Result<i32, BuilderError> {
     };
     let path = std::path::PathBuf::from(flag(args, "--out")?);
     let mut stdin = std::io::stdin().lock();
-    crate::vm::state::write(&path, &header, &mut stdin).map_err(|e| BuilderError::Run(e.to_string()))?;
+    crate::vm::state::write(&path, &header, &mut stdin)?;
     Ok(0)
 }
 
@@ -111,7 +219,7 @@ fn state_read(args: &[String]) -> Result<i32, BuilderError> {
         if let Ok(file) = flag(args, "--error-to") {
             let _ = std::fs::write(file, e.to_string());
         }
-        return Err(BuilderError::Run(e.to_string()));
+        return Err(e.into());
     }
     Ok(0)
 }

@@ -3,7 +3,7 @@
 //!   nix-winvm-builder run [--guest standin] [--accel auto|kvm|tcg] [--memory MIB] [--timeout SECS]
 //!                         [--out DIR] [-K|--keep] -- COMMAND...
 
-use super::BuilderError;
+use super::{io, BuilderError};
 use crate::controller::agent::Verdict;
 use crate::guest::standin;
 use crate::shell;
@@ -90,7 +90,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     let a = parse(args)?;
     let progress = Progress::new();
     let accel = match a.accel {
-        Some(requested) => accel::choose(requested).map_err(|e| BuilderError::Run(e.to_string()))?,
+        Some(requested) => accel::choose(requested)?,
         None => match accel::choose(Accel::Kvm) {
             Ok(k) => k,
             Err(e) => {
@@ -103,19 +103,16 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         },
     };
     progress.say(&format!("accelerator: {}", accel.name()));
-    let tools = Tools::find().map_err(|e| BuilderError::Run(e.to_string()))?;
+    let tools = Tools::find()?;
     let kernel_dir = std::env::var_os("NIX_WINVM_KERNEL_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(crate::spec::DEFAULT_CACHE).join("kernel"));
-    let work = tempfile::Builder::new()
-        .prefix("nix-winvm-")
-        .tempdir()
-        .map_err(|e| BuilderError::Run(format!("cannot create a work directory: {e}")))?;
+    let work = tempfile::Builder::new().prefix("nix-winvm-").tempdir().map_err(io("cannot create a work directory"))?;
     let mut extra_shares = vec![];
     let mut command = String::new();
     if let Some(out) = &a.out {
-        std::fs::create_dir_all(out).map_err(|e| BuilderError::Run(format!("cannot create {}: {e}", out.display())))?;
-        let out = out.canonicalize().map_err(|e| BuilderError::Run(format!("{}: {e}", out.display())))?;
+        std::fs::create_dir_all(out).map_err(io(format!("cannot create {}", out.display())))?;
+        let out = out.canonicalize().map_err(io(out.display().to_string()))?;
         extra_shares.push(ExtraShare { name: "out".into(), host_path: out, guest_path: GUEST_OUT.into() });
         command.push_str(&format!("out={GUEST_OUT}; export out; "));
     }
@@ -130,9 +127,8 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     let pubkey = super::stages::generate_key(&tools.ssh_keygen, &key)?;
     let modules_dir = kernel_dir.join("modules");
     let guest_initrd = work.path().join("guest-initrd.img");
-    let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey)
-        .map_err(|e| BuilderError::Run(e.to_string()))?;
-    session::write_initrd(&img, &guest_initrd).map_err(|e| BuilderError::Run(e.to_string()))?;
+    let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey)?;
+    session::write_initrd(&img, &guest_initrd)?;
     let cfg = SessionConfig {
         accel,
         memory_mib: a.memory_mib,
@@ -157,12 +153,10 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         store_writable: false,
         extra_shares,
         tools,
-        agent: std::env::current_exe().map_err(|e| BuilderError::Run(format!("cannot find this program: {e}")))?,
+        agent: std::env::current_exe().map_err(io("cannot find this program"))?,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| BuilderError::Run(format!("cannot start the runtime: {e}")))?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("cannot start the runtime"))?;
     let result = rt.block_on(session::run(&cfg, &progress));
     drop(rt);
     if a.keep {
@@ -174,8 +168,8 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
             progress.say(&format!("command exited {code}"));
             Ok(code)
         }
-        Ok(Verdict::Signal(sig)) => Err(BuilderError::Run(format!("the command was killed by signal {sig}"))),
-        Err(e) => Err(BuilderError::Run(e.to_string())),
+        Ok(Verdict::Signal(signal)) => Err(BuilderError::Killed { signal }),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -6,7 +6,7 @@
 //!   suspend -> disk.qcow2 (overlay on the base), state, key, media -> (link), meta.json
 //!   build   -> whatever the guest writes to $out through the share
 
-use super::BuilderError;
+use super::{io, BuilderError};
 use crate::guest::standin;
 use crate::guest::windows::{self, install_media};
 use crate::shell;
@@ -23,16 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn fail(msg: impl Into<String>) -> BuilderError {
-    BuilderError::Run(msg.into())
-}
-
 fn env_path(name: &'static str) -> Result<PathBuf, BuilderError> {
     std::env::var_os(name).map(PathBuf::from).ok_or(BuilderError::MissingEnv(name))
-}
-
-fn io<E: std::fmt::Display>(what: String) -> impl FnOnce(E) -> BuilderError {
-    move |e| fail(format!("{what}: {e}"))
 }
 
 pub fn generate_key(ssh_keygen: &Path, path: &Path) -> Result<String, BuilderError> {
@@ -43,30 +35,33 @@ pub fn generate_key(ssh_keygen: &Path, path: &Path) -> Result<String, BuilderErr
         .status()
         .map_err(io(format!("running {}", ssh_keygen.display())))?;
     if !status.success() {
-        return Err(fail(format!("ssh-keygen failed with {}", describe_status(status))));
+        return Err(BuilderError::Tool {
+            tool: "ssh-keygen".into(),
+            detail: format!("failed with {}", describe_status(status)),
+        });
     }
-    std::fs::read_to_string(path.with_extension("pub")).map_err(io("reading the public key".into()))
+    std::fs::read_to_string(path.with_extension("pub")).map_err(io("reading the public key"))
 }
 
 fn write_initrd(img: &crate::initramfs::Initramfs, path: &Path) -> Result<(), BuilderError> {
-    session::write_initrd(img, path).map_err(|e| fail(e.to_string()))
+    Ok(session::write_initrd(img, path)?)
 }
 
 fn accel_for(spec: &ImageSpec, progress: &Progress) -> Result<Accel, BuilderError> {
-    let a = accel::choose(spec.accel).map_err(|e| fail(e.to_string()))?;
+    let a = accel::choose(spec.accel)?;
     progress.say(&format!("accelerator: {}", a.name()));
     Ok(a)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime".into()))
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime"))
 }
 
 /// The stage's working folder: serial logs, QMP sockets, the `run-vm` script. It is left in
 /// the build folder, which Nix removes after the build unless it was asked to keep it
 /// (`nix-build -K`), so a failed build can be examined and its VMs started again.
 fn work_dir() -> Result<PathBuf, BuilderError> {
-    let dir = tempfile::Builder::new().prefix("winvm").tempdir().map_err(io("creating a work directory".into()))?;
+    let dir = tempfile::Builder::new().prefix("winvm").tempdir().map_err(io("creating a work directory"))?;
     Ok(dir.keep())
 }
 
@@ -74,14 +69,13 @@ fn work_dir() -> Result<PathBuf, BuilderError> {
 pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let out = env_path("out")?;
     let kernel = env_path("kernel")?;
-    let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
+    let tools = Tools::find()?;
     std::fs::create_dir_all(out.join("modules")).map_err(io(format!("creating {}", out.display())))?;
     // The controller is Linux whatever the guest is: every image carries its kernel.
-    std::fs::copy(kernel.join("vmlinuz"), out.join("vmlinuz")).map_err(io("copying the kernel".into()))?;
-    for entry in std::fs::read_dir(kernel.join("modules")).map_err(io("reading the kernel modules".into()))? {
-        let entry = entry.map_err(io("reading the kernel modules".into()))?;
-        std::fs::copy(entry.path(), out.join("modules").join(entry.file_name()))
-            .map_err(io("copying a module".into()))?;
+    std::fs::copy(kernel.join("vmlinuz"), out.join("vmlinuz")).map_err(io("copying the kernel"))?;
+    for entry in std::fs::read_dir(kernel.join("modules")).map_err(io("reading the kernel modules"))? {
+        let entry = entry.map_err(io("reading the kernel modules"))?;
+        std::fs::copy(entry.path(), out.join("modules").join(entry.file_name())).map_err(io("copying a module"))?;
     }
     match crate::tools::find("xz").map_err(|e| e.to_string()).and_then(|xz| {
         kernel::extract_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux"), &xz).map_err(|e| e.to_string())
@@ -93,14 +87,13 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     let pubkey = generate_key(&tools.ssh_keygen, &out.join("key"))?;
     let modules = out.join("modules");
     // The controller's initramfs is the same for every session: made once, saved with the image.
-    let controller = crate::controller::initramfs(&tools.busybox, &modules).map_err(|e| fail(e.to_string()))?;
+    let controller = crate::controller::initramfs(&tools.busybox, &modules)?;
     write_initrd(&controller, &out.join(CONTROLLER_IMG))?;
     if let (Guest::Windows, Some(opts)) = (spec.guest, &spec.windows) {
-        let media_tools = install_media::MediaTools::find().map_err(|e| fail(e.to_string()))?;
+        let media_tools = install_media::MediaTools::find()?;
         let repo = std::env::var_os("cygwinRepo").map(PathBuf::from);
         let summary =
-            install_media::build_media(opts, spec.disk_size_mib, &pubkey, repo.as_deref(), &out, &media_tools)
-                .map_err(|e| fail(e.to_string()))?;
+            install_media::build_media(opts, spec.disk_size_mib, &pubkey, repo.as_deref(), &out, &media_tools)?;
         progress.say(&format!(
             "windows media ready: autounattend.xml for '{}', answer.img, cygwin.img ({})",
             opts.edition,
@@ -112,11 +105,8 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
         ));
         return Ok(0);
     }
-    write_initrd(
-        &standin::installer(&tools.busybox, &tools.dropbear, &modules, &pubkey).map_err(|e| fail(e.to_string()))?,
-        &out.join("installer.img"),
-    )?;
-    write_initrd(&standin::boot(&tools.busybox, &modules).map_err(|e| fail(e.to_string()))?, &out.join("boot.img"))?;
+    write_initrd(&standin::installer(&tools.busybox, &tools.dropbear, &modules, &pubkey)?, &out.join("installer.img"))?;
+    write_initrd(&standin::boot(&tools.busybox, &modules)?, &out.join("boot.img"))?;
     progress.say("media ready: kernel, installer, boot initramfs, key pair");
     Ok(0)
 }
@@ -133,7 +123,7 @@ pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
 pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let out = env_path("out")?;
     let media = env_path("media")?;
-    let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
+    let tools = Tools::find()?;
     std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
     let disk = out.join("disk.qcow2");
     let work = work_dir()?;
@@ -153,12 +143,12 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         ),
         Guest::Windows => {
             if spec.windows.as_ref().is_some_and(|w| w.efi) {
-                return Err(fail(
+                return Err(BuilderError::Unsupported(
                     "efi = true: the media are made for UEFI, but the install stage boots BIOS firmware (SeaBIOS) only so far; build the image with efi = false",
                 ));
             }
             // Media without Cygwin packages are refused with the way to add them.
-            install_media::ensure_ready_for_install(&media).map_err(|e| fail(e.to_string()))?;
+            install_media::ensure_ready_for_install(&media)?;
             let iso = env_path("iso")?;
             let mut args = install_media::install_drive_args(&media, &iso, &disk);
             args.extend(windows_devices());
@@ -191,20 +181,19 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let status = rt.block_on(async {
         let mut cmd = tokio::process::Command::new(&tools.qemu);
         cmd.args(vm.args()).stdin(Stdio::null()).stderr(Stdio::inherit()).stdout(Stdio::null());
-        let mut guard = ProcessGuard::spawn("installer", cmd).map_err(|e| fail(e.to_string()))?;
+        let mut guard = ProcessGuard::spawn("installer", cmd)?;
         progress.say("installer VM started");
         match tokio::time::timeout(timeout, guard.wait()).await {
             Ok(s) => Ok(s),
-            Err(_) => Err(fail(format!("the install exceeded its timeout of {} s and was stopped", timeout.as_secs()))),
+            Err(_) => Err(BuilderError::InstallTimeout { secs: timeout.as_secs() }),
         }
     })?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
     if !log.contains(done) {
-        return Err(fail(format!(
-            "the installer ended ({}) without finishing\n--- last lines of the installer's serial log ---\n{}",
-            describe_status(status),
-            session::tail_lines(&serial, session::LOG_TAIL_LINES)
-        )));
+        return Err(BuilderError::InstallUnfinished {
+            status: describe_status(status),
+            log_tail: session::tail_lines(&serial, session::LOG_TAIL_LINES),
+        });
     }
     progress.say("installed");
     Ok(0)
@@ -234,8 +223,7 @@ fn windows_disk_args(disk: &Path) -> Vec<std::ffi::OsString> {
 
 fn qemu_img(tools: &Tools, args: &[&str], paths: &[&std::ffi::OsStr], size: &str) -> Result<(), BuilderError> {
     let qemu_img = tools.qemu.with_file_name("qemu-img");
-    let qemu_img =
-        if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img").map_err(|e| fail(e.to_string()))? };
+    let qemu_img = if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img")? };
     let mut c = Command::new(&qemu_img);
     c.args(args).args(paths);
     if !size.is_empty() {
@@ -243,7 +231,10 @@ fn qemu_img(tools: &Tools, args: &[&str], paths: &[&std::ffi::OsStr], size: &str
     }
     let o = c.output().map_err(io(format!("running {}", qemu_img.display())))?;
     if !o.status.success() {
-        return Err(fail(format!("qemu-img {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim())));
+        return Err(BuilderError::Tool {
+            tool: "qemu-img".into(),
+            detail: format!("{}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim()),
+        });
     }
     Ok(())
 }
@@ -318,7 +309,7 @@ fn session_config(
         store_writable: true,
         extra_shares: vec![],
         tools,
-        agent: std::env::current_exe().map_err(io("finding this program".into()))?,
+        agent: std::env::current_exe().map_err(io("finding this program"))?,
     })
 }
 
@@ -329,11 +320,11 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let installed = env_path("installed")?;
     let accel = accel_for(spec, progress)?;
     std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
-    let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
+    let tools = Tools::find()?;
     let disk = out.join("disk.qcow2");
     overlay(&tools, &installed.join("disk.qcow2"), &disk)?;
-    std::fs::copy(media.join("key"), out.join("key")).map_err(io("copying the key".into()))?;
-    std::os::unix::fs::symlink(&media, out.join("media")).map_err(io("linking the media".into()))?;
+    std::fs::copy(media.join("key"), out.join("key")).map_err(io("copying the key"))?;
+    std::os::unix::fs::symlink(&media, out.join("media")).map_err(io("linking the media"))?;
     let work = work_dir()?;
     let command = match spec.guest {
         // The standin's login shell has just mapped the shares (proving they work); they are
@@ -361,13 +352,13 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         After::Suspend { path: out.join("state"), guest: spec.guest.name().into() },
         tools,
     )?;
-    let verdict = runtime()?.block_on(session::run(&cfg, progress)).map_err(|e| fail(e.to_string()))?;
+    let verdict = runtime()?.block_on(session::run(&cfg, progress))?;
     if verdict != crate::controller::agent::Verdict::Exited(0) {
-        return Err(fail(format!("mapping the shares in the guest failed: {verdict:?}")));
+        return Err(BuilderError::SharesNotMapped { verdict: format!("{verdict:?}") });
     }
     let meta = ImageMeta { spec: spec.clone(), state_format: state::FORMAT_VERSION, media };
-    let json = serde_json::to_string_pretty(&meta).map_err(io("meta.json".into()))?;
-    std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json".into()))?;
+    let json = serde_json::to_string_pretty(&meta).map_err(io("meta.json"))?;
+    std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json"))?;
     Ok(0)
 }
 
@@ -444,29 +435,26 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     )
     .map_err(io(format!("{} is not a nix-winvm image's metadata", meta_path.display())))?;
     if meta.spec != spec.image {
-        return Err(fail(format!(
-            "the image at {} was built from another spec than this build expects",
-            image.display()
-        )));
+        return Err(BuilderError::ImageMismatch { image });
     }
     let state_file = image.join("state");
     let controller_state = image.join(CONTROLLER_STATE);
     // Refuse a wrong or truncated state file before any VM starts; its checksum is checked
     // in the one pass that streams it into QEMU.
     for f in [&state_file, &controller_state] {
-        state::inspect(f, None).map_err(|e| fail(e.to_string()))?;
+        state::inspect(f, None)?;
     }
     let accel = accel_for(&spec.image, progress)?;
     let work = work_dir()?;
-    let tools = Tools::find().map_err(|e| fail(e.to_string()))?;
+    let tools = Tools::find()?;
     let disk = work.join("disk.qcow2");
     overlay(&tools, &image.join("disk.qcow2"), &disk)?;
     let xchg = work.join("xchg");
-    std::fs::create_dir_all(&xchg).map_err(io("creating the exchange directory".into()))?;
-    std::fs::write(xchg.join("saved-env"), saved_env(std::env::vars_os())).map_err(io("writing saved-env".into()))?;
+    std::fs::create_dir_all(&xchg).map_err(io("creating the exchange directory"))?;
+    std::fs::write(xchg.join("saved-env"), saved_env(std::env::vars_os())).map_err(io("writing saved-env"))?;
     if !spec.run_original_builder {
         let script = std::env::var_os("script").ok_or(BuilderError::MissingEnv("script"))?.into_vec();
-        std::fs::write(xchg.join("script"), script).map_err(io("writing the script".into()))?;
+        std::fs::write(xchg.join("script"), script).map_err(io("writing the script"))?;
     }
     let argc = std::env::var("winvmArgc").ok().and_then(|a| a.parse().ok()).unwrap_or(0);
     let cfg = session_config(
@@ -486,12 +474,12 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         After::Quit,
         tools,
     )?;
-    match runtime()?.block_on(session::run(&cfg, progress)).map_err(|e| fail(e.to_string()))? {
+    match runtime()?.block_on(session::run(&cfg, progress))? {
         crate::controller::agent::Verdict::Exited(code) => {
             progress.say(&format!("command exited {code}"));
             Ok(code)
         }
-        crate::controller::agent::Verdict::Signal(sig) => Err(fail(format!("the build was killed by signal {sig}"))),
+        crate::controller::agent::Verdict::Signal(signal) => Err(BuilderError::Killed { signal }),
     }
 }
 
