@@ -175,8 +175,37 @@ fn wait_for_ssh(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, AgentE
     }
 }
 
+/// A session over `tcp`, its handshake done within `deadline` (which stays the session's
+/// time-out for each blocking call until the caller changes it).
+fn handshake(tcp: TcpStream, deadline: Duration) -> Result<ssh2::Session, AgentError> {
+    let mut session = ssh2::Session::new().map_err(step_err("creating a session", deadline))?;
+    session.set_tcp_stream(tcp);
+    session.set_timeout(deadline.as_millis() as u32);
+    session.handshake().map_err(step_err("handshaking", deadline))?;
+    Ok(session)
+}
+
+/// Each SSH step before the command runs (handshake, authentication, channel, exec) has this
+/// deadline of its own; the command's output is then read for as long as the build's own
+/// time-out, kept by the host, allows.
+pub const SSH_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// libssh2's LIBSSH2_ERROR_TIMEOUT: a blocking call hit the session's time-out.
+const LIBSSH2_ERROR_TIMEOUT: i32 = -9;
+
 fn ssh_err(step: &'static str) -> impl FnOnce(ssh2::Error) -> AgentError {
-    move |e| AgentError::Ssh { step, detail: e.to_string() }
+    step_err(step, SSH_STEP_TIMEOUT)
+}
+
+fn step_err(step: &'static str, deadline: Duration) -> impl FnOnce(ssh2::Error) -> AgentError {
+    move |e| {
+        let detail = if e.code() == ssh2::ErrorCode::Session(LIBSSH2_ERROR_TIMEOUT) {
+            format!("the guest did not answer within {} s", deadline.as_secs_f64())
+        } else {
+            e.to_string()
+        };
+        AgentError::Ssh { step, detail }
+    }
 }
 
 fn run_command(
@@ -185,9 +214,7 @@ fn run_command(
     log: &mut Log,
     clock: &dyn Fn() -> std::time::SystemTime,
 ) -> Result<Verdict, AgentError> {
-    let mut session = ssh2::Session::new().map_err(ssh_err("creating a session"))?;
-    session.set_tcp_stream(tcp);
-    session.handshake().map_err(ssh_err("handshaking"))?;
+    let session = handshake(tcp, SSH_STEP_TIMEOUT)?;
     session
         .userauth_pubkey_file(&cfg.user, None, &cfg.key_file, None)
         .map_err(ssh_err("authenticating with the image's key"))?;
@@ -196,6 +223,8 @@ fn run_command(
     channel.handle_extended_data(ssh2::ExtendedData::Merge).map_err(ssh_err("merging stderr"))?;
     let command = if cfg.set_clock { format!("{}{}", clock_prefix(clock()), cfg.command) } else { cfg.command.clone() };
     channel.exec(&command).map_err(ssh_err("starting the command"))?;
+    // A build may run silent for long: no deadline per read (0 = none).
+    session.set_timeout(0);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n =
@@ -260,6 +289,20 @@ mod tests {
             clock_prefix(std::time::UNIX_EPOCH + Duration::from_secs(951_782_400)),
             "date -u -s '2000-02-29 00:00:00' >/dev/null 2>&1; "
         );
+    }
+
+    #[test]
+    fn a_guest_that_accepts_but_never_answers_fails_the_handshake_in_time() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts and holds the connection, never sending SSH's banner.
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let tcp = TcpStream::connect(addr).unwrap();
+        let start = Instant::now();
+        let e = handshake(tcp, Duration::from_millis(500)).err().expect("a time-out");
+        assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+        assert_eq!(e.to_string(), "SSH to the guest failed while handshaking: the guest did not answer within 0.5 s");
+        drop(held.join());
     }
 
     #[test]
