@@ -248,15 +248,19 @@ fn a_plugin_built_for_another_nix_refuses_to_register_with_one_line() {
     std::fs::write(&other, bytes).unwrap();
     let mut c = env.command("nix-instantiate");
     c.arg("--plugin-files").arg(&other).args(["--eval", "-E", "builtins ? windowsImage"]);
-    let o = c.output().unwrap();
-    assert_eq!(stdout(&o), "false", "{}", stderr(&o));
-    let lines: Vec<String> = stderr(&o).lines().filter(|l| l.contains("nix-winvm")).map(String::from).collect();
-    assert_eq!(
-        lines,
-        vec![format!(
+    assert_refused_in_one_line(
+        &c.output().unwrap(),
+        &format!(
             "nix-winvm: this plugin was built for Nix {fake} but is loaded into Nix {version}; rebuild it against this Nix's headers. Its builtins are not registered."
-        )]
+        ),
     );
+}
+
+/// The plugin registered nothing and said why in exactly one line.
+fn assert_refused_in_one_line(o: &std::process::Output, line: &str) {
+    assert_eq!(stdout(o), "false", "{}", stderr(o));
+    let lines: Vec<String> = stderr(o).lines().filter(|l| l.contains("nix-winvm")).map(String::from).collect();
+    assert_eq!(lines, vec![line.to_string()]);
 }
 
 /// Nix's build hook reloads plugin-files from another folder: a relative path would fail there
@@ -273,15 +277,12 @@ fn a_plugin_loaded_through_a_relative_path_asks_for_an_absolute_one() {
         "-E",
         "builtins ? windowsImage",
     ]);
-    let o = c.output().unwrap();
-    assert_eq!(stdout(&o), "false", "{}", stderr(&o));
-    let lines: Vec<String> = stderr(&o).lines().filter(|l| l.contains("nix-winvm")).map(String::from).collect();
-    assert_eq!(
-        lines,
-        vec![format!(
+    assert_refused_in_one_line(
+        &c.output().unwrap(),
+        &format!(
             "nix-winvm: the plugin was loaded as '{}', a relative path; give --plugin-files (or plugin-files) an absolute path, because Nix's build hook reloads plugins from another folder. Its builtins are not registered.",
             relative.display()
-        )]
+        ),
     );
 }
 
