@@ -21,6 +21,16 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
 pub const DEFAULT_LOCALE: &str = "en-US";
 /// The store the guest sees through the `nixstore` share.
 pub const STORE_DIR: &str = "/nix/store";
+
+/// The VM network's fixed addresses (the historic design's): the guest, and the controller that
+/// serves it the shares. Shell text names them `@GUEST_IP@` and `@CONTROLLER_IP@`.
+pub const GUEST_IP: &str = "192.168.0.1";
+pub const CONTROLLER_IP: &str = "192.168.0.2";
+
+/// `text` with the address placeholders filled in from the constants.
+pub fn with_addresses(text: &str) -> String {
+    text.replace("@GUEST_IP@", GUEST_IP).replace("@CONTROLLER_IP@", CONTROLLER_IP)
+}
 /// Where scripts/setup puts the guest kernel (and the builder its PVH cache) on the host.
 pub const DEFAULT_CACHE: &str = "/var/cache/nix-winvm";
 
@@ -152,6 +162,14 @@ pub fn to_json<T: Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shell_text_gets_the_addresses_from_the_constants() {
+        assert_eq!(
+            with_addresses("ip addr add @GUEST_IP@/24; //@CONTROLLER_IP@/x"),
+            "ip addr add 192.168.0.1/24; //192.168.0.2/x"
+        );
+    }
 
     #[test]
     fn image_spec_round_trips_and_rejects_unknown_fields() {

@@ -60,7 +60,7 @@ pub const WAITING_MARKER: &str = "winvm-controller: waiting for the session";
 /// shell assignments on the second serial port (see `session_line`).
 pub const INIT: &str = r#"mkdir -p /fs
 ip link set lo up
-ip addr add 192.168.0.2/24 dev eth0
+ip addr add @CONTROLLER_IP@/24 dev eth0
 ip link set eth0 up
 fail() { echo "winvm-controller: $*"; poweroff -f; }
 # Held open from here on: bytes that reach a closed serial port are lost.

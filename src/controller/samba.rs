@@ -14,7 +14,7 @@ pub fn smb_conf(shares: &[Share], run_dir: &Path) -> String {
          server min protocol = SMB2\n\
          server role = standalone server\n\
          workgroup = WORKGROUP\n\
-         interfaces = 192.168.0.2/24 lo\n\
+         interfaces = {controller}/24 lo\n\
          bind interfaces only = no\n\
          disable netbios = yes\n\
          smb ports = 445\n\
@@ -35,6 +35,7 @@ pub fn smb_conf(shares: &[Share], run_dir: &Path) -> String {
          use sendfile = yes\n\
          strict sync = no\n\
          \n",
+        controller = crate::spec::CONTROLLER_IP,
         private = d("private"),
         lock = d("lock"),
         state = d("state"),

@@ -6,7 +6,7 @@
 pub mod standin;
 pub mod windows;
 
-/// The guest's fixed address on the VM network; the controller is .2.
-pub const GUEST_IP: &str = "192.168.0.1";
-pub const CONTROLLER_IP: &str = "192.168.0.2";
+/// The guest's fixed address on the VM network, and the controller's (defined with the spec,
+/// at the bottom, so that the initramfs layer can use them too).
+pub use crate::spec::{CONTROLLER_IP, GUEST_IP};
 pub const SSH_USER: &str = "Administrator";

@@ -13,7 +13,7 @@ pub const MODULES: &[&str] =
 const INIT: &str = r#"mkdir -p /run /tmp/xchg /nix/store /etc/dropbear
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 ip link set lo up
-ip addr add 192.168.0.1/24 dev eth0
+ip addr add @GUEST_IP@/24 dev eth0
 ip link set eth0 up
 echo "winvm-standin: network up"
 # Host keys are made at first connection (-R); only public-key logins (-s).
@@ -27,7 +27,7 @@ const LOGIN_SHELL: &str = r#"#!/bin/sh
 mount_share() {
     grep -q " $2 cifs " /proc/mounts && return 0
     mkdir -p "$2"
-    mount -t cifs "//192.168.0.2/$1" "$2" -o username=guest,password=,vers=3.0,uid=0,gid=0,noperm \
+    mount -t cifs "//@CONTROLLER_IP@/$1" "$2" -o username=guest,password=,vers=3.0,uid=0,gid=0,noperm \
         || { echo "winvm-standin: cannot mount the controller's share '$1' at $2" >&2; return 1; }
 }
 mount_share nixstore /nix/store || exit 255
@@ -75,7 +75,8 @@ pub fn add_system(
     let root_dir = if root.is_empty() { "/" } else { root };
     img.elf_with_libs_under(root_dir, at("/usr/sbin/dropbear"), dropbear).map_err(err("dropbear"))?;
     img.file(at("/init"), 0o755, init(INIT)).map_err(e("init"))?;
-    img.file(at("/bin/winvm-login"), 0o755, LOGIN_SHELL.as_bytes().to_vec()).map_err(e("login shell"))?;
+    img.file(at("/bin/winvm-login"), 0o755, crate::spec::with_addresses(LOGIN_SHELL).into_bytes())
+        .map_err(e("login shell"))?;
     img.file(
         at("/etc/passwd"),
         0o644,

@@ -66,7 +66,8 @@ pub fn base(busybox: &Path, modules_dir: &Path, modules: &[&str]) -> Result<Init
     Ok(img)
 }
 
-/// A complete /init: the common preamble, then `body`.
+/// A complete /init: the common preamble, then `body`, with the VM network's addresses filled
+/// in (`@GUEST_IP@`, `@CONTROLLER_IP@`).
 pub fn init(body: &str) -> Vec<u8> {
-    format!("{INIT_PREAMBLE}{body}").into_bytes()
+    crate::spec::with_addresses(&format!("{INIT_PREAMBLE}{body}")).into_bytes()
 }
