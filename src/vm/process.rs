@@ -114,6 +114,30 @@ impl ProcessGuard {
     pub fn kill_group(&self) {
         self.signal_group(libc::SIGKILL);
     }
+
+    /// The processes of this guard's group still running (pid, name), read from /proc.
+    pub fn survivors(&self) -> Vec<(i32, String)> {
+        group_members(self.pid)
+    }
+}
+
+/// Running processes of process group `pgid`. A zombie is not counted: it has ended, and only
+/// waits for whoever inherited it to reap it.
+pub fn group_members(pgid: i32) -> Vec<(i32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return vec![] };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // pid (comm) state ppid pgrp ...; comm may hold spaces and parentheses.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(')?.1.to_owned();
+            let mut fields = rest.split_whitespace();
+            let state = fields.next()?;
+            let pgrp: i32 = fields.nth(1)?.parse().ok()?;
+            (pgrp == pgid && state != "Z" && state != "X").then_some((pid, comm))
+        })
+        .collect()
 }
 
 impl Drop for ProcessGuard {
@@ -149,6 +173,31 @@ mod tests {
             Ok(stat) => stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"),
             Err(_) => false,
         }
+    }
+
+    #[tokio::test]
+    async fn survivors_are_the_groups_running_processes() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sleep 30 & sleep 30 & wait"]);
+        let mut guard = ProcessGuard::spawn("sleepers", cmd).unwrap();
+        let mut names = vec![];
+        for _ in 0..100 {
+            names = guard.survivors().into_iter().map(|(_, n)| n).collect::<Vec<_>>();
+            if names.iter().filter(|n| *n == "sleep").count() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        names.sort();
+        assert_eq!(names, ["sh", "sleep", "sleep"]);
+        guard.shutdown(Duration::from_secs(2)).await;
+        for _ in 0..100 {
+            if guard.survivors().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(guard.survivors(), vec![]);
     }
 
     #[tokio::test]

@@ -2,7 +2,6 @@
 //! streamed into the build log, the verdict read from the exchange directory, and everything
 //! torn down in reverse order on every path.
 
-use super::accel::NoKvm;
 use super::process::{describe_status, ProcessGuard, SpawnError};
 use super::qemu::{Export, KernelBoot, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC, VIRTIO_NET};
 use super::qmp::Qmp;
@@ -96,7 +95,6 @@ pub struct SessionConfig {
 
 #[derive(Debug)]
 pub enum RunError {
-    Accel(NoKvm),
     Prepare(String),
     Switch(StartSwitchError),
     Spawn(SpawnError),
@@ -131,6 +129,11 @@ pub enum RunError {
         signal: &'static str,
     },
     State(super::state::StateFileError),
+    /// A process of the session outlived its teardown.
+    Survived {
+        name: String,
+        processes: String,
+    },
     /// The state reader refused the file while streaming it into QEMU.
     StateLoad {
         name: String,
@@ -150,7 +153,6 @@ impl fmt::Display for RunError {
             }
         };
         match self {
-            RunError::Accel(e) => write!(f, "{e}"),
             RunError::Prepare(e) => write!(f, "preparing the VMs: {e}"),
             RunError::Switch(e) => write!(f, "{e}"),
             RunError::Spawn(e) => write!(f, "{e}"),
@@ -180,6 +182,9 @@ impl fmt::Display for RunError {
             }
             RunError::Timeout { secs } => write!(f, "the build exceeded its timeout of {secs} s and was stopped"),
             RunError::State(e) => write!(f, "{e}"),
+            RunError::Survived { name, processes } => {
+                write!(f, "after the session ended, the {name}'s processes were still running: {processes}")
+            }
             RunError::StateLoad { name, reader, detail, log_tail } => {
                 write!(f, "the {name}'s saved state could not be loaded: {reader} (QEMU: {detail})")?;
                 tail(f, &format!("the {name}'s QEMU output"), log_tail)
@@ -536,10 +541,27 @@ async fn run_prepared(cfg: &SessionConfig, files: &Files, progress: &Progress) -
     }
     // The guest has nothing left to do: stop it without a shutdown dance.
     let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&super::qmp::Quit)).await;
-    guest.shutdown(Duration::from_secs(2)).await;
-    ctl.shutdown(Duration::from_secs(2)).await;
-    switch.guard.shutdown(Duration::from_secs(2)).await;
+    // In reverse start order (switch, guest, controller); each group must then be gone.
+    for guard in [&mut ctl, &mut guest, &mut switch.guard] {
+        guard.shutdown(Duration::from_secs(2)).await;
+    }
+    for guard in [&ctl, &guest, &switch.guard] {
+        let name = guard.name().to_owned();
+        super::wait::wait_until(&format!("the {name}'s processes to end"), TEARDOWN_TIMEOUT, || {
+            let left = guard.survivors();
+            async move { left.is_empty().then_some(()) }
+        })
+        .await
+        .map_err(|_| RunError::Survived { name, processes: describe_processes(&guard.survivors()) })?;
+    }
     Ok(verdict)
+}
+
+/// How long a killed process group may take to disappear after teardown.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn describe_processes(ps: &[(i32, String)]) -> String {
+    ps.iter().map(|(pid, name)| format!("{name} (pid {pid})")).collect::<Vec<_>>().join(", ")
 }
 
 /// `run-vm` in the work directory starts the same pair by hand, for `-K` debugging.
