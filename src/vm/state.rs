@@ -154,14 +154,6 @@ pub fn write(path: &Path, header: &StateHeader, input: &mut dyn Read) -> Result<
     Ok(StateInfo { header: header.clone(), payload_offset, payload_len, raw_len, crc32: crc.sum() })
 }
 
-/// Reads the frame and checks the checksum; `wanted` (memory MiB, QEMU version) is compared
-/// with what the file says.
-pub fn validate(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, StateFileError> {
-    let info = inspect(path, wanted)?;
-    verify_checksum(path, &info)?;
-    Ok(info)
-}
-
 /// The frame and the header checked, the payload not read.
 pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, StateFileError> {
     let p = || path.to_path_buf();
@@ -222,26 +214,6 @@ pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, St
         }
     }
     Ok(StateInfo { header, payload_offset, payload_len, raw_len, crc32: expected })
-}
-
-fn verify_checksum(path: &Path, info: &StateInfo) -> Result<(), StateFileError> {
-    let io_err = |what: &'static str| move |source| StateFileError::Io { path: path.to_path_buf(), what, source };
-    let mut f = File::open(path).map_err(io_err("opening"))?;
-    f.seek(SeekFrom::Start(info.payload_offset)).map_err(io_err("seeking"))?;
-    let mut crc = Crc::new();
-    let mut take = f.take(info.payload_len);
-    let mut chunk = vec![0u8; 1 << 20];
-    loop {
-        let n = take.read(&mut chunk).map_err(io_err("reading"))?;
-        if n == 0 {
-            break;
-        }
-        crc.update(&chunk[..n]);
-    }
-    if crc.sum() != info.crc32 {
-        return Err(StateFileError::Checksum { path: path.to_path_buf(), expected: info.crc32, actual: crc.sum() });
-    }
-    Ok(())
 }
 
 /// Streams the decompressed migration stream to `out`, reading the file once: the checksum
@@ -331,7 +303,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         let msg = |b: &[u8], wanted: Option<(u32, &str)>| {
             std::fs::write(&path, b).unwrap();
-            validate(&path, wanted).unwrap_err().to_string()
+            read(&path, wanted, &mut io::sink()).unwrap_err().to_string()
         };
         assert_eq!(
             msg(&bytes[..bytes.len() - 100], None),
@@ -356,7 +328,7 @@ mod tests {
             format!("state file {p} holds a VM with 256 MiB of memory, but 512 MiB were asked for: rebuild the image")
         );
         assert!(msg(&bytes, Some((256, "9.2.0"))).contains("was saved by QEMU 10.0.2 (test), but this is QEMU 9.2.0"));
-        assert!(validate(&d.path().join("missing"), None).unwrap_err().to_string().contains("opening"));
+        assert!(read(&d.path().join("missing"), None, &mut io::sink()).unwrap_err().to_string().contains("opening"));
     }
 
     /// The one reading pass never hands QEMU the end of a stream that fails its checks.
