@@ -34,8 +34,9 @@
 # evaluation time without network.
 #
 # The setup.ini reader below is a small re-implementation of the Rust parser in
-# src/guest/windows/cygwin.rs, which is the reference (its tests in src/guest/windows/media.rs
-# check that both give the same closure for tests/fixtures/setup.ini). It reads, for the current
+# src/guest/windows/cygwin.rs, which is the reference (the tests in
+# src/guest/windows/media/repo.rs check that both give the same closure for
+# tests/fixtures/setup.ini). It reads, for the current
 # (unlabelled or [curr]) version of each package: category, requires, depends2, provides and
 # install. Dependencies are `depends2` when present, else `requires`; version constraints in
 # parentheses are dropped; `_windows` is satisfied by Windows itself; a name that is no package

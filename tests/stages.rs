@@ -224,7 +224,7 @@ fn windows_media_builds_offline_without_the_iso() {
         &tmp.path().join("r"),
     );
     let media = built(&o);
-    for f in ["autounattend.xml", "answer.img", "cygwin.img", "README.txt", "meta.json", "vmlinuz", "key", "key.pub"] {
+    for f in ["autounattend.xml", "answer.img", "cygwin.img", "README.txt", "media.json", "vmlinuz", "key", "key.pub"] {
         assert!(media.join(f).exists(), "{f} missing in {}", media.display());
     }
     let xml = std::fs::read_to_string(media.join("autounattend.xml")).unwrap();
@@ -276,7 +276,7 @@ fn windows_install_stage_refuses_incomplete_media_and_uefi_and_times_out_cleanly
     std::fs::write(&iso, vec![0u8; 1 << 20]).unwrap();
     let run = |media: &Path, spec_extra: &str, name: &str| {
         let meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(media.join("meta.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(media.join("media.json")).unwrap()).unwrap();
         assert_eq!(meta["edition"], "Windows 11 Pro");
         Command::new(builder())
             .arg("install")

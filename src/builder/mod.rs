@@ -5,7 +5,7 @@ pub mod stages;
 
 use crate::controller::agent::AgentError;
 use crate::guest::standin::StandinError;
-use crate::guest::windows::install_media::MediaError;
+use crate::guest::windows::media::MediaError;
 use crate::initramfs::linux::LinuxInitError;
 use crate::spec;
 use crate::tools::MissingTool;

@@ -8,7 +8,7 @@
 
 use super::{io, BuilderError};
 use crate::guest::standin;
-use crate::guest::windows::{self, install_media};
+use crate::guest::windows;
 use crate::shell;
 use crate::spec::{self, Accel, BuildSpec, Guest, ImageSpec};
 use crate::tools::Tools;
@@ -90,10 +90,10 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     let controller = crate::controller::initramfs(&tools.busybox, &modules)?;
     write_initrd(&controller, &out.join(CONTROLLER_IMG))?;
     if let (Guest::Windows, Some(opts)) = (spec.guest, &spec.windows) {
-        let media_tools = install_media::MediaTools::find()?;
+        let media_tools = windows::media::MediaTools::find()?;
         let repo = std::env::var_os("cygwinRepo").map(PathBuf::from);
         let summary =
-            install_media::build_media(opts, spec.disk_size_mib, &pubkey, repo.as_deref(), &out, &media_tools)?;
+            windows::media::build_media(opts, spec.disk_size_mib, &pubkey, repo.as_deref(), &out, &media_tools)?;
         progress.say(&format!(
             "windows media ready: autounattend.xml for '{}', answer.img, cygwin.img ({})",
             opts.edition,
@@ -148,9 +148,9 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
                 ));
             }
             // Media without Cygwin packages are refused with the way to add them.
-            install_media::ensure_ready_for_install(&media)?;
+            windows::media::ensure_ready_for_install(&media)?;
             let iso = env_path("iso")?;
-            let mut args = install_media::install_drive_args(&media, &iso, &disk);
+            let mut args = windows::media::install_drive_args(&media, &iso, &disk);
             args.extend(windows_devices());
             // Setup reboots several times; the bootstrap powers off at the very end. The card
             // is there, in the slot of the later stages, for the static address to bind to.

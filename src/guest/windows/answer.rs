@@ -1,15 +1,14 @@
 //! `autounattend.xml`: the answer file that takes Windows Setup from the first boot of the
 //! installer to an Administrator logon that installs Cygwin, with no prompt on the way.
 
-use super::scripts::INSTALL_MARKER_PREFIX;
-use super::{media, WindowsOptions, CYGWIN_ROOT, GUEST_IP, NETWORK_PREFIX_LEN, SSH_USER};
+use super::media::names;
+use super::{
+    WindowsOptions, CYGWIN_ROOT, FIREWALL_RULE_NAME, FIRST_NIC_ALIAS, GUEST_IP, INSTALL_MARKER_PREFIX,
+    NETWORK_PREFIX_LEN, SSH_USER,
+};
 
 /// NetBIOS names are at most 15 characters; the name only matters to humans reading logs.
 pub const COMPUTER_NAME: &str = "NIX-WINVM";
-/// The alias Windows 8 and later give the first wired adapter.
-pub const FIRST_NIC_ALIAS: &str = "Ethernet";
-/// No spaces: the name passes through Cygwin's and netsh's quoting unharmed.
-pub const FIREWALL_RULE_NAME: &str = "nix-winvm-sshd";
 
 /// Windows Setup limits a RunSynchronous `Path` to 259 characters.
 const MAX_RUN_SYNCHRONOUS_PATH: usize = 259;
@@ -349,8 +348,8 @@ fn oobe_system_pass(xml: &mut XmlWriter, opts: &WindowsOptions) {
 /// powers the VM off. The last two commands only matter when that chain broke early: they leave
 /// a line in the serial log for the host and end the install stage instead of idling.
 pub fn first_logon_commands() -> Vec<(String, String)> {
-    let marker = media::MARKER;
-    let install = media::INSTALL_CMD;
+    let marker = names::MARKER;
+    let install = names::INSTALL_CMD;
     vec![
         (
             "Install Cygwin from the medium holding the marker, then run the bootstrap".to_string(),

@@ -3,12 +3,14 @@
 //! Nothing here starts a VM or talks to Nix. The media stage assembles these pieces:
 //! - a floppy ([`fat::fat12_floppy`]) holding `autounattend.xml` ([`answer::autounattend_xml`]),
 //!   which Windows Setup finds on its own by searching the roots of removable media;
-//! - a second, larger medium whose root holds [`media::MARKER`], [`media::INSTALL_CMD`]
-//!   ([`scripts::install_cmd`]), [`media::BOOTSTRAP_SH`] ([`scripts::bootstrap_sh`]),
-//!   [`media::CYGWIN_SETUP_EXE`] and the offline Cygwin repository under
-//!   [`media::CYGWIN_PACKAGES_DIR`] ([`cygwin::local_repo_layout`], with setup.ini at
-//!   [`cygwin::LOCAL_SETUP_INI`]). Its file system must keep long names (an ISO with Joliet,
-//!   or VFAT): Cygwin's archive names are not 8.3.
+//! - a second, larger medium whose root holds [`media::names::MARKER`],
+//!   [`media::names::INSTALL_CMD`] ([`scripts::install_cmd`]), [`media::names::BOOTSTRAP_SH`]
+//!   ([`scripts::bootstrap_sh`]), [`media::names::CYGWIN_SETUP_EXE`] and the offline Cygwin
+//!   repository under [`media::names::CYGWIN_PACKAGES_DIR`] ([`cygwin::local_repo_layout`], with
+//!   setup.ini at [`cygwin::LOCAL_SETUP_INI`]). Its file system must keep long names (an ISO
+//!   with Joliet, or VFAT): Cygwin's archive names are not 8.3.
+//!
+//! [`media::build_media`] writes both, and the rest of the media stage's output.
 //!
 //! The generators take options that passed [`WindowsOptions::validate`]; they still escape
 //! every user value for the language they write, so unvalidated input cannot break the
@@ -21,8 +23,7 @@ use serde::{Deserialize, Serialize};
 pub mod answer;
 pub mod cygwin;
 pub mod fat;
-#[path = "media.rs"]
-pub mod install_media; // media.rs: the inline `media` module below holds the names
+pub mod media;
 pub mod scripts;
 
 /// SSH_USER is the built-in "Administrator": Setup enables that account by itself only when the
@@ -43,15 +44,14 @@ pub const MIN_DISK_SIZE_MIB: u64 = 32_768;
 /// Windows Server enforces password complexity; the default has to pass it.
 pub const DEFAULT_ADMIN_PASSWORD: &str = "Nix-WinVM-2010";
 
-/// Names on the second install medium. Shared by the answer file (which finds the medium by
-/// [`media::MARKER`]) and the scripts (which find their siblings next to themselves).
-pub mod media {
-    pub const MARKER: &str = "nix-winvm-cygwin.marker";
-    pub const INSTALL_CMD: &str = "install.cmd";
-    pub const BOOTSTRAP_SH: &str = "bootstrap.sh";
-    pub const CYGWIN_SETUP_EXE: &str = "setup-x86_64.exe";
-    pub const CYGWIN_PACKAGES_DIR: &str = "cygwin-packages";
-}
+// Names the answer file and the scripts both write: here, so neither imports the other.
+
+/// Every line the install writes to the serial console starts with this; the host reads them.
+pub const INSTALL_MARKER_PREFIX: &str = "nix-winvm-install:";
+/// The alias Windows 8 and later give the first wired adapter.
+pub const FIRST_NIC_ALIAS: &str = "Ethernet";
+/// No spaces: the name passes through Cygwin's and netsh's quoting unharmed.
+pub const FIREWALL_RULE_NAME: &str = "nix-winvm-sshd";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

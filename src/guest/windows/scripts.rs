@@ -7,9 +7,12 @@
 //! without that line as a failed install and shows the serial log.
 
 use super::cygwin::REQUIRED_PACKAGES;
-use super::{media, WindowsOptions, CONTROLLER_IP, CYGWIN_ROOT, GUEST_IP, NETWORK_MASK, NETWORK_PREFIX_LEN};
+use super::media::names;
+use super::{
+    WindowsOptions, CONTROLLER_IP, CYGWIN_ROOT, FIREWALL_RULE_NAME, FIRST_NIC_ALIAS, GUEST_IP, INSTALL_MARKER_PREFIX,
+    NETWORK_MASK, NETWORK_PREFIX_LEN,
+};
 
-pub const INSTALL_MARKER_PREFIX: &str = "nix-winvm-install:";
 pub const INSTALL_OK_LINE: &str = "nix-winvm-install: ok";
 
 /// Where install.cmd keeps its log and its copy of the Cygwin packages.
@@ -140,8 +143,8 @@ run_install_command() {{
     bash -c "$command" </dev/null || fail "install command $index exited with status $?"
 }}
 "#,
-        rule = super::answer::FIREWALL_RULE_NAME,
-        nic = super::answer::FIRST_NIC_ALIAS,
+        rule = FIREWALL_RULE_NAME,
+        nic = FIRST_NIC_ALIAS,
     ));
     for (index, command) in opts.install_commands.iter().enumerate() {
         // The command is data here; its own `$` and backquotes are for the inner bash.
@@ -208,9 +211,9 @@ pub fn install_cmd(opts: &WindowsOptions) -> String {
     packages.dedup();
     let package_list = packages.iter().map(|name| cmd_escape(name)).collect::<Vec<_>>().join(",");
     let work = INSTALL_WORK_DIR;
-    let packages_dir = media::CYGWIN_PACKAGES_DIR;
-    let setup_exe = media::CYGWIN_SETUP_EXE;
-    let bootstrap = media::BOOTSTRAP_SH;
+    let packages_dir = names::CYGWIN_PACKAGES_DIR;
+    let setup_exe = names::CYGWIN_SETUP_EXE;
+    let bootstrap = names::BOOTSTRAP_SH;
     let bootstrap_in_cygwin = BOOTSTRAP_PATH_IN_CYGWIN;
     let bootstrap_dir_windows = format!(r"{CYGWIN_ROOT}\etc\nix-winvm");
     let prefix = INSTALL_MARKER_PREFIX;

@@ -1,0 +1,626 @@
+//! The Windows guest's install media, as the media stage writes them into its output:
+//!
+//! | file | what |
+//! | --- | --- |
+//! | `autounattend.xml` | the answer file ([`answer::autounattend_xml`]) |
+//! | `answer.img` | a 1.44 MB FAT12 floppy holding only `autounattend.xml` ([`fat::fat12_floppy`]) |
+//! | `cygwin.img` | a raw disk: MBR, one FAT16/FAT32 partition at 1 MiB holding the marker, `install.cmd`, `bootstrap.sh`, `map-shares.sh` and, given a Cygwin repository, `setup-x86_64.exe` + `cygwin-packages/` |
+//! | `install.cmd`, `bootstrap.sh`, `map-shares.sh` | the scripts, also as plain files: to read, and for the suspend stage, which runs `map-shares.sh` over SSH |
+//! | `media.json` | [`MediaSummary`] (not the image's `meta.json`, which the suspend stage writes) |
+//! | `README.txt` | what these files are, and what is missing |
+//!
+//! This module assembles them and is what the stages call. The pieces: [`names`], the names on
+//! `cygwin.img` the answer file and scripts rely on; `repo`, the check of a Cygwin repository;
+//! `disk`, `cygwin.img` through mtools; `readme`, the text of `README.txt`.
+//!
+//! The media are built even without a Cygwin repository, so the answer file and scripts can be
+//! inspected offline; the summary records the gap and [`ensure_ready_for_install`] refuses
+//! such media. A given repository is checked before anything is written, so a missing or
+//! corrupt archive fails here rather than an hour into a Windows install.
+//!
+//! [`install_drive_args`] gives the QEMU storage devices the install stage attaches.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::cygwin::{ClosureError, SetupIniError, REQUIRED_PACKAGES};
+use super::fat::{self, FatError};
+use super::{answer, scripts, WindowsOptions, WindowsOptionsError, DEFAULT_ADMIN_PASSWORD};
+use crate::spec::{WindowsImageOptions, WINDOWS_DISK_SIZE_MIB};
+use crate::tools::{self, MissingTool};
+use disk::{build_fat_disk, FatContent};
+use readme::readme_text;
+use repo::inspect_repo;
+
+mod disk;
+pub mod names;
+mod readme;
+mod repo;
+#[cfg(test)]
+mod test_util;
+
+pub const AUTOUNATTEND_XML: &str = "autounattend.xml";
+pub const ANSWER_IMG: &str = "answer.img";
+pub const CYGWIN_IMG: &str = "cygwin.img";
+pub const MAP_SHARES_SH: &str = "map-shares.sh";
+/// The [`MediaSummary`]; named apart from the image's `meta.json`, a different record.
+pub const MEDIA_JSON: &str = "media.json";
+pub const README_TXT: &str = "README.txt";
+
+/// Bumped when the layout of the media changes.
+pub const MEDIA_FORMAT: u32 = 1;
+pub const ANSWER_LABEL: &str = "NIXANSWER";
+pub const CYGWIN_LABEL: &str = "NIXCYGWIN";
+/// 2010-01-01 00:00 UTC, the guest's clock base and the floppy's file date: every FAT entry
+/// mtools writes gets this time.
+pub const SOURCE_DATE_EPOCH: u64 = 1_262_304_000;
+/// The FAT partition of `cygwin.img` starts at 1 MiB, where Windows' own tools put it.
+pub const PARTITION_OFFSET: u64 = 1 << 20;
+
+/// The programs the media stage runs; find them with [`MediaTools::find`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaTools {
+    pub mformat: PathBuf,
+    pub mmd: PathBuf,
+    pub mcopy: PathBuf,
+    /// Checks the archives' SHA-512; without it only their sizes are checked.
+    pub sha512sum: Option<PathBuf>,
+}
+
+impl MediaTools {
+    pub fn find() -> Result<MediaTools, MissingTool> {
+        Ok(MediaTools {
+            mformat: tools::find("mformat")?,
+            mmd: tools::find("mmd")?,
+            mcopy: tools::find("mcopy")?,
+            sha512sum: tools::find("sha512sum").ok(),
+        })
+    }
+}
+
+/// What [`build_media`] wrote; also `media.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MediaSummary {
+    pub format: u32,
+    pub edition: String,
+    pub efi: bool,
+    pub locale: String,
+    pub product_key_given: bool,
+    /// Windows 11's TPM/Secure Boot/CPU checks are switched off by the answer file.
+    pub hardware_check_bypass: bool,
+    pub install_commands: usize,
+    /// What install.cmd asks Cygwin's setup for (setup adds the Base category itself).
+    pub requested_packages: Vec<String>,
+    pub cygwin_packages_present: bool,
+    /// The packages the install needs, dependencies included, all present on `cygwin.img`.
+    /// Empty when no repository was given.
+    pub cygwin_closure: Vec<String>,
+    pub cygwin_archive_bytes: u64,
+    /// Whether the archives' SHA-512 were compared with setup.ini (sizes always are).
+    pub cygwin_hashes_checked: bool,
+    pub cygwin_image_bytes: u64,
+    /// "FAT16" or "FAT32"
+    pub cygwin_filesystem: String,
+    /// The files written into the output, sorted.
+    pub files: Vec<String>,
+}
+
+#[derive(Debug)]
+pub enum MediaError {
+    InvalidOptions(WindowsOptionsError),
+    InvalidAuthorizedKey { reason: &'static str },
+    Write { path: PathBuf, source: io::Error },
+    Read { path: PathBuf, source: io::Error },
+    Floppy(FatError),
+    RepoMissing { path: PathBuf, what: &'static str },
+    SetupIni { path: PathBuf, error: SetupIniError },
+    Closure { setup_ini: PathBuf, error: ClosureError },
+    ArchiveMissing { package: String, path: PathBuf },
+    ArchiveSize { package: String, path: PathBuf, expected: u64, found: u64 },
+    ArchiveHash { package: String, path: PathBuf, expected: String, found: String },
+    NotOnFat { path: PathBuf, reason: &'static str },
+    ToolStart { tool: PathBuf, source: io::Error },
+    ToolFailed { tool: PathBuf, args: String, status: String, stderr: String },
+    ToolOutput { tool: PathBuf, detail: String },
+    Summary { path: PathBuf, detail: String },
+    CygwinPackagesMissing { media: PathBuf },
+}
+
+impl fmt::Display for MediaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use MediaError as E;
+        match self {
+            E::InvalidOptions(error) => write!(f, "windows image options: {error}"),
+            E::InvalidAuthorizedKey { reason } => write!(f, "the SSH public key for the guest {reason}"),
+            E::Write { path, source } => write!(f, "writing {}: {source}", path.display()),
+            E::Read { path, source } => write!(f, "reading {}: {source}", path.display()),
+            E::Floppy(error) => write!(f, "building {ANSWER_IMG}: {error}"),
+            E::RepoMissing { path, what } => write!(
+                f,
+                "the Cygwin repository (cygwinRepo) has no {what} at {}; build it with nix/cygwin.nix \
+                 (see docs/WINDOWS.md)",
+                path.display()
+            ),
+            E::SetupIni { path, error } => write!(f, "{}: {error}", path.display()),
+            E::Closure { setup_ini, error } => write!(f, "{error} ({})", setup_ini.display()),
+            E::ArchiveMissing { package, path } => write!(
+                f,
+                "the Cygwin repository lacks the archive of package '{package}' ({}); build cygwinRepo \
+                 with the same packages as the image's cygwinPackages",
+                path.display()
+            ),
+            E::ArchiveSize { package, path, expected, found } => write!(
+                f,
+                "the archive of cygwin package '{package}' ({}) has {found} bytes, setup.ini says {expected}",
+                path.display()
+            ),
+            E::ArchiveHash { package, path, expected, found } => write!(
+                f,
+                "the archive of cygwin package '{package}' ({}) has SHA-512 {found}, setup.ini says {expected}",
+                path.display()
+            ),
+            E::NotOnFat { path, reason } => write!(f, "{} cannot go on a FAT file system: {reason}", path.display()),
+            E::ToolStart { tool, source } => write!(f, "cannot run {}: {source}", tool.display()),
+            E::ToolFailed { tool, args, status, stderr } => {
+                write!(f, "{} {args} failed ({status})", tool.display())?;
+                if !stderr.trim().is_empty() {
+                    write!(f, ": {}", stderr.trim())?;
+                }
+                Ok(())
+            }
+            E::ToolOutput { tool, detail } => write!(f, "unexpected output from {}: {detail}", tool.display()),
+            E::Summary { path, detail } => {
+                write!(f, "{} is not the summary of nix-winvm Windows media: {detail}", path.display())
+            }
+            E::CygwinPackagesMissing { media } => write!(
+                f,
+                "the install media {} hold no Cygwin packages, so the install cannot run: build a local \
+                 package directory with nix/cygwin.nix and pass it as cygwinRepo to builtins.windowsImage \
+                 (see docs/WINDOWS.md)",
+                media.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MediaError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            MediaError::InvalidOptions(error) => Some(error),
+            MediaError::Floppy(error) => Some(error),
+            MediaError::SetupIni { error, .. } => Some(error),
+            MediaError::Closure { error, .. } => Some(error),
+            MediaError::Write { source, .. }
+            | MediaError::Read { source, .. }
+            | MediaError::ToolStart { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The generators' options for an image. The admin password is [`DEFAULT_ADMIN_PASSWORD`]:
+/// the controller logs in with the image's key, never with the password.
+pub fn windows_options(opts: &WindowsImageOptions, disk_size_mib: u64) -> WindowsOptions {
+    WindowsOptions {
+        edition: opts.edition.clone(),
+        product_key: opts.product_key.clone(),
+        locale: opts.locale.clone(),
+        disk_size_mib,
+        efi: opts.efi,
+        cygwin_packages: opts.cygwin_packages.clone(),
+        install_commands: opts.install_commands.clone(),
+        admin_password: DEFAULT_ADMIN_PASSWORD.to_string(),
+    }
+}
+
+/// With the default disk size; use [`windows_options`] to carry the image's own.
+impl From<&WindowsImageOptions> for WindowsOptions {
+    fn from(opts: &WindowsImageOptions) -> WindowsOptions {
+        windows_options(opts, WINDOWS_DISK_SIZE_MIB)
+    }
+}
+
+/// Writes the media into `out`, which exists. `disk_size_mib` is the image's disk size (the
+/// options are validated with it: Windows needs 32 GiB); `authorized_key` is the public key
+/// the controller logs in with, one line; `cygwin_repo` is the local package directory
+/// (`setup-x86_64.exe` and `cygwin-packages/`, as nix/cygwin.nix builds it).
+pub fn build_media(
+    opts: &WindowsImageOptions,
+    disk_size_mib: u64,
+    authorized_key: &str,
+    cygwin_repo: Option<&Path>,
+    out: &Path,
+    tools: &MediaTools,
+) -> Result<MediaSummary, MediaError> {
+    let wopts = windows_options(opts, disk_size_mib);
+    wopts.validate().map_err(MediaError::InvalidOptions)?;
+    let key = single_line_key(authorized_key)?;
+    // Checked first: a bad repository should fail before anything is written.
+    let repo = cygwin_repo.map(|root| inspect_repo(root, &wopts, tools)).transpose()?;
+
+    let mut files = Vec::new();
+    let mut write = |name: &str, bytes: &[u8]| -> Result<PathBuf, MediaError> {
+        let path = out.join(name);
+        fs::write(&path, bytes).map_err(|source| MediaError::Write { path: path.clone(), source })?;
+        files.push(name.to_string());
+        Ok(path)
+    };
+
+    let xml = answer::autounattend_xml(&wopts);
+    write(AUTOUNATTEND_XML, xml.as_bytes())?;
+    let floppy = fat::fat12_floppy(ANSWER_LABEL, &[(AUTOUNATTEND_XML, xml.as_bytes())]).map_err(MediaError::Floppy)?;
+    write(ANSWER_IMG, &floppy)?;
+    let install_cmd = write(names::INSTALL_CMD, scripts::install_cmd(&wopts).as_bytes())?;
+    let bootstrap = write(names::BOOTSTRAP_SH, scripts::bootstrap_sh(key, &wopts).as_bytes())?;
+    let map_shares = write(MAP_SHARES_SH, scripts::map_shares_sh().as_bytes())?;
+
+    // The marker only belongs on the medium; it is written to a scratch directory.
+    let scratch = tempfile::Builder::new()
+        .prefix("winvm-media")
+        .tempdir()
+        .map_err(|source| MediaError::Write { path: std::env::temp_dir(), source })?;
+    let marker = scratch.path().join(names::MARKER);
+    fs::write(&marker, "nix-winvm: the Cygwin install medium. The answer file runs install.cmd from here.\r\n")
+        .map_err(|source| MediaError::Write { path: marker.clone(), source })?;
+
+    let mut content = FatContent::default();
+    for source in [&marker, &install_cmd, &bootstrap, &map_shares] {
+        content.add_file("", source)?;
+    }
+    if let Some(repo) = &repo {
+        content.add_file("", &repo.root.join(names::CYGWIN_SETUP_EXE))?;
+        content.add_tree(&repo.root, names::CYGWIN_PACKAGES_DIR)?;
+    }
+    let image_path = out.join(CYGWIN_IMG);
+    let image = build_fat_disk(tools, &image_path, CYGWIN_LABEL, &content)?;
+    files.push(CYGWIN_IMG.to_string());
+
+    let mut requested: Vec<String> = REQUIRED_PACKAGES.iter().map(|name| name.to_string()).collect();
+    requested.extend(wopts.cygwin_packages.iter().cloned());
+    requested.sort();
+    requested.dedup();
+    files.push(MEDIA_JSON.to_string());
+    files.push(README_TXT.to_string());
+    files.sort();
+    let summary = MediaSummary {
+        format: MEDIA_FORMAT,
+        edition: wopts.edition.clone(),
+        efi: wopts.efi,
+        locale: wopts.locale.clone(),
+        product_key_given: wopts.product_key.is_some(),
+        hardware_check_bypass: wopts.needs_hardware_check_bypass(),
+        install_commands: wopts.install_commands.len(),
+        requested_packages: requested,
+        cygwin_packages_present: repo.is_some(),
+        cygwin_closure: repo.as_ref().map(|r| r.closure.clone()).unwrap_or_default(),
+        cygwin_archive_bytes: repo.as_ref().map_or(0, |r| r.archive_bytes),
+        cygwin_hashes_checked: repo.as_ref().is_some_and(|r| r.hashes_checked),
+        cygwin_image_bytes: image.bytes,
+        cygwin_filesystem: image.filesystem.to_string(),
+        files,
+    };
+    let summary_path = out.join(MEDIA_JSON);
+    let json = serde_json::to_string_pretty(&summary)
+        .map_err(|e| MediaError::Write { path: summary_path.clone(), source: io::Error::other(e) })?;
+    fs::write(&summary_path, json + "\n").map_err(|source| MediaError::Write { path: summary_path.clone(), source })?;
+    let readme = out.join(README_TXT);
+    fs::write(&readme, readme_text(&summary)).map_err(|source| MediaError::Write { path: readme.clone(), source })?;
+    Ok(summary)
+}
+
+/// Reads `media.json` of media built by [`build_media`].
+pub fn read_summary(media: &Path) -> Result<MediaSummary, MediaError> {
+    let path = media.join(MEDIA_JSON);
+    let text = fs::read_to_string(&path).map_err(|source| MediaError::Read { path: path.clone(), source })?;
+    let summary: MediaSummary =
+        serde_json::from_str(&text).map_err(|e| MediaError::Summary { path: path.clone(), detail: e.to_string() })?;
+    if summary.format != MEDIA_FORMAT {
+        return Err(MediaError::Summary {
+            path,
+            detail: format!("media format {}, this nix-winvm reads format {MEDIA_FORMAT}", summary.format),
+        });
+    }
+    Ok(summary)
+}
+
+/// For the install stage: the media's summary, or why the install cannot use them.
+pub fn ensure_ready_for_install(media: &Path) -> Result<MediaSummary, MediaError> {
+    let summary = read_summary(media)?;
+    if !summary.cygwin_packages_present {
+        return Err(MediaError::CygwinPackagesMissing { media: media.to_path_buf() });
+    }
+    for name in [ANSWER_IMG, CYGWIN_IMG] {
+        let path = media.join(name);
+        fs::metadata(&path).map_err(|source| MediaError::Read { path, source })?;
+    }
+    Ok(summary)
+}
+
+/// The QEMU storage arguments of the install stage (`-machine q35`): the blank system disk on
+/// AHCI port 0, so Windows numbers it disk 0, the disk the answer file wipes and installs to;
+/// the ISO as a CD on port 1; `cygwin.img` on port 2 with `snapshot=on` (QEMU's IDE disks
+/// refuse read-only images, and the guest's writes must not reach the store); `answer.img` on
+/// a floppy drive, a removable medium whose root Setup searches for autounattend.xml. Boot
+/// order: the system disk (blank at first, so the firmware moves on), then the CD; later
+/// reboots boot the installed disk, never the CD again. Under UEFI the CD's boot loader asks
+/// for a key press on the first boot; the caller has to send one (QMP `send-key`).
+/// The suspend and build stages must attach the system disk the same way (AHCI, port 0):
+/// Windows boots only from the storage controller it was installed on. Not yet tried with
+/// real Windows media.
+pub fn install_drive_args(media: &Path, iso: &Path, system_disk: &Path) -> Vec<OsString> {
+    let drive = |id: &str, file: &Path, options: &str| -> [OsString; 2] {
+        let mut value = OsString::from(format!("if=none,id={id},file="));
+        value.push(qemu_escape(file.as_os_str()));
+        value.push(format!(",{options}"));
+        ["-drive".into(), value]
+    };
+    let device = |value: &str| -> [OsString; 2] { ["-device".into(), value.into()] };
+    let mut args = Vec::new();
+    args.extend(drive("winvm-system", system_disk, "format=qcow2,cache=writeback"));
+    args.extend(device("ide-hd,drive=winvm-system,bus=ide.0,bootindex=0"));
+    args.extend(drive("winvm-iso", iso, "format=raw,media=cdrom,readonly=on"));
+    args.extend(device("ide-cd,drive=winvm-iso,bus=ide.1,bootindex=1"));
+    args.extend(drive("winvm-cygwin", &media.join(CYGWIN_IMG), "format=raw,snapshot=on"));
+    args.extend(device("ide-hd,drive=winvm-cygwin,bus=ide.2"));
+    args.extend(drive("winvm-answer", &media.join(ANSWER_IMG), "format=raw,readonly=on"));
+    args.extend(device("isa-fdc,id=winvm-fdc"));
+    args.extend(device("floppy,drive=winvm-answer,bus=winvm-fdc.0"));
+    args.extend(["-boot".into(), "strict=on".into()]);
+    args
+}
+
+/// QEMU's option syntax doubles a comma inside a value.
+fn qemu_escape(value: &OsStr) -> OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let mut bytes = Vec::with_capacity(value.len());
+    for &byte in value.as_bytes() {
+        bytes.push(byte);
+        if byte == b',' {
+            bytes.push(b',');
+        }
+    }
+    OsString::from_vec(bytes)
+}
+
+fn single_line_key(key: &str) -> Result<&str, MediaError> {
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(MediaError::InvalidAuthorizedKey { reason: "is empty" });
+    }
+    if key.contains(['\n', '\r', '\0']) {
+        return Err(MediaError::InvalidAuthorizedKey { reason: "is more than one line" });
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+
+    use super::test_util::*;
+    use super::*;
+    use crate::guest::windows::cygwin::LOCAL_SETUP_INI;
+    use crate::guest::windows::test_util::tool_available;
+
+    fn compact(xml: &str) -> String {
+        xml.lines().map(str::trim).collect()
+    }
+
+    #[test]
+    fn options_convert_with_the_default_password() {
+        let mut image = image_options("Windows 11 Pro", true, &["make"]);
+        image.product_key = Some("W269N-WFGWX-YVC9B-4J6C9-T83GX".into());
+        image.locale = "de-DE".into();
+        let opts = windows_options(&image, 40_000);
+        assert_eq!(opts.edition, "Windows 11 Pro");
+        assert_eq!(opts.product_key.as_deref(), Some("W269N-WFGWX-YVC9B-4J6C9-T83GX"));
+        assert_eq!(opts.locale, "de-DE");
+        assert!(opts.efi);
+        assert_eq!(opts.cygwin_packages, ["make"]);
+        assert_eq!(opts.install_commands, ["echo hello"]);
+        assert_eq!(opts.disk_size_mib, 40_000);
+        assert_eq!(opts.admin_password, DEFAULT_ADMIN_PASSWORD);
+        assert_eq!(WindowsOptions::from(&image).disk_size_mib, WINDOWS_DISK_SIZE_MIB);
+        assert_eq!(opts.validate(), Ok(()));
+    }
+
+    #[test]
+    fn media_without_a_repository_are_built_and_marked_incomplete() {
+        let Some(tools) = tools() else { return };
+        let out = tempfile::tempdir().expect("temp dir");
+        let opts = image_options("Windows 11 Pro", true, &["make"]);
+        let summary = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect("media");
+        assert!(!summary.cygwin_packages_present);
+        assert!(summary.cygwin_closure.is_empty());
+        assert_eq!(summary.requested_packages, ["cygrunsrv", "make", "openssh"]);
+        assert_eq!(summary.cygwin_filesystem, "FAT16");
+        assert!(summary.hardware_check_bypass && summary.efi);
+        assert_eq!(read_summary(out.path()).expect("media.json"), summary);
+        let mut on_disk: Vec<String> = fs::read_dir(out.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        on_disk.sort();
+        assert_eq!(on_disk, summary.files);
+
+        let readme = fs::read_to_string(out.path().join(README_TXT)).expect("README");
+        assert!(readme.starts_with("!! THE CYGWIN PACKAGES ARE MISSING"), "{readme}");
+        assert!(readme.contains("nix/cygwin.nix") && readme.contains("cygwinRepo"));
+        let err = ensure_ready_for_install(out.path()).expect_err("no packages");
+        assert!(matches!(err, MediaError::CygwinPackagesMissing { .. }));
+        assert!(err.to_string().contains("pass it as cygwinRepo to builtins.windowsImage"), "{err}");
+
+        // The answer file matches the options, and the floppy holds exactly it.
+        let xml = fs::read_to_string(out.path().join(AUTOUNATTEND_XML)).expect("xml");
+        let compact_xml = compact(&xml);
+        assert!(compact_xml.contains("<Key>/IMAGE/NAME</Key><Value>Windows 11 Pro</Value>"));
+        assert!(compact_xml.contains("<Type>EFI</Type>"));
+        assert!(compact_xml.contains("LabConfig"));
+        if !tool_available("mdir") || !tool_available("mtype") {
+            return;
+        }
+        let floppy = out.path().join(ANSWER_IMG).display().to_string();
+        assert_eq!(listing(&floppy), ["::/autounattend.xml"]);
+        assert_eq!(mtype(&floppy, AUTOUNATTEND_XML), xml.as_bytes());
+
+        let image = cygwin_target(out.path());
+        assert_eq!(
+            listing(&image),
+            ["::/bootstrap.sh", "::/install.cmd", "::/map-shares.sh", "::/nix-winvm-cygwin.marker"]
+        );
+        let bootstrap = String::from_utf8(mtype(&image, names::BOOTSTRAP_SH)).expect("utf-8");
+        assert!(bootstrap.contains(KEY.trim()), "authorized key on the medium");
+        assert_eq!(bootstrap.as_bytes(), fs::read(out.path().join(names::BOOTSTRAP_SH)).expect("bootstrap"));
+        let install = mtype(&image, names::INSTALL_CMD);
+        assert_eq!(install, fs::read(out.path().join(names::INSTALL_CMD)).expect("install.cmd"));
+        assert!(String::from_utf8_lossy(&install).contains("--packages cygrunsrv,make,openssh "));
+        assert_eq!(mtype(&image, MAP_SHARES_SH), scripts::map_shares_sh().as_bytes());
+    }
+
+    #[test]
+    fn media_with_the_fixture_repository_hold_every_file() {
+        let Some(tools) = tools() else { return };
+        let out = tempfile::tempdir().expect("temp dir");
+        let opts = image_options("Windows 10 Pro", false, &["make"]);
+        let repo = fixture_repo();
+        let summary = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(&repo), out.path(), &tools).expect("media");
+        assert!(summary.cygwin_packages_present);
+        assert_eq!(
+            summary.cygwin_closure,
+            ["base-cygwin", "bash", "cygrunsrv", "cygwin", "libintl8", "make", "openssh", "terminfo", "zlib0"]
+        );
+        assert_eq!(summary.cygwin_hashes_checked, tools.sha512sum.is_some());
+        assert!(summary.cygwin_archive_bytes > 0);
+        assert_eq!(ensure_ready_for_install(out.path()).expect("ready"), summary);
+        let readme = fs::read_to_string(out.path().join(README_TXT)).expect("README");
+        assert!(!readme.contains("MISSING") && readme.contains("make openssh"), "{readme}");
+
+        let xml = compact(&fs::read_to_string(out.path().join(AUTOUNATTEND_XML)).expect("xml"));
+        assert!(xml.contains("<Value>Windows 10 Pro</Value>"));
+        assert!(!xml.contains("<Type>EFI</Type>") && xml.contains("<Active>true</Active>"));
+        assert!(!xml.contains("LabConfig"));
+
+        if !tool_available("mdir") || !tool_available("mtype") {
+            return;
+        }
+        let image = cygwin_target(out.path());
+        let listed = listing(&image);
+        let mut expected: Vec<String> = ["bootstrap.sh", "install.cmd", "map-shares.sh", "nix-winvm-cygwin.marker"]
+            .iter()
+            .map(|f| format!("::/{f}"))
+            .collect();
+        let mut repo_files = Vec::new();
+        collect_files(&repo, &repo, &mut repo_files);
+        for rel in &repo_files {
+            expected.push(format!("::/{rel}"));
+            let parts: Vec<&str> = rel.split('/').collect();
+            for depth in 1..parts.len() {
+                expected.push(format!("::/{}", parts[..depth].join("/")));
+            }
+        }
+        expected.sort();
+        expected.dedup();
+        assert_eq!(listed, expected);
+        for rel in &repo_files {
+            assert_eq!(mtype(&image, rel), fs::read(repo.join(rel)).expect("fixture"), "{rel}");
+        }
+        assert!(repo_files.contains(&"setup-x86_64.exe".to_string()));
+        assert!(repo_files.contains(&format!("cygwin-packages/{LOCAL_SETUP_INI}")));
+    }
+
+    #[test]
+    fn a_repository_of_symlinks_gives_the_same_image() {
+        let Some(tools) = tools() else { return };
+        let opts = image_options("Windows 10 Pro", false, &[]);
+        let linked = copy_repo(true);
+        let a = tempfile::tempdir().expect("temp dir");
+        let b = tempfile::tempdir().expect("temp dir");
+        build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(linked.path()), a.path(), &tools).expect("media");
+        build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(&fixture_repo()), b.path(), &tools).expect("media");
+        for name in [CYGWIN_IMG, ANSWER_IMG, MEDIA_JSON, README_TXT, AUTOUNATTEND_XML] {
+            assert!(
+                fs::read(a.path().join(name)).expect("a") == fs::read(b.path().join(name)).expect("b"),
+                "{name} differs: the media are not reproducible"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_options_and_keys_are_refused_before_writing() {
+        let Some(tools) = tools() else { return };
+        let out = tempfile::tempdir().expect("temp dir");
+        let mut opts = image_options("Windows 10 Pro", false, &[]);
+        opts.product_key = Some("12345".into());
+        let err = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect_err("key");
+        assert!(err.to_string().starts_with("windows image options: product key '12345'"), "{err}");
+        let opts = image_options("Windows 10 Pro", false, &[]);
+        let err = build_media(&opts, 1024, KEY, None, out.path(), &tools).expect_err("disk");
+        assert!(matches!(err, MediaError::InvalidOptions(WindowsOptionsError::DiskTooSmall { .. })));
+        let err = build_media(&opts, WINDOWS_DISK_SIZE_MIB, "a\nb", None, out.path(), &tools).expect_err("two lines");
+        assert_eq!(err.to_string(), "the SSH public key for the guest is more than one line");
+        assert!(fs::read_dir(out.path()).expect("list").next().is_none(), "nothing written");
+    }
+
+    #[test]
+    fn missing_tools_are_named() {
+        let tools = MediaTools {
+            mformat: PathBuf::from("/nonexistent/mformat"),
+            mmd: PathBuf::from("/nonexistent/mmd"),
+            mcopy: PathBuf::from("/nonexistent/mcopy"),
+            sha512sum: None,
+        };
+        let out = tempfile::tempdir().expect("temp dir");
+        let opts = image_options("Windows 10 Pro", false, &[]);
+        let err = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect_err("no mformat");
+        assert!(err.to_string().starts_with("cannot run /nonexistent/mformat: "), "{err}");
+    }
+
+    #[test]
+    fn qemu_accepts_the_install_drives() {
+        if !tool_available("qemu-system-x86_64") || !tool_available("qemu-img") {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        // A comma in the path checks the escaping.
+        let media = dir.path().join("media,1");
+        fs::create_dir(&media).expect("mkdir");
+        fs::write(media.join(ANSWER_IMG), vec![0u8; fat::FLOPPY_BYTES]).expect("floppy");
+        fs::write(media.join(CYGWIN_IMG), vec![0u8; 1 << 20]).expect("disk");
+        let iso = dir.path().join("win.iso");
+        fs::write(&iso, vec![0u8; 1 << 20]).expect("iso");
+        let disk = dir.path().join("disk.qcow2");
+        let status = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg("64M").status();
+        assert!(status.expect("qemu-img").success());
+        let mut child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-monitor", "stdio"])
+            .args(install_drive_args(&media, &iso, &disk))
+            .env("TMPDIR", dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu starts");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(b"info block\ninfo qtree\nquit\n").expect("monitor");
+        }
+        let output = child.wait_with_output().expect("qemu ends");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert!(stderr.trim().is_empty(), "QEMU warned: {stderr}");
+        for id in ["winvm-system", "winvm-iso", "winvm-cygwin", "winvm-answer"] {
+            assert!(stdout.contains(&format!("{id} (#")), "{id} missing:\n{stdout}");
+        }
+        assert!(stdout.contains("dev: floppy") && stdout.contains("drive = \"winvm-answer\""));
+        assert!(stdout.contains("win.iso (raw, read-only)"));
+        assert!(stdout.contains("answer.img (raw, read-only)"));
+    }
+}
