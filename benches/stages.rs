@@ -142,7 +142,7 @@ fn main() {
         &pubkey,
     )
     .unwrap();
-    nix_winvm::vm::session::write_initrd(&img, &initrd).unwrap();
+    img.write_gz_file(&initrd).unwrap();
     let kernel = media.join("vmlinuz");
     rt.block_on(async {
         let (src, mut qmp) = qemu_with_qmp(w, "src", &[], &initrd, &kernel).await;
@@ -161,7 +161,7 @@ fn main() {
         qmp.execute(&Migrate { uri: format!("exec:cat > {}", raw.display()) }).await.unwrap();
         qmp.wait_migration(Duration::from_secs(120)).await.unwrap();
         let t_raw = t.elapsed().as_secs_f64();
-        let version = nix_winvm::vm::session::qemu_version(&qmp);
+        let version = nix_winvm::session::qemu_version(&qmp);
         let _ = qmp.execute(&Quit).await;
         drop(src);
         let gz = w.join("state.gz");

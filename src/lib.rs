@@ -11,6 +11,7 @@ pub mod controller;
 pub mod guest;
 pub mod initramfs;
 pub mod plugin;
+pub mod session;
 pub mod shell;
 pub mod spec;
 pub mod tools;

@@ -170,7 +170,11 @@ fn a_build_over_its_timeout_is_stopped() {
     let start = Instant::now();
     let o = s.run(&["--timeout", "20"], &["sleep", "600"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("the build exceeded its timeout of 20 s and was stopped"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the build exceeded its timeout of 20 s while running the command, and was stopped"),
+        "{}",
+        stderr(&o)
+    );
     assert!(start.elapsed() < Duration::from_secs(40), "took {:?}", start.elapsed());
 }
 

@@ -155,7 +155,7 @@ fn windows_image_with_fixed_iso_has_a_require_file_stage_and_restricted_names() 
     let hash = "a".repeat(64);
     let o = env.eval(&format!(
         r#"let i = builtins.windowsImage {{ iso = {{ name = "win.iso"; sha256 = "{hash}"; }}; edition = "Windows 11 Pro"; }};
-           in [ i.name i.installed.name i.media.name (builtins.fromJSON i.winvmImageSpec).windows.edition ]"#
+           in [ i.name i.installed.name i.media.name (builtins.fromJSON i.winvmImageSpec).guest.windows.edition ]"#
     ));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(
@@ -182,6 +182,12 @@ fn bad_inputs_give_specific_errors() {
         (r#"builtins.windowsImage { iso = { name = "w.iso"; sha256 = "abc"; }; edition = "x"; }"#.into(), r#"windowsImage: attribute 'iso.sha256' must be 64 hexadecimal digits, got "abc""#),
         (r#"builtins.windowsImage { iso = "/tmp/w.iso"; edition = "x"; }"#.into(), "windowsImage: attribute 'iso' must be a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`, got a string"),
         (r#"builtins.windowsImage { iso = ./x; cygwinPackages = [ "git" 3 ]; edition = "x"; }"#.into(), "windowsImage: element 1 of attribute 'cygwinPackages' must be a string, got an integer"),
+        // The spec's own checks, which the builder runs again on the spec it reads.
+        (r#"builtins.windowsImage { iso = ./x; edition = "Windows 11 Pro"; diskSize = 1024; }"#.into(), "windowsImage: attribute 'diskSize' (1024 MiB) is below the 32768 MiB Windows needs"),
+        (r#"builtins.windowsImage { iso = ./x; edition = "Windows 11 Pro"; productKey = "abcde-12345"; }"#.into(), r#"windowsImage: attribute 'productKey' ("abcde-12345") is not five groups of five upper-case letters or digits (XXXXX-XXXXX-XXXXX-XXXXX-XXXXX)"#),
+        (r#"builtins.windowsImage { iso = ./x; edition = "Windows 11 Pro"; locale = "english"; }"#.into(), r#"windowsImage: attribute 'locale' ("english") is not a language tag such as "en-US""#),
+        (r#"builtins.windowsImage { iso = ./x; edition = "Windows 11 Pro"; cygwinPackages = [ "gcc&calc" ]; }"#.into(), r#"windowsImage: attribute 'cygwinPackages': "gcc&calc" is not a Cygwin package name (letters, digits and . _ + -)"#),
+        (r#"builtins.windowsImage { iso = ./x; edition = " "; }"#.into(), r#"windowsImage: attribute 'edition' is empty: give the image name from install.wim, e.g. "Windows 11 Pro""#),
         (format!(r#"builtins.windowsDerivation {{ name = "t"; image = {img}; }}"#), "windowsDerivation: missing required attribute 'script' (a string: the shell script to run in the guest)"),
         (r#"builtins.windowsDerivation { name = "t"; script = ""; }"#.into(), "windowsDerivation: missing required attribute 'image' (the result of builtins.windowsImage { ... })"),
         (r#"builtins.windowsDerivation { name = "t"; script = ""; image = { }; }"#.into(), "windowsDerivation: attribute 'image' must be the result of builtins.windowsImage { ... }, got a set"),

@@ -1,17 +1,20 @@
 //! The derivations' builder: `nix-winvm-builder <stage>`, run by Nix inside its sandbox.
 
+pub mod progress;
 pub mod run;
 pub mod stages;
 
+pub use progress::Progress;
+
 use crate::controller::agent::AgentError;
 use crate::guest::standin::StandinError;
-use crate::guest::windows::media::MediaError;
+use crate::guest::ProfileError;
 use crate::initramfs::linux::LinuxInitError;
+use crate::session::RunError;
 use crate::spec;
 use crate::tools::MissingTool;
 use crate::vm::accel::NoKvm;
 use crate::vm::process::SpawnError;
-use crate::vm::session::RunError;
 use crate::vm::state::StateFileError;
 use std::fmt;
 
@@ -32,7 +35,7 @@ pub enum BuilderError {
     State(StateFileError),
     Initramfs(LinuxInitError),
     Standin(StandinError),
-    Media(MediaError),
+    Guest(ProfileError),
     Spawn(SpawnError),
     Agent(AgentError),
     /// Reading or writing a file, starting a runtime: what was being done, and the cause.
@@ -66,8 +69,6 @@ pub enum BuilderError {
     Killed {
         signal: String,
     },
-    /// The image asks for something the stage cannot do yet.
-    Unsupported(&'static str),
 }
 
 impl fmt::Display for BuilderError {
@@ -86,7 +87,7 @@ impl fmt::Display for BuilderError {
             BuilderError::State(e) => write!(f, "{e}"),
             BuilderError::Initramfs(e) => write!(f, "{e}"),
             BuilderError::Standin(e) => write!(f, "{e}"),
-            BuilderError::Media(e) => write!(f, "{e}"),
+            BuilderError::Guest(e) => write!(f, "{e}"),
             BuilderError::Spawn(e) => write!(f, "{e}"),
             BuilderError::Agent(e) => write!(f, "{e}"),
             BuilderError::Io { what, source } => write!(f, "{what}: {source}"),
@@ -103,7 +104,6 @@ impl fmt::Display for BuilderError {
                 write!(f, "the image at {} was built from another spec than this build expects", image.display())
             }
             BuilderError::Killed { signal } => write!(f, "the command was killed by signal {signal}"),
-            BuilderError::Unsupported(what) => write!(f, "{what}"),
         }
     }
 }
@@ -127,7 +127,7 @@ from_layer!(
     StateFileError => State,
     LinuxInitError => Initramfs,
     StandinError => Standin,
-    MediaError => Media,
+    ProfileError => Guest,
     SpawnError => Spawn,
     AgentError => Agent,
     spec::SpecJsonError => Spec,
@@ -154,7 +154,7 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
     match stage {
         "media" | "install" | "suspend" => {
             let spec = spec::image_spec_from_json(&env("winvmImageSpec")?).map_err(BuilderError::Spec)?;
-            let progress = crate::vm::session::Progress::new();
+            let progress = Progress::new();
             progress.say(&format!("stage {stage} of a {} image", spec.guest.name()));
             match stage {
                 "media" => stages::media(&spec, &progress),
@@ -164,7 +164,7 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
         }
         "build" => {
             let spec = spec::build_spec_from_json(&env("winvmBuildSpec")?).map_err(BuilderError::Spec)?;
-            stages::build(&spec, &crate::vm::session::Progress::new())
+            stages::build(&spec, &Progress::new())
         }
         "state-write" => state_write(&args[1..]),
         "state-read" => state_read(&args[1..]),

@@ -3,15 +3,16 @@
 //!   nix-winvm-builder run [--guest standin] [--accel auto|kvm|tcg] [--memory MIB] [--timeout SECS]
 //!                         [--out DIR] [-K|--keep] -- COMMAND...
 
+use super::Progress;
 use super::{io, BuilderError};
 use crate::controller::agent::Verdict;
 use crate::guest::standin;
+use crate::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig};
 use crate::shell;
 use crate::spec::{Accel, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
 use crate::vm::accel;
-use crate::vm::qemu::{KernelBoot, VIRTIO_NET};
-use crate::vm::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, Progress, SessionConfig};
+use crate::vm::qemu::{KernelBoot, Machine, VIRTIO_NET};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -128,7 +129,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     let modules_dir = kernel_dir.join("modules");
     let guest_initrd = work.path().join("guest-initrd.img");
     let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey)?;
-    session::write_initrd(&img, &guest_initrd)?;
+    img.write_gz_file(&guest_initrd).map_err(super::io(format!("writing {}", guest_initrd.display())))?;
     let cfg = SessionConfig {
         accel,
         memory_mib: a.memory_mib,
@@ -138,10 +139,12 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         kernel: kernel.clone(),
         modules_dir,
         guest: GuestBoot {
-            boot: Some(KernelBoot { kernel, initrd: guest_initrd, append: super::stages::APPEND.into() }),
-            disk: None,
-            nic_model: VIRTIO_NET,
-            extra_args: vec![],
+            machine: Machine {
+                boot: Some(KernelBoot { kernel, initrd: guest_initrd, append: crate::vm::kernel::APPEND.into() }),
+                disk: None,
+                nic_model: VIRTIO_NET,
+                extra_args: vec![],
+            },
             revive_from: None,
         },
         controller: ControllerBoot::default(),

@@ -6,15 +6,15 @@
 //!   suspend -> disk.qcow2 (overlay on the base), state, key, media -> (link), meta.json
 //!   build   -> whatever the guest writes to $out through the share
 
+use super::Progress;
 use super::{io, BuilderError};
-use crate::guest::standin;
-use crate::guest::windows;
+use crate::guest::{self, MediaInputs};
+use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig};
 use crate::shell;
-use crate::spec::{self, Accel, BuildSpec, Guest, ImageSpec};
+use crate::spec::{self, Accel, BuildSpec, ImageSpec};
 use crate::tools::Tools;
 use crate::vm::process::{describe_status, ProcessGuard};
-use crate::vm::qemu::{KernelBoot, VmConfig, E1000E, GUEST_MAC, VIRTIO_NET};
-use crate::vm::session::{self, After, ControllerBoot, GuestBoot, Progress, SessionConfig};
+use crate::vm::qemu::VmConfig;
 use crate::vm::{accel, kernel, state};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -44,7 +44,7 @@ pub fn generate_key(ssh_keygen: &Path, path: &Path) -> Result<String, BuilderErr
 }
 
 fn write_initrd(img: &crate::initramfs::Initramfs, path: &Path) -> Result<(), BuilderError> {
-    Ok(session::write_initrd(img, path)?)
+    img.write_gz_file(path).map_err(io(format!("writing {}", path.display())))
 }
 
 fn accel_for(spec: &ImageSpec, progress: &Progress) -> Result<Accel, BuilderError> {
@@ -89,25 +89,17 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     // The controller's initramfs is the same for every session: made once, saved with the image.
     let controller = crate::controller::initramfs(&tools.busybox, &modules)?;
     write_initrd(&controller, &out.join(CONTROLLER_IMG))?;
-    if let (Guest::Windows, Some(opts)) = (spec.guest, &spec.windows) {
-        let media_tools = windows::media::MediaTools::find()?;
-        let repo = std::env::var_os("cygwinRepo").map(PathBuf::from);
-        let summary =
-            windows::media::build_media(opts, spec.disk_size_mib, &pubkey, repo.as_deref(), &out, &media_tools)?;
-        progress.say(&format!(
-            "windows media ready: autounattend.xml for '{}', answer.img, cygwin.img ({})",
-            opts.edition,
-            if summary.cygwin_packages_present {
-                "with Cygwin packages"
-            } else {
-                "WITHOUT Cygwin packages: see README.txt"
-            }
-        ));
-        return Ok(0);
-    }
-    write_initrd(&standin::installer(&tools.busybox, &tools.dropbear, &modules, &pubkey)?, &out.join("installer.img"))?;
-    write_initrd(&standin::boot(&tools.busybox, &modules)?, &out.join("boot.img"))?;
-    progress.say("media ready: kernel, installer, boot initramfs, key pair");
+    let cygwin_repo = std::env::var_os("cygwinRepo").map(PathBuf::from);
+    let line = guest::profile(&spec.guest).write_media(&MediaInputs {
+        out: &out,
+        modules: &modules,
+        pubkey: &pubkey,
+        busybox: &tools.busybox,
+        dropbear: &tools.dropbear,
+        cygwin_repo: cygwin_repo.as_deref(),
+        disk_size_mib: spec.disk_size_mib,
+    })?;
+    progress.say(&line);
     Ok(0)
 }
 
@@ -115,9 +107,6 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
 /// waits for its session.
 pub const CONTROLLER_IMG: &str = "controller.img";
 pub const CONTROLLER_STATE: &str = "controller-state";
-
-/// The Linux VMs' kernel command line: console on the serial log, power off on panic.
-pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Stage 2: boot the installer with a blank disk; it installs and powers off.
 pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
@@ -128,35 +117,9 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let disk = out.join("disk.qcow2");
     let work = work_dir()?;
     let serial = work.join("install-serial.log");
-    let (boot, nic_model, mac, extra_args, no_reboot, done) = match spec.guest {
-        Guest::Standin => (
-            Some(KernelBoot {
-                kernel: kernel::bootable(&media),
-                initrd: media.join("installer.img"),
-                append: APPEND.into(),
-            }),
-            VIRTIO_NET,
-            "",
-            vec![],
-            true,
-            standin::INSTALL_DONE,
-        ),
-        Guest::Windows => {
-            if spec.windows.as_ref().is_some_and(|w| w.efi) {
-                return Err(BuilderError::Unsupported(
-                    "efi = true: the media are made for UEFI, but the install stage boots BIOS firmware (SeaBIOS) only so far; build the image with efi = false",
-                ));
-            }
-            // Media without Cygwin packages are refused with the way to add them.
-            windows::media::ensure_ready_for_install(&media)?;
-            let iso = env_path("iso")?;
-            let mut args = windows::media::install_drive_args(&media, &iso, &disk);
-            args.extend(windows_devices());
-            // Setup reboots several times; the bootstrap powers off at the very end. The card
-            // is there, in the slot of the later stages, for the static address to bind to.
-            (None, E1000E, GUEST_MAC, args, false, windows::scripts::INSTALL_OK_LINE)
-        }
-    };
+    let profile = guest::profile(&spec.guest);
+    let iso = if profile.needs_iso() { Some(env_path("iso")?) } else { None };
+    let install = profile.install(&media, &disk, iso.as_deref())?;
     qemu_img(&tools, &["create", "-q", "-f", "qcow2"], &[disk.as_os_str()], &format!("{}M", spec.disk_size_mib))?;
     let accel = accel_for(spec, progress)?;
     let vm = VmConfig {
@@ -164,16 +127,16 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         accel,
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
-        boot,
-        nic_model,
-        extra_args,
-        no_reboot,
+        boot: install.machine.boot,
+        nic_model: install.machine.nic_model,
+        extra_args: install.machine.extra_args,
+        no_reboot: install.no_reboot,
         serial_log: serial.clone(),
         vde_ctl: None,
-        mac: mac.into(),
+        mac: install.mac.into(),
         qmp: None,
         exports: vec![],
-        disk: (spec.guest == Guest::Standin).then(|| disk.clone()),
+        disk: install.machine.disk,
         incoming: None,
     };
     let timeout = Duration::from_secs(spec.timeout_secs);
@@ -189,36 +152,14 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         }
     })?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
-    if !log.contains(done) {
+    if !log.contains(install.done_line) {
         return Err(BuilderError::InstallUnfinished {
             status: describe_status(status),
-            log_tail: session::tail_lines(&serial, session::LOG_TAIL_LINES),
+            log_tail: crate::vm::tail_lines(&serial, crate::vm::LOG_TAIL_LINES),
         });
     }
     progress.say("installed");
     Ok(0)
-}
-
-/// Devices every Windows stage has, in the same slots: a display adapter (Windows expects
-/// one) shown nowhere.
-fn windows_devices() -> Vec<std::ffi::OsString> {
-    vec!["-vga".into(), "std".into()]
-}
-
-/// Windows boots from its disk on AHCI port 0, the controller it was installed on.
-fn windows_disk_args(disk: &Path) -> Vec<std::ffi::OsString> {
-    let mut args = vec![
-        "-drive".into(),
-        format!(
-            "if=none,id=winvm-system,file={},format=qcow2,cache=writeback",
-            disk.display().to_string().replace(',', ",,")
-        )
-        .into(),
-        "-device".into(),
-        "ide-hd,drive=winvm-system,bus=ide.0,bootindex=0".into(),
-    ];
-    args.extend(windows_devices());
-    args
 }
 
 fn qemu_img(tools: &Tools, args: &[&str], paths: &[&std::ffi::OsStr], size: &str) -> Result<(), BuilderError> {
@@ -255,26 +196,6 @@ pub struct ImageMeta {
     pub spec: ImageSpec,
     pub state_format: u32,
     pub media: PathBuf,
-}
-
-/// How each stage starts the guest: identical at suspend and revive, as migration requires.
-fn guest_boot(guest: Guest, media: &Path, disk: PathBuf, revive_from: Option<PathBuf>) -> GuestBoot {
-    match guest {
-        Guest::Standin => GuestBoot {
-            boot: Some(KernelBoot {
-                kernel: kernel::bootable(media),
-                initrd: media.join("boot.img"),
-                append: APPEND.into(),
-            }),
-            disk: Some(disk),
-            nic_model: VIRTIO_NET,
-            extra_args: vec![],
-            revive_from,
-        },
-        Guest::Windows => {
-            GuestBoot { boot: None, disk: None, nic_model: E1000E, extra_args: windows_disk_args(&disk), revive_from }
-        }
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -326,29 +247,21 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     std::fs::copy(media.join("key"), out.join("key")).map_err(io("copying the key"))?;
     std::os::unix::fs::symlink(&media, out.join("media")).map_err(io("linking the media"))?;
     let work = work_dir()?;
-    let command = match spec.guest {
-        // The standin's login shell has just mapped the shares (proving they work); they are
-        // unmapped again so that the snapshot holds no SMB connection to this controller: a
-        // revived client would spend seconds in reconnect back-off, where a fresh mount at the
-        // next login takes a fraction of one.
-        Guest::Standin => "umount /nix/store /tmp/xchg".to_owned(),
-        // net use + Cygwin bind mounts + fstab lines (the historic design's mapping).
-        Guest::Windows => windows::scripts::map_shares_sh(),
-    };
+    let profile = guest::profile(&spec.guest);
     let cfg = session_config(
         spec,
         accel,
         Duration::from_secs(spec.timeout_secs),
         &work,
         &media,
-        guest_boot(spec.guest, &media, disk, None),
+        GuestBoot { machine: profile.machine(&media, disk), revive_from: None },
         ControllerBoot {
             initrd: Some(media.join(CONTROLLER_IMG)),
             revive_from: None,
             save_to: Some(out.join(CONTROLLER_STATE)),
         },
         media.join("key"),
-        command,
+        profile.map_shares_command(),
         After::Suspend { path: out.join("state"), guest: spec.guest.name().into() },
         tools,
     )?;
@@ -416,12 +329,7 @@ pub fn guest_command(spec: &BuildSpec, argc: usize) -> String {
             c.push_str(&format!(" \"$winvmArg{i}\""));
         }
     } else {
-        // Cygwin's bash, or the standin's busybox sh.
-        let shell = match spec.image.guest {
-            Guest::Windows => "/bin/bash",
-            Guest::Standin => "/bin/sh",
-        };
-        c.push_str(&format!("exec {shell} -e /tmp/xchg/script"));
+        c.push_str(&format!("exec {} -e /tmp/xchg/script", guest::profile(&spec.image.guest).shell()));
     }
     c
 }
@@ -463,7 +371,10 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         Duration::from_secs(spec.timeout_secs),
         &work,
         &meta.media,
-        guest_boot(spec.image.guest, &meta.media, disk, Some(state_file)),
+        GuestBoot {
+            machine: guest::profile(&spec.image.guest).machine(&meta.media, disk),
+            revive_from: Some(state_file),
+        },
         ControllerBoot {
             initrd: Some(meta.media.join(CONTROLLER_IMG)),
             revive_from: Some(controller_state),

@@ -11,6 +11,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::vm::wait::{wait_until_blocking, Deadline, WaitError};
+
 pub const SMBD_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// A booted or revived guest answers SSH within this, or it never will.
 pub const SSH_READY_TIMEOUT: Duration = Duration::from_secs(600);
@@ -134,45 +136,45 @@ fn start_smbd(cfg: &AgentConfig) -> Result<SmbdGuard, AgentError> {
         .spawn()
         .map_err(|e| AgentError::Smbd(format!("cannot start {}: {e}", cfg.smbd.display())))?;
     let mut guard = SmbdGuard(child);
-    let start = Instant::now();
     let smb: SocketAddr = ([127, 0, 0, 1], 445).into();
-    loop {
+    let deadline = Deadline::new("smbd to listen on port 445", SMBD_READY_TIMEOUT).every(Duration::from_millis(50));
+    let listening = wait_until_blocking(&deadline, || {
         if TcpStream::connect_timeout(&smb, Duration::from_millis(200)).is_ok() {
-            return Ok(guard);
+            return Ok(Some(()));
         }
-        if let Ok(Some(status)) = guard.0.try_wait() {
+        match guard.0.try_wait() {
+            Ok(Some(status)) => Err(status),
+            _ => Ok(None),
+        }
+    });
+    match listening {
+        Ok(()) => Ok(guard),
+        Err(WaitError::Failed(status)) => {
             let tail = std::fs::read_to_string(cfg.xchg.join("smbd.log")).unwrap_or_default();
-            return Err(AgentError::Smbd(format!("exited with {status} before listening: {}", tail.trim())));
+            Err(AgentError::Smbd(format!("exited with {status} before listening: {}", tail.trim())))
         }
-        if start.elapsed() > SMBD_READY_TIMEOUT {
-            return Err(AgentError::Smbd(format!(
-                "not listening on port 445 after {} s",
-                SMBD_READY_TIMEOUT.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+        Err(WaitError::TimedOut(t)) => Err(AgentError::Smbd(t.to_string())),
     }
 }
 
 /// Ready means the server sent its SSH banner, not merely that the port accepted.
 fn wait_for_ssh(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, AgentError> {
-    let start = Instant::now();
-    loop {
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut banner = [0u8; 4];
-            if s.peek(&mut banner).map(|n| n == 4 && &banner == b"SSH-").unwrap_or(false) {
-                let _ = s.set_read_timeout(None);
-                return Ok(s);
-            }
-            // Dropbear starts slowly on a cold TCG guest: a closed connection means try again.
-            let _ = s.read(&mut banner);
+    let deadline = Deadline::new(format!("the SSH banner of {addr}"), timeout).every(Duration::from_millis(100));
+    let banner = wait_until_blocking(&deadline, || {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1).min(deadline.remaining())) else {
+            return Ok::<_, ()>(None);
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut banner = [0u8; 4];
+        if s.peek(&mut banner).map(|n| n == 4 && &banner == b"SSH-").unwrap_or(false) {
+            let _ = s.set_read_timeout(None);
+            return Ok(Some(s));
         }
-        if start.elapsed() > timeout {
-            return Err(AgentError::SshWait { addr: addr.to_string(), after: start.elapsed() });
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        // Dropbear starts slowly on a cold TCG guest: a closed connection means try again.
+        let _ = s.read(&mut banner);
+        Ok(None)
+    });
+    banner.map_err(|_| AgentError::SshWait { addr: addr.to_string(), after: deadline.elapsed() })
 }
 
 /// A session over `tcp`, its handshake done within `deadline` (which stays the session's

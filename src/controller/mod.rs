@@ -122,7 +122,7 @@ pub fn session_line(mounts: &[Mount], tmpfs: &[PathBuf], agent: &Path, xchg: &Pa
 
 pub fn initramfs(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, LinuxInitError> {
     let mut img = linux::base(busybox, modules_dir, MODULES)?;
-    img.file("/init", 0o755, linux::init(INIT)).map_err(|e| LinuxInitError(format!("controller init: {e}")))?;
+    img.file("/init", 0o755, linux::init(INIT)).map_err(linux::err("controller init"))?;
     Ok(img)
 }
 

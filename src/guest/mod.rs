@@ -1,12 +1,15 @@
 //! Guest profiles: what runs inside the VM that builds. `standin` is a small Linux that keeps
 //! the same contract as the Windows guest (SSH as Administrator on 192.168.0.1, the
 //! controller's shares at /nix/store and /tmp/xchg); `windows` generates the unattended
-//! install of Windows + Cygwin.
+//! install of Windows + Cygwin. [`profile`] is what the stages see of either.
 
+pub mod profile;
 pub mod standin;
 pub mod windows;
 
 /// The guest's fixed address on the VM network, and the controller's (defined with the spec,
 /// at the bottom, so that the initramfs layer can use them too).
 pub use crate::spec::{CONTROLLER_IP, GUEST_IP};
+pub use profile::{profile, Install, MediaInputs, Profile, ProfileError};
+
 pub const SSH_USER: &str = "Administrator";

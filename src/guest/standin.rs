@@ -38,8 +38,9 @@ fi
 exec /bin/sh "$@"
 "#;
 
+/// Building the standin's initramfs failed, in the part it names.
 #[derive(Debug)]
-pub struct StandinError(pub String);
+pub struct StandinError(pub LinuxInitError);
 
 impl std::fmt::Display for StandinError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -47,16 +48,20 @@ impl std::fmt::Display for StandinError {
     }
 }
 
-impl std::error::Error for StandinError {}
-
-impl From<LinuxInitError> for StandinError {
-    fn from(e: LinuxInitError) -> StandinError {
-        StandinError(e.0)
+impl std::error::Error for StandinError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }
 
-fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> StandinError + '_ {
-    move |e| StandinError(format!("{what}: {e}"))
+impl From<LinuxInitError> for StandinError {
+    fn from(e: LinuxInitError) -> StandinError {
+        StandinError(e)
+    }
+}
+
+fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &'static str) -> impl FnOnce(E) -> StandinError {
+    move |e| StandinError(crate::initramfs::linux::err(what)(e))
 }
 
 /// The standin system under `root` ("" for a cold-boot initramfs, "/system" inside the

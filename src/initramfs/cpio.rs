@@ -399,6 +399,13 @@ impl Initramfs {
         self.write_cpio(&mut encoder)?;
         encoder.finish()?.flush()
     }
+
+    /// The gzipped archive as the file `path`, as QEMU's `-initrd` takes it.
+    pub fn write_gz_file(&self, path: &std::path::Path) -> io::Result<()> {
+        let mut out = io::BufWriter::new(std::fs::File::create(path)?);
+        self.write_gz(&mut out)?;
+        out.flush()
+    }
 }
 
 struct Header {

@@ -20,20 +20,29 @@ for m in $(cat /lib/modules/load-order); do
 done
 "#;
 
-/// Building one of these initramfs images failed: what, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinuxInitError(pub String);
+/// Building one of these initramfs images failed: which part (the busybox, a kernel module,
+/// an init), and the archive's or the module resolver's own error.
+#[derive(Debug)]
+pub struct LinuxInitError {
+    pub what: &'static str,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
 
 impl std::fmt::Display for LinuxInitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)
+        write!(f, "{}: {}", self.what, self.source)
     }
 }
 
-impl std::error::Error for LinuxInitError {}
+impl std::error::Error for LinuxInitError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
 
-fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> LinuxInitError + '_ {
-    move |e| LinuxInitError(format!("{what}: {e}"))
+/// `map_err(err("which part"))`.
+pub fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &'static str) -> impl FnOnce(E) -> LinuxInitError {
+    move |e| LinuxInitError { what, source: e.into() }
 }
 
 /// Adds busybox (static; its applets are installed at boot) and `modules` with their

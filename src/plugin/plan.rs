@@ -133,12 +133,13 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     let kernel = env.kernel(builtin)?;
     let guest = spec.guest.name();
     // Stages holding Windows itself carry the marker binary caches use to refuse redistribution.
-    let restricted = if spec.guest == Guest::Windows { "RESTRICTDIST-" } else { "" };
+    let windows = spec.guest.windows();
+    let restricted = if windows.is_some() { "RESTRICTDIST-" } else { "" };
     let at = |k: &'static str| -> Vec<&str> { prefix.iter().copied().chain([k]).collect() };
     let mut drvs = Vec::new();
 
     let mut iso_stage = None;
-    if let Some(WindowsImageOptions { iso: IsoSource::Fixed { name, sha256 }, .. }) = &spec.windows {
+    if let Some(WindowsOptions { iso: IsoSource::Fixed { name, sha256 }, .. }) = windows {
         // Like nixpkgs' requireFile: the path exists once the user adds the file; otherwise the
         // builder only explains how to.
         let mut a = base(name, "require-file", env);
@@ -165,7 +166,7 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     let mut installed = base(&format!("{restricted}winvm-{guest}-installed"), "install", env);
     installed.push(text("winvmImageSpec", &spec_json));
     installed.push(stage("media", media_index));
-    match (&spec.windows, iso_stage) {
+    match (windows, iso_stage) {
         (Some(_), Some(i)) => installed.push(stage("iso", i)),
         (Some(_), None) => installed.push(user("iso", &at("iso"))),
         _ => {}

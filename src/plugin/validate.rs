@@ -44,14 +44,12 @@ fn get<'a>(attrs: &'a Attrs, key: &str) -> Option<&'a Val> {
     attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
 }
 
-fn int_in(builtin: &str, attr: &str, v: &Val, unit: &str, range: (i64, i64)) -> Result<i64, String> {
-    let expected = format!("an integer ({unit})");
+/// An integer within `range`, checked before it is narrowed into the spec (the spec's own
+/// check, which gives the message, runs again on the result).
+fn int_in(builtin: &str, attr: &'static str, v: &Val, unit: &'static str, range: (i64, i64)) -> Result<i64, String> {
     match v {
-        Val::Int(i) if (range.0..=range.1).contains(i) => Ok(*i),
-        Val::Int(i) => {
-            Err(format!("{builtin}: attribute '{attr}' must be between {} and {} ({unit}), got {i}", range.0, range.1))
-        }
-        other => Err(type_error(builtin, attr, &expected, other)),
+        Val::Int(i) => check_range(attr, *i, unit, range).map(|()| *i).map_err(|e| format!("{builtin}: {e}")),
+        other => Err(type_error(builtin, attr, &format!("an integer ({unit})"), other)),
     }
 }
 
@@ -144,23 +142,19 @@ pub fn image_spec(builtin: &str, attrs: &Attrs) -> Result<ImageSpec, String> {
             return Err(unknown_attr(builtin, k, IMAGE_ATTRS));
         }
     }
-    let guest = match get(attrs, "guest") {
-        None => Guest::Windows,
-        Some(v) => enum_str(builtin, "guest", v, &[("windows", Guest::Windows), ("standin", Guest::Standin)])?,
+    let windows = match get(attrs, "guest") {
+        None => true,
+        Some(v) => enum_str(builtin, "guest", v, &[("windows", true), ("standin", false)])?,
     };
-    let (memory_mib, cpus, disk_size_mib) = match guest {
-        Guest::Windows => (WINDOWS_MEMORY_MIB, WINDOWS_CPUS, WINDOWS_DISK_SIZE_MIB),
-        Guest::Standin => (STANDIN_MEMORY_MIB, STANDIN_CPUS, STANDIN_DISK_SIZE_MIB),
+    let guest = if windows {
+        GuestSpec::Windows(windows_options(builtin, attrs)?)
+    } else {
+        if let Some((k, _)) = attrs.iter().find(|(k, _)| WINDOWS_ONLY_ATTRS.contains(&k.as_str())) {
+            return Err(format!("{builtin}: attribute '{k}' applies only to guest = \"windows\""));
+        }
+        GuestSpec::Standin
     };
-    let mut spec = ImageSpec {
-        guest,
-        memory_mib,
-        cpus,
-        accel: Accel::Kvm,
-        timeout_secs: DEFAULT_TIMEOUT_SECS,
-        disk_size_mib,
-        windows: None,
-    };
+    let mut spec = ImageSpec::new(guest);
     if let Some(v) = get(attrs, "memory") {
         spec.memory_mib = int_in(builtin, "memory", v, "MiB", MEMORY_MIB_RANGE)? as u32;
     }
@@ -176,18 +170,12 @@ pub fn image_spec(builtin: &str, attrs: &Attrs) -> Result<ImageSpec, String> {
     if let Some(v) = get(attrs, "diskSize") {
         spec.disk_size_mib = int_in(builtin, "diskSize", v, "MiB", DISK_SIZE_MIB_RANGE)? as u64;
     }
-    match guest {
-        Guest::Standin => {
-            if let Some((k, _)) = attrs.iter().find(|(k, _)| WINDOWS_ONLY_ATTRS.contains(&k.as_str())) {
-                return Err(format!("{builtin}: attribute '{k}' applies only to guest = \"windows\""));
-            }
-        }
-        Guest::Windows => spec.windows = Some(windows_options(builtin, attrs)?),
-    }
+    // The checks the builder repeats on the spec it reads back.
+    spec.validate().map_err(|e| format!("{builtin}: {e}"))?;
     Ok(spec)
 }
 
-fn windows_options(builtin: &str, attrs: &Attrs) -> Result<WindowsImageOptions, String> {
+fn windows_options(builtin: &str, attrs: &Attrs) -> Result<WindowsOptions, String> {
     const ISO_SHAPE: &str =
         "a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`";
     let iso = match get(attrs, "iso") {
@@ -263,7 +251,7 @@ fn windows_options(builtin: &str, attrs: &Attrs) -> Result<WindowsImageOptions, 
             }
         }
     }
-    Ok(WindowsImageOptions { iso, edition, product_key, locale, efi, cygwin_packages, install_commands })
+    Ok(WindowsOptions { iso, edition, product_key, locale, efi, cygwin_packages, install_commands })
 }
 
 /// `windowsDerivation`'s own attributes; every other attribute passes into the environment.

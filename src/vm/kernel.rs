@@ -50,6 +50,9 @@ pub fn extract_vmlinux(vmlinuz: &Path, dest: &Path, xz: &Path) -> Result<(), Pvh
     std::fs::rename(&tmp, dest).map_err(|e| PvhError(format!("renaming into {}: {e}", dest.display())))
 }
 
+/// The Linux VMs' kernel command line: console on the serial log, power off on panic.
+pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
+
 /// The kernel to boot from a folder holding `vmlinuz` and maybe `vmlinux`: the uncompressed one
 /// when it is there.
 pub fn bootable(dir: &Path) -> PathBuf {

@@ -1,12 +1,21 @@
 //! The VM pieces: processes and their guards, the VDE switch, QEMU command lines, QMP,
-//! acceleration, and the one wait helper.
+//! acceleration, saved state, and the one wait helper. A session (src/session) puts them together.
 
 pub mod accel;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
-pub mod session;
 pub mod state;
 pub mod vde;
 pub mod wait;
+
+/// How much of a VM's log an error shows.
+pub const LOG_TAIL_LINES: usize = 30;
+
+/// The last `n` lines of a log (a serial console, QEMU's output), for an error message.
+pub fn tail_lines(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

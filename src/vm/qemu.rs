@@ -24,6 +24,18 @@ pub struct KernelBoot {
     pub append: String,
 }
 
+/// How a VM boots and what it has attached, apart from what the session wires up (network,
+/// consoles, QMP): what a guest profile describes for each stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    /// None: the firmware boots the disks.
+    pub boot: Option<KernelBoot>,
+    /// A virtio disk (the standin's); Windows attaches its disks through `extra_args`.
+    pub disk: Option<PathBuf>,
+    pub nic_model: &'static str,
+    pub extra_args: Vec<std::ffi::OsString>,
+}
+
 /// virtio for the Linux VMs; e1000e for Windows, which has no virtio driver built in. Its PCI
 /// address is fixed: Windows binds its network settings to the adapter's slot.
 pub const VIRTIO_NET: &str = "virtio-net-pci";

@@ -19,10 +19,14 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
+use super::wait::{Deadline, TimedOut};
+
 /// How long `execute` waits for a reply unless told otherwise.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_RETRY_INTERVAL: Duration = Duration::from_millis(25);
 const MIGRATION_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// A revive loads in a fraction of a second: poll it finely.
+const INCOMING_POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// QEMU's replies are small; a longer line means the peer is not QEMU or is broken.
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
@@ -498,11 +502,9 @@ impl Qmp {
     /// Polls `query-migrate` until the migration (outgoing or incoming) has completed.
     /// A `failed` or `cancelled` migration is [`QmpError::MigrationFailed`].
     pub async fn wait_migration(&mut self, deadline: Duration) -> Result<MigrationSummary, QmpError> {
-        let start = Instant::now();
-        let end = start + deadline;
+        let wait = Deadline::new("the migration to complete", deadline).every(MIGRATION_POLL_INTERVAL);
         loop {
-            let remaining = end.saturating_duration_since(Instant::now());
-            let info = self.execute_within(&QueryMigrate, remaining).await.map_err(|error| {
+            let info = self.execute_within(&QueryMigrate, wait.remaining()).await.map_err(|error| {
                 match error {
                     // The poll's own timeout is the migration's.
                     QmpError::Timeout { .. } => self.migration_timeout(None, deadline),
@@ -514,7 +516,7 @@ impl Qmp {
                     return Ok(MigrationSummary {
                         ram_transferred: info.ram_transferred(),
                         total_time_ms: info.total_time_ms,
-                        waited: start.elapsed(),
+                        waited: wait.elapsed(),
                     })
                 }
                 Some(status @ ("failed" | "cancelled")) => {
@@ -522,10 +524,30 @@ impl Qmp {
                 }
                 _ => {}
             }
-            if Instant::now() + MIGRATION_POLL_INTERVAL >= end {
+            if wait.remaining() <= MIGRATION_POLL_INTERVAL {
                 return Err(self.migration_timeout(Some(&info), deadline));
             }
-            tokio::time::sleep(MIGRATION_POLL_INTERVAL).await;
+            wait.pause().await;
+        }
+    }
+
+    /// Polls `query-status` while a VM started with `-incoming` loads its state; returns the
+    /// run state it ended in (`paused`, `postmigrate`, `prelaunch` or `running`). Any other
+    /// state is [`QmpError::MigrationFailed`].
+    pub async fn wait_incoming(&mut self, deadline: Duration) -> Result<String, QmpError> {
+        let wait = Deadline::new("the saved state to load", deadline).every(INCOMING_POLL_INTERVAL);
+        loop {
+            let status = self.execute_within(&QueryStatus, wait.remaining()).await.map_err(|error| match error {
+                QmpError::Timeout { .. } => self.timeout_error(wait.timed_out()),
+                other => other,
+            })?;
+            match status.status.as_str() {
+                "inmigrate" => {}
+                "paused" | "postmigrate" | "prelaunch" | "running" => return Ok(status.status),
+                other => return Err(QmpError::MigrationFailed { status: other.to_string(), desc: None }),
+            }
+            wait.check().map_err(|t| self.timeout_error(t))?;
+            wait.pause().await;
         }
     }
 
@@ -540,6 +562,10 @@ impl Qmp {
             awaited.push(')');
         }
         QmpError::Timeout { peer: self.peer.clone(), awaited, after }
+    }
+
+    fn timeout_error(&self, t: TimedOut) -> QmpError {
+        QmpError::Timeout { peer: self.peer.clone(), awaited: t.what, after: t.after }
     }
 
     fn protocol(&self, what: String) -> QmpError {

@@ -3,8 +3,8 @@
 
 use super::media::names;
 use super::{
-    WindowsOptions, CYGWIN_ROOT, FIREWALL_RULE_NAME, FIRST_NIC_ALIAS, GUEST_IP, INSTALL_MARKER_PREFIX,
-    NETWORK_PREFIX_LEN, SSH_USER,
+    WindowsOptions, CYGWIN_ROOT, DEFAULT_ADMIN_PASSWORD, FIREWALL_RULE_NAME, FIRST_NIC_ALIAS, GUEST_IP,
+    INSTALL_MARKER_PREFIX, NETWORK_PREFIX_LEN, SSH_USER,
 };
 
 /// NetBIOS names are at most 15 characters; the name only matters to humans reading logs.
@@ -302,7 +302,7 @@ fn oobe_system_pass(xml: &mut XmlWriter, opts: &WindowsOptions) {
     );
     xml.open("AutoLogon", &[]);
     xml.open("Password", &[]);
-    xml.leaf("Value", &opts.admin_password);
+    xml.leaf("Value", DEFAULT_ADMIN_PASSWORD);
     xml.leaf("PlainText", "true");
     xml.close("Password");
     xml.leaf("Enabled", "true");
@@ -334,7 +334,7 @@ fn oobe_system_pass(xml: &mut XmlWriter, opts: &WindowsOptions) {
 
     xml.open("UserAccounts", &[]);
     xml.open("AdministratorPassword", &[]);
-    xml.leaf("Value", &opts.admin_password);
+    xml.leaf("Value", DEFAULT_ADMIN_PASSWORD);
     xml.leaf("PlainText", "true");
     xml.close("AdministratorPassword");
     xml.close("UserAccounts");
@@ -637,13 +637,11 @@ mod tests {
 
     #[test]
     fn oobe_logs_administrator_on_and_runs_the_install() {
-        let mut opts = WindowsOptions::new("Windows 11 Pro");
-        opts.admin_password = "S3cret!pw".into();
-        let xml = autounattend_xml(&opts);
+        let xml = autounattend_xml(&WindowsOptions::new("Windows 11 Pro"));
         let oobe = section(&xml, "oobeSystem");
         assert!(oobe.contains("<Username>Administrator</Username>"));
         assert!(oobe.contains("<Enabled>true</Enabled>"));
-        assert_eq!(oobe.matches("<Value>S3cret!pw</Value>").count(), 2);
+        assert_eq!(oobe.matches(&format!("<Value>{DEFAULT_ADMIN_PASSWORD}</Value>")).count(), 2);
         assert!(oobe.contains("<HideOnlineAccountScreens>true</HideOnlineAccountScreens>"));
         assert!(oobe.contains("<HideEULAPage>true</HideEULAPage>"));
         let install = oobe
@@ -657,15 +655,13 @@ mod tests {
 
     #[test]
     fn user_values_are_escaped() {
-        let mut opts = WindowsOptions::new("Windows <10> & \"Pro\"");
-        opts.admin_password = "a<b>&c\"d'e]]>".into();
+        let mut opts = WindowsOptions::new("Windows <10> & \"Pro\" a<b>&c\"d'e]]>");
         let xml = autounattend_xml(&opts);
         assert_well_formed(&xml);
-        assert!(xml.contains("<Value>Windows &lt;10&gt; &amp; \"Pro\"</Value>"));
-        assert!(xml.contains("<Value>a&lt;b&gt;&amp;c\"d'e]]&gt;</Value>"));
+        assert!(xml.contains("<Value>Windows &lt;10&gt; &amp; \"Pro\" a&lt;b&gt;&amp;c\"d'e]]&gt;</Value>"));
         assert!(!xml.contains("a<b>"));
 
-        opts.admin_password = "bell\u{7}".into();
+        opts.edition = "bell\u{7}".into();
         assert_well_formed(&autounattend_xml(&opts));
     }
 

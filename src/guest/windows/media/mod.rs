@@ -30,8 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use super::cygwin::{ClosureError, SetupIniError, REQUIRED_PACKAGES};
 use super::fat::{self, FatError};
-use super::{answer, scripts, WindowsOptions, WindowsOptionsError, DEFAULT_ADMIN_PASSWORD};
-use crate::spec::{WindowsImageOptions, WINDOWS_DISK_SIZE_MIB};
+use super::{answer, scripts, WindowsOptions};
+use crate::spec::WindowsOptionsError;
 use crate::tools::{self, MissingTool};
 use disk::{build_fat_disk, FatContent};
 use readme::readme_text;
@@ -204,45 +204,22 @@ impl std::error::Error for MediaError {
     }
 }
 
-/// The generators' options for an image. The admin password is [`DEFAULT_ADMIN_PASSWORD`]:
-/// the controller logs in with the image's key, never with the password.
-pub fn windows_options(opts: &WindowsImageOptions, disk_size_mib: u64) -> WindowsOptions {
-    WindowsOptions {
-        edition: opts.edition.clone(),
-        product_key: opts.product_key.clone(),
-        locale: opts.locale.clone(),
-        disk_size_mib,
-        efi: opts.efi,
-        cygwin_packages: opts.cygwin_packages.clone(),
-        install_commands: opts.install_commands.clone(),
-        admin_password: DEFAULT_ADMIN_PASSWORD.to_string(),
-    }
-}
-
-/// With the default disk size; use [`windows_options`] to carry the image's own.
-impl From<&WindowsImageOptions> for WindowsOptions {
-    fn from(opts: &WindowsImageOptions) -> WindowsOptions {
-        windows_options(opts, WINDOWS_DISK_SIZE_MIB)
-    }
-}
-
 /// Writes the media into `out`, which exists. `disk_size_mib` is the image's disk size (the
 /// options are validated with it: Windows needs 32 GiB); `authorized_key` is the public key
 /// the controller logs in with, one line; `cygwin_repo` is the local package directory
 /// (`setup-x86_64.exe` and `cygwin-packages/`, as nix/cygwin.nix builds it).
 pub fn build_media(
-    opts: &WindowsImageOptions,
+    opts: &WindowsOptions,
     disk_size_mib: u64,
     authorized_key: &str,
     cygwin_repo: Option<&Path>,
     out: &Path,
     tools: &MediaTools,
 ) -> Result<MediaSummary, MediaError> {
-    let wopts = windows_options(opts, disk_size_mib);
-    wopts.validate().map_err(MediaError::InvalidOptions)?;
+    opts.validate(disk_size_mib).map_err(MediaError::InvalidOptions)?;
     let key = single_line_key(authorized_key)?;
     // Checked first: a bad repository should fail before anything is written.
-    let repo = cygwin_repo.map(|root| inspect_repo(root, &wopts, tools)).transpose()?;
+    let repo = cygwin_repo.map(|root| inspect_repo(root, opts, tools)).transpose()?;
 
     let mut files = Vec::new();
     let mut write = |name: &str, bytes: &[u8]| -> Result<PathBuf, MediaError> {
@@ -252,12 +229,12 @@ pub fn build_media(
         Ok(path)
     };
 
-    let xml = answer::autounattend_xml(&wopts);
+    let xml = answer::autounattend_xml(opts);
     write(AUTOUNATTEND_XML, xml.as_bytes())?;
     let floppy = fat::fat12_floppy(ANSWER_LABEL, &[(AUTOUNATTEND_XML, xml.as_bytes())]).map_err(MediaError::Floppy)?;
     write(ANSWER_IMG, &floppy)?;
-    let install_cmd = write(names::INSTALL_CMD, scripts::install_cmd(&wopts).as_bytes())?;
-    let bootstrap = write(names::BOOTSTRAP_SH, scripts::bootstrap_sh(key, &wopts).as_bytes())?;
+    let install_cmd = write(names::INSTALL_CMD, scripts::install_cmd(opts).as_bytes())?;
+    let bootstrap = write(names::BOOTSTRAP_SH, scripts::bootstrap_sh(key, opts).as_bytes())?;
     let map_shares = write(MAP_SHARES_SH, scripts::map_shares_sh().as_bytes())?;
 
     // The marker only belongs on the medium; it is written to a scratch directory.
@@ -282,7 +259,7 @@ pub fn build_media(
     files.push(CYGWIN_IMG.to_string());
 
     let mut requested: Vec<String> = REQUIRED_PACKAGES.iter().map(|name| name.to_string()).collect();
-    requested.extend(wopts.cygwin_packages.iter().cloned());
+    requested.extend(opts.cygwin_packages.iter().cloned());
     requested.sort();
     requested.dedup();
     files.push(MEDIA_JSON.to_string());
@@ -290,12 +267,12 @@ pub fn build_media(
     files.sort();
     let summary = MediaSummary {
         format: MEDIA_FORMAT,
-        edition: wopts.edition.clone(),
-        efi: wopts.efi,
-        locale: wopts.locale.clone(),
-        product_key_given: wopts.product_key.is_some(),
-        hardware_check_bypass: wopts.needs_hardware_check_bypass(),
-        install_commands: wopts.install_commands.len(),
+        edition: opts.edition.clone(),
+        efi: opts.efi,
+        locale: opts.locale.clone(),
+        product_key_given: opts.product_key.is_some(),
+        hardware_check_bypass: opts.needs_hardware_check_bypass(),
+        install_commands: opts.install_commands.len(),
         requested_packages: requested,
         cygwin_packages_present: repo.is_some(),
         cygwin_closure: repo.as_ref().map(|r| r.closure.clone()).unwrap_or_default(),
@@ -354,16 +331,7 @@ pub fn ensure_ready_for_install(media: &Path) -> Result<MediaSummary, MediaError
 /// Windows boots only from the storage controller it was installed on. Not yet tried with
 /// real Windows media.
 pub fn install_drive_args(media: &Path, iso: &Path, system_disk: &Path) -> Vec<OsString> {
-    let drive = |id: &str, file: &Path, options: &str| -> [OsString; 2] {
-        let mut value = OsString::from(format!("if=none,id={id},file="));
-        value.push(qemu_escape(file.as_os_str()));
-        value.push(format!(",{options}"));
-        ["-drive".into(), value]
-    };
-    let device = |value: &str| -> [OsString; 2] { ["-device".into(), value.into()] };
-    let mut args = Vec::new();
-    args.extend(drive("winvm-system", system_disk, "format=qcow2,cache=writeback"));
-    args.extend(device("ide-hd,drive=winvm-system,bus=ide.0,bootindex=0"));
+    let mut args = system_disk_args(system_disk);
     args.extend(drive("winvm-iso", iso, "format=raw,media=cdrom,readonly=on"));
     args.extend(device("ide-cd,drive=winvm-iso,bus=ide.1,bootindex=1"));
     args.extend(drive("winvm-cygwin", &media.join(CYGWIN_IMG), "format=raw,snapshot=on"));
@@ -373,6 +341,25 @@ pub fn install_drive_args(media: &Path, iso: &Path, system_disk: &Path) -> Vec<O
     args.extend(device("floppy,drive=winvm-answer,bus=winvm-fdc.0"));
     args.extend(["-boot".into(), "strict=on".into()]);
     args
+}
+
+/// The system disk on AHCI port 0, as the install and every later stage attach it.
+pub fn system_disk_args(system_disk: &Path) -> Vec<OsString> {
+    let mut args = Vec::new();
+    args.extend(drive("winvm-system", system_disk, "format=qcow2,cache=writeback"));
+    args.extend(device("ide-hd,drive=winvm-system,bus=ide.0,bootindex=0"));
+    args
+}
+
+fn drive(id: &str, file: &Path, options: &str) -> [OsString; 2] {
+    let mut value = OsString::from(format!("if=none,id={id},file="));
+    value.push(qemu_escape(file.as_os_str()));
+    value.push(format!(",{options}"));
+    ["-drive".into(), value]
+}
+
+fn device(value: &str) -> [OsString; 2] {
+    ["-device".into(), value.into()]
 }
 
 /// QEMU's option syntax doubles a comma inside a value.
@@ -407,27 +394,10 @@ mod tests {
     use super::*;
     use crate::guest::windows::cygwin::LOCAL_SETUP_INI;
     use crate::guest::windows::test_util::tool_available;
+    use crate::spec::WINDOWS_DISK_SIZE_MIB;
 
     fn compact(xml: &str) -> String {
         xml.lines().map(str::trim).collect()
-    }
-
-    #[test]
-    fn options_convert_with_the_default_password() {
-        let mut image = image_options("Windows 11 Pro", true, &["make"]);
-        image.product_key = Some("W269N-WFGWX-YVC9B-4J6C9-T83GX".into());
-        image.locale = "de-DE".into();
-        let opts = windows_options(&image, 40_000);
-        assert_eq!(opts.edition, "Windows 11 Pro");
-        assert_eq!(opts.product_key.as_deref(), Some("W269N-WFGWX-YVC9B-4J6C9-T83GX"));
-        assert_eq!(opts.locale, "de-DE");
-        assert!(opts.efi);
-        assert_eq!(opts.cygwin_packages, ["make"]);
-        assert_eq!(opts.install_commands, ["echo hello"]);
-        assert_eq!(opts.disk_size_mib, 40_000);
-        assert_eq!(opts.admin_password, DEFAULT_ADMIN_PASSWORD);
-        assert_eq!(WindowsOptions::from(&image).disk_size_mib, WINDOWS_DISK_SIZE_MIB);
-        assert_eq!(opts.validate(), Ok(()));
     }
 
     #[test]
@@ -558,7 +528,7 @@ mod tests {
         let mut opts = image_options("Windows 10 Pro", false, &[]);
         opts.product_key = Some("12345".into());
         let err = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect_err("key");
-        assert!(err.to_string().starts_with("windows image options: product key '12345'"), "{err}");
+        assert!(err.to_string().starts_with("windows image options: attribute 'productKey' (\"12345\")"), "{err}");
         let opts = image_options("Windows 10 Pro", false, &[]);
         let err = build_media(&opts, 1024, KEY, None, out.path(), &tools).expect_err("disk");
         assert!(matches!(err, MediaError::InvalidOptions(WindowsOptionsError::DiskTooSmall { .. })));

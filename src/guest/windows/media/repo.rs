@@ -115,7 +115,7 @@ mod tests {
     use crate::guest::windows::media::test_util::*;
     use crate::guest::windows::media::{build_media, MEDIA_JSON, README_TXT};
     use crate::guest::windows::test_util::tool_available;
-    use crate::spec::{WindowsImageOptions, WINDOWS_DISK_SIZE_MIB};
+    use crate::spec::{WindowsOptions, WINDOWS_DISK_SIZE_MIB};
 
     const FIXTURE_INI: &str = include_str!("../../../../tests/fixtures/setup.ini");
 
@@ -126,7 +126,7 @@ mod tests {
         let mirror = format!("{}/{}", names::CYGWIN_PACKAGES_DIR, cygwin::LOCAL_MIRROR_DIR);
         let make = format!("{mirror}/x86_64/release/make/make-4.4.1-2.tar.xz");
         let with_make = image_options("Windows 10 Pro", false, &["make"]);
-        let build = |opts: &WindowsImageOptions, repo: &Path| {
+        let build = |opts: &WindowsOptions, repo: &Path| {
             build_media(opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(repo), out.path(), &tools)
         };
 

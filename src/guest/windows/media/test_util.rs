@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::{MediaTools, CYGWIN_IMG, PARTITION_OFFSET};
-use crate::spec::{IsoSource, WindowsImageOptions};
+use crate::spec::{IsoSource, WindowsOptions};
 
 pub const KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBHx= nix-winvm\n";
 
@@ -18,8 +18,8 @@ pub fn fixture_repo() -> PathBuf {
     fixtures().join("cygwin-repo")
 }
 
-pub fn image_options(edition: &str, efi: bool, packages: &[&str]) -> WindowsImageOptions {
-    WindowsImageOptions {
+pub fn image_options(edition: &str, efi: bool, packages: &[&str]) -> WindowsOptions {
+    WindowsOptions {
         iso: IsoSource::Fixed { name: "win.iso".into(), sha256: "0".repeat(64) },
         edition: edition.into(),
         product_key: None,

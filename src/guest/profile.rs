@@ -1,0 +1,275 @@
+//! One profile per guest: what differs between the standin and Windows, in one place. The
+//! stages ask the profile for the media, the install boot, the boot that is saved and revived,
+//! the command that maps the controller's shares, and the shell; they never look at which
+//! guest it is.
+
+use super::{standin, windows};
+use crate::spec::{GuestSpec, WindowsOptions};
+use crate::tools::MissingTool;
+use crate::vm::kernel;
+use crate::vm::qemu::{KernelBoot, Machine, E1000E, GUEST_MAC, VIRTIO_NET};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy)]
+pub enum Profile<'a> {
+    Standin,
+    Windows(&'a WindowsOptions),
+}
+
+pub fn profile(guest: &GuestSpec) -> Profile<'_> {
+    match guest {
+        GuestSpec::Standin => Profile::Standin,
+        GuestSpec::Windows(options) => Profile::Windows(options),
+    }
+}
+
+/// What the media stage gives a profile to make its media from.
+pub struct MediaInputs<'a> {
+    pub out: &'a Path,
+    /// The guest kernel's modules (the standin's initramfs carries some).
+    pub modules: &'a Path,
+    /// The image's public key, the one the controller logs in with.
+    pub pubkey: &'a str,
+    pub busybox: &'a Path,
+    pub dropbear: &'a Path,
+    /// Windows: the offline Cygwin repository, if the image names one.
+    pub cygwin_repo: Option<&'a Path>,
+    pub disk_size_mib: u64,
+}
+
+/// How the install stage runs the installer VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Install {
+    pub machine: Machine,
+    pub mac: &'static str,
+    /// The installer powers off when done (the standin), or reboots on its way (Windows).
+    pub no_reboot: bool,
+    /// The serial console line that says the install finished.
+    pub done_line: &'static str,
+}
+
+#[derive(Debug)]
+pub enum ProfileError {
+    Standin(standin::StandinError),
+    Media(windows::media::MediaError),
+    MissingTool(MissingTool),
+    /// Writing a file of the media.
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The image asks for something the profile cannot do yet.
+    Unsupported(&'static str),
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProfileError::Standin(e) => write!(f, "{e}"),
+            ProfileError::Media(e) => write!(f, "{e}"),
+            ProfileError::MissingTool(e) => write!(f, "{e}"),
+            ProfileError::Write { path, source } => write!(f, "writing {}: {source}", path.display()),
+            ProfileError::Unsupported(what) => write!(f, "{what}"),
+        }
+    }
+}
+
+impl std::error::Error for ProfileError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ProfileError::Standin(e) => Some(e),
+            ProfileError::Media(e) => Some(e),
+            ProfileError::MissingTool(e) => Some(e),
+            ProfileError::Write { source, .. } => Some(source),
+            ProfileError::Unsupported(_) => None,
+        }
+    }
+}
+
+/// The standin's initramfs files in the media.
+const STANDIN_INSTALLER: &str = "installer.img";
+const STANDIN_BOOT: &str = "boot.img";
+
+impl Profile<'_> {
+    pub fn name(self) -> &'static str {
+        match self {
+            Profile::Standin => "standin",
+            Profile::Windows(_) => "windows",
+        }
+    }
+
+    /// Writes what the guest installs and boots from into the media; returns the progress line.
+    pub fn write_media(self, m: &MediaInputs) -> Result<String, ProfileError> {
+        match self {
+            Profile::Standin => {
+                let write = |img: crate::initramfs::Initramfs, name: &str| {
+                    let path = m.out.join(name);
+                    img.write_gz_file(&path).map_err(|source| ProfileError::Write { path, source })
+                };
+                let installer =
+                    standin::installer(m.busybox, m.dropbear, m.modules, m.pubkey).map_err(ProfileError::Standin)?;
+                write(installer, STANDIN_INSTALLER)?;
+                write(standin::boot(m.busybox, m.modules).map_err(ProfileError::Standin)?, STANDIN_BOOT)?;
+                Ok("media ready: kernel, installer, boot initramfs, key pair".into())
+            }
+            Profile::Windows(options) => {
+                let tools = windows::media::MediaTools::find().map_err(ProfileError::MissingTool)?;
+                let summary =
+                    windows::media::build_media(options, m.disk_size_mib, m.pubkey, m.cygwin_repo, m.out, &tools)
+                        .map_err(ProfileError::Media)?;
+                Ok(format!(
+                    "windows media ready: autounattend.xml for '{}', answer.img, cygwin.img ({})",
+                    options.edition,
+                    if summary.cygwin_packages_present {
+                        "with Cygwin packages"
+                    } else {
+                        "WITHOUT Cygwin packages: see README.txt"
+                    }
+                ))
+            }
+        }
+    }
+
+    /// Whether the install stage needs the installation ISO (`$iso`).
+    pub fn needs_iso(self) -> bool {
+        matches!(self, Profile::Windows(_))
+    }
+
+    /// The installer VM: from the media onto the blank `disk`. `iso` is there when
+    /// [`Profile::needs_iso`].
+    pub fn install(self, media: &Path, disk: &Path, iso: Option<&Path>) -> Result<Install, ProfileError> {
+        match self {
+            Profile::Standin => Ok(Install {
+                machine: Machine {
+                    boot: Some(linux_boot(media, STANDIN_INSTALLER)),
+                    disk: Some(disk.to_path_buf()),
+                    nic_model: VIRTIO_NET,
+                    extra_args: vec![],
+                },
+                mac: "",
+                no_reboot: true,
+                done_line: standin::INSTALL_DONE,
+            }),
+            Profile::Windows(options) => {
+                if options.efi {
+                    return Err(ProfileError::Unsupported(
+                        "efi = true: the media are made for UEFI, but the install stage boots BIOS firmware (SeaBIOS) only so far; build the image with efi = false",
+                    ));
+                }
+                // Media without Cygwin packages are refused with the way to add them.
+                windows::media::ensure_ready_for_install(media).map_err(ProfileError::Media)?;
+                let iso = iso.ok_or(ProfileError::Unsupported("the Windows install needs the installation ISO"))?;
+                let mut extra_args = windows::media::install_drive_args(media, iso, disk);
+                extra_args.extend(windows_devices());
+                // Setup reboots several times; the bootstrap powers off at the very end. The
+                // card is there, in the slot of the later stages, for the static address to
+                // bind to.
+                Ok(Install {
+                    machine: Machine { boot: None, disk: None, nic_model: E1000E, extra_args },
+                    mac: GUEST_MAC,
+                    no_reboot: false,
+                    done_line: windows::scripts::INSTALL_OK_LINE,
+                })
+            }
+        }
+    }
+
+    /// The installed guest on `disk`, as the suspend stage boots it and every build revives
+    /// it: identical in both, as migration requires.
+    pub fn machine(self, media: &Path, disk: PathBuf) -> Machine {
+        match self {
+            Profile::Standin => Machine {
+                boot: Some(linux_boot(media, STANDIN_BOOT)),
+                disk: Some(disk),
+                nic_model: VIRTIO_NET,
+                extra_args: vec![],
+            },
+            Profile::Windows(_) => {
+                let mut extra_args = windows::media::system_disk_args(&disk);
+                extra_args.extend(windows_devices());
+                Machine { boot: None, disk: None, nic_model: E1000E, extra_args }
+            }
+        }
+    }
+
+    /// The command the suspend stage runs in the guest before saving it.
+    pub fn map_shares_command(self) -> String {
+        match self {
+            // The standin's login shell has just mapped the shares (proving they work); they
+            // are unmapped again so that the snapshot holds no SMB connection to this
+            // controller: a revived client would spend seconds in reconnect back-off, where a
+            // fresh mount at the next login takes a fraction of one.
+            Profile::Standin => "umount /nix/store /tmp/xchg".to_owned(),
+            // net use + Cygwin bind mounts + fstab lines (the historic design's mapping).
+            Profile::Windows(_) => windows::scripts::map_shares_sh(),
+        }
+    }
+
+    /// The shell a build's script runs in: Cygwin's bash, or the standin's busybox sh.
+    pub fn shell(self) -> &'static str {
+        match self {
+            Profile::Standin => "/bin/sh",
+            Profile::Windows(_) => "/bin/bash",
+        }
+    }
+}
+
+fn linux_boot(media: &Path, initrd: &str) -> KernelBoot {
+    KernelBoot { kernel: kernel::bootable(media), initrd: media.join(initrd), append: kernel::APPEND.into() }
+}
+
+/// Devices every Windows stage has, in the same slots: a display adapter (Windows expects
+/// one) shown nowhere.
+fn windows_devices() -> Vec<std::ffi::OsString> {
+    vec!["-vga".into(), "std".into()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_standin_installs_from_its_installer_and_boots_its_disk() {
+        let media = Path::new("/m");
+        let install = Profile::Standin.install(media, Path::new("/d.qcow2"), None).unwrap();
+        assert_eq!(install.machine.boot.as_ref().unwrap().initrd, Path::new("/m/installer.img"));
+        assert_eq!(install.machine.disk.as_deref(), Some(Path::new("/d.qcow2")));
+        assert!(install.no_reboot);
+        let boot = Profile::Standin.machine(media, "/o.qcow2".into());
+        assert_eq!(boot.boot.unwrap().initrd, Path::new("/m/boot.img"));
+        assert_eq!(Profile::Standin.shell(), "/bin/sh");
+        assert!(!Profile::Standin.needs_iso());
+    }
+
+    #[test]
+    fn windows_boots_its_system_disk_from_the_firmware_with_a_display() {
+        let guest = GuestSpec::Windows(WindowsOptions::new("Windows 11 Pro"));
+        let profile = profile(&guest);
+        let m = profile.machine(Path::new("/m"), "/d,x.qcow2".into());
+        assert_eq!(m.boot, None);
+        assert_eq!(m.nic_model, E1000E);
+        let args: Vec<String> = m.extra_args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            args,
+            [
+                "-drive",
+                "if=none,id=winvm-system,file=/d,,x.qcow2,format=qcow2,cache=writeback",
+                "-device",
+                "ide-hd,drive=winvm-system,bus=ide.0,bootindex=0",
+                "-vga",
+                "std"
+            ]
+        );
+        assert_eq!(profile.shell(), "/bin/bash");
+        assert!(profile.needs_iso());
+    }
+
+    #[test]
+    fn a_uefi_windows_image_is_refused_before_the_install() {
+        let mut options = WindowsOptions::new("Windows 11 Pro");
+        options.efi = true;
+        let err = Profile::Windows(&options).install(Path::new("/m"), Path::new("/d"), None).unwrap_err();
+        assert!(err.to_string().starts_with("efi = true: the media are made for UEFI"), "{err}");
+    }
+}

@@ -1,0 +1,74 @@
+//! What a session is asked to do: the two VMs' boots, the command, and what follows it.
+
+use crate::spec::Accel;
+use crate::tools::Tools;
+use crate::vm::qemu::Machine;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A directory of the host that the guest sees at `guest_path`, through the controller.
+#[derive(Debug, Clone)]
+pub struct ExtraShare {
+    pub name: String,
+    pub host_path: PathBuf,
+    pub guest_path: String,
+}
+
+/// How the guest starts: its machine (from its profile) booted cold, or revived from a state
+/// file into the same machine.
+#[derive(Debug, Clone)]
+pub struct GuestBoot {
+    pub machine: Machine,
+    /// A state file to revive from (validated by the caller).
+    pub revive_from: Option<PathBuf>,
+}
+
+/// What happens to the guest once the command succeeded.
+#[derive(Debug, Clone)]
+pub enum After {
+    Quit,
+    /// Save the guest's memory into `path` (the image's state file).
+    Suspend {
+        path: PathBuf,
+        guest: String,
+    },
+}
+
+/// How the controller starts. Its initramfs is the same for every session, so an image can
+/// carry a saved controller that builds revive instead of booting.
+#[derive(Debug, Clone, Default)]
+pub struct ControllerBoot {
+    /// A prebuilt controller initramfs (the media's); None: made for this session.
+    pub initrd: Option<PathBuf>,
+    pub revive_from: Option<PathBuf>,
+    /// Save the controller, waiting for its session, into this state file (suspend stage).
+    pub save_to: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub timeout: Duration,
+    /// Where the session keeps its files; must exist, short enough for unix socket paths.
+    pub work: PathBuf,
+    /// Kernel and modules of the controller.
+    pub kernel: PathBuf,
+    pub modules_dir: PathBuf,
+    pub guest: GuestBoot,
+    pub controller: ControllerBoot,
+    /// The private key that opens the guest.
+    pub key_file: PathBuf,
+    /// The command line run by the guest's shell.
+    pub command: String,
+    /// Set the guest's clock first: a revived guest's clock lags by the time since the save.
+    pub set_clock: bool,
+    pub after: After,
+    pub store_dir: PathBuf,
+    pub store_writable: bool,
+    pub extra_shares: Vec<ExtraShare>,
+    pub tools: Tools,
+    /// This program, run as the controller's agent and as QEMU's state reader and writer.
+    pub agent: PathBuf,
+}

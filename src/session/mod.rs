@@ -1,0 +1,375 @@
+//! One build's VMs on the host: the switch, the guest and the controller, the command's output
+//! streamed into the build log, the verdict read from the exchange directory, and everything
+//! torn down in reverse start order on every path.
+//!
+//! The lifecycle, in order: [`prepare`](prepare::prepare) the files; start the switch, then
+//! both QEMUs; revive each VM from its state file or boot it (the suspend stage then saves the
+//! controller waiting for its session); send the controller its session line; [`watch`] the
+//! pair until the controller reports the command's verdict; save the guest when asked
+//! ([`After::Suspend`]); tear down. Each wait has its own deadline and its own error; the
+//! build's time-out and the signals Nix sends bound the whole.
+
+mod config;
+mod error;
+mod prepare;
+mod snapshot;
+pub mod watch;
+
+pub use config::{After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig};
+pub use error::RunError;
+pub use snapshot::{qemu_version, state_reader_uri, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
+
+use crate::controller::{self, agent::Verdict};
+use crate::vm::process::{describe_status, ProcessGuard};
+use crate::vm::qemu::{Export, KernelBoot, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC, VIRTIO_NET};
+use crate::vm::qmp::{self, Qmp};
+use crate::vm::state::StateHeader;
+use crate::vm::vde::VdeSwitch;
+use crate::vm::wait::{wait_until, Deadline};
+use crate::vm::{tail_lines, LOG_TAIL_LINES};
+use error::io;
+use prepare::Files;
+use std::cell::Cell;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::Command;
+use tokio::signal::unix::{signal, SignalKind};
+use watch::{Failure, Phase, Seen, Step};
+
+/// A QEMU's QMP socket answering; the controller's init reaching its session prompt.
+pub const QEMU_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Writing the session line into the controller's second serial port.
+pub const SESSION_LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a killed process group may take to disappear after teardown.
+pub const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the watch loop looks at the pair and pumps the command's output.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Where a session reports its progress: the builder prints it into the build log.
+pub trait Report {
+    fn say(&self, line: &str);
+}
+
+fn spawn_qemu(cfg: &SessionConfig, vm: &VmConfig, log: &Path) -> Result<ProcessGuard, RunError> {
+    let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
+    let err = out.try_clone().map_err(io(format!("creating {}", log.display())))?;
+    let mut cmd = Command::new(&cfg.tools.qemu);
+    cmd.args(vm.args()).stdin(Stdio::null()).stdout(out).stderr(err);
+    ProcessGuard::spawn(&vm.name, cmd).map_err(RunError::Spawn)
+}
+
+async fn qmp_up(name: &str, guard: &mut ProcessGuard, sock: &Path, log: &Path) -> Result<Qmp, RunError> {
+    let not_up =
+        |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
+    tokio::select! {
+        r = Qmp::connect(sock, QEMU_UP_TIMEOUT) => r.map_err(|e| not_up(e.to_string())),
+        s = guard.wait() => Err(not_up(format!("QEMU exited with {}", describe_status(s)))),
+    }
+}
+
+/// Streams new bytes of the output log to stderr.
+struct Tail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Tail {
+    fn pump(&mut self) {
+        let Ok(mut f) = std::fs::File::open(&self.path) else { return };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        if let Ok(n) = f.read_to_end(&mut buf) {
+            if n > 0 {
+                self.offset += n as u64;
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(&buf);
+                let _ = err.flush();
+            }
+        }
+    }
+}
+
+/// Runs the command in a fresh guest. On every path, the VMs and the switch are gone when this
+/// returns.
+pub async fn run(cfg: &SessionConfig, report: &dyn Report) -> Result<Verdict, RunError> {
+    let mut term = signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?;
+    let deadline = tokio::time::sleep(cfg.timeout);
+    tokio::pin!(deadline);
+    // What the session was doing, for the time-out's message.
+    let doing = Cell::new("preparing the session's files");
+    let work = async {
+        let files = prepare::prepare(cfg)?;
+        report.say("controller initramfs ready");
+        run_prepared(cfg, &files, report, &doing).await
+    };
+    tokio::select! {
+        r = work => r,
+        _ = &mut deadline => Err(RunError::Timeout { secs: cfg.timeout.as_secs(), during: doing.get() }),
+        _ = term.recv() => Err(RunError::Interrupted { signal: "SIGTERM" }),
+        _ = int.recv() => Err(RunError::Interrupted { signal: "SIGINT" }),
+    }
+    // Dropping the `work` future drops every guard it owns: QEMUs and switch killed and reaped.
+}
+
+/// The guest's and the controller's QEMU configurations, on `switch`.
+fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, VmConfig) {
+    let w = &cfg.work;
+    let guest = VmConfig {
+        name: "guest".into(),
+        accel: cfg.accel,
+        memory_mib: cfg.memory_mib,
+        cpus: cfg.cpus,
+        boot: cfg.guest.machine.boot.clone(),
+        nic_model: cfg.guest.machine.nic_model,
+        extra_args: cfg.guest.machine.extra_args.clone(),
+        no_reboot: true,
+        serial_log: files.guest_serial.clone(),
+        vde_ctl: Some(switch.to_path_buf()),
+        mac: GUEST_MAC.into(),
+        qmp: Some(w.join("guest-qmp.sock")),
+        exports: vec![],
+        disk: cfg.guest.machine.disk.clone(),
+        // Deferred: the state file is checked against this QEMU's version before it loads.
+        incoming: cfg.guest.revive_from.as_ref().map(|_| "defer".to_owned()),
+    };
+    let mut exports = vec![
+        Export { tag: "root".into(), path: "/".into(), readonly: true },
+        Export { tag: "store".into(), path: cfg.store_dir.clone(), readonly: !cfg.store_writable },
+        Export { tag: "xchg".into(), path: files.xchg.clone(), readonly: false },
+    ];
+    for (i, s) in cfg.extra_shares.iter().enumerate() {
+        exports.push(Export { tag: format!("share{i}"), path: s.host_path.clone(), readonly: false });
+    }
+    let controller = VmConfig {
+        name: "controller".into(),
+        accel: cfg.accel,
+        memory_mib: CONTROLLER_MEMORY_MIB,
+        cpus: 1,
+        boot: Some(KernelBoot {
+            kernel: cfg.kernel.clone(),
+            initrd: files.controller_initrd.clone(),
+            append: crate::vm::kernel::APPEND.into(),
+        }),
+        nic_model: VIRTIO_NET,
+        // ttyS1: where the session arrives.
+        extra_args: vec![
+            "-chardev".into(),
+            format!("socket,id=session,path={},server=on,wait=off", w.join("controller-session.sock").display()).into(),
+            "-device".into(),
+            "isa-serial,chardev=session".into(),
+        ],
+        no_reboot: true,
+        serial_log: files.controller_serial.clone(),
+        vde_ctl: Some(switch.to_path_buf()),
+        mac: CONTROLLER_MAC.into(),
+        qmp: Some(w.join("controller-qmp.sock")),
+        exports,
+        disk: None,
+        incoming: cfg.controller.revive_from.as_ref().map(|_| "defer".to_owned()),
+    };
+    (guest, controller)
+}
+
+/// The processes of a session, in start order; dropped in reverse, each guard killing and
+/// reaping its group.
+struct Pair {
+    switch: VdeSwitch,
+    guest: ProcessGuard,
+    controller: ProcessGuard,
+}
+
+async fn run_prepared(
+    cfg: &SessionConfig,
+    files: &Files,
+    report: &dyn Report,
+    doing: &Cell<&'static str>,
+) -> Result<Verdict, RunError> {
+    let w = &cfg.work;
+    doing.set("starting the switch");
+    let switch = VdeSwitch::start(&cfg.tools.vde_switch, w).await.map_err(RunError::Switch)?;
+    report.say("switch up");
+    let (guest_vm, controller_vm) = vm_configs(cfg, files, &switch.ctl);
+    let guest_log = w.join("guest-qemu.log");
+    let controller_log = w.join("controller-qemu.log");
+    prepare::write_run_vm_script(cfg, &guest_vm, &controller_vm);
+    doing.set("starting the VMs");
+    let guest = spawn_qemu(cfg, &guest_vm, &guest_log)?;
+    let controller = spawn_qemu(cfg, &controller_vm, &controller_log)?;
+    let mut pair = Pair { switch, guest, controller };
+    let mut guest_qmp = qmp_up("guest", &mut pair.guest, &w.join("guest-qmp.sock"), &guest_log).await?;
+    report.say("guest up");
+    let mut ctl_qmp =
+        qmp_up("controller", &mut pair.controller, &w.join("controller-qmp.sock"), &controller_log).await?;
+    report.say("controller up");
+    if let Some(state) = &cfg.guest.revive_from {
+        doing.set("reviving the guest");
+        snapshot::revive(cfg, "guest", state, cfg.memory_mib, &mut guest_qmp, &mut pair.guest, &guest_log).await?;
+        report.say("guest revived");
+    }
+    if let Some(state) = &cfg.controller.revive_from {
+        doing.set("reviving the controller");
+        let (qmp, vm) = (&mut ctl_qmp, &mut pair.controller);
+        snapshot::revive(cfg, "controller", state, CONTROLLER_MEMORY_MIB, qmp, vm, &controller_log).await?;
+        report.say("controller revived");
+    } else {
+        doing.set("booting the controller");
+        controller_waiting(files, &mut pair.controller).await?;
+        if let Some(path) = &cfg.controller.save_to {
+            doing.set("saving the controller");
+            let header = StateHeader {
+                qemu_version: qemu_version(&ctl_qmp),
+                memory_mib: CONTROLLER_MEMORY_MIB,
+                guest: "controller".into(),
+            };
+            snapshot::save(cfg, &mut ctl_qmp, path, &header).await?;
+            ctl_qmp.execute(&qmp::Cont).await.map_err(|source| RunError::Qmp {
+                vm: "controller".into(),
+                step: "continuing",
+                source,
+            })?;
+            report.say("controller saved while waiting for its session");
+        }
+    }
+    doing.set("sending the controller its session");
+    let _session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
+
+    let verdict = watch_pair(files, &mut pair, report, doing).await?;
+    if let (After::Suspend { path, guest: guest_name }, Verdict::Exited(0)) = (&cfg.after, &verdict) {
+        let header = StateHeader {
+            qemu_version: qemu_version(&guest_qmp),
+            memory_mib: cfg.memory_mib,
+            guest: guest_name.clone(),
+        };
+        doing.set("saving the guest's memory");
+        snapshot::save(cfg, &mut guest_qmp, path, &header).await?;
+        report.say(&format!("guest memory saved to {}", path.display()));
+    }
+    doing.set("stopping the VMs");
+    // The guest has nothing left to do: stop it without a shutdown dance.
+    let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&qmp::Quit)).await;
+    teardown(&mut pair).await?;
+    Ok(verdict)
+}
+
+/// A booted controller prints its marker, then waits for its session line.
+async fn controller_waiting(files: &Files, controller: &mut ProcessGuard) -> Result<(), RunError> {
+    let marker = controller::WAITING_MARKER;
+    let serial = &files.controller_serial;
+    let what = format!("the controller's init ('{marker}')");
+    let waited = tokio::select! {
+        r = wait_until(&what, QEMU_UP_TIMEOUT, || {
+            let seen = std::fs::read_to_string(serial).map(|t| t.contains(marker)).unwrap_or(false);
+            async move { seen.then_some(()) }
+        }) => r.map_err(|e| e.to_string()),
+        s = controller.wait() => Err(format!("QEMU ended with {}", describe_status(s))),
+    };
+    waited.map_err(|detail| RunError::QemuNotUp {
+        name: "controller".into(),
+        detail,
+        log_tail: tail_lines(serial, LOG_TAIL_LINES),
+    })
+}
+
+/// Drives [`watch::Phase`] with what the pair does until the controller has the verdict,
+/// streaming the command's output into the build log meanwhile. Bounded by the build's
+/// time-out, which [`run`] keeps.
+async fn watch_pair(
+    files: &Files,
+    pair: &mut Pair,
+    report: &dyn Report,
+    doing: &Cell<&'static str>,
+) -> Result<Verdict, RunError> {
+    let mut tail = Tail { path: files.xchg.join(controller::OUTPUT_LOG), offset: 0 };
+    let ssh_ready_file = files.xchg.join(controller::WAITING_DONE);
+    let exit_file = files.xchg.join(controller::EXIT_FILE);
+    let mut phase = Phase::Connecting;
+    doing.set(phase.doing());
+    loop {
+        tail.pump();
+        let mut seen = Seen {
+            ssh_ready: phase != Phase::Connecting || ssh_ready_file.exists(),
+            guest_exit: pair.guest.try_exited(),
+            controller_exit: pair.controller.try_exited(),
+            exit_file: None,
+        };
+        if phase.needs_exit_file(&seen) {
+            tail.pump();
+            seen.exit_file = std::fs::read_to_string(&exit_file).ok();
+        }
+        let failure = match phase.step(&seen, Instant::now()) {
+            Step::Wait(next) => {
+                if phase == Phase::Connecting && next != Phase::Connecting {
+                    report.say("ssh ready");
+                }
+                phase = next;
+                doing.set(phase.doing());
+                tokio::time::sleep(WATCH_INTERVAL).await;
+                continue;
+            }
+            Step::Done(verdict) => return Ok(verdict),
+            Step::Fail(failure) => failure,
+        };
+        let guest_tail = || tail_lines(&files.guest_serial, LOG_TAIL_LINES);
+        let controller_tail = || tail_lines(&files.controller_serial, LOG_TAIL_LINES);
+        return Err(match failure {
+            Failure::GuestDroppedOut(s) => {
+                RunError::GuestDroppedOut { status: describe_status(s), log_tail: guest_tail() }
+            }
+            Failure::GuestDied(s) => RunError::GuestDied { status: describe_status(s), log_tail: guest_tail() },
+            Failure::ControllerDied(s) => {
+                RunError::ControllerDied { status: describe_status(s), log_tail: controller_tail() }
+            }
+            Failure::NoExitCode => RunError::NoExitCode { log_tail: controller_tail() },
+            Failure::Agent(message) => RunError::Agent { message, log_tail: guest_tail() },
+        });
+    }
+}
+
+/// Stops the pair in reverse start order (controller, guest, switch); then each group must be
+/// gone, or the survivors are named.
+async fn teardown(pair: &mut Pair) -> Result<(), RunError> {
+    for guard in [&mut pair.controller, &mut pair.guest, &mut pair.switch.guard] {
+        guard.shutdown(Duration::from_secs(2)).await;
+    }
+    for guard in [&pair.controller, &pair.guest, &pair.switch.guard] {
+        let name = guard.name().to_owned();
+        wait_until(&format!("the {name}'s processes to end"), TEARDOWN_TIMEOUT, || {
+            let left = guard.survivors();
+            async move { left.is_empty().then_some(()) }
+        })
+        .await
+        .map_err(|_| RunError::Survived { name, processes: describe_processes(&guard.survivors()) })?;
+    }
+    Ok(())
+}
+
+fn describe_processes(ps: &[(i32, String)]) -> String {
+    ps.iter().map(|(pid, name)| format!("{name} (pid {pid})")).collect::<Vec<_>>().join(", ")
+}
+
+/// Sends the session line, with the host's clock (a revived controller's lags); the returned
+/// connection must stay open while the session runs, so that QEMU can hand the line over as
+/// the controller reads it.
+async fn send_session(sock: &Path, line: &str) -> Result<tokio::net::UnixStream, RunError> {
+    use tokio::io::AsyncWriteExt;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let line = format!("NOW={now} {line}");
+    let port = |source| RunError::SessionPort { path: sock.to_path_buf(), source };
+    let deadline = Deadline::new(
+        format!("the controller's session port {} to take the line", sock.display()),
+        SESSION_LINE_TIMEOUT,
+    );
+    let send = async {
+        let mut s = tokio::net::UnixStream::connect(sock).await.map_err(port)?;
+        s.write_all(line.as_bytes()).await.map_err(port)?;
+        Ok(s)
+    };
+    tokio::time::timeout(deadline.remaining(), send)
+        .await
+        .map_err(|_| RunError::SessionLineTimeout(deadline.timed_out()))?
+}

@@ -1,0 +1,110 @@
+//! A session's files, written before any process starts: the exchange directory with the
+//! key and the agent's configuration, the controller's session line, and the `run-vm` script
+//! that starts the same pair again by hand.
+
+use super::error::{io, RunError};
+use super::SessionConfig;
+use crate::controller::{self, AgentConfig, Mount, Share};
+use crate::guest::{GUEST_IP, SSH_USER};
+use crate::vm::qemu::VmConfig;
+use std::path::PathBuf;
+
+pub(super) struct Files {
+    pub xchg: PathBuf,
+    pub run: PathBuf,
+    pub controller_initrd: PathBuf,
+    /// The line the controller's init waits for on ttyS1.
+    pub session_line: String,
+    pub guest_serial: PathBuf,
+    pub controller_serial: PathBuf,
+}
+
+pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
+    let w = &cfg.work;
+    let mut files = Files {
+        xchg: w.join("xchg"),
+        run: w.join("run"),
+        controller_initrd: cfg.controller.initrd.clone().unwrap_or_else(|| w.join("controller-initrd.img")),
+        session_line: String::new(),
+        guest_serial: w.join("guest-serial.log"),
+        controller_serial: w.join("controller-serial.log"),
+    };
+    for d in [&files.xchg, &files.run] {
+        std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
+    }
+    let key = files.xchg.join("key");
+    std::fs::copy(&cfg.key_file, &key).map_err(io(format!("copying the key {}", cfg.key_file.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(io("making the key private"))?;
+    }
+
+    let mut mounts = vec![
+        Mount { tag: "store".into(), at: cfg.store_dir.clone() },
+        Mount { tag: "xchg".into(), at: files.xchg.clone() },
+    ];
+    let mut shares = vec![
+        Share { name: "nixstore".into(), path: cfg.store_dir.clone() },
+        Share { name: "xchg".into(), path: files.xchg.clone() },
+    ];
+    let mut share_list = String::new();
+    for (i, s) in cfg.extra_shares.iter().enumerate() {
+        mounts.push(Mount { tag: format!("share{i}"), at: s.host_path.clone() });
+        shares.push(Share { name: s.name.clone(), path: s.host_path.clone() });
+        share_list.push_str(&format!("{} {}\n", s.name, s.guest_path));
+    }
+    std::fs::write(files.xchg.join("shares"), share_list).map_err(io("writing the share list"))?;
+    files.session_line = controller::session_line(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg)
+        .map_err(RunError::SessionLine)?;
+    if cfg.controller.initrd.is_none() {
+        let ctl = controller::initramfs(&cfg.tools.busybox, &cfg.modules_dir).map_err(RunError::ControllerInit)?;
+        ctl.write_gz_file(&files.controller_initrd)
+            .map_err(io(format!("writing {}", files.controller_initrd.display())))?;
+    }
+
+    let agent = AgentConfig {
+        shares,
+        xchg: files.xchg.clone(),
+        run_dir: files.run.clone(),
+        smbd: cfg.tools.smbd.clone(),
+        guest_addr: format!("{GUEST_IP}:22"),
+        user: SSH_USER.into(),
+        key_file: key,
+        command: cfg.command.clone(),
+        set_clock: cfg.set_clock,
+        ssh_timeout_secs: cfg.timeout.as_secs().max(1),
+    };
+    let json = serde_json::to_string_pretty(&agent).map_err(|e| io("the agent's configuration")(e.into()))?;
+    std::fs::write(files.xchg.join(controller::AGENT_CONFIG), json).map_err(io("writing the agent's configuration"))?;
+    Ok(files)
+}
+
+/// `run-vm` in the work directory starts the same pair by hand, for `-K` debugging.
+pub(super) fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
+    let q = |a: &std::ffi::OsStr| crate::shell::quote(&a.to_string_lossy());
+    let line = |vm: &VmConfig| {
+        let mut s = q(cfg.tools.qemu.as_os_str());
+        for a in vm.args() {
+            s.push(' ');
+            s.push_str(&q(&a));
+        }
+        s
+    };
+    let ctl_sock = guest.vde_ctl.clone().unwrap_or_default();
+    let script = format!(
+        "#!/bin/sh\n# Starts this session's VDE switch and both VMs again (nix-winvm -K, nix-build -K).\n\
+         # A VM started with -incoming defer waits for migrate-incoming on its QMP socket; the\n\
+         # controller waits for its session line on controller-session.sock.\ncd {}\n{} -s {} -M {} --dirmode 0700 -d\n{} &\n{} &\nwait\n",
+        crate::shell::quote(&cfg.work.display().to_string()),
+        q(cfg.tools.vde_switch.as_os_str()),
+        q(ctl_sock.as_os_str()),
+        crate::shell::quote(&cfg.work.join("vde.mgmt").display().to_string()),
+        line(guest),
+        line(ctl)
+    );
+    let path = cfg.work.join("run-vm");
+    if std::fs::write(&path, script).is_ok() {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755));
+    }
+}

@@ -1,0 +1,269 @@
+//! The typed specs of an image and of a build.
+//!
+//! The plugin validates the user's Nix attributes into these types at evaluation time and
+//! stores them as JSON in the derivation's environment (`winvmImageSpec`, `winvmBuildSpec`);
+//! the builder parses the same JSON again, so a hand-edited .drv is refused the same way.
+
+mod windows;
+
+pub use windows::{is_cygwin_package_name, kms_client_key, WindowsOptions, WindowsOptionsError, MIN_DISK_SIZE_MIB};
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Default memory of the standin guest: a busybox system is happy with little.
+pub const STANDIN_MEMORY_MIB: u32 = 256;
+/// Default memory of a Windows guest: Windows 11 setup refuses less than 4 GiB without the
+/// LabConfig bypass, and builds (MSVC, MinGW) want room.
+pub const WINDOWS_MEMORY_MIB: u32 = 4096;
+pub const STANDIN_CPUS: u32 = 1;
+pub const WINDOWS_CPUS: u32 = 2;
+/// Sparse qcow2, so a generous size costs nothing until written.
+pub const WINDOWS_DISK_SIZE_MIB: u64 = 65536;
+pub const STANDIN_DISK_SIZE_MIB: u64 = 256;
+pub const DEFAULT_TIMEOUT_SECS: u64 = 3600;
+pub const DEFAULT_LOCALE: &str = "en-US";
+/// The store the guest sees through the `nixstore` share.
+pub const STORE_DIR: &str = "/nix/store";
+
+/// The VM network's fixed addresses (the historic design's): the guest, and the controller that
+/// serves it the shares. Shell text names them `@GUEST_IP@` and `@CONTROLLER_IP@`.
+pub const GUEST_IP: &str = "192.168.0.1";
+pub const CONTROLLER_IP: &str = "192.168.0.2";
+
+/// `text` with the address placeholders filled in from the constants.
+pub fn with_addresses(text: &str) -> String {
+    text.replace("@GUEST_IP@", GUEST_IP).replace("@CONTROLLER_IP@", CONTROLLER_IP)
+}
+/// Where scripts/setup puts the guest kernel (and the builder its PVH cache) on the host.
+pub const DEFAULT_CACHE: &str = "/var/cache/nix-winvm";
+
+/// Bounds that catch typos (a memory size in bytes, a timeout in milliseconds) early.
+pub const MEMORY_MIB_RANGE: (i64, i64) = (64, 1 << 20);
+pub const CPUS_RANGE: (i64, i64) = (1, 256);
+pub const TIMEOUT_SECS_RANGE: (i64, i64) = (1, 7 * 24 * 3600);
+pub const DISK_SIZE_MIB_RANGE: (i64, i64) = (64, 64 << 20);
+
+/// Which guest an image runs, with that guest's own options: the one place the two differ in
+/// a spec. What each guest does with them is its profile (src/guest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestSpec {
+    Windows(WindowsOptions),
+    Standin,
+}
+
+impl GuestSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            GuestSpec::Windows(_) => "windows",
+            GuestSpec::Standin => "standin",
+        }
+    }
+
+    /// Memory, CPUs and disk size (MiB, count, MiB) when the user gives none.
+    pub fn defaults(&self) -> (u32, u32, u64) {
+        match self {
+            GuestSpec::Windows(_) => (WINDOWS_MEMORY_MIB, WINDOWS_CPUS, WINDOWS_DISK_SIZE_MIB),
+            GuestSpec::Standin => (STANDIN_MEMORY_MIB, STANDIN_CPUS, STANDIN_DISK_SIZE_MIB),
+        }
+    }
+
+    pub fn windows(&self) -> Option<&WindowsOptions> {
+        match self {
+            GuestSpec::Windows(options) => Some(options),
+            GuestSpec::Standin => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Where the Windows installation ISO comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub enum IsoSource {
+    /// A path the user gave; Nix copies it into the store.
+    Path,
+    /// `{ name; sha256; }`: a fixed-output store path the user adds with `nix-store --add-fixed`.
+    Fixed { name: String, sha256: String },
+}
+
+/// Everything that decides what an image is. Two images with equal specs are interchangeable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ImageSpec {
+    pub guest: GuestSpec,
+    pub memory_mib: u32,
+    pub cpus: u32,
+    pub accel: Accel,
+    pub timeout_secs: u64,
+    pub disk_size_mib: u64,
+}
+
+impl ImageSpec {
+    /// An image of `guest` with that guest's defaults.
+    pub fn new(guest: GuestSpec) -> ImageSpec {
+        let (memory_mib, cpus, disk_size_mib) = guest.defaults();
+        ImageSpec { guest, memory_mib, cpus, accel: Accel::Kvm, timeout_secs: DEFAULT_TIMEOUT_SECS, disk_size_mib }
+    }
+
+    pub fn standin() -> ImageSpec {
+        ImageSpec::new(GuestSpec::Standin)
+    }
+
+    /// The checks the plugin runs at evaluation; the builder runs them again on the spec it
+    /// parses, so a hand-edited derivation is refused with the same words.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_range("memory", self.memory_mib as i64, "MiB", MEMORY_MIB_RANGE)?;
+        check_range("cpus", self.cpus as i64, "count", CPUS_RANGE)?;
+        check_range("timeout", self.timeout_secs as i64, "seconds", TIMEOUT_SECS_RANGE)?;
+        check_range("diskSize", self.disk_size_mib.min(i64::MAX as u64) as i64, "MiB", DISK_SIZE_MIB_RANGE)?;
+        if let GuestSpec::Windows(options) = &self.guest {
+            options.validate(self.disk_size_mib).map_err(SpecError::Windows)?;
+        }
+        Ok(())
+    }
+}
+
+/// A spec that parsed but says something impossible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecError {
+    OutOfRange { attr: &'static str, value: i64, unit: &'static str, range: (i64, i64) },
+    Windows(WindowsOptionsError),
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SpecError::OutOfRange { attr, value, unit, range } => {
+                write!(f, "attribute '{attr}' must be between {} and {} ({unit}), got {value}", range.0, range.1)
+            }
+            SpecError::Windows(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+/// `value` of the attribute `attr` within `range`.
+pub fn check_range(attr: &'static str, value: i64, unit: &'static str, range: (i64, i64)) -> Result<(), SpecError> {
+    if (range.0..=range.1).contains(&value) {
+        Ok(())
+    } else {
+        Err(SpecError::OutOfRange { attr, value, unit, range })
+    }
+}
+
+/// A build revived from an image. Memory and CPUs are the image's: a memory snapshot can only
+/// be revived into a VM of the same shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BuildSpec {
+    pub image: ImageSpec,
+    pub timeout_secs: u64,
+    /// Set by `runInWindowsVM`: run the original builder with its arguments instead of `script`.
+    pub run_original_builder: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecJsonError {
+    pub what: &'static str,
+    pub detail: String,
+}
+
+impl fmt::Display for SpecJsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {} (was the derivation written by another nix-winvm version?): {}", self.what, self.detail)
+    }
+}
+
+impl std::error::Error for SpecJsonError {}
+
+/// Parses and validates an image spec.
+pub fn image_spec_from_json(s: &str) -> Result<ImageSpec, SpecJsonError> {
+    let what = "image spec";
+    let spec: ImageSpec = serde_json::from_str(s).map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
+    spec.validate().map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
+    Ok(spec)
+}
+
+/// Parses and validates a build spec, its image's spec included.
+pub fn build_spec_from_json(s: &str) -> Result<BuildSpec, SpecJsonError> {
+    let what = "build spec";
+    let spec: BuildSpec = serde_json::from_str(s).map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
+    spec.image.validate().map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
+    check_range("timeout", spec.timeout_secs as i64, "seconds", TIMEOUT_SECS_RANGE)
+        .map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
+    Ok(spec)
+}
+
+pub fn to_json<T: Serialize>(v: &T) -> String {
+    // Serializing these plain structs cannot fail; fall back to an empty object rather than panic.
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_text_gets_the_addresses_from_the_constants() {
+        assert_eq!(
+            with_addresses("ip addr add @GUEST_IP@/24; //@CONTROLLER_IP@/x"),
+            "ip addr add 192.168.0.1/24; //192.168.0.2/x"
+        );
+    }
+
+    #[test]
+    fn image_spec_round_trips_and_rejects_unknown_fields() {
+        let spec = ImageSpec::standin();
+        let json = to_json(&spec);
+        assert_eq!(image_spec_from_json(&json).unwrap(), spec);
+        let bad = json.replacen('{', "{\"colour\":1,", 1);
+        let err = image_spec_from_json(&bad).unwrap_err().to_string();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn a_parsed_spec_is_validated_like_the_plugins() {
+        let mut spec = ImageSpec::new(GuestSpec::Windows(WindowsOptions::new("Windows 11 Pro")));
+        spec.disk_size_mib = 1024;
+        assert_eq!(
+            image_spec_from_json(&to_json(&spec)).unwrap_err().to_string(),
+            "invalid image spec (was the derivation written by another nix-winvm version?): \
+             attribute 'diskSize' (1024 MiB) is below the 32768 MiB Windows needs"
+        );
+        let mut spec = ImageSpec::standin();
+        spec.memory_mib = 3;
+        let build = BuildSpec { image: spec, timeout_secs: 5, run_original_builder: false };
+        assert_eq!(
+            build_spec_from_json(&to_json(&build)).unwrap_err().detail,
+            "attribute 'memory' must be between 64 and 1048576 (MiB), got 3"
+        );
+    }
+
+    #[test]
+    fn the_guest_and_its_options_are_one_value() {
+        let windows = ImageSpec::new(GuestSpec::Windows(WindowsOptions::new("Windows 11 Pro")));
+        let json = to_json(&windows);
+        assert!(json.starts_with(r#"{"guest":{"windows":{"iso":"path","edition":"Windows 11 Pro","#), "{json}");
+        assert_eq!(image_spec_from_json(&json).unwrap(), windows);
+        assert_eq!(to_json(&ImageSpec::standin().guest), r#""standin""#);
+        assert_eq!((windows.memory_mib, windows.disk_size_mib), (WINDOWS_MEMORY_MIB, WINDOWS_DISK_SIZE_MIB));
+    }
+}
