@@ -194,7 +194,7 @@ fn flag<'a>(args: &'a [String], name: &str) -> Result<&'a str, BuilderError> {
         .ok_or_else(|| BuilderError::Usage(format!("missing {name}")))
 }
 
-/// QEMU's `migrate exec:` end: the migration stream on stdin, into a state file.
+/// The saving end of QEMU's migration: the stream on stdin, into a state file.
 fn state_write(args: &[String]) -> Result<i32, BuilderError> {
     let header = crate::vm::state::StateHeader {
         qemu_version: flag(args, "--qemu-version")?.to_owned(),
@@ -209,7 +209,8 @@ fn state_write(args: &[String]) -> Result<i32, BuilderError> {
     Ok(0)
 }
 
-/// QEMU's `-incoming exec:` end: the state file, checked and inflated, on stdout. With
+/// The loading end of QEMU's incoming migration: the state file, checked and inflated, on
+/// stdout. With
 /// `--error-to FILE`, a refusal is also left in FILE for the session (QEMU only sees the
 /// stream end).
 fn state_read(args: &[String]) -> Result<i32, BuilderError> {

@@ -67,8 +67,13 @@ pub enum RunError {
         step: &'static str,
         source: QmpError,
     },
-    /// QEMU reported the save complete, but the state file never appeared.
+    /// QEMU reported the save complete, but the state writer did not finish.
     StateWriter(TimedOut),
+    /// The state writer failed (its own error is above it in the build log).
+    StateWriterFailed {
+        name: String,
+        status: String,
+    },
     /// A process of the session outlived its teardown.
     Survived {
         name: String,
@@ -131,7 +136,10 @@ impl fmt::Display for RunError {
             }
             RunError::State(e) => write!(f, "{e}"),
             RunError::Qmp { vm, step, source } => write!(f, "{step} the {vm}: {source}"),
-            RunError::StateWriter(e) => write!(f, "saving the guest's memory: {e}"),
+            RunError::StateWriter(e) => write!(f, "saving a VM's memory: {e}"),
+            RunError::StateWriterFailed { name, status } => {
+                write!(f, "saving the {name}'s memory: the state writer ended with {status}")
+            }
             RunError::Survived { name, processes } => {
                 write!(f, "after the session ended, the {name}'s processes were still running: {processes}")
             }

@@ -17,7 +17,7 @@ pub mod watch;
 
 pub use config::{After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig};
 pub use error::RunError;
-pub use snapshot::{qemu_version, state_reader_uri, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
+pub use snapshot::{qemu_version, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
 
 use crate::controller::{self, agent::Verdict};
 use crate::vm::process::{describe_status, ProcessGuard};

@@ -1,33 +1,56 @@
 //! Saving a VM's memory into a state file, and reviving a VM from one. QEMU streams the
 //! memory through this program (`state-write`, `state-read`), which frames, checksums and
-//! compresses it; see `vm::state`.
+//! compresses it; see `vm::state`. The session starts that process itself and hands QEMU its
+//! end of the pipe over QMP (`getfd`, then an `fd:` URI): QEMU runs no shell, so the sandbox
+//! needs none.
 
+use super::error::io;
 use super::error::RunError;
 use super::SessionConfig;
-use crate::vm::process::{describe_status, ProcessGuard};
+use crate::vm::process::{self, describe_status, ProcessGuard};
 use crate::vm::qmp::{self, Qmp};
 use crate::vm::state::{self, StateHeader};
-use crate::vm::wait::wait_until;
 use crate::vm::{tail_lines, LOG_TAIL_LINES};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
+use tokio::process::Command;
 
 /// Loading or saving a state file; TCG writes a 256 MiB guest in seconds, Windows' 4 GiB in
 /// minutes.
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
 /// QEMU reports a save complete when it has written the last byte; the writer may still be
-/// flushing and renaming.
+/// flushing and renaming (and the reader checking the trailer after a load).
 pub const STATE_FILE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// QEMU reads a saved state through this builder: `state-read` checks the frame and the
-/// checksum as it inflates, and leaves its error in `error_file` for the session to report.
-pub fn state_reader_uri(builder: &Path, state: &Path, error_file: &Path) -> String {
-    format!(
-        "exec:{} state-read --in {} --error-to {}",
-        crate::shell::quote(&builder.display().to_string()),
-        crate::shell::quote(&state.display().to_string()),
-        crate::shell::quote(&error_file.display().to_string())
-    )
+/// How long a failed load waits for the state reader's verdict.
+const READER_VERDICT_GRACE: Duration = Duration::from_secs(5);
+
+/// The name QEMU knows the pipe by.
+const STATE_FD: &str = "winvm-state";
+
+/// The state reader or writer: this program, on one end of a pipe whose other end QEMU gets.
+fn state_process(
+    cfg: &SessionConfig,
+    name: &str,
+    args: &[&std::ffi::OsStr],
+    qemu_reads: bool,
+) -> Result<(ProcessGuard, OwnedFd), RunError> {
+    let (read, write) = process::pipe().map_err(io(format!("creating the {name}'s pipe")))?;
+    let mut cmd = Command::new(&cfg.agent);
+    cmd.args(args).stderr(Stdio::inherit());
+    let qemus_end = if qemu_reads {
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(write));
+        read
+    } else {
+        cmd.stdin(Stdio::from(read)).stdout(Stdio::null());
+        write
+    };
+    let guard = ProcessGuard::spawn(name, cmd).map_err(RunError::Spawn)?;
+    // The command was dropped with our copy of the child's end: only QEMU's end is left here.
+    Ok((guard, qemus_end))
 }
 
 /// QEMU's version as its QMP greeting states it; recorded in state files.
@@ -60,12 +83,33 @@ pub(super) async fn revive(
     let version = qemu_version(qmp);
     // The caller checked the frame; here what needs this QEMU: its version, the memory.
     state::inspect(state, Some((memory_mib, &version))).map_err(RunError::State)?;
-    let uri = state_reader_uri(&cfg.agent, state, &reader_error);
+    let args: [&OsStr; 5] =
+        ["state-read".as_ref(), "--in".as_ref(), state.as_ref(), "--error-to".as_ref(), reader_error.as_ref()];
+    let (mut reader, qemus_end) = state_process(cfg, &format!("{name}'s state reader"), &args, true)?;
+    qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(|e| failed(format!("handing QEMU the state: {e}")))?;
+    drop(qemus_end);
+    let uri = format!("fd:{STATE_FD}");
     qmp.execute(&qmp::MigrateIncoming { uri }).await.map_err(|e| failed(format!("starting the load: {e}")))?;
     let loaded = tokio::select! {
-        r = qmp.wait_incoming(MIGRATION_TIMEOUT) => r.map_err(|e| failed(format!("loading the saved state: {e}"))),
-        s = vm.wait() => Err(failed(format!("QEMU ended with {} while loading the saved state", describe_status(s)))),
-    }?;
+        r = qmp.wait_incoming(MIGRATION_TIMEOUT) => r.map_err(|e| format!("loading the saved state: {e}")),
+        s = vm.wait() => Err(format!("QEMU ended with {} while loading the saved state", describe_status(s))),
+    };
+    let loaded = match loaded {
+        Ok(loaded) => loaded,
+        Err(detail) => {
+            // A corrupt file fails QEMU before the reader reaches the checksum, which it still
+            // finishes: its verdict says why, so it gets a moment to write it.
+            let _ = tokio::time::timeout(READER_VERDICT_GRACE, reader.wait()).await;
+            return Err(failed(detail));
+        }
+    };
+    // QEMU has read the whole stream; the reader has then checked the trailer and ended.
+    let status = tokio::time::timeout(STATE_FILE_TIMEOUT, reader.wait()).await.map_err(|_| {
+        failed(format!("the state reader did not end within {} s of the load", STATE_FILE_TIMEOUT.as_secs()))
+    })?;
+    if !status.success() {
+        return Err(failed(format!("the state reader ended with {}", describe_status(status))));
+    }
     if loaded != "running" {
         qmp.execute(&qmp::Cont).await.map_err(|e| failed(format!("continuing after the load: {e}")))?;
     }
@@ -85,24 +129,32 @@ pub(super) async fn save(
         move |source| RunError::Qmp { vm, step, source }
     };
     qmp.execute(&qmp::Stop).await.map_err(step("stopping"))?;
-    let uri = format!(
-        "exec:{} state-write --out {} --memory {} --qemu-version {} --guest {}",
-        crate::shell::quote(&cfg.agent.display().to_string()),
-        crate::shell::quote(&path.display().to_string()),
-        header.memory_mib,
-        crate::shell::quote(&header.qemu_version),
-        crate::shell::quote(&header.guest),
-    );
-    qmp.execute(&qmp::Migrate { uri }).await.map_err(step("starting to save"))?;
+    let memory = header.memory_mib.to_string();
+    let args: [&OsStr; 9] = [
+        "state-write".as_ref(),
+        "--out".as_ref(),
+        path.as_ref(),
+        "--memory".as_ref(),
+        memory.as_ref(),
+        "--qemu-version".as_ref(),
+        header.qemu_version.as_ref(),
+        "--guest".as_ref(),
+        header.guest.as_ref(),
+    ];
+    let (mut writer, qemus_end) = state_process(cfg, &format!("{vm}'s state writer"), &args, false)?;
+    qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(step("handing the state writer's pipe to"))?;
+    drop(qemus_end);
+    qmp.execute(&qmp::Migrate { uri: format!("fd:{STATE_FD}") }).await.map_err(step("starting to save"))?;
     qmp.wait_migration(MIGRATION_TIMEOUT).await.map_err(step("saving the memory of"))?;
-    // The file appears atomically: wait for it, then check its frame and header. The writer
-    // checksummed what it wrote, so the body is not read again.
-    wait_until(&format!("the state file {}", path.display()), STATE_FILE_TIMEOUT, || {
-        let exists = path.exists();
-        async move { exists.then_some(()) }
-    })
-    .await
-    .map_err(RunError::StateWriter)?;
+    // QEMU closes its end when the migration completes; the writer then checks what it wrote,
+    // renames the file into place and ends.
+    let what = format!("the {vm}'s state writer to finish {}", path.display());
+    let status = tokio::time::timeout(STATE_FILE_TIMEOUT, writer.wait())
+        .await
+        .map_err(|_| RunError::StateWriter(crate::vm::wait::TimedOut { what, after: STATE_FILE_TIMEOUT }))?;
+    if !status.success() {
+        return Err(RunError::StateWriterFailed { name: vm.clone(), status: describe_status(status) });
+    }
     state::inspect(path, Some((header.memory_mib, &header.qemu_version))).map_err(RunError::State)?;
     Ok(())
 }

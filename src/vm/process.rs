@@ -163,6 +163,61 @@ pub fn describe_status(s: ExitStatus) -> String {
     }
 }
 
+/// A pipe, both ends close-on-exec: (read, write). A child gets its end through
+/// `Stdio::from`, which dups it into place.
+pub fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own; on success each is open and
+    // ours alone, so OwnedFd may take it.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// Sends `bytes` on the unix socket `socket` with `fd` attached (SCM_RIGHTS), as QEMU's
+/// `getfd` wants it; returns how many bytes went out. Never blocks: a full socket is
+/// `WouldBlock`.
+pub fn send_with_fd(
+    socket: &impl std::os::fd::AsRawFd,
+    bytes: &[u8],
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    // SAFETY: every pointer handed to sendmsg points into locals that outlive the call: the
+    // iovec into `bytes`, the control buffer sized by CMSG_SPACE for one descriptor, which
+    // CMSG_FIRSTHDR/CMSG_DATA address inside that buffer. The kernel only reads them.
+    unsafe {
+        let space = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
+        let mut control = vec![0u8; space];
+        let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as _;
+        std::ptr::copy_nonoverlapping(
+            &raw as *const i32 as *const u8,
+            libc::CMSG_DATA(cmsg),
+            std::mem::size_of::<i32>(),
+        );
+        let n = libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT);
+        if n < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

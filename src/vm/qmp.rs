@@ -94,6 +94,17 @@ impl Command for Migrate {
     type Reply = Empty;
 }
 
+/// Takes the file descriptor that arrives with this command, under `fdname` (see
+/// [`Qmp::pass_fd`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GetFd {
+    pub fdname: String,
+}
+impl Command for GetFd {
+    const NAME: &'static str = "getfd";
+    type Reply = Empty;
+}
+
 /// Starts loading state from `uri` into a QEMU started with `-incoming defer`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MigrateIncoming {
@@ -392,6 +403,23 @@ impl Qmp {
     }
 
     pub async fn execute_within<C: Command>(&mut self, command: &C, timeout: Duration) -> Result<C::Reply, QmpError> {
+        self.execute_with_fd(command, None, timeout).await
+    }
+
+    /// Hands QEMU a file descriptor under `name` (`getfd`): it travels with the command's bytes
+    /// as SCM_RIGHTS, and `fd:NAME` in a migration URI then means it. QEMU keeps its own copy;
+    /// the caller may close theirs once this returns.
+    pub async fn pass_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), QmpError> {
+        self.execute_with_fd(&GetFd { fdname: name.to_string() }, Some(fd), self.command_timeout).await?;
+        Ok(())
+    }
+
+    async fn execute_with_fd<C: Command>(
+        &mut self,
+        command: &C,
+        fd: Option<std::os::fd::BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<C::Reply, QmpError> {
         let awaited = format!("the reply to {}", C::NAME);
         if self.closed {
             return Err(QmpError::Closed { peer: self.peer.clone(), awaited });
@@ -419,7 +447,26 @@ impl Qmp {
         line.push(b'\n');
 
         let end = Instant::now() + timeout;
-        match tokio::time::timeout_at(end, self.writer.write_all(&line)).await {
+        let send = async {
+            let mut sent = 0;
+            if let Some(fd) = fd {
+                // The descriptor goes with the first bytes; the rest of the line, if the socket
+                // took only part of it, follows plainly.
+                let stream: &UnixStream = self.writer.as_ref();
+                sent = loop {
+                    stream.writable().await?;
+                    match stream
+                        .try_io(tokio::io::Interest::WRITABLE, || super::process::send_with_fd(stream, &line, fd))
+                    {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                };
+            }
+            self.writer.write_all(&line[sent..]).await
+        };
+        match tokio::time::timeout_at(end, send).await {
             Ok(Ok(())) => {}
             Ok(Err(source)) => {
                 self.closed = true;

@@ -7,8 +7,9 @@
 //!         | payload (raw deflate) | trailer: payload length (u64 LE), raw length (u64 LE),
 //!           CRC-32 of the payload (u32 LE), END_MAGIC
 //!
-//! QEMU writes with `migrate exec:nix-winvm-builder state-write ...` and reads with
-//! `-incoming exec:nix-winvm-builder state-read ...`: the builder is both ends of the pipe.
+//! `nix-winvm-builder state-write` and `state-read` are the other end of QEMU's migration
+//! stream: the session starts them on a pipe and hands QEMU its end (`migrate fd:`,
+//! `migrate-incoming fd:`).
 
 use flate2::{read::DeflateDecoder, write::DeflateEncoder, Compression, Crc};
 use serde::{Deserialize, Serialize};
