@@ -174,6 +174,23 @@ struct Executor
         switch (a.source) {
         case Source::Text: nixc::mk_string(state, *val, std::string(a.text)); break;
         case Source::HostPath: nixc::mk_path(state, *val, std::string(a.text)); break;
+        case Source::CachedPath: {
+            // builtins.storePath checks validity and gives the path with its context; in a
+            // store that lacks it (or in pure evaluation) the folder is copied instead, which
+            // yields the same content-addressed path.
+            if (!a.list.empty()) {
+                try {
+                    nix::Value * arg = state.allocValue();
+                    nixc::mk_string(state, *arg, std::string(a.list[0]));
+                    state.callFunction(state.getBuiltin("storePath"), *arg, *val, pos);
+                    nixc::force(state, *val, pos);
+                    break;
+                } catch (nix::Error &) {
+                }
+            }
+            nixc::mk_path(state, *val, std::string(a.text));
+            break;
+        }
         case Source::Int: val->mkInt(a.int_value); break;
         case Source::Bool: val->mkBool(a.int_value != 0); break;
         case Source::StrList: {

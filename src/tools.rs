@@ -1,7 +1,9 @@
-//! Finding the host programs the builder runs (QEMU, vde_switch, smbd, busybox, dropbear).
-//! Inside the Nix sandbox PATH is unset, so the usual system folders are searched too. A
+//! Finding the programs the builder runs (QEMU, vde_switch, smbd, busybox, dropbear, ...).
+//! In a build, they come from the tools closure the derivation names (`winvmTools`, a store
+//! path made by scripts/tools-closure), so the sandbox needs nothing from the host. Outside
+//! Nix (tests, `nix-winvm-builder run`) PATH and the usual system folders are searched. A
 //! builder built by nix/package.nix gets NIX_WINVM_TOOLS, a PATH of nixpkgs' tools, in the
-//! environment of its own build (not yet in the derivations it runs for; see README).
+//! environment of its own build.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,10 @@ impl std::error::Error for MissingTool {}
 
 fn search_path() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
+    // The tools closure a derivation names (scripts/tools-closure; the plugin sets it).
+    if let Some(tools) = std::env::var_os("winvmTools") {
+        dirs.push(PathBuf::from(tools).join("bin"));
+    }
     for var in ["NIX_WINVM_TOOLS", "PATH"] {
         if let Some(v) = std::env::var_os(var) {
             dirs.extend(std::env::split_paths(&v).filter(|p| p.is_absolute()));
@@ -45,7 +51,7 @@ pub fn find(name: &str) -> Result<PathBuf, MissingTool> {
     Err(MissingTool {
         name: name.into(),
         searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":"),
-        hint: "run scripts/setup, and inside the Nix sandbox make the host's /usr visible (see README, sandbox-paths)",
+        hint: "run scripts/setup (in a build, the tools come from the closure the derivation names: winvmTools)",
     })
 }
 

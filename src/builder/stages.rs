@@ -143,7 +143,11 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let rt = runtime()?;
     let status = rt.block_on(async {
         let mut cmd = tokio::process::Command::new(&tools.qemu);
-        cmd.args(vm.args()).stdin(Stdio::null()).stderr(Stdio::inherit()).stdout(Stdio::null());
+        cmd.args(crate::vm::qemu::firmware_args(&tools.qemu))
+            .args(vm.args())
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .stdout(Stdio::null());
         let mut guard = ProcessGuard::spawn("installer", cmd)?;
         progress.say("installer VM started");
         match tokio::time::timeout(timeout, guard.wait()).await {

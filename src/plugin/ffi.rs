@@ -56,6 +56,9 @@ pub mod bridge {
         Stage,
         /// A host path, copied into the store by `derivation` itself.
         HostPath,
+        /// A host folder whose store path is already known (`list[0]`): that store path when it
+        /// is valid (no hashing), else the folder copied into the store (which yields it).
+        CachedPath,
     }
 
     #[derive(Debug, Clone)]

@@ -13,8 +13,137 @@ pub const SYSTEM: &str = "x86_64-linux";
 /// Where the plugin finds the host things its derivations need.
 #[derive(Debug, Clone)]
 pub struct Env {
+    /// The builder the derivations run: a store path already (a Nix-built package), or this
+    /// checkout's, patched to load its libraries from the tools closure.
     pub builder: PathBuf,
     pub kernel_dir: PathBuf,
+    /// None only for a Nix-built builder without a closure (it finds its tools on its own).
+    pub tools: Option<Closure>,
+}
+
+/// The tools closure (scripts/tools-closure): its two folders on the host, and the store
+/// paths they are (content-addressed, so the same in every store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closure {
+    pub lib_dir: PathBuf,
+    pub lib_store: String,
+    pub tools_dir: PathBuf,
+    pub tools_store: String,
+}
+
+/// The closure's loader: the builder's interpreter.
+const LOADER: &str = "ld-linux-x86-64.so.2";
+
+impl Closure {
+    /// The closure scripts/tools-closure left in `dir`.
+    pub fn read(dir: &Path) -> Result<Closure, String> {
+        let missing = |what: &str| {
+            format!(
+                "nix-winvm: the tools closure is missing or incomplete ({}: {what}); run scripts/setup, or set NIX_WINVM_TOOLS_DIR",
+                dir.display()
+            )
+        };
+        let store_path = |file: &str, name: &str| -> Result<String, String> {
+            let text = std::fs::read_to_string(dir.join(file)).map_err(|e| missing(&format!("{file}: {e}")))?;
+            let path = text.trim();
+            let base = path.strip_prefix("/nix/store/").unwrap_or("");
+            let ok = base.len() == 33 + name.len()
+                && base.ends_with(name)
+                && base.as_bytes()[32] == b'-'
+                && base[..32].bytes().all(|b| b.is_ascii_alphanumeric());
+            if ok {
+                Ok(path.to_owned())
+            } else {
+                Err(missing(&format!("{file} does not hold a store path named {name}")))
+            }
+        };
+        let closure = Closure {
+            lib_dir: dir.join("winvm-tools-lib"),
+            lib_store: store_path("lib.path", "winvm-tools-lib")?,
+            tools_dir: dir.join("winvm-tools"),
+            tools_store: store_path("tools.path", "winvm-tools")?,
+        };
+        for d in [&closure.lib_dir, &closure.tools_dir] {
+            if !d.is_dir() {
+                return Err(missing(&format!("{} is not a folder", d.display())));
+            }
+        }
+        Ok(closure)
+    }
+}
+
+/// Where the plugin keeps the builders it patched: the cache if it may write there, else the
+/// user's own.
+fn patched_builders_dir() -> PathBuf {
+    let shared = Path::new(DEFAULT_CACHE).join("builders");
+    if std::fs::create_dir_all(&shared).is_ok() && tempfile::tempfile_in(&shared).is_ok() {
+        return shared;
+    }
+    let home = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    home.join("nix-winvm/builders")
+}
+
+/// How many patched builders are kept (one per build of this project).
+const KEPT_BUILDERS: usize = 4;
+
+/// A copy of `builder` whose interpreter and RUNPATH are the closure's, so that it runs in a
+/// sandbox without the host's /lib; made once per builder (its inode, size and mtime) and
+/// closure.
+pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let fail = |what: String| format!("nix-winvm: preparing the builder {} for the sandbox: {what}", builder.display());
+    let meta = std::fs::metadata(builder).map_err(|e| fail(e.to_string()))?;
+    let lib_hash = closure.lib_store.trim_start_matches("/nix/store/").get(..12).unwrap_or("");
+    let key = format!("{lib_hash}-{:x}-{:x}-{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
+    let root = patched_builders_dir();
+    let out = root.join(&key).join(BUILDER_NAME);
+    if out.is_file() {
+        return Ok(out);
+    }
+    // The closure's patchelf, through the closure's loader: its store path need not exist yet.
+    let loader = closure.lib_dir.join(LOADER);
+    let patchelf = closure.tools_dir.join("bin/patchelf");
+    let dir = root.join(&key);
+    std::fs::create_dir_all(&dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+    // Evaluations may patch the same builder at once: each in its own file, renamed into place.
+    let tmp = tempfile::Builder::new()
+        .prefix(".partial")
+        .tempfile_in(&dir)
+        .map_err(|e| fail(format!("creating a file in {}: {e}", dir.display())))?
+        .into_temp_path();
+    std::fs::copy(builder, &tmp).map_err(|e| fail(format!("copying it: {e}")))?;
+    let o = std::process::Command::new(&loader)
+        .arg("--library-path")
+        .arg(&closure.lib_dir)
+        .arg(&patchelf)
+        .arg("--set-interpreter")
+        .arg(format!("{}/{LOADER}", closure.lib_store))
+        .arg("--set-rpath")
+        .arg(&closure.lib_store)
+        .arg(&tmp)
+        .output()
+        .map_err(|e| fail(format!("running {}: {e}", patchelf.display())))?;
+    if !o.status.success() {
+        return Err(fail(format!("patchelf: {}", String::from_utf8_lossy(&o.stderr).trim())));
+    }
+    tmp.persist(&out).map_err(|e| fail(format!("renaming into {}: {}", out.display(), e.error)))?;
+    prune_builders(&root);
+    Ok(out)
+}
+
+/// Keeps the newest few patched builders.
+fn prune_builders(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> =
+        entries.flatten().filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
+    dirs.sort();
+    let excess = dirs.len().saturating_sub(KEPT_BUILDERS);
+    for (_, dir) in dirs.into_iter().take(excess) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 impl Env {
@@ -43,7 +172,21 @@ impl Env {
             Some(p) => PathBuf::from(p),
             None => Path::new(DEFAULT_CACHE).join("kernel"),
         };
-        Ok(Env { builder, kernel_dir })
+        let tools_dir = match std::env::var_os("NIX_WINVM_TOOLS_DIR") {
+            Some(p) => PathBuf::from(p),
+            None => Path::new(DEFAULT_CACHE).join("tools"),
+        };
+        let in_store = builder.starts_with(STORE_DIR);
+        let tools = match Closure::read(&tools_dir) {
+            Ok(closure) => Some(closure),
+            Err(_) if in_store => None,
+            Err(e) => return Err(e),
+        };
+        let builder = match &tools {
+            Some(closure) if !in_store => patched_builder(&builder, closure)?,
+            _ => builder,
+        };
+        Ok(Env { builder, kernel_dir, tools })
     }
 
     fn kernel(&self, builtin: &str) -> Result<String, String> {
@@ -74,6 +217,9 @@ pub fn stage(name: &str, index: usize) -> PlannedAttr {
 }
 pub fn host_path(name: &str, path: &str) -> PlannedAttr {
     PlannedAttr { text: path.into(), ..attr(name, Source::HostPath) }
+}
+pub fn cached_path(name: &str, host: &str, store: &str) -> PlannedAttr {
+    PlannedAttr { text: host.into(), list: vec![store.into()], ..attr(name, Source::CachedPath) }
 }
 
 fn error_plan(msg: String) -> Plan {
@@ -117,12 +263,21 @@ fn features(accel: Accel, extra: &[String]) -> Option<PlannedAttr> {
 }
 
 fn base(name: &str, stage_arg: &str, env: &Env) -> Vec<PlannedAttr> {
-    vec![
-        text("name", name),
-        text("system", SYSTEM),
-        host_path("builder", &env.builder.display().to_string()),
-        list("args", vec![stage_arg.into()]),
-    ]
+    let mut attrs = vec![text("name", name), text("system", SYSTEM)];
+    attrs.extend(runtime(env));
+    attrs.push(list("args", vec![stage_arg.into()]));
+    attrs
+}
+
+/// What every derivation runs with: the builder, and the tools closure it finds its programs
+/// in (`winvmTools`; `winvmToolsLib` holds the libraries the builder and the tools load).
+fn runtime(env: &Env) -> Vec<PlannedAttr> {
+    let mut attrs = vec![host_path("builder", &env.builder.display().to_string())];
+    if let Some(c) = &env.tools {
+        attrs.push(cached_path("winvmTools", &c.tools_dir.display().to_string(), &c.tools_store));
+        attrs.push(cached_path("winvmToolsLib", &c.lib_dir.display().to_string(), &c.lib_store));
+    }
+    attrs
 }
 
 /// The three stages of an image: media -> installed disk -> suspended VM. `prefix` locates the
@@ -188,12 +343,9 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
 
 fn plan_build(builtin: &str, attrs: &Attrs, env: &Env) -> Result<Plan, String> {
     let args = validate::build_args(builtin, attrs)?;
-    let mut drv = vec![
-        text("system", SYSTEM),
-        host_path("builder", &env.builder.display().to_string()),
-        list("args", vec!["build".into()]),
-        text("winvmBuildSpec", &to_json(&args.spec)),
-    ];
+    let mut drv =
+        vec![text("system", SYSTEM), list("args", vec!["build".into()]), text("winvmBuildSpec", &to_json(&args.spec))];
+    drv.extend(runtime(env));
     drv.extend(features(args.spec.image.accel, &args.extra_features));
     for (k, _) in attrs {
         if validate::BUILD_CONSUMED_ATTRS.contains(&k.as_str()) || k == "requiredSystemFeatures" {
@@ -257,13 +409,13 @@ fn plan_run_in_vm(builtin: &str, root: &Val, env: &Env) -> Result<Plan, String> 
     }
     let mut drv = vec![
         text("system", SYSTEM),
-        host_path("builder", &env.builder.display().to_string()),
         list("args", vec!["build".into()]),
         text("winvmBuildSpec", &to_json(&spec)),
         user("winvmOrigBuilder", &["builder"]),
         text("winvmArgc", &argc.to_string()),
         image_attr,
     ];
+    drv.extend(runtime(env));
     for i in 0..argc {
         let index = i.to_string();
         drv.push(user(&format!("winvmArg{i}"), &["args", &index]));

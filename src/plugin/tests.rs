@@ -11,8 +11,58 @@ fn env() -> (tempfile::TempDir, Env) {
     let kernel = dir.path().join("kernel");
     std::fs::create_dir_all(&kernel).unwrap();
     std::fs::write(kernel.join("vmlinuz"), b"").unwrap();
-    let env = Env { builder: dir.path().join("nix-winvm-builder"), kernel_dir: kernel };
+    let tools = plan::Closure {
+        lib_dir: dir.path().join("winvm-tools-lib"),
+        lib_store: format!("/nix/store/{}-winvm-tools-lib", "a".repeat(32)),
+        tools_dir: dir.path().join("winvm-tools"),
+        tools_store: format!("/nix/store/{}-winvm-tools", "b".repeat(32)),
+    };
+    let env = Env { builder: dir.path().join("nix-winvm-builder"), kernel_dir: kernel, tools: Some(tools) };
     (dir, env)
+}
+
+#[test]
+fn every_derivation_names_the_tools_closure_by_its_store_path() {
+    let (_d, env) = env();
+    let image = plan::plan("windowsImage", &set(&[("guest", s("standin")), ("accel", s("tcg"))]), &env);
+    let build = plan::plan(
+        "windowsDerivation",
+        &set(&[
+            ("name", s("t")),
+            ("script", s("")),
+            ("image", Val::Derivation { image_spec: Some(plan_spec(&image)) }),
+        ]),
+        &env,
+    );
+    assert_eq!(build.error, "");
+    for drv in image.drvs.iter().chain(&build.drvs) {
+        let tools = drv.attrs.iter().find(|a| a.name == "winvmTools").expect("winvmTools");
+        assert_eq!(tools.source, Source::CachedPath);
+        assert_eq!(tools.list, [format!("/nix/store/{}-winvm-tools", "b".repeat(32))]);
+        assert!(tools.text.ends_with("/winvm-tools"));
+        assert!(drv.attrs.iter().any(|a| a.name == "winvmToolsLib" && a.source == Source::CachedPath));
+    }
+}
+
+fn plan_spec(p: &super::ffi::bridge::Plan) -> String {
+    p.drvs[2].attrs.iter().find(|a| a.name == "winvmImageSpec").unwrap().text.clone()
+}
+
+#[test]
+fn a_missing_or_garbled_closure_is_refused_with_the_way_to_make_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = plan::Closure::read(dir.path()).unwrap_err();
+    assert!(err.starts_with("nix-winvm: the tools closure is missing or incomplete ("), "{err}");
+    assert!(err.ends_with("run scripts/setup, or set NIX_WINVM_TOOLS_DIR"), "{err}");
+    std::fs::write(dir.path().join("lib.path"), "/tmp/elsewhere\n").unwrap();
+    let err = plan::Closure::read(dir.path()).unwrap_err();
+    assert!(err.contains("lib.path does not hold a store path named winvm-tools-lib"), "{err}");
+    std::fs::write(dir.path().join("lib.path"), format!("/nix/store/{}-winvm-tools-lib\n", "c".repeat(32))).unwrap();
+    std::fs::write(dir.path().join("tools.path"), format!("/nix/store/{}-winvm-tools\n", "d".repeat(32))).unwrap();
+    std::fs::create_dir(dir.path().join("winvm-tools-lib")).unwrap();
+    std::fs::create_dir(dir.path().join("winvm-tools")).unwrap();
+    let closure = plan::Closure::read(dir.path()).unwrap();
+    assert_eq!(closure.tools_store, format!("/nix/store/{}-winvm-tools", "d".repeat(32)));
 }
 
 fn s(text: &str) -> Val {

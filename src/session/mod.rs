@@ -56,7 +56,11 @@ fn spawn_qemu(cfg: &SessionConfig, vm: &VmConfig, log: &Path) -> Result<ProcessG
     let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
     let err = out.try_clone().map_err(io(format!("creating {}", log.display())))?;
     let mut cmd = Command::new(&cfg.tools.qemu);
-    cmd.args(vm.args()).stdin(Stdio::null()).stdout(out).stderr(err);
+    cmd.args(crate::vm::qemu::firmware_args(&cfg.tools.qemu))
+        .args(vm.args())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
     ProcessGuard::spawn(&vm.name, cmd).map_err(RunError::Spawn)
 }
 

@@ -84,7 +84,7 @@ pub(super) fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &V
     let q = |a: &std::ffi::OsStr| crate::shell::quote(&a.to_string_lossy());
     let line = |vm: &VmConfig| {
         let mut s = q(cfg.tools.qemu.as_os_str());
-        for a in vm.args() {
+        for a in crate::vm::qemu::firmware_args(&cfg.tools.qemu).into_iter().chain(vm.args()) {
             s.push(' ');
             s.push_str(&q(&a));
         }

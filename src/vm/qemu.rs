@@ -24,6 +24,15 @@ pub struct KernelBoot {
     pub append: String,
 }
 
+/// `-L DIR` when `qemu` runs from a tools closure (bin/ beside share/qemu): Debian's QEMU
+/// looks for its firmware at the paths it was built with, which a sandbox does not have.
+pub fn firmware_args(qemu: &std::path::Path) -> Vec<OsString> {
+    match qemu.parent().and_then(|bin| bin.parent()).map(|root| root.join("share/qemu")) {
+        Some(dir) if dir.is_dir() && !dir.starts_with("/usr") => vec!["-L".into(), dir.into_os_string()],
+        _ => vec![],
+    }
+}
+
 /// How a VM boots and what it has attached, apart from what the session wires up (network,
 /// consoles, QMP): what a guest profile describes for each stage.
 #[derive(Debug, Clone, PartialEq, Eq)]

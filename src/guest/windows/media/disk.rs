@@ -218,7 +218,15 @@ fn write_at(path: &Path, offset: u64, bytes: &[u8]) -> Result<(), MediaError> {
 
 /// Runs a tool with a fixed clock and no mtools configuration surprises; returns its stdout.
 pub(super) fn run_tool(tool: &Path, args: &[OsString]) -> Result<Vec<u8>, MediaError> {
-    let output = Command::new(tool)
+    let mut command = Command::new(tool);
+    // mtools converts names through codepage 850 with glibc's iconv, whose modules a tools
+    // closure carries beside bin/ (the sandbox has no /usr/lib/.../gconv).
+    if let Some(gconv) = tool.parent().and_then(Path::parent).map(|root| root.join("lib/gconv")) {
+        if gconv.is_dir() {
+            command.env("GCONV_PATH", gconv);
+        }
+    }
+    let output = command
         .args(args)
         .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH.to_string())
         .env("MTOOLS_SKIP_CHECK", "1")
