@@ -355,3 +355,48 @@ fn a_failed_build_kept_with_k_has_its_logs_and_run_vm() {
     let top = if build_dir.ends_with("build") { build_dir.parent().unwrap().to_path_buf() } else { build_dir };
     let _ = std::fs::remove_dir_all(top);
 }
+
+/// Multi-user Nix: the daemon's default, `build-users-group = nixbld`. The builder, QEMU, the
+/// switch and smbd then run as a build user; nothing they need may be readable only by root.
+#[test]
+fn builds_run_as_a_build_user_of_the_nixbld_group() {
+    let group = Command::new("getent").args(["group", "nixbld"]).output().unwrap();
+    assert!(
+        nix_winvm::tools::test_requires(
+            "the nixbld group and its users (scripts/setup makes them)",
+            group.status.success()
+        ),
+        "no nixbld group"
+    );
+    let config = SANDBOX_CONFIG.replace("build-users-group =", "build-users-group = nixbld");
+    assert!(config.contains("build-users-group = nixbld"), "{config}");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |expr: &str, keep: bool| {
+        let mut c = Command::new("nix-build");
+        c.env("NIX_CONFIG", &config).env("NIX_WINVM_BUILDER", builder()).env("TMPDIR", tmp.path());
+        c.env_remove("NIX_REMOTE").arg("--plugin-files").arg(plugin()).arg("--no-out-link");
+        if keep {
+            c.arg("-K");
+        }
+        c.args(["-E", expr]).output().unwrap()
+    };
+    let ok = run(&build_expr("as-build-user", "", "echo ok > $out"), false);
+    assert_eq!(std::fs::read_to_string(built(&ok)).unwrap(), "ok\n");
+    // Who ran it: the owner of the build folder Nix keeps after a failure.
+    let failed = run(&build_expr("as-build-user-kept", "", "exit 4"), true);
+    let log = stderr(&failed);
+    assert!(!failed.status.success(), "{log}");
+    assert!(log.contains("command exited 4"), "{log}");
+    let kept = log
+        .lines()
+        .find_map(|l| l.split("keeping build directory ").nth(1))
+        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
+        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"));
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata(&kept).unwrap().uid();
+    let name = Command::new("getent").args(["passwd", &uid.to_string()]).output().unwrap();
+    let name = String::from_utf8_lossy(&name.stdout).split(':').next().unwrap_or("").to_owned();
+    assert!(name.starts_with("nixbld"), "the build ran as uid {uid} ({name:?}), not a build user");
+    let top = if kept.ends_with("build") { kept.parent().unwrap().to_path_buf() } else { kept };
+    let _ = std::fs::remove_dir_all(top);
+}

@@ -33,8 +33,19 @@ pub fn kvm_unusable(cpuinfo: &str, dev_kvm: &Path) -> Option<String> {
     }
     match std::fs::OpenOptions::new().read(true).write(true).open(dev_kvm) {
         Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(denied(dev_kvm, &e)),
         Err(e) => Some(format!("{} cannot be opened: {e}", dev_kvm.display())),
     }
+}
+
+/// A build user (multi-user Nix) reaches /dev/kvm only through its group or its mode.
+fn denied(dev_kvm: &Path, e: &std::io::Error) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_else(|_| "?".into());
+    format!(
+        "{} cannot be opened by uid {uid} ({e}): a build user needs read and write access to it, through the group that owns it (often kvm) or mode 0666, as NixOS sets it",
+        dev_kvm.display()
+    )
 }
 
 /// The accelerator to run with: `requested` if possible. A request for KVM that cannot be met
@@ -55,6 +66,14 @@ pub fn choose(requested: Accel) -> Result<Accel, NoKvm> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_build_user_without_access_is_told_how_to_get_it() {
+        let e = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let msg = denied(Path::new("/dev/kvm"), &e);
+        assert!(msg.starts_with("/dev/kvm cannot be opened by uid "), "{msg}");
+        assert!(msg.ends_with("through the group that owns it (often kvm) or mode 0666, as NixOS sets it"), "{msg}");
+    }
 
     #[test]
     fn paravirtual_kvm_without_cpu_flag_is_refused() {
