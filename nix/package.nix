@@ -10,17 +10,25 @@
 , boost
 , nlohmann_json
 , openssl
+, symlinkJoin
+, pkgsStatic
 , qemu_kvm
 , vde2
 , samba
-, busybox
 , dropbear
 , openssh
+, mtools
+, xz
+, coreutils
 }:
 
 let
   cargoToml = lib.importTOML ../Cargo.toml;
-  tools = [ qemu_kvm vde2 samba busybox dropbear openssh ];
+  # Every program the builder starts, as one store path: the derivations the plugin creates
+  # name it (winvmTools), so their sandbox has it and needs nothing else, on NixOS too. busybox
+  # goes into the VMs' initramfs and must be static.
+  tools = [ qemu_kvm vde2 samba pkgsStatic.busybox dropbear openssh mtools xz coreutils ];
+  winvmTools = symlinkJoin { name = "winvm-tools"; paths = tools; };
 in
 rustPlatform.buildRustPackage {
   pname = "nix-winvm";
@@ -32,19 +40,26 @@ rustPlatform.buildRustPackage {
   # build.rs reads the version, include paths and -std= from `pkg-config nix-expr`.
   buildInputs = [ nix boost nlohmann_json openssl ];
 
-  # The builder finds QEMU and friends here inside the sandbox (src/tools.rs).
+  # The builder finds QEMU and friends here inside the sandbox of this package's own build
+  # (src/tools.rs); the derivations it creates get winvmTools instead.
   NIX_WINVM_TOOLS = lib.makeBinPath tools;
 
   # The tests start VMs and the real nix: scripts/test runs them.
   doCheck = false;
 
   # cargo's install hook puts the cdylib into $out/lib, the builder into $out/bin: the plugin
-  # finds its builder at ../bin/nix-winvm-builder (src/plugin/plan.rs).
+  # finds its builder at ../bin/nix-winvm-builder and the tools closure it names at
+  # ../share/nix-winvm/tools/tools.path (src/plugin/plan.rs). That file keeps winvmTools in the
+  # package's runtime closure. The builder is a store path already: nothing is patched.
+  postInstall = ''
+    mkdir -p $out/share/nix-winvm/tools
+    echo ${winvmTools} > $out/share/nix-winvm/tools/tools.path
+  '';
 
   passthru = {
     # The Nix this plugin can be loaded into (checked by the NixOS module).
     nixVersion = nix.version;
-    inherit nix;
+    inherit nix winvmTools;
   };
 
   meta = {

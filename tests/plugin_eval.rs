@@ -360,6 +360,29 @@ fn the_nixos_module_builds_for_the_systems_nix_and_refuses_another() {
     assert_eq!(ok["pkgNix"], "2.34.8");
     assert!(ok["plugin"].as_str().unwrap().ends_with("-nix-winvm/lib/libnix_winvm.so"), "{ok}");
     assert_eq!(ok["features"]["content"]["content"], serde_json::json!(["kvm"]));
+    // The derivations the plugin makes on NixOS name nixpkgs' programs as one store path,
+    // which the package records where the plugin looks (../share/nix-winvm/tools/tools.path).
+    assert_eq!(ok["tools"], "winvm-tools");
+    assert_eq!(
+        ok["toolPaths"],
+        serde_json::json!([
+            "qemu",
+            "vde2",
+            "samba",
+            "busybox-static",
+            "dropbear",
+            "openssh",
+            "mtools",
+            "xz",
+            "coreutils"
+        ])
+    );
+    assert!(
+        ok["postInstall"].as_str().unwrap().contains(
+            "echo /nix/store/00000000000000000000000000000000-winvm-tools > $out/share/nix-winvm/tools/tools.path"
+        ),
+        "{ok}"
+    );
     let other = eval(&["--argstr", "systemNix", "2.34.8", "--argstr", "builtFor", "2.28.5"]);
     assert_eq!(other["assertion"], false, "{other}");
     assert_eq!(

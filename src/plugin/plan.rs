@@ -21,12 +21,13 @@ pub struct Env {
     pub tools: Option<Closure>,
 }
 
-/// The tools closure (scripts/tools-closure): its two folders on the host, and the store
-/// paths they are (content-addressed, so the same in every store).
+/// The tools closure: its folders on the host and the store paths they are (content-addressed,
+/// so the same in every store). scripts/tools-closure makes both halves from Debian's packages;
+/// nix/package.nix records only `tools.path`, a store path of nixpkgs' programs, which need no
+/// library folder of their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Closure {
-    pub lib_dir: PathBuf,
-    pub lib_store: String,
+    pub lib: Option<(PathBuf, String)>,
     pub tools_dir: PathBuf,
     pub tools_store: String,
 }
@@ -57,18 +58,20 @@ impl Closure {
                 Err(missing(&format!("{file} does not hold a store path named {name}")))
             }
         };
-        let closure = Closure {
-            lib_dir: dir.join("winvm-tools-lib"),
-            lib_store: store_path("lib.path", "winvm-tools-lib")?,
-            tools_dir: dir.join("winvm-tools"),
-            tools_store: store_path("tools.path", "winvm-tools")?,
+        let tools_store = store_path("tools.path", "winvm-tools")?;
+        // A Nix-built closure is its own folder: it is in the store already.
+        let tools_dir =
+            if dir.join("winvm-tools").is_dir() { dir.join("winvm-tools") } else { PathBuf::from(&tools_store) };
+        let lib = match dir.join("lib.path").exists() {
+            true => Some((dir.join("winvm-tools-lib"), store_path("lib.path", "winvm-tools-lib")?)),
+            false => None,
         };
-        for d in [&closure.lib_dir, &closure.tools_dir] {
+        for d in lib.iter().map(|(d, _)| d).chain([&tools_dir]) {
             if !d.is_dir() {
                 return Err(missing(&format!("{} is not a folder", d.display())));
             }
         }
-        Ok(closure)
+        Ok(Closure { lib, tools_dir, tools_store })
     }
 }
 
@@ -95,8 +98,11 @@ const KEPT_BUILDERS: usize = 4;
 pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, String> {
     use std::os::unix::fs::MetadataExt;
     let fail = |what: String| format!("nix-winvm: preparing the builder {} for the sandbox: {what}", builder.display());
+    let Some((lib_dir, lib_store)) = &closure.lib else {
+        return Err(fail(format!("the tools closure {} has no library folder to load it from", closure.tools_store)));
+    };
     let meta = std::fs::metadata(builder).map_err(|e| fail(e.to_string()))?;
-    let lib_hash = closure.lib_store.trim_start_matches("/nix/store/").get(..12).unwrap_or("");
+    let lib_hash = lib_store.trim_start_matches("/nix/store/").get(..12).unwrap_or("");
     let key = format!("{lib_hash}-{:x}-{:x}-{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
     let root = patched_builders_dir();
     let out = root.join(&key).join(BUILDER_NAME);
@@ -104,7 +110,7 @@ pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, Str
         return Ok(out);
     }
     // The closure's patchelf, through the closure's loader: its store path need not exist yet.
-    let loader = closure.lib_dir.join(LOADER);
+    let loader = lib_dir.join(LOADER);
     let patchelf = closure.tools_dir.join("bin/patchelf");
     let dir = root.join(&key);
     std::fs::create_dir_all(&dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
@@ -117,12 +123,12 @@ pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, Str
     std::fs::copy(builder, &tmp).map_err(|e| fail(format!("copying it: {e}")))?;
     let o = std::process::Command::new(&loader)
         .arg("--library-path")
-        .arg(&closure.lib_dir)
+        .arg(lib_dir)
         .arg(&patchelf)
         .arg("--set-interpreter")
-        .arg(format!("{}/{LOADER}", closure.lib_store))
+        .arg(format!("{}/{LOADER}", lib_store))
         .arg("--set-rpath")
-        .arg(&closure.lib_store)
+        .arg(lib_store)
         .arg(&tmp)
         .output()
         .map_err(|e| fail(format!("running {}: {e}", patchelf.display())))?;
@@ -172,8 +178,11 @@ impl Env {
             Some(p) => PathBuf::from(p),
             None => Path::new(DEFAULT_CACHE).join("kernel"),
         };
+        // Set by hand, shipped with a Nix-built plugin (nix/package.nix), or made by scripts/setup.
+        let shipped = Path::new(plugin_dir).join("../share/nix-winvm/tools");
         let tools_dir = match std::env::var_os("NIX_WINVM_TOOLS_DIR") {
             Some(p) => PathBuf::from(p),
+            None if shipped.join("tools.path").is_file() => shipped,
             None => Path::new(DEFAULT_CACHE).join("tools"),
         };
         let in_store = builder.starts_with(STORE_DIR);
@@ -275,7 +284,9 @@ fn runtime(env: &Env) -> Vec<PlannedAttr> {
     let mut attrs = vec![host_path("builder", &env.builder.display().to_string())];
     if let Some(c) = &env.tools {
         attrs.push(cached_path("winvmTools", &c.tools_dir.display().to_string(), &c.tools_store));
-        attrs.push(cached_path("winvmToolsLib", &c.lib_dir.display().to_string(), &c.lib_store));
+        if let Some((dir, store)) = &c.lib {
+            attrs.push(cached_path("winvmToolsLib", &dir.display().to_string(), store));
+        }
     }
     attrs
 }

@@ -12,8 +12,7 @@ fn env() -> (tempfile::TempDir, Env) {
     std::fs::create_dir_all(&kernel).unwrap();
     std::fs::write(kernel.join("vmlinuz"), b"").unwrap();
     let tools = plan::Closure {
-        lib_dir: dir.path().join("winvm-tools-lib"),
-        lib_store: format!("/nix/store/{}-winvm-tools-lib", "a".repeat(32)),
+        lib: Some((dir.path().join("winvm-tools-lib"), format!("/nix/store/{}-winvm-tools-lib", "a".repeat(32)))),
         tools_dir: dir.path().join("winvm-tools"),
         tools_store: format!("/nix/store/{}-winvm-tools", "b".repeat(32)),
     };
@@ -54,15 +53,21 @@ fn a_missing_or_garbled_closure_is_refused_with_the_way_to_make_it() {
     let err = plan::Closure::read(dir.path()).unwrap_err();
     assert!(err.starts_with("nix-winvm: the tools closure is missing or incomplete ("), "{err}");
     assert!(err.ends_with("run scripts/setup, or set NIX_WINVM_TOOLS_DIR"), "{err}");
+    std::fs::write(dir.path().join("tools.path"), format!("/nix/store/{}-winvm-tools\n", "d".repeat(32))).unwrap();
+    std::fs::create_dir(dir.path().join("winvm-tools")).unwrap();
     std::fs::write(dir.path().join("lib.path"), "/tmp/elsewhere\n").unwrap();
     let err = plan::Closure::read(dir.path()).unwrap_err();
     assert!(err.contains("lib.path does not hold a store path named winvm-tools-lib"), "{err}");
     std::fs::write(dir.path().join("lib.path"), format!("/nix/store/{}-winvm-tools-lib\n", "c".repeat(32))).unwrap();
-    std::fs::write(dir.path().join("tools.path"), format!("/nix/store/{}-winvm-tools\n", "d".repeat(32))).unwrap();
     std::fs::create_dir(dir.path().join("winvm-tools-lib")).unwrap();
-    std::fs::create_dir(dir.path().join("winvm-tools")).unwrap();
     let closure = plan::Closure::read(dir.path()).unwrap();
     assert_eq!(closure.tools_store, format!("/nix/store/{}-winvm-tools", "d".repeat(32)));
+    assert!(closure.lib.is_some());
+    // nixpkgs' closure (nix/package.nix): only tools.path, naming a store path.
+    std::fs::remove_file(dir.path().join("lib.path")).unwrap();
+    std::fs::remove_dir(dir.path().join("winvm-tools")).unwrap();
+    let err = plan::Closure::read(dir.path()).unwrap_err();
+    assert!(err.contains("winvm-tools is not a folder"), "{err}");
 }
 
 fn s(text: &str) -> Val {
