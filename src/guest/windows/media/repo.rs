@@ -312,24 +312,62 @@ mod tests {
         assert!(err.contains("cygwin package 'foo' (required by 'openssh') is not in setup.ini"), "{err}");
     }
 
-    /// Builds the fixture repository with nix/cygwin.nix from a file:// mirror (a real build:
-    /// it writes to the Nix store and needs the host's /usr and /bin in the sandbox), then
-    /// media from the result.
+    /// A mirror on a loopback port: python3's http.server over `root`, stopped when dropped.
+    struct Mirror(std::process::Child, u16);
+
+    impl Drop for Mirror {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn serve(root: &Path) -> Mirror {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", &port.to_string(), "--directory"])
+            .arg(root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        let mirror = Mirror(child, port);
+        let deadline = crate::vm::wait::Deadline::new("the test mirror to listen", std::time::Duration::from_secs(20));
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            deadline.check().expect("mirror");
+            deadline.pause_blocking();
+        }
+        mirror
+    }
+
+    /// Builds the fixture repository with nix/cygwin.nix (a real build in the sandbox, with no
+    /// host path in it: the archives come from a mirror on a loopback port, the builder's shell
+    /// and commands from the tools closure), then media from the result.
     #[test]
     fn nix_builds_the_fixture_repository_offline_and_media_accept_it() {
         let Some(tools) = tools() else { return };
         if !crate::tools::test_requires("nix-build", crate::tools::find("nix-build").is_ok()) {
             return;
         }
+        let closure = std::fs::read_to_string(Path::new(crate::spec::DEFAULT_CACHE).join("tools/tools.path"));
+        if !crate::tools::test_requires("the tools closure (scripts/setup makes it)", closure.is_ok()) {
+            return;
+        }
+        let closure = closure.unwrap_or_default();
         let repo = fixture_repo();
-        let mirror = format!("file://{}/{}/{}", repo.display(), names::CYGWIN_PACKAGES_DIR, cygwin::LOCAL_MIRROR_DIR);
+        let server = serve(&repo);
+        let mirror =
+            format!("http://127.0.0.1:{}/{}/{}", server.1, names::CYGWIN_PACKAGES_DIR, cygwin::LOCAL_MIRROR_DIR);
         let ini = repo.join(names::CYGWIN_PACKAGES_DIR).join(LOCAL_SETUP_INI);
-        let expr = repo_expr(&ini, &["make"], &mirror);
+        let tools_path = format!("(builtins.storePath {})", nix_string(closure.trim()));
+        let expr = repo_expr(&ini, &["make"], &mirror).replacen(
+            "system = ",
+            &format!("shell = \"${{{tools_path}}}/bin/sh\"; toolPath = \"${{{tools_path}}}/bin\"; system = "),
+            1,
+        );
         let output = Command::new("nix-build")
-            .args(["--no-out-link", "--option", "sandbox", "true", "--option", "sandbox-paths"])
-            .arg(format!("/usr /lib /lib64 /bin=/usr/bin {}", fixtures().display()))
-            .args(["-E", &expr])
-            .env("NIX_CONFIG", "build-users-group =\nsubstituters =")
+            .args(["--no-out-link", "-E", &expr])
+            .env("NIX_CONFIG", include_str!("../../../../nix/sandbox.conf"))
             .output()
             .expect("nix-build runs");
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
