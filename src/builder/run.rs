@@ -144,6 +144,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
                 disk: None,
                 nic_model: VIRTIO_NET,
                 extra_args: vec![],
+                hyperv: false,
             },
             revive_from: None,
         },

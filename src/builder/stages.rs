@@ -138,6 +138,7 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         exports: vec![],
         disk: install.machine.disk,
         incoming: None,
+        hyperv: install.machine.hyperv,
     };
     let timeout = Duration::from_secs(spec.timeout_secs);
     let rt = runtime()?;

@@ -14,8 +14,6 @@ use std::time::{Duration, Instant};
 use crate::vm::wait::{wait_until_blocking, Deadline, WaitError};
 
 pub const SMBD_READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// A booted or revived guest answers SSH within this, or it never will.
-pub const SSH_READY_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 pub enum AgentError {
@@ -108,7 +106,9 @@ fn run(cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTi
     let _smbd = start_smbd(cfg)?;
     log.line("controller: smbd up");
     let addr: SocketAddr = cfg.guest_addr.parse().map_err(|e| AgentError::Config(format!("guestAddr: {e}")))?;
-    let timeout = Duration::from_secs(cfg.ssh_timeout_secs.min(SSH_READY_TIMEOUT.as_secs()));
+    // As long as the image's (or the build's) own time-out: a Windows guest booted cold under
+    // TCG takes many minutes to answer.
+    let timeout = Duration::from_secs(cfg.ssh_timeout_secs);
     let tcp = wait_for_ssh(addr, timeout)?;
     log.line("guest SSH answered");
     File::create(cfg.xchg.join(WAITING_DONE))

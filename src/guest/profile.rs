@@ -146,6 +146,7 @@ impl Profile<'_> {
                     disk: Some(disk.to_path_buf()),
                     nic_model: VIRTIO_NET,
                     extra_args: vec![],
+                    hyperv: false,
                 },
                 mac: "",
                 no_reboot: true,
@@ -166,7 +167,7 @@ impl Profile<'_> {
                 // card is there, in the slot of the later stages, for the static address to
                 // bind to.
                 Ok(Install {
-                    machine: Machine { boot: None, disk: None, nic_model: E1000E, extra_args },
+                    machine: Machine { boot: None, disk: None, nic_model: E1000E, extra_args, hyperv: true },
                     mac: GUEST_MAC,
                     no_reboot: false,
                     done_line: windows::scripts::INSTALL_OK_LINE,
@@ -184,11 +185,12 @@ impl Profile<'_> {
                 disk: Some(disk),
                 nic_model: VIRTIO_NET,
                 extra_args: vec![],
+                hyperv: false,
             },
             Profile::Windows(_) => {
                 let mut extra_args = windows::media::system_disk_args(&disk);
                 extra_args.extend(windows_devices());
-                Machine { boot: None, disk: None, nic_model: E1000E, extra_args }
+                Machine { boot: None, disk: None, nic_model: E1000E, extra_args, hyperv: true }
             }
         }
     }
@@ -249,6 +251,7 @@ mod tests {
         let m = profile.machine(Path::new("/m"), "/d,x.qcow2".into());
         assert_eq!(m.boot, None);
         assert_eq!(m.nic_model, E1000E);
+        assert!(m.hyperv, "Windows gets the Hyper-V enlightenments under KVM");
         let args: Vec<String> = m.extra_args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(
             args,

@@ -140,6 +140,7 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
         disk: cfg.guest.machine.disk.clone(),
         // Deferred: the state file is checked against this QEMU's version before it loads.
         incoming: cfg.guest.revive_from.as_ref().map(|_| "defer".to_owned()),
+        hyperv: cfg.guest.machine.hyperv,
     };
     let mut exports = vec![
         Export { tag: "root".into(), path: "/".into(), readonly: true },
@@ -175,6 +176,7 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
         exports,
         disk: None,
         incoming: cfg.controller.revive_from.as_ref().map(|_| "defer".to_owned()),
+        hyperv: false,
     };
     (guest, controller)
 }

@@ -43,6 +43,9 @@ pub struct Machine {
     pub disk: Option<PathBuf>,
     pub nic_model: &'static str,
     pub extra_args: Vec<std::ffi::OsString>,
+    /// Hyper-V enlightenments under KVM (Windows): without them Windows spins on its locks and
+    /// timers. Part of the machine, so identical at suspend and revive, as migration needs.
+    pub hyperv: bool,
 }
 
 /// virtio for the Linux VMs; e1000e for Windows, which has no virtio driver built in. Its PCI
@@ -71,7 +74,12 @@ pub struct VmConfig {
     pub disk: Option<PathBuf>,
     /// `-incoming` source for a VM revived from a saved state.
     pub incoming: Option<String>,
+    /// See [`Machine::hyperv`]; only under KVM (TCG does not offer them).
+    pub hyperv: bool,
 }
+
+/// The Hyper-V enlightenments Windows guests use under KVM.
+pub const HYPERV_FEATURES: &str = "hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-time";
 
 fn s(x: &str) -> OsString {
     x.into()
@@ -87,9 +95,10 @@ impl VmConfig {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
         };
-        let cpu = match self.accel {
-            Accel::Kvm => "host",
-            Accel::Tcg => "max",
+        let cpu = match (self.accel, self.hyperv) {
+            (Accel::Kvm, true) => format!("host,{HYPERV_FEATURES}"),
+            (Accel::Kvm, false) => "host".to_owned(),
+            (Accel::Tcg, _) => "max".to_owned(),
         };
         let mut a: Vec<OsString> = vec![
             s("-name"),
@@ -99,7 +108,7 @@ impl VmConfig {
             s("-accel"),
             s(accel),
             s("-cpu"),
-            s(cpu),
+            s(&cpu),
             s("-m"),
             s(&self.memory_mib.to_string()),
             s("-smp"),
@@ -184,6 +193,7 @@ mod tests {
             exports: vec![Export { tag: "root".into(), path: "/".into(), readonly: true }],
             disk: None,
             incoming: None,
+            hyperv: false,
         };
         let line = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(line.contains("-accel tcg -cpu max -m 256"), "{line}");
@@ -193,5 +203,12 @@ mod tests {
         assert!(line.contains("-qmp unix:/w/qmp.sock,server=on,wait=off"));
         assert!(line.contains("-virtfs local,path=/,mount_tag=root,security_model=none,multidevs=remap,readonly=on"));
         assert!(!line.contains("-incoming"));
+        // Hyper-V enlightenments: only where KVM offers them.
+        let with_hyperv = VmConfig { hyperv: true, ..c.clone() };
+        let tcg = with_hyperv.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(tcg.contains("-cpu max -m"), "{tcg}");
+        let kvm = VmConfig { accel: Accel::Kvm, ..with_hyperv };
+        let kvm = kvm.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(kvm.contains("-accel kvm -cpu host,hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-time -m"), "{kvm}");
     }
 }
