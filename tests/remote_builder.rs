@@ -7,11 +7,12 @@
 
 mod common;
 use common::{builder, plugin};
+use nix_winvm::vm::wait::{wait_until_blocking, Deadline};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const SANDBOX_CONFIG: &str = include_str!("../nix/sandbox.conf");
 const SSHD: &str = "/usr/sbin/sshd";
@@ -93,23 +94,18 @@ fn start_sshd(dir: &Path) -> Sshd {
     let sshd = Sshd { child, port, client_key: dir.join("client") };
     // Ready when it sends its banner.
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let start = Instant::now();
-    loop {
-        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut banner = [0u8; 4];
-            if s.read_exact(&mut banner).is_ok() && &banner == b"SSH-" {
-                return sshd;
-            }
-        }
-        assert!(
-            start.elapsed() < SSHD_READY_TIMEOUT,
-            "sshd did not answer on port {port} within {} s: {}",
-            SSHD_READY_TIMEOUT.as_secs(),
-            std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    let deadline =
+        Deadline::new(format!("sshd's banner on port {port}"), SSHD_READY_TIMEOUT).every(Duration::from_millis(50));
+    let banner = wait_until_blocking(&deadline, || {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else { return Ok::<_, ()>(None) };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut banner = [0u8; 4];
+        Ok((s.read_exact(&mut banner).is_ok() && &banner == b"SSH-").then_some(()))
+    });
+    if let Err(e) = banner {
+        panic!("{e:?}: {}", std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default());
     }
+    sshd
 }
 
 fn stderr(o: &Output) -> String {
@@ -138,14 +134,14 @@ fn remote_build(sshd: &Sshd, builders: &str, expr: &str, out_link: &Path) -> Out
         .stderr(Stdio::piped())
         .spawn()
         .expect("run nix-build");
-    let start = Instant::now();
+    let deadline = Deadline::new("nix-build to end", BUILD_DEADLINE).every(Duration::from_millis(200));
     while child.try_wait().expect("wait for nix-build").is_none() {
-        if start.elapsed() > BUILD_DEADLINE {
+        if let Err(e) = deadline.check() {
             let _ = child.kill();
             let o = child.wait_with_output().expect("reap nix-build");
-            panic!("nix-build did not end within {} s:\n{}", BUILD_DEADLINE.as_secs(), stderr(&o));
+            panic!("{e}:\n{}", stderr(&o));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        deadline.pause_blocking();
     }
     child.wait_with_output().expect("read nix-build's output")
 }

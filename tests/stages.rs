@@ -329,13 +329,7 @@ fn a_failed_build_kept_with_k_has_its_logs_and_run_vm() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    // Nix names the folder it keeps: under TMPDIR up to 2.29, under its build-dir after.
-    let log = stderr(&o);
-    let build_dir = log
-        .lines()
-        .find_map(|l| l.split("keeping build directory ").nth(1))
-        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
-        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"));
+    let build_dir = kept_build_dir(&stderr(&o));
     // The sandbox's /build is the kept folder itself (Nix 2.8) or its `build` child (later
     // Nix keeps the top folder private and builds in a folder inside it).
     let work = [build_dir.clone(), build_dir.join("build")].iter().filter(|d| d.is_dir()).find_map(|d| {
@@ -350,8 +344,21 @@ fn a_failed_build_kept_with_k_has_its_logs_and_run_vm() {
         assert!(work.join(f).exists(), "{f} missing in {}", work.display());
     }
     assert!(std::fs::read_to_string(work.join("xchg/output.log")).unwrap().contains("boom"));
-    // Outside TMPDIR (Nix's build-dir) nothing else removes it: Nix 2.34 names the inner
-    // `build` folder, whose private parent it made for this build alone.
+    remove_kept(build_dir);
+}
+
+/// The folder Nix kept after a failed `-K` build, as its log names it: under TMPDIR up to 2.29,
+/// under its build-dir after.
+fn kept_build_dir(log: &str) -> PathBuf {
+    log.lines()
+        .find_map(|l| l.split("keeping build directory ").nth(1))
+        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
+        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"))
+}
+
+/// Outside TMPDIR (Nix's build-dir) nothing else removes a kept folder: Nix 2.34 names the
+/// inner `build` folder, whose private parent it made for this build alone.
+fn remove_kept(build_dir: PathBuf) {
     let top = if build_dir.ends_with("build") { build_dir.parent().unwrap().to_path_buf() } else { build_dir };
     let _ = std::fs::remove_dir_all(top);
 }
@@ -387,16 +394,11 @@ fn builds_run_as_a_build_user_of_the_nixbld_group() {
     let log = stderr(&failed);
     assert!(!failed.status.success(), "{log}");
     assert!(log.contains("command exited 4"), "{log}");
-    let kept = log
-        .lines()
-        .find_map(|l| l.split("keeping build directory ").nth(1))
-        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
-        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"));
+    let kept = kept_build_dir(&log);
     use std::os::unix::fs::MetadataExt;
     let uid = std::fs::metadata(&kept).unwrap().uid();
     let name = Command::new("getent").args(["passwd", &uid.to_string()]).output().unwrap();
     let name = String::from_utf8_lossy(&name.stdout).split(':').next().unwrap_or("").to_owned();
     assert!(name.starts_with("nixbld"), "the build ran as uid {uid} ({name:?}), not a build user");
-    let top = if kept.ends_with("build") { kept.parent().unwrap().to_path_buf() } else { kept };
-    let _ = std::fs::remove_dir_all(top);
+    remove_kept(kept);
 }

@@ -75,18 +75,14 @@ impl Closure {
     }
 }
 
-/// Where the plugin keeps the builders it patched: the cache if it may write there, else the
-/// user's own.
-fn patched_builders_dir() -> PathBuf {
-    let shared = Path::new(DEFAULT_CACHE).join("builders");
-    if std::fs::create_dir_all(&shared).is_ok() && tempfile::tempfile_in(&shared).is_ok() {
-        return shared;
-    }
+/// Where the plugin keeps the builders it patched: the shared cache, and the user's own for a
+/// user who may not write there.
+fn patched_builders_dirs() -> [PathBuf; 2] {
     let home = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
-    home.join("nix-winvm/builders")
+    [Path::new(DEFAULT_CACHE).join("builders"), home.join("nix-winvm/builders")]
 }
 
 /// How many patched builders are kept (one per build of this project).
@@ -104,11 +100,17 @@ pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, Str
     let meta = std::fs::metadata(builder).map_err(|e| fail(e.to_string()))?;
     let lib_hash = lib_store.trim_start_matches("/nix/store/").get(..12).unwrap_or("");
     let key = format!("{lib_hash}-{:x}-{:x}-{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
-    let root = patched_builders_dir();
-    let out = root.join(&key).join(BUILDER_NAME);
-    if out.is_file() {
-        return Ok(out);
+    // Every evaluation looks here: a made builder is found without writing anything.
+    let [shared, own] = patched_builders_dirs();
+    for dir in [&shared, &own] {
+        let made = dir.join(&key).join(BUILDER_NAME);
+        if made.is_file() {
+            return Ok(made);
+        }
     }
+    let writable = std::fs::create_dir_all(&shared).is_ok() && tempfile::tempfile_in(&shared).is_ok();
+    let root = if writable { shared } else { own };
+    let out = root.join(&key).join(BUILDER_NAME);
     // The closure's patchelf, through the closure's loader: its store path need not exist yet.
     let loader = lib_dir.join(LOADER);
     let patchelf = closure.tools_dir.join("bin/patchelf");
