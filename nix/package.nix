@@ -20,14 +20,17 @@
 , mtools
 , xz
 , coreutils
+, xorriso
+, OVMF
 }:
 
 let
   cargoToml = lib.importTOML ../Cargo.toml;
   # Every program the builder starts, as one store path: the derivations the plugin creates
   # name it (winvmTools), so their sandbox has it and needs nothing else, on NixOS too. busybox
-  # goes into the VMs' initramfs and must be static.
-  tools = [ qemu_kvm vde2 samba pkgsStatic.busybox dropbear openssh mtools xz coreutils ];
+  # goes into the VMs' initramfs and must be static. xorriso writes the answer CD of UEFI
+  # installs; OVMF.fd (FV/OVMF_CODE.fd, FV/OVMF_VARS.fd) is their firmware.
+  tools = [ qemu_kvm vde2 samba pkgsStatic.busybox dropbear openssh mtools xz coreutils xorriso OVMF.fd ];
   winvmTools = symlinkJoin { name = "winvm-tools"; paths = tools; };
 in
 rustPlatform.buildRustPackage {

@@ -75,6 +75,48 @@ pub fn test_requires(what: &str, present: bool) -> bool {
     false
 }
 
+/// UEFI firmware (`efi = true`): OVMF's code, read-only, and the template of its variable
+/// store, which each image copies and keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ovmf {
+    pub code: PathBuf,
+    pub vars_template: PathBuf,
+}
+
+/// Where OVMF is, relative to a tools closure or a system: Debian's 4 MiB build, or nixpkgs'
+/// `OVMF.fd` output.
+const OVMF_LAYOUTS: &[(&str, &str)] =
+    &[("share/OVMF/OVMF_CODE_4M.fd", "share/OVMF/OVMF_VARS_4M.fd"), ("FV/OVMF_CODE.fd", "FV/OVMF_VARS.fd")];
+
+impl Ovmf {
+    pub fn find() -> Result<Ovmf, MissingTool> {
+        let mut roots: Vec<(PathBuf, &[(&str, &str)])> = Vec::new();
+        if let Some(tools) = std::env::var_os("winvmTools") {
+            roots.push((tools.into(), OVMF_LAYOUTS));
+        }
+        // Outside a build (tests, `run`): Debian's.
+        roots.push(("/usr".into(), &OVMF_LAYOUTS[..1]));
+        for (root, layouts) in &roots {
+            for (code, vars) in layouts.iter() {
+                let (code, vars_template) = (root.join(code), root.join(vars));
+                if code.is_file() && vars_template.is_file() {
+                    return Ok(Ovmf { code, vars_template });
+                }
+            }
+        }
+        let searched = roots
+            .iter()
+            .flat_map(|(r, layouts)| layouts.iter().map(move |(code, _)| r.join(code).display().to_string()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Err(MissingTool {
+            name: "OVMF (UEFI firmware, for efi = true)".into(),
+            searched,
+            hint: "install Debian's ovmf and run scripts/setup (in a build, it comes from the tools closure: winvmTools/share/OVMF)",
+        })
+    }
+}
+
 /// The programs one VM session needs.
 #[derive(Debug, Clone)]
 pub struct Tools {

@@ -374,7 +374,9 @@ fn the_nixos_module_builds_for_the_systems_nix_and_refuses_another() {
             "openssh",
             "mtools",
             "xz",
-            "coreutils"
+            "coreutils",
+            "xorriso",
+            "OVMF-fd"
         ])
     );
     assert!(

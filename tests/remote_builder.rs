@@ -6,7 +6,7 @@
 #![cfg(feature = "plugin")]
 
 mod common;
-use common::{builder, plugin};
+use common::{builder, plugin, SANDBOX_CONFIG};
 use nix_winvm::vm::wait::{wait_until_blocking, Deadline};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-const SANDBOX_CONFIG: &str = include_str!("../nix/sandbox.conf");
 const SSHD: &str = "/usr/sbin/sshd";
 const SSHD_READY_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -51,11 +51,14 @@ pub enum BuilderError {
     /// The installer VM ran past the image's time-out.
     InstallTimeout {
         secs: u64,
+        /// Where the installer's last screenshot is.
+        screen: Option<String>,
     },
     /// The installer VM ended without announcing success.
     InstallUnfinished {
         status: String,
         log_tail: String,
+        screen: Option<String>,
     },
     /// The guest could not map the controller's shares before the suspend.
     SharesNotMapped {
@@ -92,13 +95,17 @@ impl fmt::Display for BuilderError {
             BuilderError::Agent(e) => write!(f, "{e}"),
             BuilderError::Io { what, source } => write!(f, "{what}: {source}"),
             BuilderError::Tool { tool, detail } => write!(f, "{tool} {detail}"),
-            BuilderError::InstallTimeout { secs } => {
-                write!(f, "the install exceeded its timeout of {secs} s and was stopped")
+            BuilderError::InstallTimeout { secs, screen } => {
+                write!(f, "the install exceeded its timeout of {secs} s and was stopped")?;
+                screen.iter().try_for_each(|s| write!(f, "\n{s}"))
             }
-            BuilderError::InstallUnfinished { status, log_tail } => write!(
-                f,
-                "the installer ended ({status}) without finishing\n--- last lines of the installer's serial log ---\n{log_tail}"
-            ),
+            BuilderError::InstallUnfinished { status, log_tail, screen } => {
+                write!(
+                    f,
+                    "the installer ended ({status}) without finishing\n--- last lines of the installer's serial log ---\n{log_tail}"
+                )?;
+                screen.iter().try_for_each(|s| write!(f, "\n{s}"))
+            }
             BuilderError::SharesNotMapped { verdict } => write!(f, "mapping the shares in the guest failed: {verdict}"),
             BuilderError::ImageMismatch { image } => {
                 write!(f, "the image at {} was built from another spec than this build expects", image.display())

@@ -145,6 +145,9 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
                 nic_model: VIRTIO_NET,
                 extra_args: vec![],
                 hyperv: false,
+                // The engine's cold guest boots the PVH kernel, which has no screen to show.
+                display: false,
+                uefi: None,
             },
             revive_from: None,
         },
@@ -158,6 +161,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         extra_shares,
         tools,
         agent: std::env::current_exe().map_err(io("cannot find this program"))?,
+        outputs: vec![],
     };
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("cannot start the runtime"))?;

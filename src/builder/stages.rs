@@ -8,13 +8,17 @@
 
 use super::Progress;
 use super::{io, BuilderError};
+use crate::controller::unpack;
+use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
 use crate::guest::{self, MediaInputs};
-use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig};
+
+use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, SCREENS_DIR};
 use crate::shell;
 use crate::spec::{self, Accel, BuildSpec, ImageSpec};
-use crate::tools::Tools;
+use crate::tools::{Ovmf, Tools};
 use crate::vm::process::{describe_status, ProcessGuard};
-use crate::vm::qemu::VmConfig;
+use crate::vm::qemu::{Machine, Uefi, VmConfig};
+use crate::vm::screen::{self, Screens};
 use crate::vm::{accel, kernel, state};
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
@@ -98,6 +102,7 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
         dropbear: &tools.dropbear,
         cygwin_repo: cygwin_repo.as_deref(),
         disk_size_mib: spec.disk_size_mib,
+        efi: spec.efi,
     })?;
     progress.say(&line);
     Ok(0)
@@ -107,6 +112,27 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
 /// waits for its session.
 pub const CONTROLLER_IMG: &str = "controller.img";
 pub const CONTROLLER_STATE: &str = "controller-state";
+/// UEFI images: the firmware's variable store (boot entries), made at the install from OVMF's
+/// template, saved with the image at the suspend, copied for each build.
+pub const EFI_VARS: &str = "efi-vars.fd";
+/// How long the install stage keeps pressing Enter for a boot loader that waits for a key
+/// (Windows' CD under UEFI): OVMF alone takes about 15 s to get there under TCG.
+const KEY_PRESS_WINDOW: Duration = Duration::from_secs(90);
+
+/// UEFI (`efi = true`): OVMF, with the image's variable store at `vars`, a writable copy of
+/// `from` (OVMF's template at the install; the previous stage's store after). BIOS: None.
+fn uefi(spec: &ImageSpec, from: Option<&Path>, vars: &Path) -> Result<Option<Uefi>, BuilderError> {
+    if !spec.efi {
+        return Ok(None);
+    }
+    let ovmf = Ovmf::find()?;
+    let from = from.unwrap_or(&ovmf.vars_template);
+    std::fs::copy(from, vars).map_err(io(format!("copying {} to {}", from.display(), vars.display())))?;
+    // Store files are read-only; the firmware writes its variables.
+    std::fs::set_permissions(vars, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .map_err(io(format!("making {} writable", vars.display())))?;
+    Ok(Some(Uefi { code: ovmf.code, vars: vars.to_path_buf() }))
+}
 
 /// Stage 2: boot the installer with a blank disk; it installs and powers off.
 pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
@@ -119,7 +145,11 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let serial = work.join("install-serial.log");
     let profile = guest::profile(&spec.guest);
     let iso = if profile.needs_iso() { Some(env_path("iso")?) } else { None };
-    let install = profile.install(&media, &disk, iso.as_deref())?;
+    let mut install = profile.install(&media, &disk, iso.as_deref(), spec.efi, &work)?;
+    install.machine.uefi = uefi(spec, None, &out.join(EFI_VARS))?;
+    if let Some(selection) = &install.edition {
+        progress.say(&selection.describe());
+    }
     qemu_img(&tools, &["create", "-q", "-f", "qcow2"], &[disk.as_os_str()], &format!("{}M", spec.disk_size_mib))?;
     let accel = accel_for(spec, progress)?;
     let vm = VmConfig {
@@ -139,7 +169,13 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         disk: install.machine.disk,
         incoming: None,
         hyperv: install.machine.hyperv,
+        screen: install.machine.display.then(|| work.join("installer-screen.sock")),
+        uefi: install.machine.uefi,
     };
+    let mut screens = vm.screen.as_ref().map(|sock| Screens::new("installer", work.join(SCREENS_DIR), sock));
+    if let (Some(screens), true) = (screens.as_mut(), install.press_keys) {
+        screens.press_keys_for(KEY_PRESS_WINDOW);
+    }
     let timeout = Duration::from_secs(spec.timeout_secs);
     let rt = runtime()?;
     let status = rt.block_on(async {
@@ -151,9 +187,23 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
             .stdout(Stdio::null());
         let mut guard = ProcessGuard::spawn("installer", cmd)?;
         progress.say("installer VM started");
-        match tokio::time::timeout(timeout, guard.wait()).await {
+        let ended = {
+            let wait = guard.wait();
+            tokio::pin!(wait);
+            tokio::time::timeout(timeout, screen::during(screens.as_mut(), wait)).await
+        };
+        match ended {
             Ok(s) => Ok(s),
-            Err(_) => Err(BuilderError::InstallTimeout { secs: timeout.as_secs() }),
+            Err(_) => {
+                // Still running: its screen tells where it stopped.
+                if let Some(screens) = screens.as_mut() {
+                    screens.capture().await;
+                }
+                Err(BuilderError::InstallTimeout {
+                    secs: timeout.as_secs(),
+                    screen: screens.as_ref().and_then(Screens::describe),
+                })
+            }
         }
     })?;
     let log = std::fs::read_to_string(&serial).unwrap_or_default();
@@ -161,9 +211,14 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         return Err(BuilderError::InstallUnfinished {
             status: describe_status(status),
             log_tail: crate::vm::tail_lines(&serial, crate::vm::LOG_TAIL_LINES),
+            screen: screens.as_ref().and_then(Screens::describe),
         });
     }
     progress.say("installed");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let record = InstallRecord::new(now, install.edition.map(|selection| selection.edition));
+    let json = serde_json::to_string_pretty(&record).map_err(io(INSTALL_RECORD))?;
+    std::fs::write(out.join(INSTALL_RECORD), json).map_err(io(format!("writing {INSTALL_RECORD}")))?;
     Ok(0)
 }
 
@@ -236,6 +291,7 @@ fn session_config(
         extra_shares: vec![],
         tools,
         agent: std::env::current_exe().map_err(io("finding this program"))?,
+        outputs: vec![],
     })
 }
 
@@ -250,6 +306,11 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let disk = out.join("disk.qcow2");
     overlay(&tools, &installed.join("disk.qcow2"), &disk)?;
     std::fs::copy(media.join("key"), out.join("key")).map_err(io("copying the key"))?;
+    // The install's record (its date; an evaluation's end), where each build looks for it.
+    let record = installed.join(INSTALL_RECORD);
+    if record.is_file() {
+        std::fs::copy(&record, out.join(INSTALL_RECORD)).map_err(io(format!("copying {}", record.display())))?;
+    }
     std::os::unix::fs::symlink(&media, out.join("media")).map_err(io("linking the media"))?;
     let work = work_dir()?;
     let profile = guest::profile(&spec.guest);
@@ -259,7 +320,13 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         Duration::from_secs(spec.timeout_secs),
         &work,
         &media,
-        GuestBoot { machine: profile.machine(&media, disk), revive_from: None },
+        GuestBoot {
+            machine: Machine {
+                uefi: uefi(spec, Some(&installed.join(EFI_VARS)), &out.join(EFI_VARS))?,
+                ..profile.machine(&media, disk)
+            },
+            revive_from: None,
+        },
         ControllerBoot {
             initrd: Some(media.join(CONTROLLER_IMG)),
             revive_from: None,
@@ -325,8 +392,10 @@ pub fn saved_env(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<u8> {
 }
 
 /// The command the guest runs: the environment restored, then the script (or, for
-/// runInWindowsVM, the original builder with its arguments).
-pub fn guest_command(spec: &BuildSpec, argc: usize) -> String {
+/// runInWindowsVM, the original builder with its arguments). With `outputs`, the guest makes
+/// them on its own disk and packs them for the agent (see [`guest::Profile::with_local_outputs`]).
+pub fn guest_command(spec: &BuildSpec, argc: usize, outputs: &[PathBuf]) -> String {
+    let profile = guest::profile(&spec.image.guest);
     let mut c = String::from("cd /tmp && . /tmp/xchg/saved-env && ");
     if spec.run_original_builder {
         c.push_str("exec \"$winvmOrigBuilder\"");
@@ -334,9 +403,21 @@ pub fn guest_command(spec: &BuildSpec, argc: usize) -> String {
             c.push_str(&format!(" \"$winvmArg{i}\""));
         }
     } else {
-        c.push_str(&format!("exec {} -e /tmp/xchg/script", guest::profile(&spec.image.guest).shell()));
+        c.push_str(&format!("exec {} -e /tmp/xchg/script", profile.shell()));
     }
-    c
+    let names: Vec<String> =
+        outputs.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+    if names.is_empty() {
+        return c;
+    }
+    profile.with_local_outputs(&c, &names, &format!("/tmp/xchg/{}", unpack::ARCHIVE))
+}
+
+/// The derivation's output paths: `$outputs` names them ("out" when it is unset), and each
+/// name is a variable holding its path.
+pub fn output_paths(var: impl Fn(&str) -> Option<OsString>) -> Vec<PathBuf> {
+    let names = var("outputs").map_or_else(|| "out".to_owned(), |o| o.to_string_lossy().into_owned());
+    names.split_whitespace().filter_map(|name| var(name).map(PathBuf::from)).collect()
 }
 
 /// Stage 4: revive the image on a throw-away overlay and run the build.
@@ -349,6 +430,10 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     .map_err(io(format!("{} is not a nix-winvm image's metadata", meta_path.display())))?;
     if meta.spec != spec.image {
         return Err(BuilderError::ImageMismatch { image });
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if let Some(warning) = InstallRecord::of_image(&image).and_then(|record| record.expiry_warning(now)) {
+        progress.say(&warning);
     }
     let state_file = image.join("state");
     let controller_state = image.join(CONTROLLER_STATE);
@@ -370,14 +455,18 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         std::fs::write(xchg.join("script"), script).map_err(io("writing the script"))?;
     }
     let argc = std::env::var("winvmArgc").ok().and_then(|a| a.parse().ok()).unwrap_or(0);
-    let cfg = session_config(
+    let outputs = output_paths(|name| std::env::var_os(name));
+    let mut cfg = session_config(
         &spec.image,
         accel,
         Duration::from_secs(spec.timeout_secs),
         &work,
         &meta.media,
         GuestBoot {
-            machine: guest::profile(&spec.image.guest).machine(&meta.media, disk),
+            machine: Machine {
+                uefi: uefi(&spec.image, Some(&image.join(EFI_VARS)), &work.join(EFI_VARS))?,
+                ..guest::profile(&spec.image.guest).machine(&meta.media, disk)
+            },
             revive_from: Some(state_file),
         },
         ControllerBoot {
@@ -386,10 +475,11 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
             save_to: None,
         },
         image.join("key"),
-        guest_command(spec, argc),
+        guest_command(spec, argc, &outputs),
         After::Quit,
         tools,
     )?;
+    cfg.outputs = outputs;
     match runtime()?.block_on(session::run(&cfg, progress))? {
         crate::controller::agent::Verdict::Exited(code) => {
             progress.say(&format!("command exited {code}"));
@@ -422,8 +512,34 @@ mod tests {
     fn original_builder_keeps_argument_boundaries() {
         let spec = BuildSpec { image: ImageSpec::standin(), timeout_secs: 1, run_original_builder: true };
         assert_eq!(
-            guest_command(&spec, 2),
+            guest_command(&spec, 2, &[]),
             "cd /tmp && . /tmp/xchg/saved-env && exec \"$winvmOrigBuilder\" \"$winvmArg0\" \"$winvmArg1\""
         );
+    }
+
+    #[test]
+    fn outputs_are_named_by_the_outputs_variable() {
+        let env = |name: &str| match name {
+            "outputs" => Some("out dev".into()),
+            "out" => Some("/nix/store/aaaa-x".into()),
+            "dev" => Some("/nix/store/bbbb-x-dev".into()),
+            _ => None,
+        };
+        assert_eq!(output_paths(env), [PathBuf::from("/nix/store/aaaa-x"), PathBuf::from("/nix/store/bbbb-x-dev")]);
+        let only_out = |name: &str| (name == "out").then(|| OsString::from("/nix/store/cccc-y"));
+        assert_eq!(output_paths(only_out), [PathBuf::from("/nix/store/cccc-y")]);
+    }
+
+    #[test]
+    fn the_build_runs_in_a_subshell_between_placing_and_packing_the_outputs() {
+        let spec = BuildSpec { image: ImageSpec::standin(), timeout_secs: 1, run_original_builder: false };
+        let c = guest_command(&spec, 0, &["/nix/store/aaaa-x".into(), "/nix/store/bbbb-x-dev".into()]);
+        assert!(c.starts_with("winvm_outputs='aaaa-x bbbb-x-dev'\n"), "{c}");
+        let placed = c.find("winvm_redirect ||").unwrap();
+        let built =
+            c.find("(cd /tmp && . /tmp/xchg/saved-env && exec /bin/sh -e /tmp/xchg/script)\nwinvm_code=$?").unwrap();
+        let packed = c.find("tar -c -f /tmp/xchg/outputs.tar.part -C /nix/store \"$@\" && mv -f").unwrap();
+        assert!(placed < built && built < packed, "{c}");
+        assert!(c.trim_end().ends_with("exit \"$winvm_code\""), "{c}");
     }
 }

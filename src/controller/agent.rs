@@ -2,7 +2,7 @@
 //! guest's SSH, run the command, stream its output into the exchange directory, record its
 //! exit code. Blocking code: it is the only thing running in that VM.
 
-use super::{samba, AgentConfig, EXIT_FILE, OUTPUT_LOG, WAITING_DONE};
+use super::{samba, unpack, AgentConfig, EXIT_FILE, OUTPUT_LOG, WAITING_DONE};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -22,6 +22,7 @@ pub enum AgentError {
     SshWait { addr: String, after: Duration },
     Ssh { step: &'static str, detail: String },
     Io(String),
+    Outputs(unpack::UnpackError),
 }
 
 impl fmt::Display for AgentError {
@@ -34,6 +35,7 @@ impl fmt::Display for AgentError {
             }
             AgentError::Ssh { step, detail } => write!(f, "SSH to the guest failed while {step}: {detail}"),
             AgentError::Io(e) => write!(f, "{e}"),
+            AgentError::Outputs(e) => write!(f, "unpacking the build's outputs: {e}"),
         }
     }
 }
@@ -113,16 +115,47 @@ fn run(cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTi
     log.line("guest SSH answered");
     File::create(cfg.xchg.join(WAITING_DONE))
         .map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
-    run_command(tcp, cfg, log, clock)
+    let verdict = run_command(tcp, cfg, log, clock)?;
+    // A failed build's outputs are discarded by Nix: the guest packs them only on success.
+    if verdict == Verdict::Exited(0) && !cfg.outputs.is_empty() {
+        unpack_outputs(cfg, log)?;
+    }
+    Ok(verdict)
+}
+
+/// The guest's archive of the outputs, unpacked into the real output paths through the
+/// store's 9p export, with its links, exec bits and empty folders.
+fn unpack_outputs(cfg: &AgentConfig, log: &mut Log) -> Result<(), AgentError> {
+    let path = cfg.xchg.join(unpack::ARCHIVE);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Nix names each missing output itself.
+            log.line("outputs: the command made none of them");
+            return Ok(());
+        }
+        Err(e) => return Err(AgentError::Io(format!("cannot open {}: {e}", path.display()))),
+    };
+    let archive_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let started = Instant::now();
+    let done = unpack::unpack(file, &cfg.outputs).map_err(AgentError::Outputs)?;
+    let secs = started.elapsed().as_secs_f64();
+    log.line(&format!(
+        "outputs: {} of {} paths, {} entries, {} unpacked in {secs:.1} s ({}/s; archive {})",
+        done.paths,
+        cfg.outputs.len(),
+        done.entries,
+        size(done.bytes as f64),
+        size(done.bytes as f64 / secs.max(0.001)),
+        size(archive_bytes as f64),
+    ));
+    // Unpacked, the archive is only a second copy in the build folder.
+    let _ = std::fs::remove_file(&path);
+    Ok(())
 }
 
 fn start_smbd(cfg: &AgentConfig) -> Result<SmbdGuard, AgentError> {
-    for d in samba::STATE_DIRS {
-        std::fs::create_dir_all(cfg.run_dir.join(d)).map_err(|e| AgentError::Smbd(format!("creating {d}: {e}")))?;
-    }
-    let conf = cfg.run_dir.join("smb.conf");
-    std::fs::write(&conf, samba::smb_conf(&cfg.shares, &cfg.run_dir))
-        .map_err(|e| AgentError::Smbd(format!("writing {}: {e}", conf.display())))?;
+    let conf = samba::write_config(&cfg.shares, &cfg.run_dir).map_err(|e| AgentError::Smbd(e.to_string()))?;
     let log = File::create(cfg.xchg.join("smbd.log")).map_err(|e| AgentError::Smbd(e.to_string()))?;
     let log2 = log.try_clone().map_err(|e| AgentError::Smbd(e.to_string()))?;
     let child = Command::new(&cfg.smbd)
@@ -243,6 +276,15 @@ fn run_command(
     }
     let code = channel.exit_status().map_err(ssh_err("reading the exit status"))?;
     Ok(Verdict::Exited(code))
+}
+
+/// Bytes for people: "3.9 kB", "209.7 MB".
+fn size(bytes: f64) -> String {
+    if bytes < 1e6 {
+        format!("{:.1} kB", bytes / 1e3)
+    } else {
+        format!("{:.1} MB", bytes / 1e6)
+    }
 }
 
 /// `date -u -s 'YYYY-MM-DD hh:mm:ss'`: understood by busybox and by Cygwin's GNU date.

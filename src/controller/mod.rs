@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod samba;
+pub mod unpack;
 
 use crate::initramfs::linux::{self, LinuxInitError};
 use crate::initramfs::Initramfs;
@@ -43,6 +44,10 @@ pub struct AgentConfig {
     /// Set the guest's clock from the controller's (fresh from the host) before the command.
     pub set_clock: bool,
     pub ssh_timeout_secs: u64,
+    /// The build's output paths. After a command that succeeded, the guest's archive of them
+    /// ([`unpack::ARCHIVE`] in the exchange folder) is unpacked into these and nowhere else.
+    #[serde(default)]
+    pub outputs: Vec<PathBuf>,
 }
 
 /// A 9p mount the controller's init makes under /fs before the chroot.

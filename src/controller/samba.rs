@@ -1,18 +1,78 @@
-//! Samba's configuration for the controller: the shares as the historic design had them
-//! (guest access mapped to root, writable), every state folder in a private tmpfs.
+//! Samba's configuration for the controller: writable shares behind one real account, every
+//! state folder in a private tmpfs.
+//!
+//! Guests log on as `Administrator` with the image's password
+//! ([`crate::spec::WindowsOptions::ADMIN_PASSWORD`]), in authenticated, signed sessions. No
+//! guest access: Windows refuses unsigned guest sessions (Windows 11 24H2 requires signing),
+//! and a Windows logon made by Cygwin's sshd only reaches a share with real credentials.
+//!
+//! smbd runs chrooted into the builder's view of the file system, which has no smbpasswd or
+//! pdbedit and whose /etc/passwd knows only a few users (root among them). So the account is
+//! written here as an smbpasswd file (the NT hash is MD4 of the UTF-16LE password), and a
+//! username map makes the client's `Administrator` the unix user `root`.
 
 use super::Share;
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// The account guests authenticate as: the guests' SSH user, the Windows built-in account.
+pub const ACCOUNT: &str = "Administrator";
+/// The unix user the account is mapped to; every sandbox's /etc/passwd has it.
+const UNIX_USER: &str = "root";
+const UNIX_UID: u32 = 0;
+
+/// Files next to smb.conf in the run folder.
+const SMBPASSWD: &str = "private/smbpasswd";
+const USERNAME_MAP: &str = "username.map";
+const SMB_CONF: &str = "smb.conf";
+
+pub const STATE_DIRS: &[&str] = &["private", "lock", "state", "cache", "pid", "ncalrpc", "binddns"];
+
+/// Writes everything smbd needs into `run_dir` (its state folders, the account, the username
+/// map and smb.conf) and returns the path of smb.conf. Errors name the file.
+pub fn write_config(shares: &[Share], run_dir: &Path) -> io::Result<PathBuf> {
+    let named = |path: &Path, what: &str| {
+        let shown = path.display().to_string();
+        let what = what.to_owned();
+        move |e: io::Error| io::Error::new(e.kind(), format!("{what} {shown}: {e}"))
+    };
+    for d in STATE_DIRS {
+        let dir = run_dir.join(d);
+        std::fs::create_dir_all(&dir).map_err(named(&dir, "creating"))?;
+    }
+    let smbpasswd = run_dir.join(SMBPASSWD);
+    write_private(&smbpasswd, smbpasswd_line(crate::spec::WindowsOptions::ADMIN_PASSWORD).as_bytes())
+        .map_err(named(&smbpasswd, "writing"))?;
+    let map = run_dir.join(USERNAME_MAP);
+    std::fs::write(&map, username_map()).map_err(named(&map, "writing"))?;
+    let conf = run_dir.join(SMB_CONF);
+    std::fs::write(&conf, smb_conf(shares, run_dir)).map_err(named(&conf, "writing"))?;
+    Ok(conf)
+}
+
+/// Readable by root alone, like any password file (smbd runs as root).
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    file.write_all(bytes)
+}
 
 pub fn smb_conf(shares: &[Share], run_dir: &Path) -> String {
     let d = |sub: &str| run_dir.join(sub).display().to_string();
     let mut s = format!(
         "[global]\n\
          security = user\n\
-         map to guest = Bad User\n\
-         guest account = root\n\
-         server min protocol = SMB2\n\
          server role = standalone server\n\
+         passdb backend = smbpasswd:{smbpasswd}\n\
+         username map = {username_map}\n\
+         # Only the account: unknown users and bad passwords fail, nobody becomes a guest.\n\
+         map to guest = Never\n\
+         restrict anonymous = 2\n\
+         ntlm auth = ntlmv2-only\n\
+         # Windows 11 24H2 requires signed sessions; every client here signs.\n\
+         server signing = mandatory\n\
+         server min protocol = SMB2\n\
          workgroup = WORKGROUP\n\
          interfaces = {controller}/24 lo\n\
          bind interfaces only = no\n\
@@ -35,6 +95,8 @@ pub fn smb_conf(shares: &[Share], run_dir: &Path) -> String {
          use sendfile = yes\n\
          strict sync = no\n\
          \n",
+        smbpasswd = d(SMBPASSWD),
+        username_map = d(USERNAME_MAP),
         controller = crate::spec::CONTROLLER_IP,
         private = d("private"),
         lock = d("lock"),
@@ -47,7 +109,7 @@ pub fn smb_conf(shares: &[Share], run_dir: &Path) -> String {
     );
     for share in shares {
         s.push_str(&format!(
-            "[{}]\n path = {}\n read only = no\n guest ok = yes\n force user = root\n create mask = 0644\n directory mask = 0755\n\n",
+            "[{}]\n path = {}\n read only = no\n valid users = {UNIX_USER}\n force user = {UNIX_USER}\n create mask = 0644\n directory mask = 0755\n\n",
             share.name,
             share.path.display()
         ));
@@ -55,17 +117,176 @@ pub fn smb_conf(shares: &[Share], run_dir: &Path) -> String {
     s
 }
 
-pub const STATE_DIRS: &[&str] = &["private", "lock", "state", "cache", "pid", "ncalrpc", "binddns"];
+/// Samba looks the client's name up in this map before its password database.
+fn username_map() -> String {
+    format!("{UNIX_USER} = {ACCOUNT}\n")
+}
+
+/// The account's line of an smbpasswd file: name, uid, LM hash (none: 32 'X'), NT hash,
+/// account flags (U: a user; X: the password never expires) and the last change, which must
+/// not be 0 (Samba reads 0 as "must change the password at the next logon").
+fn smbpasswd_line(password: &str) -> String {
+    let nt = nt_hash(password).iter().map(|b| format!("{b:02X}")).collect::<String>();
+    format!("{UNIX_USER}:{UNIX_UID}:{}:{nt}:[UX         ]:LCT-{PASSWORD_SET_AT:08X}:\n", "X".repeat(32))
+}
+
+/// 2024-01-01T00:00:00Z, a fixed "password last set" time: the file is the same at every start.
+const PASSWORD_SET_AT: u32 = 1_704_067_200;
+
+/// The NT hash of a password: MD4 of its UTF-16LE encoding.
+pub fn nt_hash(password: &str) -> [u8; 16] {
+    let utf16: Vec<u8> = password.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    md4(&utf16)
+}
+
+/// MD4 (RFC 1320). Only the NT hash needs it, and nothing else in the tools closure or the
+/// chroot computes one.
+fn md4(message: &[u8]) -> [u8; 16] {
+    let mut padded = message.to_vec();
+    padded.push(0x80);
+    while padded.len() % 64 != 56 {
+        padded.push(0);
+    }
+    padded.extend_from_slice(&((message.len() as u64).wrapping_mul(8)).to_le_bytes());
+
+    let f = |x: u32, y: u32, z: u32| (x & y) | (!x & z);
+    let g = |x: u32, y: u32, z: u32| (x & y) | (x & z) | (y & z);
+    let h = |x: u32, y: u32, z: u32| x ^ y ^ z;
+    let step = |a: u32, mix: u32, word: u32, constant: u32, shift: u32| {
+        a.wrapping_add(mix).wrapping_add(word).wrapping_add(constant).rotate_left(shift)
+    };
+
+    let mut state: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
+    for block in padded.chunks_exact(64) {
+        let x: [u32; 16] = std::array::from_fn(|i| {
+            u32::from_le_bytes([block[4 * i], block[4 * i + 1], block[4 * i + 2], block[4 * i + 3]])
+        });
+        let [mut a, mut b, mut c, mut d] = state;
+        for i in [0, 4, 8, 12] {
+            a = step(a, f(b, c, d), x[i], 0, 3);
+            d = step(d, f(a, b, c), x[i + 1], 0, 7);
+            c = step(c, f(d, a, b), x[i + 2], 0, 11);
+            b = step(b, f(c, d, a), x[i + 3], 0, 19);
+        }
+        for i in 0..4 {
+            a = step(a, g(b, c, d), x[i], 0x5a82_7999, 3);
+            d = step(d, g(a, b, c), x[i + 4], 0x5a82_7999, 5);
+            c = step(c, g(d, a, b), x[i + 8], 0x5a82_7999, 9);
+            b = step(b, g(c, d, a), x[i + 12], 0x5a82_7999, 13);
+        }
+        for i in [0, 2, 1, 3] {
+            a = step(a, h(b, c, d), x[i], 0x6ed9_eba1, 3);
+            d = step(d, h(a, b, c), x[i + 8], 0x6ed9_eba1, 9);
+            c = step(c, h(d, a, b), x[i + 4], 0x6ed9_eba1, 11);
+            b = step(b, h(c, d, a), x[i + 12], 0x6ed9_eba1, 15);
+        }
+        for (s, v) in state.iter_mut().zip([a, b, c, d]) {
+            *s = s.wrapping_add(v);
+        }
+    }
+    let mut digest = [0u8; 16];
+    for (out, word) in digest.chunks_exact_mut(4).zip(state) {
+        out.copy_from_slice(&word.to_le_bytes());
+    }
+    digest
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     #[test]
-    fn shares_are_guest_writable() {
+    fn md4_matches_rfc_1320() {
+        let vectors = [
+            ("", "31d6cfe0d16ae931b73c59d7e0c089c0"),
+            ("a", "bde52cb31de33e46245e05fbdbd6fb24"),
+            ("abc", "a448017aaf21d8525fc10ae87aa6729d"),
+            ("message digest", "d9130a8164549fe818874806e1c7014b"),
+            ("abcdefghijklmnopqrstuvwxyz", "d79e1c308aa5bbcdeea8ed63df412da9"),
+            ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789", "043f8582f241db351ce627e153e7f0e4"),
+            (
+                "12345678901234567890123456789012345678901234567890123456789012345678901234567890",
+                "e33b4ddc9c38f2199c3e7b164fcc0536",
+            ),
+        ];
+        for (input, digest) in vectors {
+            assert_eq!(hex(&md4(input.as_bytes())), digest, "MD4({input:?})");
+        }
+    }
+
+    #[test]
+    fn nt_hash_is_md4_of_utf16le() {
+        // The well-known NT hash of "password".
+        assert_eq!(hex(&nt_hash("password")), "8846f7eaee8fb117ad06bdd830b7586c");
+        // Beyond ASCII: UTF-16LE, not the UTF-8 bytes.
+        assert_eq!(nt_hash("é"), md4(&[0xe9, 0x00]));
+    }
+
+    #[test]
+    fn the_account_is_root_with_the_images_password_and_no_lm_hash() {
+        let line = smbpasswd_line(crate::spec::WindowsOptions::ADMIN_PASSWORD);
+        let fields: Vec<&str> = line.trim_end().split(':').collect();
+        assert_eq!(fields.len(), 7, "{line}");
+        assert_eq!(&fields[..2], ["root", "0"]);
+        assert_eq!(fields[2], "X".repeat(32));
+        assert_eq!(fields[3], hex(&nt_hash(crate::spec::WindowsOptions::ADMIN_PASSWORD)).to_uppercase());
+        assert_eq!(fields[4], "[UX         ]", "11 flag characters between the brackets");
+        assert_eq!(fields[5], "LCT-65920080");
+        assert_eq!(fields[6], "");
+        assert_eq!(username_map(), "root = Administrator\n");
+    }
+
+    #[test]
+    fn shares_need_the_account_and_signing() {
         let conf = smb_conf(&[Share { name: "nixstore".into(), path: "/nix/store".into() }], Path::new("/run/x"));
-        assert!(conf.contains("[nixstore]\n path = /nix/store\n read only = no\n guest ok = yes"));
-        assert!(conf.contains("guest account = root"));
+        assert!(
+            conf.contains("[nixstore]\n path = /nix/store\n read only = no\n valid users = root\n force user = root\n")
+        );
+        assert!(conf.contains("\npassdb backend = smbpasswd:/run/x/private/smbpasswd\n"));
+        assert!(conf.contains("\nusername map = /run/x/username.map\n"));
+        assert!(conf.contains("\nmap to guest = Never\n"));
+        assert!(conf.contains("\nserver signing = mandatory\n"));
+        assert!(conf.contains("\nserver min protocol = SMB2\n"));
+        assert!(!conf.contains("guest ok"));
+        assert!(!conf.contains("guest account"));
         assert!(conf.contains("private dir = /run/x/private"));
+    }
+
+    #[test]
+    fn write_config_writes_every_file_it_names() {
+        let run = tempfile::tempdir().unwrap();
+        let conf = write_config(&[Share { name: "xchg".into(), path: "/tmp/xchg".into() }], run.path()).unwrap();
+        assert_eq!(conf, run.path().join("smb.conf"));
+        let text = std::fs::read_to_string(&conf).unwrap();
+        for key in ["passdb backend = smbpasswd:", "username map = "] {
+            let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}"));
+            assert!(Path::new(&line[key.len()..]).is_file(), "{line}");
+        }
+        for d in STATE_DIRS {
+            assert!(run.path().join(d).is_dir(), "{d}");
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(run.path().join(SMBPASSWD)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn write_config_errors_name_the_file() {
+        let run = tempfile::tempdir().unwrap();
+        let blocker = run.path().join("file");
+        std::fs::write(&blocker, "").unwrap();
+        let err = write_config(&[], &blocker).unwrap_err();
+        assert!(err.to_string().starts_with(&format!("creating {}/private: ", blocker.display())), "{err}");
+    }
+
+    /// The password travels inside mount options (standin) and shell words: keep it plain.
+    #[test]
+    fn the_password_needs_no_quoting_anywhere() {
+        let p = crate::spec::WindowsOptions::ADMIN_PASSWORD;
+        assert!(p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'), "{p}");
     }
 }

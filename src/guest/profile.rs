@@ -36,6 +36,8 @@ pub struct MediaInputs<'a> {
     /// Windows: the offline Cygwin repository, if the image names one.
     pub cygwin_repo: Option<&'a Path>,
     pub disk_size_mib: u64,
+    /// UEFI: Windows lays its disk out for it.
+    pub efi: bool,
 }
 
 /// How the install stage runs the installer VM.
@@ -47,6 +49,11 @@ pub struct Install {
     pub no_reboot: bool,
     /// The serial console line that says the install finished.
     pub done_line: &'static str,
+    /// Windows: the image of install.wim it installs, and the product key for the answer file.
+    pub edition: Option<windows::editions::Selection>,
+    /// Keys to press while the installer starts: Windows' CD boot loader under UEFI waits for
+    /// one ("Press any key to boot from CD or DVD").
+    pub press_keys: bool,
 }
 
 #[derive(Debug)]
@@ -61,6 +68,8 @@ pub enum ProfileError {
     },
     /// The image asks for something the profile cannot do yet.
     Unsupported(&'static str),
+    /// The edition is not in the ISO's install.wim, or that cannot be read.
+    Edition(windows::editions::EditionError),
 }
 
 impl fmt::Display for ProfileError {
@@ -71,6 +80,7 @@ impl fmt::Display for ProfileError {
             ProfileError::MissingTool(e) => write!(f, "{e}"),
             ProfileError::Write { path, source } => write!(f, "writing {}: {source}", path.display()),
             ProfileError::Unsupported(what) => write!(f, "{what}"),
+            ProfileError::Edition(e) => write!(f, "{e}"),
         }
     }
 }
@@ -83,6 +93,7 @@ impl std::error::Error for ProfileError {
             ProfileError::MissingTool(e) => Some(e),
             ProfileError::Write { source, .. } => Some(source),
             ProfileError::Unsupported(_) => None,
+            ProfileError::Edition(e) => Some(e),
         }
     }
 }
@@ -115,11 +126,18 @@ impl Profile<'_> {
             }
             Profile::Windows(options) => {
                 let tools = windows::media::MediaTools::find().map_err(ProfileError::MissingTool)?;
-                let summary =
-                    windows::media::build_media(options, m.disk_size_mib, m.pubkey, m.cygwin_repo, m.out, &tools)
-                        .map_err(ProfileError::Media)?;
+                let summary = windows::media::build_media(
+                    options,
+                    m.efi,
+                    m.disk_size_mib,
+                    m.pubkey,
+                    m.cygwin_repo,
+                    m.out,
+                    &tools,
+                )
+                .map_err(ProfileError::Media)?;
                 Ok(format!(
-                    "windows media ready: autounattend.xml for '{}', answer.img, cygwin.img ({})",
+                    "windows media ready: autounattend.xml for '{}', cygwin.img ({})",
                     options.edition,
                     if summary.cygwin_packages_present {
                         "with Cygwin packages"
@@ -138,7 +156,17 @@ impl Profile<'_> {
 
     /// The installer VM: from the media onto the blank `disk`. `iso` is there when
     /// [`Profile::needs_iso`].
-    pub fn install(self, media: &Path, disk: &Path, iso: Option<&Path>) -> Result<Install, ProfileError> {
+    ///
+    /// `efi`: the image boots UEFI firmware (the caller attaches it). `work`: where the
+    /// install stage keeps what it writes for this boot (Windows: the answer medium).
+    pub fn install(
+        self,
+        media: &Path,
+        disk: &Path,
+        iso: Option<&Path>,
+        efi: bool,
+        work: &Path,
+    ) -> Result<Install, ProfileError> {
         match self {
             Profile::Standin => Ok(Install {
                 machine: Machine {
@@ -147,30 +175,35 @@ impl Profile<'_> {
                     nic_model: VIRTIO_NET,
                     extra_args: vec![],
                     hyperv: false,
+                    display: true,
+                    uefi: None,
                 },
                 mac: "",
                 no_reboot: true,
                 done_line: standin::INSTALL_DONE,
+                edition: None,
+                press_keys: false,
             }),
             Profile::Windows(options) => {
-                if options.efi {
-                    return Err(ProfileError::Unsupported(
-                        "efi = true: the media are made for UEFI, but the install stage boots BIOS firmware (SeaBIOS) only so far; build the image with efi = false",
-                    ));
-                }
                 // Media without Cygwin packages are refused with the way to add them.
                 windows::media::ensure_ready_for_install(media).map_err(ProfileError::Media)?;
                 let iso = iso.ok_or(ProfileError::Unsupported("the Windows install needs the installation ISO"))?;
-                let mut extra_args = windows::media::install_drive_args(media, iso, disk);
-                extra_args.extend(windows_devices());
+                // Before anything boots: an edition Setup would not find fails here, in a
+                // second, with the names the ISO has.
+                let edition = windows::editions::check_iso(iso, options).map_err(ProfileError::Edition)?;
+                let answer =
+                    windows::media::write_answer_medium(options, efi, &edition, work).map_err(ProfileError::Media)?;
+                let extra_args = windows::media::install_drive_args(media, &answer, iso, disk);
                 // Setup reboots several times; the bootstrap powers off at the very end. The
                 // card is there, in the slot of the later stages, for the static address to
                 // bind to.
                 Ok(Install {
-                    machine: Machine { boot: None, disk: None, nic_model: E1000E, extra_args, hyperv: true },
+                    machine: windows_machine(extra_args),
                     mac: GUEST_MAC,
                     no_reboot: false,
                     done_line: windows::scripts::INSTALL_OK_LINE,
+                    edition: Some(edition),
+                    press_keys: efi,
                 })
             }
         }
@@ -186,12 +219,10 @@ impl Profile<'_> {
                 nic_model: VIRTIO_NET,
                 extra_args: vec![],
                 hyperv: false,
+                display: true,
+                uefi: None,
             },
-            Profile::Windows(_) => {
-                let mut extra_args = windows::media::system_disk_args(&disk);
-                extra_args.extend(windows_devices());
-                Machine { boot: None, disk: None, nic_model: E1000E, extra_args, hyperv: true }
-            }
+            Profile::Windows(_) => windows_machine(windows::media::system_disk_args(&disk)),
         }
     }
 
@@ -203,7 +234,8 @@ impl Profile<'_> {
             // controller: a revived client would spend seconds in reconnect back-off, where a
             // fresh mount at the next login takes a fraction of one.
             Profile::Standin => "umount /nix/store /tmp/xchg".to_owned(),
-            // net use + Cygwin bind mounts + fstab lines (the historic design's mapping).
+            // Cygwin mounts of the UNC paths and their fstab lines, reached with the logon's
+            // own credentials (no drive letters); then every SMB connection is deleted.
             Profile::Windows(_) => windows::scripts::map_shares_sh(),
         }
     }
@@ -215,16 +247,62 @@ impl Profile<'_> {
             Profile::Windows(_) => "/bin/bash",
         }
     }
+
+    /// `build` (the command that runs the build) wrapped so that the outputs, named by their
+    /// store names, are made on the guest's own disk and come back as one tar archive at
+    /// `archive`, in the guest's exchange folder: through the SMB share, symbolic links and
+    /// exec bits would not survive. The archive is made only after a build that succeeded (Nix
+    /// discards a failed build's outputs anyway), and holds the outputs the build made: one it
+    /// did not make stays absent, and Nix says so. The exit code is the build's, or 1 with a
+    /// line that says why when the outputs could not be placed or packed.
+    pub fn with_local_outputs(self, build: &str, outputs: &[String], archive: &str) -> String {
+        let (redirect, tar) = match self {
+            Profile::Standin => (standin::REDIRECT_OUTPUTS, standin::PACK_OUTPUTS),
+            Profile::Windows(_) => (windows::outputs::REDIRECT_OUTPUTS, windows::outputs::PACK_OUTPUTS),
+        };
+        let store = crate::spec::STORE_DIR;
+        let names = crate::shell::quote(&outputs.join(" "));
+        let part = crate::shell::quote(&format!("{archive}.part"));
+        let quoted = crate::shell::quote(archive);
+        format!(
+            r#"winvm_outputs={names}
+winvm_say() {{ read -r winvm_up winvm_idle </proc/uptime; echo "nix-winvm: [guest $winvm_up s] $*"; }}
+{redirect}winvm_redirect || {{ echo "nix-winvm: the outputs could not be placed on the guest's disk" >&2; exit 1; }}
+({build})
+winvm_code=$?
+if [ "$winvm_code" = 0 ]; then
+    set --
+    for winvm_n in $winvm_outputs; do
+        if [ -e "{store}/$winvm_n" ] || [ -L "{store}/$winvm_n" ]; then set -- "$@" "$winvm_n"; fi
+    done
+    if [ $# -gt 0 ]; then
+        winvm_say "packing $# of the outputs"
+        {tar} {part} -C {store} "$@" && mv -f {part} {quoted} || {{
+            echo "nix-winvm: packing the outputs into {archive} failed" >&2
+            exit 1
+        }}
+        winvm_say "outputs packed"
+    fi
+fi
+exit "$winvm_code"
+"#
+        )
+    }
 }
 
+/// Windows in every stage: booted by the firmware from the disks in `extra_args`, e1000e,
+/// Hyper-V enlightenments under KVM, a display.
+fn windows_machine(extra_args: Vec<std::ffi::OsString>) -> Machine {
+    Machine { boot: None, disk: None, nic_model: E1000E, extra_args, hyperv: true, display: true, uefi: None }
+}
+
+/// The standin boots with a screen, as Windows does (see [`kernel::with_display`]).
 fn linux_boot(media: &Path, initrd: &str) -> KernelBoot {
-    KernelBoot { kernel: kernel::bootable(media), initrd: media.join(initrd), append: kernel::APPEND.into() }
-}
-
-/// Devices every Windows stage has, in the same slots: a display adapter (Windows expects
-/// one) shown nowhere.
-fn windows_devices() -> Vec<std::ffi::OsString> {
-    vec!["-vga".into(), "std".into()]
+    KernelBoot {
+        kernel: kernel::with_display(media),
+        initrd: media.join(initrd),
+        append: kernel::APPEND_DISPLAY.into(),
+    }
 }
 
 #[cfg(test)]
@@ -234,7 +312,7 @@ mod tests {
     #[test]
     fn the_standin_installs_from_its_installer_and_boots_its_disk() {
         let media = Path::new("/m");
-        let install = Profile::Standin.install(media, Path::new("/d.qcow2"), None).unwrap();
+        let install = Profile::Standin.install(media, Path::new("/d.qcow2"), None, false, Path::new("/w")).unwrap();
         assert_eq!(install.machine.boot.as_ref().unwrap().initrd, Path::new("/m/installer.img"));
         assert_eq!(install.machine.disk.as_deref(), Some(Path::new("/d.qcow2")));
         assert!(install.no_reboot);
@@ -260,19 +338,10 @@ mod tests {
                 "if=none,id=winvm-system,file=/d,,x.qcow2,format=qcow2,cache=writeback",
                 "-device",
                 "ide-hd,drive=winvm-system,bus=ide.0,bootindex=0",
-                "-vga",
-                "std"
             ]
         );
+        assert!(m.display, "Windows expects a display adapter; its screen is taken");
         assert_eq!(profile.shell(), "/bin/bash");
         assert!(profile.needs_iso());
-    }
-
-    #[test]
-    fn a_uefi_windows_image_is_refused_before_the_install() {
-        let mut options = WindowsOptions::new("Windows 11 Pro");
-        options.efi = true;
-        let err = Profile::Windows(&options).install(Path::new("/m"), Path::new("/d"), None).unwrap_err();
-        assert!(err.to_string().starts_with("efi = true: the media are made for UEFI"), "{err}");
     }
 }

@@ -264,3 +264,21 @@ proptest! {
         let _ = from_nodes(&nodes);
     }
 }
+
+#[test]
+fn a_windows_image_under_tcg_gets_a_longer_default_timeout() {
+    use super::validate::image_spec;
+    let attrs = |extra: &[(&str, Val)]| -> Vec<(String, Val)> {
+        let mut a = vec![("iso".to_owned(), Val::Path("/w.iso".into())), ("edition".to_owned(), s("Windows 11 Pro"))];
+        a.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        a
+    };
+    let kvm = image_spec("windowsImage", &attrs(&[])).unwrap();
+    assert_eq!(kvm.timeout_secs, crate::spec::DEFAULT_TIMEOUT_SECS);
+    let tcg = image_spec("windowsImage", &attrs(&[("accel", s("tcg"))])).unwrap();
+    assert_eq!(tcg.timeout_secs, 8 * 3600);
+    let given = image_spec("windowsImage", &attrs(&[("accel", s("tcg")), ("timeout", Val::Int(60))])).unwrap();
+    assert_eq!(given.timeout_secs, 60, "a timeout given is kept");
+    let standin = image_spec("windowsImage", &[("guest".into(), s("standin")), ("accel".into(), s("tcg"))]).unwrap();
+    assert_eq!(standin.timeout_secs, crate::spec::DEFAULT_TIMEOUT_SECS);
+}

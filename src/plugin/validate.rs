@@ -24,7 +24,7 @@ pub const IMAGE_ATTRS: &[&str] = &[
     "timeout",
 ];
 const WINDOWS_ONLY_ATTRS: &[&str] =
-    &["cygwinPackages", "cygwinRepo", "edition", "efi", "installCommands", "iso", "locale", "productKey"];
+    &["cygwinPackages", "cygwinRepo", "edition", "installCommands", "iso", "locale", "productKey"];
 
 /// Attributes of `windowsDerivation` that the builder owns.
 pub const RESERVED_BUILD_ATTRS: &[&str] = &["builder", "args", "system"];
@@ -166,9 +166,14 @@ pub fn image_spec(builtin: &str, attrs: &Attrs) -> Result<ImageSpec, String> {
     }
     if let Some(v) = get(attrs, "timeout") {
         spec.timeout_secs = int_in(builtin, "timeout", v, "seconds", TIMEOUT_SECS_RANGE)? as u64;
+    } else if windows && spec.accel == Accel::Tcg {
+        spec.timeout_secs = crate::spec::WINDOWS_TCG_TIMEOUT_SECS;
     }
     if let Some(v) = get(attrs, "diskSize") {
         spec.disk_size_mib = int_in(builtin, "diskSize", v, "MiB", DISK_SIZE_MIB_RANGE)? as u64;
+    }
+    if let Some(v) = get(attrs, "efi") {
+        spec.efi = bool_(builtin, "efi", v)?;
     }
     // The checks the builder repeats on the spec it reads back.
     spec.validate().map_err(|e| format!("{builtin}: {e}"))?;
@@ -226,10 +231,6 @@ fn windows_options(builtin: &str, attrs: &Attrs) -> Result<WindowsOptions, Strin
         None => DEFAULT_LOCALE.to_owned(),
         Some(v) => string(builtin, "locale", v, "a string (e.g. \"en-US\")")?,
     };
-    let efi = match get(attrs, "efi") {
-        None => false,
-        Some(v) => bool_(builtin, "efi", v)?,
-    };
     let cygwin_packages = match get(attrs, "cygwinPackages") {
         None => vec![],
         Some(v) => string_list(builtin, "cygwinPackages", v, "a list of Cygwin package names")?,
@@ -251,7 +252,7 @@ fn windows_options(builtin: &str, attrs: &Attrs) -> Result<WindowsOptions, Strin
             }
         }
     }
-    Ok(WindowsOptions { iso, edition, product_key, locale, efi, cygwin_packages, install_commands })
+    Ok(WindowsOptions { iso, edition, product_key, locale, cygwin_packages, install_commands })
 }
 
 /// `windowsDerivation`'s own attributes; every other attribute passes into the environment.

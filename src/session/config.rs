@@ -71,4 +71,7 @@ pub struct SessionConfig {
     pub tools: Tools,
     /// This program, run as the controller's agent and as QEMU's state reader and writer.
     pub agent: PathBuf,
+    /// The build's output paths: the agent unpacks the guest's archive into these, and
+    /// nowhere else. Empty for the suspend stage and direct runs.
+    pub outputs: Vec<PathBuf>,
 }

@@ -86,6 +86,29 @@ pub enum RunError {
         detail: String,
         log_tail: String,
     },
+    /// A failure of a session whose guest has a display, and where its last screenshot is.
+    Shown {
+        error: Box<RunError>,
+        screen: String,
+    },
+}
+
+impl RunError {
+    /// `error`, naming the guest's last screenshot if one was taken.
+    pub fn with_screen(error: RunError, screens: &crate::vm::screen::Screens) -> RunError {
+        match screens.describe() {
+            Some(screen) => RunError::Shown { error: Box::new(error), screen },
+            None => error,
+        }
+    }
+
+    /// The error itself, without the screenshot it may carry.
+    pub fn cause(&self) -> &RunError {
+        match self {
+            RunError::Shown { error, .. } => error.cause(),
+            e => e,
+        }
+    }
 }
 
 impl fmt::Display for RunError {
@@ -148,6 +171,7 @@ impl fmt::Display for RunError {
                 tail(f, &format!("the {name}'s QEMU output"), log_tail)
             }
             RunError::Interrupted { signal } => write!(f, "interrupted by {signal}; the VMs were stopped"),
+            RunError::Shown { error, screen } => write!(f, "{error}\n{screen}"),
         }
     }
 }
@@ -162,6 +186,7 @@ impl std::error::Error for RunError {
             RunError::State(e) => Some(e),
             RunError::Qmp { source, .. } => Some(source),
             RunError::StateWriter(e) | RunError::SessionLineTimeout(e) => Some(e),
+            RunError::Shown { error, .. } => Some(&**error),
             _ => None,
         }
     }

@@ -23,6 +23,7 @@ use crate::controller::{self, agent::Verdict};
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{Export, KernelBoot, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC, VIRTIO_NET};
 use crate::vm::qmp::{self, Qmp};
+use crate::vm::screen::{self, Screens};
 use crate::vm::state::StateHeader;
 use crate::vm::vde::VdeSwitch;
 use crate::vm::wait::{wait_until, Deadline};
@@ -44,6 +45,10 @@ pub const QEMU_UP_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SESSION_LINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a killed process group may take to disappear after teardown.
 pub const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+/// The guest's second QMP socket, for its screenshots (in the work folder, with them in
+/// `screens/`).
+pub const GUEST_SCREEN_SOCKET: &str = "guest-screen.sock";
+pub const SCREENS_DIR: &str = "screens";
 /// How often the watch loop looks at the pair and pumps the command's output.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -111,13 +116,31 @@ pub async fn run(cfg: &SessionConfig, report: &dyn Report) -> Result<Verdict, Ru
         report.say("controller initramfs ready");
         run_prepared(cfg, &files, report, &doing).await
     };
-    tokio::select! {
-        r = work => r,
+    tokio::pin!(work);
+    let mut screens = cfg
+        .guest
+        .machine
+        .display
+        .then(|| Screens::new("guest", cfg.work.join(SCREENS_DIR), cfg.work.join(GUEST_SCREEN_SOCKET)));
+    let result = tokio::select! {
+        r = screen::during(screens.as_mut(), work.as_mut()) => r,
         _ = &mut deadline => Err(RunError::Timeout { secs: cfg.timeout.as_secs(), during: doing.get() }),
         _ = term.recv() => Err(RunError::Interrupted { signal: "SIGTERM" }),
         _ = int.recv() => Err(RunError::Interrupted { signal: "SIGINT" }),
-    }
-    // Dropping the `work` future drops every guard it owns: QEMUs and switch killed and reaped.
+    };
+    let result = match (result, screens.as_mut()) {
+        // Nix is waiting for the build to end: no screenshot then.
+        (Err(e @ RunError::Interrupted { .. }), _) => Err(e),
+        // The VMs still run (the work is not dropped yet): the screen as the failure left it.
+        (Err(error), Some(screens)) => {
+            screens.capture().await;
+            Err(RunError::with_screen(error, screens))
+        }
+        (r, _) => r,
+    };
+    // Returning drops the `work` future (pinned in this frame), and with it every guard it
+    // owns: QEMUs and switch killed and reaped.
+    result
 }
 
 /// The guest's and the controller's QEMU configurations, on `switch`.
@@ -141,6 +164,8 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
         // Deferred: the state file is checked against this QEMU's version before it loads.
         incoming: cfg.guest.revive_from.as_ref().map(|_| "defer".to_owned()),
         hyperv: cfg.guest.machine.hyperv,
+        screen: cfg.guest.machine.display.then(|| w.join(GUEST_SCREEN_SOCKET)),
+        uefi: cfg.guest.machine.uefi.clone(),
     };
     let mut exports = vec![
         Export { tag: "root".into(), path: "/".into(), readonly: true },
@@ -177,6 +202,9 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
         disk: None,
         incoming: cfg.controller.revive_from.as_ref().map(|_| "defer".to_owned()),
         hyperv: false,
+        // A serial console is all it has.
+        screen: None,
+        uefi: None,
     };
     (guest, controller)
 }

@@ -73,6 +73,7 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         command: cfg.command.clone(),
         set_clock: cfg.set_clock,
         ssh_timeout_secs: cfg.timeout.as_secs().max(1),
+        outputs: cfg.outputs.clone(),
     };
     let json = serde_json::to_string_pretty(&agent).map_err(|e| io("the agent's configuration")(e.into()))?;
     std::fs::write(files.xchg.join(controller::AGENT_CONFIG), json).map_err(io("writing the agent's configuration"))?;

@@ -21,8 +21,6 @@ pub struct WindowsOptions {
     pub product_key: Option<String>,
     /// A language tag such as "en-US"; the UI language must exist on the media.
     pub locale: String,
-    /// GPT + UEFI boot when true, MBR + BIOS boot otherwise.
-    pub efi: bool,
     /// Cygwin packages on top of the Base category and openssh.
     pub cygwin_packages: Vec<String>,
     /// Cygwin bash commands run once at the end of the install, each in its own `bash -c`.
@@ -30,6 +28,12 @@ pub struct WindowsOptions {
 }
 
 impl WindowsOptions {
+    /// The built-in Administrator's password, the same in every image. It is a credential:
+    /// Cygwin's sshd logs the key-authenticated user on with it (`passwd -R`), so that builds
+    /// reach the controller's shares, and the controller's Samba has an account `Administrator`
+    /// with it (the standin mounts with it too). Windows Server enforces complexity; it passes.
+    pub const ADMIN_PASSWORD: &'static str = "Nix-WinVM-2010";
+
     /// The defaults for an edition, from an ISO the user names by path.
     pub fn new(edition: impl Into<String>) -> Self {
         WindowsOptions {
@@ -37,7 +41,6 @@ impl WindowsOptions {
             edition: edition.into(),
             product_key: None,
             locale: DEFAULT_LOCALE.to_string(),
-            efi: false,
             cygwin_packages: Vec::new(),
             install_commands: Vec::new(),
         }
@@ -156,28 +159,6 @@ pub fn is_cygwin_package_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'-'))
 }
 
-/// The Generic Volume License Key Microsoft publishes for an edition, if there is one
-/// ("KMS client activation and product keys"). It selects the edition during Setup on retail
-/// and volume media that would otherwise ask for a key; it activates nothing. Evaluation
-/// media reject it, so it is never used unless the caller puts it into `productKey`.
-pub fn kms_client_key(edition: &str) -> Option<&'static str> {
-    const KEYS: &[(&str, &str)] = &[
-        ("Windows 10 Pro", "W269N-WFGWX-YVC9B-4J6C9-T83GX"),
-        ("Windows 11 Pro", "W269N-WFGWX-YVC9B-4J6C9-T83GX"),
-        ("Windows 10 Enterprise", "NPPR9-FWDCX-D2C8J-H872K-2YT43"),
-        ("Windows 11 Enterprise", "NPPR9-FWDCX-D2C8J-H872K-2YT43"),
-        ("Windows 10 Education", "NW6C2-QMPVW-D7KKK-3GKT6-VCFB2"),
-        ("Windows 11 Education", "NW6C2-QMPVW-D7KKK-3GKT6-VCFB2"),
-        ("Windows Server 2019 Standard", "N69G4-B89J2-4G8F4-WWYCC-J464C"),
-        ("Windows Server 2019 Datacenter", "WMDGN-G9PQG-XVVXX-R3X43-63DFG"),
-        ("Windows Server 2022 Standard", "VDYBN-27WPP-V4HQT-9VMD4-VMK7H"),
-        ("Windows Server 2022 Datacenter", "WX4NM-KYWYW-QJJR4-XV3QB-6VM33"),
-        ("Windows Server 2025 Standard", "TVRH6-WHNXV-R9WG3-9XRFY-MY832"),
-        ("Windows Server 2025 Datacenter", "D764K-2NDRG-47T6Q-P8T8W-YP6DF"),
-    ];
-    KEYS.iter().find(|(name, _)| *name == edition).map(|(_, key)| *key)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,15 +218,6 @@ mod tests {
         assert!(is_product_key("W269N-WFGWX-YVC9B-4J6C9-T83GX"));
         assert!(is_cygwin_package_name("libstdc++6"));
         assert!(!is_cygwin_package_name("-rf"));
-    }
-
-    #[test]
-    fn kms_keys_are_well_formed_and_exact_match_only() {
-        assert_eq!(kms_client_key("Windows 11 Pro"), Some("W269N-WFGWX-YVC9B-4J6C9-T83GX"));
-        assert_eq!(kms_client_key("Windows 11 Pro N"), None);
-        for edition in ["Windows 10 Pro", "Windows Server 2022 Standard"] {
-            assert!(kms_client_key(edition).is_some_and(is_product_key));
-        }
     }
 
     #[test]

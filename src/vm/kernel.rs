@@ -53,6 +53,18 @@ pub fn extract_vmlinux(vmlinuz: &Path, dest: &Path, xz: &Path) -> Result<(), Pvh
 /// The Linux VMs' kernel command line: console on the serial log, power off on panic.
 pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
 
+/// A Linux VM with a display: the VGA text console too; the serial port stays the last
+/// `console=`, so /dev/console (init's output) is still the serial log.
+pub const APPEND_DISPLAY: &str = "console=tty0 console=ttyS0 panic=-1 quiet";
+
+/// The kernel for a VM with a display: the compressed one, whatever else the folder holds.
+/// The PVH entry of the uncompressed kernel passes no screen information, so Linux finds no
+/// VGA text console there and the screen stays as the firmware left it; a bzImage gets it
+/// from its boot protocol. The price is its self-decompression, paid at cold boots only.
+pub fn with_display(dir: &Path) -> PathBuf {
+    dir.join("vmlinuz")
+}
+
 /// The kernel to boot from a folder holding `vmlinuz` and maybe `vmlinux`: the uncompressed one
 /// when it is there.
 pub fn bootable(dir: &Path) -> PathBuf {

@@ -1,11 +1,12 @@
 //! The VM pieces: processes and their guards, the VDE switch, QEMU command lines, QMP,
-//! acceleration, saved state, and the one wait helper. A session (src/session) puts them together.
+//! acceleration, saved state, screenshots, and the one wait helper. A session (src/session) puts them together.
 
 pub mod accel;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod screen;
 pub mod state;
 pub mod vde;
 pub mod wait;

@@ -46,6 +46,35 @@ pub struct Machine {
     /// Hyper-V enlightenments under KVM (Windows): without them Windows spins on its locks and
     /// timers. Part of the machine, so identical at suspend and revive, as migration needs.
     pub hyperv: bool,
+    /// A standard VGA display (shown nowhere; its screen is taken through QMP).
+    pub display: bool,
+    /// UEFI firmware instead of the BIOS: part of the machine, as its variable store is part of
+    /// the image.
+    pub uefi: Option<Uefi>,
+}
+
+/// OVMF as two flash chips: its code, read-only, and the image's own variable store (boot
+/// entries, Secure Boot keys), writable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uefi {
+    pub code: PathBuf,
+    pub vars: PathBuf,
+}
+
+impl Uefi {
+    fn args(&self) -> Vec<OsString> {
+        vec![
+            s("-drive"),
+            s(&format!("if=pflash,unit=0,format=raw,readonly=on,file={}", drive_path(&self.code))),
+            s("-drive"),
+            s(&format!("if=pflash,unit=1,format=raw,file={}", drive_path(&self.vars))),
+        ]
+    }
+}
+
+/// A path inside a `-drive` option list, where a comma is written twice.
+pub fn drive_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
 }
 
 /// virtio for the Linux VMs; e1000e for Windows, which has no virtio driver built in. Its PCI
@@ -76,6 +105,10 @@ pub struct VmConfig {
     pub incoming: Option<String>,
     /// See [`Machine::hyperv`]; only under KVM (TCG does not offer them).
     pub hyperv: bool,
+    pub uefi: Option<Uefi>,
+    /// A VM with a display: the QMP socket its screenshots are taken through (a second
+    /// monitor, so that taking them never waits for the session's own QMP traffic).
+    pub screen: Option<PathBuf>,
 }
 
 /// The Hyper-V enlightenments Windows guests use under KVM.
@@ -121,6 +154,9 @@ impl VmConfig {
             s("-device"),
             s("virtio-rng-pci"),
         ];
+        if let Some(uefi) = &self.uefi {
+            a.extend(uefi.args());
+        }
         if self.no_reboot {
             a.push(s("-no-reboot"));
         }
@@ -145,6 +181,11 @@ impl VmConfig {
             a.push(s(&format!("{},mac={}", self.nic_model, self.mac)));
         }
         a.extend(self.extra_args.iter().cloned());
+        if let Some(screen) = &self.screen {
+            a.extend([s("-vga"), s("std")]);
+            a.push(s("-qmp"));
+            a.push(s(&format!("unix:{},server=on,wait=off", p(screen))));
+        }
         if let Some(qmp) = &self.qmp {
             a.push(s("-qmp"));
             a.push(s(&format!("unix:{},server=on,wait=off", p(qmp))));
@@ -194,6 +235,8 @@ mod tests {
             disk: None,
             incoming: None,
             hyperv: false,
+            screen: None,
+            uefi: None,
         };
         let line = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(line.contains("-accel tcg -cpu max -m 256"), "{line}");
@@ -210,5 +253,23 @@ mod tests {
         let kvm = VmConfig { accel: Accel::Kvm, ..with_hyperv };
         let kvm = kvm.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(kvm.contains("-accel kvm -cpu host,hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-time -m"), "{kvm}");
+        // No display unless asked for; with one, a second QMP socket for its screenshots.
+        assert!(!line.contains("-vga"), "{line}");
+        let shown = VmConfig { screen: Some("/w/screen.sock".into()), ..c.clone() };
+        let shown = shown.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(
+            shown.contains("-vga std -qmp unix:/w/screen.sock,server=on,wait=off -qmp unix:/w/qmp.sock"),
+            "{shown}"
+        );
+        // UEFI: OVMF's code read-only, the image's variable store writable; commas doubled.
+        assert!(!line.contains("pflash"));
+        let uefi = VmConfig { uefi: Some(Uefi { code: "/o/CODE.fd".into(), vars: "/w/va,rs.fd".into() }), ..c };
+        let uefi = uefi.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(
+            uefi.contains(
+                "-drive if=pflash,unit=0,format=raw,readonly=on,file=/o/CODE.fd -drive if=pflash,unit=1,format=raw,file=/w/va,,rs.fd"
+            ),
+            "{uefi}"
+        );
     }
 }

@@ -105,6 +105,40 @@ impl Command for GetFd {
     type Reply = Empty;
 }
 
+/// Writes the VM's display as a binary PPM to `filename`, a path QEMU opens itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Screendump {
+    pub filename: String,
+}
+impl Command for Screendump {
+    const NAME: &'static str = "screendump";
+    type Reply = Empty;
+}
+
+/// Presses and releases `keys` together, as a keyboard would.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SendKey {
+    pub keys: Vec<KeyValue>,
+}
+impl Command for SendKey {
+    const NAME: &'static str = "send-key";
+    type Reply = Empty;
+}
+
+/// A key by its QEMU code name ("ret", "spc", "a", ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyValue {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub data: String,
+}
+
+impl KeyValue {
+    pub fn qcode(name: &str) -> KeyValue {
+        KeyValue { kind: "qcode", data: name.to_owned() }
+    }
+}
+
 /// Starts loading state from `uri` into a QEMU started with `-incoming defer`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MigrateIncoming {

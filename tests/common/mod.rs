@@ -88,4 +88,19 @@ pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// The settings the README and scripts/example use.
+pub const SANDBOX_CONFIG: &str = include_str!("../../nix/sandbox.conf");
+
+/// `nix-build --plugin-files PLUGIN` in the sandbox, with the machine's store, as the README
+/// runs it; the caller adds what to build.
+pub fn sandboxed_nix_build() -> Command {
+    let mut c = Command::new("nix-build");
+    c.env("NIX_CONFIG", SANDBOX_CONFIG)
+        .env("NIX_WINVM_BUILDER", builder())
+        .env_remove("NIX_REMOTE")
+        .arg("--plugin-files")
+        .arg(plugin());
+    c
+}
+
 pub const STANDIN_TCG: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;

@@ -19,15 +19,19 @@
 
 pub mod answer;
 pub mod cygwin;
+pub mod editions;
 pub mod fat;
+pub mod iso;
 pub mod media;
+pub mod outputs;
 pub mod scripts;
+pub mod wim;
 
 /// SSH_USER is the built-in "Administrator": Setup enables that account by itself only when the
 /// answer file names it in English, so media whose built-in account has another name (localized
 /// Windows) are not supported.
 pub use super::{CONTROLLER_IP, GUEST_IP, SSH_USER};
-pub use crate::spec::{kms_client_key, WindowsOptions, MIN_DISK_SIZE_MIB};
+pub use crate::spec::{WindowsOptions, MIN_DISK_SIZE_MIB};
 
 /// The VM network is 192.168.0.0/24.
 pub const NETWORK_PREFIX_LEN: u8 = 24;
@@ -36,9 +40,10 @@ pub const NETWORK_MASK: &str = "255.255.255.0";
 /// Where Cygwin is installed in the guest.
 pub const CYGWIN_ROOT: &str = r"C:\cygwin64";
 
-/// The Administrator's password, the same in every image: nothing logs in with it (the
-/// controller uses the image's key), and Windows Server enforces complexity, which it passes.
-pub const DEFAULT_ADMIN_PASSWORD: &str = "Nix-WinVM-2010";
+/// The Administrator's password, the same in every image (see
+/// [`WindowsOptions::ADMIN_PASSWORD`]): Cygwin's sshd logs on with it (`passwd -R`) and the
+/// controller's Samba account has it.
+pub const DEFAULT_ADMIN_PASSWORD: &str = WindowsOptions::ADMIN_PASSWORD;
 
 // Names the answer file and the scripts both write: here, so neither imports the other.
 

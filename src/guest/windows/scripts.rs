@@ -20,14 +20,15 @@ pub const INSTALL_WORK_DIR: &str = r"C:\nix-winvm";
 /// The bootstrap's copy inside the installed Cygwin, left there for debugging.
 pub const BOOTSTRAP_PATH_IN_CYGWIN: &str = "/etc/nix-winvm/bootstrap.sh";
 
-/// (drive letter, share name, Cygwin mount point)
-pub const SHARES: [(char, &str, &str); 2] = [('S', "nixstore", "/nix/store"), ('X', "xchg", "/tmp/xchg")];
+/// (share name, Cygwin mount point)
+pub const SHARES: [(&str, &str); 2] = [("nixstore", "/nix/store"), ("xchg", "/tmp/xchg")];
 
 /// Runs once, as Administrator, right after Cygwin is installed. Ends by powering the VM off,
 /// whether it succeeded or not, so the install stage never waits for a timeout.
 pub fn bootstrap_sh(authorized_key: &str, opts: &WindowsOptions) -> String {
     let mut script = String::new();
     let quoted_key = crate::shell::quote(authorized_key);
+    let quoted_password = crate::shell::quote(WindowsOptions::ADMIN_PASSWORD);
     let ok_word = INSTALL_OK_LINE.strip_prefix(INSTALL_MARKER_PREFIX).map_or(INSTALL_OK_LINE, str::trim);
     let prefix = INSTALL_MARKER_PREFIX;
     let guest_address = GUEST_IP;
@@ -41,6 +42,8 @@ pub fn bootstrap_sh(authorized_key: &str, opts: &WindowsOptions) -> String {
 set -Eeuo pipefail
 
 readonly AUTHORIZED_KEY={quoted_key}
+# The answer file gave {user} this password; Cygwin's logons use it (see store_logon_password).
+readonly ADMIN_PASSWORD={quoted_password}
 readonly LOG=/var/log/nix-winvm-bootstrap.log
 SYSTEM32=$(cygpath -S)
 readonly SYSTEM32
@@ -83,6 +86,26 @@ printf '%s\n' "$AUTHORIZED_KEY" >"$home/.ssh/authorized_keys"
 chmod go-w "$home"
 chmod 700 "$home/.ssh"
 chmod 600 "$home/.ssh/authorized_keys"
+
+# A key login gives Cygwin's sshd no password, so it switches to the user with an S4U logon,
+# which carries no network credentials: the controller's shares would refuse every build.
+# With the password in the LSA's private data (passwd -R), Cygwin logs the user on with it
+# instead, and the logon reaches the shares as {user}. passwd asks twice, on the terminal
+# when there is one: setsid leaves it none, so it reads the two lines from stdin.
+store_logon_password() {{
+    local output status=0 detach=()
+    command -v setsid >/dev/null && detach=(setsid)
+    output=$(printf '%s\n%s\n' "$ADMIN_PASSWORD" "$ADMIN_PASSWORD" |
+        timeout 60 "${{detach[@]}}" passwd -R {user} 2>&1) || status=$?
+    printf '%s\n' "$output" >>"$LOG"
+    [ "$status" = 0 ] || fail "passwd -R {user} exited with status $status (see $LOG)"
+    # It reports a mismatch of the two entries with status 0.
+    case $output in
+        *"not identical"* | *"failed"*) fail "passwd -R {user} did not store the password (see $LOG)" ;;
+    esac
+}}
+store_logon_password
+report "{user}'s password stored for Cygwin's logons"
 
 # sshd runs as SYSTEM with privilege separation; --yes answers every question. Its exit
 # status is its count of warnings, not a verdict: the output goes to the log, and the service
@@ -170,29 +193,33 @@ power_off
 }
 
 /// Runs over SSH at the suspend stage, as the account builds will run as. Its effect has to
-/// outlive this SSH session: see the comment in the script.
+/// outlive this SSH session: see the comments in the script.
 pub fn map_shares_sh() -> String {
     let mut script = format!(
         r#"#!/bin/bash
-# nix-winvm: maps the controller's Samba shares into Cygwin. Generated.
+# nix-winvm: makes the controller's Samba shares Cygwin mounts, by UNC path. Generated.
 set -euo pipefail
 SYSTEM32=$(cygpath -S)
 readonly SYSTEM32
 
 map_share() {{
-    local letter=$1 share=$2 mount_point=$3
+    local share=$1 mount_point=$2
     local unc="//{controller}/$share"
     local fstab_line="$unc $mount_point smbfs binary,noacl 0 0"
-    # The drive letter serves Windows tools started from this session, and mapping it first
-    # fails early, with Windows' own message, when the share is unreachable.
-    "$SYSTEM32/net.exe" use "$letter:" /delete /y >/dev/null 2>&1 || true
-    "$SYSTEM32/net.exe" use "$letter:" "\\\\{controller}\\$share" /persistent:yes </dev/null
-    # Drive letters belong to one logon session and every SSH login is a new one, so Cygwin
-    # mounts the UNC path, which every session can open.
+    # Reached with this logon's own credentials: {user} and the password the bootstrap gave
+    # Cygwin (passwd -R). Without it sshd's logon has none, and Windows refuses the share.
+    if ! ls -d "$unc/." >/dev/null; then
+        echo "nix-winvm: this SSH logon of $(id -un) cannot open $unc; a logon without network" \
+            "credentials (S4U: passwd -R did not store {user}'s password, or it is not the" \
+            "account's password) or a refused SMB session (see the controller's smbd.log)" >&2
+        return 1
+    fi
+    # No drive letter: letters belong to one logon session and every SSH login is a new one.
     mkdir -p "$mount_point"
     umount "$mount_point" 2>/dev/null || true
     mount -o binary,noacl "$unc" "$mount_point"
-    # Cygwin rebuilds its mount table from /etc/fstab at every SSH login.
+    # Cygwin rebuilds a user's mount table from /etc/fstab when that user's first process
+    # starts, as each build's SSH login does.
     if ! grep -qxF "$fstab_line" /etc/fstab; then
         printf '%s\n' "$fstab_line" >>/etc/fstab
     fi
@@ -201,9 +228,10 @@ map_share() {{
 
 "#,
         controller = CONTROLLER_IP,
+        user = SSH_USER,
     );
-    for (letter, share, mount_point) in SHARES {
-        script.push_str(&format!("map_share {letter} {share} {mount_point}\n"));
+    for (share, mount_point) in SHARES {
+        script.push_str(&format!("map_share {share} {mount_point}\n"));
     }
     // The memory snapshot follows: a connection saved in it would be revived dead, against a
     // controller that never knew it. Cygwin's mounts reconnect by UNC path at the next login.
@@ -417,6 +445,7 @@ mod tests {
         let script = bootstrap_sh(KEY, &options_with_tricky_commands());
         let order = [
             "authorized_keys",
+            "\nstore_logon_password\n",
             "ssh-host-config --yes",
             "cygrunsrv --start cygsshd",
             "PasswordNeverExpires $true",
@@ -433,16 +462,72 @@ mod tests {
     }
 
     #[test]
-    fn map_shares_is_valid_and_maps_both_shares() {
+    fn map_shares_is_valid_and_mounts_both_shares_by_unc_path() {
         let script = map_shares_sh();
         check_shell(&script);
-        assert!(script.contains(r#""\\\\192.168.0.2\\$share" /persistent:yes"#));
-        assert!(script.contains("map_share S nixstore /nix/store\n"));
-        assert!(script.contains("map_share X xchg /tmp/xchg\n"));
+        assert!(script.contains("map_share nixstore /nix/store\n"));
+        assert!(script.contains("map_share xchg /tmp/xchg\n"));
+        assert!(script.contains("    local unc=\"//192.168.0.2/$share\"\n"));
+        assert!(script.contains("    mount -o binary,noacl \"$unc\" \"$mount_point\"\n"));
         assert!(script.contains("grep -qxF \"$fstab_line\" /etc/fstab"));
-        // The UNC argument as bash hands it to net.exe.
-        let unc = bash_eval("share=nixstore", r#"printf '%s' "\\\\192.168.0.2\\$share""#);
-        assert_eq!(unc, r"\\192.168.0.2\nixstore");
+        // The share is opened with the logon's own credentials first, and a failure says why.
+        let probe = script.find("if ! ls -d \"$unc/.\" >/dev/null; then").expect("probe");
+        assert!(probe < script.find("    mount -o").unwrap());
+        assert!(script.contains("passwd -R did not store Administrator's password"));
+    }
+
+    #[test]
+    fn map_shares_uses_no_drive_letter_and_deletes_every_connection() {
+        let script = map_shares_sh();
+        let net_use: Vec<&str> = script.lines().filter(|line| line.contains("net.exe\" use")).collect();
+        assert_eq!(net_use, ["\"$SYSTEM32/net.exe\" use '*' /delete /y >/dev/null ||"], "only the final delete");
+        assert!(!script.contains("/persistent"));
+        assert!(!script.contains(r"\\"), "no backslash UNC path for net.exe");
+    }
+
+    #[test]
+    fn bootstrap_stores_the_password_for_cygwins_logons_before_sshd() {
+        let script = bootstrap_sh(KEY, &WindowsOptions::new("Windows 11 Pro"));
+        let line = script.lines().find(|line| line.starts_with("readonly ADMIN_PASSWORD=")).expect("password line");
+        assert_eq!(bash_eval(line, r#"printf '%s' "$ADMIN_PASSWORD""#), WindowsOptions::ADMIN_PASSWORD);
+        assert_eq!(WindowsOptions::ADMIN_PASSWORD, super::super::DEFAULT_ADMIN_PASSWORD, "the answer file's");
+        assert!(script.contains("timeout 60 \"${detach[@]}\" passwd -R Administrator 2>&1"));
+        let stored = script.find("\nstore_logon_password\n").expect("called");
+        assert!(stored < script.find("ssh-host-config --yes").unwrap());
+        assert!(stored < script.find("cygrunsrv --start cygsshd").unwrap());
+    }
+
+    /// What the bootstrap feeds `passwd -R`, run against a stand-in that reads like Cygwin's
+    /// getpass without a terminal: two lines from stdin, compared.
+    #[test]
+    fn bootstrap_gives_passwd_the_password_twice_and_catches_its_quiet_failures() {
+        let script = bootstrap_sh(KEY, &WindowsOptions::new("Windows 11 Pro"));
+        let start = script.find("store_logon_password() {").expect("function");
+        let end = script[start..].find("\n}\n").expect("function end") + start + 3;
+        let function = &script[start..end];
+        let log = temp_path("passwd.log");
+        let prelude = format!(
+            "LOG={log}\nADMIN_PASSWORD={password}\nfail() {{ echo \"FAIL: $*\"; exit 1; }}\n{function}",
+            log = log.display(),
+            password = crate::shell::quote(WindowsOptions::ADMIN_PASSWORD),
+        );
+        // Shell functions only: no real timeout, setsid or passwd runs on the test machine.
+        let fake =
+            |body: &str| format!("timeout() {{ shift; \"$@\"; }}\nsetsid() {{ \"$@\"; }}\npasswd() {{ {body}; }}\n");
+        let honest = fake(
+            r#"[ "$1 $2" = "-R Administrator" ] || exit 9; read -r a; read -r b; [ "$a" = "$b" ] && echo "stored $a""#,
+        );
+        let output = bash_eval(&prelude, &format!("{honest}store_logon_password; echo done"));
+        assert_eq!(output, "done\n");
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(logged, format!("stored {}\n", WindowsOptions::ADMIN_PASSWORD));
+        let mismatch = fake("echo 'Password is not identical.' >&2");
+        let output = bash_eval(&prelude, &format!("{mismatch}(store_logon_password) || true"));
+        assert!(output.starts_with("FAIL: passwd -R Administrator did not store the password"), "{output}");
+        let refused = fake("echo 'Storing password failed: Permission denied' >&2; return 1");
+        let output = bash_eval(&prelude, &format!("{refused}(store_logon_password) || true"));
+        assert!(output.starts_with("FAIL: passwd -R Administrator exited with status 1"), "{output}");
+        let _ = std::fs::remove_file(&log);
     }
 
     #[test]

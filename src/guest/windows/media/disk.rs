@@ -265,9 +265,9 @@ mod tests {
     fn cygwin_image_has_one_fat_partition_at_one_mib() {
         let Some(tools) = tools() else { return };
         let out = tempfile::tempdir().expect("temp dir");
-        let opts = image_options("Windows 10 Pro", false, &[]);
-        let summary =
-            build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(&fixture_repo()), out.path(), &tools).expect("media");
+        let opts = image_options("Windows 10 Pro", &[]);
+        let summary = build_media(&opts, false, WINDOWS_DISK_SIZE_MIB, KEY, Some(&fixture_repo()), out.path(), &tools)
+            .expect("media");
         let image = fs::read(out.path().join(CYGWIN_IMG)).expect("image");
         assert_eq!(image.len() as u64, summary.cygwin_image_bytes);
         assert_eq!(image.len() as u64, PARTITION_OFFSET + MIN_PARTITION_MIB * (1 << 20));

@@ -2,8 +2,7 @@
 //!
 //! | file | what |
 //! | --- | --- |
-//! | `autounattend.xml` | the answer file ([`answer::autounattend_xml`]) |
-//! | `answer.img` | a 1.44 MB FAT12 floppy holding only `autounattend.xml` ([`fat::fat12_floppy`]) |
+//! | `autounattend.xml` | the answer file as far as the media can tell ([`answer::autounattend_xml`]): the image by name, only the user's key. The install stage writes the one it boots with ([`write_answer_medium`]) |
 //! | `cygwin.img` | a raw disk: MBR, one FAT16/FAT32 partition at 1 MiB holding the marker, `install.cmd`, `bootstrap.sh`, `map-shares.sh` and, given a Cygwin repository, `setup-x86_64.exe` + `cygwin-packages/` |
 //! | `install.cmd`, `bootstrap.sh`, `map-shares.sh` | the scripts, also as plain files: to read, and for the suspend stage, which runs `map-shares.sh` over SSH |
 //! | `media.json` | [`MediaSummary`] (not the image's `meta.json`, which the suspend stage writes) |
@@ -18,6 +17,10 @@
 //! such media. A given repository is checked before anything is written, so a missing or
 //! corrupt archive fails here rather than an hour into a Windows install.
 //!
+//! The install stage reads the ISO (the media stage does not need it): it picks the image by
+//! its index in install.wim and the product key of its EditionID ([`super::editions`]), and
+//! writes the answer file it boots with into its work folder, on a floppy (BIOS) or a small
+//! CD (UEFI, where Setup does not look at floppies): [`write_answer_medium`].
 //! [`install_drive_args`] gives the QEMU storage devices the install stage attaches.
 
 use std::ffi::{OsStr, OsString};
@@ -130,6 +133,7 @@ pub enum MediaError {
     ToolOutput { tool: PathBuf, detail: String },
     Summary { path: PathBuf, detail: String },
     CygwinPackagesMissing { media: PathBuf },
+    MissingTool(MissingTool),
 }
 
 impl fmt::Display for MediaError {
@@ -185,6 +189,7 @@ impl fmt::Display for MediaError {
                  (see docs/WINDOWS.md)",
                 media.display()
             ),
+            E::MissingTool(e) => write!(f, "{e}"),
         }
     }
 }
@@ -193,6 +198,7 @@ impl std::error::Error for MediaError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             MediaError::InvalidOptions(error) => Some(error),
+            MediaError::MissingTool(error) => Some(error),
             MediaError::Floppy(error) => Some(error),
             MediaError::SetupIni { error, .. } => Some(error),
             MediaError::Closure { error, .. } => Some(error),
@@ -210,6 +216,7 @@ impl std::error::Error for MediaError {
 /// (`setup-x86_64.exe` and `cygwin-packages/`, as nix/cygwin.nix builds it).
 pub fn build_media(
     opts: &WindowsOptions,
+    efi: bool,
     disk_size_mib: u64,
     authorized_key: &str,
     cygwin_repo: Option<&Path>,
@@ -229,10 +236,8 @@ pub fn build_media(
         Ok(path)
     };
 
-    let xml = answer::autounattend_xml(opts);
+    let xml = answer::autounattend_xml(opts, efi, None);
     write(AUTOUNATTEND_XML, xml.as_bytes())?;
-    let floppy = fat::fat12_floppy(ANSWER_LABEL, &[(AUTOUNATTEND_XML, xml.as_bytes())]).map_err(MediaError::Floppy)?;
-    write(ANSWER_IMG, &floppy)?;
     let install_cmd = write(names::INSTALL_CMD, scripts::install_cmd(opts).as_bytes())?;
     let bootstrap = write(names::BOOTSTRAP_SH, scripts::bootstrap_sh(key, opts).as_bytes())?;
     let map_shares = write(MAP_SHARES_SH, scripts::map_shares_sh().as_bytes())?;
@@ -268,7 +273,7 @@ pub fn build_media(
     let summary = MediaSummary {
         format: MEDIA_FORMAT,
         edition: opts.edition.clone(),
-        efi: opts.efi,
+        efi,
         locale: opts.locale.clone(),
         product_key_given: opts.product_key.is_some(),
         hardware_check_bypass: opts.needs_hardware_check_bypass(),
@@ -312,33 +317,106 @@ pub fn ensure_ready_for_install(media: &Path) -> Result<MediaSummary, MediaError
     if !summary.cygwin_packages_present {
         return Err(MediaError::CygwinPackagesMissing { media: media.to_path_buf() });
     }
-    for name in [ANSWER_IMG, CYGWIN_IMG] {
-        let path = media.join(name);
-        fs::metadata(&path).map_err(|source| MediaError::Read { path, source })?;
-    }
+    let path = media.join(CYGWIN_IMG);
+    fs::metadata(&path).map_err(|source| MediaError::Read { path, source })?;
     Ok(summary)
+}
+
+/// Where Setup finds the answer file: a floppy under the BIOS; a CD under UEFI, whose
+/// firmware has no floppy driver (Setup searches the root of every removable drive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerMedium {
+    Floppy(PathBuf),
+    Cd(PathBuf),
+}
+
+/// The answer CD's volume label and file (`xorriso`, ISO 9660 with Joliet).
+pub const ANSWER_ISO: &str = "answer.iso";
+
+/// Writes the answer file the install boots with into `dir`: `autounattend.xml` for
+/// `image`, the selection read from the ISO, and the medium holding it (`answer.img` or
+/// `answer.iso`). Same inputs, same bytes: the floppy's dates are fixed, and xorriso takes
+/// SOURCE_DATE_EPOCH.
+pub fn write_answer_medium(
+    opts: &WindowsOptions,
+    efi: bool,
+    image: &super::editions::Selection,
+    dir: &Path,
+) -> Result<AnswerMedium, MediaError> {
+    let xml = answer::autounattend_xml(opts, efi, Some(image));
+    let xml_path = dir.join(AUTOUNATTEND_XML);
+    fs::write(&xml_path, &xml).map_err(|source| MediaError::Write { path: xml_path.clone(), source })?;
+    if !efi {
+        let floppy =
+            fat::fat12_floppy(ANSWER_LABEL, &[(AUTOUNATTEND_XML, xml.as_bytes())]).map_err(MediaError::Floppy)?;
+        let path = dir.join(ANSWER_IMG);
+        fs::write(&path, floppy).map_err(|source| MediaError::Write { path: path.clone(), source })?;
+        return Ok(AnswerMedium::Floppy(path));
+    }
+    let xorriso = tools::find("xorriso").map_err(MediaError::MissingTool)?;
+    // Only the answer file goes on the CD: a folder of its own.
+    let content = dir.join("answer-cd");
+    fs::create_dir_all(&content).map_err(|source| MediaError::Write { path: content.clone(), source })?;
+    let inside = content.join(AUTOUNATTEND_XML);
+    fs::write(&inside, &xml).map_err(|source| MediaError::Write { path: inside.clone(), source })?;
+    let path = dir.join(ANSWER_ISO);
+    let args: Vec<OsString> = vec![
+        "-as".into(),
+        "mkisofs".into(),
+        "-quiet".into(),
+        "-J".into(),
+        "-r".into(),
+        "-V".into(),
+        ANSWER_LABEL.into(),
+        "-o".into(),
+        path.clone().into(),
+        content.clone().into(),
+    ];
+    let output = std::process::Command::new(&xorriso)
+        .args(&args)
+        .env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH.to_string())
+        .output()
+        .map_err(|source| MediaError::ToolStart { tool: xorriso.clone(), source })?;
+    if !output.status.success() {
+        return Err(MediaError::ToolFailed {
+            tool: xorriso,
+            args: args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "),
+            status: output.status.to_string(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(AnswerMedium::Cd(path))
 }
 
 /// The QEMU storage arguments of the install stage (`-machine q35`): the blank system disk on
 /// AHCI port 0, so Windows numbers it disk 0, the disk the answer file wipes and installs to;
 /// the ISO as a CD on port 1; `cygwin.img` on port 2 with `snapshot=on` (QEMU's IDE disks
-/// refuse read-only images, and the guest's writes must not reach the store); `answer.img` on
-/// a floppy drive, a removable medium whose root Setup searches for autounattend.xml. Boot
-/// order: the system disk (blank at first, so the firmware moves on), then the CD; later
-/// reboots boot the installed disk, never the CD again. Under UEFI the CD's boot loader asks
-/// for a key press on the first boot; the caller has to send one (QMP `send-key`).
+/// refuse read-only images, and the guest's writes must not reach the store); the answer
+/// medium, a removable medium whose root Setup searches for autounattend.xml: a floppy, or
+/// (UEFI) a second CD on port 3. Boot order: the system disk (blank at first, so the firmware
+/// moves on), then the installation CD; later reboots boot the installed disk, never the CD
+/// again. Under UEFI the CD's boot loader asks for a key press on the first boot; the install
+/// stage presses one (QMP `send-key`, see `Install::press_keys`).
 /// The suspend and build stages must attach the system disk the same way (AHCI, port 0):
 /// Windows boots only from the storage controller it was installed on. Not yet tried with
 /// real Windows media.
-pub fn install_drive_args(media: &Path, iso: &Path, system_disk: &Path) -> Vec<OsString> {
+pub fn install_drive_args(media: &Path, answer: &AnswerMedium, iso: &Path, system_disk: &Path) -> Vec<OsString> {
     let mut args = system_disk_args(system_disk);
     args.extend(drive("winvm-iso", iso, "format=raw,media=cdrom,readonly=on"));
     args.extend(device("ide-cd,drive=winvm-iso,bus=ide.1,bootindex=1"));
     args.extend(drive("winvm-cygwin", &media.join(CYGWIN_IMG), "format=raw,snapshot=on"));
     args.extend(device("ide-hd,drive=winvm-cygwin,bus=ide.2"));
-    args.extend(drive("winvm-answer", &media.join(ANSWER_IMG), "format=raw,readonly=on"));
-    args.extend(device("isa-fdc,id=winvm-fdc"));
-    args.extend(device("floppy,drive=winvm-answer,bus=winvm-fdc.0"));
+    match answer {
+        AnswerMedium::Floppy(img) => {
+            args.extend(drive("winvm-answer", img, "format=raw,readonly=on"));
+            args.extend(device("isa-fdc,id=winvm-fdc"));
+            args.extend(device("floppy,drive=winvm-answer,bus=winvm-fdc.0"));
+        }
+        AnswerMedium::Cd(iso) => {
+            args.extend(drive("winvm-answer", iso, "format=raw,media=cdrom,readonly=on"));
+            args.extend(device("ide-cd,drive=winvm-answer,bus=ide.3"));
+        }
+    }
     args.extend(["-boot".into(), "strict=on".into()]);
     args
 }
@@ -404,8 +482,8 @@ mod tests {
     fn media_without_a_repository_are_built_and_marked_incomplete() {
         let Some(tools) = tools() else { return };
         let out = tempfile::tempdir().expect("temp dir");
-        let opts = image_options("Windows 11 Pro", true, &["make"]);
-        let summary = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect("media");
+        let opts = image_options("Windows 11 Pro", &["make"]);
+        let summary = build_media(&opts, true, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect("media");
         assert!(!summary.cygwin_packages_present);
         assert!(summary.cygwin_closure.is_empty());
         assert_eq!(summary.requested_packages, ["cygrunsrv", "make", "openssh"]);
@@ -435,9 +513,6 @@ mod tests {
         if !tool_available("mdir") || !tool_available("mtype") {
             return;
         }
-        let floppy = out.path().join(ANSWER_IMG).display().to_string();
-        assert_eq!(listing(&floppy), ["::/autounattend.xml"]);
-        assert_eq!(mtype(&floppy, AUTOUNATTEND_XML), xml.as_bytes());
 
         let image = cygwin_target(out.path());
         assert_eq!(
@@ -457,9 +532,10 @@ mod tests {
     fn media_with_the_fixture_repository_hold_every_file() {
         let Some(tools) = tools() else { return };
         let out = tempfile::tempdir().expect("temp dir");
-        let opts = image_options("Windows 10 Pro", false, &["make"]);
+        let opts = image_options("Windows 10 Pro", &["make"]);
         let repo = fixture_repo();
-        let summary = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(&repo), out.path(), &tools).expect("media");
+        let summary =
+            build_media(&opts, false, WINDOWS_DISK_SIZE_MIB, KEY, Some(&repo), out.path(), &tools).expect("media");
         assert!(summary.cygwin_packages_present);
         assert_eq!(
             summary.cygwin_closure,
@@ -507,13 +583,13 @@ mod tests {
     #[test]
     fn a_repository_of_symlinks_gives_the_same_image() {
         let Some(tools) = tools() else { return };
-        let opts = image_options("Windows 10 Pro", false, &[]);
+        let opts = image_options("Windows 10 Pro", &[]);
         let linked = copy_repo(true);
         let a = tempfile::tempdir().expect("temp dir");
         let b = tempfile::tempdir().expect("temp dir");
-        build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(linked.path()), a.path(), &tools).expect("media");
-        build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(&fixture_repo()), b.path(), &tools).expect("media");
-        for name in [CYGWIN_IMG, ANSWER_IMG, MEDIA_JSON, README_TXT, AUTOUNATTEND_XML] {
+        build_media(&opts, false, WINDOWS_DISK_SIZE_MIB, KEY, Some(linked.path()), a.path(), &tools).expect("media");
+        build_media(&opts, false, WINDOWS_DISK_SIZE_MIB, KEY, Some(&fixture_repo()), b.path(), &tools).expect("media");
+        for name in [CYGWIN_IMG, MEDIA_JSON, README_TXT, AUTOUNATTEND_XML] {
             assert!(
                 fs::read(a.path().join(name)).expect("a") == fs::read(b.path().join(name)).expect("b"),
                 "{name} differs: the media are not reproducible"
@@ -525,14 +601,15 @@ mod tests {
     fn bad_options_and_keys_are_refused_before_writing() {
         let Some(tools) = tools() else { return };
         let out = tempfile::tempdir().expect("temp dir");
-        let mut opts = image_options("Windows 10 Pro", false, &[]);
+        let mut opts = image_options("Windows 10 Pro", &[]);
         opts.product_key = Some("12345".into());
-        let err = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect_err("key");
+        let err = build_media(&opts, false, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect_err("key");
         assert!(err.to_string().starts_with("windows image options: attribute 'productKey' (\"12345\")"), "{err}");
-        let opts = image_options("Windows 10 Pro", false, &[]);
-        let err = build_media(&opts, 1024, KEY, None, out.path(), &tools).expect_err("disk");
+        let opts = image_options("Windows 10 Pro", &[]);
+        let err = build_media(&opts, false, 1024, KEY, None, out.path(), &tools).expect_err("disk");
         assert!(matches!(err, MediaError::InvalidOptions(WindowsOptionsError::DiskTooSmall { .. })));
-        let err = build_media(&opts, WINDOWS_DISK_SIZE_MIB, "a\nb", None, out.path(), &tools).expect_err("two lines");
+        let err =
+            build_media(&opts, false, WINDOWS_DISK_SIZE_MIB, "a\nb", None, out.path(), &tools).expect_err("two lines");
         assert_eq!(err.to_string(), "the SSH public key for the guest is more than one line");
         assert!(fs::read_dir(out.path()).expect("list").next().is_none(), "nothing written");
     }
@@ -546,8 +623,9 @@ mod tests {
             sha512sum: None,
         };
         let out = tempfile::tempdir().expect("temp dir");
-        let opts = image_options("Windows 10 Pro", false, &[]);
-        let err = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect_err("no mformat");
+        let opts = image_options("Windows 10 Pro", &[]);
+        let err =
+            build_media(&opts, false, WINDOWS_DISK_SIZE_MIB, KEY, None, out.path(), &tools).expect_err("no mformat");
         assert!(err.to_string().starts_with("cannot run /nonexistent/mformat: "), "{err}");
     }
 
@@ -561,15 +639,29 @@ mod tests {
         let media = dir.path().join("media,1");
         fs::create_dir(&media).expect("mkdir");
         fs::write(media.join(ANSWER_IMG), vec![0u8; fat::FLOPPY_BYTES]).expect("floppy");
+        fs::write(media.join(ANSWER_ISO), vec![0u8; 1 << 20]).expect("answer CD");
         fs::write(media.join(CYGWIN_IMG), vec![0u8; 1 << 20]).expect("disk");
         let iso = dir.path().join("win.iso");
         fs::write(&iso, vec![0u8; 1 << 20]).expect("iso");
         let disk = dir.path().join("disk.qcow2");
         let status = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&disk).arg("64M").status();
         assert!(status.expect("qemu-img").success());
+        let floppy = qemu_info(&install_drive_args(&media, &AnswerMedium::Floppy(media.join(ANSWER_IMG)), &iso, &disk));
+        assert!(floppy.contains("dev: floppy") && floppy.contains("drive = \"winvm-answer\""));
+        assert!(floppy.contains("answer.img (raw, read-only)"));
+        // UEFI: the answer on a second CD, on the last IDE port.
+        let cd = qemu_info(&install_drive_args(&media, &AnswerMedium::Cd(media.join(ANSWER_ISO)), &iso, &disk));
+        assert!(!cd.contains("dev: floppy"));
+        assert!(cd.contains("answer.iso (raw, read-only)"), "{cd}");
+        assert_eq!(cd.matches("dev: ide-cd").count(), 2, "{cd}");
+    }
+
+    /// `info block` and `info qtree` of a stopped QEMU with `args`; QEMU must not warn.
+    fn qemu_info(args: &[OsString]) -> String {
+        let dir = tempfile::tempdir().expect("temp dir");
         let mut child = Command::new("qemu-system-x86_64")
             .args(["-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-S", "-monitor", "stdio"])
-            .args(install_drive_args(&media, &iso, &disk))
+            .args(args)
             .env("TMPDIR", dir.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -589,8 +681,7 @@ mod tests {
         for id in ["winvm-system", "winvm-iso", "winvm-cygwin", "winvm-answer"] {
             assert!(stdout.contains(&format!("{id} (#")), "{id} missing:\n{stdout}");
         }
-        assert!(stdout.contains("dev: floppy") && stdout.contains("drive = \"winvm-answer\""));
         assert!(stdout.contains("win.iso (raw, read-only)"));
-        assert!(stdout.contains("answer.img (raw, read-only)"));
+        stdout.into_owned()
     }
 }

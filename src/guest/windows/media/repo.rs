@@ -125,15 +125,15 @@ mod tests {
         let out = tempfile::tempdir().expect("temp dir");
         let mirror = format!("{}/{}", names::CYGWIN_PACKAGES_DIR, cygwin::LOCAL_MIRROR_DIR);
         let make = format!("{mirror}/x86_64/release/make/make-4.4.1-2.tar.xz");
-        let with_make = image_options("Windows 10 Pro", false, &["make"]);
+        let with_make = image_options("Windows 10 Pro", &["make"]);
         let build = |opts: &WindowsOptions, repo: &Path| {
-            build_media(opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(repo), out.path(), &tools)
+            build_media(opts, false, WINDOWS_DISK_SIZE_MIB, KEY, Some(repo), out.path(), &tools)
         };
 
         let repo = copy_repo(false);
         fs::remove_file(repo.path().join(&make)).expect("remove");
         // Without make the image does not need the archive.
-        build(&image_options("Windows 10 Pro", false, &[]), repo.path()).expect("make not needed");
+        build(&image_options("Windows 10 Pro", &[]), repo.path()).expect("make not needed");
         let err = build(&with_make, repo.path()).expect_err("make missing");
         assert!(matches!(&err, MediaError::ArchiveMissing { package, .. } if package == "make"), "{err}");
         assert!(err.to_string().contains("lacks the archive of package 'make'"), "{err}");
@@ -154,7 +154,7 @@ mod tests {
         }
 
         let repo = copy_repo(false);
-        let err = build(&image_options("Windows 10 Pro", false, &["gcc-core"]), repo.path()).expect_err("unknown");
+        let err = build(&image_options("Windows 10 Pro", &["gcc-core"]), repo.path()).expect_err("unknown");
         assert!(
             err.to_string().starts_with("cygwin package 'gcc-core' (requested for installation) is not in setup.ini"),
             "{err}"
@@ -381,8 +381,9 @@ mod tests {
             assert_eq!(fs::read(built.join(rel)).expect("built"), fs::read(repo.join(rel)).expect("fixture"), "{rel}");
         }
         let out = tempfile::tempdir().expect("temp dir");
-        let opts = image_options("Windows 11 Pro", true, &["make"]);
-        let summary = build_media(&opts, WINDOWS_DISK_SIZE_MIB, KEY, Some(&built), out.path(), &tools).expect("media");
+        let opts = image_options("Windows 11 Pro", &["make"]);
+        let summary =
+            build_media(&opts, true, WINDOWS_DISK_SIZE_MIB, KEY, Some(&built), out.path(), &tools).expect("media");
         assert!(summary.cygwin_packages_present && summary.cygwin_closure.contains(&"make".to_string()));
         println!("{}", fs::read_to_string(out.path().join(README_TXT)).expect("README"));
         println!("{}", fs::read_to_string(out.path().join(MEDIA_JSON)).expect("media.json"));

@@ -18,13 +18,12 @@ pub fn fixture_repo() -> PathBuf {
     fixtures().join("cygwin-repo")
 }
 
-pub fn image_options(edition: &str, efi: bool, packages: &[&str]) -> WindowsOptions {
+pub fn image_options(edition: &str, packages: &[&str]) -> WindowsOptions {
     WindowsOptions {
         iso: IsoSource::Fixed { name: "win.iso".into(), sha256: "0".repeat(64) },
         edition: edition.into(),
         product_key: None,
         locale: "en-US".into(),
-        efi,
         cygwin_packages: packages.iter().map(|p| p.to_string()).collect(),
         install_commands: vec!["echo hello".into()],
     }

@@ -1,0 +1,28 @@
+//! The Windows guest's half of the outputs' return trip (see `Profile::with_local_outputs`):
+//! where Cygwin makes the outputs, and how it packs them.
+//!
+//! From Cygwin's documentation (the `mount` page): a mount point made with `mount`, unlike one
+//! in /etc/fstab, is not persistent and disappears once the user's last process ends, so one
+//! made by the build's own command covers the build and goes with it; `-f` mounts without
+//! warning that the mount point does not exist yet, which an output's never does before the
+//! build. The outputs then live on the guest's own disk instead of the Samba share, where links
+//! become Cygwin's special files and the share's `create mask` decides the modes.
+//!
+//! Not yet run on Windows. To check on the first run: that the mount inside the `/nix/store`
+//! mount wins for the paths below it, and that Cygwin's tar packs the NTFS folder's links as
+//! links and its exec bits as set (`tar tvf /tmp/xchg/outputs.tar` after a build with `-K`).
+
+/// Before a build: each output's store path becomes a mount of a fresh folder on the guest's
+/// disk, under Cygwin's root. Reads `$winvm_outputs` (store names).
+pub const REDIRECT_OUTPUTS: &str = r#"winvm_redirect() {
+    local here=/var/winvm-out n
+    mkdir -p "$here" || return 1
+    for n in $winvm_outputs; do
+        rm -rf "${here:?}/$n"
+        mount -f -o binary "$(cygpath -m "$here/$n")" "/nix/store/$n" || return 1
+    done
+}
+"#;
+
+/// GNU tar from Cygwin's Base packages, in its own format: long names as 'L' and 'K' records.
+pub const PACK_OUTPUTS: &str = "tar --format=gnu -c -f";
