@@ -1,6 +1,9 @@
-//! Compiles the C++ shim (cpp/) against the installed Nix's headers and links it into the
-//! plugin (cdylib) only: the builder binary shares the Rust code but never Nix's libraries.
-//! Without the `plugin` feature it does nothing, and the crate builds without Nix.
+//! Two jobs. Always: Rust bindings, made with bindgen from the system's headers, for the
+//! builder's own use of the kernel and of libraries: `<linux/kvm.h>` (the KVM probe) and
+//! `<libvdeplug.h>` (plugging into the VDE switch), and the link to libvdeplug.
+//! With the `plugin` feature: the C++ shim (cpp/) compiled against the installed Nix's headers
+//! and linked into the plugin (cdylib) only: the builder binary shares the Rust code but never
+//! Nix's libraries. Without that feature the crate builds without Nix.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,7 +35,48 @@ fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
     Some((major, minor, patch.parse().unwrap_or(0)))
 }
 
+/// The ioctl numbers are function-like macros (`_IO(KVMIO, 0x01)`), which bindgen does not
+/// expand; as enumerators, clang evaluates them and bindgen writes out the values.
+const KVM_WRAPPER: &str = "#include <linux/kvm.h>
+enum winvm_kvm_ioctl {
+    WINVM_KVM_GET_API_VERSION = KVM_GET_API_VERSION,
+    WINVM_KVM_CREATE_VM = KVM_CREATE_VM,
+    WINVM_KVM_CREATE_VCPU = KVM_CREATE_VCPU,
+};
+";
+
+/// Only the calls the builder makes; `vde_open` is a macro around `vde_open_real`.
+const VDEPLUG_WRAPPER: &str = "#include <libvdeplug.h>\n";
+
+fn bindings(name: &str, header: &str, allow: impl FnOnce(bindgen::Builder) -> bindgen::Builder) {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join(format!("{name}.rs"));
+    let builder = bindgen::Builder::default()
+        .header_contents(&format!("winvm_{name}.h"), header)
+        .parse_callbacks(Box::new(bindgen::CargoCallbacks::new()))
+        // The crate's rust-version (Cargo.toml), so the output compiles wherever the crate does.
+        .rust_target(bindgen::RustTarget::stable(75, 0).unwrap_or_else(|e| fail(&e.to_string())))
+        .prepend_enum_name(false)
+        .layout_tests(false);
+    let generated = allow(builder).generate().unwrap_or_else(|e| {
+        fail(&format!(
+            "bindgen could not read {}: {e}. It needs libclang and the headers: on Debian `apt-get install libclang-dev libvdeplug-dev linux-libc-dev` (scripts/setup does it)",
+            header.lines().next().unwrap_or(header)
+        ))
+    });
+    generated.write_to_file(&out).unwrap_or_else(|e| fail(&format!("cannot write {}: {e}", out.display())));
+}
+
 fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    bindings("kvm", KVM_WRAPPER, |b| b.allowlist_var("KVM_API_VERSION").allowlist_type("winvm_kvm_ioctl"));
+    bindings("vdeplug", VDEPLUG_WRAPPER, |b| {
+        b.allowlist_function("vde_(open_real|recv|send|datafd|ctlfd|close)")
+            .allowlist_type("vde_open_args")
+            .allowlist_var("LIBVDEPLUG_INTERFACE_VERSION")
+            .opaque_type("vdeconn")
+    });
+    println!("cargo:rustc-link-lib=dylib=vdeplug");
+
     if std::env::var_os("CARGO_FEATURE_PLUGIN").is_none() {
         // Built without the plugin feature: no C++ shim, no Nix needed.
         return;

@@ -39,9 +39,11 @@ rustPlatform.buildRustPackage {
   src = lib.cleanSource ../.;
   cargoLock.lockFile = ../Cargo.lock;
 
-  nativeBuildInputs = [ pkg-config ];
-  # build.rs reads the version, include paths and -std= from `pkg-config nix-expr`.
-  buildInputs = [ nix boost nlohmann_json openssl ];
+  # bindgenHook: libclang for build.rs' bindgen, which reads <linux/kvm.h> and <libvdeplug.h>.
+  nativeBuildInputs = [ pkg-config rustPlatform.bindgenHook ];
+  # build.rs reads the version, include paths and -std= from `pkg-config nix-expr`; the builder
+  # links vde2's libvdeplug to plug into the VMs' switch.
+  buildInputs = [ nix boost nlohmann_json openssl vde2 ];
 
   # The builder finds QEMU and friends here inside the sandbox of this package's own build
   # (src/tools.rs); the derivations it creates get winvmTools instead.

@@ -58,6 +58,27 @@ fn two_builds_share_one_image_and_the_second_revives_it() {
     assert!(log.contains("command exited 0"), "{log}");
 }
 
+/// Four builds from one image at once (`-j4` on two cores): four pairs revived side by side
+/// from the same state files, each on its own switch, each with its own output.
+#[test]
+fn four_builds_at_once_from_one_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let builds: Vec<String> = (0..4)
+        .map(|i| format!("({})", build_expr(&format!("parallel-{i}"), "", &format!("echo build-{i} > $out"))))
+        .collect();
+    let o = nix_build_args(
+        &[OsStr::new("-j4"), OsStr::new("-E"), OsStr::new(&format!("[ {} ]", builds.join(" ")))],
+        &tmp.path().join("r"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let outs: Vec<PathBuf> = String::from_utf8_lossy(&o.stdout).lines().map(PathBuf::from).collect();
+    assert_eq!(outs.len(), 4, "{outs:?}");
+    for (i, out) in outs.iter().enumerate() {
+        assert_eq!(std::fs::read_to_string(out).unwrap(), format!("build-{i}\n"));
+    }
+    assert_eq!(stderr(&o).matches("guest revived").count(), 4, "{}", stderr(&o));
+}
+
 #[test]
 fn a_failing_build_reports_its_exit_code() {
     let tmp = tempfile::tempdir().unwrap();

@@ -5,7 +5,13 @@ fn main() {
     match nix_winvm::builder::main_with_args(&args) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("nix-winvm-builder: error: {e}");
+            // Which stage failed leads: a build log may hold several.
+            let what = match args.first().map(String::as_str) {
+                Some(stage @ ("media" | "install" | "suspend" | "build")) => format!(" in the {stage} stage"),
+                Some(command @ ("run" | "agent" | "state-read" | "state-write")) => format!(" in '{command}'"),
+                _ => String::new(),
+            };
+            eprintln!("nix-winvm-builder: error{what}: {e}");
             std::process::exit(1);
         }
     }

@@ -72,6 +72,76 @@ pub enum BuilderError {
     Killed {
         signal: String,
     },
+    /// A part of the image a build needs is missing or unreadable.
+    ImageDamaged {
+        image: std::path::PathBuf,
+        what: String,
+    },
+    /// `qemu-img check` finds the image's disk corrupt.
+    DiskDamaged {
+        disk: std::path::PathBuf,
+        detail: String,
+    },
+    /// The command failed, or the session did, with a file system it writes to full: the
+    /// build folder (the exchange folder, the outputs' archive) or `run`'s output folder.
+    NoSpace {
+        path: std::path::PathBuf,
+        free_bytes: u64,
+        after: String,
+    },
+}
+
+/// A session's verdict as the builder's exit: the command's code, or an error; a failure
+/// that a full file system among `writes` explains says so.
+pub fn finish(
+    result: Result<crate::controller::agent::Verdict, RunError>,
+    progress: &Progress,
+    writes: &[&std::path::Path],
+) -> Result<i32, BuilderError> {
+    use crate::controller::agent::Verdict;
+    if let Ok(Verdict::Exited(code)) = &result {
+        progress.say(&format!("command exited {code}"));
+    }
+    let after = match &result {
+        Ok(Verdict::Exited(0)) => return Ok(0),
+        Ok(Verdict::Exited(code)) => format!("the command exited {code}"),
+        Ok(Verdict::Signal(signal)) => format!("the command was killed by signal {signal}"),
+        Err(e) => format!("the session failed: {e}"),
+    };
+    if let Some(full) = explain_full_disk(writes, after) {
+        return Err(full);
+    }
+    match result {
+        Ok(Verdict::Exited(code)) => Ok(code),
+        Ok(Verdict::Signal(signal)) => Err(BuilderError::Killed { signal }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Below this many free bytes a file system counts as full.
+pub const FULL_BELOW_BYTES: u64 = 256 * 1024;
+
+/// Free bytes on the file system of `path`, for an unprivileged writer.
+pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed statvfs the call fills in.
+    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (r == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// A failure that a full file system explains: the first of `paths` that is full, named with
+/// what went wrong (`after`) instead of a bare exit code.
+pub fn explain_full_disk(paths: &[&std::path::Path], after: String) -> Option<BuilderError> {
+    paths.iter().find_map(|p| {
+        let free = free_bytes(p)?;
+        (free < FULL_BELOW_BYTES).then(|| BuilderError::NoSpace {
+            path: p.to_path_buf(),
+            free_bytes: free,
+            after: after.clone(),
+        })
+    })
 }
 
 impl fmt::Display for BuilderError {
@@ -111,6 +181,19 @@ impl fmt::Display for BuilderError {
                 write!(f, "the image at {} was built from another spec than this build expects", image.display())
             }
             BuilderError::Killed { signal } => write!(f, "the command was killed by signal {signal}"),
+            BuilderError::ImageDamaged { image, what } => {
+                write!(f, "the image {} {what}; build the image again (nix-store --repair-path)", image.display())
+            }
+            BuilderError::DiskDamaged { disk, detail } => write!(
+                f,
+                "the image's disk {} is damaged (qemu-img check: {detail}); build the image again (nix-store --repair-path)",
+                disk.display()
+            ),
+            BuilderError::NoSpace { path, free_bytes, after } => write!(
+                f,
+                "no space left on device (ENOSPC): the file system of {} has {free_bytes} bytes free, and {after}; free space there (for a build: where Nix keeps its build folders, TMPDIR or build-dir)",
+                path.display()
+            ),
         }
     }
 }

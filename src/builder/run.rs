@@ -5,9 +5,8 @@
 
 use super::Progress;
 use super::{io, BuilderError};
-use crate::controller::agent::Verdict;
 use crate::guest::standin;
-use crate::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig};
+use crate::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig, TestFault};
 use crate::shell;
 use crate::spec::{Accel, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
@@ -109,6 +108,8 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(crate::spec::DEFAULT_CACHE).join("kernel"));
     let work = tempfile::Builder::new().prefix("nix-winvm-").tempdir().map_err(io("cannot create a work directory"))?;
+    // Where the work folder is: after it is gone, its file system still tells if it was full.
+    let tmp_dir = work.path().parent().map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
     let mut extra_shares = vec![];
     let mut command = String::new();
     if let Some(out) = &a.out {
@@ -126,6 +127,12 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     // A cold guest: a fresh key, and the standin system as the initramfs.
     let key = work.path().join("key");
     let pubkey = super::stages::generate_key(&tools.ssh_keygen, &key)?;
+    let test_fault = TestFault::from_env().map_err(BuilderError::Usage)?;
+    let mut append = crate::vm::kernel::APPEND.to_owned();
+    if test_fault == Some(TestFault::NoSshd) {
+        append.push(' ');
+        append.push_str(standin::NO_SSHD_FAULT);
+    }
     let modules_dir = kernel_dir.join("modules");
     let guest_initrd = work.path().join("guest-initrd.img");
     let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey)?;
@@ -140,7 +147,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         modules_dir,
         guest: GuestBoot {
             machine: Machine {
-                boot: Some(KernelBoot { kernel, initrd: guest_initrd, append: crate::vm::kernel::APPEND.into() }),
+                boot: Some(KernelBoot { kernel, initrd: guest_initrd, append }),
                 disk: None,
                 nic_model: VIRTIO_NET,
                 extra_args: vec![],
@@ -162,6 +169,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         tools,
         agent: std::env::current_exe().map_err(io("cannot find this program"))?,
         outputs: vec![],
+        test_fault,
     };
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("cannot start the runtime"))?;
@@ -169,16 +177,16 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     drop(rt);
     if a.keep {
         let kept = work.keep();
-        progress.say(&format!("work directory kept: {} (run-vm restarts the VMs)", kept.display()));
+        progress.say(&format!(
+            "work directory kept: {} (run-vm restarts the VMs; network.pcap holds their traffic, for tcpdump -r)",
+            kept.display()
+        ));
     }
-    match result {
-        Ok(Verdict::Exited(code)) => {
-            progress.say(&format!("command exited {code}"));
-            Ok(code)
-        }
-        Ok(Verdict::Signal(signal)) => Err(BuilderError::Killed { signal }),
-        Err(e) => Err(e.into()),
+    let mut writes = vec![tmp_dir.as_path()];
+    if let Some(out) = &a.out {
+        writes.push(out.as_path());
     }
+    super::finish(result, &progress, &writes)
 }
 
 /// The uncompressed kernel, made once per kernel version in the cache (direct runs have no

@@ -12,7 +12,7 @@ use crate::controller::unpack;
 use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
 use crate::guest::{self, MediaInputs};
 
-use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, SCREENS_DIR};
+use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, TestFault, SCREENS_DIR};
 use crate::shell;
 use crate::spec::{self, Accel, BuildSpec, ImageSpec};
 use crate::tools::{Ovmf, Tools};
@@ -51,13 +51,13 @@ fn write_initrd(img: &crate::initramfs::Initramfs, path: &Path) -> Result<(), Bu
     img.write_gz_file(path).map_err(io(format!("writing {}", path.display())))
 }
 
-fn accel_for(spec: &ImageSpec, progress: &Progress) -> Result<Accel, BuilderError> {
+pub(super) fn accel_for(spec: &ImageSpec, progress: &Progress) -> Result<Accel, BuilderError> {
     let a = accel::choose(spec.accel)?;
     progress.say(&format!("accelerator: {}", a.name()));
     Ok(a)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime"))
 }
 
@@ -121,7 +121,7 @@ const KEY_PRESS_WINDOW: Duration = Duration::from_secs(90);
 
 /// UEFI (`efi = true`): OVMF, with the image's variable store at `vars`, a writable copy of
 /// `from` (OVMF's template at the install; the previous stage's store after). BIOS: None.
-fn uefi(spec: &ImageSpec, from: Option<&Path>, vars: &Path) -> Result<Option<Uefi>, BuilderError> {
+pub(super) fn uefi(spec: &ImageSpec, from: Option<&Path>, vars: &Path) -> Result<Option<Uefi>, BuilderError> {
     if !spec.efi {
         return Ok(None);
     }
@@ -240,8 +240,36 @@ fn qemu_img(tools: &Tools, args: &[&str], paths: &[&std::ffi::OsStr], size: &str
     Ok(())
 }
 
+/// The parts of an image a build needs, before any VM starts: its key, and a disk that
+/// `qemu-img check` finds whole (a few milliseconds; a damaged overlay would otherwise fail
+/// inside the guest, as I/O errors).
+pub(super) fn check_image(tools: &Tools, image: &Path) -> Result<(), BuilderError> {
+    let key = image.join("key");
+    if let Err(source) = std::fs::File::open(&key) {
+        return Err(BuilderError::ImageDamaged {
+            image: image.to_path_buf(),
+            what: format!("has no key: {}: {source}", key.display()),
+        });
+    }
+    let disk = image.join("disk.qcow2");
+    let qemu_img = tools.qemu.with_file_name("qemu-img");
+    let qemu_img = if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img")? };
+    let o = Command::new(&qemu_img)
+        .args(["check", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .output()
+        .map_err(io(format!("running {}", qemu_img.display())))?;
+    // 0: clean; 3: leaked clusters only, harmless; anything else: corrupt or unreadable.
+    if !matches!(o.status.code(), Some(0) | Some(3)) {
+        let said =
+            format!("{} {}", String::from_utf8_lossy(&o.stderr).trim(), String::from_utf8_lossy(&o.stdout).trim());
+        return Err(BuilderError::DiskDamaged { disk, detail: said.trim().to_owned() });
+    }
+    Ok(())
+}
+
 /// An overlay on `backing`, which stays untouched.
-fn overlay(tools: &Tools, backing: &Path, path: &Path) -> Result<(), BuilderError> {
+pub(super) fn overlay(tools: &Tools, backing: &Path, path: &Path) -> Result<(), BuilderError> {
     qemu_img(
         tools,
         &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing.display().to_string()],
@@ -259,7 +287,7 @@ pub struct ImageMeta {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn session_config(
+pub(super) fn session_config(
     spec: &ImageSpec,
     accel: Accel,
     timeout: Duration,
@@ -292,6 +320,7 @@ fn session_config(
         tools,
         agent: std::env::current_exe().map_err(io("finding this program"))?,
         outputs: vec![],
+        test_fault: None,
     })
 }
 
@@ -445,6 +474,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     let accel = accel_for(&spec.image, progress)?;
     let work = work_dir()?;
     let tools = Tools::find()?;
+    check_image(&tools, &image)?;
     let disk = work.join("disk.qcow2");
     overlay(&tools, &image.join("disk.qcow2"), &disk)?;
     let xchg = work.join("xchg");
@@ -480,13 +510,9 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         tools,
     )?;
     cfg.outputs = outputs;
-    match runtime()?.block_on(session::run(&cfg, progress))? {
-        crate::controller::agent::Verdict::Exited(code) => {
-            progress.say(&format!("command exited {code}"));
-            Ok(code)
-        }
-        crate::controller::agent::Verdict::Signal(signal) => Err(BuilderError::Killed { signal }),
-    }
+    cfg.test_fault = TestFault::from_env().map_err(BuilderError::Usage)?;
+    let result = runtime()?.block_on(session::run(&cfg, progress));
+    super::finish(result, progress, &[&work])
 }
 
 #[cfg(test)]

@@ -19,8 +19,18 @@ pub const SMBD_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum AgentError {
     Config(String),
     Smbd(String),
-    SshWait { addr: String, after: Duration },
-    Ssh { step: &'static str, detail: String },
+    SshWait {
+        addr: String,
+        after: Duration,
+    },
+    /// smbd ended while the guest's command still needed the shares.
+    SmbdDied {
+        status: String,
+    },
+    Ssh {
+        step: &'static str,
+        detail: String,
+    },
     Io(String),
     Outputs(unpack::UnpackError),
 }
@@ -34,6 +44,10 @@ impl fmt::Display for AgentError {
                 write!(f, "the guest's SSH server at {addr} did not answer within {} s", after.as_secs())
             }
             AgentError::Ssh { step, detail } => write!(f, "SSH to the guest failed while {step}: {detail}"),
+            AgentError::SmbdDied { status } => write!(
+                f,
+                "smbd in the controller ended ({status}) during the command: the guest lost the store and exchange shares, so the command was stopped"
+            ),
             AgentError::Io(e) => write!(f, "{e}"),
             AgentError::Outputs(e) => write!(f, "unpacking the build's outputs: {e}"),
         }
@@ -105,7 +119,7 @@ pub enum Verdict {
 
 fn run(cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTime) -> Result<Verdict, AgentError> {
     log.line("agent started");
-    let _smbd = start_smbd(cfg)?;
+    let smbd = start_smbd(cfg)?;
     log.line("controller: smbd up");
     let addr: SocketAddr = cfg.guest_addr.parse().map_err(|e| AgentError::Config(format!("guestAddr: {e}")))?;
     // As long as the image's (or the build's) own time-out: a Windows guest booted cold under
@@ -115,12 +129,71 @@ fn run(cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTi
     log.line("guest SSH answered");
     File::create(cfg.xchg.join(WAITING_DONE))
         .map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
-    let verdict = run_command(tcp, cfg, log, clock)?;
+    // smbd must outlive the command: if it ends, the guest's file access hangs or fails, so
+    // the watch cuts the SSH connection and the loss is reported instead of a hang.
+    let watch = SmbdWatch::start(smbd, &tcp, cfg.kill_smbd_after_secs.map(Duration::from_secs))?;
+    let result = run_command(tcp, cfg, log, clock);
+    if let Some(status) = watch.stop() {
+        log.line(&format!("controller: smbd ended ({status}) during the command"));
+        return Err(AgentError::SmbdDied { status });
+    }
+    let verdict = result?;
     // A failed build's outputs are discarded by Nix: the guest packs them only on success.
     if verdict == Verdict::Exited(0) && !cfg.outputs.is_empty() {
         unpack_outputs(cfg, log)?;
     }
     Ok(verdict)
+}
+
+/// Watches smbd while the command runs; see [`run`].
+struct SmbdWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(SmbdGuard, Option<String>)>,
+}
+
+impl SmbdWatch {
+    fn start(mut smbd: SmbdGuard, tcp: &TcpStream, kill_after: Option<Duration>) -> Result<SmbdWatch, AgentError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let cut = tcp.try_clone().map_err(|e| AgentError::Io(format!("cannot watch smbd: {e}")))?;
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let started = Instant::now();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                if kill_after.is_some_and(|after| started.elapsed() >= after) {
+                    let _ = smbd.0.kill();
+                }
+                if let Ok(Some(status)) = smbd.0.try_wait() {
+                    let _ = cut.shutdown(std::net::Shutdown::Both);
+                    return (smbd, Some(describe(status)));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (smbd, None)
+        });
+        Ok(SmbdWatch { stop, thread })
+    }
+
+    /// Ends the watch; smbd's end status if it ended during the command. smbd itself is
+    /// stopped when the returned guard is dropped, here.
+    fn stop(self) -> Option<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match self.thread.join() {
+            Ok((_guard, died)) => died,
+            Err(_) => Some("its watch failed".into()),
+        }
+    }
+}
+
+/// "exit status 1", "signal 9 (SIGKILL)".
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(9)) => "killed by signal 9".to_owned(),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => status.to_string(),
+    }
 }
 
 /// The guest's archive of the outputs, unpacked into the real output paths through the

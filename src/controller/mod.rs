@@ -48,6 +48,10 @@ pub struct AgentConfig {
     /// ([`unpack::ARCHIVE`] in the exchange folder) is unpacked into these and nowhere else.
     #[serde(default)]
     pub outputs: Vec<PathBuf>,
+    /// Tests only (`NIX_WINVM_TEST_FAULT=kill-smbd-after=SECS`): the agent kills its own smbd
+    /// that long after the command started, to prove that the loss is named.
+    #[serde(default)]
+    pub kill_smbd_after_secs: Option<u64>,
 }
 
 /// A 9p mount the controller's init makes under /fs before the chroot.

@@ -335,7 +335,7 @@ mod tests {
             args,
             [
                 "-drive",
-                "if=none,id=winvm-system,file=/d,,x.qcow2,format=qcow2,cache=writeback",
+                "if=none,id=winvm-system,file=/d,,x.qcow2,format=qcow2,cache=writeback,werror=report,rerror=report",
                 "-device",
                 "ide-hd,drive=winvm-system,bus=ide.0,bootindex=0",
             ]

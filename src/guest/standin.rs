@@ -16,11 +16,19 @@ ip link set lo up
 ip addr add @GUEST_IP@/24 dev eth0
 ip link set eth0 up
 say "winvm-standin: network up"
-# Host keys are made at first connection (-R); only public-key logins (-s).
-/usr/sbin/dropbear -R -F -E -s -p 22 &
-say "winvm-standin: sshd started"
+# Host keys are made at first connection (-R); only public-key logins (-s). The tests' fault
+# (winvm.fault=no-sshd on the kernel's command line) leaves it out: a guest that never answers.
+if grep -qw winvm.fault=no-sshd /proc/cmdline; then
+    say "winvm-standin: no sshd (test fault)"
+else
+    /usr/sbin/dropbear -R -F -E -s -p 22 &
+    say "winvm-standin: sshd started"
+fi
 while :; do wait; sleep 1; done
 "#;
+
+/// The kernel argument of the tests' `no-sshd` fault (see `session::TestFault`).
+pub const NO_SSHD_FAULT: &str = "winvm.fault=no-sshd";
 
 /// Progress lines go to the serial log, which the stages read, and to the screen (the VGA
 /// text console), which the screenshots show: the standin's screen tells what Windows' would.

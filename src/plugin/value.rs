@@ -92,13 +92,17 @@ impl From<&str> for DecodeError {
     }
 }
 
-/// Rebuilds the tree rooted at `nodes[0]`. Malformed input (indices out of range, cycles)
-/// is an error, never a panic: it crosses the FFI.
+/// Rebuilds the tree rooted at `nodes[0]`. Malformed input (indices out of range, cycles,
+/// a node claimed by two parents) is an error, never a panic: it crosses the FFI.
 pub fn from_nodes(nodes: &[Node]) -> Result<Val, DecodeError> {
     if nodes.is_empty() {
         return Err("the shim passed no value".into());
     }
-    build(nodes, 0, 0, "")
+    // The shim lays out a tree. Child ranges that overlap would make a DAG, and rebuilding a
+    // DAG as a tree takes time exponential in its depth (found by tests/fuzz.rs): each node is
+    // therefore read at most once, which bounds the work by the number of nodes.
+    let mut seen = vec![false; nodes.len()];
+    build(nodes, &mut seen, 0, 0, "")
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -111,11 +115,14 @@ fn join(path: &str, key: &str) -> String {
 
 const MAX_DEPTH: usize = 64;
 
-fn build(nodes: &[Node], index: usize, depth: usize, path: &str) -> Result<Val, DecodeError> {
+fn build(nodes: &[Node], seen: &mut [bool], index: usize, depth: usize, path: &str) -> Result<Val, DecodeError> {
     if depth > MAX_DEPTH {
         return Err("value nested too deeply".into());
     }
     let node = nodes.get(index).ok_or("node index out of range")?;
+    if std::mem::replace(&mut seen[index], true) {
+        return Err("a node is the child of two values".into());
+    }
     let children = |nodes: &[Node]| -> Result<Vec<usize>, DecodeError> {
         let end = node.first.checked_add(node.count).ok_or("child range overflows")?;
         if end > nodes.len() || (node.count > 0 && node.first <= index) {
@@ -133,22 +140,26 @@ fn build(nodes: &[Node], index: usize, depth: usize, path: &str) -> Result<Val, 
             Err(e) => Val::NonUtf8Str { valid_up_to: e.valid_up_to(), context: node.context },
         },
         Kind::Path => Val::Path(text(node, path)?),
+        // The children first: `count` is only believed once the range fits the array (an
+        // allocation sized by a bad count aborted the process; found by tests/fuzz.rs).
         Kind::Set => {
-            let mut attrs = Vec::with_capacity(node.count);
-            for i in children(nodes)? {
+            let ids = children(nodes)?;
+            let mut attrs = Vec::with_capacity(ids.len());
+            for i in ids {
                 let key = String::from_utf8(nodes[i].key.clone()).map_err(|_| DecodeError::NonUtf8Name {
                     path: path.to_owned(),
                     lossy: String::from_utf8_lossy(&nodes[i].key).into_owned(),
                 })?;
-                let child = build(nodes, i, depth + 1, &join(path, &key))?;
+                let child = build(nodes, seen, i, depth + 1, &join(path, &key))?;
                 attrs.push((key, child));
             }
             Val::Set(attrs)
         }
         Kind::List => {
-            let mut items = Vec::with_capacity(node.count);
-            for (n, i) in children(nodes)?.into_iter().enumerate() {
-                items.push(build(nodes, i, depth + 1, &join(path, &n.to_string()))?);
+            let ids = children(nodes)?;
+            let mut items = Vec::with_capacity(ids.len());
+            for (n, i) in ids.into_iter().enumerate() {
+                items.push(build(nodes, seen, i, depth + 1, &join(path, &n.to_string()))?);
             }
             Val::List(items)
         }
@@ -221,5 +232,37 @@ fn fill(nodes: &mut Vec<Node>, at: usize, v: &Val) {
     nodes[at] = n;
     for (i, (_, child)) in kids.iter().enumerate() {
         fill(nodes, first + i, child);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(kind: Kind, first: usize, count: usize) -> Node {
+        Node { kind, first, count, ..leaf(kind, b"") }
+    }
+
+    /// tests/fuzz.rs, plugin-value input #16: each list's children overlap the next list's,
+    /// a DAG that unfolded into 2^60 values (a hang) before each node could be read only once.
+    #[test]
+    fn overlapping_child_ranges_are_refused_at_once() {
+        let mut nodes: Vec<Node> = (0..64).map(|i| node(Kind::List, i + 1, 2)).collect();
+        nodes.extend([node(Kind::Null, 0, 0), node(Kind::Null, 0, 0)]);
+        let started = std::time::Instant::now();
+        assert_eq!(from_nodes(&nodes), Err(DecodeError::Malformed("a node is the child of two values".into())));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    /// tests/fuzz.rs, plugin-value input #3988: a set's count of 70912304466406019 was the
+    /// capacity of a vector before the range was checked, and the allocation aborted.
+    #[test]
+    fn a_huge_child_count_is_an_error_not_an_allocation() {
+        for kind in [Kind::Set, Kind::List] {
+            let nodes = [node(Kind::List, 1, 1), node(kind, 2, 70_912_304_466_406_019)];
+            assert_eq!(from_nodes(&nodes), Err(DecodeError::Malformed("child range out of order".into())));
+            let nodes = [node(kind, 1, usize::MAX)];
+            assert_eq!(from_nodes(&nodes), Err(DecodeError::Malformed("child range overflows".into())));
+        }
     }
 }

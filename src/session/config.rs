@@ -74,4 +74,51 @@ pub struct SessionConfig {
     /// The build's output paths: the agent unpacks the guest's archive into these, and
     /// nowhere else. Empty for the suspend stage and direct runs.
     pub outputs: Vec<PathBuf>,
+    /// Tests only: a fault to inject (see [`TestFault`]).
+    pub test_fault: Option<TestFault>,
+}
+
+/// Faults the tests inject through `NIX_WINVM_TEST_FAULT` (an environment variable of the
+/// builder, so a derivation attribute of that name too), to prove that each is named and
+/// cleaned up. Nothing else sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    /// `kill-smbd-after=SECS`: the controller's agent kills its smbd that long into the command.
+    KillSmbdAfter(u64),
+    /// `no-sshd`: a cold standin guest does not start its SSH server.
+    NoSshd,
+}
+
+pub const TEST_FAULT_VAR: &str = "NIX_WINVM_TEST_FAULT";
+
+impl TestFault {
+    pub fn parse(text: &str) -> Result<TestFault, String> {
+        if text == "no-sshd" {
+            return Ok(TestFault::NoSshd);
+        }
+        text.strip_prefix("kill-smbd-after=")
+            .and_then(|secs| secs.parse().ok())
+            .map(TestFault::KillSmbdAfter)
+            .ok_or_else(|| format!("{TEST_FAULT_VAR}={text}: expected kill-smbd-after=SECS or no-sshd"))
+    }
+
+    /// The fault the environment asks for, if any.
+    pub fn from_env() -> Result<Option<TestFault>, String> {
+        std::env::var(TEST_FAULT_VAR).ok().filter(|v| !v.is_empty()).map(|v| TestFault::parse(&v)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_faults_parse_or_are_refused_by_name() {
+        assert_eq!(TestFault::parse("kill-smbd-after=5"), Ok(TestFault::KillSmbdAfter(5)));
+        assert_eq!(TestFault::parse("no-sshd"), Ok(TestFault::NoSshd));
+        assert_eq!(
+            TestFault::parse("kill-smbd-after=x").unwrap_err(),
+            "NIX_WINVM_TEST_FAULT=kill-smbd-after=x: expected kill-smbd-after=SECS or no-sshd"
+        );
+    }
 }

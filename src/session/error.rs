@@ -48,6 +48,10 @@ pub enum RunError {
     NoExitCode {
         log_tail: String,
     },
+    /// The VDE switch between the guest and the controller ended mid-session.
+    SwitchDied {
+        status: String,
+    },
     Agent {
         message: String,
         log_tail: String,
@@ -56,6 +60,8 @@ pub enum RunError {
     Timeout {
         secs: u64,
         during: &'static str,
+        /// The guest's serial log, when what it was waiting for was the guest.
+        log_tail: String,
     },
     Interrupted {
         signal: &'static str,
@@ -146,6 +152,10 @@ impl fmt::Display for RunError {
                 write!(f, "the controller VM ended with {status} before the command finished")?;
                 tail(f, "the controller's serial log", log_tail)
             }
+            RunError::SwitchDied { status } => write!(
+                f,
+                "the VDE switch between the guest and the controller ended ({status}) during the session: the pair was cut off"
+            ),
             RunError::NoExitCode { log_tail } => {
                 write!(f, "the VM produced no exit code")?;
                 tail(f, "the controller's serial log", log_tail)
@@ -154,8 +164,9 @@ impl fmt::Display for RunError {
                 write!(f, "the controller could not run the command: {message}")?;
                 tail(f, "the guest's serial log", log_tail)
             }
-            RunError::Timeout { secs, during } => {
-                write!(f, "the build exceeded its timeout of {secs} s while {during}, and was stopped")
+            RunError::Timeout { secs, during, log_tail } => {
+                write!(f, "the build exceeded its timeout of {secs} s while {during}, and was stopped")?;
+                tail(f, "the guest's serial log", log_tail)
             }
             RunError::State(e) => write!(f, "{e}"),
             RunError::Qmp { vm, step, source } => write!(f, "{step} the {vm}: {source}"),

@@ -15,7 +15,7 @@ mod prepare;
 mod snapshot;
 pub mod watch;
 
-pub use config::{After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig};
+pub use config::{After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig, TestFault, TEST_FAULT_VAR};
 pub use error::RunError;
 pub use snapshot::{qemu_version, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
 
@@ -25,7 +25,7 @@ use crate::vm::qemu::{Export, KernelBoot, VmConfig, CONTROLLER_MAC, CONTROLLER_M
 use crate::vm::qmp::{self, Qmp};
 use crate::vm::screen::{self, Screens};
 use crate::vm::state::StateHeader;
-use crate::vm::vde::VdeSwitch;
+use crate::vm::vde::{VdeSwitch, CAPTURE_FILE, CAPTURE_LIMIT_MIB};
 use crate::vm::wait::{wait_until, Deadline};
 use crate::vm::{tail_lines, LOG_TAIL_LINES};
 use error::io;
@@ -124,7 +124,16 @@ pub async fn run(cfg: &SessionConfig, report: &dyn Report) -> Result<Verdict, Ru
         .then(|| Screens::new("guest", cfg.work.join(SCREENS_DIR), cfg.work.join(GUEST_SCREEN_SOCKET)));
     let result = tokio::select! {
         r = screen::during(screens.as_mut(), work.as_mut()) => r,
-        _ = &mut deadline => Err(RunError::Timeout { secs: cfg.timeout.as_secs(), during: doing.get() }),
+        _ = &mut deadline => {
+            let during = doing.get();
+            // A guest that never answered: what its console said is the first clue.
+            let log_tail = if during == Phase::Connecting.doing() {
+                tail_lines(&cfg.work.join(prepare::GUEST_SERIAL_LOG), LOG_TAIL_LINES)
+            } else {
+                String::new()
+            };
+            Err(RunError::Timeout { secs: cfg.timeout.as_secs(), during, log_tail })
+        }
         _ = term.recv() => Err(RunError::Interrupted { signal: "SIGTERM" }),
         _ = int.recv() => Err(RunError::Interrupted { signal: "SIGINT" }),
     };
@@ -225,8 +234,13 @@ async fn run_prepared(
 ) -> Result<Verdict, RunError> {
     let w = &cfg.work;
     doing.set("starting the switch");
-    let switch = VdeSwitch::start(&cfg.tools.vde_switch, w).await.map_err(RunError::Switch)?;
+    let mut switch = VdeSwitch::start(&cfg.tools.vde_switch, w).await.map_err(RunError::Switch)?;
     report.say("switch up");
+    // A debugging aid only: a capture that cannot start is said and the session goes on.
+    match switch.capture(&w.join(CAPTURE_FILE)) {
+        Ok(()) => report.say(&format!("network captured in {CAPTURE_FILE} (at most {CAPTURE_LIMIT_MIB} MiB)")),
+        Err(e) => report.say(&format!("no network capture: {e}")),
+    }
     let (guest_vm, controller_vm) = vm_configs(cfg, files, &switch.ctl);
     let guest_log = w.join("guest-qemu.log");
     let controller_log = w.join("controller-qemu.log");
@@ -329,6 +343,7 @@ async fn watch_pair(
             ssh_ready: phase != Phase::Connecting || ssh_ready_file.exists(),
             guest_exit: pair.guest.try_exited(),
             controller_exit: pair.controller.try_exited(),
+            switch_exit: pair.switch.guard.try_exited(),
             exit_file: None,
         };
         if phase.needs_exit_file(&seen) {
@@ -358,6 +373,7 @@ async fn watch_pair(
             Failure::ControllerDied(s) => {
                 RunError::ControllerDied { status: describe_status(s), log_tail: controller_tail() }
             }
+            Failure::SwitchDied(s) => RunError::SwitchDied { status: describe_status(s) },
             Failure::NoExitCode => RunError::NoExitCode { log_tail: controller_tail() },
             Failure::Agent(message) => RunError::Agent { message, log_tail: guest_tail() },
         });

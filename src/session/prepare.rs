@@ -2,12 +2,16 @@
 //! key and the agent's configuration, the controller's session line, and the `run-vm` script
 //! that starts the same pair again by hand.
 
+use super::config::TestFault;
 use super::error::{io, RunError};
 use super::SessionConfig;
 use crate::controller::{self, AgentConfig, Mount, Share};
 use crate::guest::{GUEST_IP, SSH_USER};
 use crate::vm::qemu::VmConfig;
 use std::path::PathBuf;
+
+/// The guest's serial console, in the work folder.
+pub const GUEST_SERIAL_LOG: &str = "guest-serial.log";
 
 pub(super) struct Files {
     pub xchg: PathBuf,
@@ -26,7 +30,7 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         run: w.join("run"),
         controller_initrd: cfg.controller.initrd.clone().unwrap_or_else(|| w.join("controller-initrd.img")),
         session_line: String::new(),
-        guest_serial: w.join("guest-serial.log"),
+        guest_serial: w.join(GUEST_SERIAL_LOG),
         controller_serial: w.join("controller-serial.log"),
     };
     for d in [&files.xchg, &files.run] {
@@ -74,6 +78,10 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         set_clock: cfg.set_clock,
         ssh_timeout_secs: cfg.timeout.as_secs().max(1),
         outputs: cfg.outputs.clone(),
+        kill_smbd_after_secs: match cfg.test_fault {
+            Some(TestFault::KillSmbdAfter(secs)) => Some(secs),
+            _ => None,
+        },
     };
     let json = serde_json::to_string_pretty(&agent).map_err(|e| io("the agent's configuration")(e.into()))?;
     std::fs::write(files.xchg.join(controller::AGENT_CONFIG), json).map_err(io("writing the agent's configuration"))?;

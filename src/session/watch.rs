@@ -28,6 +28,8 @@ pub struct Seen {
     pub ssh_ready: bool,
     pub guest_exit: Option<ExitStatus>,
     pub controller_exit: Option<ExitStatus>,
+    /// The VDE switch ended: the pair can no longer reach each other.
+    pub switch_exit: Option<ExitStatus>,
     /// The controller's exit file, once it has written one.
     pub exit_file: Option<String>,
 }
@@ -45,6 +47,8 @@ pub enum Failure {
     GuestDroppedOut(ExitStatus),
     GuestDied(ExitStatus),
     ControllerDied(ExitStatus),
+    /// The switch ended while the pair still needed it.
+    SwitchDied(ExitStatus),
     /// The controller ended cleanly but wrote no exit file.
     NoExitCode,
     /// The controller's exit file says it could not run the command.
@@ -92,6 +96,10 @@ impl Phase {
                 None if status.success() => Step::Fail(Failure::NoExitCode),
                 None => Step::Fail(Failure::ControllerDied(status)),
             };
+        }
+        // Without the switch, nothing the pair does can reach the other: no verdict will come.
+        if let Some(status) = seen.switch_exit {
+            return Step::Fail(Failure::SwitchDied(status));
         }
         Step::Wait(phase)
     }
@@ -187,6 +195,14 @@ mod tests {
             run(&[(0, refused)]).pop(),
             Some(Step::Fail(Failure::Agent("authenticating with the image's key: denied".into())))
         );
+    }
+
+    #[test]
+    fn a_switch_that_ends_fails_the_session_unless_the_verdict_is_in() {
+        let cut = Seen { switch_exit: Some(killed()), ..seen(true) };
+        assert_eq!(run(&[(0, seen(true)), (10, cut.clone())]).pop(), Some(Step::Fail(Failure::SwitchDied(killed()))));
+        let reported = Seen { controller_exit: Some(exited(0)), exit_file: Some("0\n".into()), ..cut };
+        assert_eq!(run(&[(0, reported)]).pop(), Some(Step::Done(Verdict::Exited(0))));
     }
 
     #[test]

@@ -1,13 +1,17 @@
-//! The VM pieces: processes and their guards, the VDE switch, QEMU command lines, QMP,
-//! acceleration, saved state, screenshots, and the one wait helper. A session (src/session) puts them together.
+//! The VM pieces: processes and their guards, the VDE switch and its capture (pcap), QEMU
+//! command lines, QMP, acceleration (the KVM probe), saved state, screenshots, the one wait
+//! helper, and `sys`, the bindgen bindings to the kernel and libvdeplug. A session (src/session)
+//! puts them together.
 
 pub mod accel;
 pub mod kernel;
+pub mod pcap;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod screen;
 pub mod state;
+pub mod sys;
 pub mod vde;
 pub mod wait;
 

@@ -111,6 +111,10 @@ pub struct VmConfig {
     pub screen: Option<PathBuf>,
 }
 
+/// How a guest's system disk reports errors: to the guest (QEMU's default pauses the VM on a
+/// full host file system, which looks like a hang).
+pub const DISK_ERRORS: &str = "werror=report,rerror=report";
+
 /// The Hyper-V enlightenments Windows guests use under KVM.
 pub const HYPERV_FEATURES: &str = "hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-time";
 
@@ -201,8 +205,9 @@ impl VmConfig {
         if let Some(disk) = &self.disk {
             a.push(s("-drive"));
             // writeback, not unsafe: a migration flushes the disk, and the saved memory must
-            // match what the overlay holds.
-            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=writeback", p(disk))));
+            // match what the overlay holds. A write error (the work folder full) goes to the
+            // guest, whose command then fails, rather than pausing the VM until the time-out.
+            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=writeback,{DISK_ERRORS}", p(disk))));
         }
         if let Some(src) = &self.incoming {
             a.push(s("-incoming"));

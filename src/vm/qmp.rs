@@ -318,17 +318,82 @@ fn seconds(duration: Duration) -> String {
     format!("{:.1} s", duration.as_secs_f64())
 }
 
-/// One message from QEMU.
-enum Message {
+/// One message from QEMU, as [`parse_message`] reads it from a line.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
     Greeting(Greeting),
     Event(Event),
-    Reply { id: Option<Value>, result: Result<Value, WireError> },
+    /// `id` is whatever the reply carried (QEMU echoes the request's); absent when QEMU could
+    /// not parse the request.
+    Reply {
+        id: Option<Value>,
+        result: Result<Value, WireError>,
+    },
 }
 
-#[derive(Deserialize)]
-struct WireError {
-    class: String,
-    desc: String,
+/// An error reply's object, as on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct WireError {
+    pub class: String,
+    pub desc: String,
+}
+
+/// Why a line from the peer is not a QMP message. Each variant keeps the line (lossily
+/// decoded, trailing whitespace dropped) for the error message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageError {
+    NotJson { detail: String, line: String },
+    NotAnObject { line: String },
+    BadGreeting { detail: String, line: String },
+    BadEvent { detail: String, line: String },
+    BadErrorReply { detail: String, line: String },
+    Unrecognized { line: String },
+}
+
+impl fmt::Display for MessageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageError::NotJson { detail, line } => write!(f, "not JSON ({detail}): {line}"),
+            MessageError::NotAnObject { line } => write!(f, "not a JSON object: {line}"),
+            MessageError::BadGreeting { detail, line } => write!(f, "bad greeting ({detail}): {line}"),
+            MessageError::BadEvent { detail, line } => write!(f, "bad event ({detail}): {line}"),
+            MessageError::BadErrorReply { detail, line } => write!(f, "bad error reply ({detail}): {line}"),
+            MessageError::Unrecognized { line } => write!(f, "neither greeting, event nor reply: {line}"),
+        }
+    }
+}
+
+impl std::error::Error for MessageError {}
+
+/// Reads one line from QEMU (newline optional) as a greeting, an event or a reply. Pure, so
+/// that it can be tested and fuzzed apart from the socket.
+pub fn parse_message(line: &[u8]) -> Result<Message, MessageError> {
+    let shown = || String::from_utf8_lossy(line).trim_end().to_string();
+    let value: Value =
+        serde_json::from_slice(line).map_err(|e| MessageError::NotJson { detail: e.to_string(), line: shown() })?;
+    let Value::Object(mut object) = value else {
+        return Err(MessageError::NotAnObject { line: shown() });
+    };
+    if let Some(greeting) = object.remove("QMP") {
+        return serde_json::from_value(greeting)
+            .map(Message::Greeting)
+            .map_err(|e| MessageError::BadGreeting { detail: e.to_string(), line: shown() });
+    }
+    if object.contains_key("event") {
+        return serde_json::from_value(Value::Object(object))
+            .map(Message::Event)
+            .map_err(|e| MessageError::BadEvent { detail: e.to_string(), line: shown() });
+    }
+    let id = object.remove("id");
+    if let Some(value) = object.remove("return") {
+        return Ok(Message::Reply { id, result: Ok(value) });
+    }
+    if let Some(error) = object.remove("error") {
+        let error: WireError = serde_json::from_value(error)
+            .map_err(|e| MessageError::BadErrorReply { detail: e.to_string(), line: shown() })?;
+        return Ok(Message::Reply { id, result: Err(error) });
+    }
+    Err(MessageError::Unrecognized { line: shown() })
 }
 
 pub struct Qmp {
@@ -671,7 +736,7 @@ impl Qmp {
                 return Err(QmpError::Timeout { peer, awaited, after: timeout });
             }
         };
-        self.parse_message(&line)
+        parse_message(&line).map_err(|error| self.protocol(error.to_string()))
     }
 
     /// One line, newline included; `None` at end of file. Cancel-safe: bytes read before a
@@ -696,35 +761,6 @@ impl Qmp {
             self.partial.extend_from_slice(buffer);
             self.reader.consume(taken);
         }
-    }
-
-    fn parse_message(&self, line: &[u8]) -> Result<Message, QmpError> {
-        let shown = || String::from_utf8_lossy(line).trim_end().to_string();
-        let value: Value =
-            serde_json::from_slice(line).map_err(|error| self.protocol(format!("not JSON ({error}): {}", shown())))?;
-        let Value::Object(mut object) = value else {
-            return Err(self.protocol(format!("not a JSON object: {}", shown())));
-        };
-        if let Some(greeting) = object.remove("QMP") {
-            return serde_json::from_value(greeting)
-                .map(Message::Greeting)
-                .map_err(|error| self.protocol(format!("bad greeting ({error}): {}", shown())));
-        }
-        if object.contains_key("event") {
-            return serde_json::from_value(Value::Object(object))
-                .map(Message::Event)
-                .map_err(|error| self.protocol(format!("bad event ({error}): {}", shown())));
-        }
-        let id = object.remove("id");
-        if let Some(value) = object.remove("return") {
-            return Ok(Message::Reply { id, result: Ok(value) });
-        }
-        if let Some(error) = object.remove("error") {
-            let error: WireError = serde_json::from_value(error)
-                .map_err(|e| self.protocol(format!("bad error reply ({e}): {}", shown())))?;
-            return Ok(Message::Reply { id, result: Err(error) });
-        }
-        Err(self.protocol(format!("neither greeting, event nor reply: {}", shown())))
     }
 }
 
@@ -900,6 +936,37 @@ mod tests {
         };
         let (status, ()) = tokio::join!(client_side, server_side);
         assert_eq!(status.unwrap().status, "running");
+    }
+
+    /// The pure reader that tests/fuzz.rs drives: each kind of line, and nesting deeper than
+    /// serde_json's limit refused as not JSON rather than overflowing the stack.
+    #[test]
+    fn parse_message_reads_each_kind_of_line() {
+        let greeting = br#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}}}}"#;
+        let Ok(Message::Greeting(g)) = parse_message(greeting) else { panic!("not a greeting") };
+        assert_eq!((g.version.qemu.major, g.version.package.as_str(), g.capabilities.len()), (10, "", 0));
+        assert_eq!(
+            parse_message(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"no\"}, \"id\": 3}\r\n"),
+            Ok(Message::Reply {
+                id: Some(json!(3)),
+                result: Err(WireError { class: "GenericError".into(), desc: "no".into() })
+            })
+        );
+        let deep = format!("{}\n", "[".repeat(100_000));
+        assert!(matches!(parse_message(deep.as_bytes()), Err(MessageError::NotJson { .. })));
+        let cases: [(&[u8], &str); 5] = [
+            (b"[1]\n", "not a JSON object: [1]"),
+            (br#"{"QMP": 1}"#, "bad greeting (invalid type: integer `1`, expected struct Greeting): {\"QMP\": 1}"),
+            (br#"{"event": 5}"#, "bad event (invalid type: integer `5`, expected a string): {\"event\": 5}"),
+            (
+                br#"{"error": {"class": "X"}}"#,
+                "bad error reply (missing field `desc`): {\"error\": {\"class\": \"X\"}}",
+            ),
+            (br#"{"id": 1}"#, "neither greeting, event nor reply: {\"id\": 1}"),
+        ];
+        for (line, message) in cases {
+            assert_eq!(parse_message(line).unwrap_err().to_string(), message);
+        }
     }
 
     #[tokio::test]

@@ -196,7 +196,9 @@ pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, St
     let payload_len = u64::from_le_bytes(trailer[0..8].try_into().expect("8 bytes"));
     let raw_len = u64::from_le_bytes(trailer[8..16].try_into().expect("8 bytes"));
     let expected = u32::from_le_bytes(trailer[16..20].try_into().expect("4 bytes"));
-    if payload_offset + payload_len + TRAILER_LEN != size {
+    // The recorded length is untrusted: near u64::MAX the sum would overflow (a panic in a
+    // debug build, a wrong comparison otherwise; found by tests/fuzz.rs).
+    if payload_len.checked_add(payload_offset + TRAILER_LEN) != Some(size) {
         return Err(StateFileError::Corrupt {
             path: p(),
             detail: format!("payload length {payload_len} does not fit the file size {size}"),
@@ -330,6 +332,22 @@ mod tests {
         );
         assert!(msg(&bytes, Some((256, "9.2.0"))).contains("was saved by QEMU 10.0.2 (test), but this is QEMU 9.2.0"));
         assert!(read(&d.path().join("missing"), None, &mut io::sink()).unwrap_err().to_string().contains("opening"));
+    }
+
+    /// A payload length near u64::MAX once overflowed the size check (tests/fuzz.rs).
+    #[test]
+    fn a_payload_length_near_the_maximum_is_corrupt_not_an_overflow() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, _) = sample(d.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let at = bytes.len() - TRAILER_LEN as usize;
+        for payload_len in [u64::MAX, u64::MAX - 60] {
+            bytes[at..at + 8].copy_from_slice(&payload_len.to_le_bytes());
+            std::fs::write(&path, &bytes).unwrap();
+            let e = inspect(&path, None).unwrap_err();
+            assert!(matches!(e, StateFileError::Corrupt { .. }), "{e}");
+            assert!(e.to_string().contains(&format!("payload length {payload_len} does not fit")), "{e}");
+        }
     }
 
     /// The one reading pass never hands QEMU the end of a stream that fails its checks.

@@ -1,0 +1,388 @@
+//! Faults injected into real runs: a process of the pair killed mid-command, smbd lost in the
+//! controller, a guest that never answers, a full file system, damaged images, and Nix
+//! interrupted in each stage. Each case asserts the exact error (naming the stage or command
+//! and the part that failed), the exit code, and that nothing is left: no process of the run
+//! (found by its command line or environment in /proc), no mount (the mount table), no file
+//! outside the work folder (the run's TMPDIR is empty afterwards).
+#![cfg(feature = "plugin")]
+
+mod common;
+use common::{builder, plugin, sandboxed_nix_build, SANDBOX_CONFIG};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
+
+/// A test's own folder: TMPDIR of what it runs, and the needle that finds its processes.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = tempfile::Builder::new().prefix(&format!("winvm-fault-{name}-")).tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
+        Scratch { dir }
+    }
+
+    fn tmp(&self) -> PathBuf {
+        self.dir.path().join("tmp")
+    }
+
+    /// `nix-winvm-builder run` of a cold standin pair under TCG, with `env` added.
+    fn run_command(&self, env: &[(&str, &str)], extra: &[&str], cmd: &[&str]) -> Command {
+        let mut c = Command::new(builder());
+        c.env("TMPDIR", self.tmp()).envs(env.iter().copied());
+        c.args(["run", "--guest", "standin", "--accel", "tcg"]).args(extra).arg("--").args(cmd);
+        c
+    }
+
+    /// Checks that nothing of the run is left: processes whose command line names this
+    /// folder or whose environment holds `marker`, mounts below this folder, files in TMPDIR.
+    fn assert_nothing_left(&self, marker: Option<&str>) {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let start = Instant::now();
+        // Reaping is synchronous, but the kernel takes a moment to drop the entries.
+        let mut left = leftovers(&needle, marker);
+        while !left.is_empty() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+            left = leftovers(&needle, marker);
+        }
+        assert_eq!(left, Vec::<String>::new(), "processes left running");
+        let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(String::from)
+            .collect();
+        assert_eq!(mounts, Vec::<String>::new(), "mounts left");
+        let files: Vec<PathBuf> = std::fs::read_dir(self.tmp()).unwrap().flatten().map(|e| e.path()).collect();
+        assert_eq!(files, Vec::<PathBuf>::new(), "files left in TMPDIR");
+    }
+
+    /// The pid of a process of this run whose command line contains `what`.
+    fn pid_of(&self, what: &str) -> Option<i32> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        processes().into_iter().find(|(_, cmdline, _)| cmdline.contains(&needle) && cmdline.contains(what)).map(|p| p.0)
+    }
+}
+
+/// Every process: pid, command line, environment.
+fn processes() -> Vec<(i32, String, String)> {
+    let me = std::process::id() as i32;
+    let mut found = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        let read = |f: &str| {
+            String::from_utf8_lossy(&std::fs::read(entry.path().join(f)).unwrap_or_default()).replace('\0', " ")
+        };
+        found.push((pid, read("cmdline"), read("environ")));
+    }
+    found
+}
+
+fn leftovers(needle: &str, marker: Option<&str>) -> Vec<String> {
+    processes()
+        .into_iter()
+        .filter(|(_, cmdline, environ)| {
+            !cmdline.is_empty() && (cmdline.contains(needle) || marker.is_some_and(|m| environ.contains(m)))
+        })
+        .map(|(pid, cmdline, _)| format!("{pid}: {cmdline}"))
+        .collect()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Starts `cmd` with its stderr read in a thread; returns once a line contains every one of
+/// `markers` in turn, with the thread that collects the rest.
+fn spawn_until(mut cmd: Command, markers: &[&str]) -> (Child, std::thread::JoinHandle<String>) {
+    // Its own process group, as a terminal's Ctrl-C would reach it.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted: Vec<String> = markers.iter().map(|m| m.to_string()).collect();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        let mut next = 0;
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            all.push_str(&line);
+            all.push('\n');
+            if next < wanted.len() && line.contains(&wanted[next]) {
+                next += 1;
+                if next == wanted.len() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        all
+    });
+    if rx.recv_timeout(Duration::from_secs(600)).is_err() {
+        let _ = child.kill();
+        let log = reader.join().unwrap_or_default();
+        panic!("{markers:?} never appeared; the log:\n{log}");
+    }
+    (child, reader)
+}
+
+fn kill(pid: i32, signal: i32) {
+    // SAFETY: signalling a process (or group) this test started.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill({pid}, {signal})");
+}
+
+/// Waits for `child` and the rest of its log; asserts exit code 1 and that the log says `msg`.
+fn failed_with(child: Child, reader: std::thread::JoinHandle<String>, msg: &str) -> String {
+    let o = child.wait_with_output().unwrap();
+    let log = reader.join().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(log.contains(msg), "expected {msg:?} in:\n{log}");
+    log
+}
+
+#[test]
+fn the_switch_killed_mid_command_is_named() {
+    let s = Scratch::new("switch");
+    let (child, reader) = spawn_until(s.run_command(&[], &[], &["sleep", "600"]), &["ssh ready"]);
+    kill(s.pid_of("vde_switch").expect("the run's vde_switch"), libc::SIGKILL);
+    failed_with(
+        child,
+        reader,
+        "nix-winvm-builder: error in 'run': the VDE switch between the guest and the controller ended (signal 9) during the session: the pair was cut off",
+    );
+    s.assert_nothing_left(None);
+}
+
+#[test]
+fn the_controller_killed_mid_command_is_named() {
+    let s = Scratch::new("controller");
+    let (child, reader) = spawn_until(s.run_command(&[], &[], &["sleep", "600"]), &["ssh ready"]);
+    kill(s.pid_of("controller-qmp.sock").expect("the controller's QEMU"), libc::SIGKILL);
+    failed_with(
+        child,
+        reader,
+        "nix-winvm-builder: error in 'run': the controller VM ended with signal 9 before the command finished",
+    );
+    s.assert_nothing_left(None);
+}
+
+#[test]
+fn smbd_lost_in_the_controller_is_named() {
+    let s = Scratch::new("smbd");
+    let fault = [("NIX_WINVM_TEST_FAULT", "kill-smbd-after=3")];
+    let start = Instant::now();
+    let o = s
+        .run_command(&fault, &[], &["sh", "-c", "while :; do ls /nix/store >/dev/null; sleep 1; done"])
+        .output()
+        .unwrap();
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(
+            "nix-winvm-builder: error in 'run': the controller could not run the command: smbd in the controller ended (killed by signal 9) during the command: the guest lost the store and exchange shares, so the command was stopped"
+        ),
+        "{log}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(120), "took {:?}", start.elapsed());
+    s.assert_nothing_left(None);
+}
+
+#[test]
+fn a_guest_that_never_answers_ssh_is_named_with_its_console() {
+    let s = Scratch::new("nossh");
+    let o = s.run_command(&[("NIX_WINVM_TEST_FAULT", "no-sshd")], &["--timeout", "25"], &["true"]).output().unwrap();
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(
+            "nix-winvm-builder: error in 'run': the build exceeded its timeout of 25 s while waiting for the guest's SSH server, and was stopped"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("--- last lines of the guest's serial log ---"), "{log}");
+    assert!(log.contains("winvm-standin: no sshd (test fault)"), "{log}");
+    s.assert_nothing_left(None);
+}
+
+/// The build folder on a file system too small for what the build writes: the guest's disk
+/// overlay and the outputs' archive both live there.
+#[test]
+fn a_full_build_folder_is_named_as_enospc() {
+    let root = nix_winvm::tools::test_requires("root (to mount a small tmpfs)", unsafe { libc::geteuid() } == 0);
+    if !root {
+        return;
+    }
+    let s = Scratch::new("enospc");
+    let image = built(&sandboxed_nix_build().args(["--no-out-link", "-E", IMAGE]).output().unwrap());
+    assert!(image.is_dir());
+    let tmp = s.tmp();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "winvm-fault-tmpfs"]).arg(&tmp).status();
+    assert!(mounted.unwrap().success());
+    let o = sandboxed_nix_build()
+        .env("TMPDIR", &tmp)
+        .args(["--no-out-link", "-E", &build_expr("enospc", "dd if=/dev/zero of=$out bs=1M count=64")])
+        .output()
+        .unwrap();
+    let unmounted = Command::new("umount").arg(&tmp).status();
+    let log = stderr(&o);
+    assert!(unmounted.unwrap().success());
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(
+            "nix-winvm-builder: error in the build stage: no space left on device (ENOSPC): the file system of /build"
+        ),
+        "{log}"
+    );
+    s.assert_nothing_left(Some("winvm-fault-enospc"));
+}
+
+fn built(o: &Output) -> PathBuf {
+    assert!(o.status.success(), "nix-build failed:\n{}", stderr(o));
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().expect("an output path"))
+}
+
+fn build_expr(name: &str, script: &str) -> String {
+    let token = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!(
+        r#"builtins.windowsDerivation {{ name = "winvm-fault-{name}"; image = {IMAGE}; token = "{token}"; script = ''{script}''; }}"#
+    )
+}
+
+/// The build stage by hand against copies of a real image with one part damaged: each is
+/// refused before a VM starts, or named when QEMU refuses it.
+#[test]
+fn damaged_images_are_refused_with_the_reason() {
+    let s = Scratch::new("damaged");
+    let image = built(&sandboxed_nix_build().args(["--no-out-link", "-E", IMAGE]).output().unwrap());
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(image.join("meta.json")).unwrap()).unwrap();
+    let spec = serde_json::json!({ "image": meta["spec"], "timeoutSecs": 60, "runOriginalBuilder": false });
+    let copy_of = |name: &str| -> PathBuf {
+        let copy = s.dir.path().join(name);
+        std::fs::create_dir_all(&copy).unwrap();
+        for entry in std::fs::read_dir(&image).unwrap().flatten() {
+            let to = copy.join(entry.file_name());
+            if entry.file_type().unwrap().is_symlink() {
+                std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), to).unwrap();
+            } else {
+                std::fs::copy(entry.path(), &to).unwrap();
+                std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+            }
+        }
+        copy
+    };
+    let build = |copy: &Path| -> Output {
+        Command::new(builder())
+            .arg("build")
+            .env("image", copy)
+            .env("winvmBuildSpec", spec.to_string())
+            .env("script", "echo never")
+            .env("out", s.dir.path().join("out"))
+            .env("TMPDIR", s.tmp())
+            .output()
+            .unwrap()
+    };
+    // A state file of the right length, all of it noise.
+    let noise = copy_of("noise");
+    let len = std::fs::metadata(noise.join("state")).unwrap().len() as usize;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let bytes: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(noise.join("state"), bytes).unwrap();
+    // The disk overlay cut short.
+    let cut = copy_of("cut");
+    let disk = cut.join("disk.qcow2");
+    let disk_len = std::fs::metadata(&disk).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&disk).unwrap().set_len(disk_len / 3).unwrap();
+    // The key gone.
+    let keyless = copy_of("keyless");
+    std::fs::remove_file(keyless.join("key")).unwrap();
+    let cases: [(&Path, String); 3] = [
+        (
+            &noise,
+            format!(
+                "nix-winvm-builder: error in the build stage: {} is not a nix-winvm state file (wrong magic number)",
+                noise.join("state").display()
+            ),
+        ),
+        (&cut, format!("nix-winvm-builder: error in the build stage: the image's disk {} is damaged", disk.display())),
+        (
+            &keyless,
+            format!(
+                "nix-winvm-builder: error in the build stage: the image {} has no key: {}",
+                keyless.display(),
+                keyless.join("key").display()
+            ),
+        ),
+    ];
+    for (copy, msg) in cases {
+        let start = Instant::now();
+        let o = build(copy);
+        let log = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{log}");
+        assert!(log.contains(&msg), "expected {msg:?} in:\n{log}");
+        assert!(!log.contains("guest up"), "a VM was started:\n{log}");
+        assert!(start.elapsed() < Duration::from_secs(10));
+        // The work folder of a failed stage is left for inspection, like Nix's kept folder.
+        for entry in std::fs::read_dir(s.tmp()).unwrap().flatten() {
+            std::fs::remove_dir_all(entry.path()).unwrap();
+        }
+    }
+    s.assert_nothing_left(None);
+}
+
+/// `nix-build` interrupted (SIGINT to its process group, as Ctrl-C sends it) in the middle of
+/// a stage: it stops, and nothing of the stage is left. Each image stage gets an image of its
+/// own (a memory size no other test uses), so that the stage really runs.
+fn interrupted(stage: &str, expr: &str, markers: &[&str], marker_env: &str) {
+    let s = Scratch::new(&format!("sigint-{stage}"));
+    let mut cmd = sandboxed_nix_build();
+    cmd.env("TMPDIR", s.tmp()).args(["--no-out-link", "-E", expr]);
+    let (child, reader) = spawn_until(cmd, markers);
+    kill(-(child.id() as i32), libc::SIGINT);
+    let start = Instant::now();
+    let o = child.wait_with_output().unwrap();
+    let log = reader.join().unwrap();
+    assert!(!o.status.success(), "{log}");
+    assert!(start.elapsed() < Duration::from_secs(30), "took {:?} to stop:\n{log}", start.elapsed());
+    s.assert_nothing_left(Some(marker_env));
+}
+
+#[test]
+fn nix_build_interrupted_during_the_install() {
+    let image = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; memory = 264; }"#;
+    let expr = format!("({image}).installed");
+    interrupted("install", &expr, &["stage install", "installer VM started"], "\"memoryMib\":264");
+}
+
+#[test]
+fn nix_build_interrupted_during_the_suspend() {
+    let image = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; memory = 268; }"#;
+    interrupted("suspend", image, &["stage suspend", "guest up"], "\"memoryMib\":268");
+}
+
+#[test]
+fn nix_build_interrupted_during_the_build() {
+    let expr = build_expr("sigint-build", "sleep 600");
+    interrupted("build", &expr, &["ssh ready"], "winvm-fault-sigint-build");
+}
+
+/// The plugin's own SANDBOX_CONFIG is what these builds run with: checked once, so that a
+/// change to it cannot silently turn the sandbox off here.
+#[test]
+fn the_faults_run_in_the_sandbox() {
+    assert!(SANDBOX_CONFIG.contains("sandbox = true"));
+    assert!(plugin().is_file());
+}
