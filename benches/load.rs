@@ -1,14 +1,13 @@
-//! Load: 20 builds in a row from one image, each the build stage run by hand (so that the
-//! builder is this program's child), printing per build: wall time, the builder's peak memory
-//! (wait4's ru_maxrss), the files it holds open while the command runs, the files left in
-//! TMPDIR besides its work folder, the system's open file handles and its process count. No
-//! growth from the first builds to the last is the check; nothing here is timed against a limit.
+//! Load: 20 builds in a row from one image, each a real `nix-build` of a new derivation,
+//! printing per build: wall time, the builder's peak memory (VmHWM) and the most files it held
+//! open (both sampled from /proc every 50 ms while it runs), the files left in TMPDIR, the
+//! system's open file handles and its process count afterwards. No growth from the first builds
+//! to the last is the check; nothing here is timed against a limit.
 //!
 //!   cargo bench --bench load [-- BUILDS]
 //!
 //! Needs what scripts/setup installs; builds (or reuses) the standin image in /nix/store.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -65,83 +64,90 @@ struct Sample {
     processes: usize,
 }
 
-/// One build stage by hand; the builder's stderr is read until it ends, its fds counted when
-/// the command runs, its rusage taken with wait4 (which reaps it: `Child::wait` would not
-/// give the rusage).
-#[allow(clippy::zombie_processes)]
-fn one_build(image: &Path, spec: &str, tmp: &Path, i: usize) -> Sample {
-    let out = tmp.parent().unwrap().join(format!("out-{i}"));
+/// The builder of the build whose derivation is named `name`: pid, VmHWM in KiB, open fds.
+fn sample_builder(name: &str) -> Option<(i32, i64, usize)> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("nix-winvm-builder\0build") {
+            continue;
+        }
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        if !String::from_utf8_lossy(&environ).contains(name) {
+            continue;
+        }
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let hwm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+            .unwrap_or(0);
+        let fds = std::fs::read_dir(entry.path().join("fd")).map(|d| d.count()).unwrap_or(0);
+        return Some((pid, hwm, fds));
+    }
+    None
+}
+
+fn one_build(tmp: &Path, i: usize, run: u128) -> Sample {
+    let name = format!("winvm-load-{run}-{i}");
+    let expr = format!(
+        r#"builtins.windowsDerivation {{ name = "{name}"; image = {IMAGE}; script = ''echo load-{i} > $out''; }}"#
+    );
     let start = Instant::now();
-    let mut child = Command::new(BUILDER)
-        .arg("build")
-        .env("image", image)
-        .env("winvmBuildSpec", spec)
-        .env("script", format!("echo load-{i} > $out"))
-        .env("out", &out)
+    let child = Command::new("nix-build")
+        .env("NIX_CONFIG", SANDBOX)
+        .env("NIX_WINVM_BUILDER", BUILDER)
         .env("TMPDIR", tmp)
+        .arg("--plugin-files")
+        .arg(plugin())
+        .args(["--no-out-link", "-E", &expr])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let pid = child.id() as i32;
-    let mut open_fds = 0;
-    let mut log = String::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
-        if line.contains("ssh ready") {
-            open_fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
-        }
-        log.push_str(&line);
-        log.push('\n');
-    }
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid; wait4 fills it in for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(waited, pid);
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "build {i} failed:\n{log}");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (done, name) = (done.clone(), name.clone());
+        std::thread::spawn(move || {
+            let (mut hwm, mut fds) = (0i64, 0usize);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some((_, h, f)) = sample_builder(&name) {
+                    hwm = hwm.max(h);
+                    fds = fds.max(f);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            (hwm, fds)
+        })
+    };
+    let o = child.wait_with_output().unwrap();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (peak_rss_kib, open_fds) = sampler.join().unwrap();
     let secs = start.elapsed().as_secs_f64();
+    assert!(o.status.success(), "build {i} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let out = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("load-{i}\n"), "build {i}'s output");
-    std::fs::remove_file(&out).unwrap();
-    // Outside Nix the work folder stays (Nix removes its build folder); anything else would be
-    // a leak.
-    let mut tmp_left = 0;
-    for entry in std::fs::read_dir(tmp).unwrap().flatten() {
-        if entry.file_name().to_string_lossy().starts_with("winvm") && entry.path().is_dir() {
-            std::fs::remove_dir_all(entry.path()).unwrap();
-        } else {
-            tmp_left += 1;
-        }
-    }
-    Sample {
-        secs,
-        peak_rss_kib: usage.ru_maxrss,
-        open_fds,
-        tmp_left,
-        system_files: system_files(),
-        processes: process_count(),
-    }
+    let tmp_left = std::fs::read_dir(tmp).unwrap().count();
+    Sample { secs, peak_rss_kib, open_fds, tmp_left, system_files: system_files(), processes: process_count() }
 }
 
 fn main() {
     let builds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(20);
     let image = image();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(image.join("meta.json")).unwrap()).unwrap();
-    let spec =
-        serde_json::json!({ "image": meta["spec"], "timeoutSecs": 300, "runOriginalBuilder": false }).to_string();
+    let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let scratch = tempfile::Builder::new().prefix("winvm-load").tempdir().unwrap();
     let tmp = scratch.path().join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     println!("load: {builds} builds in a row from {}", image.display());
     println!(
         "{:>5} {:>8} {:>12} {:>9} {:>9} {:>13} {:>10}",
-        "build", "secs", "peak RSS KiB", "open fds", "tmp left", "system files", "processes"
+        "build", "secs", "peak RSS KiB", "max open fds", "tmp left", "system files", "processes"
     );
     let (files_before, processes_before) = (system_files(), process_count());
     let mut samples = vec![];
     for i in 0..builds {
-        let s = one_build(&image, &spec, &tmp, i);
+        let s = one_build(&tmp, i, run);
         println!(
             "{:>5} {:>8.2} {:>12} {:>9} {:>9} {:>13} {:>10}",
             i + 1,

@@ -408,7 +408,8 @@ fn a_failed_build_kept_with_k_has_its_logs_and_run_vm() {
             .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm")))
     });
     let work = work.expect("the stage's work folder");
-    for f in ["run-vm", "guest-serial.log", "controller-serial.log", "xchg/output.log"] {
+    // run-vm starts the session again from rerun.json (tests/debugging.rs runs it).
+    for f in ["run-vm", "rerun.json", "guest-serial.log", "controller-serial.log", "xchg/output.log"] {
         assert!(work.join(f).exists(), "{f} missing in {}", work.display());
     }
     assert!(std::fs::read_to_string(work.join("xchg/output.log")).unwrap().contains("boom"));

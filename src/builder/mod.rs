@@ -1,6 +1,7 @@
 //! The derivations' builder: `nix-winvm-builder <stage>`, run by Nix inside its sandbox.
 
 pub mod progress;
+pub mod rerun;
 pub mod run;
 pub mod stages;
 
@@ -232,7 +233,7 @@ pub fn io<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
 }
 
 pub const USAGE: &str =
-    "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|agent|state-write|state-read> [options]";
+    "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|rerun|shell|agent|state-write|state-read> [options]";
 
 fn env(name: &'static str) -> Result<String, BuilderError> {
     std::env::var(name).map_err(|_| BuilderError::MissingEnv(name))
@@ -262,6 +263,8 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
             Err(BuilderError::RequiredFileMissing { name: env("winvmRequiredName")?, hash: env("outputHash")? })
         }
         "run" => run::main(&args[1..]),
+        "rerun" => rerun::rerun_main(&args[1..]),
+        "shell" => rerun::shell_main(&args[1..]),
         "agent" => {
             let config = flag(args, "--config")?;
             // The host's clock when the session began: a revived controller's own clock lags.

@@ -170,7 +170,25 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         agent: std::env::current_exe().map_err(io("cannot find this program"))?,
         outputs: vec![],
         test_fault,
+        terminal: None,
+        vnc: session::vnc_from_env(),
     };
+    let rerun = super::rerun::Rerun {
+        guest: super::rerun::RerunGuest::Cold {
+            accel,
+            memory_mib: a.memory_mib,
+            kernel: cfg.kernel.clone(),
+            modules: cfg.modules_dir.clone(),
+            append: match &cfg.guest.machine.boot {
+                Some(boot) => boot.append.clone(),
+                None => String::new(),
+            },
+        },
+        timeout_secs: a.timeout_secs,
+        outputs: vec![],
+        inputs: vec![],
+    };
+    rerun.record(&cfg.work);
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("cannot start the runtime"))?;
     let result = rt.block_on(session::run(&cfg, &progress));

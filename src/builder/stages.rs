@@ -321,6 +321,8 @@ pub(super) fn session_config(
         agent: std::env::current_exe().map_err(io("finding this program"))?,
         outputs: vec![],
         test_fault: None,
+        terminal: None,
+        vnc: session::vnc_from_env(),
     })
 }
 
@@ -374,6 +376,32 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let json = serde_json::to_string_pretty(&meta).map_err(io("meta.json"))?;
     std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json"))?;
     Ok(0)
+}
+
+/// The guest of `image` as a build revives it: its machine on the overlay `disk`, its UEFI
+/// variable store copied into `work`, its memory from the image's state.
+pub(super) fn revived_guest(
+    meta: &ImageMeta,
+    image: &Path,
+    work: &Path,
+    disk: PathBuf,
+) -> Result<GuestBoot, BuilderError> {
+    Ok(GuestBoot {
+        machine: Machine {
+            uefi: uefi(&meta.spec, Some(&image.join(EFI_VARS)), &work.join(EFI_VARS))?,
+            ..guest::profile(&meta.spec.guest).machine(&meta.media, disk)
+        },
+        revive_from: Some(image.join("state")),
+    })
+}
+
+/// The controller as a build revives it: saved while it waited for its session.
+pub(super) fn revived_controller(meta: &ImageMeta, image: &Path) -> ControllerBoot {
+    ControllerBoot {
+        initrd: Some(meta.media.join(CONTROLLER_IMG)),
+        revive_from: Some(image.join(CONTROLLER_STATE)),
+        save_to: None,
+    }
 }
 
 /// Variables that describe the host's build, not the build itself.
@@ -492,23 +520,21 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         Duration::from_secs(spec.timeout_secs),
         &work,
         &meta.media,
-        GuestBoot {
-            machine: Machine {
-                uefi: uefi(&spec.image, Some(&image.join(EFI_VARS)), &work.join(EFI_VARS))?,
-                ..guest::profile(&spec.image.guest).machine(&meta.media, disk)
-            },
-            revive_from: Some(state_file),
-        },
-        ControllerBoot {
-            initrd: Some(meta.media.join(CONTROLLER_IMG)),
-            revive_from: Some(controller_state),
-            save_to: None,
-        },
+        revived_guest(&meta, &image, &work, disk)?,
+        revived_controller(&meta, &image),
         image.join("key"),
         guest_command(spec, argc, &outputs),
         After::Quit,
         tools,
     )?;
+    // What run-vm needs to start this build's VMs again, from wherever the folder is kept.
+    let rerun = super::rerun::Rerun {
+        guest: super::rerun::RerunGuest::Image { image: image.clone() },
+        timeout_secs: spec.timeout_secs,
+        outputs: outputs.clone(),
+        inputs: super::rerun::Rerun::store_listing(&outputs),
+    };
+    rerun.record(&work);
     cfg.outputs = outputs;
     cfg.test_fault = TestFault::from_env().map_err(BuilderError::Usage)?;
     let result = runtime()?.block_on(session::run(&cfg, progress));

@@ -330,6 +330,9 @@ fn run_command(
     // One stream in order: the build log wants stdout and stderr as they interleave.
     channel.handle_extended_data(ssh2::ExtendedData::Merge).map_err(ssh_err("merging stderr"))?;
     let command = if cfg.set_clock { format!("{}{}", clock_prefix(clock()), cfg.command) } else { cfg.command.clone() };
+    if let Some(terminal) = &cfg.terminal {
+        return run_on_terminal(&session, channel, terminal, &command, log);
+    }
     channel.exec(&command).map_err(ssh_err("starting the command"))?;
     // A build may run silent for long: no deadline per read (0 = none).
     session.set_timeout(0);
@@ -349,6 +352,81 @@ fn run_command(
     }
     let code = channel.exit_status().map_err(ssh_err("reading the exit status"))?;
     Ok(Verdict::Exited(code))
+}
+
+/// An interactive login: the command on a pty in the guest, its bytes relayed both ways
+/// between the SSH channel and the session port, which the host joins to its terminal.
+fn run_on_terminal(
+    session: &ssh2::Session,
+    mut channel: ssh2::Channel,
+    terminal: &super::TerminalRequest,
+    command: &str,
+    log: &mut Log,
+) -> Result<Verdict, AgentError> {
+    use std::os::fd::AsFd;
+    let io_err = |what: &str| {
+        let what = what.to_owned();
+        move |e: std::io::Error| AgentError::Io(format!("{what} {}: {e}", super::SESSION_PORT))
+    };
+    let mut port =
+        OpenOptions::new().read(true).write(true).open(super::SESSION_PORT).map_err(io_err("cannot open"))?;
+    let _raw = crate::vm::sys::tty::RawMode::enter(port.as_fd(), false).map_err(io_err("cannot make raw"))?;
+    let size = Some((terminal.cols, terminal.rows, 0, 0));
+    channel.request_pty(&terminal.term, None, size).map_err(ssh_err("asking for a pty"))?;
+    channel.exec(command).map_err(ssh_err("starting the login"))?;
+    log.line("terminal: the login is relayed through the session port");
+    // Both directions in one loop: libssh2 lets only one thread use a session.
+    session.set_blocking(false);
+    let relayed = relay(&mut channel, &mut port);
+    session.set_blocking(true);
+    session.set_timeout(SSH_STEP_TIMEOUT.as_millis() as u32);
+    relayed?;
+    channel.wait_close().map_err(ssh_err("closing the channel"))?;
+    if let Some(signal) = channel.exit_signal().map_err(ssh_err("reading the exit signal"))?.exit_signal {
+        return Ok(Verdict::Signal(signal));
+    }
+    Ok(Verdict::Exited(channel.exit_status().map_err(ssh_err("reading the exit status"))?))
+}
+
+/// How long the relay sleeps when neither side has anything.
+const RELAY_POLL: Duration = Duration::from_millis(20);
+
+fn relay(channel: &mut ssh2::Channel, port: &mut File) -> Result<(), AgentError> {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    use std::os::fd::AsFd;
+    let ssh_io = |step: &'static str| move |e: std::io::Error| AgentError::Ssh { step, detail: e.to_string() };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let ready = match crate::vm::sys::wait_readable(&[port.as_fd()], Some(RELAY_POLL)) {
+            Ok(r) => r,
+            Err(e) if e.kind() == Interrupted => continue,
+            Err(e) => return Err(AgentError::Io(format!("waiting for the session port: {e}"))),
+        };
+        if ready[0] {
+            let n = port.read(&mut buf).map_err(|e| AgentError::Io(format!("reading the session port: {e}")))?;
+            let mut sent = 0;
+            while sent < n {
+                match channel.write(&buf[sent..n]) {
+                    Ok(k) => sent += k,
+                    Err(e) if e.kind() == WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                    Err(e) => return Err(ssh_io("sending the terminal's input")(e)),
+                }
+            }
+        }
+        loop {
+            match channel.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    port.write_all(&buf[..n]).map_err(|e| AgentError::Io(format!("writing the session port: {e}")))?
+                }
+                Err(e) if e.kind() == WouldBlock => break,
+                Err(e) => return Err(ssh_io("reading the login's output")(e)),
+            }
+        }
+        if channel.eof() {
+            return Ok(());
+        }
+    }
 }
 
 /// Bytes for people: "3.9 kB", "209.7 MB".

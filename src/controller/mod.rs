@@ -52,7 +52,26 @@ pub struct AgentConfig {
     /// that long after the command started, to prove that the loss is named.
     #[serde(default)]
     pub kill_smbd_after_secs: Option<u64>,
+    /// An interactive login (`run-vm`, `shell`): the command runs on a pty in the guest, its
+    /// bytes relayed through the session port ([`SESSION_PORT`]) to the host's terminal
+    /// instead of into the output log.
+    #[serde(default)]
+    pub terminal: Option<TerminalRequest>,
 }
+
+/// The pty the guest gives an interactive login: the host terminal's type and size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TerminalRequest {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+}
+
+/// The controller's second serial port: it brings the session line, and stays open (the init
+/// holds it) so that it can carry an interactive login's bytes afterwards. A revived
+/// controller has exactly the devices it was saved with, so no new port can be added.
+pub const SESSION_PORT: &str = "/dev/ttyS1";
 
 /// A 9p mount the controller's init makes under /fs before the chroot.
 #[derive(Debug, Clone)]

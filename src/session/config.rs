@@ -1,5 +1,6 @@
 //! What a session is asked to do: the two VMs' boots, the command, and what follows it.
 
+use crate::controller::TerminalRequest;
 use crate::spec::Accel;
 use crate::tools::Tools;
 use crate::vm::qemu::Machine;
@@ -76,6 +77,23 @@ pub struct SessionConfig {
     pub outputs: Vec<PathBuf>,
     /// Tests only: a fault to inject (see [`TestFault`]).
     pub test_fault: Option<TestFault>,
+    /// An interactive login instead of a logged command: the host's stdin and stdout are
+    /// joined to a pty in the guest, through the controller's session port.
+    pub terminal: Option<TerminalRequest>,
+    /// The guest's screen also as a VNC server on a unix socket in the work folder
+    /// ([`VNC_SOCKET`]); no TCP port.
+    pub vnc: bool,
+}
+
+/// The guest's VNC socket, in the work folder, when [`SessionConfig::vnc`] asks for one.
+pub const VNC_SOCKET: &str = "vnc.sock";
+/// Set (to anything but empty or 0) in a stage's environment, a derivation attribute: the
+/// guest's screen is served over VNC on the work folder's [`VNC_SOCKET`].
+pub const VNC_VAR: &str = "NIX_WINVM_VNC";
+
+/// Whether the environment asks for a VNC server ([`VNC_VAR`]).
+pub fn vnc_from_env() -> bool {
+    std::env::var(VNC_VAR).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Faults the tests inject through `NIX_WINVM_TEST_FAULT` (an environment variable of the

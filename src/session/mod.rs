@@ -13,11 +13,16 @@ mod config;
 mod error;
 mod prepare;
 mod snapshot;
+mod terminal;
 pub mod watch;
 
-pub use config::{After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig, TestFault, TEST_FAULT_VAR};
+pub use config::{
+    vnc_from_env, After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig, TestFault, TEST_FAULT_VAR, VNC_SOCKET,
+    VNC_VAR,
+};
 pub use error::RunError;
 pub use snapshot::{qemu_version, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
+pub use terminal::terminal_request;
 
 use crate::controller::{self, agent::Verdict};
 use crate::vm::process::{describe_status, ProcessGuard};
@@ -162,7 +167,14 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
         cpus: cfg.cpus,
         boot: cfg.guest.machine.boot.clone(),
         nic_model: cfg.guest.machine.nic_model,
-        extra_args: cfg.guest.machine.extra_args.clone(),
+        extra_args: {
+            let mut a = cfg.guest.machine.extra_args.clone();
+            // A display backend, not a device: a revived guest takes it as well.
+            if cfg.vnc {
+                a.extend(["-vnc".into(), format!("unix:{}", w.join(config::VNC_SOCKET).display()).into()]);
+            }
+            a
+        },
         no_reboot: true,
         serial_log: files.guest_serial.clone(),
         vde_ctl: Some(switch.to_path_buf()),
@@ -244,13 +256,17 @@ async fn run_prepared(
     let (guest_vm, controller_vm) = vm_configs(cfg, files, &switch.ctl);
     let guest_log = w.join("guest-qemu.log");
     let controller_log = w.join("controller-qemu.log");
-    prepare::write_run_vm_script(cfg, &guest_vm, &controller_vm);
+    prepare::write_run_vm_script(cfg);
     doing.set("starting the VMs");
     let guest = spawn_qemu(cfg, &guest_vm, &guest_log)?;
     let controller = spawn_qemu(cfg, &controller_vm, &controller_log)?;
     let mut pair = Pair { switch, guest, controller };
     let mut guest_qmp = qmp_up("guest", &mut pair.guest, &w.join("guest-qmp.sock"), &guest_log).await?;
     report.say("guest up");
+    if cfg.vnc {
+        let sock = w.join(config::VNC_SOCKET);
+        report.say(&format!("the guest's screen is on VNC at {}: vncviewer {}", sock.display(), sock.display()));
+    }
     let mut ctl_qmp =
         qmp_up("controller", &mut pair.controller, &w.join("controller-qmp.sock"), &controller_log).await?;
     report.say("controller up");
@@ -284,7 +300,12 @@ async fn run_prepared(
         }
     }
     doing.set("sending the controller its session");
-    let _session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
+    let session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
+    // An interactive login travels through the same port once the line is read.
+    let (_relay, _session_port) = match &cfg.terminal {
+        Some(_) => (Some(terminal::start(session_port).map_err(io("joining the terminal to the session port"))?), None),
+        None => (None, Some(session_port)),
+    };
 
     let verdict = watch_pair(files, &mut pair, report, doing).await?;
     if let (After::Suspend { path, guest: guest_name }, Verdict::Exited(0)) = (&cfg.after, &verdict) {

@@ -7,7 +7,6 @@ use super::error::{io, RunError};
 use super::SessionConfig;
 use crate::controller::{self, AgentConfig, Mount, Share};
 use crate::guest::{GUEST_IP, SSH_USER};
-use crate::vm::qemu::VmConfig;
 use std::path::PathBuf;
 
 /// The guest's serial console, in the work folder.
@@ -82,34 +81,32 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
             Some(TestFault::KillSmbdAfter(secs)) => Some(secs),
             _ => None,
         },
+        terminal: cfg.terminal.clone(),
     };
     let json = serde_json::to_string_pretty(&agent).map_err(|e| io("the agent's configuration")(e.into()))?;
     std::fs::write(files.xchg.join(controller::AGENT_CONFIG), json).map_err(io("writing the agent's configuration"))?;
     Ok(files)
 }
 
-/// `run-vm` in the work directory starts the same pair by hand, for `-K` debugging.
-pub(super) fn write_run_vm_script(cfg: &SessionConfig, guest: &VmConfig, ctl: &VmConfig) {
-    let q = |a: &std::ffi::OsStr| crate::shell::quote(&a.to_string_lossy());
-    let line = |vm: &VmConfig| {
-        let mut s = q(cfg.tools.qemu.as_os_str());
-        for a in crate::vm::qemu::firmware_args(&cfg.tools.qemu).into_iter().chain(vm.args()) {
-            s.push(' ');
-            s.push_str(&q(&a));
-        }
-        s
-    };
-    let ctl_sock = guest.vde_ctl.clone().unwrap_or_default();
+/// `run-vm` in the work directory starts the session again by hand, for `-K` debugging: it
+/// runs this program's `rerun` on the folder it sits in, wherever the folder was kept, which
+/// reads the session's description there (`rerun.json`, written by the build and by `run`).
+pub(super) fn write_run_vm_script(cfg: &SessionConfig) {
+    let q = |p: &std::path::Path| crate::shell::quote(&p.display().to_string());
+    // The tools closure a build names: outside the sandbox nobody sets it.
+    let tools = std::env::var_os("winvmTools")
+        .map(|t| format!("winvmTools={} ", q(std::path::Path::new(&t))))
+        .unwrap_or_default();
     let script = format!(
-        "#!/bin/sh\n# Starts this session's VDE switch and both VMs again (nix-winvm -K, nix-build -K).\n\
-         # A VM started with -incoming defer waits for migrate-incoming on its QMP socket; the\n\
-         # controller waits for its session line on controller-session.sock.\ncd {}\n{} -s {} -M {} --dirmode 0700 -d\n{} &\n{} &\nwait\n",
-        crate::shell::quote(&cfg.work.display().to_string()),
-        q(cfg.tools.vde_switch.as_os_str()),
-        q(ctl_sock.as_os_str()),
-        crate::shell::quote(&cfg.work.join("vde.mgmt").display().to_string()),
-        line(guest),
-        line(ctl)
+        "#!/bin/sh\n\
+         # Starts this session's VMs again from this folder, wherever it was kept (nix-build -K,\n\
+         # nix-winvm-builder run -K): fresh VMs as the session started them, on a fresh switch.\n\
+         #   sh run-vm                 a shell in the guest, in the build's environment\n\
+         #   sh run-vm -- COMMAND...   one command in that environment; exits with its code\n\
+         #   sh run-vm --display       also the guest's screen on VNC (a unix socket here)\n\
+         here=$(cd \"$(dirname \"$0\")\" && pwd) || exit 1\n\
+         {tools}exec {} rerun \"$here\" \"$@\"\n",
+        q(&cfg.agent)
     );
     let path = cfg.work.join("run-vm");
     if std::fs::write(&path, script).is_ok() {
