@@ -4,7 +4,7 @@
 #![cfg(feature = "plugin")]
 
 mod common;
-use common::{builder, sandboxed_nix_build};
+use common::{builder, kept_build_dir, kept_work_folder, remove_kept, sandboxed_nix_build};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -32,29 +32,9 @@ fn failed_build_kept(tmp: &Path, name: &str, script: &str) -> (PathBuf, PathBuf)
     let o = sandboxed_nix_build().env("TMPDIR", tmp).args(["-K", "--no-out-link", "-E", &expr]).output().unwrap();
     let log = stderr(&o);
     assert!(!o.status.success(), "{log}");
-    let kept = log
-        .lines()
-        .find_map(|l| l.split("keeping build directory ").nth(1))
-        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
-        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"));
-    // The sandbox's /build is the kept folder (Nix 2.8) or its `build` child (later Nix).
-    let work = [kept.clone(), kept.join("build")]
-        .iter()
-        .filter(|d| d.is_dir())
-        .find_map(|d| {
-            std::fs::read_dir(d)
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm")))
-        })
-        .unwrap_or_else(|| panic!("no work folder in {}", kept.display()));
+    let kept = kept_build_dir(&log);
+    let work = kept_work_folder(&kept);
     (kept, work)
-}
-
-fn remove_kept(kept: &Path) {
-    let top = if kept.ends_with("build") { kept.parent().unwrap() } else { kept };
-    let _ = std::fs::remove_dir_all(top);
 }
 
 /// The build's `$out`, as its saved environment has it.

@@ -4,36 +4,12 @@
 #![cfg(feature = "plugin")]
 
 mod common;
-use common::{sandboxed_nix_build, STANDIN_TCG};
-use std::path::{Path, PathBuf};
+use common::{kept_build_dir, kept_work_folder, remove_kept, sandboxed_nix_build, STANDIN_TCG};
+use std::path::Path;
 use std::process::Command;
 
 fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The folder Nix kept after a failed `-K` build, as its log names it.
-fn kept_build_dir(log: &str) -> PathBuf {
-    log.lines()
-        .find_map(|l| l.split("keeping build directory ").nth(1))
-        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
-        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"))
-}
-
-/// The session's work folder in the kept build folder: the sandbox's /build is the kept
-/// folder itself (Nix 2.8) or its `build` child (later Nix).
-fn work_folder(build_dir: &Path) -> PathBuf {
-    [build_dir.to_path_buf(), build_dir.join("build")]
-        .iter()
-        .filter(|d| d.is_dir())
-        .find_map(|d| {
-            std::fs::read_dir(d)
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm")))
-        })
-        .unwrap_or_else(|| panic!("no work folder in {}", build_dir.display()))
 }
 
 fn tcpdump(args: &[&str], pcap: &Path) -> String {
@@ -62,7 +38,7 @@ fn a_kept_build_has_the_ssh_handshake_in_network_pcap() {
     assert!(log.contains("command exited 7"), "{log}");
     assert!(log.contains("network captured in network.pcap (at most 64 MiB)"), "{log}");
     let build_dir = kept_build_dir(&log);
-    let pcap = work_folder(&build_dir).join("network.pcap");
+    let pcap = kept_work_folder(&build_dir).join("network.pcap");
     assert!(pcap.is_file(), "{} missing", pcap.display());
 
     let lines = tcpdump(&["-nn"], &pcap);
@@ -74,6 +50,5 @@ fn a_kept_build_has_the_ssh_handshake_in_network_pcap() {
     assert!(ascii.contains("SSH-2.0-dropbear"), "the guest's SSH banner is not in the capture");
     assert!(ascii.contains("SSH-2.0-libssh2"), "the controller's SSH banner is not in the capture");
 
-    let top = if build_dir.ends_with("build") { build_dir.parent().unwrap().to_path_buf() } else { build_dir };
-    let _ = std::fs::remove_dir_all(top);
+    remove_kept(&build_dir);
 }

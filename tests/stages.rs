@@ -3,7 +3,7 @@
 #![cfg(feature = "plugin")]
 
 mod common;
-use common::{builder, plugin, sandboxed_nix_build, SANDBOX_CONFIG};
+use common::{builder, kept_build_dir, kept_work_folder, plugin, remove_kept, sandboxed_nix_build, SANDBOX_CONFIG};
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -400,20 +400,13 @@ fn a_failed_build_kept_with_k_has_its_logs_and_run_vm() {
     let build_dir = kept_build_dir(&stderr(&o));
     // The sandbox's /build is the kept folder itself (Nix 2.8) or its `build` child (later
     // Nix keeps the top folder private and builds in a folder inside it).
-    let work = [build_dir.clone(), build_dir.join("build")].iter().filter(|d| d.is_dir()).find_map(|d| {
-        std::fs::read_dir(d)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm")))
-    });
-    let work = work.expect("the stage's work folder");
+    let work = kept_work_folder(&build_dir);
     // run-vm starts the session again from rerun.json (tests/debugging.rs runs it).
     for f in ["run-vm", "rerun.json", "guest-serial.log", "controller-serial.log", "xchg/output.log"] {
         assert!(work.join(f).exists(), "{f} missing in {}", work.display());
     }
     assert!(std::fs::read_to_string(work.join("xchg/output.log")).unwrap().contains("boom"));
-    remove_kept(build_dir);
+    remove_kept(&build_dir);
 }
 
 /// `efi = true`: the standin installs, is saved and revived, and builds under OVMF, with its
@@ -469,23 +462,7 @@ fn a_build_that_times_out_names_its_last_screenshot() {
     let background = &pixels[..3];
     let lit = pixels.chunks_exact(3).filter(|p| p != &background).count();
     assert!(lit > 2000, "only {lit} pixels differ from the background: the screen is blank");
-    remove_kept(build_dir);
-}
-
-/// The folder Nix kept after a failed `-K` build, as its log names it: under TMPDIR up to 2.29,
-/// under its build-dir after.
-fn kept_build_dir(log: &str) -> PathBuf {
-    log.lines()
-        .find_map(|l| l.split("keeping build directory ").nth(1))
-        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
-        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"))
-}
-
-/// Outside TMPDIR (Nix's build-dir) nothing else removes a kept folder: Nix 2.34 names the
-/// inner `build` folder, whose private parent it made for this build alone.
-fn remove_kept(build_dir: PathBuf) {
-    let top = if build_dir.ends_with("build") { build_dir.parent().unwrap().to_path_buf() } else { build_dir };
-    let _ = std::fs::remove_dir_all(top);
+    remove_kept(&build_dir);
 }
 
 /// Multi-user Nix: the daemon's default, `build-users-group = nixbld`. The builder, QEMU, the
@@ -525,5 +502,5 @@ fn builds_run_as_a_build_user_of_the_nixbld_group() {
     let name = Command::new("getent").args(["passwd", &uid.to_string()]).output().unwrap();
     let name = String::from_utf8_lossy(&name.stdout).split(':').next().unwrap_or("").to_owned();
     assert!(name.starts_with("nixbld"), "the build ran as uid {uid} ({name:?}), not a build user");
-    remove_kept(kept);
+    remove_kept(&kept);
 }

@@ -103,4 +103,36 @@ pub fn sandboxed_nix_build() -> Command {
     c
 }
 
+/// The folder Nix kept after a failed `-K` build, as its log names it: under TMPDIR up to 2.29,
+/// under its build-dir after.
+pub fn kept_build_dir(log: &str) -> PathBuf {
+    log.lines()
+        .find_map(|l| l.split("keeping build directory ").nth(1))
+        .map(|p| PathBuf::from(p.trim().trim_matches(|c| c == '\'' || c == '"')))
+        .unwrap_or_else(|| panic!("no kept build folder named in:\n{log}"))
+}
+
+/// The stage's work folder (`winvm…`) in a kept build folder: the sandbox's /build is the kept
+/// folder itself (Nix 2.8) or its `build` child (later Nix).
+pub fn kept_work_folder(build_dir: &Path) -> PathBuf {
+    [build_dir.to_path_buf(), build_dir.join("build")]
+        .iter()
+        .filter(|d| d.is_dir())
+        .find_map(|d| {
+            std::fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("winvm")))
+        })
+        .unwrap_or_else(|| panic!("no work folder in {}", build_dir.display()))
+}
+
+/// Outside TMPDIR (Nix's build-dir) nothing else removes a kept folder: Nix 2.34 names the
+/// inner `build` folder, whose private parent it made for this build alone.
+pub fn remove_kept(build_dir: &Path) {
+    let top = if build_dir.ends_with("build") { build_dir.parent().unwrap() } else { build_dir };
+    let _ = std::fs::remove_dir_all(top);
+}
+
 pub const STANDIN_TCG: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
