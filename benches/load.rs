@@ -8,36 +8,13 @@
 //!
 //! Needs what scripts/setup installs; builds (or reuses) the standin image in /nix/store.
 
+#[path = "common.rs"]
+mod common;
+
+use common::{nix, nix_build, IMAGE};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
-
-const BUILDER: &str = env!("CARGO_BIN_EXE_nix-winvm-builder");
-const SANDBOX: &str = include_str!("../nix/sandbox.conf");
-const IMAGE: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
-
-fn plugin() -> PathBuf {
-    let dir = Path::new(BUILDER).parent().unwrap();
-    let fresh = dir.join("deps/libnix_winvm.so");
-    if fresh.exists() {
-        fresh
-    } else {
-        dir.join("libnix_winvm.so")
-    }
-}
-
-fn image() -> PathBuf {
-    let o = Command::new("nix-build")
-        .env("NIX_CONFIG", SANDBOX)
-        .env("NIX_WINVM_BUILDER", BUILDER)
-        .arg("--plugin-files")
-        .arg(plugin())
-        .args(["--no-out-link", "-E", IMAGE])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
-}
 
 /// The system's allocated file handles (the first field of /proc/sys/fs/file-nr).
 fn system_files() -> u64 {
@@ -94,12 +71,8 @@ fn one_build(tmp: &Path, i: usize, run: u128) -> Sample {
         r#"builtins.windowsDerivation {{ name = "{name}"; image = {IMAGE}; script = ''echo load-{i} > $out''; }}"#
     );
     let start = Instant::now();
-    let child = Command::new("nix-build")
-        .env("NIX_CONFIG", SANDBOX)
-        .env("NIX_WINVM_BUILDER", BUILDER)
+    let child = nix("nix-build")
         .env("TMPDIR", tmp)
-        .arg("--plugin-files")
-        .arg(plugin())
         .args(["--no-out-link", "-E", &expr])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -134,7 +107,7 @@ fn one_build(tmp: &Path, i: usize, run: u128) -> Sample {
 
 fn main() {
     let builds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(20);
-    let image = image();
+    let (image, _) = nix_build(IMAGE);
     let run = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let scratch = tempfile::Builder::new().prefix("winvm-load").tempdir().unwrap();
     let tmp = scratch.path().join("tmp");

@@ -1,59 +1,72 @@
-//! Stages benchmark: revive against cold boot, our state file against QEMU's exec:gzip, and a
-//! trivial nix-build with a cached image. One run of each, printed as numbers.
+//! Stages benchmark: where a revived build's time goes, phase by phase, beside a cold boot's;
+//! our state file against QEMU's exec:gzip and the raw stream; a trivial nix-build with a cached
+//! image. One run of each, printed as numbers.
 //!
 //!   cargo bench --bench stages
 //!
 //! Needs what scripts/setup installs; builds (or reuses) the standin image in /nix/store.
+//!
+//! The revived build is a real `nix-build` in the sandbox (run outside Nix, the builder would
+//! share the whole host store with the standin, which binds every path: tens of seconds). Nix
+//! 2.8's nix-build prints the build log live on stderr; each line is stamped on arrival, and the
+//! builder's progress lines carry its own clock as well (`nix-winvm: [  0.72 s] guest revived`).
+//! Phases are found by the markers in `PHASES`; a marker that never appears prints "-".
 
+#[path = "common.rs"]
+mod common;
+
+use common::{derivation, nix, nix_build, nix_instantiate, run_stamped, Stamped, BUILDER, IMAGE};
 use nix_winvm::vm::qmp::{Cont, Migrate, Qmp, QueryStatus, Quit, Stop};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BUILDER: &str = env!("CARGO_BIN_EXE_nix-winvm-builder");
-const SANDBOX: &str = include_str!("../nix/sandbox.conf");
-const IMAGE: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
+/// (phase, the substring of the first log line that marks it), in the order they happen.
+const PHASES: &[(&str, &str)] = &[
+    ("switch up", "switch up"),
+    ("QEMU started (guest)", "guest up"),
+    ("QEMU started (controller)", "controller up"),
+    ("state loaded (guest)", "guest revived"),
+    ("state loaded (controller)", "controller revived"),
+    ("controller ready", "controller ready"),
+    ("session sent", "session sent"),
+    ("guest ready / SSH ready", "ssh ready"),
+    ("first output", "FIRST-OUTPUT"),
+    ("command finished", "command finished"),
+    ("teardown done", "VMs stopped"),
+    ("outputs collected", "outputs collected"),
+    ("command exited", "command exited"),
+];
 
-fn plugin() -> PathBuf {
-    let dir = Path::new(BUILDER).parent().unwrap();
-    let fresh = dir.join("deps/libnix_winvm.so");
-    if fresh.exists() {
-        fresh
-    } else {
-        dir.join("libnix_winvm.so")
-    }
+/// The phase that marks the command's first output, for the ratio.
+const FIRST_OUTPUT: &str = "FIRST-OUTPUT";
+
+/// Each phase's time on the builder's clock, and the end-to-end exit as the last row.
+fn phase_times(run: &Stamped) -> Vec<Option<f64>> {
+    let mut times: Vec<Option<f64>> = PHASES.iter().map(|(_, marker)| run.at(marker)).collect();
+    times.push(Some(run.exit_at()));
+    times
 }
 
-fn nix_build(expr: &str) -> (PathBuf, f64) {
-    let start = Instant::now();
-    let o = Command::new("nix-build")
-        .env("NIX_CONFIG", SANDBOX)
-        .env("NIX_WINVM_BUILDER", BUILDER)
-        .arg("--plugin-files")
-        .arg(plugin())
-        .args(["--no-out-link", "-E", expr])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    (PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()), start.elapsed().as_secs_f64())
-}
-
-/// Seconds from spawn until a stderr line contains `marker`, and the total.
-fn time_to(mut cmd: Command, marker: &str) -> (f64, f64) {
-    let start = Instant::now();
-    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-    let mut first = f64::NAN;
-    let mut log = String::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
-        if first.is_nan() && line.contains(marker) {
-            first = start.elapsed().as_secs_f64();
+/// "  at  +delta" for one column; the delta is from the previous phase that was reached.
+fn column(times: &[Option<f64>], i: usize) -> String {
+    match times[i] {
+        None => format!("{:>8} {:>8}", "-", ""),
+        Some(t) => {
+            let previous = times[..i].iter().rev().find_map(|t| *t).unwrap_or(0.0);
+            format!("{t:8.2} {:>8}", format!("{:+.2}", t - previous))
         }
-        log.push_str(&line);
-        log.push('\n');
     }
-    assert!(child.wait().unwrap().success(), "{log}");
-    (first, start.elapsed().as_secs_f64())
+}
+
+fn print_phases(revive: &Stamped, cold: &Stamped) {
+    let (r, c) = (phase_times(revive), phase_times(cold));
+    println!("  phases, on the builder's clock (s since it started; + since the previous phase reached)");
+    println!("  {:<28} {:>8} {:>8}   {:>8} {:>8}", "phase", "revive", "+", "cold", "+");
+    let names = PHASES.iter().map(|(name, _)| *name).chain(["process exit"]);
+    for (i, name) in names.enumerate() {
+        println!("{}", format!("  {name:<28} {}   {}", column(&r, i), column(&c, i)).trim_end());
+    }
 }
 
 fn size(p: &Path) -> f64 {
@@ -102,33 +115,56 @@ async fn loaded(qmp: &mut Qmp) -> f64 {
     }
 }
 
+/// A token no earlier run used, so that Nix builds again.
+fn token(what: &str) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{what}-{now}")
+}
+
 fn main() {
     println!("stages benchmark (standin guest, TCG, one run each)");
     // --- image, cached after the first time ---
     let (image, t_image) = nix_build(IMAGE);
     println!("  image: {} ({t_image:.1} s to build or find)", image.display());
 
-    // --- cold boot vs revive, to the first output of the command ---
-    let tmp = tempfile::tempdir().unwrap();
-    let mut cold = Command::new(BUILDER);
-    cold.args(["run", "--accel", "tcg", "--", "echo", "FIRST-OUTPUT"]);
-    let (cold_first, _) = time_to(cold, "FIRST-OUTPUT");
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(image.join("meta.json")).unwrap()).unwrap();
-    let spec = serde_json::json!({ "image": meta["spec"], "timeoutSecs": 600, "runOriginalBuilder": false });
-    let mut revive = Command::new(BUILDER);
-    revive
-        .arg("build")
-        .env("image", &image)
-        .env("winvmBuildSpec", spec.to_string())
-        .env("script", "echo FIRST-OUTPUT")
-        .env("out", tmp.path().join("out"))
-        .env("TMPDIR", tmp.path());
-    let (revive_first, _) = time_to(revive, "FIRST-OUTPUT");
-    println!("  cold boot -> first command output      {cold_first:6.2} s");
-    println!("  revive    -> first command output      {revive_first:6.2} s   ratio {:.2}", revive_first / cold_first);
+    // --- a revived build through nix-build, against a cold boot, phase by phase ---
+    let expr = derivation(&token("revive"), "echo FIRST-OUTPUT; echo x > $out");
+    let t_eval = nix_instantiate(&expr);
+    let mut cmd = nix("nix-build");
+    cmd.args(["--no-out-link", "-E", &expr]);
+    let revive = run_stamped(cmd);
+    if revive.status.success() {
+        let out = revive.lines.iter().rev().find(|l| l.stdout).expect("nix-build printed no output path");
+        assert_eq!(std::fs::read_to_string(out.text.trim()).unwrap(), "x\n", "the revived build's output");
+    }
+    let mut cmd = Command::new(BUILDER);
+    cmd.args(["run", "--accel", "tcg", "--", "echo", FIRST_OUTPUT]);
+    let cold = run_stamped(cmd);
+    print_phases(&revive, &cold);
+    // A failed run still shows the phases it reached; its log follows, and the bench goes on.
+    for (what, run) in [("revived nix-build", &revive), ("cold run", &cold)] {
+        if !run.status.success() {
+            println!("  THE {what} FAILED ({}); its output:\n{}", run.status, run.log());
+        }
+    }
+    match (revive.at(FIRST_OUTPUT), cold.at(FIRST_OUTPUT)) {
+        (Some(r), Some(c)) => {
+            println!("  first output: revive {r:.2} s, cold {c:.2} s (builder clock)   ratio revive/cold {:.2}", r / c)
+        }
+        (r, c) => {
+            let show = |t: Option<f64>| t.map_or("not seen".to_string(), |t| format!("{t:.2} s"));
+            println!("  first output: revive {}, cold {} (builder clock)", show(r), show(c))
+        }
+    }
+    println!(
+        "  revived nix-build, spawn to exit        {:6.2} s   (evaluation {t_eval:.2} s by nix-instantiate; builder started {:.2} s after the spawn)",
+        revive.exit,
+        revive.offset()
+    );
+    println!("  cold run, spawn to exit                 {:6.2} s", cold.exit);
 
-    // --- state file: ours against QEMU's exec:gzip, on the same stopped guest ---
+    // --- state file: ours against QEMU's exec:gzip and the raw stream, on the same stopped guest ---
+    let tmp = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let media = std::fs::read_link(image.join("media")).unwrap();
     let w = tmp.path();
@@ -203,26 +239,50 @@ fn main() {
                 t
             }
         };
+        let r_raw = restore(format!("exec:cat {}", raw.display()), "rraw").await;
         let r_gzip = restore(format!("exec:gzip -c -d {}", gz.display()), "rgz").await;
         let r_ours = restore(format!("exec:{BUILDER} state-read --in {}", ours.display()), "rours").await;
+        println!("  restore exec:cat (raw, no inflating)    {r_raw:6.2} s   {:.0} MB/s: the floor", size(&raw) / r_raw);
         println!("  restore exec:gzip -c -d                 {r_gzip:6.2} s");
-        println!("  restore ours (state-read)               {r_ours:6.2} s   {:.1}x faster", r_gzip / r_ours);
+        println!(
+            "  restore ours (state-read)               {r_ours:6.2} s   {:.1}x faster than gzip, {:.2}x the raw floor",
+            r_gzip / r_ours,
+            r_ours / r_raw
+        );
     });
 
     // --- a trivial nix-build with the image cached ---
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let start = Instant::now();
-    let o = Command::new("nix-instantiate")
-        .env("NIX_CONFIG", SANDBOX)
-        .env("NIX_WINVM_BUILDER", BUILDER)
-        .arg("--plugin-files").arg(plugin())
-        .args(["-E", &format!(r#"builtins.windowsDerivation {{ name = "bench"; image = {IMAGE}; token = "{t}"; script = "true > $out"; }}"#)])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let t_eval = start.elapsed().as_secs_f64();
-    let (_, t_build) = nix_build(&format!(
-        r#"builtins.windowsDerivation {{ name = "bench"; image = {IMAGE}; token = "{t}"; script = "true > $out"; }}"#
-    ));
+    let expr = derivation(&token("trivial"), "true > $out");
+    let t_eval = nix_instantiate(&expr);
+    let (_, t_build) = nix_build(&expr);
     println!("  trivial nix-build, image cached         {t_build:6.2} s   (evaluation {t_eval:.2} s; the rest is the VM session)");
+
+    // --- outputs: the script's end to the outputs in the store, through the outputs disk ---
+    for mb in [50, 500] {
+        let script = format!("head -c {mb}000000 /dev/urandom > $out; echo WRITTEN");
+        let mut cmd = nix("nix-build");
+        cmd.args(["--no-out-link", "-E", &derivation(&token(&format!("out{mb}")), &script)]);
+        let run = run_stamped(cmd);
+        if !run.status.success() {
+            println!("  THE {mb} MB OUTPUT BUILD FAILED ({}); its output:\n{}", run.status, run.log());
+            continue;
+        }
+        let arrived = |marker: &str| run.lines.iter().find(|l| l.text.contains(marker)).map(|l| l.arrival);
+        // The guest's own clock for its packing: from its two progress lines.
+        let guest = |marker: &str| {
+            let line = run.lines.iter().find(|l| l.text.contains(marker))?;
+            let rest = &line.text[line.text.find("[guest ")? + 7..];
+            rest[..rest.find(" s]")?].parse::<f64>().ok()
+        };
+        match (arrived("WRITTEN"), arrived("outputs collected"), guest("packing"), guest("outputs packed")) {
+            (Some(w), Some(c), Some(p0), Some(p1)) => println!(
+                "  {mb:3} MB to $out: script end -> outputs collected {:5.2} s = {:4.0} MB/s   (packed in the guest {:5.2} s = {:4.0} MB/s)",
+                c - w,
+                mb as f64 / (c - w),
+                p1 - p0,
+                mb as f64 / (p1 - p0)
+            ),
+            _ => println!("  {mb} MB to $out: markers missing in:\n{}", run.log()),
+        }
+    }
 }

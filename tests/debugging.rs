@@ -263,14 +263,26 @@ fn shell_revives_an_image_without_a_build() {
     assert!(o.status.success(), "{}", stderr(&o));
     let image = String::from_utf8_lossy(&o.stdout).lines().next().unwrap().to_owned();
     let o = Command::new(builder())
-        .args(["shell", &image, "--", "sh", "-c", "uname -a; touch /nix/store/x 2>/dev/null || echo store-read-only"])
+        // The guest's /nix/store takes writes on its own disk (an overlay, as a build makes its
+        // outputs there); the share below it, the host's store, refuses them.
+        .args([
+            "shell",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "uname -a; touch /nix/store/winvm-shell-probe && echo overlay-writable; \
+             touch /var/winvm/srv/store/winvm-shell-probe 2>/dev/null || echo store-read-only",
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let text = stderr(&o);
     assert!(o.status.success(), "{text}");
     assert!(text.contains("Linux standin") || text.contains("\nLinux "), "{text}");
+    assert!(text.contains("overlay-writable"), "{text}");
     assert!(text.contains("store-read-only"), "{text}");
+    assert!(!Path::new("/nix/store/winvm-shell-probe").exists(), "a write reached the host's store");
     let work = text
         .lines()
         .find_map(|l| l.split("work folder ").nth(1))

@@ -8,7 +8,9 @@ fn main() {
             // Which stage failed leads: a build log may hold several.
             let what = match args.first().map(String::as_str) {
                 Some(stage @ ("media" | "install" | "suspend" | "build")) => format!(" in the {stage} stage"),
-                Some(command @ ("run" | "rerun" | "shell" | "agent" | "state-read" | "state-write")) => {
+                Some(
+                    command @ ("run" | "rerun" | "shell" | "agent" | "agent-ready" | "state-read" | "state-write"),
+                ) => {
                     format!(" in '{command}'")
                 }
                 _ => String::new(),

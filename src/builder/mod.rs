@@ -4,6 +4,7 @@ pub mod progress;
 pub mod rerun;
 pub mod run;
 pub mod stages;
+pub mod unpack;
 
 pub use progress::Progress;
 
@@ -39,6 +40,8 @@ pub enum BuilderError {
     Guest(ProfileError),
     Spawn(SpawnError),
     Agent(AgentError),
+    /// Unpacking the guest's archive of the outputs from its outputs disk.
+    Outputs(unpack::UnpackError),
     /// Reading or writing a file, starting a runtime: what was being done, and the cause.
     Io {
         what: String,
@@ -164,6 +167,7 @@ impl fmt::Display for BuilderError {
             BuilderError::Guest(e) => write!(f, "{e}"),
             BuilderError::Spawn(e) => write!(f, "{e}"),
             BuilderError::Agent(e) => write!(f, "{e}"),
+            BuilderError::Outputs(e) => write!(f, "unpacking the build's outputs from the guest's outputs disk: {e}"),
             BuilderError::Io { what, source } => write!(f, "{what}: {source}"),
             BuilderError::Tool { tool, detail } => write!(f, "{tool} {detail}"),
             BuilderError::InstallTimeout { secs, screen } => {
@@ -233,7 +237,7 @@ pub fn io<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
 }
 
 pub const USAGE: &str =
-    "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|rerun|shell|agent|state-write|state-read> [options]";
+    "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|rerun|shell|agent|agent-ready|state-write|state-read> [options]";
 
 fn env(name: &'static str) -> Result<String, BuilderError> {
     std::env::var(name).map_err(|_| BuilderError::MissingEnv(name))
@@ -270,6 +274,11 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
             // The host's clock when the session began: a revived controller's own clock lags.
             let now = flag(args, "--now").ok().and_then(|n| n.parse::<u64>().ok());
             Ok(crate::controller::agent::main(std::path::Path::new(config), now)?)
+        }
+        "agent-ready" => {
+            let config = flag(args, "--config")?;
+            let port = flag(args, "--session")?;
+            Ok(crate::controller::agent::main_ready(std::path::Path::new(config), std::path::Path::new(port))?)
         }
         "--help" | "-h" => {
             println!("{USAGE}");

@@ -308,19 +308,17 @@ fn cold(dir: &Path, work: &Path, rerun: &Rerun, a: &Args, progress: &Progress) -
         },
         controller: ControllerBoot {
             initrd: controller_initrd.is_file().then_some(controller_initrd),
+            system: None,
             revive_from: None,
-            save_to: None,
         },
         key_file: dir.join("key"),
         command: guest_command(Profile::Standin, &[], &[], Has::default(), &a.mode),
         set_clock: false,
         after: After::Quit,
         store_dir: PathBuf::from(spec::STORE_DIR),
-        store_writable: false,
         extra_shares: vec![],
         tools: Tools::find()?,
         agent: std::env::current_exe().map_err(io("finding this program"))?,
-        outputs: vec![],
         test_fault: None,
         terminal: None,
         vnc: false,
@@ -337,10 +335,8 @@ fn timeout(rerun: &Rerun, a: &Args) -> Duration {
     }
 }
 
-/// What every re-run shares: the store read-only, nothing unpacked, the terminal and screen.
+/// What every re-run shares: nothing unpacked, the terminal and screen.
 fn finish_config(cfg: &mut SessionConfig, a: &Args) {
-    cfg.store_writable = false;
-    cfg.outputs = vec![];
     cfg.vnc = a.display || session::vnc_from_env();
     cfg.terminal = (a.mode == Mode::Shell).then(session::terminal_request);
 }
@@ -360,10 +356,7 @@ fn guest_command(profile: Profile<'_>, outputs: &[PathBuf], inputs: &[String], h
             // paths the build's sandbox held, not thousands (each a mount over SMB).
             Profile::Standin if !inputs.is_empty() => {
                 c.push_str(&format!("winvm_inputs={}\n", shell::quote(&inputs.join(" "))));
-                guest::standin::REDIRECT_OUTPUTS.replace(
-                    "\"$winvm_share\"/*",
-                    "$(for winvm_i in $winvm_inputs; do echo \"$winvm_share/$winvm_i\"; done)",
-                )
+                guest::standin::REDIRECT_OUTPUTS_LISTED.to_owned()
             }
             Profile::Standin => guest::standin::REDIRECT_OUTPUTS.to_owned(),
             Profile::Windows(_) => guest::windows::outputs::REDIRECT_OUTPUTS.to_owned(),
@@ -437,7 +430,7 @@ mod tests {
             &Mode::Command(v(&["echo", "a b"])),
         );
         assert!(c.starts_with("cd /tmp\n. /tmp/xchg/saved-env\nwinvm_inputs=bbbb-in\nwinvm_outputs=aaaa-x\n"), "{c}");
-        assert!(c.contains("for winvm_p in $(for winvm_i in $winvm_inputs;"), "{c}");
+        assert!(c.contains("for winvm_i in $winvm_inputs; do"), "{c}");
         assert!(c.contains("winvm_redirect ||"), "{c}");
         assert!(c.ends_with("exec echo 'a b'"), "{c}");
         let s = guest_command(Profile::Standin, &[], &[], has, &Mode::Shell);

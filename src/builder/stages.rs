@@ -8,7 +8,6 @@
 
 use super::Progress;
 use super::{io, BuilderError};
-use crate::controller::unpack;
 use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
 use crate::guest::{self, MediaInputs};
 
@@ -90,9 +89,12 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     // A key per image: the VM has no network beyond the controller, and the key opens only it.
     let pubkey = generate_key(&tools.ssh_keygen, &out.join("key"))?;
     let modules = out.join("modules");
-    // The controller's initramfs is the same for every session: made once, saved with the image.
-    let controller = crate::controller::initramfs(&tools.busybox, &modules)?;
+    // The controller's initramfs and system disk are the same for every session: made once,
+    // saved with the image, ready to serve.
+    let controller = crate::controller::initramfs(&tools.busybox, &modules, true)?;
     write_initrd(&controller, &out.join(CONTROLLER_IMG))?;
+    controller_system(spec, &tools, &out)?;
+    progress.say("controller system disk ready");
     let cygwin_repo = std::env::var_os("cygwinRepo").map(PathBuf::from);
     let line = guest::profile(&spec.guest).write_media(&MediaInputs {
         out: &out,
@@ -108,6 +110,45 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
     Ok(0)
 }
 
+/// The controller's system disk (see `controller::system`): smbd, the agent (this program)
+/// and their libraries from the tools closure the derivation names, the image's key, and what
+/// the agent does before the pair is saved.
+fn controller_system(spec: &ImageSpec, tools: &Tools, out: &Path) -> Result<(), BuilderError> {
+    use crate::controller::{self, system, ReadyConfig, ServeConfig, Share};
+    let lib = std::env::var_os("winvmToolsLib").map(PathBuf::from).ok_or(BuilderError::MissingEnv("winvmToolsLib"))?;
+    let agent = std::env::current_exe().map_err(io("finding this program"))?;
+    let config = ReadyConfig {
+        serve: ServeConfig {
+            shares: vec![
+                Share { name: "nixstore".into(), path: controller::READY_STORE.into() },
+                Share { name: "xchg".into(), path: controller::READY_XCHG.into() },
+                Share { name: controller::SESSION_SHARE.into(), path: controller::READY_SHARE_DIR.into() },
+            ],
+            run_dir: controller::READY_SAMBA_DIR.into(),
+            smbd: tools.smbd.clone(),
+            smbd_log: "/run/smbd.log".into(),
+            guest_addr: format!("{}:22", crate::guest::GUEST_IP),
+            user: crate::guest::SSH_USER.into(),
+            key_file: controller::READY_KEY.into(),
+            ssh_timeout_secs: spec.timeout_secs.max(1),
+        },
+        prepare: guest::profile(&spec.guest).prepare_command(),
+    };
+    let staging = work_dir()?;
+    let inputs = system::SystemInputs {
+        store_paths: &[lib, tools.smbd.clone(), agent.clone()],
+        agent: &agent,
+        key: &out.join("key"),
+        config: &config,
+        mke2fs: &crate::tools::find("mke2fs")?,
+        staging: &staging,
+    };
+    system::write(&inputs, &out.join(CONTROLLER_SYSTEM))
+        .map_err(|e| BuilderError::Tool { tool: "mke2fs".into(), detail: e.to_string() })
+}
+
+/// In the media: the controller's system disk.
+pub const CONTROLLER_SYSTEM: &str = "controller-system.img";
 /// In the media: the controller's initramfs; in the image: the controller saved while it
 /// waits for its session.
 pub const CONTROLLER_IMG: &str = "controller.img";
@@ -315,11 +356,9 @@ pub(super) fn session_config(
         set_clock: matches!(after, After::Quit),
         after,
         store_dir: PathBuf::from(spec::STORE_DIR),
-        store_writable: true,
         extra_shares: vec![],
         tools,
         agent: std::env::current_exe().map_err(io("finding this program"))?,
-        outputs: vec![],
         test_fault: None,
         terminal: None,
         vnc: session::vnc_from_env(),
@@ -354,18 +393,22 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         GuestBoot {
             machine: Machine {
                 uefi: uefi(spec, Some(&installed.join(EFI_VARS)), &out.join(EFI_VARS))?,
-                ..profile.machine(&media, disk)
+                ..profile.machine(&media, disk, &outputs_disk(&work)?)
             },
             revive_from: None,
         },
         ControllerBoot {
             initrd: Some(media.join(CONTROLLER_IMG)),
+            system: Some(media.join(CONTROLLER_SYSTEM)),
             revive_from: None,
-            save_to: Some(out.join(CONTROLLER_STATE)),
         },
         media.join("key"),
-        profile.map_shares_command(),
-        After::Suspend { path: out.join("state"), guest: spec.guest.name().into() },
+        String::new(),
+        After::SavePair {
+            guest_state: out.join("state"),
+            guest: spec.guest.name().into(),
+            controller_state: out.join(CONTROLLER_STATE),
+        },
         tools,
     )?;
     let verdict = runtime()?.block_on(session::run(&cfg, progress))?;
@@ -389,7 +432,7 @@ pub(super) fn revived_guest(
     Ok(GuestBoot {
         machine: Machine {
             uefi: uefi(&meta.spec, Some(&image.join(EFI_VARS)), &work.join(EFI_VARS))?,
-            ..guest::profile(&meta.spec.guest).machine(&meta.media, disk)
+            ..guest::profile(&meta.spec.guest).machine(&meta.media, disk, &outputs_disk(work)?)
         },
         revive_from: Some(image.join("state")),
     })
@@ -399,8 +442,8 @@ pub(super) fn revived_guest(
 pub(super) fn revived_controller(meta: &ImageMeta, image: &Path) -> ControllerBoot {
     ControllerBoot {
         initrd: Some(meta.media.join(CONTROLLER_IMG)),
+        system: Some(meta.media.join(CONTROLLER_SYSTEM)),
         revive_from: Some(image.join(CONTROLLER_STATE)),
-        save_to: None,
     }
 }
 
@@ -450,7 +493,8 @@ pub fn saved_env(vars: impl Iterator<Item = (OsString, OsString)>) -> Vec<u8> {
 
 /// The command the guest runs: the environment restored, then the script (or, for
 /// runInWindowsVM, the original builder with its arguments). With `outputs`, the guest makes
-/// them on its own disk and packs them for the agent (see [`guest::Profile::with_local_outputs`]).
+/// them on its own disk and packs them onto its outputs disk (see
+/// [`guest::Profile::with_local_outputs`]).
 pub fn guest_command(spec: &BuildSpec, argc: usize, outputs: &[PathBuf]) -> String {
     let profile = guest::profile(&spec.image.guest);
     let mut c = String::from("cd /tmp && . /tmp/xchg/saved-env && ");
@@ -467,7 +511,7 @@ pub fn guest_command(spec: &BuildSpec, argc: usize, outputs: &[PathBuf]) -> Stri
     if names.is_empty() {
         return c;
     }
-    profile.with_local_outputs(&c, &names, &format!("/tmp/xchg/{}", unpack::ARCHIVE))
+    profile.with_local_outputs(&c, &names)
 }
 
 /// The derivation's output paths: `$outputs` names them ("out" when it is unset), and each
@@ -535,10 +579,59 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         inputs: super::rerun::Rerun::store_listing(&outputs),
     };
     rerun.record(&work);
-    cfg.outputs = outputs;
     cfg.test_fault = TestFault::from_env().map_err(BuilderError::Usage)?;
     let result = runtime()?.block_on(session::run(&cfg, progress));
+    // A failed build's outputs are discarded by Nix: the guest packs them only on success.
+    let result = match result {
+        Ok(crate::controller::agent::Verdict::Exited(0)) if !outputs.is_empty() => {
+            match collect_outputs(&work.join(OUTPUTS_DISK), &outputs, progress) {
+                Ok(()) => Ok(crate::controller::agent::Verdict::Exited(0)),
+                Err(e) => {
+                    let mut writes: Vec<&Path> = outputs.iter().filter_map(|o| o.parent()).collect();
+                    writes.push(&work);
+                    return Err(super::explain_full_disk(&writes, format!("{e}")).unwrap_or(e));
+                }
+            }
+        }
+        other => other,
+    };
     super::finish(result, progress, &[&work])
+}
+
+/// The guest's outputs disk in a session's work folder.
+pub const OUTPUTS_DISK: &str = "outputs.img";
+
+/// A new, empty outputs disk in `work` (sparse: it takes no room until the guest writes).
+pub(super) fn outputs_disk(work: &Path) -> Result<PathBuf, BuilderError> {
+    let path = work.join(OUTPUTS_DISK);
+    let file = std::fs::File::create(&path).map_err(io(format!("creating {}", path.display())))?;
+    file.set_len(guest::profile::OUTPUTS_DISK_BYTES).map_err(io(format!("sizing {}", path.display())))?;
+    Ok(path)
+}
+
+/// The archive the guest wrote onto its outputs disk, unpacked into the output paths (and
+/// nowhere else); the disk is removed afterwards.
+fn collect_outputs(disk: &Path, outputs: &[PathBuf], progress: &Progress) -> Result<(), BuilderError> {
+    let file = std::fs::File::open(disk).map_err(io(format!("opening the outputs disk {}", disk.display())))?;
+    let started = std::time::Instant::now();
+    let done = super::unpack::unpack(file, outputs).map_err(BuilderError::Outputs)?;
+    let secs = started.elapsed().as_secs_f64();
+    if done.paths == 0 {
+        // Nix names each missing output itself.
+        progress.say("outputs: the command made none of them");
+    } else {
+        progress.say(&format!(
+            "outputs: {} of {} paths, {} entries, {:.1} MB unpacked in {secs:.2} s ({:.0} MB/s)",
+            done.paths,
+            outputs.len(),
+            done.entries,
+            done.bytes as f64 / 1e6,
+            done.bytes as f64 / 1e6 / secs.max(0.001),
+        ));
+    }
+    let _ = std::fs::remove_file(disk);
+    progress.say("outputs collected");
+    Ok(())
 }
 
 #[cfg(test)]
@@ -590,7 +683,11 @@ mod tests {
         let placed = c.find("winvm_redirect ||").unwrap();
         let built =
             c.find("(cd /tmp && . /tmp/xchg/saved-env && exec /bin/sh -e /tmp/xchg/script)\nwinvm_code=$?").unwrap();
-        let packed = c.find("tar -c -f /tmp/xchg/outputs.tar.part -C /nix/store \"$@\" && mv -f").unwrap();
+        let packed = c.find("winvm_pack \"$@\" ||").unwrap();
+        assert!(
+            c.contains("tar -c -f - -C /nix/store \"$@\" | dd of=/dev/vdb bs=4M iflag=fullblock oflag=direct"),
+            "{c}"
+        );
         assert!(placed < built && built < packed, "{c}");
         assert!(c.trim_end().ends_with("exit \"$winvm_code\""), "{c}");
     }

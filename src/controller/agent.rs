@@ -2,7 +2,10 @@
 //! guest's SSH, run the command, stream its output into the exchange directory, record its
 //! exit code. Blocking code: it is the only thing running in that VM.
 
-use super::{samba, unpack, AgentConfig, EXIT_FILE, OUTPUT_LOG, WAITING_DONE};
+use super::{
+    samba, AgentConfig, JobConfig, ReadyConfig, ServeConfig, AGENT_CONFIG, EXIT_FILE, OUTPUT_LOG, READY_MARKER,
+    READY_XCHG, WAITING_DONE,
+};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -32,7 +35,11 @@ pub enum AgentError {
         detail: String,
     },
     Io(String),
-    Outputs(unpack::UnpackError),
+    /// The guest's `prepare` (before a ready controller is saved) did not succeed.
+    Prepare {
+        command: String,
+        verdict: Verdict,
+    },
 }
 
 impl fmt::Display for AgentError {
@@ -49,18 +56,33 @@ impl fmt::Display for AgentError {
                 "smbd in the controller ended ({status}) during the command: the guest lost the store and exchange shares, so the command was stopped"
             ),
             AgentError::Io(e) => write!(f, "{e}"),
-            AgentError::Outputs(e) => write!(f, "unpacking the build's outputs: {e}"),
+            AgentError::Prepare { command, verdict } => {
+                write!(f, "the guest's prepare command ended with {verdict:?} (its output is above): {command}")
+            }
         }
     }
 }
 
 impl std::error::Error for AgentError {}
 
-/// Appends progress and the command's output to the exchange directory's output log, which
-/// the host streams into the build log.
-struct Log(File);
+/// Progress and the command's output: into the exchange directory's output log, which the
+/// host streams into the build log; before a ready controller's session, onto its console.
+struct Log(Box<dyn Write>);
 
 impl Log {
+    fn file(path: &Path) -> Result<Log, AgentError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| AgentError::Io(format!("cannot open the output log {}: {e}", path.display())))?;
+        Ok(Log(Box::new(file)))
+    }
+
+    fn console() -> Log {
+        Log(Box::new(std::io::stdout()))
+    }
+
     fn line(&mut self, msg: &str) {
         // The controller's own uptime: where its boot time goes, in the build log.
         let uptime =
@@ -79,22 +101,141 @@ impl Drop for SmbdGuard {
     }
 }
 
-pub fn main(config_path: &Path, host_now: Option<u64>) -> Result<i32, AgentError> {
+/// What [`serve`] sets up and a job uses: smbd, and an SSH session logged on to the guest
+/// (with its TCP connection, which the smbd watch cuts if smbd ends).
+struct Served {
+    smbd: SmbdGuard,
+    ssh: ssh2::Session,
+    tcp: TcpStream,
+    /// A ready controller's: a channel whose login already ran in the guest before the save,
+    /// its shell waiting for the command on stdin ([`WAITING_COMMAND`]).
+    waiting: Option<ssh2::Channel>,
+}
+
+/// What the channel kept open across the save runs in the guest: the login shell has run (the
+/// standin's binds its store and exchange folders; Cygwin's reads its mounts), and a shell
+/// waits for the command, which the agent sends on stdin followed by the end of input; the
+/// command then runs with stdin at its end, as a build's should.
+pub const WAITING_COMMAND: &str = r#"exec /bin/sh -c "$(cat)""#;
+
+/// The host's clock, as it was at `started` (or the controller's own without one).
+fn clock_from(host_now: Option<u64>) -> impl Fn() -> std::time::SystemTime {
     let started = Instant::now();
-    let clock = move || match host_now {
+    move || match host_now {
         Some(secs) => std::time::UNIX_EPOCH + Duration::from_secs(secs) + started.elapsed(),
         None => std::time::SystemTime::now(),
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, AgentError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AgentError::Config(format!("cannot read {}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| AgentError::Config(format!("{}: {e}", path.display())))
+}
+
+/// `agent`: a controller booted for this one session (direct runs).
+pub fn main(config_path: &Path, host_now: Option<u64>) -> Result<i32, AgentError> {
+    let clock = clock_from(host_now);
+    let cfg: AgentConfig = read_json(config_path)?;
+    let mut log = Log::file(&cfg.job.xchg.join(OUTPUT_LOG))?;
+    log.line("agent started");
+    let result = serve(&cfg.serve, &mut log).and_then(|served| run_job(served, &cfg.job, &mut log, &clock));
+    finish(&cfg.job, result, &mut log)
+}
+
+/// `agent-ready`: a controller with a system disk. Serves and logs on to the guest, runs the
+/// guest's `prepare`, says [`READY_MARKER`] (the suspend stage saves the pair then), and waits
+/// for the session line on `session_port` (after a revive): the host's clock and the build's
+/// exports, which it mounts itself. A failure before the line powers the controller off, so
+/// the host sees it at once.
+pub fn main_ready(config_path: &Path, session_port: &Path) -> Result<i32, AgentError> {
+    let mut console = Log::console();
+    let served = match prepare_ready(config_path, &mut console) {
+        Ok(served) => served,
+        Err(e) => {
+            println!("winvm-controller: the agent failed before the session: {e}");
+            power_off();
+            return Err(e);
+        }
     };
-    let text = std::fs::read_to_string(config_path)
-        .map_err(|e| AgentError::Config(format!("cannot read {}: {e}", config_path.display())))?;
-    let cfg: AgentConfig = serde_json::from_str(&text).map_err(|e| AgentError::Config(e.to_string()))?;
-    let log_file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cfg.xchg.join(OUTPUT_LOG))
-        .map_err(|e| AgentError::Io(format!("cannot open the output log: {e}")))?;
-    let mut log = Log(log_file);
-    let result = run(&cfg, &mut log, &clock);
+    // What the page cache holds of the system disk is read again on demand: dropped, it is
+    // not in the saved memory, which every build loads (smbd's and the agent's own pages are
+    // mapped, and stay).
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    println!("{READY_MARKER}");
+    let (now, mounts) = read_session(session_port)?;
+    let clock = clock_from(Some(now));
+    for (tag, at) in &mounts {
+        mount_9p(tag, at)?;
+    }
+    let job: JobConfig = read_json(&Path::new(READY_XCHG).join(AGENT_CONFIG))?;
+    let mut log = Log::file(&job.xchg.join(OUTPUT_LOG))?;
+    log.line("revived: smbd up and the guest's SSH logon kept since the image was saved");
+    let result = run_job(served, &job, &mut log, &clock);
+    finish(&job, result, &mut log)
+}
+
+fn prepare_ready(config_path: &Path, console: &mut Log) -> Result<Served, AgentError> {
+    let ready: ReadyConfig = read_json(config_path)?;
+    console.line("agent started from the system disk");
+    let served = serve(&ready.serve, console)?;
+    console.line("preparing the guest (its SMB session stays open while the pair is saved)");
+    let verdict = exec(&served.ssh, &ready.prepare, console, "running the guest's prepare command")?;
+    if verdict != Verdict::Exited(0) {
+        return Err(AgentError::Prepare { command: ready.prepare.clone(), verdict });
+    }
+    // The build's login, done now: after the revive only the command is left to run.
+    let mut channel = open_channel(&served.ssh)?;
+    channel.exec(WAITING_COMMAND).map_err(ssh_err("starting the login that waits for the command"))?;
+    console.line("a login waits for the build's command");
+    Ok(Served { waiting: Some(channel), ..served })
+}
+
+/// One line from the session port (a tty in canonical mode: one read, one line).
+fn read_session(port: &Path) -> Result<(u64, Vec<(String, std::path::PathBuf)>), AgentError> {
+    let io_err = |e: std::io::Error| AgentError::Io(format!("reading the session line from {}: {e}", port.display()));
+    let mut file = File::open(port).map_err(io_err)?;
+    let mut line = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !line.ends_with(b"\n") {
+        let n = file.read(&mut buf).map_err(io_err)?;
+        if n == 0 {
+            return Err(AgentError::Io(format!("{} closed before the session line", port.display())));
+        }
+        line.extend_from_slice(&buf[..n]);
+    }
+    super::parse_ready_session_line(&String::from_utf8_lossy(&line)).map_err(AgentError::Config)
+}
+
+/// The host's folder exported as `tag`, mounted at `at` (mount(2) directly: no process to
+/// start under TCG).
+fn mount_9p(tag: &str, at: &Path) -> Result<(), AgentError> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let failed =
+        |detail: String| AgentError::Io(format!("cannot mount the export {tag} at {}: {detail}", at.display()));
+    let source = CString::new(tag).map_err(|e| failed(e.to_string()))?;
+    let target = CString::new(at.as_os_str().as_bytes()).map_err(|e| failed(e.to_string()))?;
+    let options = CString::new("trans=virtio,version=9p2000.L,msize=262144").expect("no NUL");
+    // SAFETY: every pointer is a valid C string that outlives the call.
+    let r = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), c"9p".as_ptr(), 0, options.as_ptr().cast()) };
+    if r != 0 {
+        return Err(failed(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(())
+}
+
+fn power_off() {
+    // SAFETY: sync and reboot take no pointers; the controller has nothing left to do.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+}
+
+/// Records the verdict in the exchange directory: written last and renamed into place, so the
+/// host never reads half of it.
+fn finish(job: &JobConfig, result: Result<Verdict, AgentError>, log: &mut Log) -> Result<i32, AgentError> {
     let verdict = match &result {
         Ok(Verdict::Exited(code)) => code.to_string(),
         Ok(Verdict::Signal(sig)) => format!("signal {sig}"),
@@ -103,10 +244,9 @@ pub fn main(config_path: &Path, host_now: Option<u64>) -> Result<i32, AgentError
             format!("error {e}")
         }
     };
-    // Written last and renamed into place, so the host never reads half a verdict.
-    let tmp = cfg.xchg.join(format!("{EXIT_FILE}.tmp"));
+    let tmp = job.xchg.join(format!("{EXIT_FILE}.tmp"));
     std::fs::write(&tmp, format!("{verdict}\n"))
-        .and_then(|_| std::fs::rename(&tmp, cfg.xchg.join(EXIT_FILE)))
+        .and_then(|_| std::fs::rename(&tmp, job.xchg.join(EXIT_FILE)))
         .map_err(|e| AgentError::Io(format!("cannot write the exit code: {e}")))?;
     result.map(|_| 0)
 }
@@ -117,59 +257,68 @@ pub enum Verdict {
     Signal(String),
 }
 
-fn run(cfg: &AgentConfig, log: &mut Log, clock: &dyn Fn() -> std::time::SystemTime) -> Result<Verdict, AgentError> {
-    log.line("agent started");
+/// smbd up, the guest's SSH answered and logged on to with the image's key.
+fn serve(cfg: &ServeConfig, log: &mut Log) -> Result<Served, AgentError> {
     let smbd = start_smbd(cfg)?;
     log.line("controller: smbd up");
     let addr: SocketAddr = cfg.guest_addr.parse().map_err(|e| AgentError::Config(format!("guestAddr: {e}")))?;
     // As long as the image's (or the build's) own time-out: a Windows guest booted cold under
     // TCG takes many minutes to answer.
-    let timeout = Duration::from_secs(cfg.ssh_timeout_secs);
-    let tcp = wait_for_ssh(addr, timeout)?;
+    let tcp = wait_for_ssh(addr, Duration::from_secs(cfg.ssh_timeout_secs))?;
     log.line("guest SSH answered");
-    File::create(cfg.xchg.join(WAITING_DONE))
+    let cut = tcp.try_clone().map_err(|e| AgentError::Io(format!("cannot keep the SSH connection: {e}")))?;
+    let ssh = handshake(tcp, SSH_STEP_TIMEOUT)?;
+    ssh.userauth_pubkey_file(&cfg.user, None, &cfg.key_file, None)
+        .map_err(ssh_err("authenticating with the image's key"))?;
+    log.line("logged on to the guest");
+    Ok(Served { smbd, ssh, tcp: cut, waiting: None })
+}
+
+fn run_job(
+    served: Served,
+    job: &JobConfig,
+    log: &mut Log,
+    clock: &dyn Fn() -> std::time::SystemTime,
+) -> Result<Verdict, AgentError> {
+    File::create(job.xchg.join(WAITING_DONE))
         .map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
     // smbd must outlive the command: if it ends, the guest's file access hangs or fails, so
     // the watch cuts the SSH connection and the loss is reported instead of a hang.
-    let watch = SmbdWatch::start(smbd, &tcp, cfg.kill_smbd_after_secs.map(Duration::from_secs))?;
-    let result = run_command(tcp, cfg, log, clock);
+    let Served { smbd, ssh, tcp, waiting } = served;
+    let watch = SmbdWatch::start(smbd, &tcp, job.kill_smbd_after_secs.map(Duration::from_secs))?;
+    let result = run_command(&ssh, waiting, job, log, clock);
     if let Some(status) = watch.stop() {
         log.line(&format!("controller: smbd ended ({status}) during the command"));
         return Err(AgentError::SmbdDied { status });
     }
-    let verdict = result?;
-    // A failed build's outputs are discarded by Nix: the guest packs them only on success.
-    if verdict == Verdict::Exited(0) && !cfg.outputs.is_empty() {
-        unpack_outputs(cfg, log)?;
-    }
-    Ok(verdict)
+    result
 }
 
-/// Watches smbd while the command runs; see [`run`].
+/// Watches smbd while the command runs; see [`run_job`].
 struct SmbdWatch {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped (or sent to) when the command is over: the watch ends at once.
+    stop: std::sync::mpsc::Sender<()>,
     thread: std::thread::JoinHandle<(SmbdGuard, Option<String>)>,
 }
 
 impl SmbdWatch {
     fn start(mut smbd: SmbdGuard, tcp: &TcpStream, kill_after: Option<Duration>) -> Result<SmbdWatch, AgentError> {
-        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::mpsc::RecvTimeoutError;
         let cut = tcp.try_clone().map_err(|e| AgentError::Io(format!("cannot watch smbd: {e}")))?;
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let stopped = stop.clone();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let started = Instant::now();
-        let thread = std::thread::spawn(move || {
-            while !stopped.load(Ordering::Relaxed) {
-                if kill_after.is_some_and(|after| started.elapsed() >= after) {
-                    let _ = smbd.0.kill();
-                }
-                if let Ok(Some(status)) = smbd.0.try_wait() {
-                    let _ = cut.shutdown(std::net::Shutdown::Both);
-                    return (smbd, Some(describe(status)));
-                }
-                std::thread::sleep(Duration::from_millis(100));
+        let thread = std::thread::spawn(move || loop {
+            if kill_after.is_some_and(|after| started.elapsed() >= after) {
+                let _ = smbd.0.kill();
             }
-            (smbd, None)
+            if let Ok(Some(status)) = smbd.0.try_wait() {
+                let _ = cut.shutdown(std::net::Shutdown::Both);
+                return (smbd, Some(describe(status)));
+            }
+            match stopped.recv_timeout(Duration::from_millis(100)) {
+                Err(RecvTimeoutError::Timeout) => continue,
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => return (smbd, None),
+            }
         });
         Ok(SmbdWatch { stop, thread })
     }
@@ -177,7 +326,7 @@ impl SmbdWatch {
     /// Ends the watch; smbd's end status if it ended during the command. smbd itself is
     /// stopped when the returned guard is dropped, here.
     fn stop(self) -> Option<String> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.stop.send(());
         match self.thread.join() {
             Ok((_guard, died)) => died,
             Err(_) => Some("its watch failed".into()),
@@ -196,40 +345,10 @@ fn describe(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// The guest's archive of the outputs, unpacked into the real output paths through the
-/// store's 9p export, with its links, exec bits and empty folders.
-fn unpack_outputs(cfg: &AgentConfig, log: &mut Log) -> Result<(), AgentError> {
-    let path = cfg.xchg.join(unpack::ARCHIVE);
-    let file = match File::open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // Nix names each missing output itself.
-            log.line("outputs: the command made none of them");
-            return Ok(());
-        }
-        Err(e) => return Err(AgentError::Io(format!("cannot open {}: {e}", path.display()))),
-    };
-    let archive_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let started = Instant::now();
-    let done = unpack::unpack(file, &cfg.outputs).map_err(AgentError::Outputs)?;
-    let secs = started.elapsed().as_secs_f64();
-    log.line(&format!(
-        "outputs: {} of {} paths, {} entries, {} unpacked in {secs:.1} s ({}/s; archive {})",
-        done.paths,
-        cfg.outputs.len(),
-        done.entries,
-        size(done.bytes as f64),
-        size(done.bytes as f64 / secs.max(0.001)),
-        size(archive_bytes as f64),
-    ));
-    // Unpacked, the archive is only a second copy in the build folder.
-    let _ = std::fs::remove_file(&path);
-    Ok(())
-}
-
-fn start_smbd(cfg: &AgentConfig) -> Result<SmbdGuard, AgentError> {
+fn start_smbd(cfg: &ServeConfig) -> Result<SmbdGuard, AgentError> {
     let conf = samba::write_config(&cfg.shares, &cfg.run_dir).map_err(|e| AgentError::Smbd(e.to_string()))?;
-    let log = File::create(cfg.xchg.join("smbd.log")).map_err(|e| AgentError::Smbd(e.to_string()))?;
+    let log = File::create(&cfg.smbd_log)
+        .map_err(|e| AgentError::Smbd(format!("cannot create {}: {e}", cfg.smbd_log.display())))?;
     let log2 = log.try_clone().map_err(|e| AgentError::Smbd(e.to_string()))?;
     let child = Command::new(&cfg.smbd)
         .arg("--foreground")
@@ -256,7 +375,7 @@ fn start_smbd(cfg: &AgentConfig) -> Result<SmbdGuard, AgentError> {
     match listening {
         Ok(()) => Ok(guard),
         Err(WaitError::Failed(status)) => {
-            let tail = std::fs::read_to_string(cfg.xchg.join("smbd.log")).unwrap_or_default();
+            let tail = std::fs::read_to_string(&cfg.smbd_log).unwrap_or_default();
             Err(AgentError::Smbd(format!("exited with {status} before listening: {}", tail.trim())))
         }
         Err(WaitError::TimedOut(t)) => Err(AgentError::Smbd(t.to_string())),
@@ -317,23 +436,51 @@ fn step_err(step: &'static str, deadline: Duration) -> impl FnOnce(ssh2::Error) 
 }
 
 fn run_command(
-    tcp: TcpStream,
-    cfg: &AgentConfig,
+    session: &ssh2::Session,
+    waiting: Option<ssh2::Channel>,
+    job: &JobConfig,
     log: &mut Log,
     clock: &dyn Fn() -> std::time::SystemTime,
 ) -> Result<Verdict, AgentError> {
-    let session = handshake(tcp, SSH_STEP_TIMEOUT)?;
-    session
-        .userauth_pubkey_file(&cfg.user, None, &cfg.key_file, None)
-        .map_err(ssh_err("authenticating with the image's key"))?;
+    let command = if job.set_clock { format!("{}{}", clock_prefix(clock()), job.command) } else { job.command.clone() };
+    if let Some(terminal) = &job.terminal {
+        // A login on a pty of its own; the waiting one ends with the session.
+        let channel = session.channel_session().map_err(ssh_err("opening a channel"))?;
+        return run_on_terminal(session, channel, terminal, &command, log);
+    }
+    match waiting {
+        Some(mut channel) => {
+            session.set_timeout(SSH_STEP_TIMEOUT.as_millis() as u32);
+            channel.write_all(command.as_bytes()).map_err(|e| AgentError::Ssh {
+                step: "sending the command to the waiting login",
+                detail: e.to_string(),
+            })?;
+            channel.send_eof().map_err(ssh_err("ending the command's input"))?;
+            pump(session, channel, log)
+        }
+        None => exec(session, &command, log, "starting the command"),
+    }
+}
+
+/// A new channel, its stdout and stderr merged.
+fn open_channel(session: &ssh2::Session) -> Result<ssh2::Channel, AgentError> {
+    session.set_timeout(SSH_STEP_TIMEOUT.as_millis() as u32);
     let mut channel = session.channel_session().map_err(ssh_err("opening a channel"))?;
     // One stream in order: the build log wants stdout and stderr as they interleave.
     channel.handle_extended_data(ssh2::ExtendedData::Merge).map_err(ssh_err("merging stderr"))?;
-    let command = if cfg.set_clock { format!("{}{}", clock_prefix(clock()), cfg.command) } else { cfg.command.clone() };
-    if let Some(terminal) = &cfg.terminal {
-        return run_on_terminal(&session, channel, terminal, &command, log);
-    }
-    channel.exec(&command).map_err(ssh_err("starting the command"))?;
+    Ok(channel)
+}
+
+/// Runs `command` on a new channel of `session`, its stdout and stderr merged into `log` as
+/// they come; its exit code or signal.
+fn exec(session: &ssh2::Session, command: &str, log: &mut Log, step: &'static str) -> Result<Verdict, AgentError> {
+    let mut channel = open_channel(session)?;
+    channel.exec(command).map_err(ssh_err(step))?;
+    pump(session, channel, log)
+}
+
+/// The channel's output into `log` until it closes; its exit code or signal.
+fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, log: &mut Log) -> Result<Verdict, AgentError> {
     // A build may run silent for long: no deadline per read (0 = none).
     session.set_timeout(0);
     let mut buf = vec![0u8; 64 * 1024];
@@ -346,6 +493,7 @@ fn run_command(
         log.0.write_all(&buf[..n]).map_err(|e| AgentError::Io(format!("writing the output log: {e}")))?;
         let _ = log.0.flush();
     }
+    session.set_timeout(SSH_STEP_TIMEOUT.as_millis() as u32);
     channel.wait_close().map_err(ssh_err("closing the channel"))?;
     if let Some(signal) = channel.exit_signal().map_err(ssh_err("reading the exit signal"))?.exit_signal {
         return Ok(Verdict::Signal(signal));
@@ -426,15 +574,6 @@ fn relay(channel: &mut ssh2::Channel, port: &mut File) -> Result<(), AgentError>
         if channel.eof() {
             return Ok(());
         }
-    }
-}
-
-/// Bytes for people: "3.9 kB", "209.7 MB".
-fn size(bytes: f64) -> String {
-    if bytes < 1e6 {
-        format!("{:.1} kB", bytes / 1e3)
-    } else {
-        format!("{:.1} MB", bytes / 1e6)
     }
 }
 

@@ -211,31 +211,62 @@ impl Profile<'_> {
 
     /// The installed guest on `disk`, as the suspend stage boots it and every build revives
     /// it: identical in both, as migration requires.
-    pub fn machine(self, media: &Path, disk: PathBuf) -> Machine {
+    ///
+    /// `outputs_disk`: an empty raw file of [`OUTPUTS_DISK_BYTES`], the guest's outputs disk
+    /// (see [`Profile::with_local_outputs`]); a new one for every session, as a saved guest
+    /// has the devices it was saved with.
+    pub fn machine(self, media: &Path, disk: PathBuf, outputs_disk: &Path) -> Machine {
+        let outputs = |device: &str| {
+            vec![
+                "-drive".into(),
+                format!(
+                    "if=none,id=winvm-outputs,format=raw,cache=writeback,{},file={}",
+                    crate::vm::qemu::DISK_ERRORS,
+                    crate::vm::qemu::drive_path(outputs_disk)
+                )
+                .into(),
+                "-device".into(),
+                format!("{device},drive=winvm-outputs").into(),
+            ]
+        };
         match self {
             Profile::Standin => Machine {
                 boot: Some(linux_boot(media, STANDIN_BOOT)),
                 disk: Some(disk),
                 nic_model: VIRTIO_NET,
-                extra_args: vec![],
+                // On a PCI slot after the system disk's (the board's devices fill the first
+                // slots), so that Linux finds it second: /dev/vdb.
+                extra_args: outputs("virtio-blk-pci,addr=0x1c"),
                 hyperv: false,
                 display: true,
                 uefi: None,
             },
-            Profile::Windows(_) => windows_machine(windows::media::system_disk_args(&disk)),
+            Profile::Windows(_) => {
+                let mut args = windows::media::system_disk_args(&disk);
+                // The second AHCI disk: PhysicalDrive1, Cygwin's /dev/sdb.
+                args.extend(outputs("ide-hd,bus=ide.4"));
+                windows_machine(args)
+            }
         }
     }
 
-    /// The command the suspend stage runs in the guest before saving it.
-    pub fn map_shares_command(self) -> String {
+    /// The guest's name for its outputs disk: the second disk, raw, never partitioned.
+    pub fn outputs_device(self) -> &'static str {
         match self {
-            // The standin's login shell has just mapped the shares (proving they work); they
-            // are unmapped again so that the snapshot holds no SMB connection to this
-            // controller: a revived client would spend seconds in reconnect back-off, where a
-            // fresh mount at the next login takes a fraction of one.
-            Profile::Standin => "umount /nix/store /tmp/xchg".to_owned(),
-            // Cygwin mounts of the UNC paths and their fstab lines, reached with the logon's
-            // own credentials (no drive letters); then every SMB connection is deleted.
+            Profile::Standin => "/dev/vdb",
+            Profile::Windows(_) => "/dev/sdb",
+        }
+    }
+
+    /// The command the controller runs in the guest before the pair is saved: the shares
+    /// mapped once (proving they work), an SMB session to the controller left open on its
+    /// session share, and no tree of the store or exchange shares (each build's controller
+    /// mounts new folders there).
+    pub fn prepare_command(self) -> String {
+        match self {
+            Profile::Standin => standin::prepare_command(),
+            // Cygwin mounts of the UNC paths and their fstab lines, the session share held by
+            // this logon (the SSH connection the controller keeps for the builds).
             Profile::Windows(_) => windows::scripts::map_shares_sh(),
         }
     }
@@ -249,25 +280,25 @@ impl Profile<'_> {
     }
 
     /// `build` (the command that runs the build) wrapped so that the outputs, named by their
-    /// store names, are made on the guest's own disk and come back as one tar archive at
-    /// `archive`, in the guest's exchange folder: through the SMB share, symbolic links and
-    /// exec bits would not survive. The archive is made only after a build that succeeded (Nix
+    /// store names, are made on the guest's own disk and come back as one tar archive written
+    /// onto the guest's outputs disk ([`Profile::outputs_device`]), which the builder unpacks
+    /// once the VMs are stopped: through the SMB share, symbolic links and exec bits would not
+    /// survive, and a disk is many times faster. The archive is made only after a build that succeeded (Nix
     /// discards a failed build's outputs anyway), and holds the outputs the build made: one it
     /// did not make stays absent, and Nix says so. The exit code is the build's, or 1 with a
     /// line that says why when the outputs could not be placed or packed.
-    pub fn with_local_outputs(self, build: &str, outputs: &[String], archive: &str) -> String {
-        let (redirect, tar) = match self {
+    pub fn with_local_outputs(self, build: &str, outputs: &[String]) -> String {
+        let (redirect, pack) = match self {
             Profile::Standin => (standin::REDIRECT_OUTPUTS, standin::PACK_OUTPUTS),
             Profile::Windows(_) => (windows::outputs::REDIRECT_OUTPUTS, windows::outputs::PACK_OUTPUTS),
         };
         let store = crate::spec::STORE_DIR;
         let names = crate::shell::quote(&outputs.join(" "));
-        let part = crate::shell::quote(&format!("{archive}.part"));
-        let quoted = crate::shell::quote(archive);
+        let device = self.outputs_device();
         format!(
             r#"winvm_outputs={names}
 winvm_say() {{ read -r winvm_up winvm_idle </proc/uptime; echo "nix-winvm: [guest $winvm_up s] $*"; }}
-{redirect}winvm_redirect || {{ echo "nix-winvm: the outputs could not be placed on the guest's disk" >&2; exit 1; }}
+{redirect}{pack}winvm_redirect || {{ echo "nix-winvm: the outputs could not be placed on the guest's disk" >&2; exit 1; }}
 ({build})
 winvm_code=$?
 if [ "$winvm_code" = 0 ]; then
@@ -277,8 +308,8 @@ if [ "$winvm_code" = 0 ]; then
     done
     if [ $# -gt 0 ]; then
         winvm_say "packing $# of the outputs"
-        {tar} {part} -C {store} "$@" && mv -f {part} {quoted} || {{
-            echo "nix-winvm: packing the outputs into {archive} failed" >&2
+        winvm_pack "$@" || {{
+            echo "nix-winvm: packing the outputs onto the outputs disk {device} failed" >&2
             exit 1
         }}
         winvm_say "outputs packed"
@@ -289,6 +320,10 @@ exit "$winvm_code"
         )
     }
 }
+
+/// The size of the guest's outputs disk, the same in every session (a revived guest keeps the
+/// size it saw when it was saved): a sparse file, so only what the guest writes takes room.
+pub const OUTPUTS_DISK_BYTES: u64 = 1 << 40;
 
 /// Windows in every stage: booted by the firmware from the disks in `extra_args`, e1000e,
 /// Hyper-V enlightenments under KVM, a display.
@@ -316,8 +351,19 @@ mod tests {
         assert_eq!(install.machine.boot.as_ref().unwrap().initrd, Path::new("/m/installer.img"));
         assert_eq!(install.machine.disk.as_deref(), Some(Path::new("/d.qcow2")));
         assert!(install.no_reboot);
-        let boot = Profile::Standin.machine(media, "/o.qcow2".into());
+        let boot = Profile::Standin.machine(media, "/o.qcow2".into(), Path::new("/w/outputs.img"));
         assert_eq!(boot.boot.unwrap().initrd, Path::new("/m/boot.img"));
+        let args: Vec<String> = boot.extra_args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(
+            args,
+            [
+                "-drive",
+                "if=none,id=winvm-outputs,format=raw,cache=writeback,werror=report,rerror=report,file=/w/outputs.img",
+                "-device",
+                "virtio-blk-pci,addr=0x1c,drive=winvm-outputs",
+            ]
+        );
+        assert_eq!(Profile::Standin.outputs_device(), "/dev/vdb");
         assert_eq!(Profile::Standin.shell(), "/bin/sh");
         assert!(!Profile::Standin.needs_iso());
     }
@@ -326,7 +372,7 @@ mod tests {
     fn windows_boots_its_system_disk_from_the_firmware_with_a_display() {
         let guest = GuestSpec::Windows(WindowsOptions::new("Windows 11 Pro"));
         let profile = profile(&guest);
-        let m = profile.machine(Path::new("/m"), "/d,x.qcow2".into());
+        let m = profile.machine(Path::new("/m"), "/d,x.qcow2".into(), Path::new("/w/outputs.img"));
         assert_eq!(m.boot, None);
         assert_eq!(m.nic_model, E1000E);
         assert!(m.hyperv, "Windows gets the Hyper-V enlightenments under KVM");
@@ -338,8 +384,13 @@ mod tests {
                 "if=none,id=winvm-system,file=/d,,x.qcow2,format=qcow2,cache=writeback,werror=report,rerror=report",
                 "-device",
                 "ide-hd,drive=winvm-system,bus=ide.0,bootindex=0",
+                "-drive",
+                "if=none,id=winvm-outputs,format=raw,cache=writeback,werror=report,rerror=report,file=/w/outputs.img",
+                "-device",
+                "ide-hd,bus=ide.4,drive=winvm-outputs",
             ]
         );
+        assert_eq!(profile.outputs_device(), "/dev/sdb");
         assert!(m.display, "Windows expects a display adapter; its screen is taken");
         assert_eq!(profile.shell(), "/bin/bash");
         assert!(profile.needs_iso());

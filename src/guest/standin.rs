@@ -6,9 +6,20 @@ use crate::initramfs::linux::{add_busybox_and_modules, base, init, LinuxInitErro
 use crate::initramfs::Initramfs;
 use std::path::Path;
 
-/// Network, SMB client, entropy.
-pub const MODULES: &[&str] =
-    &["virtio_pci", "virtio_net", "virtio_rng", "cifs", "ctr", "gcm", "ghash_generic", "ccm", "cmac", "sha512_generic"];
+/// Network, SMB client, entropy, and overlayfs (a build's outputs on the guest's disk).
+pub const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "virtio_rng",
+    "cifs",
+    "ctr",
+    "gcm",
+    "ghash_generic",
+    "ccm",
+    "cmac",
+    "sha512_generic",
+    "overlay",
+];
 
 const INIT: &str = r#"mkdir -p /run /tmp/xchg /nix/store /etc/dropbear
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
@@ -38,14 +49,40 @@ fn standin_init(body: &str) -> Vec<u8> {
     init(&format!("{SAY}{body}"))
 }
 
-/// Runs at every SSH login, as Cygwin rebuilds its mounts from /etc/fstab at every login.
+/// Runs at every SSH login, as Cygwin rebuilds its mounts from /etc/fstab at every login. In a
+/// ready pair the controller's session share is mounted already (see [`prepare_command`]): the
+/// store and the exchange folder are its folders, mounted by the login the controller keeps
+/// waiting across the save, so a build finds them in place; the store as an overlay, the
+/// share's folder below, a folder of the guest's disk above, where the build's outputs land
+/// (see [`REDIRECT_OUTPUTS`]). Otherwise (a direct run) each is a share of its own.
 const LOGIN_SHELL: &str = r#"#!/bin/sh
+# Whether something is mounted at $1: the shell's own read and test, no process started (each
+# one costs milliseconds under TCG, and this runs before every build).
+mounted() {
+    while read -r _ winvm_at _; do [ "$winvm_at" = "$1" ] && return 0; done </proc/mounts
+    return 1
+}
+bind_folder() {
+    mounted "$2" && return 0
+    [ -d "$2" ] || mkdir -p "$2"
+    mount -o bind "@SESSION_MOUNT@/$1" "$2" \
+        || { echo "winvm-standin: cannot bind the session share's folder $1 at $2" >&2; return 1; }
+}
+if mounted @SESSION_MOUNT@; then
+    if ! mounted /nix/store; then
+        bind_folder @SESSION_STORE@ @STORE_SHARE@ || exit 255
+        [ -d @STORE_LOCAL@ ] || mkdir -p @STORE_LOCAL@ @STORE_WORK@
+        mount -t overlay overlay -o lowerdir=@STORE_SHARE@,upperdir=@STORE_LOCAL@,workdir=@STORE_WORK@ /nix/store \
+            || { echo "winvm-standin: cannot mount the store's overlay at /nix/store" >&2; exit 255; }
+    fi
+    bind_folder @SESSION_XCHG@ /tmp/xchg || exit 255
+    exec /bin/sh "$@"
+fi
 mount_share() {
-    grep -q " $2 cifs " /proc/mounts && return 0
+    mounted "$2" && return 0
     mkdir -p "$2"
     # The account the Windows guest's logons carry: NTLMSSP, signed SMB3, as Windows does it.
-    mount -t cifs "//@CONTROLLER_IP@/$1" "$2" \
-        -o username=Administrator,password=@ADMIN_PASSWORD@,sec=ntlmssp,vers=3.0,uid=0,gid=0,noperm \
+    mount -t cifs "//@CONTROLLER_IP@/$1" "$2" -o @CIFS_OPTIONS@ \
         || { echo "winvm-standin: cannot mount the controller's share '$1' at $2 as Administrator" >&2; return 1; }
 }
 mount_share nixstore /nix/store || exit 255
@@ -55,6 +92,32 @@ if [ -f /tmp/xchg/shares ]; then
 fi
 exec /bin/sh "$@"
 "#;
+
+/// The mount options of every share: one SMB session serves them all (same server, same
+/// account, same options), so a mount after the first is a tree connect alone.
+fn cifs_options() -> String {
+    format!(
+        "username=Administrator,password={},sec=ntlmssp,vers=3.0,uid=0,gid=0,noperm",
+        crate::spec::WindowsOptions::ADMIN_PASSWORD
+    )
+}
+
+/// Run before the pair is saved, in the login the controller keeps: the login shell has just
+/// mounted the store and the exchange shares (proving that they work); the controller's
+/// session share is mounted and the other two unmounted, so that the saved pair holds one SMB
+/// session with one tree, the session share's, and no tree of the shares whose folders each
+/// build's controller mounts anew. A build's login binds the session share's folders.
+pub fn prepare_command() -> String {
+    crate::spec::with_addresses(&format!(
+        "mkdir -p {dir} && mount -t cifs //@CONTROLLER_IP@/{share} {dir} -o {opts} && umount /nix/store /tmp/xchg",
+        dir = SESSION_MOUNT,
+        share = crate::spec::SESSION_SHARE,
+        opts = cifs_options(),
+    ))
+}
+
+/// Where the standin keeps the controller's session share mounted.
+pub const SESSION_MOUNT: &str = "/var/winvm/srv";
 
 /// Building the standin's initramfs failed, in the part it names.
 #[derive(Debug)]
@@ -102,7 +165,13 @@ pub fn add_system(
         at("/bin/winvm-login"),
         0o755,
         crate::spec::with_addresses(LOGIN_SHELL)
-            .replace("@ADMIN_PASSWORD@", crate::spec::WindowsOptions::ADMIN_PASSWORD)
+            .replace("@CIFS_OPTIONS@", &cifs_options())
+            .replace("@SESSION_MOUNT@", SESSION_MOUNT)
+            .replace("@SESSION_STORE@", crate::spec::SESSION_STORE)
+            .replace("@SESSION_XCHG@", crate::spec::SESSION_XCHG)
+            .replace("@STORE_SHARE@", STORE_SHARE)
+            .replace("@STORE_LOCAL@", STORE_LOCAL)
+            .replace("@STORE_WORK@", STORE_WORK)
             .into_bytes(),
     )
     .map_err(e("login shell"))?;
@@ -183,21 +252,43 @@ pub fn boot(busybox: &Path, modules_dir: &Path) -> Result<Initramfs, StandinErro
     Ok(img)
 }
 
-/// Before a build: the store the login mounted moves aside, and `/nix/store` becomes a fresh
-/// folder of the guest's own disk in which every store path of the share is bound again, the
-/// outputs excepted (the system's own `/nix/store`, dropbear's libraries, stays hidden, as
-/// under the share). So a build makes its outputs (a file, a folder or a link, as it likes) on a Linux
-/// file system, and one it does not make stays absent. Linux has no prefix mounts like
-/// Cygwin's and this kernel has no overlayfs module: a bind mount needs its mount point to
-/// exist with the right type, which an output's cannot before the build. One bind per store
-/// path suits the sandbox's store, which holds the build's inputs alone. Reads
-/// `$winvm_outputs` (store names).
+/// Where the store's overlay keeps its parts: the share's store below, a folder of the guest's
+/// disk above (empty in a saved image, so empty in each build), overlayfs' work folder.
+pub const STORE_SHARE: &str = "/var/winvm/store-share";
+pub const STORE_LOCAL: &str = "/var/winvm/store";
+pub const STORE_WORK: &str = "/var/winvm/store-work";
+
+/// Before a build: `/nix/store` must be an overlay of the share's store (read-only below) and
+/// a fresh folder of the guest's own disk (above), where whatever the build writes into the
+/// store lands. So a build makes its outputs (a file, a folder or a link, as it likes) on a
+/// Linux file system, one it does not make stays absent, and the system's own `/nix/store`
+/// (dropbear's libraries) stays hidden, as under the share. In a ready pair the waiting login
+/// made it before the save (nothing is left to do); otherwise the share the login mounted
+/// moves aside under it.
 pub const REDIRECT_OUTPUTS: &str = r#"winvm_redirect() {
-    winvm_share=/var/winvm/store-share winvm_local=/var/winvm/store
+    while read -r _ winvm_at winvm_type _; do
+        [ "$winvm_at" = /nix/store ] && [ "$winvm_type" = overlay ] && return 0
+    done </proc/mounts
+    winvm_share=/var/winvm/store-share winvm_local=/var/winvm/store winvm_work=/var/winvm/store-work
+    if [ -e "$winvm_local" ]; then rm -rf "$winvm_local" "$winvm_work" || return 1; fi
+    mkdir -p "$winvm_share" "$winvm_local" "$winvm_work" || return 1
+    mount -o move /nix/store "$winvm_share" || return 1
+    mount -t overlay overlay -o "lowerdir=$winvm_share,upperdir=$winvm_local,workdir=$winvm_work" /nix/store
+}
+"#;
+
+/// The same for a run outside the sandbox (`run-vm` of a kept build), where the share is the
+/// host's whole store: `/nix/store` becomes a fresh folder of the guest's disk in which only the
+/// store paths named in `$winvm_inputs` (what the build's sandbox held) are bound again, so the
+/// guest sees what the build saw. Reads `$winvm_outputs` and `$winvm_inputs` (store names).
+pub const REDIRECT_OUTPUTS_LISTED: &str = r#"winvm_redirect() {
+    # Folders of their own: the store seen so far (the share, or the overlay a ready pair's
+    # login made) moves under the first, the second becomes /nix/store.
+    winvm_share=/var/winvm/rerun-seen winvm_local=/var/winvm/rerun-store
     rm -rf "$winvm_local" && mkdir -p "$winvm_share" "$winvm_local" || return 1
     mount -o move /nix/store "$winvm_share" && mount -o bind "$winvm_local" /nix/store || return 1
-    for winvm_p in "$winvm_share"/*; do
-        winvm_n=${winvm_p##*/}
+    for winvm_i in $winvm_inputs; do
+        winvm_p=$winvm_share/$winvm_i winvm_n=$winvm_i
         case " $winvm_outputs " in *" $winvm_n "*) continue ;; esac
         winvm_at=/nix/store/$winvm_n
         if [ -L "$winvm_p" ]; then
@@ -211,5 +302,13 @@ pub const REDIRECT_OUTPUTS: &str = r#"winvm_redirect() {
 }
 "#;
 
-/// Busybox tar: ustar, with GNU long names beyond 100 bytes; links stay links.
-pub const PACK_OUTPUTS: &str = "tar -c -f";
+/// Packs the outputs named in "$@" onto the outputs disk, /dev/vdb. Busybox tar: ustar, with
+/// GNU long names beyond 100 bytes; links stay links. Through dd in whole 4 MiB blocks with
+/// O_DIRECT: the guest's page cache is skipped, which under TCG is most of the cost (in one
+/// run here, 100 MB took 1.2 s written by tar to the device, 0.47 s through this dd). An
+/// archive is a whole number of 512-byte blocks, so the last, short block is one O_DIRECT
+/// takes.
+pub const PACK_OUTPUTS: &str = r#"winvm_pack() {
+    (set -o pipefail; tar -c -f - -C /nix/store "$@" | dd of=/dev/vdb bs=4M iflag=fullblock oflag=direct 2>/dev/null)
+}
+"#;

@@ -24,26 +24,30 @@ pub struct GuestBoot {
     pub revive_from: Option<PathBuf>,
 }
 
-/// What happens to the guest once the command succeeded.
+/// What the session does: run the command, or (suspend stage) save the pair.
 #[derive(Debug, Clone)]
 pub enum After {
+    /// Run the command, then stop the VMs.
     Quit,
-    /// Save the guest's memory into `path` (the image's state file).
-    Suspend {
-        path: PathBuf,
-        guest: String,
-    },
+    /// No command: once the controller, started from its system disk, says it is ready to
+    /// serve (smbd up, the guest logged on to, the guest's `prepare` done), both VMs are
+    /// stopped together and saved, the guest into `guest_state`, the controller into
+    /// `controller_state`: a consistent pair, whose TCP connections (SSH, SMB) go on after a
+    /// revive as if nothing happened.
+    SavePair { guest_state: PathBuf, guest: String, controller_state: PathBuf },
 }
 
-/// How the controller starts. Its initramfs is the same for every session, so an image can
-/// carry a saved controller that builds revive instead of booting.
+/// How the controller starts. Its initramfs and system disk are the same for every session,
+/// so an image can carry a saved controller that builds revive instead of booting.
 #[derive(Debug, Clone, Default)]
 pub struct ControllerBoot {
     /// A prebuilt controller initramfs (the media's); None: made for this session.
     pub initrd: Option<PathBuf>,
+    /// The system disk (the media's): smbd and the agent start from it before the session,
+    /// so the controller can be saved ready to serve. None: the agent is started from the
+    /// host's file system over 9p once the session arrives (direct runs).
+    pub system: Option<PathBuf>,
     pub revive_from: Option<PathBuf>,
-    /// Save the controller, waiting for its session, into this state file (suspend stage).
-    pub save_to: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,14 +71,10 @@ pub struct SessionConfig {
     pub set_clock: bool,
     pub after: After,
     pub store_dir: PathBuf,
-    pub store_writable: bool,
     pub extra_shares: Vec<ExtraShare>,
     pub tools: Tools,
     /// This program, run as the controller's agent and as QEMU's state reader and writer.
     pub agent: PathBuf,
-    /// The build's output paths: the agent unpacks the guest's archive into these, and
-    /// nowhere else. Empty for the suspend stage and direct runs.
-    pub outputs: Vec<PathBuf>,
     /// Tests only: a fault to inject (see [`TestFault`]).
     pub test_fault: Option<TestFault>,
     /// An interactive login instead of a logged command: the host's stdin and stdout are

@@ -19,6 +19,11 @@ pub enum RunError {
         source: std::io::Error,
     },
     SessionLine(BadPath),
+    /// The controller ended before it said it was ready to serve (suspend stage).
+    ControllerNotReady {
+        status: String,
+        log_tail: String,
+    },
     ControllerInit(LinuxInitError),
     Switch(StartSwitchError),
     Spawn(SpawnError),
@@ -129,6 +134,13 @@ impl fmt::Display for RunError {
         match self {
             RunError::Io { what, source } => write!(f, "{what}: {source}"),
             RunError::SessionLine(e) => write!(f, "the controller's session: {e}"),
+            RunError::ControllerNotReady { status, log_tail } => {
+                write!(
+                    f,
+                    "the controller ended ({status}) before it was ready to serve (smbd, the guest's SSH logon and its prepare command)"
+                )?;
+                tail(f, "the controller's console", log_tail)
+            }
             RunError::ControllerInit(e) => write!(f, "the controller's initramfs: {e}"),
             RunError::Switch(e) => write!(f, "{e}"),
             RunError::Spawn(e) => write!(f, "{e}"),

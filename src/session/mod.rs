@@ -188,13 +188,34 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
         screen: cfg.guest.machine.display.then(|| w.join(GUEST_SCREEN_SOCKET)),
         uefi: cfg.guest.machine.uefi.clone(),
     };
+    // A ready controller's devices are the same at its save and each revive: the store and
+    // the exchange directory, and its system disk. A booted one also sees the host's root (its
+    // agent and smbd) and the direct run's extra shares.
     let mut exports = vec![
-        Export { tag: "root".into(), path: "/".into(), readonly: true },
-        Export { tag: "store".into(), path: cfg.store_dir.clone(), readonly: !cfg.store_writable },
+        // Read-only: the outputs come back on the guest's outputs disk, and nothing else the
+        // guest does may touch the store.
+        Export { tag: "store".into(), path: cfg.store_dir.clone(), readonly: true },
         Export { tag: "xchg".into(), path: files.xchg.clone(), readonly: false },
     ];
-    for (i, s) in cfg.extra_shares.iter().enumerate() {
-        exports.push(Export { tag: format!("share{i}"), path: s.host_path.clone(), readonly: false });
+    let mut extra_args = vec![
+        "-chardev".into(),
+        format!("socket,id=session,path={},server=on,wait=off", w.join("controller-session.sock").display()).into(),
+        "-device".into(),
+        "isa-serial,chardev=session".into(),
+    ];
+    match &cfg.controller.system {
+        Some(disk) => extra_args.extend([
+            "-drive".into(),
+            format!("if=none,id=system,format=raw,readonly=on,file={}", crate::vm::qemu::drive_path(disk)).into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=system".into(),
+        ]),
+        None => {
+            exports.insert(0, Export { tag: "root".into(), path: "/".into(), readonly: true });
+            for (i, s) in cfg.extra_shares.iter().enumerate() {
+                exports.push(Export { tag: format!("share{i}"), path: s.host_path.clone(), readonly: false });
+            }
+        }
     }
     let controller = VmConfig {
         name: "controller".into(),
@@ -207,13 +228,8 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
             append: crate::vm::kernel::APPEND.into(),
         }),
         nic_model: VIRTIO_NET,
-        // ttyS1: where the session arrives.
-        extra_args: vec![
-            "-chardev".into(),
-            format!("socket,id=session,path={},server=on,wait=off", w.join("controller-session.sock").display()).into(),
-            "-device".into(),
-            "isa-serial,chardev=session".into(),
-        ],
+        // ttyS1: where the session arrives; the system disk.
+        extra_args,
         no_reboot: true,
         serial_log: files.controller_serial.clone(),
         vde_ctl: Some(switch.to_path_buf()),
@@ -270,37 +286,50 @@ async fn run_prepared(
     let mut ctl_qmp =
         qmp_up("controller", &mut pair.controller, &w.join("controller-qmp.sock"), &controller_log).await?;
     report.say("controller up");
-    if let Some(state) = &cfg.guest.revive_from {
-        doing.set("reviving the guest");
-        snapshot::revive(cfg, "guest", state, cfg.memory_mib, &mut guest_qmp, &mut pair.guest, &guest_log).await?;
-        report.say("guest revived");
+    // Both loads at once: each is a QEMU reading its own stream.
+    doing.set("reviving the VMs");
+    let (guest_vm, controller_vm) = (&mut pair.guest, &mut pair.controller);
+    let guest_load = async {
+        if let Some(state) = &cfg.guest.revive_from {
+            snapshot::revive(cfg, "guest", state, cfg.memory_mib, &mut guest_qmp, guest_vm, &guest_log).await?;
+            report.say("guest revived");
+        }
+        Ok::<_, RunError>(())
+    };
+    let controller_load = async {
+        if let Some(state) = &cfg.controller.revive_from {
+            let qmp = &mut ctl_qmp;
+            snapshot::revive(cfg, "controller", state, CONTROLLER_MEMORY_MIB, qmp, controller_vm, &controller_log)
+                .await?;
+            report.say("controller revived");
+        }
+        Ok::<_, RunError>(())
+    };
+    let (g, c) = tokio::join!(guest_load, controller_load);
+    g?;
+    c?;
+    if let After::SavePair { guest_state, guest: guest_name, controller_state } = &cfg.after {
+        doing.set("waiting for the controller to be ready to serve");
+        controller_ready(files, &mut pair, report).await?;
+        report.say("controller ready");
+        doing.set("saving the pair");
+        save_pair(cfg, (&mut guest_qmp, guest_state, guest_name), (&mut ctl_qmp, controller_state)).await?;
+        report.say(&format!("pair saved: {} and {}", guest_state.display(), controller_state.display()));
+        let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&qmp::Quit)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), ctl_qmp.execute(&qmp::Quit)).await;
+        teardown(&mut pair).await?;
+        report.say("VMs stopped");
+        return Ok(Verdict::Exited(0));
     }
-    if let Some(state) = &cfg.controller.revive_from {
-        doing.set("reviving the controller");
-        let (qmp, vm) = (&mut ctl_qmp, &mut pair.controller);
-        snapshot::revive(cfg, "controller", state, CONTROLLER_MEMORY_MIB, qmp, vm, &controller_log).await?;
-        report.say("controller revived");
-    } else {
+    if cfg.controller.revive_from.is_none() {
+        // A booted controller takes the line once its init holds the port open.
         doing.set("booting the controller");
         controller_waiting(files, &mut pair.controller).await?;
-        if let Some(path) = &cfg.controller.save_to {
-            doing.set("saving the controller");
-            let header = StateHeader {
-                qemu_version: qemu_version(&ctl_qmp),
-                memory_mib: CONTROLLER_MEMORY_MIB,
-                guest: "controller".into(),
-            };
-            snapshot::save(cfg, &mut ctl_qmp, path, &header).await?;
-            ctl_qmp.execute(&qmp::Cont).await.map_err(|source| RunError::Qmp {
-                vm: "controller".into(),
-                step: "continuing",
-                source,
-            })?;
-            report.say("controller saved while waiting for its session");
-        }
     }
+    report.say("controller ready");
     doing.set("sending the controller its session");
     let session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
+    report.say("session sent");
     // An interactive login travels through the same port once the line is read.
     let (_relay, _session_port) = match &cfg.terminal {
         Some(_) => (Some(terminal::start(session_port).map_err(io("joining the terminal to the session port"))?), None),
@@ -308,20 +337,12 @@ async fn run_prepared(
     };
 
     let verdict = watch_pair(files, &mut pair, report, doing).await?;
-    if let (After::Suspend { path, guest: guest_name }, Verdict::Exited(0)) = (&cfg.after, &verdict) {
-        let header = StateHeader {
-            qemu_version: qemu_version(&guest_qmp),
-            memory_mib: cfg.memory_mib,
-            guest: guest_name.clone(),
-        };
-        doing.set("saving the guest's memory");
-        snapshot::save(cfg, &mut guest_qmp, path, &header).await?;
-        report.say(&format!("guest memory saved to {}", path.display()));
-    }
+    report.say("command finished");
     doing.set("stopping the VMs");
     // The guest has nothing left to do: stop it without a shutdown dance.
     let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&qmp::Quit)).await;
     teardown(&mut pair).await?;
+    report.say("VMs stopped");
     Ok(verdict)
 }
 
@@ -342,6 +363,64 @@ async fn controller_waiting(files: &Files, controller: &mut ProcessGuard) -> Res
         detail,
         log_tail: tail_lines(serial, LOG_TAIL_LINES),
     })
+}
+
+/// Both VMs stopped at once (so that neither sends the other anything the saved other would
+/// not have seen), then each streamed into its state file.
+async fn save_pair(
+    cfg: &SessionConfig,
+    guest: (&mut Qmp, &Path, &String),
+    controller: (&mut Qmp, &Path),
+) -> Result<(), RunError> {
+    let (guest_qmp, guest_state, guest_name) = guest;
+    let (ctl_qmp, controller_state) = controller;
+    let stop = |vm: &'static str| move |source| RunError::Qmp { vm: vm.into(), step: "stopping", source };
+    let (g, c) = tokio::join!(guest_qmp.execute(&qmp::Stop), ctl_qmp.execute(&qmp::Stop));
+    g.map_err(stop("guest"))?;
+    c.map_err(stop("controller"))?;
+    let controller_header = StateHeader {
+        qemu_version: qemu_version(ctl_qmp),
+        memory_mib: CONTROLLER_MEMORY_MIB,
+        guest: "controller".into(),
+    };
+    let guest_header =
+        StateHeader { qemu_version: qemu_version(guest_qmp), memory_mib: cfg.memory_mib, guest: guest_name.clone() };
+    snapshot::save(cfg, ctl_qmp, controller_state, &controller_header).await?;
+    snapshot::save(cfg, guest_qmp, guest_state, &guest_header).await?;
+    Ok(())
+}
+
+/// A controller started from its system disk says [`controller::READY_MARKER`] once it serves
+/// and the guest is prepared; meanwhile its progress lines go into the build log. The stage's
+/// time-out bounds the wait (a Windows guest's first boot is long).
+async fn controller_ready(files: &Files, pair: &mut Pair, report: &dyn Report) -> Result<(), RunError> {
+    let mut shown = 0;
+    loop {
+        let text = std::fs::read_to_string(&files.controller_serial).unwrap_or_default();
+        for line in text.lines().skip(shown) {
+            if line.starts_with("nix-winvm: ") || line.starts_with("winvm-controller: ") {
+                report.say(line.trim_start_matches("nix-winvm: "));
+            }
+        }
+        shown = text.lines().count();
+        if text.contains(controller::READY_MARKER) {
+            return Ok(());
+        }
+        let failed = |status| RunError::ControllerNotReady {
+            status: describe_status(status),
+            log_tail: tail_lines(&files.controller_serial, LOG_TAIL_LINES),
+        };
+        if let Some(status) = pair.controller.try_exited() {
+            return Err(failed(status));
+        }
+        if let Some(status) = pair.guest.try_exited() {
+            return Err(RunError::GuestDroppedOut {
+                status: describe_status(status),
+                log_tail: tail_lines(&files.guest_serial, LOG_TAIL_LINES),
+            });
+        }
+        tokio::time::sleep(WATCH_INTERVAL).await;
+    }
 }
 
 /// Drives [`watch::Phase`] with what the pair does until the controller has the verdict,

@@ -5,9 +5,9 @@
 use super::config::TestFault;
 use super::error::{io, RunError};
 use super::SessionConfig;
-use crate::controller::{self, AgentConfig, Mount, Share};
+use crate::controller::{self, AgentConfig, JobConfig, Mount, ServeConfig, Share, READY_XCHG};
 use crate::guest::{GUEST_IP, SSH_USER};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The guest's serial console, in the work folder.
 pub const GUEST_SERIAL_LOG: &str = "guest-serial.log";
@@ -35,6 +35,23 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     for d in [&files.xchg, &files.run] {
         std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;
     }
+    let job = JobConfig {
+        xchg: files.xchg.clone(),
+        command: cfg.command.clone(),
+        set_clock: cfg.set_clock,
+        kill_smbd_after_secs: match cfg.test_fault {
+            Some(TestFault::KillSmbdAfter(secs)) => Some(secs),
+            _ => None,
+        },
+        terminal: cfg.terminal.clone(),
+    };
+    if cfg.controller.system.is_some() {
+        // A ready controller serves already; its paths are its own (see controller::READY_*).
+        files.session_line = controller::ready_session_line();
+        let job = JobConfig { xchg: READY_XCHG.into(), ..job };
+        write_json(&files.xchg.join(controller::AGENT_CONFIG), &job)?;
+        return Ok(files);
+    }
     let key = files.xchg.join("key");
     std::fs::copy(&cfg.key_file, &key).map_err(io(format!("copying the key {}", cfg.key_file.display())))?;
     {
@@ -60,34 +77,32 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     files.session_line = controller::session_line(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg)
         .map_err(RunError::SessionLine)?;
     if cfg.controller.initrd.is_none() {
-        let ctl = controller::initramfs(&cfg.tools.busybox, &cfg.modules_dir).map_err(RunError::ControllerInit)?;
+        let ctl =
+            controller::initramfs(&cfg.tools.busybox, &cfg.modules_dir, false).map_err(RunError::ControllerInit)?;
         ctl.write_gz_file(&files.controller_initrd)
             .map_err(io(format!("writing {}", files.controller_initrd.display())))?;
     }
-
     let agent = AgentConfig {
-        shares,
-        xchg: files.xchg.clone(),
-        run_dir: files.run.clone(),
-        smbd: cfg.tools.smbd.clone(),
-        guest_addr: format!("{GUEST_IP}:22"),
-        user: SSH_USER.into(),
-        key_file: key,
-        command: cfg.command.clone(),
-        set_clock: cfg.set_clock,
-        ssh_timeout_secs: cfg.timeout.as_secs().max(1),
-        outputs: cfg.outputs.clone(),
-        kill_smbd_after_secs: match cfg.test_fault {
-            Some(TestFault::KillSmbdAfter(secs)) => Some(secs),
-            _ => None,
+        serve: ServeConfig {
+            shares,
+            run_dir: files.run.clone(),
+            smbd: cfg.tools.smbd.clone(),
+            smbd_log: files.xchg.join("smbd.log"),
+            guest_addr: format!("{GUEST_IP}:22"),
+            user: SSH_USER.into(),
+            key_file: key,
+            ssh_timeout_secs: cfg.timeout.as_secs().max(1),
         },
-        terminal: cfg.terminal.clone(),
+        job,
     };
-    let json = serde_json::to_string_pretty(&agent).map_err(|e| io("the agent's configuration")(e.into()))?;
-    std::fs::write(files.xchg.join(controller::AGENT_CONFIG), json).map_err(io("writing the agent's configuration"))?;
+    write_json(&files.xchg.join(controller::AGENT_CONFIG), &agent)?;
     Ok(files)
 }
 
+fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), RunError> {
+    let json = serde_json::to_string_pretty(value).map_err(|e| io("the agent's configuration")(e.into()))?;
+    std::fs::write(path, json).map_err(io(format!("writing {}", path.display())))
+}
 /// `run-vm` in the work directory starts the session again by hand, for `-K` debugging: it
 /// runs this program's `rerun` on the folder it sits in, wherever the folder was kept, which
 /// reads the session's description there (`rerun.json`, written by the build and by `run`).

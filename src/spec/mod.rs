@@ -35,6 +35,14 @@ pub const STORE_DIR: &str = "/nix/store";
 pub const GUEST_IP: &str = "192.168.0.1";
 pub const CONTROLLER_IP: &str = "192.168.0.2";
 
+/// The share of a controller saved ready to serve that the guest keeps mounted while the pair
+/// is saved: the session (logged on) and its tree survive the save, and the build's store and
+/// exchange directory appear in it as the folders [`SESSION_STORE`] and [`SESSION_XCHG`] once
+/// the revived controller has mounted them. A build makes no SMB connection, session or tree.
+pub const SESSION_SHARE: &str = "winvm";
+pub const SESSION_STORE: &str = "store";
+pub const SESSION_XCHG: &str = "xchg";
+
 /// `text` with the address placeholders filled in from the constants.
 pub fn with_addresses(text: &str) -> String {
     text.replace("@GUEST_IP@", GUEST_IP).replace("@CONTROLLER_IP@", CONTROLLER_IP)

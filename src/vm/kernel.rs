@@ -51,11 +51,14 @@ pub fn extract_vmlinux(vmlinuz: &Path, dest: &Path, xz: &Path) -> Result<(), Pvh
 }
 
 /// The Linux VMs' kernel command line: console on the serial log, power off on panic.
-pub const APPEND: &str = "console=ttyS0 panic=-1 quiet";
+/// `init_on_free=1`: freed memory is zeroed, and QEMU sends a zero page as a flag, so what a
+/// saved VM once used and freed (the boot's initramfs, page cache, exited processes) stays out
+/// of its state file, which every build loads.
+pub const APPEND: &str = "console=ttyS0 panic=-1 quiet init_on_free=1";
 
 /// A Linux VM with a display: the VGA text console too; the serial port stays the last
 /// `console=`, so /dev/console (init's output) is still the serial log.
-pub const APPEND_DISPLAY: &str = "console=tty0 console=ttyS0 panic=-1 quiet";
+pub const APPEND_DISPLAY: &str = "console=tty0 console=ttyS0 panic=-1 quiet init_on_free=1";
 
 /// The kernel for a VM with a display: the compressed one, whatever else the folder holds.
 /// The PVH entry of the uncompressed kernel passes no screen information, so Linux finds no

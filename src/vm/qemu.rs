@@ -184,6 +184,13 @@ impl VmConfig {
             a.push(s("-device"));
             a.push(s(&format!("{},mac={}", self.nic_model, self.mac)));
         }
+        if let Some(disk) = &self.disk {
+            a.push(s("-drive"));
+            // writeback, not unsafe: a migration flushes the disk, and the saved memory must
+            // match what the overlay holds. A write error (the work folder full) goes to the
+            // guest, whose command then fails, rather than pausing the VM until the time-out.
+            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=writeback,{DISK_ERRORS}", p(disk))));
+        }
         a.extend(self.extra_args.iter().cloned());
         if let Some(screen) = &self.screen {
             a.extend([s("-vga"), s("std")]);
@@ -201,13 +208,6 @@ impl VmConfig {
             }
             a.push(s("-virtfs"));
             a.push(s(&opt));
-        }
-        if let Some(disk) = &self.disk {
-            a.push(s("-drive"));
-            // writeback, not unsafe: a migration flushes the disk, and the saved memory must
-            // match what the overlay holds. A write error (the work folder full) goes to the
-            // guest, whose command then fails, rather than pausing the VM until the time-out.
-            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=writeback,{DISK_ERRORS}", p(disk))));
         }
         if let Some(src) = &self.incoming {
             a.push(s("-incoming"));

@@ -24,5 +24,10 @@ pub const REDIRECT_OUTPUTS: &str = r#"winvm_redirect() {
 }
 "#;
 
-/// GNU tar from Cygwin's Base packages, in its own format: long names as 'L' and 'K' records.
-pub const PACK_OUTPUTS: &str = "tar --format=gnu -c -f";
+/// Packs the outputs named in "$@" onto the outputs disk, /dev/sdb (PhysicalDrive1, raw:
+/// Cygwin writes a raw disk unbuffered, in tar's 10240-byte records, whole sectors). GNU tar
+/// from Cygwin's Base packages, in its own format: long names as 'L' and 'K' records.
+pub const PACK_OUTPUTS: &str = r#"winvm_pack() {
+    tar --format=gnu -c -f /dev/sdb -C /nix/store "$@" && sync
+}
+"#;

@@ -21,7 +21,8 @@ pub const INSTALL_WORK_DIR: &str = r"C:\nix-winvm";
 pub const BOOTSTRAP_PATH_IN_CYGWIN: &str = "/etc/nix-winvm/bootstrap.sh";
 
 /// (share name, Cygwin mount point)
-pub const SHARES: [(&str, &str); 2] = [("nixstore", "/nix/store"), ("xchg", "/tmp/xchg")];
+/// The folders of the controller's session share and where Cygwin mounts them.
+pub const SHARES: [(&str, &str); 2] = [("winvm/store", "/nix/store"), ("winvm/xchg", "/tmp/xchg")];
 
 /// Runs once, as Administrator, right after Cygwin is installed. Ends by powering the VM off,
 /// whether it succeeded or not, so the install stage never waits for a timeout.
@@ -192,8 +193,9 @@ power_off
     script
 }
 
-/// Runs over SSH at the suspend stage, as the account builds will run as. Its effect has to
-/// outlive this SSH session: see the comments in the script.
+/// The guest's prepare command (see `Profile::prepare_command`): run by the controller at the
+/// suspend stage, over the SSH connection it keeps open, as the account builds run as, in the
+/// logon the builds run in.
 pub fn map_shares_sh() -> String {
     let mut script = format!(
         r#"#!/bin/bash
@@ -206,38 +208,42 @@ map_share() {{
     local share=$1 mount_point=$2
     local unc="//{controller}/$share"
     local fstab_line="$unc $mount_point smbfs binary,noacl 0 0"
-    # Reached with this logon's own credentials: {user} and the password the bootstrap gave
-    # Cygwin (passwd -R). Without it sshd's logon has none, and Windows refuses the share.
-    if ! ls -d "$unc/." >/dev/null; then
-        echo "nix-winvm: this SSH logon of $(id -un) cannot open $unc; a logon without network" \
-            "credentials (S4U: passwd -R did not store {user}'s password, or it is not the" \
-            "account's password) or a refused SMB session (see the controller's smbd.log)" >&2
-        return 1
-    fi
-    # No drive letter: letters belong to one logon session and every SSH login is a new one.
+    # No drive letter: letters belong to one logon session. The folder itself is not opened
+    # here: the controller is saved with empty folders where each build mounts its own.
+    # Cygwin's mount only records the path.
     mkdir -p "$mount_point"
     umount "$mount_point" 2>/dev/null || true
     mount -o binary,noacl "$unc" "$mount_point"
     # Cygwin rebuilds a user's mount table from /etc/fstab when that user's first process
-    # starts, as each build's SSH login does.
+    # starts.
     if ! grep -qxF "$fstab_line" /etc/fstab; then
         printf '%s\n' "$fstab_line" >>/etc/fstab
     fi
-    ls "$mount_point" >/dev/null
 }}
+
+# The session share proves the logon can reach the controller with its own credentials:
+# {user} and the password the bootstrap gave Cygwin (passwd -R). Without it sshd's logon has
+# none, and Windows refuses the share.
+session="//{controller}/{session_share}"
+if ! ls -d "$session/." >/dev/null; then
+    echo "nix-winvm: this SSH logon of $(id -un) cannot open $session; a logon without network" \
+        "credentials (S4U: passwd -R did not store {user}'s password, or it is not the" \
+        "account's password) or a refused SMB session (see the controller's smbd.log)" >&2
+    exit 1
+fi
+# Held by this logon, which is the SSH connection the controller keeps open for the builds:
+# the SMB session stays logged on, with this share's tree, across the save; each build's store
+# and exchange folder are folders of it.
+"$SYSTEM32/net.exe" use '\\{controller}\{session_share}' >/dev/null
 
 "#,
         controller = CONTROLLER_IP,
         user = SSH_USER,
+        session_share = crate::spec::SESSION_SHARE,
     );
     for (share, mount_point) in SHARES {
         script.push_str(&format!("map_share {share} {mount_point}\n"));
     }
-    // The memory snapshot follows: a connection saved in it would be revived dead, against a
-    // controller that never knew it. Cygwin's mounts reconnect by UNC path at the next login.
-    script.push_str(
-        "# Every SMB connection of this session ends before the snapshot.\n\"$SYSTEM32/net.exe\" use '*' /delete /y >/dev/null ||\n    echo \"nix-winvm: note: net use * /delete failed; the snapshot may hold an SMB connection\" >&2\n",
-    );
     script
 }
 
@@ -430,14 +436,16 @@ mod tests {
     }
 
     #[test]
-    fn the_guest_keeps_no_smb_session_in_its_snapshot_and_its_password_never_expires() {
+    fn the_guest_keeps_its_smb_session_in_the_saved_pair_and_its_password_never_expires() {
         let script = bootstrap_sh(KEY, &options_with_tricky_commands());
         assert!(!script.contains("autodisconnect"), "configures the guest's own server, not its client");
         assert!(script.contains("'Set-LocalUser -Name Administrator -PasswordNeverExpires $true'"));
         let map = map_shares_sh();
-        let last_map = map.rfind("\nmap_share ").expect("map_share calls");
-        let delete = map.find("\"$SYSTEM32/net.exe\" use '*' /delete /y").expect("connections deleted");
-        assert!(last_map < delete, "the connections are deleted after the mapping");
+        // The session share is opened and held by this logon (the one the builds run in).
+        let probe = map.find("if ! ls -d \"$session/.\" >/dev/null; then").expect("probe");
+        let held = map.find("\"$SYSTEM32/net.exe\" use '\\\\192.168.0.2\\winvm' >/dev/null").expect("held");
+        assert!(probe < held, "{map}");
+        assert!(!map.contains("/delete"), "the session is kept");
     }
 
     #[test]
@@ -462,27 +470,37 @@ mod tests {
     }
 
     #[test]
-    fn map_shares_is_valid_and_mounts_both_shares_by_unc_path() {
+    fn map_shares_is_valid_and_mounts_both_shares_by_unc_path_without_opening_them() {
         let script = map_shares_sh();
         check_shell(&script);
-        assert!(script.contains("map_share nixstore /nix/store\n"));
-        assert!(script.contains("map_share xchg /tmp/xchg\n"));
+        assert!(script.contains("map_share winvm/store /nix/store\n"));
+        assert!(script.contains("map_share winvm/xchg /tmp/xchg\n"));
+        assert_eq!(SHARES[0].0, format!("{}/{}", crate::spec::SESSION_SHARE, crate::spec::SESSION_STORE));
+        assert_eq!(SHARES[1].0, format!("{}/{}", crate::spec::SESSION_SHARE, crate::spec::SESSION_XCHG));
         assert!(script.contains("    local unc=\"//192.168.0.2/$share\"\n"));
         assert!(script.contains("    mount -o binary,noacl \"$unc\" \"$mount_point\"\n"));
         assert!(script.contains("grep -qxF \"$fstab_line\" /etc/fstab"));
-        // The share is opened with the logon's own credentials first, and a failure says why.
-        let probe = script.find("if ! ls -d \"$unc/.\" >/dev/null; then").expect("probe");
-        assert!(probe < script.find("    mount -o").unwrap());
+        // The store and exchange shares are not opened before the save: each build's
+        // controller serves new folders under those names.
+        let body = &script[script.find("map_share() {").unwrap()..script.find("\n}\n").unwrap()];
+        assert!(!body.contains("ls "), "{body}");
+        // The logon's own credentials are proven on the session share, and a failure says why.
+        let probe = script.find("session=\"//192.168.0.2/winvm\"").expect("session share");
+        assert!(probe < script.find("\nmap_share winvm/store").unwrap());
         assert!(script.contains("passwd -R did not store Administrator's password"));
     }
 
     #[test]
-    fn map_shares_uses_no_drive_letter_and_deletes_every_connection() {
+    fn map_shares_uses_no_drive_letter() {
         let script = map_shares_sh();
         let net_use: Vec<&str> = script.lines().filter(|line| line.contains("net.exe\" use")).collect();
-        assert_eq!(net_use, ["\"$SYSTEM32/net.exe\" use '*' /delete /y >/dev/null ||"], "only the final delete");
+        assert_eq!(
+            net_use,
+            ["\"$SYSTEM32/net.exe\" use '\\\\192.168.0.2\\winvm' >/dev/null"],
+            "the session share alone"
+        );
         assert!(!script.contains("/persistent"));
-        assert!(!script.contains(r"\\"), "no backslash UNC path for net.exe");
+        assert!(!script.contains(":\\"), "no drive letter");
     }
 
     #[test]

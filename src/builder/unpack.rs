@@ -1,7 +1,9 @@
-//! The build's outputs come back from the guest as one tar stream in the exchange folder: an
-//! SMB share keeps neither symbolic links nor exec bits, a tar made on the guest's own disk
-//! keeps both. This reads that stream and recreates its entries under the declared output
-//! paths, and nowhere else.
+//! The build's outputs come back from the guest as one tar stream, written by the guest onto
+//! its outputs disk (a raw disk that the builder made empty for this build): a tar made on the
+//! guest's own disk keeps symbolic links and exec bits, which an SMB share would not, and a
+//! disk is many times faster than the share. This reads that stream (it ends at tar's
+//! end-of-archive marker; the rest of the disk is never read) and recreates its entries under
+//! the declared output paths, and nowhere else.
 //!
 //! What the guests write: ustar (busybox tar), GNU long names and link names (`L`, `K`: GNU
 //! tar's `--format=gnu`, and busybox beyond 100 bytes) and pax extended headers (`x`: `path`,
@@ -18,12 +20,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// The archive's name in the exchange folder.
-pub const ARCHIVE: &str = "outputs.tar";
-
 const BLOCK: usize = 512;
-/// Reads from the 9p export come in pieces of the mount's msize; a larger buffer keeps them
-/// whole.
+/// One large read buffer: the archive is read once, in order.
 const READ_BUFFER_BYTES: usize = 1 << 20;
 /// A GNU long name or a pax header is metadata: no honest archive needs more.
 const MAX_METADATA_BYTES: u64 = 1 << 20;
