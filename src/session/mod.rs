@@ -447,8 +447,10 @@ async fn watch_pair(
             exit_file: None,
         };
         if phase.needs_exit_file(&seen) {
-            tail.pump();
+            // The agent writes the exit file after the last output: read in this order, all
+            // of the output is pumped.
             seen.exit_file = std::fs::read_to_string(&exit_file).ok();
+            tail.pump();
         }
         let failure = match phase.step(&seen, Instant::now()) {
             Step::Wait(next) => {

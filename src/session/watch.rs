@@ -2,8 +2,9 @@
 //! path through it can be tested with made-up observations.
 //!
 //! A session starts [`Phase::Connecting`] (the controller waits for the guest's SSH server),
-//! becomes [`Phase::Running`] when the controller says SSH is up, and ends with the
-//! controller: its exit file holds the command's verdict. A guest that ends before SSH was
+//! becomes [`Phase::Running`] when the controller says SSH is up, and ends when the
+//! controller's exit file holds the command's verdict: the agent writes it last (renamed into
+//! place), so the session need not wait for the controller to power off. A guest that ends before SSH was
 //! reached dropped out; one that ends mid-command leaves the SSH connection hanging rather
 //! than closed, so the controller gets [`GUEST_DEATH_GRACE`] to report before the guest is
 //! called dead ([`Phase::GuestGone`]).
@@ -65,9 +66,10 @@ impl Phase {
         }
     }
 
-    /// Whether the next step needs the exit file read (a process ended).
+    /// Whether the next step needs the exit file read: while the command runs (the verdict
+    /// may be in), or once a process ended.
     pub fn needs_exit_file(self, seen: &Seen) -> bool {
-        seen.controller_exit.is_some() || seen.guest_exit.is_some() || matches!(self, Phase::GuestGone { .. })
+        self != Phase::Connecting || seen.ssh_ready || seen.controller_exit.is_some() || seen.guest_exit.is_some()
     }
 
     pub fn step(self, seen: &Seen, now: Instant) -> Step {
@@ -86,6 +88,14 @@ impl Phase {
             if now.duration_since(since) > GUEST_DEATH_GRACE && seen.exit_file.is_none() {
                 return Step::Fail(Failure::GuestDied(status));
             }
+        }
+        // The verdict is final once written, whatever the controller does next (it syncs and
+        // powers off, which takes a while under TCG).
+        if let (Some(text), None) = (&seen.exit_file, seen.controller_exit) {
+            return match parse_exit_file(text) {
+                Ok(verdict) => Step::Done(verdict),
+                Err(message) => Step::Fail(Failure::Agent(message)),
+            };
         }
         if let Some(status) = seen.controller_exit {
             return match &seen.exit_file {
@@ -206,10 +216,19 @@ mod tests {
     }
 
     #[test]
-    fn the_exit_file_is_read_only_once_something_ended() {
-        assert!(!Phase::Running.needs_exit_file(&seen(true)));
-        assert!(Phase::Running.needs_exit_file(&Seen { guest_exit: Some(killed()), ..seen(true) }));
+    fn the_exit_file_is_read_once_the_command_runs_or_something_ended() {
+        assert!(!Phase::Connecting.needs_exit_file(&seen(false)));
+        assert!(Phase::Connecting.needs_exit_file(&Seen { controller_exit: Some(exited(0)), ..seen(false) }));
+        assert!(Phase::Running.needs_exit_file(&seen(true)));
         let gone = Phase::GuestGone { status: killed(), since: Instant::now() };
         assert!(gone.needs_exit_file(&seen(true)));
+    }
+
+    #[test]
+    fn the_verdict_ends_the_session_while_the_controller_still_powers_off() {
+        let reported = Seen { exit_file: Some("0\n".into()), ..seen(true) };
+        assert_eq!(run(&[(0, seen(true)), (10, reported)]).pop(), Some(Step::Done(Verdict::Exited(0))));
+        let refused = Seen { exit_file: Some("error smbd: gone\n".into()), ..seen(true) };
+        assert_eq!(run(&[(0, refused)]).pop(), Some(Step::Fail(Failure::Agent("smbd: gone".into()))));
     }
 }
