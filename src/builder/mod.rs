@@ -64,10 +64,6 @@ pub enum BuilderError {
         log_tail: String,
         screen: Option<String>,
     },
-    /// The guest could not map the controller's shares before the suspend.
-    SharesNotMapped {
-        verdict: String,
-    },
     /// The build's image was made from another spec than the build was planned with.
     ImageMismatch {
         image: std::path::PathBuf,
@@ -181,7 +177,6 @@ impl fmt::Display for BuilderError {
                 )?;
                 screen.iter().try_for_each(|s| write!(f, "\n{s}"))
             }
-            BuilderError::SharesNotMapped { verdict } => write!(f, "mapping the shares in the guest failed: {verdict}"),
             BuilderError::ImageMismatch { image } => {
                 write!(f, "the image at {} was built from another spec than this build expects", image.display())
             }

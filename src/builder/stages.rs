@@ -411,10 +411,9 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         },
         tools,
     )?;
-    let verdict = runtime()?.block_on(session::run(&cfg, progress))?;
-    if verdict != crate::controller::agent::Verdict::Exited(0) {
-        return Err(BuilderError::SharesNotMapped { verdict: format!("{verdict:?}") });
-    }
+    // Saving the pair has no command: it succeeds or fails as a session (a guest whose
+    // prepare command failed is `RunError::ControllerNotReady`).
+    runtime()?.block_on(session::run(&cfg, progress))?;
     let meta = ImageMeta { spec: spec.clone(), state_format: state::FORMAT_VERSION, media };
     let json = serde_json::to_string_pretty(&meta).map_err(io("meta.json"))?;
     std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json"))?;

@@ -262,18 +262,15 @@ pub const STORE_WORK: &str = "/var/winvm/store-work";
 /// a fresh folder of the guest's own disk (above), where whatever the build writes into the
 /// store lands. So a build makes its outputs (a file, a folder or a link, as it likes) on a
 /// Linux file system, one it does not make stays absent, and the system's own `/nix/store`
-/// (dropbear's libraries) stays hidden, as under the share. In a ready pair the waiting login
-/// made it before the save (nothing is left to do); otherwise the share the login mounted
-/// moves aside under it.
+/// (dropbear's libraries) stays hidden, as under the share. Builds revive a ready pair, whose
+/// waiting login made that overlay before the save (see [`LOGIN_SHELL`]): this only checks
+/// that it is there.
 pub const REDIRECT_OUTPUTS: &str = r#"winvm_redirect() {
     while read -r _ winvm_at winvm_type _; do
         [ "$winvm_at" = /nix/store ] && [ "$winvm_type" = overlay ] && return 0
     done </proc/mounts
-    winvm_share=/var/winvm/store-share winvm_local=/var/winvm/store winvm_work=/var/winvm/store-work
-    if [ -e "$winvm_local" ]; then rm -rf "$winvm_local" "$winvm_work" || return 1; fi
-    mkdir -p "$winvm_share" "$winvm_local" "$winvm_work" || return 1
-    mount -o move /nix/store "$winvm_share" || return 1
-    mount -t overlay overlay -o "lowerdir=$winvm_share,upperdir=$winvm_local,workdir=$winvm_work" /nix/store
+    echo "nix-winvm: /nix/store is not the overlay the waiting login makes" >&2
+    return 1
 }
 "#;
 
