@@ -68,6 +68,16 @@ pub enum BuilderError {
     ImageMismatch {
         image: std::path::PathBuf,
     },
+    /// A layer's command failed: its number (from 1; 0 when the guest did not say), its exit
+    /// code, and its text.
+    LayerCommand {
+        index: usize,
+        code: i32,
+        command: String,
+    },
+    /// A layer's commands succeeded, but the guest's check after them failed (its reason is
+    /// in the log above).
+    LayerCheck,
     /// The command (a build's script, or `run`'s) was killed by a signal in the guest.
     Killed {
         signal: String,
@@ -117,6 +127,9 @@ pub fn finish(
         Err(e) => Err(e.into()),
     }
 }
+
+/// How much of a failed layer command its error shows.
+const LAYER_COMMAND_SHOWN: usize = 200;
 
 /// Below this many free bytes a file system counts as full.
 pub const FULL_BELOW_BYTES: u64 = 256 * 1024;
@@ -180,6 +193,18 @@ impl fmt::Display for BuilderError {
             BuilderError::ImageMismatch { image } => {
                 write!(f, "the image at {} was built from another spec than this build expects", image.display())
             }
+            BuilderError::LayerCommand { index: 0, code, .. } => {
+                write!(f, "the layer's commands exited {code} (the log above says where)")
+            }
+            BuilderError::LayerCommand { index, code, command } => {
+                let shown: String = command.trim().chars().take(LAYER_COMMAND_SHOWN).collect();
+                let cut = if command.trim().chars().count() > LAYER_COMMAND_SHOWN { " ..." } else { "" };
+                write!(f, "layer command {index} exited {code}: {shown}{cut}")
+            }
+            BuilderError::LayerCheck => write!(
+                f,
+                "the layer's commands succeeded, but they left the guest in a state a build cannot use (see the line above)"
+            ),
             BuilderError::Killed { signal } => write!(f, "the command was killed by signal {signal}"),
             BuilderError::ImageDamaged { image, what } => {
                 write!(f, "the image {} {what}; build the image again (nix-store --repair-path)", image.display())
@@ -232,7 +257,7 @@ pub fn io<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
 }
 
 pub const USAGE: &str =
-    "usage: nix-winvm-builder <media|install|suspend|build|require-file|run|rerun|shell|agent|agent-ready|state-write|state-read> [options]";
+    "usage: nix-winvm-builder <media|install|suspend|layer|build|require-file|run|rerun|shell|agent|agent-ready|state-write|state-read> [options]";
 
 fn env(name: &'static str) -> Result<String, BuilderError> {
     std::env::var(name).map_err(|_| BuilderError::MissingEnv(name))
@@ -251,6 +276,12 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
                 "install" => stages::install(&spec, &progress),
                 _ => stages::suspend(&spec, &progress),
             }
+        }
+        "layer" => {
+            let spec = spec::layer_spec_from_json(&env("winvmLayerSpec")?).map_err(BuilderError::Spec)?;
+            let progress = Progress::new();
+            progress.say(&format!("stage layer of a {} image", spec.image.guest.name()));
+            stages::layer(&spec, &progress)
         }
         "build" => {
             let spec = spec::build_spec_from_json(&env("winvmBuildSpec")?).map_err(BuilderError::Spec)?;

@@ -13,7 +13,7 @@ use crate::guest::{self, MediaInputs};
 
 use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, TestFault, SCREENS_DIR};
 use crate::shell;
-use crate::spec::{self, Accel, BuildSpec, ImageSpec};
+use crate::spec::{self, Accel, BuildSpec, ImageSpec, LayerSpec};
 use crate::tools::{Ovmf, Tools};
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{Machine, Uefi, VmConfig};
@@ -325,6 +325,31 @@ pub struct ImageMeta {
     pub spec: ImageSpec,
     pub state_format: u32,
     pub media: PathBuf,
+    /// How many layers are under this image's own (0: made from the media).
+    #[serde(default)]
+    pub layers: u32,
+    /// A layer's base image.
+    #[serde(default)]
+    pub base: Option<PathBuf>,
+}
+
+impl ImageMeta {
+    /// The metadata of `image`, which must have been made from `spec`.
+    pub fn read(image: &Path, spec: &ImageSpec) -> Result<ImageMeta, BuilderError> {
+        let path = image.join("meta.json");
+        let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
+        let meta: ImageMeta = serde_json::from_str(&text)
+            .map_err(io(format!("{} is not a nix-winvm image's metadata", path.display())))?;
+        if &meta.spec != spec {
+            return Err(BuilderError::ImageMismatch { image: image.to_path_buf() });
+        }
+        Ok(meta)
+    }
+
+    fn write(&self, out: &Path) -> Result<(), BuilderError> {
+        let json = serde_json::to_string_pretty(self).map_err(io("meta.json"))?;
+        std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json"))
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -353,7 +378,7 @@ pub(super) fn session_config(
         controller,
         key_file: key,
         command,
-        set_clock: matches!(after, After::Quit),
+        set_clock: matches!(after, After::Quit | After::SaveLayer { .. }),
         after,
         store_dir: PathBuf::from(spec::STORE_DIR),
         extra_shares: vec![],
@@ -414,10 +439,111 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     // Saving the pair has no command: it succeeds or fails as a session (a guest whose
     // prepare command failed is `RunError::ControllerNotReady`).
     runtime()?.block_on(session::run(&cfg, progress))?;
-    let meta = ImageMeta { spec: spec.clone(), state_format: state::FORMAT_VERSION, media };
-    let json = serde_json::to_string_pretty(&meta).map_err(io("meta.json"))?;
-    std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json"))?;
+    ImageMeta { spec: spec.clone(), state_format: state::FORMAT_VERSION, media, layers: 0, base: None }.write(&out)?;
     Ok(0)
+}
+
+/// An image's two state files, refused before any VM starts if they are not state files of
+/// this version or are cut short; their checksums are checked in the one pass that streams
+/// each into QEMU.
+fn inspect_states(image: &Path) -> Result<(), BuilderError> {
+    for f in [image.join("state"), image.join(CONTROLLER_STATE)] {
+        state::inspect(&f, None)?;
+    }
+    Ok(())
+}
+
+/// A layer: the base image revived on a new overlay of its disk, the layer's commands run in
+/// the guest (the store shared read-only, as in a build), and the pair, ready to serve again,
+/// saved as a new image: `disk.qcow2` (only what the commands changed), both state files, and
+/// the base's key, media and install record.
+pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError> {
+    let out = env_path("out")?;
+    let base = env_path("image")?;
+    let meta = ImageMeta::read(&base, &spec.image)?;
+    inspect_states(&base)?;
+    progress.say(&format!("layer {} on {}: {} commands", meta.layers + 1, base.display(), spec.commands));
+    let accel = accel_for(&spec.image, progress)?;
+    let tools = Tools::find()?;
+    check_image(&tools, &base)?;
+    std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
+    let disk = out.join("disk.qcow2");
+    overlay(&tools, &base.join("disk.qcow2"), &disk)?;
+    std::fs::copy(base.join("key"), out.join("key")).map_err(io("copying the key"))?;
+    let record = base.join(INSTALL_RECORD);
+    if record.is_file() {
+        std::fs::copy(&record, out.join(INSTALL_RECORD)).map_err(io(format!("copying {}", record.display())))?;
+    }
+    std::os::unix::fs::symlink(&meta.media, out.join("media")).map_err(io("linking the media"))?;
+    let work = work_dir()?;
+    let commands = work.join("xchg").join(guest::profile::LAYER_DIR);
+    std::fs::create_dir_all(&commands).map_err(io(format!("creating {}", commands.display())))?;
+    for i in 0..spec.commands {
+        let name = spec::layer_command_attr(i);
+        let text =
+            std::env::var_os(&name).ok_or_else(|| BuilderError::Usage(format!("the layer's {name} is not set")))?;
+        std::fs::write(commands.join((i + 1).to_string()), text.into_vec())
+            .map_err(io(format!("writing the layer's command {}", i + 1)))?;
+    }
+    let profile = guest::profile(&spec.image.guest);
+    let cfg = session_config(
+        &spec.image,
+        accel,
+        Duration::from_secs(spec.timeout_secs),
+        &work,
+        &meta.media,
+        revived_guest(&meta, &base, &work, disk)?,
+        revived_controller(&meta, &base),
+        base.join("key"),
+        profile.layer_command(spec.commands),
+        After::SaveLayer {
+            guest_state: out.join("state"),
+            guest: spec.image.guest.name().into(),
+            controller_state: out.join(CONTROLLER_STATE),
+        },
+        tools,
+    )?;
+    let result = runtime()?.block_on(session::run(&cfg, progress));
+    if let Ok(crate::controller::agent::Verdict::Exited(code)) = &result {
+        if *code != 0 {
+            let failed =
+                std::fs::read_to_string(work.join("xchg").join(guest::profile::LAYER_FAILED)).unwrap_or_default();
+            return Err(layer_failure(&failed, *code, |i| std::env::var(spec::layer_command_attr(i)).ok()));
+        }
+    }
+    let code = super::finish(result, progress, &[&work, &out])?;
+    if spec.image.efi {
+        let vars = work.join(EFI_VARS);
+        std::fs::copy(&vars, out.join(EFI_VARS)).map_err(io(format!("copying {}", vars.display())))?;
+    }
+    let layers = meta.layers + 1;
+    ImageMeta {
+        spec: spec.image.clone(),
+        state_format: state::FORMAT_VERSION,
+        media: meta.media,
+        layers,
+        base: Some(base),
+    }
+    .write(&out)?;
+    let size = std::fs::metadata(out.join("disk.qcow2")).map(|m| m.len()).unwrap_or(0);
+    progress.say(&format!("layer saved: its disk holds {:.1} MB of changes", size as f64 / 1e6));
+    Ok(code)
+}
+
+/// Why a layer failed, from the guest's note ("N CODE" for its command N, "check CODE" for
+/// the check after them) and the commands (by index from 0).
+pub fn layer_failure(note: &str, code: i32, command: impl Fn(usize) -> Option<String>) -> BuilderError {
+    let mut words = note.split_whitespace();
+    match (words.next(), words.next().and_then(|c| c.parse::<i32>().ok())) {
+        (Some("check"), _) => BuilderError::LayerCheck,
+        (Some(n), Some(code)) => match n.parse::<usize>() {
+            Ok(n) if n >= 1 => {
+                BuilderError::LayerCommand { index: n, code, command: command(n - 1).unwrap_or_default() }
+            }
+            _ => BuilderError::LayerCommand { index: 0, code, command: String::new() },
+        },
+        _ => BuilderError::LayerCommand { index: 0, code, command: String::new() },
+    }
 }
 
 /// The guest of `image` as a build revives it: its machine on the overlay `disk`, its UEFI
@@ -523,25 +649,12 @@ pub fn output_paths(var: impl Fn(&str) -> Option<OsString>) -> Vec<PathBuf> {
 /// Stage 4: revive the image on a throw-away overlay and run the build.
 pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let image = env_path("image")?;
-    let meta_path = image.join("meta.json");
-    let meta: ImageMeta = serde_json::from_str(
-        &std::fs::read_to_string(&meta_path).map_err(io(format!("reading {}", meta_path.display())))?,
-    )
-    .map_err(io(format!("{} is not a nix-winvm image's metadata", meta_path.display())))?;
-    if meta.spec != spec.image {
-        return Err(BuilderError::ImageMismatch { image });
-    }
+    let meta = ImageMeta::read(&image, &spec.image)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     if let Some(warning) = InstallRecord::of_image(&image).and_then(|record| record.expiry_warning(now)) {
         progress.say(&warning);
     }
-    let state_file = image.join("state");
-    let controller_state = image.join(CONTROLLER_STATE);
-    // Refuse a wrong or truncated state file before any VM starts; its checksum is checked
-    // in the one pass that streams it into QEMU.
-    for f in [&state_file, &controller_state] {
-        state::inspect(f, None)?;
-    }
+    inspect_states(&image)?;
     let accel = accel_for(&spec.image, progress)?;
     let work = work_dir()?;
     let tools = Tools::find()?;

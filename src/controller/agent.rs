@@ -139,7 +139,7 @@ pub fn main(config_path: &Path, host_now: Option<u64>) -> Result<i32, AgentError
     let cfg: AgentConfig = read_json(config_path)?;
     let mut log = Log::file(&cfg.job.xchg.join(OUTPUT_LOG))?;
     log.line("agent started");
-    let result = serve(&cfg.serve, &mut log).and_then(|served| run_job(served, &cfg.job, &mut log, &clock));
+    let result = serve(&cfg.serve, &mut log).and_then(|served| run_job(served, &cfg.job, &mut log, &clock).0);
     finish(&cfg.job, result, &mut log)
 }
 
@@ -150,7 +150,7 @@ pub fn main(config_path: &Path, host_now: Option<u64>) -> Result<i32, AgentError
 /// the host sees it at once.
 pub fn main_ready(config_path: &Path, session_port: &Path) -> Result<i32, AgentError> {
     let mut console = Log::console();
-    let served = match prepare_ready(config_path, &mut console) {
+    let mut served = match prepare_ready(config_path, &mut console) {
         Ok(served) => served,
         Err(e) => {
             println!("winvm-controller: the agent failed before the session: {e}");
@@ -158,21 +158,86 @@ pub fn main_ready(config_path: &Path, session_port: &Path) -> Result<i32, AgentE
             return Err(e);
         }
     };
-    // What the page cache holds of the system disk is read again on demand: dropped, it is
-    // not in the saved memory, which every build loads (smbd's and the agent's own pages are
-    // mapped, and stay).
-    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
-    println!("{READY_MARKER}");
-    let (now, mounts) = read_session(session_port)?;
-    let clock = clock_from(Some(now));
-    for (tag, at) in &mounts {
-        mount_9p(tag, at)?;
+    loop {
+        // What the page cache holds of the system disk is read again on demand: dropped, it
+        // is not in the saved memory, which every build loads (smbd's and the agent's own
+        // pages are mapped, and stay).
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+        println!("{READY_MARKER}");
+        let (now, mounts) = read_session(session_port)?;
+        let clock = clock_from(Some(now));
+        for (tag, at) in &mounts {
+            mount_9p(tag, at)?;
+        }
+        let job: JobConfig = read_json(&Path::new(READY_XCHG).join(AGENT_CONFIG))?;
+        let mut log = Log::file(&job.xchg.join(OUTPUT_LOG))?;
+        log.line("revived: smbd up and the guest's SSH logon kept since the image was saved");
+        let (result, kept) = run_job(served, &job, &mut log, &clock);
+        if !(job.ready_again && matches!(result, Ok(Verdict::Exited(0)))) {
+            return finish(&job, result, &mut log);
+        }
+        // A layer: the pair is saved again, as the image's was. The verdict first (the host
+        // waits for the marker after it), then nothing of this session may stay mounted.
+        log.line("the layer's commands succeeded: making ready to serve again");
+        let kept = kept.ok_or_else(|| AgentError::Io("smbd's watch ended without smbd".into()));
+        served = match kept.and_then(wait_again) {
+            Ok(served) => served,
+            Err(e) => return finish(&job, Err(e), &mut log),
+        };
+        finish(&job, result, &mut log)?;
+        drop(log);
+        console.line("a new login waits for the next command");
+        if let Err(e) = unmount_exports(&mounts) {
+            println!("winvm-controller: {e}");
+            power_off();
+            return Err(e);
+        }
+        console.line("the layer's exports unmounted");
     }
-    let job: JobConfig = read_json(&Path::new(READY_XCHG).join(AGENT_CONFIG))?;
-    let mut log = Log::file(&job.xchg.join(OUTPUT_LOG))?;
-    log.line("revived: smbd up and the guest's SSH logon kept since the image was saved");
-    let result = run_job(served, &job, &mut log, &clock);
-    finish(&job, result, &mut log)
+}
+
+/// A new login that waits for the next session's command, as [`prepare_ready`] opens one.
+fn wait_again(served: Served) -> Result<Served, AgentError> {
+    let mut channel = open_channel(&served.ssh)?;
+    channel.exec(WAITING_COMMAND).map_err(ssh_err("starting the login that waits for the command"))?;
+    Ok(Served { waiting: Some(channel), ..served })
+}
+
+/// How long the exports may stay busy after a layer's commands: the guest's SMB client may
+/// keep a file open for a moment after its last use (deferred close), and smbd with it.
+pub const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The session's exports unmounted, so that QEMU lets the controller be saved (a mounted
+/// 9p export blocks migration) and the next session mounts its own at the same places.
+fn unmount_exports(mounts: &[(String, std::path::PathBuf)]) -> Result<(), AgentError> {
+    use std::os::unix::ffi::OsStrExt;
+    for (tag, at) in mounts.iter().rev() {
+        let target = std::ffi::CString::new(at.as_os_str().as_bytes())
+            .map_err(|e| AgentError::Io(format!("unmounting {}: {e}", at.display())))?;
+        let deadline = Deadline::new(format!("the export {tag} at {} to unmount", at.display()), UNMOUNT_TIMEOUT)
+            .every(Duration::from_millis(100));
+        let done = wait_until_blocking(&deadline, || {
+            // SAFETY: a valid C string that outlives the call.
+            if unsafe { libc::umount(target.as_ptr()) } == 0 {
+                return Ok(Some(()));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EBUSY) => Ok(None),
+                _ => Err(e),
+            }
+        });
+        match done {
+            Ok(()) => {}
+            Err(WaitError::Failed(e)) => {
+                return Err(AgentError::Io(format!("cannot unmount the export {tag} at {}: {e}", at.display())))
+            }
+            Err(WaitError::TimedOut(t)) => {
+                return Err(AgentError::Io(format!("{t}: something in the controller still uses it")))
+            }
+        }
+    }
+    Ok(())
 }
 
 fn prepare_ready(config_path: &Path, console: &mut Log) -> Result<Served, AgentError> {
@@ -274,24 +339,33 @@ fn serve(cfg: &ServeConfig, log: &mut Log) -> Result<Served, AgentError> {
     Ok(Served { smbd, ssh, tcp: cut, waiting: None })
 }
 
+/// Runs the job's command; the verdict, and what served it (smbd, the SSH session) for a
+/// layer's next session ([`wait_again`]), or None once smbd is gone.
 fn run_job(
     served: Served,
     job: &JobConfig,
     log: &mut Log,
     clock: &dyn Fn() -> std::time::SystemTime,
-) -> Result<Verdict, AgentError> {
-    File::create(job.xchg.join(WAITING_DONE))
-        .map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
+) -> (Result<Verdict, AgentError>, Option<Served>) {
+    if let Err(e) = File::create(job.xchg.join(WAITING_DONE)) {
+        return (Err(AgentError::Io(format!("cannot create {WAITING_DONE}: {e}"))), None);
+    }
     // smbd must outlive the command: if it ends, the guest's file access hangs or fails, so
     // the watch cuts the SSH connection and the loss is reported instead of a hang.
     let Served { smbd, ssh, tcp, waiting } = served;
-    let watch = SmbdWatch::start(smbd, &tcp, job.kill_smbd_after_secs.map(Duration::from_secs))?;
+    let watch = match SmbdWatch::start(smbd, &tcp, job.kill_smbd_after_secs.map(Duration::from_secs)) {
+        Ok(watch) => watch,
+        Err(e) => return (Err(e), None),
+    };
     let result = run_command(&ssh, waiting, job, log, clock);
-    if let Some(status) = watch.stop() {
-        log.line(&format!("controller: smbd ended ({status}) during the command"));
-        return Err(AgentError::SmbdDied { status });
+    match watch.stop() {
+        (Some(smbd), None) => (result, Some(Served { smbd, ssh, tcp, waiting: None })),
+        (_, Some(status)) => {
+            log.line(&format!("controller: smbd ended ({status}) during the command"));
+            (Err(AgentError::SmbdDied { status }), None)
+        }
+        (None, None) => (result, None),
     }
-    result
 }
 
 /// Watches smbd while the command runs; see [`run_job`].
@@ -323,13 +397,13 @@ impl SmbdWatch {
         Ok(SmbdWatch { stop, thread })
     }
 
-    /// Ends the watch; smbd's end status if it ended during the command. smbd itself is
-    /// stopped when the returned guard is dropped, here.
-    fn stop(self) -> Option<String> {
+    /// Ends the watch: smbd (stopped when its guard is dropped), and its end status if it
+    /// ended during the command.
+    fn stop(self) -> (Option<SmbdGuard>, Option<String>) {
         let _ = self.stop.send(());
         match self.thread.join() {
-            Ok((_guard, died)) => died,
-            Err(_) => Some("its watch failed".into()),
+            Ok((guard, died)) => (Some(guard), died),
+            Err(_) => (None, Some("its watch failed".into())),
         }
     }
 }

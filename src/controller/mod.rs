@@ -65,6 +65,11 @@ pub struct JobConfig {
     /// instead of into the output log.
     #[serde(default)]
     pub terminal: Option<TerminalRequest>,
+    /// A layer's session: after a command that succeeded, the agent makes itself ready to
+    /// serve again (a new waiting login, the exports unmounted, [`READY_MARKER`]) so that the
+    /// pair can be saved as a new image.
+    #[serde(default)]
+    pub ready_again: bool,
 }
 
 /// A controller booted for one session (direct runs): everything arrives with the session,

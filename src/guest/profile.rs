@@ -279,6 +279,38 @@ impl Profile<'_> {
         }
     }
 
+    /// A layer's command: the `count` commands the builder wrote into the exchange folder
+    /// ([`LAYER_DIR`]`/1` ...), each run in turn as a script of its own in the guest's shell
+    /// with `-e` (as a build's script is), stdin at its end; the first that fails ends the
+    /// layer with its exit code, its number left in [`LAYER_FAILED`] ("N CODE"). Then the
+    /// guest's own check that the layer left it as a build expects, and its caches dropped
+    /// (a smaller state; nothing cached of the share outlives the session).
+    pub fn layer_command(self, count: usize) -> String {
+        let shell = self.shell();
+        let finish = match self {
+            Profile::Standin => standin::layer_finish(),
+            Profile::Windows(_) => windows::outputs::layer_finish(),
+        };
+        format!(
+            r#"winvm_say() {{ read -r winvm_up winvm_idle </proc/uptime; echo "nix-winvm: [guest $winvm_up s] $*"; }}
+winvm_n={count}
+winvm_i=1
+while [ "$winvm_i" -le "$winvm_n" ]; do
+    winvm_say "layer command $winvm_i of $winvm_n"
+    (cd /tmp && exec {shell} -e "/tmp/xchg/{LAYER_DIR}/$winvm_i") </dev/null
+    winvm_code=$?
+    if [ "$winvm_code" != 0 ]; then
+        echo "$winvm_i $winvm_code" >"/tmp/xchg/{LAYER_FAILED}"
+        echo "nix-winvm: layer command $winvm_i of $winvm_n exited $winvm_code" >&2
+        exit "$winvm_code"
+    fi
+    winvm_i=$((winvm_i + 1))
+done
+{finish}winvm_say "layer commands done"
+"#
+        )
+    }
+
     /// `build` (the command that runs the build) wrapped so that the outputs, named by their
     /// store names, are made on the guest's own disk and come back as one tar archive written
     /// onto the guest's outputs disk ([`Profile::outputs_device`]), which the builder unpacks
@@ -320,6 +352,11 @@ exit "$winvm_code"
         )
     }
 }
+
+/// In the exchange folder: a layer's commands, one file each, `1` ... `N`.
+pub const LAYER_DIR: &str = "layer";
+/// In the exchange folder, after a layer command failed: its number and exit code.
+pub const LAYER_FAILED: &str = "layer-failed";
 
 /// The size of the guest's outputs disk, the same in every session (a revived guest keeps the
 /// size it saw when it was saved): a sparse file, so only what the guest writes takes room.

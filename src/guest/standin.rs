@@ -309,3 +309,19 @@ pub const PACK_OUTPUTS: &str = r#"winvm_pack() {
     (set -o pipefail; tar -c -f - -C /nix/store "$@" | dd of=/dev/vdb bs=4M iflag=fullblock oflag=direct 2>/dev/null)
 }
 "#;
+
+/// After a layer's commands: the store's overlay must hold nothing of theirs (a build's
+/// outputs are found there; a layer installs onto the guest's disk, and sees the host's store
+/// read-only), and the guest's caches are dropped before the save.
+pub fn layer_finish() -> String {
+    r#"if [ -n "$(ls -A @STORE_LOCAL@)" ]; then
+    echo "nix-winvm: the layer's commands wrote into /nix/store ($(ls -A @STORE_LOCAL@ | head -n 5 | tr '\n' ' ')): a layer installs onto the guest's disk; the store it sees is the host's, read-only" >&2
+    echo "check 1" >/tmp/xchg/@LAYER_FAILED@
+    exit 1
+fi
+sync
+echo 3 >/proc/sys/vm/drop_caches
+"#
+    .replace("@STORE_LOCAL@", STORE_LOCAL)
+    .replace("@LAYER_FAILED@", super::profile::LAYER_FAILED)
+}

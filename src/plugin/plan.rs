@@ -255,7 +255,7 @@ pub fn force_depth(builtin: &str, key: &str) -> u32 {
 
 pub fn plan(builtin: &str, root: &Val, env: &Env) -> Plan {
     let result = match builtin {
-        "windowsImage" => as_set(builtin, root).and_then(|a| plan_image(builtin, a, &[], env)),
+        "windowsImage" => as_set(builtin, root).and_then(|a| plan_image_or_layer(builtin, a, &[], env)),
         "windowsDerivation" => as_set(builtin, root).and_then(|a| plan_build(builtin, a, env)),
         "runInWindowsVM" => plan_run_in_vm(builtin, root, env),
         other => Err(format!("nix-winvm: unknown builtin '{other}'")),
@@ -291,6 +291,44 @@ fn runtime(env: &Env) -> Vec<PlannedAttr> {
         }
     }
     attrs
+}
+
+/// A layer: one derivation, the `layer` stage, on the image `base` (see `builder::stages::layer`).
+/// Its commands stay attributes of their own, so their string context makes the layer depend
+/// on what they name; the layer carries its base's image spec, so it is an image like any.
+fn plan_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<Plan, String> {
+    let args = validate::layer_args(builtin, attrs)?;
+    let spec = &args.spec;
+    let guest = spec.image.guest.name();
+    // A layer holds Windows as its base does.
+    let restricted = if spec.image.guest.windows().is_some() { "RESTRICTDIST-" } else { "" };
+    let name = match args.name {
+        Some(n) if n.starts_with(restricted) => n,
+        Some(n) => format!("{restricted}{n}"),
+        None => format!("{restricted}winvm-{guest}-layer"),
+    };
+    let at = |k: &str| -> Vec<String> { prefix.iter().map(|p| p.to_string()).chain([k.to_owned()]).collect() };
+    let mut a = base(&name, "layer", env);
+    a.push(text("winvmImageSpec", &to_json(&spec.image)));
+    a.push(text("winvmLayerSpec", &to_json(spec)));
+    let base_path = at("base");
+    a.push(user("image", &base_path.iter().map(String::as_str).collect::<Vec<_>>()));
+    for i in 0..spec.commands {
+        let mut path = at("installCommands");
+        path.push(i.to_string());
+        a.push(user(&layer_command_attr(i), &path.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+    a.extend(features(spec.image.accel, &[]));
+    Ok(Plan { error: String::new(), drvs: vec![PlannedDrv { attrs: a }], passthru: vec![] })
+}
+
+/// `windowsImage`'s argument: a layer when it names a `base`, a new image otherwise.
+fn plan_image_or_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<Plan, String> {
+    if attrs.iter().any(|(k, _)| k == "base") {
+        plan_layer(builtin, attrs, prefix, env)
+    } else {
+        plan_image(builtin, attrs, prefix, env)
+    }
 }
 
 /// The three stages of an image: media -> installed disk -> suspended VM. `prefix` locates the
@@ -386,7 +424,8 @@ fn plan_run_in_vm(builtin: &str, root: &Val, env: &Env) -> Result<Plan, String> 
             ))
         }
         Some(Val::Set(image_attrs)) => {
-            let image_plan = plan_image(&format!("{builtin}: windowsImage"), image_attrs, &["windowsImage"], env)?;
+            let image_plan =
+                plan_image_or_layer(&format!("{builtin}: windowsImage"), image_attrs, &["windowsImage"], env)?;
             drvs = image_plan.drvs;
             stage("image", drvs.len() - 1)
         }

@@ -282,3 +282,62 @@ fn a_windows_image_under_tcg_gets_a_longer_default_timeout() {
     let standin = image_spec("windowsImage", &[("guest".into(), s("standin")), ("accel".into(), s("tcg"))]).unwrap();
     assert_eq!(standin.timeout_secs, crate::spec::DEFAULT_TIMEOUT_SECS);
 }
+
+fn standin_image_val() -> Val {
+    Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())) }
+}
+
+#[test]
+fn a_layer_is_one_derivation_carrying_its_bases_spec_and_each_command_as_an_attribute() {
+    let (_d, env) = env();
+    let cmds = Val::List(vec![s("echo one"), Val::Str { text: "cp /nix/store/x-y /opt".into(), context: true }]);
+    let p = plan::plan("windowsImage", &set(&[("base", standin_image_val()), ("installCommands", cmds)]), &env);
+    assert_eq!(p.error, "");
+    assert_eq!(p.drvs.len(), 1);
+    let attrs = &p.drvs[0].attrs;
+    let get = |n: &str| attrs.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n}"));
+    assert_eq!(get("name").text, "winvm-standin-layer");
+    assert_eq!(get("args").list, ["layer"]);
+    assert_eq!(get("winvmImageSpec").text, crate::spec::to_json(&crate::spec::ImageSpec::standin()));
+    let layer = crate::spec::layer_spec_from_json(&get("winvmLayerSpec").text).unwrap();
+    assert_eq!((layer.commands, layer.timeout_secs), (2, crate::spec::DEFAULT_TIMEOUT_SECS));
+    // Passed through from the user's value, so that Nix keeps each command's context.
+    assert_eq!((get("image").source, get("image").path.clone()), (Source::User, vec!["base".to_owned()]));
+    for i in 0..2 {
+        let c = get(&format!("winvmLayerCommand{i}"));
+        assert_eq!((c.source, c.path.clone()), (Source::User, vec!["installCommands".to_owned(), i.to_string()]));
+    }
+    // kvm by default, as the base's accelerator says.
+    assert_eq!(get("requiredSystemFeatures").list, ["kvm"]);
+}
+
+#[test]
+fn a_layer_refuses_the_shape_and_a_base_that_is_not_an_image() {
+    let (_d, env) = env();
+    let plan_err = |attrs: &[(&str, Val)]| plan::plan("windowsImage", &set(attrs), &env).error;
+    assert_eq!(
+        plan_err(&[("base", standin_image_val()), ("memory", Val::Int(512))]),
+        "windowsImage: attribute 'memory' cannot be given with 'base': a layer revives its base's memory snapshot, so it keeps everything the base was made with (give 'memory' to the base)"
+    );
+    assert_eq!(
+        plan_err(&[("base", standin_image_val()), ("instalCommands", Val::List(vec![]))]),
+        "windowsImage: unknown attribute 'instalCommands'; did you mean 'installCommands'?"
+    );
+    assert_eq!(
+        plan_err(&[("base", Val::Derivation { image_spec: None })]),
+        "windowsImage: attribute 'base' must be the result of builtins.windowsImage { ... }, got a derivation that is not a nix-winvm image"
+    );
+    assert_eq!(
+        plan_err(&[("base", standin_image_val()), ("installCommands", s("echo"))]),
+        "windowsImage: attribute 'installCommands' must be a list of strings (commands run in order in the guest's shell), got a string"
+    );
+    assert_eq!(
+        plan_err(&[("base", standin_image_val()), ("timeout", Val::Int(0))]),
+        "windowsImage: attribute 'timeout' must be between 1 and 604800 (seconds), got 0"
+    );
+    // A Windows layer is restricted as its base is, whatever its name.
+    let windows = crate::spec::ImageSpec::new(crate::spec::GuestSpec::Windows(crate::spec::WindowsOptions::new("W")));
+    let base = Val::Derivation { image_spec: Some(crate::spec::to_json(&windows)) };
+    let p = plan::plan("windowsImage", &set(&[("base", base), ("name", s("vs"))]), &env);
+    assert_eq!(p.drvs[0].attrs.iter().find(|a| a.name == "name").unwrap().text, "RESTRICTDIST-vs");
+}

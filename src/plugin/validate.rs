@@ -26,6 +26,51 @@ pub const IMAGE_ATTRS: &[&str] = &[
 const WINDOWS_ONLY_ATTRS: &[&str] =
     &["cygwinPackages", "cygwinRepo", "edition", "installCommands", "iso", "locale", "productKey"];
 
+/// The attributes of a layer: `windowsImage` given a `base` image.
+pub const LAYER_ATTRS: &[&str] = &["base", "installCommands", "name", "timeout"];
+
+/// A layer's validated arguments.
+pub struct LayerArgs {
+    pub spec: LayerSpec,
+    pub name: Option<String>,
+}
+
+/// `windowsImage { base = ...; installCommands = [ ... ]; }`: the base's spec, and what the
+/// layer adds. The shape is the base's and may not be given again.
+pub fn layer_args(builtin: &str, attrs: &Attrs) -> Result<LayerArgs, String> {
+    for (k, _) in attrs {
+        if LAYER_ATTRS.contains(&k.as_str()) {
+            continue;
+        }
+        if IMAGE_ATTRS.contains(&k.as_str()) {
+            return Err(format!(
+                "{builtin}: attribute '{k}' cannot be given with 'base': a layer revives its base's memory snapshot, so it keeps everything the base was made with (give '{k}' to the base)"
+            ));
+        }
+        return Err(unknown_attr(builtin, k, LAYER_ATTRS));
+    }
+    let image = image_of(builtin, "base", get(attrs, "base"))?;
+    let commands = match get(attrs, "installCommands") {
+        None => 0,
+        Some(v) => string_list(
+            builtin,
+            "installCommands",
+            v,
+            "a list of strings (commands run in order in the guest's shell)",
+        )?
+        .len(),
+    };
+    let timeout_secs = match get(attrs, "timeout") {
+        None => image.timeout_secs,
+        Some(v) => int_in(builtin, "timeout", v, "seconds", TIMEOUT_SECS_RANGE)? as u64,
+    };
+    let name = match get(attrs, "name") {
+        None => None,
+        Some(v) => Some(string(builtin, "name", v, "a string (the layer's derivation name)")?),
+    };
+    Ok(LayerArgs { spec: LayerSpec { image, timeout_secs, commands }, name })
+}
+
 /// Attributes of `windowsDerivation` that the builder owns.
 pub const RESERVED_BUILD_ATTRS: &[&str] = &["builder", "args", "system"];
 

@@ -35,6 +35,10 @@ pub enum After {
     /// `controller_state`: a consistent pair, whose TCP connections (SSH, SMB) go on after a
     /// revive as if nothing happened.
     SavePair { guest_state: PathBuf, guest: String, controller_state: PathBuf },
+    /// A layer: run the command in the revived pair; if it succeeds, the controller makes
+    /// itself ready to serve again (see `JobConfig::ready_again`) and the pair is saved as
+    /// with [`After::SavePair`].
+    SaveLayer { guest_state: PathBuf, guest: String, controller_state: PathBuf },
 }
 
 /// How the controller starts. Its initramfs and system disk are the same for every session,

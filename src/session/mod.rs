@@ -338,6 +338,17 @@ async fn run_prepared(
 
     let verdict = watch_pair(files, &mut pair, report, doing).await?;
     report.say("command finished");
+    if let (After::SaveLayer { guest_state, guest: guest_name, controller_state }, Verdict::Exited(0)) =
+        (&cfg.after, &verdict)
+    {
+        doing.set("waiting for the controller to be ready to serve again");
+        controller_ready(files, &mut pair, report).await?;
+        report.say("controller ready again");
+        doing.set("saving the pair");
+        save_pair(cfg, (&mut guest_qmp, guest_state, guest_name), (&mut ctl_qmp, controller_state)).await?;
+        report.say(&format!("pair saved: {} and {}", guest_state.display(), controller_state.display()));
+        let _ = tokio::time::timeout(Duration::from_secs(2), ctl_qmp.execute(&qmp::Quit)).await;
+    }
     doing.set("stopping the VMs");
     // The guest has nothing left to do: stop it without a shutdown dance.
     let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&qmp::Quit)).await;

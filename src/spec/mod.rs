@@ -202,6 +202,26 @@ pub struct BuildSpec {
     pub run_original_builder: bool,
 }
 
+/// A layer: an image made from another image (`base`) by running commands in it. The shape is
+/// the base's (a memory snapshot revives only into a VM of the same shape), so `image` is the
+/// base's spec, and the layer is an image of that spec too: builds and further layers take it
+/// as they take the base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LayerSpec {
+    pub image: ImageSpec,
+    /// The layer's own session (its commands), in seconds.
+    pub timeout_secs: u64,
+    /// How many commands: each is the derivation attribute `winvmLayerCommand<i>`, a string
+    /// with its context, so a command naming a store path makes the layer depend on it.
+    pub commands: usize,
+}
+
+/// The derivation attribute of a layer's command `index` (from 0).
+pub fn layer_command_attr(index: usize) -> String {
+    format!("winvmLayerCommand{index}")
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecJsonError {
     pub what: &'static str,
@@ -228,6 +248,16 @@ pub fn image_spec_from_json(s: &str) -> Result<ImageSpec, SpecJsonError> {
 pub fn build_spec_from_json(s: &str) -> Result<BuildSpec, SpecJsonError> {
     let what = "build spec";
     let spec: BuildSpec = serde_json::from_str(s).map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
+    spec.image.validate().map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
+    check_range("timeout", spec.timeout_secs as i64, "seconds", TIMEOUT_SECS_RANGE)
+        .map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
+    Ok(spec)
+}
+
+/// Parses and validates a layer spec.
+pub fn layer_spec_from_json(s: &str) -> Result<LayerSpec, SpecJsonError> {
+    let what = "layer spec";
+    let spec: LayerSpec = serde_json::from_str(s).map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
     spec.image.validate().map_err(|e| SpecJsonError { what, detail: e.to_string() })?;
     check_range("timeout", spec.timeout_secs as i64, "seconds", TIMEOUT_SECS_RANGE)
         .map_err(|e| SpecJsonError { what, detail: e.to_string() })?;

@@ -31,3 +31,10 @@ pub const PACK_OUTPUTS: &str = r#"winvm_pack() {
     tar --format=gnu -c -f /dev/sdb -C /nix/store "$@" && sync
 }
 "#;
+
+/// After a layer's commands: what they wrote flushed to the disk before the save (Cygwin's
+/// `sync` flushes every file system's buffers). The store is the share, read-only: nothing of
+/// theirs can be left there.
+pub fn layer_finish() -> String {
+    "sync\n".into()
+}

@@ -1,0 +1,152 @@
+//! Images made from images (`windowsImage { base = ...; installCommands = [ ... ]; }`), as Nix
+//! runs them: real nix-build in the sandbox, TCG, the standin guest. Each test's layers carry
+//! a token of their own, so they are built anew on every run; the base image is shared.
+#![cfg(feature = "plugin")]
+
+mod common;
+use common::{sandboxed_nix_build, STANDIN_TCG};
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::process::Output;
+
+fn nix_build(args: &[&str]) -> Output {
+    sandboxed_nix_build().arg("--no-out-link").args(args.iter().map(OsStr::new)).output().expect("run nix-build")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn outputs(o: &Output) -> Vec<PathBuf> {
+    assert!(o.status.success(), "nix-build failed:\n{}", stderr(o));
+    String::from_utf8_lossy(&o.stdout).lines().map(PathBuf::from).collect()
+}
+
+fn token(name: &str) -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{name}-{t}")
+}
+
+/// A Nix string literal ('' ... '') holding `text`.
+fn lit(text: &str) -> String {
+    format!("''{}''", text.replace("''", "'''").replace("${", "''${"))
+}
+
+/// Two layers on the standin base: the first installs a file, a tool (into the guest's own
+/// /bin) and a store path its command names (string context); the second a file of its own,
+/// `second` its command. Then `script` built on the second.
+fn two_layers(tok: &str, second: &str, script: &str) -> String {
+    format!(
+        r#"let
+  payload = builtins.toFile "layer-payload" "payload {tok}";
+  one = builtins.windowsImage {{
+    base = {STANDIN_TCG};
+    name = "layer-one";
+    installCommands = [
+      "mkdir -p /opt/one && echo 'one {tok}' > /opt/one/file && echo installing-layer-one"
+      {tool}
+      "cp ${{payload}} /opt/one/payload"
+    ];
+  }};
+  two = builtins.windowsImage {{ base = one; name = "layer-two"; installCommands = [ {second} ]; }};
+in builtins.windowsDerivation {{ name = "on-two"; image = two; token = "{tok}"; script = {script}; }}"#,
+        tool = lit(
+            "printf '#!/bin/sh\\necho tool from layer one\\n' > /bin/layer-one-tool && chmod 755 /bin/layer-one-tool"
+        ),
+        second = lit(second),
+        script = lit(script),
+    )
+}
+
+const SEE_BOTH: &str = "mkdir $out; cat /opt/one/file /opt/two > $out/files; layer-one-tool > $out/tool; cat /opt/one/payload > $out/payload";
+
+#[test]
+fn a_build_on_the_second_layer_sees_what_both_installed_and_a_change_rebuilds_two_derivations() {
+    let tok = token("layers");
+    let expr = two_layers(&tok, "echo 'two a' > /opt/two", SEE_BOTH);
+    let o = nix_build(&["-E", &expr]);
+    let out = outputs(&o).remove(0);
+    assert_eq!(std::fs::read_to_string(out.join("files")).unwrap(), format!("one {tok}\ntwo a\n"));
+    assert_eq!(std::fs::read_to_string(out.join("tool")).unwrap(), "tool from layer one\n");
+    assert_eq!(std::fs::read_to_string(out.join("payload")).unwrap(), format!("payload {tok}"));
+    let log = stderr(&o);
+    // Each layer's commands print into its own build log, numbered.
+    for line in ["layer command 1 of 3", "installing-layer-one", "layer command 3 of 3", "layer command 1 of 1"] {
+        assert!(log.contains(line), "no '{line}' in:\n{log}");
+    }
+    assert_eq!(log.matches("layer saved").count(), 2, "{log}");
+
+    // The second layer changed: exactly it and the build are built again.
+    let changed = two_layers(&tok, "echo 'two b' > /opt/two", SEE_BOTH);
+    let dry = nix_build(&["--dry-run", "-E", &changed]);
+    assert!(dry.status.success(), "{}", stderr(&dry));
+    let to_build: Vec<String> = stderr(&dry)
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("/nix/store/") && l.ends_with(".drv"))
+        .map(|l| l.split_once('-').unwrap().1.to_owned())
+        .collect();
+    let mut to_build_sorted = to_build.clone();
+    to_build_sorted.sort();
+    assert_eq!(to_build_sorted, ["layer-two.drv", "on-two.drv"], "{}", stderr(&dry));
+    let o = nix_build(&["-E", &changed]);
+    let out = outputs(&o).remove(0);
+    assert_eq!(std::fs::read_to_string(out.join("files")).unwrap(), format!("one {tok}\ntwo b\n"));
+    assert!(!stderr(&o).contains("layer-one.drv'..."), "the first layer was rebuilt:\n{}", stderr(&o));
+}
+
+#[test]
+fn a_failing_layer_command_fails_the_layer_with_its_code_and_names_it() {
+    let tok = token("failing");
+    let expr = format!(
+        r#"builtins.windowsImage {{ base = {STANDIN_TCG}; name = "failing-layer"; installCommands = [
+            "echo first-ran {tok}"
+            "echo about-to-fail; exit 7"
+            "echo never-ran"
+        ]; }}"#
+    );
+    let o = nix_build(&["-E", &expr]);
+    let log = stderr(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("layer command 2 exited 7: echo about-to-fail; exit 7"), "{log}");
+    assert!(log.contains("about-to-fail") && log.contains(&format!("first-ran {tok}")), "{log}");
+    assert!(!log.contains("never-ran\n"), "{log}");
+    assert!(!log.contains("pair saved"), "{log}");
+}
+
+#[test]
+fn a_layer_that_writes_into_the_store_is_refused() {
+    let tok = token("store-write");
+    let expr = format!(
+        r#"builtins.windowsImage {{ base = {STANDIN_TCG}; installCommands = [ "echo {tok} > /nix/store/stray" ]; }}"#
+    );
+    let o = nix_build(&["-E", &expr]);
+    let log = stderr(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(log.contains("the layer's commands wrote into /nix/store (stray )"), "{log}");
+    assert!(log.contains("left the guest in a state a build cannot use"), "{log}");
+}
+
+/// Two layers of one base built at once (`-j2`), each with a build on top: the base's files
+/// are shared read-only, each layer's disk and states are its own.
+#[test]
+fn two_layers_from_one_base_build_in_parallel() {
+    let tok = token("parallel");
+    let build = |i: u32| {
+        format!(
+            r#"(builtins.windowsDerivation {{
+                name = "on-parallel-{i}";
+                image = builtins.windowsImage {{ base = {STANDIN_TCG}; name = "parallel-{i}";
+                  installCommands = [ "echo 'layer {i} {tok}' > /root-mine" ]; }};
+                script = "cat /root-mine > $out";
+              }})"#
+        )
+    };
+    let o = nix_build(&["-j2", "-E", &format!("[ {} {} ]", build(0), build(1))]);
+    let outs = outputs(&o);
+    assert_eq!(outs.len(), 2, "{outs:?}");
+    for (i, out) in outs.iter().enumerate() {
+        assert_eq!(std::fs::read_to_string(out).unwrap(), format!("layer {i} {tok}\n"));
+    }
+    assert_eq!(stderr(&o).matches("layer saved").count(), 2, "{}", stderr(&o));
+}
