@@ -52,8 +52,13 @@ pub fn nix_instantiate(expr: &str) -> f64 {
 
 /// A standin derivation built from the cached image, made new by `token`.
 pub fn derivation(token: &str, script: &str) -> String {
+    derivation_on(IMAGE, token, script)
+}
+
+/// A build of `script` on `image` (a Nix expression).
+pub fn derivation_on(image: &str, token: &str, script: &str) -> String {
     format!(
-        r#"builtins.windowsDerivation {{ name = "bench"; image = {IMAGE}; token = "{token}"; script = "{script}"; }}"#
+        r#"builtins.windowsDerivation {{ name = "bench"; image = {image}; token = "{token}"; script = "{script}"; }}"#
     )
 }
 

@@ -1,8 +1,11 @@
 //! Stages benchmark: where a revived build's time goes, phase by phase, beside a cold boot's;
 //! our state file against QEMU's exec:gzip and the raw stream; a trivial nix-build with a cached
-//! image. One run of each, printed as numbers.
+//! image; outputs through the outputs disk; layers (making a trivial one, its size, and a
+//! build revived from three layers against one from the base). One run of each, printed as
+//! numbers.
 //!
 //!   cargo bench --bench stages
+//!   STAGES_ONLY=layers cargo bench --bench stages    # the layers alone
 //!
 //! Needs what scripts/setup installs; builds (or reuses) the standin image in /nix/store.
 //!
@@ -15,7 +18,7 @@
 #[path = "common.rs"]
 mod common;
 
-use common::{derivation, nix, nix_build, nix_instantiate, run_stamped, Stamped, BUILDER, IMAGE};
+use common::{derivation, derivation_on, nix, nix_build, nix_instantiate, run_stamped, Stamped, BUILDER, IMAGE};
 use nix_winvm::vm::qmp::{Cont, Migrate, Qmp, QueryStatus, Quit, Stop};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -123,6 +126,11 @@ fn token(what: &str) -> String {
 
 fn main() {
     println!("stages benchmark (standin guest, TCG, one run each)");
+    // STAGES_ONLY=layers: the layers' part alone.
+    if std::env::var("STAGES_ONLY").as_deref() == Ok("layers") {
+        layers();
+        return;
+    }
     // --- image, cached after the first time ---
     let (image, t_image) = nix_build(IMAGE);
     println!("  image: {} ({t_image:.1} s to build or find)", image.display());
@@ -284,5 +292,56 @@ fn main() {
             ),
             _ => println!("  {mb} MB to $out: markers missing in:\n{}", run.log()),
         }
+    }
+
+    layers();
+}
+
+/// A trivial layer (one command writing a line onto the guest's disk): the time to make it
+/// through nix-build with its base cached, and what it takes on disk; then a build on a
+/// three-layer image beside the same build on the base, each revived from a cached image.
+fn layers() {
+    // The base, made or found first, untimed.
+    nix_build(IMAGE);
+    let tok = token("layer");
+    let layer = |base: &str, n: u32| {
+        format!(
+            r#"(builtins.windowsImage {{ base = {base}; name = "bench-layer-{n}"; installCommands = [ "echo {tok} > /layer-{n}" ]; }})"#
+        )
+    };
+    let one = layer(IMAGE, 1);
+    let (one_path, t_one) = nix_build(&one);
+    let file_mb = |name: &str| size(&one_path.join(name));
+    println!(
+        "  trivial layer, base cached: made in    {t_one:6.2} s   its disk {:.2} MB, guest state {:.1} MB, controller state {:.1} MB",
+        file_mb("disk.qcow2"),
+        file_mb("state"),
+        file_mb(nix_winvm::builder::stages::CONTROLLER_STATE)
+    );
+    let three = layer(&layer(&one, 2), 3);
+    let (_, t_two_more) = nix_build(&three);
+    println!("  two more layers on it                   {t_two_more:6.2} s   ({:.2} s each)", t_two_more / 2.0);
+    let script = "echo FIRST-OUTPUT; cat /layer-1 /layer-2 /layer-3 > $out 2>/dev/null || echo base > $out";
+    let mut first = Vec::new();
+    for (what, image) in [("base", IMAGE.to_owned()), ("three layers", three)] {
+        // Made once untimed, so both runs below revive a cached image and only the build runs.
+        let mut cmd = nix("nix-build");
+        cmd.args(["--no-out-link", "-E", &derivation_on(&image, &token("revive"), script)]);
+        let run = run_stamped(cmd);
+        if !run.status.success() {
+            println!("  THE BUILD ON {what} FAILED ({}); its output:\n{}", run.status, run.log());
+            continue;
+        }
+        let at = |m: &str| run.at(m).map_or("-".to_owned(), |t| format!("{t:.2}"));
+        println!(
+            "  build on {what:<13} guest revived {:>5} s, first output {:>5} s, spawn to exit {:5.2} s",
+            at("guest revived"),
+            at(FIRST_OUTPUT),
+            run.exit
+        );
+        first.push(run.at(FIRST_OUTPUT));
+    }
+    if let [Some(base), Some(three)] = first[..] {
+        println!("  first output, three layers / base       {:6.2}", three / base);
     }
 }

@@ -111,7 +111,7 @@ fn a_failing_layer_command_fails_the_layer_with_its_code_and_names_it() {
     assert!(log.contains("layer command 2 exited 7: echo about-to-fail; exit 7"), "{log}");
     assert!(log.contains("about-to-fail") && log.contains(&format!("first-ran {tok}")), "{log}");
     assert!(!log.contains("never-ran\n"), "{log}");
-    assert!(!log.contains("pair saved"), "{log}");
+    assert!(!log.contains("layer saved"), "{log}");
 }
 
 #[test]
@@ -149,4 +149,15 @@ fn two_layers_from_one_base_build_in_parallel() {
         assert_eq!(std::fs::read_to_string(out).unwrap(), format!("layer {i} {tok}\n"));
     }
     assert_eq!(stderr(&o).matches("layer saved").count(), 2, "{}", stderr(&o));
+}
+
+/// examples/layers.nix, as the README shows it (its second layer made anew by the message).
+#[test]
+fn the_layers_example_builds() {
+    let tok = token("example");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/layers.nix");
+    let o = nix_build(&[example, "--argstr", "message", &format!("three words {tok}")]);
+    let out = outputs(&o).remove(0);
+    assert_eq!(std::fs::read_to_string(out.join("greeting")).unwrap(), format!("three words {tok}\n"));
+    assert_eq!(std::fs::read_to_string(out.join("words")).unwrap(), "3\n");
 }
