@@ -329,7 +329,8 @@ struct Registrar
         }
         nixc::register_primop("__windowsImage", 1,
             "Return the derivation of a suspended VM image: `guest` (\"windows\" or \"standin\"), "
-            "`memory`, `cpus`, `accel`, `timeout`, and for Windows `iso`, `edition`, ... See nix-winvm's README.",
+            "`memory`, `cpus`, `accel`, `timeout`, and for Windows `iso`, `edition`, ...; or, given `base` (an "
+            "image) and `installCommands`, a layer: that image with the commands run in it. See nix-winvm's README.",
             {"attrs"}, prim_windowsImage);
         nixc::register_primop("__windowsDerivation", 1,
             "Return a derivation that runs `script` in a VM revived from `image`; other attributes "

@@ -24,4 +24,12 @@ rec {
 
   # Cygwin package directory from a pinned setup.ini (see docs/WINDOWS.md).
   cygwinRepo = import ./cygwin.nix;
+
+  # An image made of another: `installCommands` run once on top of `base`, and the result is
+  # saved as an image of its own (docs/WINDOWS.md, "Layers: software on top of the image").
+  layer = { base, installCommands ? [ ], ... }@args: windowsImage args;
+
+  # Offline toolchains as layers: visualStudioBuildTools, cygwinPackages, python
+  # (nix/toolchains.nix).
+  inherit (import ./toolchains.nix { inherit windowsImage; }) visualStudioBuildTools cygwinPackages python;
 }

@@ -7,7 +7,7 @@ fn main() {
         Err(e) => {
             // Which stage failed leads: a build log may hold several.
             let what = match args.first().map(String::as_str) {
-                Some(stage @ ("media" | "install" | "suspend" | "build")) => format!(" in the {stage} stage"),
+                Some(stage @ ("media" | "install" | "suspend" | "layer" | "build")) => format!(" in the {stage} stage"),
                 Some(
                     command @ ("run" | "rerun" | "shell" | "agent" | "agent-ready" | "state-read" | "state-write"),
                 ) => {
@@ -16,7 +16,7 @@ fn main() {
                 _ => String::new(),
             };
             eprintln!("nix-winvm-builder: error{what}: {e}");
-            std::process::exit(1);
+            std::process::exit(e.exit_code());
         }
     }
 }

@@ -225,6 +225,17 @@ impl fmt::Display for BuilderError {
 
 impl std::error::Error for BuilderError {}
 
+impl BuilderError {
+    /// The builder's exit code: a failed layer command's own (so Nix says it too), 1 for
+    /// everything else.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            BuilderError::LayerCommand { code, .. } if (1..=255).contains(code) => *code,
+            _ => 1,
+        }
+    }
+}
+
 macro_rules! from_layer {
     ($($t:ty => $v:ident),* $(,)?) => {
         $(impl From<$t> for BuilderError {
