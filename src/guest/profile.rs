@@ -382,6 +382,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_layer_runs_each_command_file_in_the_guests_shell_then_its_finish() {
+        let standin = Profile::Standin.layer_command(3);
+        assert!(standin.contains("winvm_n=3\n"), "{standin}");
+        assert!(standin.contains(r#"(cd /tmp && exec /bin/sh -e "/tmp/xchg/layer/$winvm_i") </dev/null"#), "{standin}");
+        assert!(standin.contains(r#"echo "$winvm_i $winvm_code" >"/tmp/xchg/layer-failed""#), "{standin}");
+        let (ran, finish) = (standin.find("done\n").unwrap(), standin.find("ls -A /var/winvm/store").unwrap());
+        assert!(ran < finish && standin.contains("echo 3 >/proc/sys/vm/drop_caches"), "{standin}");
+        let guest = GuestSpec::Windows(WindowsOptions::new("Windows 11 Pro"));
+        let windows = profile(&guest).layer_command(1);
+        assert!(windows.contains(r#"exec /bin/bash -e "/tmp/xchg/layer/$winvm_i""#), "{windows}");
+        assert!(windows.contains("done\nsync\n") && !windows.contains("/var/winvm"), "{windows}");
+    }
+
+    #[test]
     fn the_standin_installs_from_its_installer_and_boots_its_disk() {
         let media = Path::new("/m");
         let install = Profile::Standin.install(media, Path::new("/d.qcow2"), None, false, Path::new("/w")).unwrap();
