@@ -378,7 +378,7 @@ pub(super) fn session_config(
         controller,
         key_file: key,
         command,
-        set_clock: matches!(after, After::Quit | After::SaveLayer { .. }),
+        set_clock: matches!(after, After::Quit | After::SaveLayer(_)),
         after,
         store_dir: PathBuf::from(spec::STORE_DIR),
         extra_shares: vec![],
@@ -388,6 +388,15 @@ pub(super) fn session_config(
         terminal: None,
         vnc: session::vnc_from_env(),
     })
+}
+
+/// Where an image's pair is saved, in its output.
+fn save_to(spec: &ImageSpec, out: &Path) -> session::SaveTo {
+    session::SaveTo {
+        guest_state: out.join("state"),
+        guest: spec.guest.name().into(),
+        controller_state: out.join(CONTROLLER_STATE),
+    }
 }
 
 /// Stage 3: boot the installed disk under an overlay, map the shares, save the memory.
@@ -429,11 +438,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         },
         media.join("key"),
         String::new(),
-        After::SavePair {
-            guest_state: out.join("state"),
-            guest: spec.guest.name().into(),
-            controller_state: out.join(CONTROLLER_STATE),
-        },
+        After::SavePair(save_to(spec, &out)),
         tools,
     )?;
     // Saving the pair has no command: it succeeds or fails as a session (a guest whose
@@ -496,11 +501,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         revived_controller(&meta, &base),
         base.join("key"),
         profile.layer_command(spec.commands),
-        After::SaveLayer {
-            guest_state: out.join("state"),
-            guest: spec.image.guest.name().into(),
-            controller_state: out.join(CONTROLLER_STATE),
-        },
+        After::SaveLayer(save_to(&spec.image, &out)),
         tools,
     )?;
     let result = runtime()?.block_on(session::run(&cfg, progress));

@@ -31,14 +31,22 @@ pub enum After {
     Quit,
     /// No command: once the controller, started from its system disk, says it is ready to
     /// serve (smbd up, the guest logged on to, the guest's `prepare` done), both VMs are
-    /// stopped together and saved, the guest into `guest_state`, the controller into
-    /// `controller_state`: a consistent pair, whose TCP connections (SSH, SMB) go on after a
-    /// revive as if nothing happened.
-    SavePair { guest_state: PathBuf, guest: String, controller_state: PathBuf },
+    /// stopped together and saved: a consistent pair, whose TCP connections (SSH, SMB) go on
+    /// after a revive as if nothing happened.
+    SavePair(SaveTo),
     /// A layer: run the command in the revived pair; if it succeeds, the controller makes
     /// itself ready to serve again (see `JobConfig::ready_again`) and the pair is saved as
     /// with [`After::SavePair`].
-    SaveLayer { guest_state: PathBuf, guest: String, controller_state: PathBuf },
+    SaveLayer(SaveTo),
+}
+
+/// Where a saved pair goes: the guest into `guest_state` (its header naming the guest
+/// profile `guest`), the controller into `controller_state`.
+#[derive(Debug, Clone)]
+pub struct SaveTo {
+    pub guest_state: PathBuf,
+    pub guest: String,
+    pub controller_state: PathBuf,
 }
 
 /// How the controller starts. Its initramfs and system disk are the same for every session,

@@ -17,8 +17,8 @@ mod terminal;
 pub mod watch;
 
 pub use config::{
-    vnc_from_env, After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig, TestFault, TEST_FAULT_VAR, VNC_SOCKET,
-    VNC_VAR,
+    vnc_from_env, After, ControllerBoot, ExtraShare, GuestBoot, SaveTo, SessionConfig, TestFault, TEST_FAULT_VAR,
+    VNC_SOCKET, VNC_VAR,
 };
 pub use error::RunError;
 pub use snapshot::{qemu_version, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
@@ -308,15 +308,10 @@ async fn run_prepared(
     let (g, c) = tokio::join!(guest_load, controller_load);
     g?;
     c?;
-    if let After::SavePair { guest_state, guest: guest_name, controller_state } = &cfg.after {
+    if let After::SavePair(to) = &cfg.after {
         doing.set("waiting for the controller to be ready to serve");
-        controller_ready(files, &mut pair, report).await?;
-        report.say("controller ready");
-        doing.set("saving the pair");
-        save_pair(cfg, (&mut guest_qmp, guest_state, guest_name), (&mut ctl_qmp, controller_state)).await?;
-        report.say(&format!("pair saved: {} and {}", guest_state.display(), controller_state.display()));
+        save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
         let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&qmp::Quit)).await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), ctl_qmp.execute(&qmp::Quit)).await;
         teardown(&mut pair).await?;
         report.say("VMs stopped");
         return Ok(Verdict::Exited(0));
@@ -338,16 +333,9 @@ async fn run_prepared(
 
     let verdict = watch_pair(files, &mut pair, report, doing).await?;
     report.say("command finished");
-    if let (After::SaveLayer { guest_state, guest: guest_name, controller_state }, Verdict::Exited(0)) =
-        (&cfg.after, &verdict)
-    {
+    if let (After::SaveLayer(to), Verdict::Exited(0)) = (&cfg.after, &verdict) {
         doing.set("waiting for the controller to be ready to serve again");
-        controller_ready(files, &mut pair, report).await?;
-        report.say("controller ready again");
-        doing.set("saving the pair");
-        save_pair(cfg, (&mut guest_qmp, guest_state, guest_name), (&mut ctl_qmp, controller_state)).await?;
-        report.say(&format!("pair saved: {} and {}", guest_state.display(), controller_state.display()));
-        let _ = tokio::time::timeout(Duration::from_secs(2), ctl_qmp.execute(&qmp::Quit)).await;
+        save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
     }
     doing.set("stopping the VMs");
     // The guest has nothing left to do: stop it without a shutdown dance.
@@ -376,15 +364,30 @@ async fn controller_waiting(files: &Files, controller: &mut ProcessGuard) -> Res
     })
 }
 
+/// Once the controller says it is ready to serve, the pair saved into `to`; the controller
+/// told to quit (the guest's QMP stays for the caller's teardown).
+async fn save_when_ready(
+    cfg: &SessionConfig,
+    files: &Files,
+    pair: &mut Pair,
+    (guest_qmp, ctl_qmp): (&mut Qmp, &mut Qmp),
+    to: &SaveTo,
+    report: &dyn Report,
+    doing: &Cell<&'static str>,
+) -> Result<(), RunError> {
+    controller_ready(files, pair, report).await?;
+    report.say("controller ready");
+    doing.set("saving the pair");
+    save_pair(cfg, guest_qmp, ctl_qmp, to).await?;
+    report.say(&format!("pair saved: {} and {}", to.guest_state.display(), to.controller_state.display()));
+    let _ = tokio::time::timeout(Duration::from_secs(2), ctl_qmp.execute(&qmp::Quit)).await;
+    Ok(())
+}
+
 /// Both VMs stopped at once (so that neither sends the other anything the saved other would
 /// not have seen), then each streamed into its state file.
-async fn save_pair(
-    cfg: &SessionConfig,
-    guest: (&mut Qmp, &Path, &String),
-    controller: (&mut Qmp, &Path),
-) -> Result<(), RunError> {
-    let (guest_qmp, guest_state, guest_name) = guest;
-    let (ctl_qmp, controller_state) = controller;
+async fn save_pair(cfg: &SessionConfig, guest_qmp: &mut Qmp, ctl_qmp: &mut Qmp, to: &SaveTo) -> Result<(), RunError> {
+    let SaveTo { guest_state, guest: guest_name, controller_state } = to;
     let stop = |vm: &'static str| move |source| RunError::Qmp { vm: vm.into(), step: "stopping", source };
     let (g, c) = tokio::join!(guest_qmp.execute(&qmp::Stop), ctl_qmp.execute(&qmp::Stop));
     g.map_err(stop("guest"))?;

@@ -44,7 +44,7 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
             _ => None,
         },
         terminal: cfg.terminal.clone(),
-        ready_again: matches!(cfg.after, super::After::SaveLayer { .. }),
+        ready_again: matches!(cfg.after, super::After::SaveLayer(_)),
     };
     if cfg.controller.system.is_some() {
         // A ready controller serves already; its paths are its own (see controller::READY_*).
