@@ -5,7 +5,7 @@
 //! numbers.
 //!
 //!   cargo bench --bench stages
-//!   STAGES_ONLY=layers cargo bench --bench stages    # the layers alone
+//!   STAGES_ONLY=layers cargo bench --bench stages    # the layers alone (or outputs)
 //!
 //! Needs what scripts/setup installs; builds (or reuses) the standin image in /nix/store.
 //!
@@ -126,10 +126,11 @@ fn token(what: &str) -> String {
 
 fn main() {
     println!("stages benchmark (standin guest, TCG, one run each)");
-    // STAGES_ONLY=layers: the layers' part alone.
-    if std::env::var("STAGES_ONLY").as_deref() == Ok("layers") {
-        layers();
-        return;
+    // STAGES_ONLY=layers or outputs: that part alone.
+    match std::env::var("STAGES_ONLY").as_deref() {
+        Ok("layers") => return layers(),
+        Ok("outputs") => return outputs(),
+        _ => {}
     }
     // --- image, cached after the first time ---
     let (image, t_image) = nix_build(IMAGE);
@@ -265,7 +266,44 @@ fn main() {
     let (_, t_build) = nix_build(&expr);
     println!("  trivial nix-build, image cached         {t_build:6.2} s   (evaluation {t_eval:.2} s; the rest is the VM session)");
 
-    // --- outputs: the script's end to the outputs in the store, through the outputs disk ---
+    outputs();
+    layers();
+}
+
+/// Outputs: the script's end to the builder's end (the outputs unpacked from the outputs disk
+/// and the VMs gone), for 50 and 500 MB; then an input of 50 MB read by the guest from the
+/// store (through the controller's share), on the guest's clock.
+fn outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("input-50mb");
+    let mut data = vec![0u8; 50_000_000];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2654435761) >> 13) as u8;
+    }
+    data[..16].copy_from_slice(&format!("{:<16}", token("in")).as_bytes()[..16]);
+    std::fs::write(&input, &data).unwrap();
+    let script =
+        "read a i </proc/uptime; cat $big >/dev/null; read b i </proc/uptime; echo INPUT-READ $a $b; touch $out";
+    let expr = format!(
+        r#"builtins.windowsDerivation {{ name = "bench"; image = {IMAGE}; big = builtins.path {{ path = {}; name = "input-50mb"; }}; token = "{}"; script = "{script}"; }}"#,
+        input.display(),
+        token("input")
+    );
+    let mut cmd = nix("nix-build");
+    cmd.args(["--no-out-link", "-E", &expr]);
+    let run = run_stamped(cmd);
+    let read = run.lines.iter().find_map(|l| {
+        let mut w = l.text.split_whitespace().skip_while(|w| *w != "INPUT-READ").skip(1);
+        Some((w.next()?.parse::<f64>().ok()?, w.next()?.parse::<f64>().ok()?))
+    });
+    match read {
+        Some((a, b)) => println!(
+            "   50 MB from the store (an input), read by the guest       {:5.2} s = {:4.0} MB/s",
+            b - a,
+            50.0 / (b - a)
+        ),
+        None => println!("  the 50 MB input build printed no INPUT-READ line ({}):\n{}", run.status, run.log()),
+    }
     for mb in [50, 500] {
         let script = format!("head -c {mb}000000 /dev/urandom > $out; echo WRITTEN");
         let mut cmd = nix("nix-build");
@@ -282,9 +320,9 @@ fn main() {
             let rest = &line.text[line.text.find("[guest ")? + 7..];
             rest[..rest.find(" s]")?].parse::<f64>().ok()
         };
-        match (arrived("WRITTEN"), arrived("outputs collected"), guest("packing"), guest("outputs packed")) {
+        match (arrived("WRITTEN"), arrived("command exited"), guest("packing"), guest("outputs packed")) {
             (Some(w), Some(c), Some(p0), Some(p1)) => println!(
-                "  {mb:3} MB to $out: script end -> outputs collected {:5.2} s = {:4.0} MB/s   (packed in the guest {:5.2} s = {:4.0} MB/s)",
+                "  {mb:3} MB to $out: script end -> builder done {:5.2} s = {:4.0} MB/s   (packed in the guest {:5.2} s = {:4.0} MB/s)",
                 c - w,
                 mb as f64 / (c - w),
                 p1 - p0,
@@ -293,8 +331,6 @@ fn main() {
             _ => println!("  {mb} MB to $out: markers missing in:\n{}", run.log()),
         }
     }
-
-    layers();
 }
 
 /// A trivial layer (one command writing a line onto the guest's disk): the time to make it

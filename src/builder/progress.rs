@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+#[derive(Clone, Copy)]
 pub struct Progress {
     start: Instant,
 }
