@@ -1,12 +1,12 @@
 //! One build's VMs on the host: the switch, the guest and the controller, the command's output
 //! streamed into the build log, the verdict read from the exchange directory, and everything
-//! torn down in reverse start order on every path.
+//! torn down on every path.
 //!
 //! The lifecycle, in order: [`prepare`](prepare::prepare) the files; start the switch, then
 //! both QEMUs; revive each VM from its state file or boot it (the suspend stage then saves the
 //! controller waiting for its session); send the controller its session line; [`watch`] the
-//! pair until the controller reports the command's verdict; save the guest when asked
-//! ([`After::Suspend`]); tear down. Each wait has its own deadline and its own error; the
+//! pair until the controller reports the command's verdict; save the pair when asked
+//! ([`After::SavePair`], [`After::SaveLayer`]); tear down. Each wait has its own deadline and its own error; the
 //! build's time-out and the signals Nix sends bound the whole.
 
 mod config;
