@@ -353,13 +353,18 @@ mod tests {
         if !crate::tools::test_requires("the tools closure (scripts/setup makes it)", closure.is_ok()) {
             return;
         }
-        let closure = closure.unwrap_or_default();
+        // The closure's folder, copied into the store as `nix-store --add` put it there (the same
+        // path): a garbage collection since the set-up may have removed it.
+        let closure_dir = Path::new(crate::spec::DEFAULT_CACHE).join("tools/winvm-tools");
         let repo = fixture_repo();
         let server = serve(&repo);
         let mirror =
             format!("http://127.0.0.1:{}/{}/{}", server.1, names::CYGWIN_PACKAGES_DIR, cygwin::LOCAL_MIRROR_DIR);
         let ini = repo.join(names::CYGWIN_PACKAGES_DIR).join(LOCAL_SETUP_INI);
-        let tools_path = format!("(builtins.storePath {})", nix_string(closure.trim()));
+        let tools_path = format!(
+            "(builtins.path {{ path = {}; name = \"winvm-tools\"; }})",
+            nix_string(&closure_dir.display().to_string())
+        );
         let expr = repo_expr(&ini, &["make"], &mirror).replacen(
             "system = ",
             &format!("shell = \"${{{tools_path}}}/bin/sh\"; toolPath = \"${{{tools_path}}}/bin\"; system = "),
