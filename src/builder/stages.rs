@@ -405,17 +405,8 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let media = env_path("media")?;
     let installed = env_path("installed")?;
     let accel = accel_for(spec, progress)?;
-    std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
     let tools = Tools::find()?;
-    let disk = out.join("disk.qcow2");
-    overlay(&tools, &installed.join("disk.qcow2"), &disk)?;
-    std::fs::copy(media.join("key"), out.join("key")).map_err(io("copying the key"))?;
-    // The install's record (its date; an evaluation's end), where each build looks for it.
-    let record = installed.join(INSTALL_RECORD);
-    if record.is_file() {
-        std::fs::copy(&record, out.join(INSTALL_RECORD)).map_err(io(format!("copying {}", record.display())))?;
-    }
-    std::os::unix::fs::symlink(&media, out.join("media")).map_err(io("linking the media"))?;
+    let disk = new_image(&tools, &out, &installed, &media.join("key"), &media)?;
     let work = work_dir()?;
     let profile = guest::profile(&spec.guest);
     let cfg = session_config(
@@ -448,6 +439,39 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     Ok(0)
 }
 
+/// The image `image` (made from `spec`) checked before any VM revives it (a build, or a layer
+/// on it): its metadata, its two state files and its disk; the evaluation media's expiry said.
+/// With the accelerator and the tools to revive it.
+fn revivable(image: &Path, spec: &ImageSpec, progress: &Progress) -> Result<(ImageMeta, Accel, Tools), BuilderError> {
+    let meta = ImageMeta::read(image, spec)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if let Some(warning) = InstallRecord::of_image(image).and_then(|record| record.expiry_warning(now)) {
+        progress.say(&warning);
+    }
+    inspect_states(image)?;
+    let accel = accel_for(spec, progress)?;
+    let tools = Tools::find()?;
+    check_image(&tools, image)?;
+    Ok((meta, accel, tools))
+}
+
+/// A new image's output begun: its disk, an overlay on the disk in `from` (the installed
+/// stage, or a layer's base), with the image's key, the install's record from `from` (its
+/// date; an evaluation's end), where each build looks for it, and a link to the media. The
+/// disk's path.
+fn new_image(tools: &Tools, out: &Path, from: &Path, key: &Path, media: &Path) -> Result<PathBuf, BuilderError> {
+    std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
+    let disk = out.join("disk.qcow2");
+    overlay(tools, &from.join("disk.qcow2"), &disk)?;
+    std::fs::copy(key, out.join("key")).map_err(io("copying the key"))?;
+    let record = from.join(INSTALL_RECORD);
+    if record.is_file() {
+        std::fs::copy(&record, out.join(INSTALL_RECORD)).map_err(io(format!("copying {}", record.display())))?;
+    }
+    std::os::unix::fs::symlink(media, out.join("media")).map_err(io("linking the media"))?;
+    Ok(disk)
+}
+
 /// An image's two state files, refused before any VM starts if they are not state files of
 /// this version or are cut short; their checksums are checked in the one pass that streams
 /// each into QEMU. Their reading from disk starts now, while the switch and the QEMUs start
@@ -471,21 +495,9 @@ fn inspect_states(image: &Path) -> Result<(), BuilderError> {
 pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let out = env_path("out")?;
     let base = env_path("image")?;
-    let meta = ImageMeta::read(&base, &spec.image)?;
-    inspect_states(&base)?;
+    let (meta, accel, tools) = revivable(&base, &spec.image, progress)?;
     progress.say(&format!("layer {} on {}: {} commands", meta.layers + 1, base.display(), spec.commands));
-    let accel = accel_for(&spec.image, progress)?;
-    let tools = Tools::find()?;
-    check_image(&tools, &base)?;
-    std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
-    let disk = out.join("disk.qcow2");
-    overlay(&tools, &base.join("disk.qcow2"), &disk)?;
-    std::fs::copy(base.join("key"), out.join("key")).map_err(io("copying the key"))?;
-    let record = base.join(INSTALL_RECORD);
-    if record.is_file() {
-        std::fs::copy(&record, out.join(INSTALL_RECORD)).map_err(io(format!("copying {}", record.display())))?;
-    }
-    std::os::unix::fs::symlink(&meta.media, out.join("media")).map_err(io("linking the media"))?;
+    let disk = new_image(&tools, &out, &base, &base.join("key"), &meta.media)?;
     let work = work_dir()?;
     let commands = work.join("xchg").join(guest::profile::LAYER_DIR);
     std::fs::create_dir_all(&commands).map_err(io(format!("creating {}", commands.display())))?;
@@ -541,14 +553,14 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
 /// the check after them) and the commands (by index from 0).
 pub fn layer_failure(note: &str, code: i32, command: impl Fn(usize) -> Option<String>) -> BuilderError {
     let mut words = note.split_whitespace();
-    match (words.next(), words.next().and_then(|c| c.parse::<i32>().ok())) {
-        (Some("check"), _) => BuilderError::LayerCheck,
-        (Some(n), Some(code)) => match n.parse::<usize>() {
-            Ok(n) if n >= 1 => {
-                BuilderError::LayerCommand { index: n, code, command: command(n - 1).unwrap_or_default() }
-            }
-            _ => BuilderError::LayerCommand { index: 0, code, command: String::new() },
-        },
+    let (what, noted) = (words.next(), words.next().and_then(|c| c.parse::<i32>().ok()));
+    if what == Some("check") {
+        return BuilderError::LayerCheck;
+    }
+    match (what.and_then(|n| n.parse::<usize>().ok()).filter(|n| *n >= 1), noted) {
+        (Some(index), Some(code)) => {
+            BuilderError::LayerCommand { index, code, command: command(index - 1).unwrap_or_default() }
+        }
         _ => BuilderError::LayerCommand { index: 0, code, command: String::new() },
     }
 }
@@ -656,16 +668,8 @@ pub fn output_paths(var: impl Fn(&str) -> Option<OsString>) -> Vec<PathBuf> {
 /// Stage 4: revive the image on a throw-away overlay and run the build.
 pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let image = env_path("image")?;
-    let meta = ImageMeta::read(&image, &spec.image)?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    if let Some(warning) = InstallRecord::of_image(&image).and_then(|record| record.expiry_warning(now)) {
-        progress.say(&warning);
-    }
-    inspect_states(&image)?;
-    let accel = accel_for(&spec.image, progress)?;
+    let (meta, accel, tools) = revivable(&image, &spec.image, progress)?;
     let work = work_dir()?;
-    let tools = Tools::find()?;
-    check_image(&tools, &image)?;
     let disk = work.join("disk.qcow2");
     overlay(&tools, &image.join("disk.qcow2"), &disk)?;
     let xchg = work.join("xchg");
@@ -775,6 +779,25 @@ mod tests {
             saved_env(vars.into_iter()),
             b"export msg='it'\\''s here'\nexport out=/nix/store/x-t\nexport raw='caf\xe9 '\\''x'\\'''\nexport TMPDIR=/tmp\n".to_vec()
         );
+    }
+
+    #[test]
+    fn a_layers_failure_is_read_from_the_guests_note() {
+        let command = |i: usize| Some(format!("command {i}"));
+        assert!(matches!(
+            layer_failure("2 7\n", 7, command),
+            BuilderError::LayerCommand { index: 2, code: 7, command } if command == "command 1"
+        ));
+        assert!(matches!(layer_failure("check 1\n", 1, command), BuilderError::LayerCheck));
+        for unreadable in ["", "0 3", "x 3", "2"] {
+            assert!(
+                matches!(
+                    layer_failure(unreadable, 3, command),
+                    BuilderError::LayerCommand { index: 0, code: 3, command } if command.is_empty()
+                ),
+                "{unreadable:?}"
+            );
+        }
     }
 
     #[test]

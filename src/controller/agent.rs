@@ -139,7 +139,9 @@ pub fn main(config_path: &Path, host_now: Option<u64>) -> Result<i32, AgentError
     let cfg: AgentConfig = read_json(config_path)?;
     let mut log = Log::file(&cfg.job.xchg.join(OUTPUT_LOG))?;
     log.line("agent started");
-    let result = serve(&cfg.serve, &mut log).and_then(|served| run_job(served, &cfg.job, &mut log, &clock).0);
+    let result = serve(&cfg.serve, &mut log)
+        .and_then(|served| run_job(served, &cfg.job, &mut log, &clock))
+        .map(|(verdict, _)| verdict);
     finish(&cfg.job, result, &mut log)
 }
 
@@ -172,19 +174,18 @@ pub fn main_ready(config_path: &Path, session_port: &Path) -> Result<i32, AgentE
         let job: JobConfig = read_json(&Path::new(READY_XCHG).join(AGENT_CONFIG))?;
         let mut log = Log::file(&job.xchg.join(OUTPUT_LOG))?;
         log.line("revived: smbd up and the guest's SSH logon kept since the image was saved");
-        let (result, kept) = run_job(served, &job, &mut log, &clock);
-        if !(job.ready_again && matches!(result, Ok(Verdict::Exited(0)))) {
-            return finish(&job, result, &mut log);
-        }
+        let kept = match run_job(served, &job, &mut log, &clock) {
+            Ok((Verdict::Exited(0), kept)) if job.ready_again => kept,
+            other => return finish(&job, other.map(|(verdict, _)| verdict), &mut log),
+        };
         // A layer: the pair is saved again, as the image's was. The verdict first (the host
         // waits for the marker after it), then nothing of this session may stay mounted.
         log.line("the layer's commands succeeded: making ready to serve again");
-        let kept = kept.ok_or_else(|| AgentError::Io("smbd's watch ended without smbd".into()));
-        served = match kept.and_then(wait_again) {
+        served = match wait_again(kept) {
             Ok(served) => served,
             Err(e) => return finish(&job, Err(e), &mut log),
         };
-        finish(&job, result, &mut log)?;
+        finish(&job, Ok(Verdict::Exited(0)), &mut log)?;
         drop(log);
         console.line("a new login waits for the next command");
         if let Err(e) = unmount_exports(&mounts) {
@@ -196,7 +197,8 @@ pub fn main_ready(config_path: &Path, session_port: &Path) -> Result<i32, AgentE
     }
 }
 
-/// A new login that waits for the next session's command, as [`prepare_ready`] opens one.
+/// A new login that waits for the next session's command (before the save, and again after
+/// a layer's commands).
 fn wait_again(served: Served) -> Result<Served, AgentError> {
     let mut channel = open_channel(&served.ssh)?;
     channel.exec(WAITING_COMMAND).map_err(ssh_err("starting the login that waits for the command"))?;
@@ -250,10 +252,9 @@ fn prepare_ready(config_path: &Path, console: &mut Log) -> Result<Served, AgentE
         return Err(AgentError::Prepare { command: ready.prepare.clone(), verdict });
     }
     // The build's login, done now: after the revive only the command is left to run.
-    let mut channel = open_channel(&served.ssh)?;
-    channel.exec(WAITING_COMMAND).map_err(ssh_err("starting the login that waits for the command"))?;
+    let served = wait_again(served)?;
     console.line("a login waits for the build's command");
-    Ok(Served { waiting: Some(channel), ..served })
+    Ok(served)
 }
 
 /// One line from the session port (a tty in canonical mode: one read, one line).
@@ -281,7 +282,7 @@ fn mount_9p(tag: &str, at: &Path) -> Result<(), AgentError> {
         |detail: String| AgentError::Io(format!("cannot mount the export {tag} at {}: {detail}", at.display()));
     let source = CString::new(tag).map_err(|e| failed(e.to_string()))?;
     let target = CString::new(at.as_os_str().as_bytes()).map_err(|e| failed(e.to_string()))?;
-    let options = CString::new("trans=virtio,version=9p2000.L,msize=262144").expect("no NUL");
+    let options = CString::new(super::NINEP_OPTIONS).expect("no NUL");
     // SAFETY: every pointer is a valid C string that outlives the call.
     let r = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), c"9p".as_ptr(), 0, options.as_ptr().cast()) };
     if r != 0 {
@@ -340,32 +341,25 @@ fn serve(cfg: &ServeConfig, log: &mut Log) -> Result<Served, AgentError> {
 }
 
 /// Runs the job's command; the verdict, and what served it (smbd, the SSH session) for a
-/// layer's next session ([`wait_again`]), or None once smbd is gone.
+/// layer's next session ([`wait_again`]).
 fn run_job(
     served: Served,
     job: &JobConfig,
     log: &mut Log,
     clock: &dyn Fn() -> std::time::SystemTime,
-) -> (Result<Verdict, AgentError>, Option<Served>) {
-    if let Err(e) = File::create(job.xchg.join(WAITING_DONE)) {
-        return (Err(AgentError::Io(format!("cannot create {WAITING_DONE}: {e}"))), None);
-    }
+) -> Result<(Verdict, Served), AgentError> {
+    File::create(job.xchg.join(WAITING_DONE))
+        .map_err(|e| AgentError::Io(format!("cannot create {WAITING_DONE}: {e}")))?;
     // smbd must outlive the command: if it ends, the guest's file access hangs or fails, so
     // the watch cuts the SSH connection and the loss is reported instead of a hang.
     let Served { smbd, ssh, tcp, waiting } = served;
-    let watch = match SmbdWatch::start(smbd, &tcp, job.kill_smbd_after_secs.map(Duration::from_secs)) {
-        Ok(watch) => watch,
-        Err(e) => return (Err(e), None),
-    };
+    let watch = SmbdWatch::start(smbd, &tcp, job.kill_smbd_after_secs.map(Duration::from_secs))?;
     let result = run_command(&ssh, waiting, job, log, clock);
-    match watch.stop() {
-        (Some(smbd), None) => (result, Some(Served { smbd, ssh, tcp, waiting: None })),
-        (_, Some(status)) => {
-            log.line(&format!("controller: smbd ended ({status}) during the command"));
-            (Err(AgentError::SmbdDied { status }), None)
-        }
-        (None, None) => (result, None),
-    }
+    let smbd = watch.stop().map_err(|status| {
+        log.line(&format!("controller: smbd ended ({status}) during the command"));
+        AgentError::SmbdDied { status }
+    })?;
+    Ok((result?, Served { smbd, ssh, tcp, waiting: None }))
 }
 
 /// Watches smbd while the command runs; see [`run_job`].
@@ -397,13 +391,14 @@ impl SmbdWatch {
         Ok(SmbdWatch { stop, thread })
     }
 
-    /// Ends the watch: smbd (stopped when its guard is dropped), and its end status if it
+    /// Ends the watch: smbd (stopped when its guard is dropped), or its end status if it
     /// ended during the command.
-    fn stop(self) -> (Option<SmbdGuard>, Option<String>) {
+    fn stop(self) -> Result<SmbdGuard, String> {
         let _ = self.stop.send(());
         match self.thread.join() {
-            Ok((guard, died)) => (Some(guard), died),
-            Err(_) => (None, Some("its watch failed".into())),
+            Ok((guard, None)) => Ok(guard),
+            Ok((_, Some(died))) => Err(died),
+            Err(_) => Err("its watch failed".into()),
         }
     }
 }

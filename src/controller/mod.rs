@@ -114,6 +114,9 @@ pub struct Mount {
     pub at: PathBuf,
 }
 
+/// How the controller mounts the host's exports (its init, and a ready agent after a revive).
+pub const NINEP_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=262144";
+
 /// What the controller's init prints before it waits for its session on ttyS1.
 pub const WAITING_MARKER: &str = "winvm-controller: waiting for the session";
 
@@ -154,7 +157,7 @@ fail() { echo "winvm-controller: $*"; poweroff -f; }
 # Held open from here on: bytes that reach a closed serial port are lost.
 exec 3</dev/ttyS1 || fail "no ttyS1"
 stty -F /dev/ttyS1 -echo 2>/dev/null
-mount9p() { mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "$1" "$2" || fail "cannot mount export $1 at $2"; }
+mount9p() { mount -t 9p -o @NINEP_OPTIONS@ "$1" "$2" || fail "cannot mount export $1 at $2"; }
 if [ -b /dev/vda ]; then
     mount -t ext2 -o ro /dev/vda /fs || fail "cannot mount the system disk /dev/vda"
     for t in /run /tmp; do mount -t tmpfs tmpfs "/fs$t" || fail "cannot mount a tmpfs at $t"; done
@@ -171,7 +174,7 @@ else
     read -r session <&3 || fail "no session on ttyS1"
     eval "$session"
     [ -n "$AGENT" ] && [ -n "$XCHG" ] || fail "garbled session line: $session"
-    mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro root /fs || fail 'cannot mount the root export'
+    mount -t 9p -o @NINEP_OPTIONS@,cache=loose,ro root /fs || fail 'cannot mount the root export'
     for m in $MOUNTS; do mount9p "${m%%=*}" "/fs${m#*=}"; done
     for t in $TMPFS; do mount -t tmpfs tmpfs "/fs$t" || fail "cannot mount a tmpfs at $t"; done
     mount -t proc proc /fs/proc 2>/dev/null
@@ -192,6 +195,7 @@ fn init_script() -> String {
         .replace("@READY_AGENT@", READY_AGENT)
         .replace("@READY_CONFIG@", READY_CONFIG)
         .replace("@READY_XCHG@", READY_XCHG)
+        .replace("@NINEP_OPTIONS@", NINEP_OPTIONS)
 }
 
 /// The line a ready controller's agent reads: the build's two exports, at fixed places (the

@@ -292,8 +292,7 @@ impl Profile<'_> {
             Profile::Windows(_) => windows::outputs::layer_finish(),
         };
         format!(
-            r#"winvm_say() {{ read -r winvm_up winvm_idle </proc/uptime; echo "nix-winvm: [guest $winvm_up s] $*"; }}
-winvm_n={count}
+            r#"{GUEST_SAY}winvm_n={count}
 winvm_i=1
 while [ "$winvm_i" -le "$winvm_n" ]; do
     winvm_say "layer command $winvm_i of $winvm_n"
@@ -329,8 +328,7 @@ done
         let device = self.outputs_device();
         format!(
             r#"winvm_outputs={names}
-winvm_say() {{ read -r winvm_up winvm_idle </proc/uptime; echo "nix-winvm: [guest $winvm_up s] $*"; }}
-{redirect}{pack}winvm_redirect || {{ echo "nix-winvm: the outputs could not be placed on the guest's disk" >&2; exit 1; }}
+{GUEST_SAY}{redirect}{pack}winvm_redirect || {{ echo "nix-winvm: the outputs could not be placed on the guest's disk" >&2; exit 1; }}
 ({build})
 winvm_code=$?
 if [ "$winvm_code" = 0 ]; then
@@ -352,6 +350,11 @@ exit "$winvm_code"
         )
     }
 }
+
+/// `winvm_say`, for the commands the builder runs in the guest: a progress line in the build
+/// log, with the guest's uptime (Cygwin has /proc/uptime too).
+const GUEST_SAY: &str =
+    "winvm_say() { read -r winvm_up winvm_idle </proc/uptime; echo \"nix-winvm: [guest $winvm_up s] $*\"; }\n";
 
 /// In the exchange folder: a layer's commands, one file each, `1` ... `N`.
 pub const LAYER_DIR: &str = "layer";

@@ -307,16 +307,13 @@ fn plan_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
         Some(n) => format!("{restricted}{n}"),
         None => format!("{restricted}winvm-{guest}-layer"),
     };
-    let at = |k: &str| -> Vec<String> { prefix.iter().map(|p| p.to_string()).chain([k.to_owned()]).collect() };
+    let at = |keys: &[&'_ str]| -> Vec<String> { prefix.iter().chain(keys).map(|k| k.to_string()).collect() };
     let mut a = base(&name, "layer", env);
     a.push(text("winvmImageSpec", &to_json(&spec.image)));
     a.push(text("winvmLayerSpec", &to_json(spec)));
-    let base_path = at("base");
-    a.push(user("image", &base_path.iter().map(String::as_str).collect::<Vec<_>>()));
+    a.push(PlannedAttr { path: at(&["base"]), ..user("image", &[]) });
     for i in 0..spec.commands {
-        let mut path = at("installCommands");
-        path.push(i.to_string());
-        a.push(user(&layer_command_attr(i), &path.iter().map(String::as_str).collect::<Vec<_>>()));
+        a.push(PlannedAttr { path: at(&["installCommands", &i.to_string()]), ..user(&layer_command_attr(i), &[]) });
     }
     a.extend(features(spec.image.accel, &[]));
     Ok(Plan { error: String::new(), drvs: vec![PlannedDrv { attrs: a }], passthru: vec![] })

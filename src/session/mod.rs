@@ -321,45 +321,58 @@ async fn run_prepared<T: Send + 'static>(
     let (g, c) = tokio::join!(guest_load, controller_load);
     g?;
     c?;
-    if let After::SavePair(to) = &cfg.after {
-        doing.set("waiting for the controller to be ready to serve");
-        save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
-        let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&qmp::Quit)).await;
-        teardown(&mut pair).await?;
-        report.say("VMs stopped");
-        let verdict = Verdict::Exited(0);
-        let after = then(&verdict);
-        return Ok((verdict, after));
-    }
-    if cfg.controller.revive_from.is_none() {
-        // A booted controller takes the line once its init holds the port open.
-        doing.set("booting the controller");
-        controller_waiting(files, &mut pair.controller).await?;
-    }
-    report.say("controller ready");
-    doing.set("sending the controller its session");
-    let session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
-    report.say("session sent");
-    // An interactive login travels through the same port once the line is read.
-    let (_relay, _session_port) = match &cfg.terminal {
-        Some(_) => (Some(terminal::start(session_port).map_err(io("joining the terminal to the session port"))?), None),
-        None => (None, Some(session_port)),
+    // The verdict; whether the pair was saved (an image's disk then must reach the host's
+    // disk); what must stay open while the command runs (the session port, or the terminal's
+    // relay through it).
+    let (verdict, saved, _session) = match &cfg.after {
+        After::SavePair(to) => {
+            doing.set("waiting for the controller to be ready to serve");
+            save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
+            (Verdict::Exited(0), true, (None, None))
+        }
+        After::Quit | After::SaveLayer(_) => {
+            if cfg.controller.revive_from.is_none() {
+                // A booted controller takes the line once its init holds the port open.
+                doing.set("booting the controller");
+                controller_waiting(files, &mut pair.controller).await?;
+            }
+            report.say("controller ready");
+            doing.set("sending the controller its session");
+            let session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
+            report.say("session sent");
+            // An interactive login travels through the same port once the line is read.
+            let session = match &cfg.terminal {
+                Some(_) => {
+                    let relay =
+                        terminal::start(session_port).map_err(io("joining the terminal to the session port"))?;
+                    (Some(relay), None)
+                }
+                None => (None, Some(session_port)),
+            };
+            let verdict = watch_pair(files, &mut pair, report, doing).await?;
+            report.say("command finished");
+            let mut saved = false;
+            if let (After::SaveLayer(to), Verdict::Exited(0)) = (&cfg.after, &verdict) {
+                doing.set("waiting for the controller to be ready to serve again");
+                save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
+                saved = true;
+            }
+            (verdict, saved, session)
+        }
     };
-
-    let verdict = watch_pair(files, &mut pair, report, doing).await?;
-    report.say("command finished");
-    if let (After::SaveLayer(to), Verdict::Exited(0)) = (&cfg.after, &verdict) {
-        doing.set("waiting for the controller to be ready to serve again");
-        save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
-    }
     let for_then = verdict.clone();
     let after = tokio::task::spawn_blocking(move || then(&for_then));
     doing.set("stopping the VMs");
-    // The guest has nothing left to do: stopped at once, without a shutdown dance. Not with
-    // QMP's `quit`, which flushes its disks to the host's disk first (77 ms after 50 MB of
-    // outputs, here): its outputs disk and overlay are read or thrown away, and what the guest
-    // wrote is in their files already.
-    pair.guest.kill_group();
+    if saved {
+        // The image keeps the guest's disk: QMP's `quit` flushes it to the host's disk.
+        let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&qmp::Quit)).await;
+    } else {
+        // The guest has nothing left to do: stopped at once, without a shutdown dance. Not
+        // with QMP's `quit`, which flushes its disks to the host's disk first (77 ms after 50
+        // MB of outputs, here): its outputs disk and overlay are read or thrown away, and what
+        // the guest wrote is in their files already.
+        pair.guest.kill_group();
+    }
     let torn = teardown(&mut pair).await;
     if torn.is_ok() {
         report.say("VMs stopped");

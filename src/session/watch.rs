@@ -91,21 +91,17 @@ impl Phase {
         }
         // The verdict is final once written, whatever the controller does next (it syncs and
         // powers off, which takes a while under TCG).
-        if let (Some(text), None) = (&seen.exit_file, seen.controller_exit) {
+        if let Some(text) = &seen.exit_file {
             return match parse_exit_file(text) {
                 Ok(verdict) => Step::Done(verdict),
                 Err(message) => Step::Fail(Failure::Agent(message)),
             };
         }
         if let Some(status) = seen.controller_exit {
-            return match &seen.exit_file {
-                Some(text) => match parse_exit_file(text) {
-                    Ok(verdict) => Step::Done(verdict),
-                    Err(message) => Step::Fail(Failure::Agent(message)),
-                },
-                None if status.success() => Step::Fail(Failure::NoExitCode),
-                None => Step::Fail(Failure::ControllerDied(status)),
-            };
+            return Step::Fail(match status.success() {
+                true => Failure::NoExitCode,
+                false => Failure::ControllerDied(status),
+            });
         }
         // Without the switch, nothing the pair does can reach the other: no verdict will come.
         if let Some(status) = seen.switch_exit {
