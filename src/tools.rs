@@ -29,7 +29,7 @@ fn search_path() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     // The tools closure a derivation names (scripts/tools-closure; the plugin sets it).
     if let Some(tools) = std::env::var_os("winvmTools") {
-        dirs.push(PathBuf::from(tools).join("bin"));
+        dirs.extend(["bin", "sbin"].map(|d| Path::new(&tools).join(d)));
     }
     for var in ["NIX_WINVM_TOOLS", "PATH"] {
         if let Some(v) = std::env::var_os(var) {

@@ -342,8 +342,11 @@ fn strings_that_are_not_utf8_are_forwarded_where_forwarded_and_named_where_text(
     }
 }
 
-/// The NixOS module builds the plugin against the system's `nix.package` and refuses a package
-/// built for another Nix (evaluated against stubs of the nixpkgs functions it uses).
+/// The NixOS module and the package, evaluated against stubs of nixpkgs that hold only the names
+/// nixpkgs has (tests/fixtures/module-eval.nix): the plugin is built with the system's `pkgs`
+/// against its `nix.package`, a package built for another Nix and Lix are refused, `kvm` goes to
+/// `extra-system-features`, and the builder, the tools and the kernel are derivations of their own
+/// that the plugin's record names, none of them depending on `nix`.
 #[test]
 fn the_nixos_module_builds_for_the_systems_nix_and_refuses_another() {
     let env = NixEnv::new();
@@ -355,40 +358,102 @@ fn the_nixos_module_builds_for_the_systems_nix_and_refuses_another() {
         assert!(o.status.success(), "{}", stderr(&o));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
+    let store = "/nix/store/00000000000000000000000000000000-";
     let ok = eval(&["--argstr", "systemNix", "2.34.8"]);
-    assert_eq!(ok["assertion"], true, "{ok}");
+    // Only options NixOS declares (the stubs fail on any other), and kvm added, not replacing.
+    assert_eq!(
+        ok["defines"],
+        serde_json::json!(["assertions", "nix.settings.extra-system-features", "nix.settings.plugin-files"]),
+        "{ok}"
+    );
+    assert_eq!(ok["extraFeatures"], serde_json::json!(["kvm"]));
+    assert!(ok["assertions"].as_array().unwrap().iter().all(|a| a["assertion"] == true), "{ok}");
     assert_eq!(ok["pkgNix"], "2.34.8");
-    assert!(ok["plugin"].as_str().unwrap().ends_with("-nix-winvm/lib/libnix_winvm.so"), "{ok}");
-    assert_eq!(ok["features"]["content"]["content"], serde_json::json!(["kvm"]));
-    // The derivations the plugin makes on NixOS name nixpkgs' programs as one store path,
-    // which the package records where the plugin looks (../share/nix-winvm/tools/tools.path).
+    assert_eq!(ok["builtWithSystemNix"], true, "built with the system's pkgs and nix.package");
+    assert_eq!(ok["plugin"], format!("{store}nix-winvm-0.1.0/lib/libnix_winvm.so"));
+    assert_eq!(ok["pluginNamesNix"], true);
+    assert_eq!(ok["pluginFlags"], serde_json::json!(["--lib"]));
+    // Editing a doc, a test or nix/ rebuilds nothing; the builder's source has no C++ either.
+    assert_eq!(ok["pluginSrc"], serde_json::json!(["Cargo.toml", "Cargo.lock", "build.rs", "src", "benches", "cpp"]));
+    // The builder: the same crate without the plugin feature, with no `nix` anywhere in it.
+    let builder = &ok["builder"];
+    assert_eq!(builder["name"], "nix-winvm-builder-0.1.0");
+    assert_eq!(builder["namesNix"], false, "{builder}");
+    assert_eq!(builder["noDefaultFeatures"], true);
+    assert_eq!(builder["flags"], serde_json::json!(["--bin", "nix-winvm-builder"]));
+    assert_eq!(builder["src"], serde_json::json!(["Cargo.toml", "Cargo.lock", "build.rs", "src", "benches"]));
+    assert!(builder["inputs"].as_array().unwrap().iter().all(|i| !i.as_str().unwrap().starts_with("nix")), "{builder}");
+    // The record beside the plugin names the three store paths, and nothing else.
+    let record = serde_json::json!({
+        "builder": { "path": format!("{store}nix-winvm-builder-0.1.0/bin/nix-winvm-builder") },
+        "tools": { "path": format!("{store}winvm-tools") },
+        "kernel": { "path": format!("{store}winvm-kernel") },
+    });
+    assert_eq!(ok["record"], record);
+    assert_eq!(ok["recordFile"]["name"], "nix-winvm.paths.json");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(ok["recordFile"]["text"].as_str().unwrap()).unwrap(), record);
+    assert_eq!(
+        ok["postInstall"],
+        format!("install -Dm644 {store}nix-winvm.paths.json $out/lib/nix-winvm.paths.json\n")
+    );
+    // Every program the builder starts (src/tools.rs and its callers), mke2fs among them.
     assert_eq!(ok["tools"], "winvm-tools");
     assert_eq!(
         ok["toolPaths"],
         serde_json::json!([
-            "qemu",
+            "qemu_kvm",
             "vde2",
             "samba",
             "busybox-static",
             "dropbear",
             "openssh",
-            "mtools",
             "xz",
+            "e2fsprogs",
+            "mtools",
             "coreutils",
             "xorriso",
             "OVMF-fd"
         ])
     );
+    // The controller's libraries: the closure of smbd's package and the builder, in the tools.
+    assert_eq!(ok["controllerRoots"], serde_json::json!(["samba", "nix-winvm-builder-0.1.0"]));
     assert!(
-        ok["postInstall"].as_str().unwrap().contains(
-            "echo /nix/store/00000000000000000000000000000000-winvm-tools > $out/share/nix-winvm/tools/tools.path"
-        ),
+        ok["toolsPostBuild"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("ln -s {store}closure-info $out/share/nix-winvm/controller-closure")),
         "{ok}"
     );
+    // The kernel: nixpkgs' bzImage and its modules, uncompressed into one flat folder.
+    let kernel = &ok["kernel"];
+    assert_eq!(kernel["name"], "winvm-kernel");
+    assert_eq!(kernel["inputs"], serde_json::json!(["xz", "zstd"]));
+    let script = kernel["script"].as_str().unwrap();
+    let parts = [
+        format!("moddir={store}linux-6.12.60/lib/modules/6.12.60\n"),
+        format!("cp {store}linux-6.12.60/bzImage $out/vmlinuz\n"),
+        "$moddir/modules.dep".to_string(),
+        r#"xz -dc "$moddir/$rel" > "$out/modules/${name%.xz}""#.to_string(),
+        "cp $moddir/modules.builtin $out/modules/modules.builtin".to_string(),
+    ];
+    for part in &parts {
+        assert!(script.contains(part.as_str()), "{part} in {script}");
+    }
+
+    let no_kvm = eval(&["--argstr", "systemNix", "2.34.8", "--arg", "kvm", "false"]);
+    assert_eq!(no_kvm["defines"], serde_json::json!(["assertions", "nix.settings.plugin-files"]), "{no_kvm}");
+
     let other = eval(&["--argstr", "systemNix", "2.34.8", "--argstr", "builtFor", "2.28.5"]);
-    assert_eq!(other["assertion"], false, "{other}");
+    assert_eq!(other["assertions"][1]["assertion"], false, "{other}");
     assert_eq!(
-        other["message"],
-        "nix-winvm.package was built for Nix 2.28.5, but the system runs Nix 2.34.8: the plugin would refuse to load. Use nix-winvm.override { nix = config.nix.package; }."
+        other["assertions"][1]["message"],
+        "nix-winvm.package was built for Nix 2.28.5, but the system runs Nix 2.34.8: the plugin would refuse to load. Use pkgs.callPackage with nix = config.nix.package."
+    );
+
+    let lix = eval(&["--argstr", "systemNix", "2.93.3", "--argstr", "nixPname", "lix"]);
+    assert_eq!(lix["assertions"][0]["assertion"], false, "{lix}");
+    assert_eq!(
+        lix["assertions"][0]["message"],
+        "nix-winvm does not support Lix yet (nix.package is lix): its plugin interface differs from Nix's. Set nix.package to a Nix (pkgs.nix) to use nix-winvm."
     );
 }
