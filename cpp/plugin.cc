@@ -173,22 +173,19 @@ struct Executor
         nix::Value * val = state.allocValue();
         switch (a.source) {
         case Source::Text: nixc::mk_string(state, *val, std::string(a.text)); break;
-        case Source::HostPath: nixc::mk_path(state, *val, std::string(a.text)); break;
-        case Source::CachedPath: {
-            // builtins.storePath checks validity and gives the path with its context; in a
-            // store that lacks it (or in pure evaluation) the folder is copied instead, which
-            // yields the same content-addressed path.
-            if (!a.list.empty()) {
-                try {
-                    nix::Value * arg = state.allocValue();
-                    nixc::mk_string(state, *arg, std::string(a.list[0]));
-                    state.callFunction(state.getBuiltin("storePath"), *arg, *val, pos);
-                    nixc::force(state, *val, pos);
-                    break;
-                } catch (nix::Error &) {
-                }
+        case Source::StorePath: {
+            // Pure evaluation reads no host path: a store path the store has is named with its
+            // context (no builtins.storePath, which pure mode refuses); only an impure
+            // evaluation may copy the host copy into a store that lacks it (the same
+            // content-addressed path).
+            std::string root(a.list[0]), host(a.list[1]);
+            if (!root.empty() && nixc::store_path_valid(state, root)) {
+                nixc::mk_store_string(state, *val, std::string(a.text), root);
+            } else if (!host.empty() && !nixc::pure_eval(state)) {
+                nixc::mk_path(state, *val, host);
+            } else {
+                nixc::throw_eval_error(state, pos, std::string(a.list[2]));
             }
-            nixc::mk_path(state, *val, std::string(a.text));
             break;
         }
         case Source::Int: val->mkInt(a.int_value); break;

@@ -1,6 +1,10 @@
 # The main example: a build on the standin guest, through the plugin.
 #
-#   nix-build --plugin-files target/release/libnix_winvm.so examples/hello-standin.nix
+#   cargo build --release && scripts/register
+#   nix-build --plugin-files "$PWD/target/release/libnix_winvm.so" examples/hello-standin.nix
+#
+# (--plugin-files takes an absolute path: Nix's build hook loads the plugin again from another
+# folder, and the plugin refuses a relative path. scripts/example does all of this.)
 #
 # The first build installs and suspends the image (three cached derivations); later builds
 # revive it. Change `script` and only the last derivation is rebuilt.

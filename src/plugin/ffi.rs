@@ -54,11 +54,10 @@ pub mod bridge {
         User,
         /// The result of an earlier derivation of this plan, `stage`.
         Stage,
-        /// A host path, copied into the store by `derivation` itself.
-        HostPath,
-        /// A host folder whose store path is already known (`list[0]`): that store path when it
-        /// is valid (no hashing), else the folder copied into the store (which yields it).
-        CachedPath,
+        /// A store path known before evaluation (`text`: it, or a path inside it; `list`: its
+        /// store path, a host copy or "", and the error when the store lacks it and the
+        /// evaluation may not copy the host copy).
+        StorePath,
     }
 
     #[derive(Debug, Clone)]

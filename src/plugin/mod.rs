@@ -2,6 +2,7 @@
 //! `Node`s, calls `plan`, and creates the planned derivations with Nix's own `derivation`.
 
 pub mod ffi;
+pub mod inputs;
 pub mod plan;
 pub mod validate;
 pub mod value;

@@ -1,215 +1,14 @@
 //! Validated specs -> the derivations the shim creates with Nix's own `derivation`.
 
 use super::ffi::bridge::{Plan, PlannedAttr, PlannedDrv, Source};
+pub use super::inputs::{Env, StoreInput};
 use super::validate::{self, as_set, Attrs};
 use super::value::Val;
 use crate::spec::*;
-use std::path::{Path, PathBuf};
 
 pub const BUILDER_NAME: &str = "nix-winvm-builder";
 /// The VM runs on an x86_64 Linux host whatever the guest is.
 pub const SYSTEM: &str = "x86_64-linux";
-
-/// Where the plugin finds the host things its derivations need.
-#[derive(Debug, Clone)]
-pub struct Env {
-    /// The builder the derivations run: a store path already (a Nix-built package), or this
-    /// checkout's, patched to load its libraries from the tools closure.
-    pub builder: PathBuf,
-    pub kernel_dir: PathBuf,
-    /// None only for a Nix-built builder without a closure (it finds its tools on its own).
-    pub tools: Option<Closure>,
-}
-
-/// The tools closure: its folders on the host and the store paths they are (content-addressed,
-/// so the same in every store). scripts/tools-closure makes both halves from Debian's packages;
-/// nix/package.nix records only `tools.path`, a store path of nixpkgs' programs, which need no
-/// library folder of their own.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Closure {
-    pub lib: Option<(PathBuf, String)>,
-    pub tools_dir: PathBuf,
-    pub tools_store: String,
-}
-
-/// The closure's loader: the builder's interpreter.
-const LOADER: &str = "ld-linux-x86-64.so.2";
-
-impl Closure {
-    /// The closure scripts/tools-closure left in `dir`.
-    pub fn read(dir: &Path) -> Result<Closure, String> {
-        let missing = |what: &str| {
-            format!(
-                "nix-winvm: the tools closure is missing or incomplete ({}: {what}); run scripts/setup, or set NIX_WINVM_TOOLS_DIR",
-                dir.display()
-            )
-        };
-        let store_path = |file: &str, name: &str| -> Result<String, String> {
-            let text = std::fs::read_to_string(dir.join(file)).map_err(|e| missing(&format!("{file}: {e}")))?;
-            let path = text.trim();
-            let base = path.strip_prefix("/nix/store/").unwrap_or("");
-            let ok = base.len() == 33 + name.len()
-                && base.ends_with(name)
-                && base.as_bytes()[32] == b'-'
-                && base[..32].bytes().all(|b| b.is_ascii_alphanumeric());
-            if ok {
-                Ok(path.to_owned())
-            } else {
-                Err(missing(&format!("{file} does not hold a store path named {name}")))
-            }
-        };
-        let tools_store = store_path("tools.path", "winvm-tools")?;
-        // A Nix-built closure is its own folder: it is in the store already.
-        let tools_dir =
-            if dir.join("winvm-tools").is_dir() { dir.join("winvm-tools") } else { PathBuf::from(&tools_store) };
-        let lib = match dir.join("lib.path").exists() {
-            true => Some((dir.join("winvm-tools-lib"), store_path("lib.path", "winvm-tools-lib")?)),
-            false => None,
-        };
-        for d in lib.iter().map(|(d, _)| d).chain([&tools_dir]) {
-            if !d.is_dir() {
-                return Err(missing(&format!("{} is not a folder", d.display())));
-            }
-        }
-        Ok(Closure { lib, tools_dir, tools_store })
-    }
-}
-
-/// Where the plugin keeps the builders it patched: the shared cache, and the user's own for a
-/// user who may not write there.
-fn patched_builders_dirs() -> [PathBuf; 2] {
-    let home = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    [Path::new(DEFAULT_CACHE).join("builders"), home.join("nix-winvm/builders")]
-}
-
-/// How many patched builders are kept (one per build of this project).
-const KEPT_BUILDERS: usize = 4;
-
-/// A copy of `builder` whose interpreter and RUNPATH are the closure's, so that it runs in a
-/// sandbox without the host's /lib; made once per builder (its inode, size and mtime) and
-/// closure.
-pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, String> {
-    use std::os::unix::fs::MetadataExt;
-    let fail = |what: String| format!("nix-winvm: preparing the builder {} for the sandbox: {what}", builder.display());
-    let Some((lib_dir, lib_store)) = &closure.lib else {
-        return Err(fail(format!("the tools closure {} has no library folder to load it from", closure.tools_store)));
-    };
-    let meta = std::fs::metadata(builder).map_err(|e| fail(e.to_string()))?;
-    let lib_hash = lib_store.trim_start_matches("/nix/store/").get(..12).unwrap_or("");
-    let key = format!("{lib_hash}-{:x}-{:x}-{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
-    // Every evaluation looks here: a made builder is found without writing anything.
-    let [shared, own] = patched_builders_dirs();
-    for dir in [&shared, &own] {
-        let made = dir.join(&key).join(BUILDER_NAME);
-        if made.is_file() {
-            return Ok(made);
-        }
-    }
-    let writable = std::fs::create_dir_all(&shared).is_ok() && tempfile::tempfile_in(&shared).is_ok();
-    let root = if writable { shared } else { own };
-    let out = root.join(&key).join(BUILDER_NAME);
-    // The closure's patchelf, through the closure's loader: its store path need not exist yet.
-    let loader = lib_dir.join(LOADER);
-    let patchelf = closure.tools_dir.join("bin/patchelf");
-    let dir = root.join(&key);
-    std::fs::create_dir_all(&dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
-    // Evaluations may patch the same builder at once: each in its own file, renamed into place.
-    let tmp = tempfile::Builder::new()
-        .prefix(".partial")
-        .tempfile_in(&dir)
-        .map_err(|e| fail(format!("creating a file in {}: {e}", dir.display())))?
-        .into_temp_path();
-    std::fs::copy(builder, &tmp).map_err(|e| fail(format!("copying it: {e}")))?;
-    let o = std::process::Command::new(&loader)
-        .arg("--library-path")
-        .arg(lib_dir)
-        .arg(&patchelf)
-        .arg("--set-interpreter")
-        .arg(format!("{}/{LOADER}", lib_store))
-        .arg("--set-rpath")
-        .arg(lib_store)
-        .arg(&tmp)
-        .output()
-        .map_err(|e| fail(format!("running {}: {e}", patchelf.display())))?;
-    if !o.status.success() {
-        return Err(fail(format!("patchelf: {}", String::from_utf8_lossy(&o.stderr).trim())));
-    }
-    tmp.persist(&out).map_err(|e| fail(format!("renaming into {}: {}", out.display(), e.error)))?;
-    prune_builders(&root);
-    Ok(out)
-}
-
-/// Keeps the newest few patched builders.
-fn prune_builders(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
-    let mut dirs: Vec<(std::time::SystemTime, PathBuf)> =
-        entries.flatten().filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path()))).collect();
-    dirs.sort();
-    let excess = dirs.len().saturating_sub(KEPT_BUILDERS);
-    for (_, dir) in dirs.into_iter().take(excess) {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-impl Env {
-    /// The builder sits next to the plugin (cargo's target dir, or the package's lib dir);
-    /// `NIX_WINVM_BUILDER` and `NIX_WINVM_KERNEL_DIR` override for unusual layouts.
-    pub fn discover(plugin_dir: &str) -> Result<Env, String> {
-        let builder = match std::env::var_os("NIX_WINVM_BUILDER") {
-            Some(p) => PathBuf::from(p),
-            None => {
-                let beside = Path::new(plugin_dir).join(BUILDER_NAME);
-                let in_bin = Path::new(plugin_dir).join("../bin").join(BUILDER_NAME);
-                if !beside.exists() && in_bin.exists() {
-                    in_bin
-                } else {
-                    beside
-                }
-            }
-        };
-        if !builder.is_file() {
-            return Err(format!(
-                "nix-winvm: the builder {} does not exist; build it (cargo build --release) or set NIX_WINVM_BUILDER",
-                builder.display()
-            ));
-        }
-        let kernel_dir = match std::env::var_os("NIX_WINVM_KERNEL_DIR") {
-            Some(p) => PathBuf::from(p),
-            None => Path::new(DEFAULT_CACHE).join("kernel"),
-        };
-        // Set by hand, shipped with a Nix-built plugin (nix/package.nix), or made by scripts/setup.
-        let shipped = Path::new(plugin_dir).join("../share/nix-winvm/tools");
-        let tools_dir = match std::env::var_os("NIX_WINVM_TOOLS_DIR") {
-            Some(p) => PathBuf::from(p),
-            None if shipped.join("tools.path").is_file() => shipped,
-            None => Path::new(DEFAULT_CACHE).join("tools"),
-        };
-        let in_store = builder.starts_with(STORE_DIR);
-        let tools = match Closure::read(&tools_dir) {
-            Ok(closure) => Some(closure),
-            Err(_) if in_store => None,
-            Err(e) => return Err(e),
-        };
-        let builder = match &tools {
-            Some(closure) if !in_store => patched_builder(&builder, closure)?,
-            _ => builder,
-        };
-        Ok(Env { builder, kernel_dir, tools })
-    }
-
-    fn kernel(&self, builtin: &str) -> Result<String, String> {
-        if !self.kernel_dir.join("vmlinuz").is_file() {
-            return Err(format!(
-                "{builtin}: the Linux kernel for the VMs is missing ({}/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR",
-                self.kernel_dir.display()
-            ));
-        }
-        Ok(self.kernel_dir.display().to_string())
-    }
-}
 
 fn attr(name: &str, source: Source) -> PlannedAttr {
     PlannedAttr { name: name.into(), source, text: String::new(), list: vec![], int_value: 0, path: vec![], stage: 0 }
@@ -226,11 +25,15 @@ pub fn user(name: &str, path: &[&str]) -> PlannedAttr {
 pub fn stage(name: &str, index: usize) -> PlannedAttr {
     PlannedAttr { stage: index, ..attr(name, Source::Stage) }
 }
-pub fn host_path(name: &str, path: &str) -> PlannedAttr {
-    PlannedAttr { text: path.into(), ..attr(name, Source::HostPath) }
-}
-pub fn cached_path(name: &str, host: &str, store: &str) -> PlannedAttr {
-    PlannedAttr { text: host.into(), list: vec![store.into()], ..attr(name, Source::CachedPath) }
+/// A store path the derivation names (see `inputs`): the shim gives it its context when the
+/// store has it, copies its host copy in impure evaluation, and otherwise throws `missing()`.
+pub fn store_input(name: &str, input: &StoreInput) -> PlannedAttr {
+    let host = input.host.as_ref().map(|h| h.display().to_string()).unwrap_or_default();
+    PlannedAttr {
+        text: input.path.clone().unwrap_or_default(),
+        list: vec![input.root().unwrap_or_default(), host, input.missing()],
+        ..attr(name, Source::StorePath)
+    }
 }
 
 fn error_plan(msg: String) -> Plan {
@@ -283,13 +86,9 @@ fn base(name: &str, stage_arg: &str, env: &Env) -> Vec<PlannedAttr> {
 /// What every derivation runs with: the builder, and the tools closure it finds its programs
 /// in (`winvmTools`; `winvmToolsLib` holds the libraries the builder and the tools load).
 fn runtime(env: &Env) -> Vec<PlannedAttr> {
-    let mut attrs = vec![host_path("builder", &env.builder.display().to_string())];
-    if let Some(c) = &env.tools {
-        attrs.push(cached_path("winvmTools", &c.tools_dir.display().to_string(), &c.tools_store));
-        if let Some((dir, store)) = &c.lib {
-            attrs.push(cached_path("winvmToolsLib", &dir.display().to_string(), store));
-        }
-    }
+    let mut attrs = vec![store_input("builder", &env.builder)];
+    attrs.extend(env.tools.iter().map(|t| store_input("winvmTools", t)));
+    attrs.extend(env.tools_lib.iter().map(|l| store_input("winvmToolsLib", l)));
     attrs
 }
 
@@ -333,7 +132,6 @@ fn plan_image_or_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env)
 fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<Plan, String> {
     let spec = validate::image_spec(builtin, attrs)?;
     let spec_json = to_json(&spec);
-    let kernel = env.kernel(builtin)?;
     let guest = spec.guest.name();
     // Stages holding Windows itself carry the marker binary caches use to refuse redistribution.
     let windows = spec.guest.windows();
@@ -358,7 +156,7 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
 
     let mut media = base(&format!("winvm-{guest}-media"), "media", env);
     media.push(text("winvmImageSpec", &spec_json));
-    media.push(host_path("kernel", &kernel));
+    media.push(store_input("kernel", &env.kernel));
     if attrs.iter().any(|(k, _)| k == "cygwinRepo") {
         media.push(user("cygwinRepo", &at("cygwinRepo")));
     }

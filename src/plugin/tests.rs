@@ -2,21 +2,34 @@
 //! panic (a panic would cross the FFI into the user's `nix`).
 
 use super::ffi::bridge::{Kind, Node, Source};
-use super::plan::{self, Env};
+use super::inputs::{self, Env, StoreInput};
+use super::plan;
 use super::value::{from_nodes, to_nodes, DecodeError, Val};
 use proptest::prelude::*;
+use std::path::Path;
 
 fn env() -> (tempfile::TempDir, Env) {
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("kernel");
-    std::fs::create_dir_all(&kernel).unwrap();
-    std::fs::write(kernel.join("vmlinuz"), b"").unwrap();
-    let tools = plan::Closure {
-        lib: Some((dir.path().join("winvm-tools-lib"), format!("/nix/store/{}-winvm-tools-lib", "a".repeat(32)))),
-        tools_dir: dir.path().join("winvm-tools"),
-        tools_store: format!("/nix/store/{}-winvm-tools", "b".repeat(32)),
+    let input = |what, path: Option<String>, host: &str| StoreInput {
+        what,
+        path,
+        host: Some(dir.path().join(host)),
+        fix: "run scripts/register".into(),
     };
-    let env = Env { builder: dir.path().join("nix-winvm-builder"), kernel_dir: kernel, tools: Some(tools) };
+    let env = Env {
+        builder: input("the builder", None, "nix-winvm-builder"),
+        tools: Some(input(
+            "the tools closure",
+            Some(format!("/nix/store/{}-winvm-tools", "b".repeat(32))),
+            "winvm-tools",
+        )),
+        tools_lib: Some(input(
+            "the tools closure's libraries",
+            Some(format!("/nix/store/{}-winvm-tools-lib", "a".repeat(32))),
+            "winvm-tools-lib",
+        )),
+        kernel: input("the VMs' kernel", None, "kernel"),
+    };
     (dir, env)
 }
 
@@ -36,11 +49,84 @@ fn every_derivation_names_the_tools_closure_by_its_store_path() {
     assert_eq!(build.error, "");
     for drv in image.drvs.iter().chain(&build.drvs) {
         let tools = drv.attrs.iter().find(|a| a.name == "winvmTools").expect("winvmTools");
-        assert_eq!(tools.source, Source::CachedPath);
-        assert_eq!(tools.list, [format!("/nix/store/{}-winvm-tools", "b".repeat(32))]);
-        assert!(tools.text.ends_with("/winvm-tools"));
-        assert!(drv.attrs.iter().any(|a| a.name == "winvmToolsLib" && a.source == Source::CachedPath));
+        assert_eq!(tools.source, Source::StorePath);
+        let store = format!("/nix/store/{}-winvm-tools", "b".repeat(32));
+        assert_eq!(tools.text, store);
+        assert_eq!(tools.list[0], store);
+        assert!(tools.list[1].ends_with("/winvm-tools"), "{:?}", tools.list);
+        assert!(drv.attrs.iter().any(|a| a.name == "winvmToolsLib" && a.source == Source::StorePath));
+        let builder = drv.attrs.iter().find(|a| a.name == "builder").expect("builder");
+        assert_eq!((builder.source, builder.text.as_str(), builder.list[0].as_str()), (Source::StorePath, "", ""));
     }
+}
+
+/// The record a package or scripts/register writes: store paths (a file inside one too), with
+/// or without host copies; a builder rebuilt since makes it stale; a path outside the store is
+/// refused by name.
+#[test]
+fn the_record_of_store_paths_is_read_checked_and_seen_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(inputs::RECORD);
+    let hash = "0".repeat(32);
+    let record = |builder_source: &str| {
+        format!(
+            r#"{{"builder": {{"path": "/nix/store/{hash}-nix-winvm-builder-0.1.0/bin/nix-winvm-builder"}},
+                "tools": {{"path": "/nix/store/{hash}-winvm-tools", "host": "/var/cache/nix-winvm/tools/winvm-tools"}},
+                "kernel": {{"path": "/nix/store/{hash}-winvm-kernel"}}{builder_source}}}"#
+        )
+    };
+    std::fs::write(&file, record("")).unwrap();
+    let env = Env::recorded(&file, dir.path()).unwrap().expect("a current record");
+    assert_eq!(env.builder.root().unwrap(), format!("/nix/store/{hash}-nix-winvm-builder-0.1.0"));
+    assert_eq!(
+        env.builder.path.as_deref().unwrap(),
+        format!("/nix/store/{hash}-nix-winvm-builder-0.1.0/bin/nix-winvm-builder")
+    );
+    assert_eq!(env.tools_lib, None);
+    assert_eq!(env.kernel.root().unwrap(), format!("/nix/store/{hash}-winvm-kernel"));
+    let builder = dir.path().join("nix-winvm-builder");
+    std::fs::write(&builder, b"one").unwrap();
+    let key = inputs::source_key(&builder).unwrap();
+    std::fs::write(&file, record(&format!(r#", "builderSource": "{key}""#))).unwrap();
+    assert!(Env::recorded(&file, dir.path()).unwrap().is_some());
+    std::fs::write(&builder, b"rebuilt").unwrap();
+    assert!(Env::recorded(&file, dir.path()).unwrap().is_none(), "a rebuilt builder makes the record stale");
+    std::fs::write(&file, record("").replace(&format!("/nix/store/{hash}-winvm-kernel"), "/opt/kernel")).unwrap();
+    assert_eq!(
+        Env::recorded(&file, dir.path()).unwrap_err(),
+        format!("nix-winvm: the record of store paths {} names the VMs' kernel as /opt/kernel, which is not a path in /nix/store", file.display())
+    );
+    std::fs::write(&file, "{\"builder\": 1}").unwrap();
+    let err = Env::recorded(&file, dir.path()).unwrap_err();
+    assert!(
+        err.starts_with(&format!("nix-winvm: the record of store paths {} is not valid: ", file.display())),
+        "{err}"
+    );
+}
+
+/// What a pure evaluation says when it cannot name a path: one sentence with the way back.
+#[test]
+fn a_path_the_store_lacks_is_refused_with_the_way_to_put_it_back() {
+    let hash = "0".repeat(32);
+    let input = |path: Option<String>, host: Option<&str>| StoreInput {
+        what: "the tools closure",
+        path,
+        host: host.map(Into::into),
+        fix: "run scripts/register /p to put it in the store and record it beside the plugin".into(),
+    };
+    let tools = format!("/nix/store/{hash}-winvm-tools");
+    assert_eq!(
+        input(Some(tools.clone()), Some("/c/winvm-tools")).missing(),
+        format!("nix-winvm: the tools closure {tools} is not in this Nix store, and pure evaluation may not copy it from /c/winvm-tools; run scripts/register /p to put it in the store and record it beside the plugin")
+    );
+    assert_eq!(
+        input(Some(format!("{tools}/bin/x")), None).missing(),
+        format!("nix-winvm: the tools closure {tools} is not in this Nix store; it is part of the plugin's package, so copy the package's closure into this store (nix copy) or install the package again")
+    );
+    assert_eq!(
+        input(None, Some("/c/b")).missing(),
+        "nix-winvm: the tools closure is known only as the host path /c/b, which pure evaluation may not read; run scripts/register /p to put it in the store and record it beside the plugin"
+    );
 }
 
 fn plan_spec(p: &super::ffi::bridge::Plan) -> String {
@@ -50,24 +136,19 @@ fn plan_spec(p: &super::ffi::bridge::Plan) -> String {
 #[test]
 fn a_missing_or_garbled_closure_is_refused_with_the_way_to_make_it() {
     let dir = tempfile::tempdir().unwrap();
-    let err = plan::Closure::read(dir.path()).unwrap_err();
+    let err = inputs::Closure::read(dir.path()).unwrap_err();
     assert!(err.starts_with("nix-winvm: the tools closure is missing or incomplete ("), "{err}");
     assert!(err.ends_with("run scripts/setup, or set NIX_WINVM_TOOLS_DIR"), "{err}");
     std::fs::write(dir.path().join("tools.path"), format!("/nix/store/{}-winvm-tools\n", "d".repeat(32))).unwrap();
     std::fs::create_dir(dir.path().join("winvm-tools")).unwrap();
     std::fs::write(dir.path().join("lib.path"), "/tmp/elsewhere\n").unwrap();
-    let err = plan::Closure::read(dir.path()).unwrap_err();
+    let err = inputs::Closure::read(dir.path()).unwrap_err();
     assert!(err.contains("lib.path does not hold a store path named winvm-tools-lib"), "{err}");
     std::fs::write(dir.path().join("lib.path"), format!("/nix/store/{}-winvm-tools-lib\n", "c".repeat(32))).unwrap();
     std::fs::create_dir(dir.path().join("winvm-tools-lib")).unwrap();
-    let closure = plan::Closure::read(dir.path()).unwrap();
+    let closure = inputs::Closure::read(dir.path()).unwrap();
     assert_eq!(closure.tools_store, format!("/nix/store/{}-winvm-tools", "d".repeat(32)));
     assert!(closure.lib.is_some());
-    // nixpkgs' closure (nix/package.nix): only tools.path, naming a store path.
-    std::fs::remove_file(dir.path().join("lib.path")).unwrap();
-    std::fs::remove_dir(dir.path().join("winvm-tools")).unwrap();
-    let err = plan::Closure::read(dir.path()).unwrap_err();
-    assert!(err.contains("winvm-tools is not a folder"), "{err}");
 }
 
 fn s(text: &str) -> Val {
@@ -119,12 +200,13 @@ fn standin_image_plan_has_three_stages_and_passthru() {
 
 #[test]
 fn missing_kernel_is_an_error_naming_the_fix() {
-    let (_d, mut env) = env();
-    env.kernel_dir = "/nonexistent".into();
-    let p = plan::plan("windowsImage", &set(&[("guest", s("standin"))]), &env);
+    let dir = tempfile::tempdir().unwrap();
+    let builder = dir.path().join("nix-winvm-builder");
+    std::fs::write(&builder, b"").unwrap();
+    let err = Env::discovered_at(dir.path(), &builder, Path::new("/nonexistent"), dir.path()).unwrap_err();
     assert_eq!(
-        p.error,
-        "windowsImage: the Linux kernel for the VMs is missing (/nonexistent/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR"
+        err,
+        "nix-winvm: the Linux kernel for the VMs is missing (/nonexistent/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR"
     );
 }
 
