@@ -1,9 +1,8 @@
 //! Finding the programs the builder runs (QEMU, vde_switch, smbd, busybox, dropbear, ...).
 //! In a build, they come from the tools closure the derivation names (`winvmTools`, a store
-//! path made by scripts/tools-closure), so the sandbox needs nothing from the host. Outside
-//! Nix (tests, `nix-winvm-builder run`) PATH and the usual system folders are searched. A
-//! builder built by nix/package.nix gets NIX_WINVM_TOOLS, a PATH of nixpkgs' tools, in the
-//! environment of its own build.
+//! path made by scripts/tools-closure, or nix/package.nix's `winvm-tools`), so the sandbox
+//! needs nothing from the host. Outside Nix (tests, `nix-winvm-builder run`) `NIX_WINVM_TOOLS`
+//! (a PATH), PATH and the usual system folders are searched.
 
 use std::fmt;
 use std::path::{Path, PathBuf};

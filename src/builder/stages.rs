@@ -115,8 +115,10 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
 /// the agent does before the pair is saved.
 fn controller_system(spec: &ImageSpec, tools: &Tools, out: &Path) -> Result<(), BuilderError> {
     use crate::controller::{self, system, ReadyConfig, ServeConfig, Share};
-    let lib = std::env::var_os("winvmToolsLib").map(PathBuf::from).ok_or(BuilderError::MissingEnv("winvmToolsLib"))?;
     let agent = std::env::current_exe().map_err(io("finding this program"))?;
+    let lib = std::env::var_os("winvmToolsLib").map(PathBuf::from);
+    let tools_dir = std::env::var_os("winvmTools").map(PathBuf::from).ok_or(BuilderError::MissingEnv("winvmTools"))?;
+    let (store_paths, smbd) = controller_store_paths(lib, &tools_dir, &tools.smbd, &agent)?;
     let config = ReadyConfig {
         serve: ServeConfig {
             shares: vec![
@@ -125,7 +127,7 @@ fn controller_system(spec: &ImageSpec, tools: &Tools, out: &Path) -> Result<(), 
                 Share { name: controller::SESSION_SHARE.into(), path: controller::READY_SHARE_DIR.into() },
             ],
             run_dir: controller::READY_SAMBA_DIR.into(),
-            smbd: tools.smbd.clone(),
+            smbd,
             smbd_log: "/run/smbd.log".into(),
             guest_addr: format!("{}:22", crate::guest::GUEST_IP),
             user: crate::guest::SSH_USER.into(),
@@ -136,7 +138,7 @@ fn controller_system(spec: &ImageSpec, tools: &Tools, out: &Path) -> Result<(), 
     };
     let staging = work_dir()?;
     let inputs = system::SystemInputs {
-        store_paths: &[lib, tools.smbd.clone(), agent.clone()],
+        store_paths: &store_paths,
         agent: &agent,
         key: &out.join("key"),
         config: &config,
@@ -145,6 +147,44 @@ fn controller_system(spec: &ImageSpec, tools: &Tools, out: &Path) -> Result<(), 
     };
     system::write(&inputs, &out.join(CONTROLLER_SYSTEM))
         .map_err(|e| BuilderError::Tool { tool: "mke2fs".into(), detail: e.to_string() })
+}
+
+/// In nixpkgs' tools (nix/package.nix): the closure of smbd and the builder, as `closureInfo`
+/// writes it (`store-paths`, one store path a line).
+const CONTROLLER_CLOSURE: &str = "share/nix-winvm/controller-closure/store-paths";
+
+/// What the controller's system disk holds, and the smbd it runs. Debian's closure
+/// (scripts/tools-closure) names its library folder, `winvmToolsLib`: that folder, smbd and the
+/// agent. nixpkgs' programs load their libraries from their own store paths: the tools carry
+/// the whole closure of smbd and the builder, and smbd is the program behind the tools' link.
+pub(crate) fn controller_store_paths(
+    lib: Option<PathBuf>,
+    tools_dir: &Path,
+    smbd: &Path,
+    agent: &Path,
+) -> Result<(Vec<PathBuf>, PathBuf), BuilderError> {
+    if let Some(lib) = lib {
+        return Ok((vec![lib, smbd.to_path_buf(), agent.to_path_buf()], smbd.to_path_buf()));
+    }
+    let list = tools_dir.join(CONTROLLER_CLOSURE);
+    let text = std::fs::read_to_string(&list).map_err(|e| BuilderError::Tool {
+        tool: "the controller's closure".into(),
+        detail: format!(
+            "the derivation names no winvmToolsLib, and {} cannot be read ({e}): the tools closure is neither scripts/tools-closure's nor nix/package.nix's",
+            list.display()
+        ),
+    })?;
+    let smbd = std::fs::canonicalize(smbd).map_err(io(format!("resolving {}", smbd.display())))?;
+    let paths: Vec<PathBuf> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(PathBuf::from).collect();
+    for needed in [&smbd, &agent.to_path_buf()] {
+        if !paths.iter().any(|p| needed.starts_with(p)) {
+            return Err(BuilderError::Tool {
+                tool: "the controller's closure".into(),
+                detail: format!("{} lists no store path holding {}", list.display(), needed.display()),
+            });
+        }
+    }
+    Ok((paths, smbd))
 }
 
 /// In the media: the controller's system disk.
@@ -779,6 +819,44 @@ mod tests {
             saved_env(vars.into_iter()),
             b"export msg='it'\\''s here'\nexport out=/nix/store/x-t\nexport raw='caf\xe9 '\\''x'\\'''\nexport TMPDIR=/tmp\n".to_vec()
         );
+    }
+
+    /// Debian's closure: its library folder, smbd and the agent. nixpkgs' tools: the closure
+    /// list they carry, and smbd behind the tools' link; a list without smbd's or the agent's
+    /// store path is refused by name, and so are tools with neither.
+    #[test]
+    fn the_controllers_disk_holds_the_closure_its_tools_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (smbd, agent) = (Path::new("/t/bin/smbd"), Path::new("/b/bin/nix-winvm-builder"));
+        let (paths, used) = controller_store_paths(Some("/lib".into()), dir.path(), smbd, agent).unwrap();
+        assert_eq!(paths, [Path::new("/lib"), smbd, agent]);
+        assert_eq!(used, smbd);
+
+        let samba = dir.path().join("samba");
+        std::fs::create_dir_all(samba.join("bin")).unwrap();
+        std::fs::write(samba.join("bin/smbd"), b"").unwrap();
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(tools.join("bin")).unwrap();
+        std::fs::create_dir_all(tools.join("share/nix-winvm/controller-closure")).unwrap();
+        std::os::unix::fs::symlink(samba.join("bin/smbd"), tools.join("bin/smbd")).unwrap();
+        let list = tools.join(CONTROLLER_CLOSURE);
+        std::fs::write(&list, format!("{}\n/b\n/glibc\n", samba.display())).unwrap();
+        let (paths, used) = controller_store_paths(None, &tools, &tools.join("bin/smbd"), agent).unwrap();
+        assert_eq!(paths, [samba.clone(), "/b".into(), "/glibc".into()]);
+        assert_eq!(used, samba.join("bin/smbd"));
+
+        std::fs::write(&list, "/b\n").unwrap();
+        let err = controller_store_paths(None, &tools, &tools.join("bin/smbd"), agent).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "{} lists no store path holding {}",
+                list.display(),
+                samba.join("bin/smbd").display()
+            )),
+            "{err}"
+        );
+        let err = controller_store_paths(None, dir.path(), smbd, agent).unwrap_err().to_string();
+        assert!(err.contains("the derivation names no winvmToolsLib"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Which kernel modules to put in an initramfs, and in which order to load them.
 //!
 //! The modules folder is flat (`NAME.ko` files, no modules.dep): dependencies are read from
-//! each module's own `.modinfo` section, the same `depends=` line depmod reads.
+//! each module's own `.modinfo` section, the same `depends=` line depmod reads. A
+//! `modules.builtin` file there (the kernel's own list, one `kernel/.../NAME.ko` a line) names
+//! what the kernel has built in: such a module needs no file and is not loaded. Debian's kernel
+//! builds the guests' drivers as modules; nixpkgs' kernel may build some of them in.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -100,6 +103,7 @@ struct ModuleIndex {
     dir: PathBuf,
     modules: BTreeMap<String, PathBuf>,
     compressed: BTreeMap<String, PathBuf>,
+    builtin: BTreeSet<String>,
 }
 
 impl ModuleIndex {
@@ -111,12 +115,24 @@ impl ModuleIndex {
         }
         // Sorted so that which of two ambiguous files is "first" does not depend on readdir.
         entries.sort();
-        let mut index = ModuleIndex { dir: dir.to_path_buf(), modules: BTreeMap::new(), compressed: BTreeMap::new() };
+        let mut index = ModuleIndex {
+            dir: dir.to_path_buf(),
+            modules: BTreeMap::new(),
+            compressed: BTreeMap::new(),
+            builtin: BTreeSet::new(),
+        };
         for path in entries {
             let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
             };
-            if let Some(stem) = file_name.strip_suffix(".ko") {
+            if file_name == "modules.builtin" {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ModuleError::Read { path: path.clone(), source })?;
+                index.builtin.extend(text.lines().filter_map(|line| {
+                    let name = line.trim().rsplit('/').next()?.strip_suffix(".ko")?;
+                    Some(normalize_module_name(name))
+                }));
+            } else if let Some(stem) = file_name.strip_suffix(".ko") {
                 let module = normalize_module_name(stem);
                 if let Some(first) = index.modules.get(&module) {
                     return Err(ModuleError::Ambiguous { module, first: first.clone(), second: path.clone() });
@@ -129,8 +145,15 @@ impl ModuleIndex {
         Ok(index)
     }
 
-    fn lookup(&self, module: &str, needed_by: Option<&str>) -> Result<&PathBuf, ModuleError> {
-        self.modules.get(module).ok_or_else(|| ModuleError::Missing {
+    /// The module's file; None when the kernel has it built in (and there is no file).
+    fn lookup(&self, module: &str, needed_by: Option<&str>) -> Result<Option<&PathBuf>, ModuleError> {
+        if let Some(path) = self.modules.get(module) {
+            return Ok(Some(path));
+        }
+        if self.builtin.contains(module) {
+            return Ok(None);
+        }
+        Err(ModuleError::Missing {
             module: module.to_string(),
             needed_by: needed_by.map(str::to_string),
             dir: self.dir.clone(),
@@ -195,7 +218,10 @@ impl Walk<'_> {
             cycle.push(module.to_string());
             return Err(ModuleError::Cycle { chain: cycle });
         }
-        let path = self.index.lookup(module, chain.last().map(String::as_str))?.clone();
+        let Some(path) = self.index.lookup(module, chain.last().map(String::as_str))?.cloned() else {
+            self.done.insert(module.to_string());
+            return Ok(());
+        };
         let depends = module_depends(&path)?;
         chain.push(module.to_string());
         for dependency in &depends {

@@ -577,6 +577,26 @@ fn missing_modules_name_who_needs_them() {
     );
 }
 
+/// nixpkgs' kernel may build in a module the guests ask for: modules.builtin names it, and the
+/// closure skips it instead of failing; a module neither there nor built in still fails.
+#[test]
+fn built_in_modules_need_no_file() {
+    let Some(dir) = modules_dir() else { return };
+    let partial = tempfile::tempdir().unwrap();
+    std::fs::copy(dir.join("9p.ko"), partial.path().join("9p.ko")).unwrap();
+    let error = module_closure(partial.path(), &["9p"]).unwrap_err();
+    assert!(error.to_string().starts_with("kernel module 9pnet (needed by 9p) not found"), "{error}");
+    std::fs::write(
+        partial.path().join("modules.builtin"),
+        "kernel/net/9p/9pnet.ko\nkernel/fs/netfs/netfs.ko\nkernel/fs/fscache/fscache.ko\n",
+    )
+    .unwrap();
+    let closure = module_closure(partial.path(), &["9p", "ext4"]);
+    let error = closure.unwrap_err();
+    assert_eq!(error.to_string(), format!("kernel module ext4 (requested) not found in {}", partial.path().display()));
+    assert_eq!(names(&module_closure(partial.path(), &["9p", "netfs"]).unwrap()), ["9p"]);
+}
+
 #[test]
 fn ambiguous_and_broken_modules_are_reported() {
     let Some(dir) = modules_dir() else { return };
