@@ -379,6 +379,37 @@ fn nix_build_interrupted_during_the_build() {
     interrupted("build", &expr, &["ssh ready"], "winvm-fault-sigint-build");
 }
 
+/// `nix-build` killed with SIGKILL (as the OOM killer does) in the middle of a build: no
+/// signal reaches the builder, but the build log's reader is gone, and within a few seconds
+/// the builder has stopped the switch and both VMs and ended. (The build folder stays: Nix,
+/// killed, never removes it.)
+#[test]
+fn nix_build_killed_during_the_build_leaves_nothing_running() {
+    let s = Scratch::new("sigkill-build");
+    let marker = "winvm-fault-sigkill-build";
+    let expr = build_expr("sigkill-build", "sleep 600");
+    let mut cmd = sandboxed_nix_build();
+    cmd.env("TMPDIR", s.tmp()).args(["--no-out-link", "-E", &expr]);
+    let (mut child, reader) = spawn_until(cmd, &["ssh ready"]);
+    let running = leftovers(marker, Some(marker));
+    assert!(running.iter().any(|p| p.contains("qemu-system")), "no VM of the build is running: {running:?}");
+    kill(child.id() as i32, libc::SIGKILL);
+    let killed = Instant::now();
+    child.wait().unwrap();
+    let log = reader.join().unwrap();
+    let mut left = leftovers(marker, Some(marker));
+    while !left.is_empty() && killed.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+        left = leftovers(marker, Some(marker));
+    }
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "{:?} after nix-build was killed, still running; its log:\n{log}",
+        killed.elapsed()
+    );
+}
+
 /// The plugin's own SANDBOX_CONFIG is what these builds run with: checked once, so that a
 /// change to it cannot silently turn the sandbox off here.
 #[test]

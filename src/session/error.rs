@@ -71,6 +71,8 @@ pub enum RunError {
     Interrupted {
         signal: &'static str,
     },
+    /// Nobody reads the build's log any more: Nix is gone (killed), and no signal said so.
+    LogClosed,
     State(StateFileError),
     /// A QMP step of saving or reviving a VM.
     Qmp {
@@ -194,6 +196,9 @@ impl fmt::Display for RunError {
                 tail(f, &format!("the {name}'s QEMU output"), log_tail)
             }
             RunError::Interrupted { signal } => write!(f, "interrupted by {signal}; the VMs were stopped"),
+            RunError::LogClosed => {
+                write!(f, "the build's log was closed: Nix is gone (killed?), so the VMs were stopped")
+            }
             RunError::Shown { error, screen } => write!(f, "{error}\n{screen}"),
         }
     }

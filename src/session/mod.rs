@@ -153,10 +153,11 @@ pub async fn run_then<T: Send + 'static>(
         }
         _ = term.recv() => Err(RunError::Interrupted { signal: "SIGTERM" }),
         _ = int.recv() => Err(RunError::Interrupted { signal: "SIGINT" }),
+        _ = crate::vm::process::log_reader_gone() => Err(RunError::LogClosed),
     };
     let result = match (result, screens.as_mut()) {
         // Nix is waiting for the build to end: no screenshot then.
-        (Err(e @ RunError::Interrupted { .. }), _) => Err(e),
+        (Err(e @ (RunError::Interrupted { .. } | RunError::LogClosed)), _) => Err(e),
         // The VMs still run (the work is not dropped yet): the screen as the failure left it.
         (Err(error), Some(screens)) => {
             screens.capture().await;
