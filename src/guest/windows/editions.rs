@@ -21,6 +21,12 @@ struct GenericKey {
     key: &'static str,
 }
 
+/// The Home editions. Microsoft documents no generic key for them (its KMS page is for volume
+/// editions, and Home is none), and without a key Setup stops at its product key page on
+/// media that hold several editions, until the install's time-out. So such an edition needs
+/// the user's `productKey`; without one the install stage refuses it before any VM starts.
+pub const HOME_EDITION_IDS: &[&str] = &["Core", "CoreN", "CoreSingleLanguage", "CoreCountrySpecific"];
+
 const ANY_BUILD: RangeInclusive<u32> = 0..=u32::MAX;
 const SERVER_2016: RangeInclusive<u32> = 14393..=14393;
 const SERVER_2019: RangeInclusive<u32> = 17763..=17763;
@@ -34,9 +40,8 @@ const fn key(edition_id: &'static str, builds: RangeInclusive<u32>, key: &'stati
 /// Microsoft's Generic Volume License Keys (GVLKs), from its page "Key Management Services
 /// (KMS) client activation and product keys" (learn.microsoft.com, Windows Server docs),
 /// one source for every row. A GVLK tells Setup which edition to install and activates
-/// nothing by itself. The page lists no key for the Home editions (Core, CoreN,
-/// CoreSingleLanguage, CoreCountrySpecific) nor for semi-annual Server builds, so those have
-/// none here.
+/// nothing by itself. The page lists no key for the Home editions ([`HOME_EDITION_IDS`]) nor
+/// for semi-annual Server builds, so those have none here.
 const GENERIC_KEYS: &[GenericKey] = &[
     // Windows 10 and 11: one key for both.
     key("Professional", ANY_BUILD, "W269N-WFGWX-YVC9B-4J6C9-T83GX"),
@@ -176,7 +181,25 @@ impl Selection {
 #[derive(Debug)]
 pub enum EditionError {
     Images(InstallImagesError),
-    NotInImage { iso: PathBuf, file: String, wanted: String, available: Vec<WimImage> },
+    NotInImage {
+        iso: PathBuf,
+        file: String,
+        wanted: String,
+        available: Vec<WimImage>,
+    },
+    /// A Home edition without `productKey`: Setup would wait at its key page.
+    NeedsProductKey(Box<KeyNeeded>),
+}
+
+/// An edition that needs the user's key, and the images of the same WIM that need none.
+#[derive(Debug)]
+pub struct KeyNeeded {
+    pub iso: PathBuf,
+    pub file: String,
+    pub name: String,
+    pub edition_id: String,
+    /// The names of the images with a generic key, and of evaluation editions.
+    pub keyless: Vec<String>,
 }
 
 impl fmt::Display for EditionError {
@@ -201,6 +224,25 @@ impl fmt::Display for EditionError {
                 }
                 Ok(())
             }
+            EditionError::NeedsProductKey(needed) => {
+                let KeyNeeded { iso, file, name, edition_id, keyless } = needed.as_ref();
+                write!(
+                    f,
+                    "edition \"{name}\" is a Home edition (EditionID {edition_id}), for which Microsoft publishes \
+                     no generic key, and without a key Setup stops at its product key page until the time-out: \
+                     set the image's productKey to a key of this edition"
+                )?;
+                if !keyless.is_empty() {
+                    let names: Vec<String> = keyless.iter().map(|name| format!("\"{name}\"")).collect();
+                    write!(
+                        f,
+                        ", or choose an edition of {}'s {file} that needs none: {}",
+                        iso.display(),
+                        names.join(", ")
+                    )?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -209,7 +251,7 @@ impl std::error::Error for EditionError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             EditionError::Images(e) => Some(e),
-            EditionError::NotInImage { .. } => None,
+            EditionError::NotInImage { .. } | EditionError::NeedsProductKey(_) => None,
         }
     }
 }
@@ -231,6 +273,26 @@ pub fn select(
         });
     };
     let edition_id = image.edition_id.clone();
+    if let (None, Some(id)) = (user_key, edition_id.as_deref()) {
+        if HOME_EDITION_IDS.contains(&id) {
+            let keyless = images
+                .iter()
+                .filter(|i| {
+                    i.edition_id
+                        .as_deref()
+                        .is_some_and(|id| evaluation_days(id).is_some() || generic_key(id, i.build).is_some())
+                })
+                .map(|i| i.name.clone())
+                .collect();
+            return Err(EditionError::NeedsProductKey(Box::new(KeyNeeded {
+                iso: iso.to_path_buf(),
+                file: file.to_owned(),
+                name: image.name.clone(),
+                edition_id: id.to_owned(),
+                keyless,
+            })));
+        }
+    }
     let evaluation_days = edition_id.as_deref().and_then(evaluation_days);
     let key = match (user_key, edition_id.as_deref(), evaluation_days) {
         (Some(key), _, _) => ProductKey::User(key.to_owned()),
@@ -423,12 +485,47 @@ mod tests {
         .unwrap();
         assert_eq!(own.key.key(), Some("AAAAA-BBBBB-CCCCC-DDDDD-EEEEE"));
         assert!(!own.describe().contains("AAAAA"), "the user's key is not printed");
-        let home = select(iso, "sources/install.wim", &consumer_media(), "Windows 11 Home", None).unwrap();
-        assert_eq!(home.key, ProductKey::Unknown);
         let eval = [image(1, "Windows Server 2025 SERVERDATACENTER", "ServerDatacenterEval", Some(26100))];
         let eval = select(iso, "sources/install.wim", &eval, "Windows Server 2025 SERVERDATACENTER", None).unwrap();
         assert_eq!((eval.key.clone(), eval.edition.evaluation_days), (ProductKey::Evaluation, Some(180)));
         assert!(eval.describe().ends_with("an evaluation edition for 180 days from the install: no product key"));
+    }
+
+    /// Item: Home editions got no key, and Setup then waited at its key page until the
+    /// time-out. Microsoft documents no generic key for them: the install stage refuses such
+    /// an edition without `productKey`, before any VM starts, and names the editions that
+    /// need none.
+    #[test]
+    fn a_home_edition_needs_the_users_key() {
+        let iso = Path::new("/x.iso");
+        for (name, id) in [
+            ("Windows 11 Home", "Core"),
+            ("Windows 11 Home N", "CoreN"),
+            ("Windows 11 Home Single Language", "CoreSingleLanguage"),
+            ("Windows 11 Home China", "CoreCountrySpecific"),
+        ] {
+            let mut media = consumer_media();
+            media.push(image(4, name, id, Some(26100)));
+            let err = select(iso, "sources/install.wim", &media, name, None).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "edition \"{name}\" is a Home edition (EditionID {id}), for which Microsoft publishes no generic key, \
+                     and without a key Setup stops at its product key page until the time-out: set the image's \
+                     productKey to a key of this edition, or choose an edition of /x.iso's sources/install.wim that \
+                     needs none: \"Windows 11 Education\", \"Windows 11 Pro\""
+                )
+            );
+            let own = select(iso, "sources/install.wim", &media, name, Some("AAAAA-BBBBB-CCCCC-DDDDD-EEEEE")).unwrap();
+            assert_eq!(own.key, ProductKey::User("AAAAA-BBBBB-CCCCC-DDDDD-EEEEE".into()));
+        }
+        let only_home = [image(1, "Windows 10 Home", "Core", Some(19045))];
+        let err = select(iso, "sources/install.wim", &only_home, "Windows 10 Home", None).unwrap_err();
+        assert!(err.to_string().ends_with("set the image's productKey to a key of this edition"), "{err}");
+        // Other EditionIDs without a listed key still install without one.
+        let other = [image(1, "Windows 11 Pro Single Language", "ProfessionalSingleLanguage", Some(26100))];
+        let other = select(iso, "sources/install.wim", &other, "Windows 11 Pro Single Language", None).unwrap();
+        assert_eq!(other.key, ProductKey::Unknown);
     }
 
     #[test]
