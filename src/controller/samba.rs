@@ -28,6 +28,25 @@ const SMB_CONF: &str = "smb.conf";
 
 pub const STATE_DIRS: &[&str] = &["private", "lock", "state", "cache", "pid", "ncalrpc", "binddns"];
 
+/// The share of the store alone, which the guest only reads.
+const STORE_SHARE: &str = "nixstore";
+
+/// Every share but the store's is served without oplocks or leases: what the guest writes
+/// last before it is killed (a verdict, `layer-failed`) must be on the controller's disk when
+/// its write returns, not in the guest's cache behind a write lease or an exclusive oplock.
+/// The exchange folder is the `xchg` share in a direct run and a folder of the session share
+/// in a ready pair, which carries the store as well: Samba can switch oplocks off only per
+/// share or per file name (`veto oplock files` matches a path's last component), so that share
+/// loses the guest's read cache of the store too.
+///
+/// `oplocks` and `level2 oplocks` are share parameters. `smb2 leases` is global only (testparm
+/// says "Global parameter smb2 leases found in service section!"), and Samba grants a lease
+/// only where oplocks are on: with `oplocks = no` smbd drops every oplock and lease request on
+/// the share's opens (source3/smbd/open.c). So leases stay on globally, for the store's share.
+fn guest_may_cache(share: &Share) -> bool {
+    share.name == STORE_SHARE
+}
+
 /// Writes everything smbd needs into `run_dir` (its state folders, the account, the username
 /// map and smb.conf) and returns the path of smb.conf. Errors name the file.
 pub fn write_config(shares: &[Share], run_dir: &Path) -> io::Result<PathBuf> {
@@ -109,10 +128,14 @@ pub fn smb_conf(shares: &[Share], run_dir: &Path) -> String {
     );
     for share in shares {
         s.push_str(&format!(
-            "[{}]\n path = {}\n read only = no\n valid users = {UNIX_USER}\n force user = {UNIX_USER}\n create mask = 0644\n directory mask = 0755\n\n",
+            "[{}]\n path = {}\n read only = no\n valid users = {UNIX_USER}\n force user = {UNIX_USER}\n create mask = 0644\n directory mask = 0755\n",
             share.name,
             share.path.display()
         ));
+        if !guest_may_cache(share) {
+            s.push_str(" oplocks = no\n level2 oplocks = no\n");
+        }
+        s.push('\n');
     }
     s
 }
@@ -281,6 +304,53 @@ mod tests {
         std::fs::write(&blocker, "").unwrap();
         let err = write_config(&[], &blocker).unwrap_err();
         assert!(err.to_string().starts_with(&format!("creating {}/private: ", blocker.display())), "{err}");
+    }
+
+    /// Item: the guest's last write to the exchange folder must reach the controller's disk
+    /// before the guest is killed: no oplock or lease may let the guest cache it.
+    #[test]
+    fn the_exchange_is_served_without_oplocks_or_leases() {
+        let shares = [
+            Share { name: "nixstore".into(), path: "/nix/store".into() },
+            Share { name: "xchg".into(), path: "/tmp/xchg".into() },
+            Share { name: crate::spec::SESSION_SHARE.into(), path: "/srv".into() },
+            Share { name: "out".into(), path: "/out".into() },
+        ];
+        let conf = smb_conf(&shares, Path::new("/run/x"));
+        let section = |name: &str| {
+            let start = conf.find(&format!("[{name}]\n")).unwrap_or_else(|| panic!("no [{name}]"));
+            let end = conf[start..].find("\n\n").map_or(conf.len(), |end| start + end + 1);
+            conf[start..end].to_string()
+        };
+        for name in ["xchg", "winvm", "out"] {
+            assert!(section(name).ends_with(" directory mask = 0755\n oplocks = no\n level2 oplocks = no\n"), "{conf}");
+        }
+        assert!(!section("nixstore").contains("oplocks"), "{conf}");
+        // Global only, and implied on these shares by `oplocks = no`: never in a share.
+        assert!(!conf.contains("smb2 leases"), "{conf}");
+
+        // Samba's own reading of the file, where its tool is at hand.
+        let found = std::process::Command::new("sh")
+            .args(["-c", "command -v testparm >/dev/null 2>&1"])
+            .status()
+            .is_ok_and(|status| status.success());
+        if crate::tools::test_requires("testparm", found) {
+            let run = tempfile::tempdir().unwrap();
+            let path = run.path().join("smb.conf");
+            std::fs::write(&path, &conf).unwrap();
+            let value = |section: &str, parameter: &str| {
+                let output = std::process::Command::new("testparm")
+                    .args(["-s", "--section-name", section, "--parameter-name", parameter])
+                    .arg(&path)
+                    .output()
+                    .expect("testparm runs");
+                String::from_utf8_lossy(&output.stdout).trim().to_string()
+            };
+            assert_eq!(
+                [value("winvm", "oplocks"), value("winvm", "level2 oplocks"), value("nixstore", "oplocks")],
+                ["No", "No", "Yes"]
+            );
+        }
     }
 
     /// The password travels inside mount options (standin) and shell words: keep it plain.
