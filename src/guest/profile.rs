@@ -222,7 +222,7 @@ impl Profile<'_> {
                 format!(
                     "if=none,id=winvm-outputs,format=raw,cache=writeback,{},file={}",
                     crate::vm::qemu::DISK_ERRORS,
-                    crate::vm::qemu::drive_path(outputs_disk)
+                    crate::vm::qemu::option_path(outputs_disk)
                 )
                 .into(),
                 "-device".into(),

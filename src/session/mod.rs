@@ -184,7 +184,10 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
             let mut a = cfg.guest.machine.extra_args.clone();
             // A display backend, not a device: a revived guest takes it as well.
             if cfg.vnc {
-                a.extend(["-vnc".into(), format!("unix:{}", w.join(config::VNC_SOCKET).display()).into()]);
+                a.extend([
+                    "-vnc".into(),
+                    format!("unix:{}", crate::vm::qemu::option_path(&w.join(config::VNC_SOCKET))).into(),
+                ]);
             }
             a
         },
@@ -212,14 +215,18 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
     ];
     let mut extra_args = vec![
         "-chardev".into(),
-        format!("socket,id=session,path={},server=on,wait=off", w.join("controller-session.sock").display()).into(),
+        format!(
+            "socket,id=session,path={},server=on,wait=off",
+            crate::vm::qemu::option_path(&w.join("controller-session.sock"))
+        )
+        .into(),
         "-device".into(),
         "isa-serial,chardev=session".into(),
     ];
     match &cfg.controller.system {
         Some(disk) => extra_args.extend([
             "-drive".into(),
-            format!("if=none,id=system,format=raw,readonly=on,file={}", crate::vm::qemu::drive_path(disk)).into(),
+            format!("if=none,id=system,format=raw,readonly=on,file={}", crate::vm::qemu::option_path(disk)).into(),
             "-device".into(),
             "virtio-blk-pci,drive=system".into(),
         ]),

@@ -65,15 +65,17 @@ impl Uefi {
     fn args(&self) -> Vec<OsString> {
         vec![
             s("-drive"),
-            s(&format!("if=pflash,unit=0,format=raw,readonly=on,file={}", drive_path(&self.code))),
+            s(&format!("if=pflash,unit=0,format=raw,readonly=on,file={}", option_path(&self.code))),
             s("-drive"),
-            s(&format!("if=pflash,unit=1,format=raw,file={}", drive_path(&self.vars))),
+            s(&format!("if=pflash,unit=1,format=raw,file={}", option_path(&self.vars))),
         ]
     }
 }
 
-/// A path inside a `-drive` option list, where a comma is written twice.
-pub fn drive_path(p: &Path) -> String {
+/// A path inside a QEMU option list (`-drive`, `-virtfs`, `-netdev`, `-chardev`, `-qmp`,
+/// `-vnc`), where a comma is written twice: every path the VMs' command lines hold goes
+/// through here, so a comma in a build folder's name cannot split an option.
+pub fn option_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
@@ -123,7 +125,7 @@ fn s(x: &str) -> OsString {
 }
 
 fn p(x: &Path) -> String {
-    x.display().to_string()
+    option_path(x)
 }
 
 impl VmConfig {
@@ -153,8 +155,11 @@ impl VmConfig {
             s("-nodefaults"),
             s("-display"),
             s("none"),
+            // -serial file:PATH would take the path verbatim; a chardev takes it as an option.
+            s("-chardev"),
+            s(&format!("file,id=serial0,path={}", p(&self.serial_log))),
             s("-serial"),
-            s(&format!("file:{}", p(&self.serial_log))),
+            s("chardev:serial0"),
             s("-device"),
             s("virtio-rng-pci"),
         ];
@@ -266,6 +271,22 @@ mod tests {
             shown.contains("-vga std -qmp unix:/w/screen.sock,server=on,wait=off -qmp unix:/w/qmp.sock"),
             "{shown}"
         );
+        // Every path in an option list has its commas doubled.
+        let commas = VmConfig {
+            serial_log: "/w,1/serial.log".into(),
+            vde_ctl: Some("/w,1/vde.ctl".into()),
+            qmp: Some("/w,1/qmp.sock".into()),
+            screen: Some("/w,1/screen.sock".into()),
+            disk: Some("/w,1/disk.qcow2".into()),
+            exports: vec![Export { path: "/w,1/xchg".into(), tag: "xchg".into(), readonly: false }],
+            ..c.clone()
+        };
+        let commas = commas.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        for arg in &commas {
+            assert!(!arg.contains("/w,1"), "a single comma in {arg}: {commas:?}");
+        }
+        assert_eq!(commas.iter().filter(|a| a.contains("/w,,1")).count(), 6, "{commas:?}");
+        assert!(line.contains("-chardev file,id=serial0,path=/w/serial.log -serial chardev:serial0"), "{line}");
         // UEFI: OVMF's code read-only, the image's variable store writable; commas doubled.
         assert!(!line.contains("pflash"));
         let uefi = VmConfig { uefi: Some(Uefi { code: "/o/CODE.fd".into(), vars: "/w/va,rs.fd".into() }), ..c };
