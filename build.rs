@@ -87,15 +87,22 @@ fn main() {
     println!("cargo:rerun-if-env-changed=NIX_HEADERS_DIR");
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
 
-    let version = pkg_config(&["--modversion", "nix-expr"]).unwrap_or_else(|| {
-        if pkg_config(&["--exists", "lix-expr"]).is_some() {
-            fail("only Lix's development files (lix-expr) were found: Lix's plugin API differs from Nix's and is not supported");
-        }
-        fail(&format!("Nix's development files (pkg-config module nix-expr) were not found; {HOW_TO_INSTALL}."))
-    });
+    // Nix's nix-expr, or else Lix's lix-expr: Lix's plugin API is a second backend in
+    // cpp/nix_compat.hh, chosen by NIXC_LIX (its version comes from its own lix/config.h).
+    let (module, lix) = if pkg_config(&["--exists", "nix-expr"]).is_some() {
+        ("nix-expr", false)
+    } else if pkg_config(&["--exists", "lix-expr"]).is_some() {
+        ("lix-expr", true)
+    } else {
+        fail(&format!(
+            "Nix's development files (pkg-config module nix-expr, or lix-expr for Lix) were not found; {HOW_TO_INSTALL}."
+        ))
+    };
+    let version = pkg_config(&["--modversion", module])
+        .unwrap_or_else(|| fail(&format!("`pkg-config --modversion {module}` failed; {HOW_TO_INSTALL}.")));
     let (major, minor, patch) =
         parse_version(&version).unwrap_or_else(|| fail(&format!("cannot parse the Nix version '{version}'")));
-    let cflags = pkg_config(&["--cflags", "nix-expr"]).unwrap_or_default();
+    let cflags = pkg_config(&["--cflags", module]).unwrap_or_default();
 
     let mut include_dirs: Vec<PathBuf> =
         cflags.split_whitespace().filter_map(|f| f.strip_prefix("-I")).map(PathBuf::from).collect();
@@ -103,9 +110,15 @@ fn main() {
         .split_whitespace()
         .find(|f| f.starts_with("-std="))
         .map(|f| f.trim_start_matches("-std=").to_owned())
-        .unwrap_or_else(|| "c++17".into());
-    let has_headers =
-        |dirs: &[PathBuf]| dirs.iter().any(|d| d.join("eval.hh").is_file() || d.join("nix/expr/eval.hh").is_file());
+        // Lix's .pc names no standard; Lix itself is built as C++23 (its meson.build).
+        .unwrap_or_else(|| if lix { "c++23".into() } else { "c++17".into() });
+    let has_headers = |dirs: &[PathBuf]| {
+        dirs.iter().any(|d| {
+            d.join("eval.hh").is_file()
+                || d.join("nix/expr/eval.hh").is_file()
+                || d.join("lix/libexpr/eval.hh").is_file()
+        })
+    };
     if !has_headers(&include_dirs) {
         // Debian ships Nix without headers: scripts/setup extracts them from the source package.
         let candidates: Vec<PathBuf> = match std::env::var_os("NIX_HEADERS_DIR") {
@@ -122,12 +135,21 @@ fn main() {
     }
 
     let mut build = cxx_build::bridge("src/plugin/ffi.rs");
+    if lix {
+        build.define("NIXC_LIX", "1");
+        // Lix is built with clang (GCC miscompiles its coroutines); its headers are read the same way.
+        if std::env::var_os("CXX").is_none() && Command::new("clang++").arg("--version").output().is_ok() {
+            build.compiler("clang++");
+        }
+    } else {
+        build
+            .define("NIX_MAJOR", major.to_string().as_str())
+            .define("NIX_MINOR", minor.to_string().as_str())
+            .define("NIX_PATCH", patch.to_string().as_str());
+    }
     build
         .file("cpp/plugin.cc")
         .std(&std_flag)
-        .define("NIX_MAJOR", major.to_string().as_str())
-        .define("NIX_MINOR", minor.to_string().as_str())
-        .define("NIX_PATCH", patch.to_string().as_str())
         .define("NIX_WINVM_BUILT_FOR", format!("\"{version}\"").as_str())
         .flag_if_supported("-Wno-deprecated-declarations")
         .flag_if_supported("-Wno-unused-parameter")
