@@ -110,7 +110,8 @@ pub fn vnc_from_env() -> bool {
 
 /// Faults the tests inject through `NIX_WINVM_TEST_FAULT` (an environment variable of the
 /// builder, so a derivation attribute of that name too), to prove that each is named and
-/// cleaned up. Nothing else sets it.
+/// cleaned up. Only a builder built with the `test-faults` feature (scripts/test's) reads it:
+/// the shipped builder ignores the variable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TestFault {
     /// `kill-smbd-after=SECS`: the controller's agent kills its smbd that long into the command.
@@ -134,7 +135,15 @@ impl TestFault {
 
     /// The fault the environment asks for, if any.
     pub fn from_env() -> Result<Option<TestFault>, String> {
-        std::env::var(TEST_FAULT_VAR).ok().filter(|v| !v.is_empty()).map(|v| TestFault::parse(&v)).transpose()
+        TestFault::from_var(std::env::var(TEST_FAULT_VAR).ok())
+    }
+
+    /// The fault `value` (the variable's) asks for: none in a builder without `test-faults`.
+    pub fn from_var(value: Option<String>) -> Result<Option<TestFault>, String> {
+        if !cfg!(feature = "test-faults") {
+            return Ok(None);
+        }
+        value.filter(|v| !v.is_empty()).map(|v| TestFault::parse(&v)).transpose()
     }
 }
 
@@ -150,5 +159,18 @@ mod tests {
             TestFault::parse("kill-smbd-after=x").unwrap_err(),
             "NIX_WINVM_TEST_FAULT=kill-smbd-after=x: expected kill-smbd-after=SECS or no-sshd"
         );
+    }
+
+    /// A derivation attribute NIX_WINVM_TEST_FAULT reaches the builder's environment: only a
+    /// test build acts on it.
+    #[test]
+    fn only_a_test_build_reads_the_fault_variable() {
+        let read = TestFault::from_var(Some("no-sshd".into()));
+        if cfg!(feature = "test-faults") {
+            assert_eq!(read, Ok(Some(TestFault::NoSshd)));
+        } else {
+            assert_eq!(read, Ok(None));
+        }
+        assert_eq!(TestFault::from_var(None), Ok(None));
     }
 }

@@ -218,6 +218,29 @@ pub fn send_with_fd(
     }
 }
 
+/// How often [`log_reader_gone`] looks.
+pub const LOG_READER_POLL: Duration = Duration::from_millis(500);
+
+/// Resolves when nobody reads this process's stderr any more: the pipe's reader closed
+/// (POLLERR) or the terminal hung up (POLLHUP). Nix reads a builder's log from that pipe, so this
+/// is how a builder learns that Nix is gone (killed with SIGKILL, as the OOM killer does), which
+/// no signal tells it. Pending for ever while the log is read, or when stderr is a file.
+pub async fn log_reader_gone() {
+    loop {
+        if stderr_reader_gone() {
+            return;
+        }
+        tokio::time::sleep(LOG_READER_POLL).await;
+    }
+}
+
+fn stderr_reader_gone() -> bool {
+    let mut fd = libc::pollfd { fd: libc::STDERR_FILENO, events: 0, revents: 0 };
+    // SAFETY: one pollfd that lives through the call; a zero time-out never blocks.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,27 +312,4 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5));
         assert_eq!(describe_status(status), "signal 9");
     }
-}
-
-/// How often [`log_reader_gone`] looks.
-pub const LOG_READER_POLL: Duration = Duration::from_millis(500);
-
-/// Resolves when nobody reads this process's stderr any more: the pipe's reader closed
-/// (POLLERR) or the terminal hung up (POLLHUP). Nix reads a builder's log from that pipe, so this
-/// is how a builder learns that Nix is gone (killed with SIGKILL, as the OOM killer does), which
-/// no signal tells it. Pending for ever while the log is read, or when stderr is a file.
-pub async fn log_reader_gone() {
-    loop {
-        if stderr_reader_gone() {
-            return;
-        }
-        tokio::time::sleep(LOG_READER_POLL).await;
-    }
-}
-
-fn stderr_reader_gone() -> bool {
-    let mut fd = libc::pollfd { fd: libc::STDERR_FILENO, events: 0, revents: 0 };
-    // SAFETY: one pollfd that lives through the call; a zero time-out never blocks.
-    let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
 }
