@@ -202,9 +202,14 @@ fn run_vm_opens_a_shell_in_the_guest_on_a_real_terminal() {
     at = pty.expect(at, &format!("sum-42 {out}"), Duration::from_secs(30));
     at = pty.expect(at, "30 100", Duration::from_secs(30));
     at = pty.expect(at, prompt, Duration::from_secs(30));
-    // Ctrl-C reaches the guest's command: the sleep ends long before its 300 s.
-    pty.type_in(b"sleep 300; echo not-interrupted\r");
-    std::thread::sleep(Duration::from_secs(2));
+    // Ctrl-C reaches the guest's command: the sleep ends long before its 300 s. It is sent
+    // once the sleep runs, as a job in the background sees in the guest's process list (its
+    // word computed, so that the echo of the typed line does not match it).
+    // Each typed line fits the terminal's 100 columns.
+    pty.type_in(b"w() { until ps | grep -q '[s]leep 300'; do :; done; echo sleep-runs-$((40+2)); }\r");
+    at = pty.expect(at, prompt, Duration::from_secs(30));
+    pty.type_in(b"w & sleep 300; echo not-interrupted\r");
+    at = pty.expect(at, "sleep-runs-42", Duration::from_secs(60));
     pty.type_in(b"\x03");
     at = pty.expect(at, prompt, Duration::from_secs(30));
     pty.type_in(b"echo after-$((1+1))\r");

@@ -7,7 +7,8 @@ mod common;
 use common::{sandboxed_nix_build, STANDIN_TCG};
 use std::ffi::OsStr;
 use std::path::PathBuf;
-use std::process::Output;
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 fn nix_build(args: &[&str]) -> Output {
     sandboxed_nix_build().arg("--no-out-link").args(args.iter().map(OsStr::new)).output().expect("run nix-build")
@@ -130,8 +131,28 @@ fn a_layer_that_writes_into_the_store_is_refused() {
     assert!(log.contains("left the guest in a state a build cannot use"), "{log}");
 }
 
+/// Which of `names` have a QEMU running now whose environment has `name=NAME` (a layer's
+/// derivation name): its session is under way.
+fn sessions_running(names: &[String]) -> Vec<bool> {
+    let mut running = vec![false; names.len()];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("qemu-system") {
+            continue;
+        }
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
+        for var in environ.split(|b| *b == 0) {
+            if let Some(i) = names.iter().position(|n| var == format!("name={n}").as_bytes()) {
+                running[i] = true;
+            }
+        }
+    }
+    running
+}
+
 /// Two layers of one base built at once (`-j2`), each with a build on top: the base's files
-/// are shared read-only, each layer's disk and states are its own.
+/// are shared read-only, each layer's disk and states are its own. That they ran at the same
+/// time is seen in /proc while nix-build runs: at some moment both layers' VMs were running.
 #[test]
 fn two_layers_from_one_base_build_in_parallel() {
     let tok = token("parallel");
@@ -145,8 +166,30 @@ fn two_layers_from_one_base_build_in_parallel() {
               }})"#
         )
     };
-    let o = nix_build(&["-j2", "-E", &format!("[ {} {} ]", build(0), build(1))]);
+    let child = sandboxed_nix_build()
+        .args(["--no-out-link", "-j2", "-E", &format!("[ {} {} ]", build(0), build(1))])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nix-build");
+    let names: Vec<String> = (0..2).map(|i| format!("parallel-{i}")).collect();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watcher = std::thread::spawn(move || {
+        let (mut seen, mut together) = (vec![false; 2], false);
+        while done_rx.try_recv().is_err() {
+            let now = sessions_running(&names);
+            seen.iter_mut().zip(&now).for_each(|(s, n)| *s |= n);
+            together |= now.iter().all(|n| *n);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (seen, together)
+    });
+    let o = child.wait_with_output().unwrap();
+    done_tx.send(()).unwrap();
+    let (seen, together) = watcher.join().unwrap();
     let outs = outputs(&o);
+    assert_eq!(seen, [true, true], "a layer's VMs were never seen running:\n{}", stderr(&o));
+    assert!(together, "the two layers' VMs never ran at the same time:\n{}", stderr(&o));
     assert_eq!(outs.len(), 2, "{outs:?}");
     for (i, out) in outs.iter().enumerate() {
         assert_eq!(std::fs::read_to_string(out).unwrap(), format!("layer {i} {tok}\n"));

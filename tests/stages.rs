@@ -115,8 +115,9 @@ fn a_thousand_small_files() {
 }
 
 /// The outputs travel as one archive made on the guest's own disk (issue 11, point 6): links
-/// (relative, absolute, to the other output), exec bits, an empty folder, non-ASCII names, an
-/// output that is a single file and a 200 MiB file arrive as the guest made them.
+/// (relative, absolute, to the other output), a hard link (one inode, two names), exec bits, an
+/// empty folder, non-ASCII names, an output that is a single file and a 200 MiB file arrive as
+/// the guest made them.
 #[test]
 fn outputs_keep_links_modes_empty_folders_and_big_files() {
     let tmp = tempfile::tempdir().unwrap();
@@ -161,6 +162,9 @@ echo header > $dev
     assert_eq!(std::fs::read_link(out.join("abs")).unwrap(), out.join("data"));
     assert_eq!(std::fs::read_link(out.join("to-dev")).unwrap(), dev);
     assert_eq!(std::fs::read_to_string(out.join("data-again")).unwrap(), "data\n");
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: &Path| std::fs::symlink_metadata(p).unwrap().ino();
+    assert_eq!(inode(&out.join("data-again")), inode(&out.join("data")), "data-again is a copy, not a hard link");
     assert!(out.join("empty").is_dir());
     assert_eq!(std::fs::read_dir(out.join("empty")).unwrap().count(), 0);
     assert_eq!(std::fs::read_to_string(out.join("Grüße-ünïcode-日本/日本.txt")).unwrap(), "grüße\n");
