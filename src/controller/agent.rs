@@ -112,11 +112,20 @@ struct Served {
     waiting: Option<ssh2::Channel>,
 }
 
-/// What the channel kept open across the save runs in the guest: the login shell has run (the
-/// standin's binds its store and exchange folders; Cygwin's reads its mounts), and a shell
-/// waits for the command, which the agent sends on stdin followed by the end of input; the
-/// command then runs with stdin at its end, as a build's should.
-pub const WAITING_COMMAND: &str = r#"exec /bin/sh -c "$(cat)""#;
+/// What the channel kept open across the save runs in the guest: the login shell runs (the
+/// standin's binds its store and exchange folders and mounts the store's overlay; Cygwin's
+/// reads its mounts), then says [`LOGIN_DONE`], and a shell waits for the command, which the
+/// agent sends on stdin followed by the end of input; the command then runs with stdin at its
+/// end, as a build's should.
+pub const WAITING_COMMAND: &str = r#"echo winvm-login-done; exec /bin/sh -c "$(cat)""#;
+
+/// The line the waiting login prints once its login shell is done: the agent says it is ready
+/// (and the pair may be saved) only after it, so no save catches a login in the middle of its
+/// mounts.
+pub const LOGIN_DONE: &str = "winvm-login-done";
+
+/// How long a waiting login may take to get there.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The host's clock, as it was at `started` (or the controller's own without one).
 fn clock_from(host_now: Option<u64>) -> impl Fn() -> std::time::SystemTime {
@@ -170,7 +179,10 @@ pub fn main_ready(config_path: &Path, session_port: &Path) -> Result<i32, AgentE
         let clock = clock_from(Some(now));
         for (tag, at) in &mounts {
             mount_9p(tag, at)?;
+            console.line(&format!("mounted the export {tag} at {}", at.display()));
         }
+        // The job file is read from the exchange export: first make sure that is what is there.
+        check_mounted(Path::new(READY_XCHG), &mounts)?;
         let job: JobConfig = read_json(&Path::new(READY_XCHG).join(AGENT_CONFIG))?;
         let mut log = Log::file(&job.xchg.join(OUTPUT_LOG))?;
         log.line("revived: smbd up and the guest's SSH logon kept since the image was saved");
@@ -202,7 +214,46 @@ pub fn main_ready(config_path: &Path, session_port: &Path) -> Result<i32, AgentE
 fn wait_again(served: Served) -> Result<Served, AgentError> {
     let mut channel = open_channel(&served.ssh)?;
     channel.exec(WAITING_COMMAND).map_err(ssh_err("starting the login that waits for the command"))?;
+    login_done(&served.ssh, &mut channel)?;
     Ok(Served { waiting: Some(channel), ..served })
+}
+
+/// Reads the waiting login's output up to its [`LOGIN_DONE`] line. A login that ends first (a
+/// mount failed) or takes longer than [`LOGIN_TIMEOUT`] is an error that quotes what it said.
+fn login_done(session: &ssh2::Session, channel: &mut ssh2::Channel) -> Result<(), AgentError> {
+    let deadline = Instant::now() + LOGIN_TIMEOUT;
+    let mut said = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if said_done(&said) {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let quoted = |said: &[u8]| String::from_utf8_lossy(said).trim().to_owned();
+        if left.is_zero() {
+            return Err(AgentError::Ssh {
+                step: "waiting for the guest's login to finish its mounts",
+                detail: format!("not done after {} s; it said: {:?}", LOGIN_TIMEOUT.as_secs(), quoted(&said)),
+            });
+        }
+        session.set_timeout(left.as_millis().max(1) as u32);
+        let n = channel.read(&mut buf).map_err(|e| AgentError::Ssh {
+            step: "waiting for the guest's login to finish its mounts",
+            detail: format!("{e}; it said: {:?}", quoted(&said)),
+        })?;
+        if n == 0 {
+            return Err(AgentError::Ssh {
+                step: "waiting for the guest's login to finish its mounts",
+                detail: format!("the login ended first; it said: {:?}", quoted(&said)),
+            });
+        }
+        said.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether `said` holds the [`LOGIN_DONE`] line, whole.
+fn said_done(said: &[u8]) -> bool {
+    said.split(|&b| b == b'\n').rev().skip(1).any(|line| line == LOGIN_DONE.as_bytes())
 }
 
 /// How long the exports may stay busy after a layer's commands: the guest's SMB client may
@@ -287,6 +338,27 @@ fn mount_9p(tag: &str, at: &Path) -> Result<(), AgentError> {
     let r = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), c"9p".as_ptr(), 0, options.as_ptr().cast()) };
     if r != 0 {
         return Err(failed(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(())
+}
+
+/// Checks that `at` is the mount point of one of `mounts` (which names its export in the
+/// error): its device differs from its parent folder's. (statfs cannot tell a 9p export from
+/// the disk: 9p2000.L hands on the type of the host's file system.)
+fn check_mounted(at: &Path, mounts: &[(String, std::path::PathBuf)]) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let tag = mounts.iter().find(|(_, m)| m == at).map_or("(none)", |(tag, _)| tag.as_str());
+    let parent = at.parent().unwrap_or(Path::new("/"));
+    let dev = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.dev())
+            .map_err(|e| AgentError::Io(format!("checking the export {tag} at {}: {}: {e}", at.display(), p.display())))
+    };
+    if dev(at)? == dev(parent)? {
+        return Err(AgentError::Io(format!(
+            "{} is not a mount point: the export {tag} is not mounted there, so the session's files cannot be read",
+            at.display()
+        )));
     }
     Ok(())
 }
@@ -683,6 +755,38 @@ pub fn parse_exit_file(text: &str) -> Result<Verdict, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The waiting login's marker counts only as a whole line of its own, once complete.
+    #[test]
+    fn the_login_is_done_only_at_its_whole_marker_line() {
+        assert!(!said_done(b""));
+        assert!(!said_done(b"winvm-login-do"));
+        assert!(!said_done(b"winvm-login-done"), "the line is not complete yet");
+        assert!(said_done(b"winvm-login-done\n"));
+        assert!(said_done(b"mounting...\nwinvm-login-done\n"));
+        assert!(!said_done(b"echo winvm-login-done-not\n"));
+        assert!(WAITING_COMMAND.starts_with(&format!("echo {LOGIN_DONE};")));
+    }
+
+    /// The exchange folder is checked before the job file is read from it: a folder that is
+    /// not a mount point is named, with the export that should be there.
+    #[test]
+    fn a_folder_that_is_not_mounted_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounts = vec![("xchg".to_string(), dir.path().to_path_buf())];
+        let err = check_mounted(dir.path(), &mounts).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "{} is not a mount point: the export xchg is not mounted there",
+                dir.path().display()
+            )),
+            "{err}"
+        );
+        let err = check_mounted(Path::new("/nonexistent-winvm"), &mounts).unwrap_err().to_string();
+        assert!(err.contains("checking the export (none) at /nonexistent-winvm: /nonexistent-winvm: "), "{err}");
+        // /proc is a mount point of its own on any Linux this runs on.
+        check_mounted(Path::new("/proc"), &mounts).unwrap();
+    }
 
     #[test]
     fn clock_prefix_is_utc_civil_time() {
