@@ -52,7 +52,8 @@ fn run_with_kvm_says_exactly_why_kvm_is_unusable() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr).into_owned();
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    // Refused before anything starts: a boot takes far longer, a busy machine a little longer.
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
     let prefix =
         "accel = \"kvm\" was requested but KVM is not usable here: the CPU has no vmx/svm flag in /proc/cpuinfo; ";
     let suffix =
