@@ -31,10 +31,15 @@ fn example_flake() -> &'static Path {
 }
 
 /// `nix --plugin-files PLUGIN ARGS...` with flakes on, pure evaluation (the default), the
-/// sandbox on, and none of the variables that make the plugin look for host paths.
+/// sandbox on, and none of the variables that make the plugin look for host paths. Without
+/// the evaluation cache: it is keyed by the flake alone, so it would hand back a drvPath that
+/// an earlier plugin (another builder) made (README, "What a derivation depends on").
 fn nix(plugin_dir: &Path, args: &[&str]) -> Output {
     Command::new("nix")
-        .env("NIX_CONFIG", format!("{SANDBOX_CONFIG}\nexperimental-features = nix-command flakes\n"))
+        .env(
+            "NIX_CONFIG",
+            format!("{SANDBOX_CONFIG}\nexperimental-features = nix-command flakes\neval-cache = false\n"),
+        )
         .env_remove("NIX_WINVM_BUILDER")
         .env_remove("NIX_WINVM_KERNEL_DIR")
         .env_remove("NIX_REMOTE")
