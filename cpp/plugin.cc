@@ -114,7 +114,7 @@ struct Converter
             // Sorted by name so that the planner (and its error messages) are deterministic.
             std::map<std::string, nix::Value *> sorted;
             for (auto & attr : *nixc::attrs_of(val))
-                sorted.emplace(std::string(nixc::symbol_text(state, attr.name)), attr.value);
+                sorted.emplace(std::string(nixc::symbol_text(state, attr.name)), nixc::attr_value(attr));
             size_t first = nodes.size();
             for (auto & [name, _] : sorted) push(name);
             nodes[at].kind = Kind::Set;
@@ -170,7 +170,7 @@ struct Executor
             return stages[a.stage];
         default: break;
         }
-        nix::Value * val = state.allocValue();
+        nix::Value * val = nixc::alloc_value(state);
         switch (a.source) {
         case Source::Text: nixc::mk_string(state, *val, std::string(a.text)); break;
         case Source::StorePath: {
@@ -188,8 +188,8 @@ struct Executor
             }
             break;
         }
-        case Source::Int: val->mkInt(a.int_value); break;
-        case Source::Bool: val->mkBool(a.int_value != 0); break;
+        case Source::Int: nixc::mk_int(*val, a.int_value); break;
+        case Source::Bool: nixc::mk_bool(*val, a.int_value != 0); break;
         case Source::StrList: {
             std::vector<std::string> items;
             for (auto & s : a.list) items.emplace_back(s);
@@ -203,14 +203,14 @@ struct Executor
 
     nix::Value * derivation(const PlannedDrv & d)
     {
-        auto bindings = state.buildBindings(d.attrs.size());
-        for (auto & a : d.attrs) bindings.insert(state.symbols.create(std::string(a.name)), value_of(a));
+        auto bindings = nixc::build_bindings(state, d.attrs.size());
+        for (auto & a : d.attrs) nixc::bind(state, bindings, std::string(a.name), value_of(a));
         // Values handed to callFunction must live on the GC heap: a stack Value aborts later,
         // when the lazy result is forced.
-        nix::Value * arg = state.allocValue();
-        arg->mkAttrs(bindings);
-        nix::Value * result = state.allocValue();
-        state.callFunction(state.getBuiltin("derivation"), *arg, *result, pos);
+        nix::Value * arg = nixc::alloc_value(state);
+        nixc::mk_attrs(*arg, bindings);
+        nix::Value * result = nixc::alloc_value(state);
+        nixc::call_builtin(state, "derivation", *arg, *result, pos);
         return result;
     }
 
@@ -225,10 +225,10 @@ struct Executor
         }
         nixc::force_attrs(state, last, pos);
         auto * attrs = nixc::attrs_of(last);
-        auto bindings = state.buildBindings(attrs->size() + plan.passthru.size());
+        auto bindings = nixc::build_bindings(state, attrs->size() + plan.passthru.size());
         for (auto & attr : *attrs) bindings.insert(attr);
-        for (auto & a : plan.passthru) bindings.insert(state.symbols.create(std::string(a.name)), value_of(a));
-        v.mkAttrs(bindings);
+        for (auto & a : plan.passthru) nixc::bind(state, bindings, std::string(a.name), value_of(a));
+        nixc::mk_attrs(v, bindings);
     }
 };
 
