@@ -336,6 +336,27 @@ inline void call_builtin(nix::EvalState & state, const char * name, nix::Value &
 #endif
 }
 
+// A host path (a file or folder) for `derivation` to copy into the store, as a path literal
+// would be. Lix tells a path value from a string by the address of the header's inline
+// Value::String::path array, of which the plugin's link keeps a copy of its own: a path value
+// made here would read as a string. So under Lix builtins.path copies it (the same
+// content-addressed store path) and the result is a string with that context.
+inline void host_path(nix::EvalState & state, nix::Value & val, const std::string & p, Pos pos)
+{
+#if NIXC_LIX
+    nix::Value * path = alloc_value(state);
+    mk_string(state, *path, p);
+    auto bindings = build_bindings(state, 1);
+    bind(state, bindings, "path", path);
+    nix::Value * arg = alloc_value(state);
+    mk_attrs(*arg, bindings);
+    call_builtin(state, "path", *arg, val, pos);
+#else
+    (void) pos;
+    mk_path(state, val, p);
+#endif
+}
+
 // Evaluation in pure mode (flakes by default): no host path may be read, so the shim never copies one.
 inline bool pure_eval(nix::EvalState & state)
 {

@@ -182,7 +182,7 @@ struct Executor
             if (!root.empty() && nixc::store_path_valid(state, root)) {
                 nixc::mk_store_string(state, *val, std::string(a.text), root);
             } else if (!host.empty() && !nixc::pure_eval(state)) {
-                nixc::mk_path(state, *val, host);
+                nixc::host_path(state, *val, host, pos);
             } else {
                 nixc::throw_eval_error(state, pos, std::string(a.list[2]));
             }
