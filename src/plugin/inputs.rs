@@ -105,7 +105,8 @@ struct RecordedPath {
 /// so the same in every store). scripts/tools-closure makes both halves from Debian's packages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Closure {
-    pub lib: Option<(PathBuf, String)>,
+    /// The library folder and its store path.
+    pub lib: (PathBuf, String),
     pub tools_dir: PathBuf,
     pub tools_store: String,
 }
@@ -141,8 +142,8 @@ impl Closure {
         };
         let tools_store = store_path("tools.path", "winvm-tools")?;
         let tools_dir = dir.join("winvm-tools");
-        let lib = Some((dir.join("winvm-tools-lib"), store_path("lib.path", "winvm-tools-lib")?));
-        for d in lib.iter().map(|(d, _)| d).chain([&tools_dir]) {
+        let lib = (dir.join("winvm-tools-lib"), store_path("lib.path", "winvm-tools-lib")?);
+        for d in [&lib.0, &tools_dir] {
             if !d.is_dir() {
                 return Err(missing(&format!("{} is not a folder", d.display())));
             }
@@ -266,10 +267,7 @@ impl Env {
         Ok(Env {
             builder,
             tools: closure.as_ref().map(|c| folder("the tools closure", &c.tools_store, &c.tools_dir)),
-            tools_lib: closure
-                .as_ref()
-                .and_then(|c| c.lib.as_ref())
-                .map(|(dir, store)| folder("the tools closure's libraries", store, dir)),
+            tools_lib: closure.as_ref().map(|c| folder("the tools closure's libraries", &c.lib.1, &c.lib.0)),
             kernel: StoreInput { what: "the VMs' kernel", path: None, host: Some(kernel_dir.to_owned()), fix },
         })
     }
@@ -294,9 +292,7 @@ const KEPT_BUILDERS: usize = 4;
 pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, String> {
     use std::os::unix::fs::MetadataExt;
     let fail = |what: String| format!("nix-winvm: preparing the builder {} for the sandbox: {what}", builder.display());
-    let Some((lib_dir, lib_store)) = &closure.lib else {
-        return Err(fail(format!("the tools closure {} has no library folder to load it from", closure.tools_store)));
-    };
+    let (lib_dir, lib_store) = &closure.lib;
     let meta = std::fs::metadata(builder).map_err(|e| fail(e.to_string()))?;
     let lib_hash = lib_store.trim_start_matches("/nix/store/").get(..12).unwrap_or("");
     let key = format!("{lib_hash}-{:x}-{:x}-{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());

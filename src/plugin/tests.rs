@@ -148,7 +148,10 @@ fn a_missing_or_garbled_closure_is_refused_with_the_way_to_make_it() {
     std::fs::create_dir(dir.path().join("winvm-tools-lib")).unwrap();
     let closure = inputs::Closure::read(dir.path()).unwrap();
     assert_eq!(closure.tools_store, format!("/nix/store/{}-winvm-tools", "d".repeat(32)));
-    assert!(closure.lib.is_some());
+    assert_eq!(
+        closure.lib,
+        (dir.path().join("winvm-tools-lib"), format!("/nix/store/{}-winvm-tools-lib", "c".repeat(32)))
+    );
 }
 
 fn s(text: &str) -> Val {
