@@ -11,7 +11,6 @@ use super::{io, BuilderError};
 use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
 use crate::guest::{self, MediaInputs};
 
-use crate::session::RunError;
 use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, TestFault, SCREENS_DIR};
 use crate::shell;
 use crate::spec::{self, Accel, BuildSpec, ImageSpec, LayerSpec};
@@ -26,7 +25,6 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
 
 fn env_path(name: &'static str) -> Result<PathBuf, BuilderError> {
     std::env::var_os(name).map(PathBuf::from).ok_or(BuilderError::MissingEnv(name))
@@ -272,16 +270,13 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         progress.say("installer VM started");
         // A Windows install takes hours: Nix going away (a signal, or its log pipe closed when it
         // was killed) stops the installer at once; the guard kills and reaps it.
-        let mut term = signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?;
-        let mut int = signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?;
+        let mut nix = session::NixWatch::new()?;
         let ended = {
             let wait = guard.wait();
             tokio::pin!(wait);
             tokio::select! {
                 ended = tokio::time::timeout(timeout, screen::during(screens.as_mut(), wait)) => ended,
-                _ = term.recv() => return Err(RunError::Interrupted { signal: "SIGTERM" }.into()),
-                _ = int.recv() => return Err(RunError::Interrupted { signal: "SIGINT" }.into()),
-                _ = crate::vm::process::log_reader_gone() => return Err(RunError::LogClosed.into()),
+                stopped = nix.stopped() => return Err(stopped.into()),
             }
         };
         match ended {

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::Command;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use watch::{Failure, Phase, Seen, Step};
 
 /// A QEMU's QMP socket answering; the controller's init reaching its session prompt.
@@ -107,6 +107,32 @@ impl Tail {
     }
 }
 
+/// How Nix stops a build: SIGTERM or SIGINT, or, killed with SIGKILL, by leaving the build log
+/// unread. Every long wait of a stage selects on [`NixWatch::stopped`].
+pub struct NixWatch {
+    term: Signal,
+    int: Signal,
+}
+
+impl NixWatch {
+    /// Installs the signal handlers (before the wait, so that no signal is missed).
+    pub fn new() -> Result<NixWatch, RunError> {
+        Ok(NixWatch {
+            term: signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?,
+            int: signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?,
+        })
+    }
+
+    /// Resolves when Nix stops the build, with the error that says how.
+    pub async fn stopped(&mut self) -> RunError {
+        tokio::select! {
+            _ = self.term.recv() => RunError::Interrupted { signal: "SIGTERM" },
+            _ = self.int.recv() => RunError::Interrupted { signal: "SIGINT" },
+            _ = crate::vm::process::log_reader_gone() => RunError::LogClosed,
+        }
+    }
+}
+
 /// Runs the command in a fresh guest. On every path, the VMs and the switch are gone when this
 /// returns.
 pub async fn run(cfg: &SessionConfig, report: &dyn Report) -> Result<Verdict, RunError> {
@@ -122,8 +148,7 @@ pub async fn run_then<T: Send + 'static>(
     report: &dyn Report,
     then: impl FnOnce(&Verdict) -> T + Send + 'static,
 ) -> Result<(Verdict, T), RunError> {
-    let mut term = signal(SignalKind::terminate()).map_err(io("installing signal handlers"))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(io("installing signal handlers"))?;
+    let mut nix = NixWatch::new()?;
     let deadline = tokio::time::sleep(cfg.timeout);
     tokio::pin!(deadline);
     // What the session was doing, for the time-out's message.
@@ -151,9 +176,7 @@ pub async fn run_then<T: Send + 'static>(
             };
             Err(RunError::Timeout { secs: cfg.timeout.as_secs(), during, log_tail })
         }
-        _ = term.recv() => Err(RunError::Interrupted { signal: "SIGTERM" }),
-        _ = int.recv() => Err(RunError::Interrupted { signal: "SIGINT" }),
-        _ = crate::vm::process::log_reader_gone() => Err(RunError::LogClosed),
+        stopped = nix.stopped() => Err(stopped),
     };
     let result = match (result, screens.as_mut()) {
         // Nix is waiting for the build to end: no screenshot then.
