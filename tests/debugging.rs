@@ -82,18 +82,43 @@ fn run_vm_from_the_kept_folder_runs_a_command_in_the_build_environment() {
     let out = build_out(&work);
     let o = Command::new("sh")
         .arg(work.join("run-vm"))
-        .args(["--", "sh", "-c", "echo $out; cat $out 2>&1; exit 5"])
+        .args(["--", "sh", "-c", "echo $out; cat $out; exit 5"])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
-    assert_eq!(o.status.code(), Some(5), "{text}");
-    assert!(text.contains(&format!("\n{out}\n")), "$out is not {out}:\n{text}");
-    assert!(text.contains("guest revived"), "{text}");
-    assert!(text.contains("No such file"), "{text}");
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(5), "{log}");
+    // The command's stdout alone on stdout; its stderr and the progress lines on stderr.
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{out}\n"), "{log}");
+    assert!(log.contains("guest revived"), "{log}");
+    assert!(log.contains("No such file"), "{log}");
     assert_nothing_left(&work);
     // The store got nothing.
     assert!(!Path::new(&out).exists());
+
+    // `run-vm --quiet -- CMD > copy` copies: a MiB of random bytes through stdout twice, byte
+    // for byte, with the command's stderr written between them, and no progress line. (The
+    // bytes are read from the guest's own disk, a copy of them left in the exchange folder.)
+    let o = Command::new("sh")
+        .arg(work.join("run-vm"))
+        .args([
+            "--quiet",
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/urandom of=/tmp/random bs=65536 count=16 2>/dev/null; cp /tmp/random /tmp/xchg/random; \
+             echo first >&2; cat /tmp/random; echo second >&2; cat /tmp/random",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "first\nsecond\n");
+    let random = std::fs::read(work.join("rerun/xchg/random")).unwrap();
+    assert_eq!(random.len(), 1 << 20);
+    let expected = [&random[..], &random[..]].concat();
+    assert!(o.stdout == expected, "stdout: {} bytes, not the {} written", o.stdout.len(), expected.len());
+    assert_nothing_left(&work);
 
     // --display: the guest's screen on a VNC server on a unix socket in the re-run's folder.
     let child = Command::new("sh")
@@ -253,10 +278,17 @@ fn run_vm_of_a_direct_run_kept_with_k_runs_again() {
         .and_then(|rest| rest.split_whitespace().next())
         .map(PathBuf::from)
         .unwrap_or_else(|| panic!("no kept folder named in:\n{log}"));
-    let o = Command::new(work.join("run-vm")).args(["--", "sh", "-c", "uname -s; exit 4"]).output().unwrap();
+    // A cold controller runs the command on a channel of its own (no waiting login): the
+    // streams stay apart there too, and 4 MiB on stderr, more than an SSH window, do not stall
+    // the stdout that follows.
+    let o = Command::new(work.join("run-vm"))
+        .args(["--", "sh", "-c", "head -c 4194304 /dev/zero | tr '\\0' e >&2; uname -s; exit 4"])
+        .output()
+        .unwrap();
     let text = stderr(&o);
-    assert_eq!(o.status.code(), Some(4), "{text}");
-    assert!(text.contains("\nLinux\n"), "{text}");
+    assert_eq!(o.status.code(), Some(4), "{}", text.replace(&"e".repeat(64), ""));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "Linux\n");
+    assert!(text.contains(&"e".repeat(4 << 20)), "the 4 MiB of stderr did not arrive whole");
     assert_nothing_left(&work);
     let _ = std::fs::remove_dir_all(&work);
 }
@@ -283,10 +315,11 @@ fn shell_revives_an_image_without_a_build() {
         .output()
         .unwrap();
     let text = stderr(&o);
+    let said = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{text}");
-    assert!(text.contains("Linux standin") || text.contains("\nLinux "), "{text}");
-    assert!(text.contains("overlay-writable"), "{text}");
-    assert!(text.contains("store-read-only"), "{text}");
+    assert!(said.starts_with("Linux "), "{said}");
+    assert!(said.contains("\noverlay-writable\n"), "{said}");
+    assert!(said.ends_with("\nstore-read-only\n"), "{said}");
     assert!(!Path::new("/nix/store/winvm-shell-probe").exists(), "a write reached the host's store");
     let work = text
         .lines()
@@ -300,7 +333,8 @@ fn shell_revives_an_image_without_a_build() {
 #[test]
 fn run_vm_says_what_is_missing_in_a_folder_without_a_description() {
     let tmp = tempfile::tempdir().unwrap();
-    let o = Command::new(builder()).args(["rerun"]).arg(tmp.path()).output().unwrap();
+    // --quiet silences progress, not errors.
+    let o = Command::new(builder()).args(["rerun"]).arg(tmp.path()).arg("--quiet").output().unwrap();
     let text = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{text}");
     assert!(text.contains("only a build's or a direct run's work folder can be started again"), "{text}");

@@ -1,7 +1,7 @@
 //! Debugging a session again, by hand:
 //!
-//!   nix-winvm-builder rerun DIR [--display] [--timeout SECS] [--shell | -- COMMAND...]
-//!   nix-winvm-builder shell IMAGE [--display] [--timeout SECS] [-- COMMAND...]
+//!   nix-winvm-builder rerun DIR [--display] [--quiet] [--timeout SECS] [--shell | -- COMMAND...]
+//!   nix-winvm-builder shell IMAGE [--display] [--quiet] [--timeout SECS] [-- COMMAND...]
 //!
 //! `rerun` is what the `run-vm` script of a kept work folder runs (`nix-build -K`,
 //! `nix-winvm-builder run -K`). It reads the session's description there ([`RERUN_FILE`]) and
@@ -10,6 +10,10 @@
 //! environment file and script come along, so a login in the guest is where the build was.
 //! `shell` does the same for any image, without a build: the store read-only, and a scratch
 //! exchange folder.
+//!
+//! A command's stdout is this program's stdout and its stderr its stderr, so that
+//! `run-vm -- cat FILE > copy` copies; the progress lines go to stderr too, and `--quiet`
+//! drops them (an error still says what failed).
 //!
 //! The build's outputs keep their store paths in the guest (`$out` is the build's), but they
 //! are made on the guest's own disk and go with it: a re-run writes nothing into the store.
@@ -95,7 +99,7 @@ impl Rerun {
 pub enum Mode {
     /// A login on a pty, joined to this terminal.
     Shell,
-    /// One command, its output in the log, its exit code ours.
+    /// One command: its stdout ours, its stderr ours, its exit code ours.
     Command(Vec<String>),
 }
 
@@ -105,23 +109,38 @@ pub struct Args {
     pub target: PathBuf,
     pub mode: Mode,
     pub display: bool,
+    /// No progress lines.
+    pub quiet: bool,
     pub timeout_secs: Option<u64>,
 }
 
+impl Args {
+    fn progress(&self) -> Progress {
+        if self.quiet {
+            Progress::quiet()
+        } else {
+            Progress::new()
+        }
+    }
+}
+
 pub const RERUN_USAGE: &str =
-    "usage: nix-winvm-builder rerun DIR [--display] [--timeout SECS] [--shell | -- COMMAND...]";
-pub const SHELL_USAGE: &str = "usage: nix-winvm-builder shell IMAGE [--display] [--timeout SECS] [-- COMMAND...]";
+    "usage: nix-winvm-builder rerun DIR [--display] [--quiet] [--timeout SECS] [--shell | -- COMMAND...]";
+pub const SHELL_USAGE: &str =
+    "usage: nix-winvm-builder shell IMAGE [--display] [--quiet] [--timeout SECS] [-- COMMAND...]";
 
 pub fn parse(args: &[String], usage: &str) -> Result<Args, BuilderError> {
     let usage_err = |m: String| BuilderError::Usage(format!("{m}\n{usage}"));
     let mut it = args.iter();
     let target =
         it.next().filter(|t| !t.starts_with('-')).ok_or_else(|| usage_err("no folder or image given".into()))?;
-    let mut a = Args { target: PathBuf::from(target), mode: Mode::Shell, display: false, timeout_secs: None };
+    let mut a =
+        Args { target: PathBuf::from(target), mode: Mode::Shell, display: false, quiet: false, timeout_secs: None };
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--shell" => a.mode = Mode::Shell,
             "--display" => a.display = true,
+            "--quiet" | "-q" => a.quiet = true,
             "--timeout" => {
                 let v = it.next().ok_or_else(|| usage_err("--timeout needs a value".into()))?;
                 a.timeout_secs = Some(
@@ -156,7 +175,7 @@ pub fn rerun_main(args: &[String]) -> Result<i32, BuilderError> {
     )))?;
     let rerun: Rerun =
         serde_json::from_str(&text).map_err(io(format!("{} is not a re-run's description", described.display())))?;
-    let progress = Progress::new();
+    let progress = a.progress();
     let work = fresh_work(&dir, &progress)?;
     // The build's environment and script, where the guest finds them (/tmp/xchg).
     let xchg = work.join("xchg");
@@ -184,7 +203,7 @@ pub fn rerun_main(args: &[String]) -> Result<i32, BuilderError> {
 pub fn shell_main(args: &[String]) -> Result<i32, BuilderError> {
     let a = parse(args, SHELL_USAGE)?;
     let image = a.target.canonicalize().map_err(io(format!("the image {}", a.target.display())))?;
-    let progress = Progress::new();
+    let progress = a.progress();
     let work = tempfile::Builder::new().prefix("winvm-shell-").tempdir().map_err(io("creating a work directory"))?;
     let rerun = Rerun {
         guest: RerunGuest::Image { image: image.clone() },
@@ -322,6 +341,7 @@ fn cold(dir: &Path, work: &Path, rerun: &Rerun, a: &Args, progress: &Progress) -
         test_fault: None,
         terminal: None,
         vnc: false,
+        split_streams: false,
     };
     finish_config(&mut cfg, a);
     Ok(cfg)
@@ -335,10 +355,12 @@ fn timeout(rerun: &Rerun, a: &Args) -> Duration {
     }
 }
 
-/// What every re-run shares: nothing unpacked, the terminal and screen.
+/// What every re-run shares: nothing unpacked, the terminal and screen, a command's streams
+/// kept apart.
 fn finish_config(cfg: &mut SessionConfig, a: &Args) {
     cfg.vnc = a.display || session::vnc_from_env();
     cfg.terminal = (a.mode == Mode::Shell).then(session::terminal_request);
+    cfg.split_streams = matches!(a.mode, Mode::Command(_));
 }
 
 /// The guest's side: `/tmp`, the build's environment, the outputs made on the guest's own
@@ -397,7 +419,9 @@ mod tests {
     #[test]
     fn parses_the_modes() {
         let a = parse(&v(&["/k", "--display"]), RERUN_USAGE).unwrap();
-        assert_eq!((a.mode, a.display), (Mode::Shell, true));
+        assert_eq!((a.mode, a.display, a.quiet), (Mode::Shell, true, false));
+        let a = parse(&v(&["/k", "-q", "--", "cat", "f"]), RERUN_USAGE).unwrap();
+        assert_eq!((a.mode, a.quiet), (Mode::Command(v(&["cat", "f"])), true));
         let a = parse(&v(&["/k", "--", "sh", "-c", "exit 5"]), RERUN_USAGE).unwrap();
         assert_eq!(a.mode, Mode::Command(v(&["sh", "-c", "exit 5"])));
         let e = parse(&v(&["/k", "--bogus"]), RERUN_USAGE).unwrap_err().to_string();

@@ -170,6 +170,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
         test_fault,
         terminal: None,
         vnc: session::vnc_from_env(),
+        split_streams: false,
     };
     let rerun = super::rerun::Rerun {
         guest: super::rerun::RerunGuest::Cold {

@@ -433,6 +433,7 @@ pub(super) fn session_config(
         test_fault: None,
         terminal: None,
         vnc: session::vnc_from_env(),
+        split_streams: false,
     })
 }
 

@@ -589,18 +589,108 @@ fn run_command(
         let channel = session.channel_session().map_err(ssh_err("opening a channel"))?;
         return run_on_terminal(session, channel, terminal, &command, log);
     }
-    match waiting {
+    let split = if job.split_streams { Some(SplitFiles::create(&job.xchg)?) } else { None };
+    let mut channel = match waiting {
         Some(mut channel) => {
             session.set_timeout(SSH_STEP_TIMEOUT.as_millis() as u32);
+            if split.is_some() {
+                // Merging is libssh2's own choice at each read: the waiting login's channel,
+                // opened merged before the save, can still keep its streams apart.
+                channel.handle_extended_data(ssh2::ExtendedData::Normal).map_err(ssh_err("keeping stderr apart"))?;
+            }
             channel.write_all(command.as_bytes()).map_err(|e| AgentError::Ssh {
                 step: "sending the command to the waiting login",
                 detail: e.to_string(),
             })?;
             channel.send_eof().map_err(ssh_err("ending the command's input"))?;
-            pump(session, channel, log)
+            channel
         }
-        None => exec(session, &command, log, "starting the command"),
+        None => {
+            let mut channel = open_channel(session)?;
+            if split.is_some() {
+                channel.handle_extended_data(ssh2::ExtendedData::Normal).map_err(ssh_err("keeping stderr apart"))?;
+            }
+            channel.exec(&command).map_err(ssh_err("starting the command"))?;
+            channel
+        }
+    };
+    match split {
+        None => pump(session, channel, log),
+        Some(files) => {
+            pump_split(session, &mut channel, files)?;
+            verdict(session, channel)
+        }
     }
+}
+
+/// A command's two streams, each into a file of its own in the exchange directory.
+struct SplitFiles {
+    stdout: File,
+    stderr: File,
+}
+
+impl SplitFiles {
+    fn create(xchg: &Path) -> Result<SplitFiles, AgentError> {
+        let create = |name: &str| {
+            let path = xchg.join(name);
+            File::create(&path).map_err(|e| AgentError::Io(format!("cannot create {}: {e}", path.display())))
+        };
+        Ok(SplitFiles { stdout: create(super::COMMAND_STDOUT)?, stderr: create(super::COMMAND_STDERR)? })
+    }
+}
+
+/// How long [`pump_split`] waits on the socket before it looks at both streams again: libssh2
+/// may have queued one stream's data while the other was read.
+const SPLIT_POLL: Duration = Duration::from_millis(100);
+
+/// The channel's stdout and stderr, each into its file, until both end. Without blocking:
+/// a blocking read of one stream, while the command writes only to the other, would leave
+/// that stream's window full and the command stalled.
+fn pump_split(session: &ssh2::Session, channel: &mut ssh2::Channel, mut files: SplitFiles) -> Result<(), AgentError> {
+    use std::io::ErrorKind::{Interrupted, WouldBlock};
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let read_err = |e: std::io::Error| AgentError::Ssh { step: "reading output", detail: e.to_string() };
+    let write_err = |e: std::io::Error| AgentError::Io(format!("writing the command's output: {e}"));
+    session.set_blocking(false);
+    let mut buf = vec![0u8; 64 * 1024];
+    let pumped = loop {
+        let mut moved = false;
+        for (id, file) in [(0, &mut files.stdout), (ssh2::EXTENDED_DATA_STDERR, &mut files.stderr)] {
+            let mut stream = channel.stream(id);
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if let Err(e) = file.write_all(&buf[..n]) {
+                            session.set_blocking(true);
+                            return Err(write_err(e));
+                        }
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == WouldBlock => break,
+                    Err(e) if e.kind() == Interrupted => continue,
+                    Err(e) => {
+                        session.set_blocking(true);
+                        return Err(read_err(e));
+                    }
+                }
+            }
+        }
+        if channel.eof() {
+            break Ok(());
+        }
+        if !moved {
+            // SAFETY: the session owns its socket, open for as long as the session lives.
+            let socket = unsafe { BorrowedFd::borrow_raw(session.as_raw_fd()) };
+            match crate::vm::sys::wait_readable(&[socket], Some(SPLIT_POLL)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == Interrupted => {}
+                Err(e) => break Err(AgentError::Io(format!("waiting for the command's output: {e}"))),
+            }
+        }
+    };
+    session.set_blocking(true);
+    pumped
 }
 
 /// A new channel, its stdout and stderr merged.
@@ -634,6 +724,11 @@ fn pump(session: &ssh2::Session, mut channel: ssh2::Channel, log: &mut Log) -> R
         log.0.write_all(&buf[..n]).map_err(|e| AgentError::Io(format!("writing the output log: {e}")))?;
         let _ = log.0.flush();
     }
+    verdict(session, channel)
+}
+
+/// The ended command's exit code or signal, once its channel has closed.
+fn verdict(session: &ssh2::Session, mut channel: ssh2::Channel) -> Result<Verdict, AgentError> {
     session.set_timeout(SSH_STEP_TIMEOUT.as_millis() as u32);
     channel.wait_close().map_err(ssh_err("closing the channel"))?;
     if let Some(signal) = channel.exit_signal().map_err(ssh_err("reading the exit signal"))?.exit_signal {
@@ -668,13 +763,8 @@ fn run_on_terminal(
     session.set_blocking(false);
     let relayed = relay(&mut channel, &mut port);
     session.set_blocking(true);
-    session.set_timeout(SSH_STEP_TIMEOUT.as_millis() as u32);
     relayed?;
-    channel.wait_close().map_err(ssh_err("closing the channel"))?;
-    if let Some(signal) = channel.exit_signal().map_err(ssh_err("reading the exit signal"))?.exit_signal {
-        return Ok(Verdict::Signal(signal));
-    }
-    Ok(Verdict::Exited(channel.exit_status().map_err(ssh_err("reading the exit status"))?))
+    verdict(session, channel)
 }
 
 /// How long the relay sleeps when neither side has anything.

@@ -22,6 +22,9 @@ pub const WAITING_DONE: &str = "waiting_done";
 pub const EXIT_FILE: &str = "in-vm-exit";
 pub const AGENT_CONFIG: &str = "agent.json";
 pub const OUTPUT_LOG: &str = "output.log";
+/// A command whose streams stay apart ([`JobConfig::split_streams`]): its stdout, its stderr.
+pub const COMMAND_STDOUT: &str = "command.stdout";
+pub const COMMAND_STDERR: &str = "command.stderr";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -70,6 +73,11 @@ pub struct JobConfig {
     /// pair can be saved as a new image.
     #[serde(default)]
     pub ready_again: bool,
+    /// The command's stdout and stderr each into a file of its own ([`COMMAND_STDOUT`],
+    /// [`COMMAND_STDERR`]) instead of merged, in order, into the output log: for
+    /// `run-vm -- COMMAND`, whose stdout is the host's. The agent's own lines stay in the log.
+    #[serde(default)]
+    pub split_streams: bool,
 }
 
 /// A controller booted for one session (direct runs): everything arrives with the session,

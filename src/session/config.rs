@@ -95,6 +95,10 @@ pub struct SessionConfig {
     /// The guest's screen also as a VNC server on a unix socket in the work folder
     /// ([`VNC_SOCKET`]); no TCP port.
     pub vnc: bool,
+    /// The command's stdout to this process's stdout and its stderr to this process's stderr,
+    /// apart from the progress lines (`run-vm -- COMMAND`); otherwise both streams, in order,
+    /// into the build log.
+    pub split_streams: bool,
 }
 
 /// The guest's VNC socket, in the work folder, when [`SessionConfig::vnc`] asks for one.

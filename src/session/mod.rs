@@ -60,6 +60,16 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// Where a session reports its progress: the builder prints it into the build log.
 pub trait Report {
     fn say(&self, line: &str);
+
+    /// New bytes of the exchange directory's output log: the agent's own lines, and a
+    /// build's output (unless the session splits the command's streams).
+    fn log(&self, bytes: &[u8]);
+}
+
+/// Bytes to this process's stdout or stderr at once, as they came (a closed one drops them).
+pub fn pass_on(to: &mut dyn Write, bytes: &[u8]) {
+    let _ = to.write_all(bytes);
+    let _ = to.flush();
 }
 
 fn spawn_qemu(cfg: &SessionConfig, vm: &VmConfig, log: &Path) -> Result<ProcessGuard, RunError> {
@@ -83,14 +93,18 @@ async fn qmp_up(name: &str, guard: &mut ProcessGuard, sock: &Path, log: &Path) -
     }
 }
 
-/// Streams new bytes of the output log to stderr.
+/// Hands on the new bytes of a file the agent appends to.
 struct Tail {
     path: PathBuf,
     offset: u64,
 }
 
 impl Tail {
-    fn pump(&mut self) {
+    fn new(path: PathBuf) -> Tail {
+        Tail { path, offset: 0 }
+    }
+
+    fn pump(&mut self, sink: &mut dyn FnMut(&[u8])) {
         let Ok(mut f) = std::fs::File::open(&self.path) else { return };
         if f.seek(SeekFrom::Start(self.offset)).is_err() {
             return;
@@ -99,10 +113,35 @@ impl Tail {
         if let Ok(n) = f.read_to_end(&mut buf) {
             if n > 0 {
                 self.offset += n as u64;
-                let mut err = std::io::stderr().lock();
-                let _ = err.write_all(&buf);
-                let _ = err.flush();
+                sink(&buf);
             }
+        }
+    }
+}
+
+/// What the agent writes while the command runs: its output log, to [`Report::log`]; and,
+/// when the command's streams are split ([`SessionConfig::split_streams`]), its stdout to
+/// this process's stdout and its stderr to this process's stderr.
+struct Outputs {
+    log: Tail,
+    streams: Option<(Tail, Tail)>,
+}
+
+impl Outputs {
+    fn new(xchg: &Path, split: bool) -> Outputs {
+        Outputs {
+            log: Tail::new(xchg.join(controller::OUTPUT_LOG)),
+            streams: split.then(|| {
+                (Tail::new(xchg.join(controller::COMMAND_STDOUT)), Tail::new(xchg.join(controller::COMMAND_STDERR)))
+            }),
+        }
+    }
+
+    fn pump(&mut self, report: &dyn Report) {
+        self.log.pump(&mut |bytes| report.log(bytes));
+        if let Some((stdout, stderr)) = &mut self.streams {
+            stdout.pump(&mut |bytes| pass_on(&mut std::io::stdout().lock(), bytes));
+            stderr.pump(&mut |bytes| pass_on(&mut std::io::stderr().lock(), bytes));
         }
     }
 }
@@ -380,7 +419,7 @@ async fn run_prepared<T: Send + 'static>(
                 }
                 None => (None, Some(session_port)),
             };
-            let verdict = watch_pair(files, &mut pair, report, doing).await?;
+            let verdict = watch_pair(files, cfg.split_streams, &mut pair, report, doing).await?;
             report.say("command finished");
             let mut saved = false;
             if let (After::SaveLayer(to), Verdict::Exited(0)) = (&cfg.after, &verdict) {
@@ -513,17 +552,18 @@ async fn controller_ready(files: &Files, pair: &mut Pair, report: &dyn Report) -
 /// time-out, which [`run`] keeps.
 async fn watch_pair(
     files: &Files,
+    split_streams: bool,
     pair: &mut Pair,
     report: &dyn Report,
     doing: &Cell<&'static str>,
 ) -> Result<Verdict, RunError> {
-    let mut tail = Tail { path: files.xchg.join(controller::OUTPUT_LOG), offset: 0 };
+    let mut outputs = Outputs::new(&files.xchg, split_streams);
     let ssh_ready_file = files.xchg.join(controller::WAITING_DONE);
     let exit_file = files.xchg.join(controller::EXIT_FILE);
     let mut phase = Phase::Connecting;
     doing.set(phase.doing());
     loop {
-        tail.pump();
+        outputs.pump(report);
         let mut seen = Seen {
             ssh_ready: phase != Phase::Connecting || ssh_ready_file.exists(),
             guest_exit: pair.guest.try_exited(),
@@ -535,7 +575,7 @@ async fn watch_pair(
             // The agent writes the exit file after the last output: read in this order, all
             // of the output is pumped.
             seen.exit_file = std::fs::read_to_string(&exit_file).ok();
-            tail.pump();
+            outputs.pump(report);
         }
         let failure = match phase.step(&seen, Instant::now()) {
             Step::Wait(next) => {

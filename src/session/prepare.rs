@@ -45,6 +45,7 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         },
         terminal: cfg.terminal.clone(),
         ready_again: matches!(cfg.after, super::After::SaveLayer(_)),
+        split_streams: cfg.split_streams,
     };
     if cfg.controller.system.is_some() {
         // A ready controller serves already; its paths are its own (see controller::READY_*).
@@ -118,7 +119,9 @@ pub(super) fn write_run_vm_script(cfg: &SessionConfig) {
          # Starts this session's VMs again from this folder, wherever it was kept (nix-build -K,\n\
          # nix-winvm-builder run -K): fresh VMs as the session started them, on a fresh switch.\n\
          #   sh run-vm                 a shell in the guest, in the build's environment\n\
-         #   sh run-vm -- COMMAND...   one command in that environment; exits with its code\n\
+         #   sh run-vm -- COMMAND...   one command in that environment: its stdout on stdout,\n\
+         #                             its stderr on stderr, its exit code run-vm's\n\
+         #   sh run-vm --quiet ...     no progress lines (on stderr otherwise)\n\
          #   sh run-vm --display       also the guest's screen on VNC (a unix socket here)\n\
          here=$(cd \"$(dirname \"$0\")\" && pwd) || exit 1\n\
          {tools}exec {} rerun \"$here\" \"$@\"\n",
