@@ -232,6 +232,50 @@ fn bytes_that_are_not_utf8_reach_the_guest_unchanged() {
     assert_eq!(std::fs::read(built(&o)).unwrap(), b"caf\xe9|caf\xe9".to_vec());
 }
 
+/// A file the guest reads off a share into a pipe ends where it ends: busybox `cat` sends a
+/// file into a pipe with sendfile, which the guest's SMB client (Linux 6.1) got wrong when it
+/// read past the page cache, padding the pipe with zeros past the file's end (296 bytes came
+/// out as 69632 to 131072). Two store files (the build's inputs) and three files of the
+/// exchange folder (two the host wrote, one the guest writes), through `cat FILE | wc -c` and
+/// `cat FILE | md5sum`, against `wc -c < FILE` and `md5sum < FILE` (plain reads) and the sizes
+/// known here.
+#[test]
+fn files_on_the_shares_read_into_a_pipe_stop_at_their_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = "0123456789abcdef".repeat(18) + "01234567";
+    let lines = 120_000;
+    let big_len: usize = (0..lines).map(|i| format!("line {i}\n").len()).sum();
+    let extra = format!(
+        r#"small = builtins.toFile "pipe-small" "{small}"; big = builtins.toFile "pipe-big" (builtins.concatStringsSep "" (builtins.genList (i: "line ${{toString i}}\n") {lines}));"#
+    );
+    let script = r#"
+dd if=/dev/urandom of=/tmp/xchg/written bs=1024 count=1029 2>/dev/null
+for f in small:$small big:$big script:/tmp/xchg/script env:/tmp/xchg/saved-env written:/tmp/xchg/written; do
+    p=''${f#*:}
+    echo "''${f%%:*} $(wc -c <"$p") $(cat "$p" | wc -c) $(md5sum <"$p" | cut -d' ' -f1) $(cat "$p" | md5sum | cut -d' ' -f1)" >>$out
+done
+"#;
+    let o = nix_build(&build_expr("pipe-reads", &extra, script), &tmp.path().join("r"));
+    let report = std::fs::read_to_string(built(&o)).unwrap();
+    let known = [
+        ("small", Some(small.len())),
+        ("big", Some(big_len)),
+        ("script", None),
+        ("env", None),
+        ("written", Some(1029 * 1024)),
+    ];
+    let rows: Vec<Vec<&str>> = report.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), known.map(|(name, _)| name), "{report}");
+    for (row, (name, size)) in rows.iter().zip(known) {
+        let [_, read, piped, md5_read, md5_piped] = row[..] else { panic!("{name}: a row of five fields:\n{report}") };
+        if let Some(size) = size {
+            assert_eq!(read, size.to_string(), "{name}: the guest's plain read:\n{report}");
+        }
+        assert_eq!(piped, read, "{name}: cat into a pipe read {piped} bytes of {read}:\n{report}");
+        assert_eq!(md5_piped, md5_read, "{name}: cat into a pipe read other bytes:\n{report}");
+    }
+}
+
 /// Build stage run by hand against copies of a real image whose state file is damaged.
 #[test]
 fn bad_state_files_are_refused_with_the_reason() {

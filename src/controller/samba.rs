@@ -37,7 +37,9 @@ const STORE_SHARE: &str = "nixstore";
 /// The exchange folder is the `xchg` share in a direct run and a folder of the session share
 /// in a ready pair, which carries the store as well: Samba can switch oplocks off only per
 /// share or per file name (`veto oplock files` matches a path's last component), so that share
-/// loses the guest's read cache of the store too.
+/// loses the Windows guest's read cache of the store too. (The standin's client caches reads
+/// whatever the oplocks, and sends each write at once where it holds no write lease: see its
+/// mount options, `guest::standin`.)
 ///
 /// `oplocks` and `level2 oplocks` are share parameters. `smb2 leases` is global only (testparm
 /// says "Global parameter smb2 leases found in service section!"), and Samba grants a lease

@@ -95,9 +95,27 @@ exec /bin/sh "$@"
 
 /// The mount options of every share: one SMB session serves them all (same server, same
 /// account, same options), so a mount after the first is a tree connect alone.
+///
+/// `cache=loose`: reads go through the guest's page cache. The client of the standin's kernel
+/// (Debian's 6.1) gets a splice wrong when it reads uncached, as it does with `cache=strict`
+/// (the default) on a file it holds no read lease on, which is every file but the `nixstore`
+/// share's (the others are served without oplocks, see `controller::samba`), and with
+/// `cache=none`: the pipe is filled for the whole length asked and not trimmed to what the
+/// server sent, so `cat FILE | wc -c` (busybox cat sends the file with sendfile) counted 69632
+/// to 131072 bytes for a 296-byte file, zeros past its end. Only the page cache's path is right.
+///
+/// Coherence: with no write lease (none is granted but on `nixstore`) the client sends each
+/// write() to the server at once (one SMB write per write(), as many as `cache=strict` sends)
+/// and close() and fsync() wait for the server's answers, so a file the guest has written and
+/// closed (a verdict: `echo ... >/tmp/xchg/layer-failed`) is on the controller's disk when its
+/// close returns. (`sync`, which would make write() itself wait, is ignored by this client.) The
+/// page cache is checked against the server's size and time when a file's attributes are
+/// refreshed (at most a second old, `actimeo`, as `cache=strict` keeps them for lookups too):
+/// the files the guest reads from the exchange folder are written before it is revived, and
+/// the store's files never change.
 fn cifs_options() -> String {
     format!(
-        "username=Administrator,password={},sec=ntlmssp,vers=3.0,uid=0,gid=0,noperm",
+        "username=Administrator,password={},sec=ntlmssp,vers=3.0,uid=0,gid=0,noperm,cache=loose",
         crate::spec::WindowsOptions::ADMIN_PASSWORD
     )
 }
