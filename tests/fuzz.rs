@@ -478,7 +478,8 @@ struct StateSeed {
 
 struct StateInput {
     bytes: Vec<u8>,
-    wanted: Option<(u32, String)>,
+    /// Memory, QEMU version and machine type the reader asks for.
+    wanted: Option<(u32, String, String)>,
     /// The seed whose payload and trailer end the file unchanged, if any: a read that succeeds
     /// must then give exactly that seed's stream.
     intact: Option<usize>,
@@ -523,10 +524,18 @@ fn random_stream(rng: &mut Rng, max: usize) -> Vec<u8> {
 }
 
 fn make_state_seeds(dir: &Path) -> Vec<StateSeed> {
-    let standard =
-        StateHeader { qemu_version: "9.2.0 (Debian 1:9.2.0+ds-1)".into(), memory_mib: 256, guest: "standin".into() };
-    let odd =
-        StateHeader { qemu_version: "10.0.2 \"quoted\"\n🦀".into(), memory_mib: u32::MAX, guest: "windows".into() };
+    let standard = StateHeader {
+        qemu_version: "9.2.0 (Debian 1:9.2.0+ds-1)".into(),
+        memory_mib: 256,
+        guest: "standin".into(),
+        machine: "pc-q35-9.2".into(),
+    };
+    let odd = StateHeader {
+        qemu_version: "10.0.2 \"quoted\"\n🦀".into(),
+        memory_mib: u32::MAX,
+        guest: "windows".into(),
+        machine: "pc-q35-10.0,\"x\"".into(),
+    };
     let mut rng = Rng::for_input(DEFAULT_SEED, u64::MAX);
     let streams: Vec<(StateHeader, Vec<u8>)> = vec![
         (standard.clone(), vec![]),
@@ -735,6 +744,7 @@ fn generate_state(rng: &mut Rng, seeds: &[StateSeed]) -> StateInput {
             qemu_version: random_text(rng, 30),
             memory_mib: rng.extreme(&[0, 1, 256, 4096, u32::MAX], |r| r as u32),
             guest: random_text(rng, 10),
+            machine: random_text(rng, 12),
         };
         let stream = random_stream(rng, 20_000);
         return StateInput { bytes: vec![], wanted: None, intact: None, round_trip: Some((header, stream)) };
@@ -747,10 +757,12 @@ fn generate_state(rng: &mut Rng, seeds: &[StateSeed]) -> StateInput {
     }
     let tail = &seed.bytes[seed.payload_offset..];
     let intact = (bytes.len() >= tail.len() && bytes.ends_with(tail)).then_some(index);
-    let wanted = match rng.below(4) {
-        0 => Some((seed.header.memory_mib, seed.header.qemu_version.clone())),
-        1 => Some((rng.next() as u32, seed.header.qemu_version.clone())),
-        2 => Some((seed.header.memory_mib, random_text(rng, 8))),
+    let h = &seed.header;
+    let wanted = match rng.below(5) {
+        0 => Some((h.memory_mib, h.qemu_version.clone(), h.machine.clone())),
+        1 => Some((rng.next() as u32, h.qemu_version.clone(), h.machine.clone())),
+        2 => Some((h.memory_mib, random_text(rng, 8), h.machine.clone())),
+        3 => Some((h.memory_mib, h.qemu_version.clone(), random_text(rng, 8))),
         _ => None,
     };
     StateInput { bytes, wanted, intact, round_trip: None }
@@ -771,6 +783,7 @@ fn state_kind(error: &StateFileError) -> String {
         Corrupt { .. } => "Corrupt(inflate)",
         MemoryMismatch { .. } => "MemoryMismatch",
         QemuMismatch { .. } => "QemuMismatch",
+        MachineMismatch { .. } => "MachineMismatch",
     };
     kind.to_string()
 }
@@ -779,7 +792,11 @@ fn check_state(input: &StateInput, path: &Path, seeds: &[StateSeed]) -> Result<V
     if let Some((header, stream)) = &input.round_trip {
         let written = state::write(path, header, &mut &stream[..]).map_err(|e| format!("write failed: {e}"))?;
         let mut sink = CountingSink::default();
-        let wanted = Some((header.memory_mib, header.qemu_version.as_str()));
+        let wanted = Some(state::Wanted {
+            memory_mib: header.memory_mib,
+            qemu_version: &header.qemu_version,
+            machine: &header.machine,
+        });
         let read = state::read(path, wanted, &mut sink).map_err(|e| format!("reading what write wrote: {e}"))?;
         if read != written || sink.len != stream.len() as u64 || sink.crc.sum() != crc_of(stream) {
             return Err(format!("round trip: wrote {written:?}, read {read:?}, {} bytes back", sink.len));
@@ -787,7 +804,11 @@ fn check_state(input: &StateInput, path: &Path, seeds: &[StateSeed]) -> Result<V
         return Ok(Verdict::Accepted);
     }
     std::fs::write(path, &input.bytes).map_err(|e| format!("cannot write the input: {e}"))?;
-    let wanted = input.wanted.as_ref().map(|(memory, qemu)| (*memory, qemu.as_str()));
+    let wanted = input.wanted.as_ref().map(|(memory_mib, qemu_version, machine)| state::Wanted {
+        memory_mib: *memory_mib,
+        qemu_version,
+        machine,
+    });
     let inspected = state::inspect(path, wanted);
     let mut sink = CountingSink::default();
     let read = state::read(path, wanted, &mut sink);

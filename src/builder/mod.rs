@@ -68,6 +68,11 @@ pub enum BuilderError {
     ImageMismatch {
         image: std::path::PathBuf,
     },
+    /// The image's layout is not the one this builder revives: what it is, and what to do.
+    ImageFormat {
+        image: std::path::PathBuf,
+        detail: String,
+    },
     /// A layer's command failed: its number (from 1; 0 when the guest did not say), its exit
     /// code, and its text.
     LayerCommand {
@@ -192,6 +197,9 @@ impl fmt::Display for BuilderError {
             }
             BuilderError::ImageMismatch { image } => {
                 write!(f, "the image at {} was built from another spec than this build expects", image.display())
+            }
+            BuilderError::ImageFormat { image, detail } => {
+                write!(f, "the image at {} cannot be revived: {detail}", image.display())
             }
             BuilderError::LayerCommand { index: 0, code, .. } => {
                 write!(f, "the layer's commands exited {code} (the log above says where)")
@@ -341,6 +349,7 @@ fn state_write(args: &[String]) -> Result<i32, BuilderError> {
             .parse()
             .map_err(|_| BuilderError::Usage("--memory: expected MiB".into()))?,
         guest: flag(args, "--guest")?.to_owned(),
+        machine: flag(args, "--machine")?.to_owned(),
     };
     let path = std::path::PathBuf::from(flag(args, "--out")?);
     let mut stdin = std::io::stdin().lock();

@@ -259,11 +259,7 @@ fn revived(
     has: Has,
     progress: &Progress,
 ) -> Result<SessionConfig, BuilderError> {
-    let meta_path = image.join("meta.json");
-    let meta: ImageMeta = serde_json::from_str(
-        &std::fs::read_to_string(&meta_path).map_err(io(format!("reading {}", meta_path.display())))?,
-    )
-    .map_err(io(format!("{} is not a nix-winvm image's metadata", meta_path.display())))?;
+    let meta = ImageMeta::load(image)?;
     let state_file = image.join("state");
     let controller_state = image.join(CONTROLLER_STATE);
     for f in [&state_file, &controller_state] {
@@ -278,6 +274,7 @@ fn revived(
     let command = guest_command(profile, &rerun.outputs, &rerun.inputs, has, &a.mode);
     let mut cfg = stages::session_config(
         &meta.spec,
+        Some(&meta.machine),
         accel,
         timeout(rerun, a),
         work,
@@ -302,6 +299,7 @@ fn cold(dir: &Path, work: &Path, rerun: &Rerun, a: &Args, progress: &Progress) -
     progress.say(&format!("accelerator: {}", accel.name()));
     let controller_initrd = dir.join("controller-initrd.img");
     let mut cfg = SessionConfig {
+        machine: crate::vm::qemu::MACHINE_ALIAS.into(),
         accel,
         memory_mib: *memory_mib,
         cpus: 1,

@@ -138,6 +138,8 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey)?;
     img.write_gz_file(&guest_initrd).map_err(super::io(format!("writing {}", guest_initrd.display())))?;
     let cfg = SessionConfig {
+        // Booted for this run alone, never saved: QEMU's newest machine.
+        machine: crate::vm::qemu::MACHINE_ALIAS.into(),
         accel,
         memory_mib: a.memory_mib,
         cpus: 1,

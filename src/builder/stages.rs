@@ -235,6 +235,7 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let accel = accel_for(spec, progress)?;
     let vm = VmConfig {
         name: "installer".into(),
+        machine: machine_type(&tools)?,
         accel,
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
@@ -365,11 +366,32 @@ pub(super) fn overlay(tools: &Tools, backing: &Path, path: &Path) -> Result<(), 
     )
 }
 
+/// What to do about an image of another format than [`IMAGE_FORMAT`].
+fn image_format_advice(format: u64) -> String {
+    if format < u64::from(IMAGE_FORMAT) {
+        format!(
+            "it has image format {format}, from an older nix-winvm that did not record the QEMU machine type its memory was saved as, so no QEMU but the one that made it could revive it safely; this nix-winvm revives format {IMAGE_FORMAT}: build the image again (a pinned image: take the pin off, build it, and pin the new hash)"
+        )
+    } else {
+        format!(
+            "it has image format {format}, from a newer nix-winvm; this one revives format {IMAGE_FORMAT}: use the nix-winvm that made it, or a newer one"
+        )
+    }
+}
+
+/// The image layout this builder makes and revives (`meta.json`'s `format`):
+/// 1 (no `format` field): before the machine type was recorded; refused, with what to do.
+/// 2: `machine`, the QEMU machine type both VMs were saved as, given again at every revive.
+pub const IMAGE_FORMAT: u32 = 2;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ImageMeta {
+    pub format: u32,
     pub spec: ImageSpec,
     pub state_format: u32,
+    /// QEMU's versioned machine type (`pc-q35-10.0`) the pair was saved as.
+    pub machine: String,
     pub media: PathBuf,
     /// How many layers are under this image's own (0: made from the media).
     #[serde(default)]
@@ -380,27 +402,52 @@ pub struct ImageMeta {
 }
 
 impl ImageMeta {
-    /// The metadata of `image`, which must have been made from `spec`.
-    pub fn read(image: &Path, spec: &ImageSpec) -> Result<ImageMeta, BuilderError> {
+    /// The metadata of `image`, of this builder's [`IMAGE_FORMAT`] (checked first, before
+    /// the fields that format has).
+    pub fn load(image: &Path) -> Result<ImageMeta, BuilderError> {
         let path = image.join("meta.json");
         let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
-        let meta: ImageMeta = serde_json::from_str(&text)
-            .map_err(io(format!("{} is not a nix-winvm image's metadata", path.display())))?;
+        let not_meta = || io(format!("{} is not a nix-winvm image's metadata", path.display()));
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(not_meta())?;
+        let format = match value.get("format") {
+            None => 1,
+            Some(f) => f.as_u64().ok_or_else(|| BuilderError::ImageFormat {
+                image: image.to_path_buf(),
+                detail: format!("its format is {f}, not a number"),
+            })?,
+        };
+        if format != u64::from(IMAGE_FORMAT) {
+            return Err(BuilderError::ImageFormat { image: image.to_path_buf(), detail: image_format_advice(format) });
+        }
+        serde_json::from_value(value).map_err(not_meta())
+    }
+
+    /// The metadata of `image`, which must have been made from `spec`.
+    pub fn read(image: &Path, spec: &ImageSpec) -> Result<ImageMeta, BuilderError> {
+        let meta = ImageMeta::load(image)?;
         if &meta.spec != spec {
             return Err(BuilderError::ImageMismatch { image: image.to_path_buf() });
         }
         Ok(meta)
     }
 
-    fn write(&self, out: &Path) -> Result<(), BuilderError> {
+    pub(super) fn write(&self, out: &Path) -> Result<(), BuilderError> {
         let json = serde_json::to_string_pretty(self).map_err(io("meta.json"))?;
         std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json"))
     }
 }
 
+/// The machine type `tools`' QEMU makes new images as (see `qemu::machine_type`).
+pub(super) fn machine_type(tools: &Tools) -> Result<String, BuilderError> {
+    crate::vm::qemu::machine_type(&tools.qemu).map_err(|detail| BuilderError::Tool { tool: "qemu".into(), detail })
+}
+
+/// A stage's session. `machine`: the image's, for a pair revived from it; None for a pair
+/// booted to be saved, which gets the versioned type of this QEMU.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn session_config(
     spec: &ImageSpec,
+    machine: Option<&str>,
     accel: Accel,
     timeout: Duration,
     work: &Path,
@@ -412,7 +459,12 @@ pub(super) fn session_config(
     after: After,
     tools: Tools,
 ) -> Result<SessionConfig, BuilderError> {
+    let machine = match machine {
+        Some(m) => m.to_owned(),
+        None => machine_type(&tools)?,
+    };
     Ok(SessionConfig {
+        machine,
         accel,
         memory_mib: spec.memory_mib,
         cpus: spec.cpus,
@@ -458,6 +510,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let profile = guest::profile(&spec.guest);
     let cfg = session_config(
         spec,
+        None,
         accel,
         Duration::from_secs(spec.timeout_secs),
         &work,
@@ -482,7 +535,16 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     // Saving the pair has no command: it succeeds or fails as a session (a guest whose
     // prepare command failed is `RunError::ControllerNotReady`).
     runtime()?.block_on(session::run(&cfg, progress))?;
-    ImageMeta { spec: spec.clone(), state_format: state::FORMAT_VERSION, media, layers: 0, base: None }.write(&out)?;
+    ImageMeta {
+        format: IMAGE_FORMAT,
+        spec: spec.clone(),
+        state_format: state::FORMAT_VERSION,
+        machine: cfg.machine.clone(),
+        media,
+        layers: 0,
+        base: None,
+    }
+    .write(&out)?;
     Ok(0)
 }
 
@@ -558,6 +620,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
     let profile = guest::profile(&spec.image.guest);
     let cfg = session_config(
         &spec.image,
+        Some(&meta.machine),
         accel,
         Duration::from_secs(spec.timeout_secs),
         &work,
@@ -584,8 +647,10 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
     }
     let layers = meta.layers + 1;
     ImageMeta {
+        format: IMAGE_FORMAT,
         spec: spec.image.clone(),
         state_format: state::FORMAT_VERSION,
+        machine: meta.machine,
         media: meta.media,
         layers,
         base: Some(base),
@@ -730,6 +795,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     let outputs = output_paths(|name| std::env::var_os(name));
     let mut cfg = session_config(
         &spec.image,
+        Some(&meta.machine),
         accel,
         Duration::from_secs(spec.timeout_secs),
         &work,

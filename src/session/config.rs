@@ -64,6 +64,9 @@ pub struct ControllerBoot {
 
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
+    /// QEMU's machine type for both VMs: a versioned one (`pc-q35-10.0`) wherever a pair is
+    /// saved or revived, so that a newer QEMU revives the same machine; see `qemu::machine_type`.
+    pub machine: String,
     pub accel: Accel,
     pub memory_mib: u32,
     pub cpus: u32,

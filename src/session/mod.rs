@@ -237,6 +237,7 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
     let w = &cfg.work;
     let guest = VmConfig {
         name: "guest".into(),
+        machine: cfg.machine.clone(),
         accel: cfg.accel,
         memory_mib: cfg.memory_mib,
         cpus: cfg.cpus,
@@ -301,6 +302,7 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
     }
     let controller = VmConfig {
         name: "controller".into(),
+        machine: cfg.machine.clone(),
         accel: cfg.accel,
         memory_mib: CONTROLLER_MEMORY_MIB,
         cpus: 1,
@@ -506,9 +508,14 @@ async fn save_pair(cfg: &SessionConfig, guest_qmp: &mut Qmp, ctl_qmp: &mut Qmp, 
         qemu_version: qemu_version(ctl_qmp),
         memory_mib: CONTROLLER_MEMORY_MIB,
         guest: "controller".into(),
+        machine: cfg.machine.clone(),
     };
-    let guest_header =
-        StateHeader { qemu_version: qemu_version(guest_qmp), memory_mib: cfg.memory_mib, guest: guest_name.clone() };
+    let guest_header = StateHeader {
+        qemu_version: qemu_version(guest_qmp),
+        memory_mib: cfg.memory_mib,
+        guest: guest_name.clone(),
+        machine: cfg.machine.clone(),
+    };
     snapshot::save(cfg, ctl_qmp, controller_state, &controller_header).await?;
     snapshot::save(cfg, guest_qmp, guest_state, &guest_header).await?;
     Ok(())

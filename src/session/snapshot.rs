@@ -82,7 +82,8 @@ pub(super) async fn revive(
     };
     let version = qemu_version(qmp);
     // The caller checked the frame; here what needs this QEMU: its version, the memory.
-    state::inspect(state, Some((memory_mib, &version))).map_err(RunError::State)?;
+    let wanted = state::Wanted { memory_mib, qemu_version: &version, machine: &cfg.machine };
+    state::inspect(state, Some(wanted)).map_err(RunError::State)?;
     let args: [&OsStr; 5] =
         ["state-read".as_ref(), "--in".as_ref(), state.as_ref(), "--error-to".as_ref(), reader_error.as_ref()];
     let (mut reader, qemus_end) = state_process(cfg, &format!("{name}'s state reader"), &args, true)?;
@@ -130,7 +131,7 @@ pub(super) async fn save(
     };
     qmp.execute(&qmp::Stop).await.map_err(step("stopping"))?;
     let memory = header.memory_mib.to_string();
-    let args: [&OsStr; 9] = [
+    let args: [&OsStr; 11] = [
         "state-write".as_ref(),
         "--out".as_ref(),
         path.as_ref(),
@@ -140,6 +141,8 @@ pub(super) async fn save(
         header.qemu_version.as_ref(),
         "--guest".as_ref(),
         header.guest.as_ref(),
+        "--machine".as_ref(),
+        header.machine.as_ref(),
     ];
     let (mut writer, qemus_end) = state_process(cfg, &format!("{vm}'s state writer"), &args, false)?;
     qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(step("handing the state writer's pipe to"))?;
@@ -155,6 +158,8 @@ pub(super) async fn save(
     if !status.success() {
         return Err(RunError::StateWriterFailed { name: vm.clone(), status: describe_status(status) });
     }
-    state::inspect(path, Some((header.memory_mib, &header.qemu_version))).map_err(RunError::State)?;
+    let wanted =
+        state::Wanted { memory_mib: header.memory_mib, qemu_version: &header.qemu_version, machine: &header.machine };
+    state::inspect(path, Some(wanted)).map_err(RunError::State)?;
     Ok(())
 }

@@ -81,12 +81,44 @@ pub fn option_path(p: &Path) -> String {
 
 /// virtio for the Linux VMs; e1000e for Windows, which has no virtio driver built in. Its PCI
 /// address is fixed: Windows binds its network settings to the adapter's slot.
+/// The machine every VM is: QEMU's name for its newest Q35 machine type.
+pub const MACHINE_ALIAS: &str = "q35";
+
+/// The versioned machine type [`MACHINE_ALIAS`] stands for in `qemu` (`pc-q35-10.0`), read from
+/// its `-machine help`. An image records it, and every revive asks for it by that name: a newer
+/// QEMU keeps older machine types, so it still loads the image's memory.
+pub fn machine_type(qemu: &Path) -> Result<String, String> {
+    let out = std::process::Command::new(qemu)
+        .args(["-machine", "help"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running {} -machine help: {e}", qemu.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} -machine help failed ({})", qemu.display(), out.status));
+    }
+    aliased_machine(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
+        format!("{} -machine help names no machine type that '{MACHINE_ALIAS}' stands for", qemu.display())
+    })
+}
+
+/// From `-machine help`'s line `q35  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)`.
+fn aliased_machine(help: &str) -> Option<String> {
+    help.lines()
+        .find(|l| l.split_whitespace().next() == Some(MACHINE_ALIAS))
+        .and_then(|l| l.split("(alias of ").nth(1))
+        .and_then(|rest| rest.split(')').next())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+}
+
 pub const VIRTIO_NET: &str = "virtio-net-pci";
 pub const E1000E: &str = "e1000e,addr=0x5";
 
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub name: String,
+    /// `-machine`: [`MACHINE_ALIAS`], or the versioned type it stood for when an image was made.
+    pub machine: String,
     pub accel: Accel,
     pub memory_mib: u32,
     pub cpus: u32,
@@ -143,7 +175,7 @@ impl VmConfig {
             s("-name"),
             s(&self.name),
             s("-machine"),
-            s("q35"),
+            s(&self.machine),
             s("-accel"),
             s(accel),
             s("-cpu"),
@@ -227,9 +259,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_alias_names_a_versioned_machine_type() {
+        let help = "Supported machines are:\n\
+                    pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)\n\
+                    q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\n\
+                    pc-q35-10.0          Standard PC (Q35 + ICH9, 2009)\n";
+        assert_eq!(aliased_machine(help).as_deref(), Some("pc-q35-10.0"));
+        assert_eq!(aliased_machine("q35  Standard PC (Q35 + ICH9, 2009)\n"), None);
+        // The QEMU of this machine, for real.
+        let qemu = crate::tools::Tools::find().map(|t| t.qemu).unwrap_or_else(|_| "qemu-system-x86_64".into());
+        let named = machine_type(&qemu).unwrap();
+        assert!(named.starts_with("pc-q35-"), "{named}");
+    }
+
+    #[test]
     fn command_line_has_the_measured_flags() {
         let c = VmConfig {
             name: "guest".into(),
+            machine: "pc-q35-10.0".into(),
             accel: Accel::Tcg,
             memory_mib: 256,
             cpus: 1,
@@ -249,7 +296,7 @@ mod tests {
             uefi: None,
         };
         let line = c.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
-        assert!(line.contains("-accel tcg -cpu max -m 256"), "{line}");
+        assert!(line.contains("-machine pc-q35-10.0 -accel tcg -cpu max -m 256"), "{line}");
         assert!(
             line.contains("-netdev vde,id=n0,sock=/w/vde.ctl -device virtio-net-pci,netdev=n0,mac=52:54:00:12:01:01")
         );

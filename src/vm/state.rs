@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 
 pub const MAGIC: &[u8; 16] = b"NIX-WINVM-STATE\n";
 pub const END_MAGIC: &[u8; 8] = b"STATEEND";
-pub const FORMAT_VERSION: u32 = 1;
+/// 1: no machine type in the header (refused); 2: the header names it ([`StateHeader::machine`]).
+pub const FORMAT_VERSION: u32 = 2;
 const TRAILER_LEN: u64 = 8 + 8 + 4 + 8;
 /// zlib-rs at level 6: within a few percent of `gzip -6`'s size, and inflates about three
 /// times faster than `gzip -d` (measured by benches/stages.rs; README, "Measured here").
@@ -30,11 +31,22 @@ const MAX_HEADER: u32 = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StateHeader {
-    /// QEMU's own version string (major.minor.micro and package): a stream from another QEMU
-    /// may not load.
+    /// QEMU's own version string (major.minor.micro and package): the same QEMU or a newer
+    /// one loads the stream, on the same machine type.
     pub qemu_version: String,
     pub memory_mib: u32,
     pub guest: String,
+    /// The versioned machine type the VM ran as (`pc-q35-10.0`), which a revive asks for again.
+    pub machine: String,
+}
+
+/// What a revive needs of a state file: the VM it is about to load it into.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    pub memory_mib: u32,
+    /// The running QEMU's version string (see [`StateHeader::qemu_version`]).
+    pub qemu_version: &'a str,
+    pub machine: &'a str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,15 +60,51 @@ pub struct StateInfo {
 
 #[derive(Debug)]
 pub enum StateFileError {
-    Io { path: PathBuf, what: &'static str, source: io::Error },
-    NotAStateFile { path: PathBuf },
-    UnsupportedFormat { path: PathBuf, version: u32 },
-    BadHeader { path: PathBuf, detail: String },
-    Truncated { path: PathBuf },
-    Checksum { path: PathBuf, expected: u32, actual: u32 },
-    Corrupt { path: PathBuf, detail: String },
-    MemoryMismatch { path: PathBuf, saved: u32, wanted: u32 },
-    QemuMismatch { path: PathBuf, saved: String, running: String },
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
+    NotAStateFile {
+        path: PathBuf,
+    },
+    UnsupportedFormat {
+        path: PathBuf,
+        version: u32,
+    },
+    BadHeader {
+        path: PathBuf,
+        detail: String,
+    },
+    Truncated {
+        path: PathBuf,
+    },
+    Checksum {
+        path: PathBuf,
+        expected: u32,
+        actual: u32,
+    },
+    Corrupt {
+        path: PathBuf,
+        detail: String,
+    },
+    MemoryMismatch {
+        path: PathBuf,
+        saved: u32,
+        wanted: u32,
+    },
+    /// Saved by a newer QEMU than the running one (QEMU loads streams of its own version and
+    /// older ones, not newer ones).
+    QemuMismatch {
+        path: PathBuf,
+        saved: String,
+        running: String,
+    },
+    MachineMismatch {
+        path: PathBuf,
+        saved: String,
+        wanted: String,
+    },
 }
 
 impl fmt::Display for StateFileError {
@@ -65,9 +113,14 @@ impl fmt::Display for StateFileError {
         match self {
             Io { path, what, source } => write!(f, "state file {}: {what}: {source}", path.display()),
             NotAStateFile { path } => write!(f, "{} is not a nix-winvm state file (wrong magic number)", path.display()),
+            UnsupportedFormat { path, version: 1 } => write!(
+                f,
+                "state file {} has format version 1, which does not record the QEMU machine type, so only the QEMU that wrote it could load it; this nix-winvm reads version {FORMAT_VERSION}: build the image again (a pinned image: take the pin off, build it, and pin the new hash)",
+                path.display()
+            ),
             UnsupportedFormat { path, version } => write!(
                 f,
-                "state file {} has format version {version}; this nix-winvm reads version {FORMAT_VERSION}: rebuild the image",
+                "state file {} has format version {version}, from a newer nix-winvm; this one reads version {FORMAT_VERSION}: use the nix-winvm that made the image, or a newer one",
                 path.display()
             ),
             BadHeader { path, detail } => write!(f, "state file {} has an unreadable header: {detail}", path.display()),
@@ -85,7 +138,12 @@ impl fmt::Display for StateFileError {
             ),
             QemuMismatch { path, saved, running } => write!(
                 f,
-                "state file {} was saved by QEMU {saved}, but this is QEMU {running}; a memory snapshot only loads into the QEMU that made it: rebuild the image",
+                "state file {} was saved by QEMU {saved}, but this is the older QEMU {running}; a memory snapshot loads only into the QEMU that made it or a newer one: use that QEMU or a newer one, or build the image again",
+                path.display()
+            ),
+            MachineMismatch { path, saved, wanted } => write!(
+                f,
+                "state file {} holds a VM of machine type {saved}, but the revive asked for {wanted}: the image's metadata does not match its state",
                 path.display()
             ),
         }
@@ -155,8 +213,19 @@ pub fn write(path: &Path, header: &StateHeader, input: &mut dyn Read) -> Result<
     Ok(StateInfo { header: header.clone(), payload_offset, payload_len, raw_len, crc32: crc.sum() })
 }
 
+/// Whether QEMU `running` loads a stream that QEMU `saved` wrote: the same version string, or a
+/// newer release (major.minor.micro). QEMU keeps loading the streams of older releases for
+/// their versioned machine types; an unreadable version counts only when it is identical.
+pub fn loads_into(saved: &str, running: &str) -> bool {
+    fn release(v: &str) -> Option<(u32, u32, u32)> {
+        let mut parts = v.split_whitespace().next()?.split('.').map(|n| n.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??, parts.next()??))
+    }
+    saved == running || matches!((release(saved), release(running)), (Some(s), Some(r)) if r >= s)
+}
+
 /// The frame and the header checked, the payload not read.
-pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, StateFileError> {
+pub fn inspect(path: &Path, wanted: Option<Wanted<'_>>) -> Result<StateInfo, StateFileError> {
     let p = || path.to_path_buf();
     let io_err = |what: &'static str| move |source| StateFileError::Io { path: path.to_path_buf(), what, source };
     let mut f = File::open(path).map_err(io_err("opening"))?;
@@ -204,15 +273,22 @@ pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, St
             detail: format!("payload length {payload_len} does not fit the file size {size}"),
         });
     }
-    if let Some((memory, qemu)) = wanted {
-        if header.memory_mib != memory {
-            return Err(StateFileError::MemoryMismatch { path: p(), saved: header.memory_mib, wanted: memory });
+    if let Some(w) = wanted {
+        if header.memory_mib != w.memory_mib {
+            return Err(StateFileError::MemoryMismatch { path: p(), saved: header.memory_mib, wanted: w.memory_mib });
         }
-        if header.qemu_version != qemu {
+        if header.machine != w.machine {
+            return Err(StateFileError::MachineMismatch {
+                path: p(),
+                saved: header.machine.clone(),
+                wanted: w.machine.into(),
+            });
+        }
+        if !loads_into(&header.qemu_version, w.qemu_version) {
             return Err(StateFileError::QemuMismatch {
                 path: p(),
                 saved: header.qemu_version.clone(),
-                running: qemu.into(),
+                running: w.qemu_version.into(),
             });
         }
     }
@@ -223,7 +299,7 @@ pub fn inspect(path: &Path, wanted: Option<(u32, &str)>) -> Result<StateInfo, St
 /// and the lengths are checked as the bytes go by, and the last chunk is held back until they
 /// pass, so that QEMU never receives the end of a stream that fails them (it then refuses the
 /// incomplete stream instead of running a damaged guest).
-pub fn read(path: &Path, wanted: Option<(u32, &str)>, out: &mut dyn Write) -> Result<StateInfo, StateFileError> {
+pub fn read(path: &Path, wanted: Option<Wanted<'_>>, out: &mut dyn Write) -> Result<StateInfo, StateFileError> {
     let info = inspect(path, wanted)?;
     let io_err = |what: &'static str| move |source| StateFileError::Io { path: path.to_path_buf(), what, source };
     let corrupt = |detail: String| StateFileError::Corrupt { path: path.into(), detail };
@@ -276,7 +352,16 @@ mod tests {
     use super::*;
 
     fn header() -> StateHeader {
-        StateHeader { qemu_version: "10.0.2 (test)".into(), memory_mib: 256, guest: "standin".into() }
+        StateHeader {
+            qemu_version: "10.0.2 (test)".into(),
+            memory_mib: 256,
+            guest: "standin".into(),
+            machine: "pc-q35-10.0".into(),
+        }
+    }
+
+    fn wanted(memory_mib: u32, qemu_version: &str) -> Option<Wanted<'_>> {
+        Some(Wanted { memory_mib, qemu_version, machine: "pc-q35-10.0" })
     }
 
     fn sample(dir: &Path) -> (PathBuf, Vec<u8>) {
@@ -291,7 +376,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (path, raw) = sample(d.path());
         let mut out = vec![];
-        let info = read(&path, Some((256, "10.0.2 (test)")), &mut out).unwrap();
+        let info = read(&path, wanted(256, "10.0.2 (test)"), &mut out).unwrap();
         assert_eq!(out, raw);
         assert_eq!(info.raw_len, raw.len() as u64);
         assert!(info.payload_len < raw.len() as u64 / 3);
@@ -304,7 +389,7 @@ mod tests {
         let (path, _) = sample(d.path());
         let p = path.display().to_string();
         let bytes = std::fs::read(&path).unwrap();
-        let msg = |b: &[u8], wanted: Option<(u32, &str)>| {
+        let msg = |b: &[u8], wanted: Option<Wanted<'_>>| {
             std::fs::write(&path, b).unwrap();
             read(&path, wanted, &mut io::sink()).unwrap_err().to_string()
         };
@@ -320,18 +405,45 @@ mod tests {
             msg(b"\x7fELF and more bytes", None),
             format!("{p} is not a nix-winvm state file (wrong magic number)")
         );
-        let mut v2 = bytes.clone();
-        v2[16] = 2;
+        let mut v1 = bytes.clone();
+        v1[16] = 1;
+        assert!(
+            msg(&v1, None).starts_with(&format!(
+                "state file {p} has format version 1, which does not record the QEMU machine type"
+            )),
+            "{}",
+            msg(&v1, None)
+        );
+        let mut v3 = bytes.clone();
+        v3[16] = 3;
         assert_eq!(
-            msg(&v2, None),
-            format!("state file {p} has format version 2; this nix-winvm reads version 1: rebuild the image")
+            msg(&v3, None),
+            format!("state file {p} has format version 3, from a newer nix-winvm; this one reads version 2: use the nix-winvm that made the image, or a newer one")
         );
         assert_eq!(
-            msg(&bytes, Some((512, "10.0.2 (test)"))),
+            msg(&bytes, wanted(512, "10.0.2 (test)")),
             format!("state file {p} holds a VM with 256 MiB of memory, but 512 MiB were asked for: rebuild the image")
         );
-        assert!(msg(&bytes, Some((256, "9.2.0"))).contains("was saved by QEMU 10.0.2 (test), but this is QEMU 9.2.0"));
+        assert!(msg(&bytes, wanted(256, "9.2.0"))
+            .contains("was saved by QEMU 10.0.2 (test), but this is the older QEMU 9.2.0"));
+        let other_machine = Some(Wanted { memory_mib: 256, qemu_version: "10.0.2 (test)", machine: "pc-q35-9.2" });
+        assert!(msg(&bytes, other_machine)
+            .contains("holds a VM of machine type pc-q35-10.0, but the revive asked for pc-q35-9.2"));
+        // A newer QEMU loads it.
+        let mut out = vec![];
+        read(&path, wanted(256, "11.1.2 (Debian 1:11.1.2+ds-3)"), &mut out).unwrap();
         assert!(read(&d.path().join("missing"), None, &mut io::sink()).unwrap_err().to_string().contains("opening"));
+    }
+
+    #[test]
+    fn a_newer_qemu_loads_an_older_stream_and_an_older_one_does_not() {
+        assert!(loads_into("10.0.2 (Debian 1:10.0.2+ds-2)", "10.0.2 (Debian 1:10.0.2+ds-2)"));
+        assert!(loads_into("10.0.2 (Debian 1:10.0.2+ds-2)", "10.0.13 (Debian 1:10.0.13+ds-0+deb13u1)"));
+        assert!(loads_into("10.0.2", "11.1.2 (Debian 1:11.1.2+ds-3)"));
+        assert!(!loads_into("11.1.2", "10.0.13"));
+        assert!(!loads_into("10.0.13", "10.0.2"));
+        assert!(!loads_into("odd", "10.0.2"));
+        assert!(loads_into("odd", "odd"));
     }
 
     /// A payload length near u64::MAX once overflowed the size check (tests/fuzz.rs).

@@ -1,0 +1,227 @@
+//! Keeping images: what an image records so that a later nix-winvm, on a later QEMU, revives
+//! it, and the refusal, before any VM starts, of an image whose layout it does not revive.
+//! Real nix-build in the sandbox, QEMU under TCG, the standin guest.
+#![cfg(feature = "plugin")]
+
+mod common;
+use common::{builder, sandboxed_nix_build};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn image() -> PathBuf {
+    let o = sandboxed_nix_build().args(["--no-out-link", "-E", IMAGE]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+fn meta(image: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(image.join("meta.json")).unwrap()).unwrap()
+}
+
+/// The state file's format version and header (see src/vm/state.rs for the layout).
+fn state_header(path: &Path) -> (u32, serde_json::Value) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..16], b"NIX-WINVM-STATE\n");
+    let version = u32::from_le_bytes(bytes[16..20].try_into().unwrap());
+    let len = u32::from_le_bytes(bytes[20..24].try_into().unwrap()) as usize;
+    (version, serde_json::from_slice(&bytes[24..24 + len]).unwrap())
+}
+
+/// What `q35` stands for in the QEMU on PATH (the builder's own, outside a build).
+fn qemu_machine() -> String {
+    let o = Command::new("qemu-system-x86_64").args(["-machine", "help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&o.stdout).into_owned();
+    help.lines()
+        .find(|l| l.starts_with("q35 "))
+        .and_then(|l| l.split("(alias of ").nth(1))
+        .map(|r| r.trim_end_matches(')').to_owned())
+        .unwrap_or_else(|| panic!("no q35 alias in:\n{help}"))
+}
+
+/// A writable copy of `image` (its links to the store kept), to be altered.
+fn copy_of(image: &Path, dir: &Path) -> PathBuf {
+    let copy = dir.join("image");
+    let o = Command::new("cp").arg("-a").arg(image).arg(&copy).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = Command::new("chmod").args(["-R", "u+w"]).arg(&copy).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    copy
+}
+
+/// `nix-winvm-builder shell IMAGE -- true`: its output, and how long it took.
+fn shell(image: &Path) -> (Output, Duration) {
+    let started = Instant::now();
+    let o = Command::new(builder()).arg("shell").arg(image).args(["--", "true"]).stdin(Stdio::null()).output().unwrap();
+    (o, started.elapsed())
+}
+
+fn assert_refused_before_any_vm(o: &Output, took: Duration, sentence: &str) {
+    let log = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    assert!(log.contains(sentence), "expected {sentence:?} in:\n{log}");
+    for started in ["switch up", "guest up", "controller up"] {
+        assert!(!log.contains(started), "a VM was started ({started}):\n{log}");
+    }
+    assert!(took < Duration::from_secs(30), "the refusal took {took:?}");
+}
+
+#[test]
+fn an_image_records_its_machine_type_and_a_revive_asks_for_it() {
+    let image = image();
+    let meta = meta(&image);
+    let machine = qemu_machine();
+    assert_eq!(meta["format"], 2, "{meta}");
+    assert_eq!(meta["machine"], machine.as_str(), "{meta}");
+    assert!(machine.starts_with("pc-q35-"), "{machine}");
+    for state in ["state", "controller-state"] {
+        let (version, header) = state_header(&image.join(state));
+        assert_eq!(version, 2, "{state}");
+        assert_eq!(header["machine"], machine.as_str(), "{state}: {header}");
+    }
+    // The revive asks for the recorded type: another one in the metadata is refused by the
+    // state file's own header, before QEMU loads a byte.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = copy_of(&image, tmp.path());
+    let mut altered = meta.clone();
+    altered["machine"] = "pc-q35-9.2".into();
+    std::fs::write(copy.join("meta.json"), altered.to_string()).unwrap();
+    let (o, _) = shell(&copy);
+    let log = stderr(&o);
+    assert!(!o.status.success(), "{log}");
+    assert!(
+        log.contains(&format!("holds a VM of machine type {machine}, but the revive asked for pc-q35-9.2")),
+        "{log}"
+    );
+}
+
+#[test]
+fn images_of_another_format_are_refused_with_what_to_do() {
+    let image = image();
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = copy_of(&image, tmp.path());
+    let meta = meta(&image);
+
+    // As the last nix-winvm wrote it: no format, no machine type.
+    let mut old = meta.clone();
+    old.as_object_mut().unwrap().retain(|k, _| k != "format" && k != "machine");
+    std::fs::write(copy.join("meta.json"), old.to_string()).unwrap();
+    let (o, took) = shell(&copy);
+    assert_refused_before_any_vm(
+        &o,
+        took,
+        &format!(
+            "the image at {} cannot be revived: it has image format 1, from an older nix-winvm that did not record the QEMU machine type",
+            copy.display()
+        ),
+    );
+    assert!(
+        stderr(&o).contains("build the image again (a pinned image: take the pin off, build it, and pin the new hash)")
+    );
+
+    // From a newer nix-winvm.
+    let mut newer = meta.clone();
+    newer["format"] = 3.into();
+    newer["somethingNew"] = true.into();
+    std::fs::write(copy.join("meta.json"), newer.to_string()).unwrap();
+    let (o, took) = shell(&copy);
+    assert_refused_before_any_vm(
+        &o,
+        took,
+        "it has image format 3, from a newer nix-winvm; this one revives format 2: use the nix-winvm that made it, or a newer one",
+    );
+
+    // The metadata current, a state file of format 1.
+    std::fs::write(copy.join("meta.json"), meta.to_string()).unwrap();
+    let mut state = std::fs::read(copy.join("state")).unwrap();
+    state[16] = 1;
+    std::fs::write(copy.join("state"), &state).unwrap();
+    let (o, took) = shell(&copy);
+    assert_refused_before_any_vm(
+        &o,
+        took,
+        &format!(
+            "state file {} has format version 1, which does not record the QEMU machine type",
+            copy.join("state").display()
+        ),
+    );
+}
+
+/// QEMU of the Debian root scripts/test sets up for Nix 2.34 (a newer release than the host's),
+/// run on the host through that root's own loader and libraries.
+fn newer_qemu(dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let cache =
+        std::env::var_os("NIX_WINVM_CACHE").map_or_else(|| PathBuf::from("/var/cache/nix-winvm"), PathBuf::from);
+    let root = cache.join("roots/nix-2.34");
+    if !root.join("usr/bin/qemu-system-x86_64").is_file() {
+        return None;
+    }
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let used = dir.join("used");
+    let r = root.display();
+    let script = format!(
+        "#!/bin/sh\n\
+         echo \"$*\" >> '{used}'\n\
+         export QEMU_MODULE_DIR='{r}/usr/lib/x86_64-linux-gnu/qemu'\n\
+         exec '{r}/lib64/ld-linux-x86-64.so.2' --library-path '{r}/lib/x86_64-linux-gnu:{r}/usr/lib/x86_64-linux-gnu' \
+         '{r}/usr/bin/qemu-system-x86_64' -L '{r}/usr/share/qemu' -L '{r}/usr/share/seabios' \"$@\"\n",
+        used = used.display()
+    );
+    let qemu = bin.join("qemu-system-x86_64");
+    std::fs::write(&qemu, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Some((qemu, used))
+}
+
+fn version_of(qemu: &Path) -> (u32, u32) {
+    let o = Command::new(qemu).arg("--version").output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let v = text.split_whitespace().nth(3).unwrap_or_else(|| panic!("no version in {text}"));
+    let mut parts = v.split('.').map(|n| n.parse::<u32>().unwrap());
+    (parts.next().unwrap(), parts.next().unwrap())
+}
+
+/// An upgrade of QEMU: the image the host's QEMU saved, revived by a newer release, which is
+/// asked for the image's machine type and loads both memories.
+#[test]
+fn a_newer_qemu_revives_the_image_as_the_machine_it_was_saved_as() {
+    let image = image();
+    let machine = meta(&image)["machine"].as_str().unwrap().to_owned();
+    let tmp = tempfile::tempdir().unwrap();
+    let newer = newer_qemu(tmp.path());
+    if !nix_winvm::tools::test_requires("the Nix 2.34 root's QEMU (scripts/setup makes it)", newer.is_some()) {
+        return;
+    }
+    let (qemu, used) = newer.unwrap();
+    let host = version_of(Path::new("qemu-system-x86_64"));
+    let newer_version = version_of(&qemu);
+    assert!(newer_version > host, "the root's QEMU {newer_version:?} is not newer than the host's {host:?}");
+    let o = Command::new(builder())
+        .arg("shell")
+        .arg(&image)
+        .args(["--", "sh", "-c", &format!("uname -s; wc -c < {}/meta.json", image.display())])
+        .env("NIX_WINVM_TOOLS", qemu.parent().unwrap())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = stderr(&o);
+    assert!(o.status.success(), "{log}");
+    // The store is served too: a file of it read in the guest.
+    let size = std::fs::metadata(image.join("meta.json")).unwrap().len();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("Linux\n{size}\n"), "{log}");
+    assert!(log.contains("guest revived") && log.contains("controller revived"), "{log}");
+    let ran = std::fs::read_to_string(&used).unwrap();
+    let vms: Vec<&str> = ran.lines().filter(|l| l.starts_with("-name ")).collect();
+    assert_eq!(vms.len(), 2, "{ran}");
+    for line in vms {
+        assert!(line.contains(&format!("-machine {machine} ")), "{line}");
+    }
+}
