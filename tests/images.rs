@@ -4,7 +4,7 @@
 #![cfg(feature = "plugin")]
 
 mod common;
-use common::{builder, sandboxed_nix_build};
+use common::{builder, nix_build_with, pin, sandboxed_nix_build};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -224,4 +224,89 @@ fn a_newer_qemu_revives_the_image_as_the_machine_it_was_saved_as() {
     for line in vms {
         assert!(line.contains(&format!("-machine {machine} ")), "{line}");
     }
+}
+
+/// A copy of the builder with a string of its build stage changed, as a new release of
+/// nix-winvm would have: another store path, and a builder that says so in its log.
+fn upgraded_builder(dir: &Path) -> PathBuf {
+    let mut bytes = std::fs::read(builder()).unwrap();
+    let (from, to) = (b"command exited ", b"command EXITED ");
+    let mut changed = 0;
+    let mut i = 0;
+    while i + from.len() <= bytes.len() {
+        if &bytes[i..i + from.len()] == from {
+            bytes[i..i + from.len()].copy_from_slice(to);
+            changed += 1;
+        }
+        i += 1;
+    }
+    assert!(changed > 0, "no string to change in the builder");
+    let path = dir.join("nix-winvm-builder");
+    std::fs::write(&path, bytes).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// An image pinned, a layer on it pinned, a build on the layer; then a new nix-winvm: a new
+/// build on the pinned layer is the only thing to build, and the new builder revives the layer.
+#[test]
+fn pinned_images_stand_alone_and_survive_a_new_builder() {
+    let tok = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let image_expr = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; pin = "{PIN}"; }"#;
+    image(); // the unpinned image, as a first build would have made it
+    let started = Instant::now();
+    let (pinned_image, image_hash, first_log) = pin(image_expr);
+    eprintln!(
+        "pinning the image (first build with the unknown hash, then with the right one): {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(first_log.contains("pinned image: "), "{first_log}");
+    let size = first_log.lines().find_map(|l| l.split("pinned image: ").nth(1)).unwrap();
+    eprintln!("pinned standin image: {size} ({})", pinned_image.display());
+    let o = Command::new("nix-store").args(["-q", "--references"]).arg(&pinned_image).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "", "a pinned image refers to other store paths");
+    let meta = meta(&pinned_image);
+    assert_eq!((meta["media"].as_str(), meta["base"].is_null()), (Some("media"), true), "{meta}");
+    let started = Instant::now();
+    let o = Command::new("nix-hash").args(["--type", "sha256"]).arg(&pinned_image).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    eprintln!("nix-hash of the pinned image: {:.2} s", started.elapsed().as_secs_f64());
+
+    // A layer on the pinned image, pinned too.
+    let image_expr = image_expr.replace("{PIN}", &image_hash);
+    let layer_expr = format!(
+        r#"builtins.windowsImage {{ base = {image_expr}; name = "pinned-layer"; installCommands = [ "mkdir -p /opt && echo 'layer {tok}' > /opt/layer-file" ]; pin = "{{PIN}}"; }}"#
+    );
+    let (pinned_layer, layer_hash, _) = pin(&layer_expr);
+    let o = Command::new("nix-store").args(["-q", "--references"]).arg(&pinned_layer).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "", "a pinned layer refers to other store paths");
+    let layer_expr = layer_expr.replace("{PIN}", &layer_hash);
+    let build = |name: &str| {
+        format!(
+            r#"builtins.windowsDerivation {{ name = "{name}"; image = {layer_expr}; token = "{tok}"; script = "cat /opt/layer-file > $out"; }}"#
+        )
+    };
+    let o = nix_build_with(&builder(), &["--no-out-link", "-E", &build("on-pinned-layer")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert_eq!(std::fs::read_to_string(out).unwrap(), format!("layer {tok}\n"));
+
+    // A new nix-winvm: only the new build is to be built; it revives the pinned layer.
+    let tmp = tempfile::tempdir().unwrap();
+    let upgraded = upgraded_builder(tmp.path());
+    let expr = build("after-upgrade");
+    let o = nix_build_with(&upgraded, &["--dry-run", "--no-out-link", "-E", &expr]);
+    let log = stderr(&o);
+    assert!(o.status.success(), "{log}");
+    let to_build: Vec<&str> = log.lines().map(str::trim).filter(|l| l.ends_with(".drv")).collect();
+    assert_eq!(to_build.len(), 1, "{log}");
+    assert!(to_build[0].ends_with("-after-upgrade.drv"), "{log}");
+    let o = nix_build_with(&upgraded, &["--no-out-link", "-E", &expr]);
+    let log = stderr(&o);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("guest revived") && log.contains("command EXITED 0"), "not the new builder's log:\n{log}");
+    let out = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
+    assert_eq!(std::fs::read_to_string(out).unwrap(), format!("layer {tok}\n"));
 }

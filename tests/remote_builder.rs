@@ -220,3 +220,51 @@ fn a_kvm_image_is_not_sent_to_a_builder_without_the_kvm_feature() {
     assert!(err.contains("-winvm-standin-installed.drv\nrequired (system, features): (x86_64-linux, kvm)"), "{err}");
     assert!(!err.contains("-winvm-standin-installed.drv' on"), "{err}");
 }
+
+/// A pinned image is kept and copied, not made again: `nix copy` puts it alone into another
+/// store (the remote's), and a build there revives it without any stage of the image.
+#[test]
+fn a_pinned_image_copied_into_another_store_serves_a_build_there() {
+    let image_expr = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; pin = "{PIN}"; }"#;
+    let (pinned, hash, _) = common::pin(image_expr);
+    let tmp = tempfile::Builder::new().prefix("nix-winvm-remote").tempdir().unwrap();
+    let (sshd, uri, remote_root) = remote(tmp.path());
+    let started = std::time::Instant::now();
+    let o = Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command", "copy", "--no-check-sigs", "--to"])
+        .arg(format!("local?root={}", remote_root.display()))
+        .arg(&pinned)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "nix copy failed:\n{}", stderr(&o));
+    let took = started.elapsed();
+    let du = Command::new("du").arg("-sb").arg(&pinned).output().unwrap();
+    let bytes: f64 = String::from_utf8_lossy(&du.stdout).split_whitespace().next().unwrap().parse().unwrap();
+    eprintln!("nix copy of the pinned image ({:.1} MB) into a second store: {:.2} s", bytes / 1e6, took.as_secs_f64());
+    let remote_names = || -> Vec<String> {
+        std::fs::read_dir(remote_root.join("nix/store"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    // It came alone: nothing it was made from.
+    let copied = remote_names();
+    assert_eq!(copied.iter().filter(|n| !n.starts_with('.')).count(), 1, "{copied:?}");
+
+    let builders = format!("{uri} x86_64-linux {} 1 1 benchmark", sshd.client_key.display());
+    let t = token();
+    let expr = format!(
+        r#"builtins.windowsDerivation {{ name = "on-copied-pin"; image = {}; token = "{t}"; script = ''echo revived > $out''; }}"#,
+        image_expr.replace("{PIN}", &hash)
+    );
+    let o = remote_build(&sshd, &builders, &expr, &tmp.path().join("result"));
+    let err = stderr(&o);
+    assert!(o.status.success(), "remote build failed:\n{err}");
+    assert!(err.contains(&format!("-on-copied-pin.drv' on '{uri}'")), "{err}");
+    let out = PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().expect("an output path"));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "revived\n");
+    for stage in ["-winvm-standin-media", "-winvm-standin-installed", "-winvm-standin-image"] {
+        assert!(!remote_names().iter().any(|n| n.ends_with(stage)), "{stage} reached the remote store");
+    }
+}

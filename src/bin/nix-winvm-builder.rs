@@ -7,7 +7,9 @@ fn main() {
         Err(e) => {
             // Which stage failed leads: a build log may hold several.
             let what = match args.first().map(String::as_str) {
-                Some(stage @ ("media" | "install" | "suspend" | "layer" | "build")) => format!(" in the {stage} stage"),
+                Some(stage @ ("media" | "install" | "suspend" | "layer" | "pin" | "build")) => {
+                    format!(" in the {stage} stage")
+                }
                 Some(
                     command @ ("run" | "rerun" | "shell" | "agent" | "agent-ready" | "state-read" | "state-write"),
                 ) => {

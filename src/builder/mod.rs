@@ -1,5 +1,6 @@
 //! The derivations' builder: `nix-winvm-builder <stage>`, run by Nix inside its sandbox.
 
+pub mod pin;
 pub mod progress;
 pub mod rerun;
 pub mod run;
@@ -301,6 +302,12 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
             let progress = Progress::new();
             progress.say(&format!("stage layer of a {} image", spec.image.guest.name()));
             stages::layer(&spec, &progress)
+        }
+        "pin" => {
+            let spec = spec::image_spec_from_json(&env("winvmImageSpec")?).map_err(BuilderError::Spec)?;
+            let progress = Progress::new();
+            progress.say(&format!("stage pin of a {} image", spec.guest.name()));
+            pin::pin(&spec, &progress)
         }
         "build" => {
             let spec = spec::build_spec_from_json(&env("winvmBuildSpec")?).map_err(BuilderError::Spec)?;

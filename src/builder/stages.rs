@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn env_path(name: &'static str) -> Result<PathBuf, BuilderError> {
+pub(super) fn env_path(name: &'static str) -> Result<PathBuf, BuilderError> {
     std::env::var_os(name).map(PathBuf::from).ok_or(BuilderError::MissingEnv(name))
 }
 
@@ -310,7 +310,12 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     Ok(0)
 }
 
-fn qemu_img(tools: &Tools, args: &[&str], paths: &[&std::ffi::OsStr], size: &str) -> Result<(), BuilderError> {
+pub(super) fn qemu_img(
+    tools: &Tools,
+    args: &[&str],
+    paths: &[&std::ffi::OsStr],
+    size: &str,
+) -> Result<(), BuilderError> {
     let qemu_img = tools.qemu.with_file_name("qemu-img");
     let qemu_img = if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img")? };
     let mut c = Command::new(&qemu_img);
@@ -419,7 +424,12 @@ impl ImageMeta {
         if format != u64::from(IMAGE_FORMAT) {
             return Err(BuilderError::ImageFormat { image: image.to_path_buf(), detail: image_format_advice(format) });
         }
-        serde_json::from_value(value).map_err(not_meta())
+        let mut meta: ImageMeta = serde_json::from_value(value).map_err(not_meta())?;
+        // A pinned image holds its media (see `pin`).
+        if meta.media.is_relative() {
+            meta.media = image.join(&meta.media);
+        }
+        Ok(meta)
     }
 
     /// The metadata of `image`, which must have been made from `spec`.
@@ -696,9 +706,11 @@ pub(super) fn revived_guest(
 
 /// The controller as a build revives it: saved while it waited for its session.
 pub(super) fn revived_controller(meta: &ImageMeta, image: &Path) -> ControllerBoot {
+    // A pinned image's media hold the system disk as a compressed qcow2 (see `pin`).
+    let pinned = meta.media.join(super::pin::PINNED_CONTROLLER_SYSTEM);
     ControllerBoot {
         initrd: Some(meta.media.join(CONTROLLER_IMG)),
-        system: Some(meta.media.join(CONTROLLER_SYSTEM)),
+        system: Some(if pinned.is_file() { pinned } else { meta.media.join(CONTROLLER_SYSTEM) }),
         revive_from: Some(image.join(CONTROLLER_STATE)),
     }
 }

@@ -115,7 +115,28 @@ fn plan_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
         a.push(PlannedAttr { path: at(&["installCommands", &i.to_string()]), ..user(&layer_command_attr(i), &[]) });
     }
     a.extend(features(spec.image.accel, &[]));
-    Ok(Plan { error: String::new(), drvs: vec![PlannedDrv { attrs: a }], passthru: vec![] })
+    let mut drvs = vec![PlannedDrv { attrs: a }];
+    if let Some(hash) = validate::pin(builtin, attrs)? {
+        drvs.push(pinned(&name, &spec.image, 0, &hash, env));
+    }
+    Ok(Plan { error: String::new(), drvs, passthru: vec![] })
+}
+
+/// A pinned image or layer: a fixed-output derivation (`pin` stage) whose output is a copy of
+/// the unpinned one (the stage at `index`) that stands alone: its store path depends on its name
+/// and hash alone, so no change to nix-winvm, its tools or Nix rebuilds it once it is in the
+/// store; and the unpinned one is left to the store, which makes the copy again, byte for
+/// byte, if the first build's hash has to be learnt.
+fn pinned(name: &str, spec: &ImageSpec, index: usize, hash: &str, env: &Env) -> PlannedDrv {
+    let mut a = base(&format!("{name}-pinned"), "pin", env);
+    a.extend([
+        text("winvmImageSpec", &to_json(spec)),
+        stage("image", index),
+        text("outputHashMode", "recursive"),
+        text("outputHashAlgo", "sha256"),
+        text("outputHash", hash),
+    ]);
+    PlannedDrv { attrs: a }
 }
 
 /// `windowsImage`'s argument: a layer when it names a `base`, a new image otherwise.
@@ -182,6 +203,10 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     image.push(stage("installed", installed_index));
     image.extend(vm_features);
     drvs.push(PlannedDrv { attrs: image });
+    if let Some(hash) = validate::pin(builtin, attrs)? {
+        let name = format!("{restricted}winvm-{guest}-image");
+        drvs.push(pinned(&name, &spec, drvs.len() - 1, &hash, env));
+    }
 
     let passthru = vec![stage("media", media_index), stage("installed", installed_index)];
     Ok(Plan { error: String::new(), drvs, passthru })

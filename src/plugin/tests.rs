@@ -426,3 +426,38 @@ fn a_layer_refuses_the_shape_and_a_base_that_is_not_an_image() {
     let p = plan::plan("windowsImage", &set(&[("base", base), ("name", s("vs"))]), &env);
     assert_eq!(p.drvs[0].attrs.iter().find(|a| a.name == "name").unwrap().text, "RESTRICTDIST-vs");
 }
+
+/// `pin` adds a fixed-output derivation on top, and leaves what it copies as it was: the same
+/// derivations, attribute for attribute, as without a pin.
+#[test]
+fn a_pin_adds_a_fixed_output_copy_and_changes_nothing_below_it() {
+    let (_d, env) = env();
+    let hash = format!("sha256-{}=", "A".repeat(43));
+    let plain = set(&[("guest", s("standin")), ("accel", s("tcg"))]);
+    let pinned = set(&[("guest", s("standin")), ("accel", s("tcg")), ("pin", s(&hash))]);
+    let (p, q) = (plan::plan("windowsImage", &plain, &env), plan::plan("windowsImage", &pinned, &env));
+    assert_eq!((p.error.as_str(), q.error.as_str()), ("", ""));
+    assert_eq!(q.drvs.len(), p.drvs.len() + 1);
+    for (a, b) in p.drvs.iter().zip(&q.drvs) {
+        assert_eq!(format!("{:?}", a.attrs), format!("{:?}", b.attrs));
+    }
+    let last = &q.drvs.last().unwrap().attrs;
+    let get = |n: &str| last.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n}"));
+    assert_eq!(get("name").text, "winvm-standin-image-pinned");
+    assert_eq!(get("args").list, ["pin"]);
+    assert_eq!((get("outputHashMode").text.as_str(), get("outputHash").text.as_str()), ("recursive", hash.as_str()));
+    assert_eq!((get("image").source, get("image").stage), (Source::Stage, p.drvs.len() - 1));
+    // A layer too.
+    let layer = set(&[("base", standin_image_val()), ("pin", s(&hash))]);
+    let l = plan::plan("windowsImage", &layer, &env);
+    assert_eq!(l.error, "");
+    assert_eq!(l.drvs.len(), 2);
+    assert!(l.drvs[1].attrs.iter().any(|a| a.name == "name" && a.text == "winvm-standin-layer-pinned"));
+    // Not a hash: said with the shape.
+    for bad in ["sha256-short=", "sha512-AAAA", &format!("sha256-{}", "A".repeat(44))] {
+        let e = plan::plan("windowsImage", &set(&[("guest", s("standin")), ("pin", s(bad))]), &env).error;
+        assert!(e.starts_with("windowsImage: attribute 'pin' must be a SHA-256 hash in SRI form"), "{bad}: {e}");
+    }
+    let e = plan::plan("windowsImage", &set(&[("guest", s("standin")), ("pin", Val::Int(3))]), &env).error;
+    assert!(e.contains("'pin'"), "{e}");
+}

@@ -20,6 +20,7 @@ pub const IMAGE_ATTRS: &[&str] = &[
     "iso",
     "locale",
     "memory",
+    "pin",
     "productKey",
     "timeout",
 ];
@@ -27,7 +28,25 @@ const WINDOWS_ONLY_ATTRS: &[&str] =
     &["cygwinPackages", "cygwinRepo", "edition", "installCommands", "iso", "locale", "productKey"];
 
 /// The attributes of a layer: `windowsImage` given a `base` image.
-pub const LAYER_ATTRS: &[&str] = &["base", "installCommands", "name", "timeout"];
+pub const LAYER_ATTRS: &[&str] = &["base", "installCommands", "name", "pin", "timeout"];
+
+/// `pin`: the hash of an image or a layer, which makes it a fixed-output derivation (its
+/// store path then depends on its name and this hash alone). Not part of the spec: the
+/// derivation the pin copies is the same with and without it, so pinning never rebuilds it.
+pub fn pin(builtin: &str, attrs: &Attrs) -> Result<Option<String>, String> {
+    const SHAPE: &str = "a SHA-256 hash in SRI form, \"sha256-\" and 44 characters of base64 (the first build says it: leave it as \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\" and take the hash Nix got)";
+    let Some(v) = get(attrs, "pin") else { return Ok(None) };
+    let text = string(builtin, "pin", v, SHAPE)?;
+    let ok = text.strip_prefix("sha256-").is_some_and(|b64| {
+        b64.len() == 44
+            && b64.ends_with('=')
+            && b64[..43].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+    });
+    if !ok {
+        return Err(format!("{builtin}: attribute 'pin' must be {SHAPE}, got \"{text}\""));
+    }
+    Ok(Some(text))
+}
 
 /// A layer's validated arguments.
 pub struct LayerArgs {

@@ -289,7 +289,13 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
     match &cfg.controller.system {
         Some(disk) => extra_args.extend([
             "-drive".into(),
-            format!("if=none,id=system,format=raw,readonly=on,file={}", crate::vm::qemu::option_path(disk)).into(),
+            format!(
+                "if=none,id=system,format={},readonly=on,file={}",
+                // A pinned image's copy is a compressed qcow2; the guest sees the same disk.
+                if disk.extension().is_some_and(|e| e == "qcow2") { "qcow2" } else { "raw" },
+                crate::vm::qemu::option_path(disk)
+            )
+            .into(),
             "-device".into(),
             "virtio-blk-pci,drive=system".into(),
         ]),

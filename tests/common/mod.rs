@@ -136,3 +136,36 @@ pub fn remove_kept(build_dir: &Path) {
 }
 
 pub const STANDIN_TCG: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; }"#;
+
+/// A hash no image has: the first build of a pin, which Nix answers with the hash it got.
+pub const UNKNOWN_PIN: &str = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+/// The hash Nix got, from its mismatch message (`got:    sha256-…`).
+pub fn got_hash(log: &str) -> String {
+    log.lines()
+        .find_map(|l| l.trim().strip_prefix("got:"))
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|| panic!("no hash mismatch in:\n{log}"))
+}
+
+pub fn nix_build_with(builder: &Path, args: &[&str]) -> Output {
+    sandboxed_nix_build().env("NIX_WINVM_BUILDER", builder).args(args).output().unwrap()
+}
+
+/// Pins `expr` (`{PIN}` in it stands for the hash) as a user does: a first build with an unknown
+/// hash, then the hash it got. The pinned path, its hash, and the first build's log.
+pub fn pin(expr: &str) -> (PathBuf, String, String) {
+    let first = nix_build_with(&builder(), &["--no-out-link", "-E", &expr.replace("{PIN}", UNKNOWN_PIN)]);
+    let first_log = stderr(&first);
+    assert!(!first.status.success(), "{first_log}");
+    assert!(first_log.contains("a Windows install is not reproducible, so a pinned image is made once"), "{first_log}");
+    let hash = got_hash(&first_log);
+    let second = nix_build_with(&builder(), &["--no-out-link", "-E", &expr.replace("{PIN}", &hash)]);
+    let log = stderr(&second);
+    assert!(second.status.success(), "{log}");
+    // Nothing was installed again: Nix kept the first build's output under the hash it got
+    // (Nix 2.8 does), or the pin stage copied the unpinned image again.
+    let built: Vec<&str> = log.lines().filter(|l| l.starts_with("building '")).collect();
+    assert!(built.iter().all(|l| l.contains("-pinned.drv")), "{log}");
+    (PathBuf::from(String::from_utf8_lossy(&second.stdout).trim()), hash, first_log)
+}
