@@ -558,3 +558,20 @@ fn builds_run_as_a_build_user_of_the_nixbld_group() {
     assert!(name.starts_with("nixbld"), "the build ran as uid {uid} ({name:?}), not a build user");
     remove_kept(&kept);
 }
+
+/// Every revive of an image starts from the same saved memory, the kernel's random-number
+/// generator included: without QEMU's VM Generation ID device (a new GUID at each start, which
+/// the guest's kernel mixes in and reseeds from) two builds read the same "random" bytes.
+#[test]
+fn each_revive_gets_its_own_random_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let script = "dd if=/dev/urandom bs=4096 count=1 2>/dev/null | md5sum > $out";
+    let a = nix_build(&build_expr("random-a", "", script), &tmp.path().join("a"));
+    let b = nix_build(&build_expr("random-b", "", script), &tmp.path().join("b"));
+    for o in [&a, &b] {
+        assert!(stderr(o).contains("guest revived"), "{}", stderr(o));
+    }
+    let (a, b) = (std::fs::read_to_string(built(&a)).unwrap(), std::fs::read_to_string(built(&b)).unwrap());
+    assert_eq!(a.len(), 36, "{a:?}");
+    assert_ne!(a, b, "two revives of one image read the same bytes from /dev/urandom");
+}

@@ -112,6 +112,8 @@ fn aliased_machine(help: &str) -> Option<String> {
 }
 
 pub const VIRTIO_NET: &str = "virtio-net-pci";
+/// QEMU's VM Generation ID device, with a GUID of its own at every start (see [`VmConfig::args`]).
+pub const VMGENID: &str = "vmgenid,guid=auto";
 pub const E1000E: &str = "e1000e,addr=0x5";
 
 #[derive(Debug, Clone)]
@@ -194,6 +196,13 @@ impl VmConfig {
             s("chardev:serial0"),
             s("-device"),
             s("virtio-rng-pci"),
+            // Every revive of an image starts from the same saved memory, the guest's random
+            // number generator included. The VM Generation ID device gets a new GUID at each
+            // start (auto) and, on loading a saved state, writes it into the guest and raises
+            // an ACPI notification: Windows (8 / 2012 on) and Linux (5.18 on) mix it in and
+            // reseed. Part of the machine: present when an image is saved and when it revives.
+            s("-device"),
+            s(VMGENID),
         ];
         if let Some(uefi) = &self.uefi {
             a.extend(uefi.args());
@@ -303,6 +312,15 @@ mod tests {
         assert!(line.contains("-qmp unix:/w/qmp.sock,server=on,wait=off"));
         assert!(line.contains("-virtfs local,path=/,mount_tag=root,security_model=none,multidevs=remap,readonly=on"));
         assert!(!line.contains("-incoming"));
+        // A new VM generation ID at every start, for the guest and the controller alike (both
+        // are revived from saved memory); the Windows guest's extra devices do not replace it.
+        let controller = VmConfig { name: "controller".into(), boot: None, exports: vec![], ..c.clone() };
+        let windows = VmConfig { extra_args: vec![s("-device"), s("ahci,id=ahci")], uefi: None, ..c.clone() };
+        for vm in [&c, &controller, &windows] {
+            let args = vm.args();
+            let n = args.windows(2).filter(|w| w[0] == "-device" && w[1] == "vmgenid,guid=auto").count();
+            assert_eq!(n, 1, "{args:?}");
+        }
         // Hyper-V enlightenments: only where KVM offers them.
         let with_hyperv = VmConfig { hyperv: true, ..c.clone() };
         let tcg = with_hyperv.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
