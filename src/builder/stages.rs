@@ -386,7 +386,8 @@ fn image_format_advice(format: u64) -> String {
 
 /// The image layout this builder makes and revives (`meta.json`'s `format`):
 /// 1 (no `format` field): before the machine type was recorded; refused, with what to do.
-/// 2: `machine`, the QEMU machine type both VMs were saved as, given again at every revive.
+/// 2: `machine`, the QEMU machine type both VMs were saved as, given again at every revive;
+///    both VMs have the VM Generation ID device (a revive reseeds their random numbers).
 pub const IMAGE_FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

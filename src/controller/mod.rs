@@ -53,7 +53,10 @@ pub struct ServeConfig {
 
 /// One session's command, in the controller's own paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// Read by the agent of the image's own controller: the one the image was saved with, which a
+/// pinned image keeps across nix-winvm releases. So the agent ignores fields it does not know
+/// (a newer builder's), and the builder writes optional fields only when they are set.
+#[serde(rename_all = "camelCase")]
 pub struct JobConfig {
     pub xchg: PathBuf,
     pub command: String,
@@ -61,23 +64,27 @@ pub struct JobConfig {
     pub set_clock: bool,
     /// Tests only (`NIX_WINVM_TEST_FAULT=kill-smbd-after=SECS`): the agent kills its own smbd
     /// that long after the command started, to prove that the loss is named.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_smbd_after_secs: Option<u64>,
     /// An interactive login (`run-vm`, `shell`): the command runs on a pty in the guest, its
     /// bytes relayed through the session port ([`SESSION_PORT`]) to the host's terminal
     /// instead of into the output log.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub terminal: Option<TerminalRequest>,
     /// A layer's session: after a command that succeeded, the agent makes itself ready to
     /// serve again (a new waiting login, the exports unmounted, [`READY_MARKER`]) so that the
     /// pair can be saved as a new image.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub ready_again: bool,
     /// The command's stdout and stderr each into a file of its own ([`COMMAND_STDOUT`],
     /// [`COMMAND_STDERR`]) instead of merged, in order, into the output log: for
     /// `run-vm -- COMMAND`, whose stdout is the host's. The agent's own lines stay in the log.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub split_streams: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
 }
 
 /// A controller booted for one session (direct runs): everything arrives with the session,
@@ -270,6 +277,27 @@ pub fn initramfs(busybox: &Path, modules_dir: &Path, system_disk: bool) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an image's agent reads from later builders: unknown fields are let be, and a
+    /// plain job names only the fields every agent knows.
+    #[test]
+    fn a_job_file_stays_readable_across_releases() {
+        let job = JobConfig {
+            xchg: "/srv/xchg".into(),
+            command: "true".into(),
+            set_clock: true,
+            kill_smbd_after_secs: None,
+            terminal: None,
+            ready_again: false,
+            split_streams: false,
+        };
+        let json = serde_json::to_string(&job).unwrap();
+        assert_eq!(json, r#"{"xchg":"/srv/xchg","command":"true","setClock":true}"#);
+        let newer = r#"{"xchg":"/srv/xchg","command":"true","setClock":true,"somethingLater":[1]}"#;
+        assert_eq!(serde_json::from_str::<JobConfig>(newer).unwrap(), job);
+        let split = JobConfig { split_streams: true, ..job };
+        assert!(serde_json::to_string(&split).unwrap().ends_with(r#""splitStreams":true}"#));
+    }
 
     #[test]
     fn init_mounts_before_chroot_and_always_powers_off() {
