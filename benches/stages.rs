@@ -352,7 +352,7 @@ fn layers() {
         "  trivial layer, base cached: made in    {t_one:6.2} s   its disk {:.2} MB, guest state {:.1} MB, controller state {:.1} MB",
         file_mb("disk.qcow2"),
         file_mb("state"),
-        file_mb(nix_winvm::builder::stages::CONTROLLER_STATE)
+        file_mb(nix_winvm::builder::image::CONTROLLER_STATE)
     );
     let three = layer(&layer(&one, 2), 3);
     let (_, t_two_more) = nix_build(&three);

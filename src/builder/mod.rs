@@ -1,5 +1,6 @@
 //! The derivations' builder: `nix-winvm-builder <stage>`, run by Nix inside its sandbox.
 
+pub mod image;
 pub mod pin;
 pub mod progress;
 pub mod rerun;
@@ -278,6 +279,16 @@ pub fn io<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
 
 pub const USAGE: &str =
     "usage: nix-winvm-builder <media|install|suspend|layer|build|require-file|run|rerun|shell|agent|agent-ready|state-write|state-read> [options]";
+
+/// A path the derivation gives in the environment (`out`, `image`, `media`...).
+pub(crate) fn env_path(name: &'static str) -> Result<std::path::PathBuf, BuilderError> {
+    std::env::var_os(name).map(std::path::PathBuf::from).ok_or(BuilderError::MissingEnv(name))
+}
+
+/// The async runtime of a stage's session: one thread (the session waits on its VMs).
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime"))
+}
 
 fn env(name: &'static str) -> Result<String, BuilderError> {
     std::env::var(name).map_err(|_| BuilderError::MissingEnv(name))

@@ -22,8 +22,8 @@
 //! The revived controller runs the agent of the system disk it was saved with: the agent of
 //! the nix-winvm that made the image, which is why the session protocol stays compatible.
 
-use super::stages::{self, env_path, qemu_img, ImageMeta, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS};
-use super::{io, BuilderError, Progress};
+use super::image::{self, qemu_img, ImageMeta, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS};
+use super::{env_path, io, BuilderError, Progress};
 use crate::guest::windows::editions::INSTALL_RECORD;
 use crate::spec::ImageSpec;
 use crate::tools::Tools;
@@ -42,7 +42,7 @@ pub fn pin(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let image = env_path("image")?;
     let meta = ImageMeta::read(&image, spec)?;
     let tools = Tools::find()?;
-    stages::check_image(&tools, &image)?;
+    image::check_image(&tools, &image)?;
     progress.say(&format!("pinning {}: {} layers on the install, flattened", image.display(), meta.layers));
     std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
     let convert = |from: &Path, format: &str, to: &Path| {

@@ -18,15 +18,14 @@
 //! The build's outputs keep their store paths in the guest (`$out` is the build's), but they
 //! are made on the guest's own disk and go with it: a re-run writes nothing into the store.
 
-use super::stages::{self, ImageMeta, CONTROLLER_STATE};
+use super::image;
 use super::{io, BuilderError, Progress};
 use crate::guest::{self, Profile};
 use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig};
-use crate::shell;
 use crate::spec::{self, Accel};
 use crate::tools::Tools;
+use crate::vm::accel;
 use crate::vm::qemu::{KernelBoot, Machine, VIRTIO_NET};
-use crate::vm::{accel, state};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -217,7 +216,7 @@ pub fn shell_main(args: &[String]) -> Result<i32, BuilderError> {
 }
 
 fn run(cfg: SessionConfig, progress: &Progress, work: &Path) -> Result<i32, BuilderError> {
-    let result = stages::runtime()?.block_on(session::run(&cfg, progress));
+    let result = super::runtime()?.block_on(session::run(&cfg, progress));
     super::finish(result, progress, &[work])
 }
 
@@ -259,28 +258,20 @@ fn revived(
     has: Has,
     progress: &Progress,
 ) -> Result<SessionConfig, BuilderError> {
-    let meta = ImageMeta::load(image)?;
-    let state_file = image.join("state");
-    let controller_state = image.join(CONTROLLER_STATE);
-    for f in [&state_file, &controller_state] {
-        state::inspect(f, None)?;
-    }
-    let accel = stages::accel_for(&meta.spec, progress)?;
-    let tools = Tools::find()?;
-    stages::check_image(&tools, image)?;
+    let (meta, accel, tools) = image::revivable(image, None, progress)?;
     let disk = work.join("disk.qcow2");
-    stages::overlay(&tools, &image.join("disk.qcow2"), &disk)?;
+    image::overlay(&tools, &image.join("disk.qcow2"), &disk)?;
     let profile = guest::profile(&meta.spec.guest);
     let command = guest_command(profile, &rerun.outputs, &rerun.inputs, has, &a.mode);
-    let mut cfg = stages::session_config(
+    let mut cfg = image::session_config(
         &meta.spec,
         Some(&meta.machine),
         accel,
         timeout(rerun, a),
         work,
         &meta.media,
-        stages::revived_guest(&meta, image, work, disk)?,
-        stages::revived_controller(&meta, image),
+        image::revived_guest(&meta, image, work, disk)?,
+        image::revived_controller(&meta, image),
         image.join("key"),
         command,
         After::Quit,
@@ -361,49 +352,15 @@ fn finish_config(cfg: &mut SessionConfig, a: &Args) {
     cfg.split_streams = matches!(a.mode, Mode::Command(_));
 }
 
-/// The guest's side: `/tmp`, the build's environment, the outputs made on the guest's own
-/// disk under their store paths; then the login or the command.
+/// The guest's side (see `Profile::rerun_command`).
 fn guest_command(profile: Profile<'_>, outputs: &[PathBuf], inputs: &[String], has: Has, mode: &Mode) -> String {
-    let mut c = String::from("cd /tmp\n");
-    if has.env {
-        c.push_str(". /tmp/xchg/saved-env\n");
-    }
     let names: Vec<String> =
         outputs.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
-    if !names.is_empty() {
-        let redirect = match profile {
-            // Outside the sandbox the share is the whole host store: the standin binds only the
-            // paths the build's sandbox held, not thousands (each a mount over SMB).
-            Profile::Standin if !inputs.is_empty() => {
-                c.push_str(&format!("winvm_inputs={}\n", shell::quote(&inputs.join(" "))));
-                guest::standin::REDIRECT_OUTPUTS_LISTED.to_owned()
-            }
-            Profile::Standin => guest::standin::REDIRECT_OUTPUTS.to_owned(),
-            Profile::Windows(_) => guest::windows::outputs::REDIRECT_OUTPUTS.to_owned(),
-        };
-        c.push_str(&format!("winvm_outputs={}\n{redirect}", shell::quote(&names.join(" "))));
-        c.push_str("winvm_redirect || echo \"nix-winvm: the outputs could not be placed on the guest's disk\" >&2\n");
-    }
-    match mode {
-        Mode::Command(args) => {
-            c.push_str("exec");
-            for arg in args {
-                c.push(' ');
-                c.push_str(&shell::quote(arg));
-            }
-        }
-        Mode::Shell => {
-            let sh = profile.shell();
-            c.push_str("echo \"nix-winvm: a shell in the guest, in /tmp");
-            c.push_str(if has.env { ", with the build's environment" } else { "" });
-            c.push_str("; exit (or Ctrl-D) stops the VMs\"\n");
-            if has.script {
-                c.push_str(&format!("echo \"nix-winvm: the build's script: {sh} -e /tmp/xchg/script\"\n"));
-            }
-            c.push_str(&format!("PS1='winvm:$PWD$ '; export PS1\nexec {sh} -i"));
-        }
-    }
-    c
+    let command = match mode {
+        Mode::Command(args) => Some(&args[..]),
+        Mode::Shell => None,
+    };
+    profile.rerun_command(&names, inputs, has.env, has.script, command)
 }
 
 #[cfg(test)]

@@ -6,29 +6,29 @@
 //!   suspend -> disk.qcow2 (overlay on the base), state, key, media -> (link), meta.json
 //!   build   -> whatever the guest writes to $out through the share
 
+use super::image::{
+    accel_for, machine_type, new_image, outputs_disk, overlay, qemu_img, revivable, revived_controller, revived_guest,
+    session_config, uefi, ImageMeta, CONTROLLER_IMG, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, IMAGE_FORMAT,
+    OUTPUTS_DISK,
+};
 use super::Progress;
-use super::{io, BuilderError};
+use super::{env_path, io, runtime, BuilderError};
 use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
 use crate::guest::{self, MediaInputs};
 
-use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, TestFault, SCREENS_DIR};
+use crate::session::{self, After, ControllerBoot, GuestBoot, TestFault, SCREENS_DIR};
 use crate::shell;
-use crate::spec::{self, Accel, BuildSpec, ImageSpec, LayerSpec};
-use crate::tools::{Ovmf, Tools};
+use crate::spec::{self, BuildSpec, ImageSpec, LayerSpec};
+use crate::tools::Tools;
 use crate::vm::process::{describe_status, ProcessGuard};
-use crate::vm::qemu::{Machine, Uefi, VmConfig};
+use crate::vm::qemu::{Machine, VmConfig};
 use crate::vm::screen::{self, Screens};
-use crate::vm::{accel, kernel, state};
-use serde::{Deserialize, Serialize};
+use crate::vm::{kernel, state};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-pub(super) fn env_path(name: &'static str) -> Result<PathBuf, BuilderError> {
-    std::env::var_os(name).map(PathBuf::from).ok_or(BuilderError::MissingEnv(name))
-}
 
 pub fn generate_key(ssh_keygen: &Path, path: &Path) -> Result<String, BuilderError> {
     let status = Command::new(ssh_keygen)
@@ -48,16 +48,6 @@ pub fn generate_key(ssh_keygen: &Path, path: &Path) -> Result<String, BuilderErr
 
 fn write_initrd(img: &crate::initramfs::Initramfs, path: &Path) -> Result<(), BuilderError> {
     img.write_gz_file(path).map_err(io(format!("writing {}", path.display())))
-}
-
-pub(super) fn accel_for(spec: &ImageSpec, progress: &Progress) -> Result<Accel, BuilderError> {
-    let a = accel::choose(spec.accel)?;
-    progress.say(&format!("accelerator: {}", a.name()));
-    Ok(a)
-}
-
-pub(super) fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime"))
 }
 
 /// The stage's working folder: serial logs, QMP sockets, the `run-vm` script. It is left in
@@ -187,33 +177,9 @@ pub(crate) fn controller_store_paths(
     Ok((paths, smbd))
 }
 
-/// In the media: the controller's system disk.
-pub const CONTROLLER_SYSTEM: &str = "controller-system.img";
-/// In the media: the controller's initramfs; in the image: the controller saved while it
-/// waits for its session.
-pub const CONTROLLER_IMG: &str = "controller.img";
-pub const CONTROLLER_STATE: &str = "controller-state";
-/// UEFI images: the firmware's variable store (boot entries), made at the install from OVMF's
-/// template, saved with the image at the suspend, copied for each build.
-pub const EFI_VARS: &str = "efi-vars.fd";
 /// How long the install stage keeps pressing Enter for a boot loader that waits for a key
 /// (Windows' CD under UEFI): OVMF alone takes about 15 s to get there under TCG.
 const KEY_PRESS_WINDOW: Duration = Duration::from_secs(90);
-
-/// UEFI (`efi = true`): OVMF, with the image's variable store at `vars`, a writable copy of
-/// `from` (OVMF's template at the install; the previous stage's store after). BIOS: None.
-pub(super) fn uefi(spec: &ImageSpec, from: Option<&Path>, vars: &Path) -> Result<Option<Uefi>, BuilderError> {
-    if !spec.efi {
-        return Ok(None);
-    }
-    let ovmf = Ovmf::find()?;
-    let from = from.unwrap_or(&ovmf.vars_template);
-    std::fs::copy(from, vars).map_err(io(format!("copying {} to {}", from.display(), vars.display())))?;
-    // Store files are read-only; the firmware writes its variables.
-    std::fs::set_permissions(vars, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .map_err(io(format!("making {} writable", vars.display())))?;
-    Ok(Some(Uefi { code: ovmf.code, vars: vars.to_path_buf() }))
-}
 
 /// Stage 2: boot the installer with a blank disk; it installs and powers off.
 pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
@@ -310,196 +276,6 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     Ok(0)
 }
 
-pub(super) fn qemu_img(
-    tools: &Tools,
-    args: &[&str],
-    paths: &[&std::ffi::OsStr],
-    size: &str,
-) -> Result<(), BuilderError> {
-    let qemu_img = tools.qemu.with_file_name("qemu-img");
-    let qemu_img = if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img")? };
-    let mut c = Command::new(&qemu_img);
-    c.args(args).args(paths);
-    if !size.is_empty() {
-        c.arg(size);
-    }
-    let o = c.output().map_err(io(format!("running {}", qemu_img.display())))?;
-    if !o.status.success() {
-        return Err(BuilderError::Tool {
-            tool: "qemu-img".into(),
-            detail: format!("{}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim()),
-        });
-    }
-    Ok(())
-}
-
-/// The parts of an image a build needs, before any VM starts: its key, and a disk that
-/// `qemu-img check` finds whole (a few milliseconds; a damaged overlay would otherwise fail
-/// inside the guest, as I/O errors).
-pub(super) fn check_image(tools: &Tools, image: &Path) -> Result<(), BuilderError> {
-    let key = image.join("key");
-    if let Err(source) = std::fs::File::open(&key) {
-        return Err(BuilderError::ImageDamaged {
-            image: image.to_path_buf(),
-            what: format!("has no key: {}: {source}", key.display()),
-        });
-    }
-    let disk = image.join("disk.qcow2");
-    let qemu_img = tools.qemu.with_file_name("qemu-img");
-    let qemu_img = if qemu_img.exists() { qemu_img } else { crate::tools::find("qemu-img")? };
-    let o = Command::new(&qemu_img)
-        .args(["check", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .output()
-        .map_err(io(format!("running {}", qemu_img.display())))?;
-    // 0: clean; 3: leaked clusters only, harmless; anything else: corrupt or unreadable.
-    if !matches!(o.status.code(), Some(0) | Some(3)) {
-        let said =
-            format!("{} {}", String::from_utf8_lossy(&o.stderr).trim(), String::from_utf8_lossy(&o.stdout).trim());
-        return Err(BuilderError::DiskDamaged { disk, detail: said.trim().to_owned() });
-    }
-    Ok(())
-}
-
-/// An overlay on `backing`, which stays untouched.
-pub(super) fn overlay(tools: &Tools, backing: &Path, path: &Path) -> Result<(), BuilderError> {
-    qemu_img(
-        tools,
-        &["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", &backing.display().to_string()],
-        &[path.as_os_str()],
-        "",
-    )
-}
-
-/// What to do about an image of another format than [`IMAGE_FORMAT`].
-fn image_format_advice(format: u64) -> String {
-    if format < u64::from(IMAGE_FORMAT) {
-        format!(
-            "it has image format {format}, from an older nix-winvm that did not record the QEMU machine type its memory was saved as, so no QEMU but the one that made it could revive it safely; this nix-winvm revives format {IMAGE_FORMAT}: build the image again (a pinned image: take the pin off, build it, and pin the new hash)"
-        )
-    } else {
-        format!(
-            "it has image format {format}, from a newer nix-winvm; this one revives format {IMAGE_FORMAT}: use the nix-winvm that made it, or a newer one"
-        )
-    }
-}
-
-/// The image layout this builder makes and revives (`meta.json`'s `format`):
-/// 1 (no `format` field): before the machine type was recorded; refused, with what to do.
-/// 2: `machine`, the QEMU machine type both VMs were saved as, given again at every revive;
-///    both VMs have the VM Generation ID device (a revive reseeds their random numbers).
-pub const IMAGE_FORMAT: u32 = 2;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct ImageMeta {
-    pub format: u32,
-    pub spec: ImageSpec,
-    pub state_format: u32,
-    /// QEMU's versioned machine type (`pc-q35-10.0`) the pair was saved as.
-    pub machine: String,
-    pub media: PathBuf,
-    /// How many layers are under this image's own (0: made from the media).
-    #[serde(default)]
-    pub layers: u32,
-    /// A layer's base image.
-    #[serde(default)]
-    pub base: Option<PathBuf>,
-}
-
-impl ImageMeta {
-    /// The metadata of `image`, of this builder's [`IMAGE_FORMAT`] (checked first, before
-    /// the fields that format has).
-    pub fn load(image: &Path) -> Result<ImageMeta, BuilderError> {
-        let path = image.join("meta.json");
-        let text = std::fs::read_to_string(&path).map_err(io(format!("reading {}", path.display())))?;
-        let not_meta = || io(format!("{} is not a nix-winvm image's metadata", path.display()));
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(not_meta())?;
-        let format = match value.get("format") {
-            None => 1,
-            Some(f) => f.as_u64().ok_or_else(|| BuilderError::ImageFormat {
-                image: image.to_path_buf(),
-                detail: format!("its format is {f}, not a number"),
-            })?,
-        };
-        if format != u64::from(IMAGE_FORMAT) {
-            return Err(BuilderError::ImageFormat { image: image.to_path_buf(), detail: image_format_advice(format) });
-        }
-        let mut meta: ImageMeta = serde_json::from_value(value).map_err(not_meta())?;
-        // A pinned image holds its media (see `pin`).
-        if meta.media.is_relative() {
-            meta.media = image.join(&meta.media);
-        }
-        Ok(meta)
-    }
-
-    /// The metadata of `image`, which must have been made from `spec`.
-    pub fn read(image: &Path, spec: &ImageSpec) -> Result<ImageMeta, BuilderError> {
-        let meta = ImageMeta::load(image)?;
-        if &meta.spec != spec {
-            return Err(BuilderError::ImageMismatch { image: image.to_path_buf() });
-        }
-        Ok(meta)
-    }
-
-    pub(super) fn write(&self, out: &Path) -> Result<(), BuilderError> {
-        let json = serde_json::to_string_pretty(self).map_err(io("meta.json"))?;
-        std::fs::write(out.join("meta.json"), json).map_err(io("writing meta.json"))
-    }
-}
-
-/// The machine type `tools`' QEMU makes new images as (see `qemu::machine_type`).
-pub(super) fn machine_type(tools: &Tools) -> Result<String, BuilderError> {
-    crate::vm::qemu::machine_type(&tools.qemu).map_err(|detail| BuilderError::Tool { tool: "qemu".into(), detail })
-}
-
-/// A stage's session. `machine`: the image's, for a pair revived from it; None for a pair
-/// booted to be saved, which gets the versioned type of this QEMU.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn session_config(
-    spec: &ImageSpec,
-    machine: Option<&str>,
-    accel: Accel,
-    timeout: Duration,
-    work: &Path,
-    media: &Path,
-    guest: GuestBoot,
-    controller: ControllerBoot,
-    key: PathBuf,
-    command: String,
-    after: After,
-    tools: Tools,
-) -> Result<SessionConfig, BuilderError> {
-    let machine = match machine {
-        Some(m) => m.to_owned(),
-        None => machine_type(&tools)?,
-    };
-    Ok(SessionConfig {
-        machine,
-        accel,
-        memory_mib: spec.memory_mib,
-        cpus: spec.cpus,
-        timeout,
-        work: work.to_path_buf(),
-        kernel: kernel::bootable(media),
-        modules_dir: media.join("modules"),
-        guest,
-        controller,
-        key_file: key,
-        command,
-        set_clock: matches!(after, After::Quit | After::SaveLayer(_)),
-        after,
-        store_dir: PathBuf::from(spec::STORE_DIR),
-        extra_shares: vec![],
-        tools,
-        agent: std::env::current_exe().map_err(io("finding this program"))?,
-        test_fault: None,
-        terminal: None,
-        vnc: session::vnc_from_env(),
-        split_streams: false,
-    })
-}
-
 /// Where an image's pair is saved, in its output.
 fn save_to(spec: &ImageSpec, out: &Path) -> session::SaveTo {
     session::SaveTo {
@@ -559,55 +335,6 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     Ok(0)
 }
 
-/// The image `image` (made from `spec`) checked before any VM revives it (a build, or a layer
-/// on it): its metadata, its two state files and its disk; the evaluation media's expiry said.
-/// With the accelerator and the tools to revive it.
-fn revivable(image: &Path, spec: &ImageSpec, progress: &Progress) -> Result<(ImageMeta, Accel, Tools), BuilderError> {
-    let meta = ImageMeta::read(image, spec)?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    if let Some(warning) = InstallRecord::of_image(image).and_then(|record| record.expiry_warning(now)) {
-        progress.say(&warning);
-    }
-    inspect_states(image)?;
-    let accel = accel_for(spec, progress)?;
-    let tools = Tools::find()?;
-    check_image(&tools, image)?;
-    Ok((meta, accel, tools))
-}
-
-/// A new image's output begun: its disk, an overlay on the disk in `from` (the installed
-/// stage, or a layer's base), with the image's key, the install's record from `from` (its
-/// date; an evaluation's end), where each build looks for it, and a link to the media. The
-/// disk's path.
-fn new_image(tools: &Tools, out: &Path, from: &Path, key: &Path, media: &Path) -> Result<PathBuf, BuilderError> {
-    std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
-    let disk = out.join("disk.qcow2");
-    overlay(tools, &from.join("disk.qcow2"), &disk)?;
-    std::fs::copy(key, out.join("key")).map_err(io("copying the key"))?;
-    let record = from.join(INSTALL_RECORD);
-    if record.is_file() {
-        std::fs::copy(&record, out.join(INSTALL_RECORD)).map_err(io(format!("copying {}", record.display())))?;
-    }
-    std::os::unix::fs::symlink(media, out.join("media")).map_err(io("linking the media"))?;
-    Ok(disk)
-}
-
-/// An image's two state files, refused before any VM starts if they are not state files of
-/// this version or are cut short; their checksums are checked in the one pass that streams
-/// each into QEMU. Their reading from disk starts now, while the switch and the QEMUs start
-/// (when they are not in the page cache, it is most of a revive's time).
-fn inspect_states(image: &Path) -> Result<(), BuilderError> {
-    for f in [image.join("state"), image.join(CONTROLLER_STATE)] {
-        state::inspect(&f, None)?;
-        if let Ok(file) = std::fs::File::open(&f) {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a file descriptor this function owns; the advice reads ahead, nothing else.
-            let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-        }
-    }
-    Ok(())
-}
-
 /// A layer: the base image revived on a new overlay of its disk, the layer's commands run in
 /// the guest (the store shared read-only, as in a build), and the pair, ready to serve again,
 /// saved as a new image: `disk.qcow2` (only what the commands changed), both state files, and
@@ -615,7 +342,7 @@ fn inspect_states(image: &Path) -> Result<(), BuilderError> {
 pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let out = env_path("out")?;
     let base = env_path("image")?;
-    let (meta, accel, tools) = revivable(&base, &spec.image, progress)?;
+    let (meta, accel, tools) = revivable(&base, Some(&spec.image), progress)?;
     progress.say(&format!("layer {} on {}: {} commands", meta.layers + 1, base.display(), spec.commands));
     let disk = new_image(&tools, &out, &base, &base.join("key"), &meta.media)?;
     let work = work_dir()?;
@@ -685,34 +412,6 @@ pub fn layer_failure(note: &str, code: i32, command: impl Fn(usize) -> Option<St
             BuilderError::LayerCommand { index, code, command: command(index - 1).unwrap_or_default() }
         }
         _ => BuilderError::LayerCommand { index: 0, code, command: String::new() },
-    }
-}
-
-/// The guest of `image` as a build revives it: its machine on the overlay `disk`, its UEFI
-/// variable store copied into `work`, its memory from the image's state.
-pub(super) fn revived_guest(
-    meta: &ImageMeta,
-    image: &Path,
-    work: &Path,
-    disk: PathBuf,
-) -> Result<GuestBoot, BuilderError> {
-    Ok(GuestBoot {
-        machine: Machine {
-            uefi: uefi(&meta.spec, Some(&image.join(EFI_VARS)), &work.join(EFI_VARS))?,
-            ..guest::profile(&meta.spec.guest).machine(&meta.media, disk, &outputs_disk(work)?)
-        },
-        revive_from: Some(image.join("state")),
-    })
-}
-
-/// The controller as a build revives it: saved while it waited for its session.
-pub(super) fn revived_controller(meta: &ImageMeta, image: &Path) -> ControllerBoot {
-    // A pinned image's media hold the system disk as a compressed qcow2 (see `pin`).
-    let pinned = meta.media.join(super::pin::PINNED_CONTROLLER_SYSTEM);
-    ControllerBoot {
-        initrd: Some(meta.media.join(CONTROLLER_IMG)),
-        system: Some(if pinned.is_file() { pinned } else { meta.media.join(CONTROLLER_SYSTEM) }),
-        revive_from: Some(image.join(CONTROLLER_STATE)),
     }
 }
 
@@ -793,7 +492,7 @@ pub fn output_paths(var: impl Fn(&str) -> Option<OsString>) -> Vec<PathBuf> {
 /// Stage 4: revive the image on a throw-away overlay and run the build.
 pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let image = env_path("image")?;
-    let (meta, accel, tools) = revivable(&image, &spec.image, progress)?;
+    let (meta, accel, tools) = revivable(&image, Some(&spec.image), progress)?;
     let work = work_dir()?;
     let disk = work.join("disk.qcow2");
     overlay(&tools, &image.join("disk.qcow2"), &disk)?;
@@ -850,17 +549,6 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         Err(e) => Err(e),
     };
     super::finish(result, progress, &[&work])
-}
-
-/// The guest's outputs disk in a session's work folder.
-pub const OUTPUTS_DISK: &str = "outputs.img";
-
-/// A new, empty outputs disk in `work` (sparse: it takes no room until the guest writes).
-pub(super) fn outputs_disk(work: &Path) -> Result<PathBuf, BuilderError> {
-    let path = work.join(OUTPUTS_DISK);
-    let file = std::fs::File::create(&path).map_err(io(format!("creating {}", path.display())))?;
-    file.set_len(guest::profile::OUTPUTS_DISK_BYTES).map_err(io(format!("sizing {}", path.display())))?;
-    Ok(path)
 }
 
 /// The archive the guest wrote onto its outputs disk, unpacked into the output paths (and

@@ -310,6 +310,60 @@ done
         )
     }
 
+    /// A re-run's command (`run-vm`, `shell`): in `/tmp`, the build's environment sourced when
+    /// the re-run has it (`env`), the outputs (store names) made on the guest's own disk under
+    /// their store paths, then `command`, or a login shell (`None`) that says where the build's
+    /// script is (`script`). `inputs`: the store names the build's sandbox held, which the
+    /// standin binds alone over its store outside the sandbox (the share is then the whole
+    /// host store: thousands of paths, each a mount over SMB).
+    pub fn rerun_command(
+        self,
+        outputs: &[String],
+        inputs: &[String],
+        env: bool,
+        script: bool,
+        command: Option<&[String]>,
+    ) -> String {
+        let mut c = String::from("cd /tmp\n");
+        if env {
+            c.push_str(". /tmp/xchg/saved-env\n");
+        }
+        if !outputs.is_empty() {
+            let redirect = match self {
+                Profile::Standin if !inputs.is_empty() => {
+                    c.push_str(&format!("winvm_inputs={}\n", crate::shell::quote(&inputs.join(" "))));
+                    standin::REDIRECT_OUTPUTS_LISTED
+                }
+                Profile::Standin => standin::REDIRECT_OUTPUTS,
+                Profile::Windows(_) => windows::outputs::REDIRECT_OUTPUTS,
+            };
+            c.push_str(&format!("winvm_outputs={}\n{redirect}", crate::shell::quote(&outputs.join(" "))));
+            c.push_str(
+                "winvm_redirect || echo \"nix-winvm: the outputs could not be placed on the guest's disk\" >&2\n",
+            );
+        }
+        match command {
+            Some(args) => {
+                c.push_str("exec");
+                for arg in args {
+                    c.push(' ');
+                    c.push_str(&crate::shell::quote(arg));
+                }
+            }
+            None => {
+                let sh = self.shell();
+                c.push_str("echo \"nix-winvm: a shell in the guest, in /tmp");
+                c.push_str(if env { ", with the build's environment" } else { "" });
+                c.push_str("; exit (or Ctrl-D) stops the VMs\"\n");
+                if script {
+                    c.push_str(&format!("echo \"nix-winvm: the build's script: {sh} -e /tmp/xchg/script\"\n"));
+                }
+                c.push_str(&format!("PS1='winvm:$PWD$ '; export PS1\nexec {sh} -i"));
+            }
+        }
+        c
+    }
+
     /// `build` (the command that runs the build) wrapped so that the outputs, named by their
     /// store names, are made on the guest's own disk and come back as one tar archive written
     /// onto the guest's outputs disk ([`Profile::outputs_device`]), which the builder unpacks
