@@ -6,11 +6,13 @@
 //! - `vm`: switch, QEMU, QMP, process guards; `controller`: the agent in the controller VM;
 //!   `guest`: the guest profiles (standin, windows); `initramfs`: our cpio writer.
 
+pub mod agent;
 pub mod builder;
 pub mod controller;
 pub mod guest;
 pub mod initramfs;
 pub mod plugin;
+pub mod protocol;
 pub mod session;
 pub mod shell;
 pub mod spec;

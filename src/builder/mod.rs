@@ -10,7 +10,7 @@ pub mod unpack;
 
 pub use progress::Progress;
 
-use crate::controller::agent::AgentError;
+use crate::agent::AgentError;
 use crate::guest::standin::StandinError;
 use crate::guest::ProfileError;
 use crate::initramfs::linux::LinuxInitError;
@@ -111,11 +111,11 @@ pub enum BuilderError {
 /// A session's verdict as the builder's exit: the command's code, or an error; a failure
 /// that a full file system among `writes` explains says so.
 pub fn finish(
-    result: Result<crate::controller::agent::Verdict, RunError>,
+    result: Result<crate::protocol::Verdict, RunError>,
     progress: &Progress,
     writes: &[&std::path::Path],
 ) -> Result<i32, BuilderError> {
-    use crate::controller::agent::Verdict;
+    use crate::protocol::Verdict;
     if let Ok(Verdict::Exited(code)) = &result {
         progress.say(&format!("command exited {code}"));
     }
@@ -336,12 +336,12 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
             let config = flag(args, "--config")?;
             // The host's clock when the session began: a revived controller's own clock lags.
             let now = flag(args, "--now").ok().and_then(|n| n.parse::<u64>().ok());
-            Ok(crate::controller::agent::main(std::path::Path::new(config), now)?)
+            Ok(crate::agent::main(std::path::Path::new(config), now)?)
         }
         "agent-ready" => {
             let config = flag(args, "--config")?;
             let port = flag(args, "--session")?;
-            Ok(crate::controller::agent::main_ready(std::path::Path::new(config), std::path::Path::new(port))?)
+            Ok(crate::agent::main_ready(std::path::Path::new(config), std::path::Path::new(port))?)
         }
         "--help" | "-h" => {
             println!("{USAGE}");

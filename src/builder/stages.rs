@@ -104,7 +104,8 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
 /// and their libraries from the tools closure the derivation names, the image's key, and what
 /// the agent does before the pair is saved.
 fn controller_system(spec: &ImageSpec, tools: &Tools, out: &Path) -> Result<(), BuilderError> {
-    use crate::controller::{self, system, ReadyConfig, ServeConfig, Share};
+    use crate::controller::system;
+    use crate::protocol::{self, ReadyConfig, ServeConfig, Share};
     let agent = std::env::current_exe().map_err(io("finding this program"))?;
     let lib = std::env::var_os("winvmToolsLib").map(PathBuf::from);
     let tools_dir = std::env::var_os("winvmTools").map(PathBuf::from).ok_or(BuilderError::MissingEnv("winvmTools"))?;
@@ -112,16 +113,16 @@ fn controller_system(spec: &ImageSpec, tools: &Tools, out: &Path) -> Result<(), 
     let config = ReadyConfig {
         serve: ServeConfig {
             shares: vec![
-                Share { name: "nixstore".into(), path: controller::READY_STORE.into() },
-                Share { name: "xchg".into(), path: controller::READY_XCHG.into() },
-                Share { name: controller::SESSION_SHARE.into(), path: controller::READY_SHARE_DIR.into() },
+                Share { name: "nixstore".into(), path: protocol::READY_STORE.into() },
+                Share { name: "xchg".into(), path: protocol::READY_XCHG.into() },
+                Share { name: protocol::SESSION_SHARE.into(), path: protocol::READY_SHARE_DIR.into() },
             ],
-            run_dir: controller::READY_SAMBA_DIR.into(),
+            run_dir: protocol::READY_SAMBA_DIR.into(),
             smbd,
             smbd_log: "/run/smbd.log".into(),
             guest_addr: format!("{}:22", crate::guest::GUEST_IP),
             user: crate::guest::SSH_USER.into(),
-            key_file: controller::READY_KEY.into(),
+            key_file: protocol::READY_KEY.into(),
             ssh_timeout_secs: spec.timeout_secs.max(1),
         },
         prepare: guest::profile(&spec.guest).prepare_command(),
@@ -371,7 +372,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         tools,
     )?;
     let result = runtime()?.block_on(session::run(&cfg, progress));
-    if let Ok(crate::controller::agent::Verdict::Exited(code)) = &result {
+    if let Ok(crate::protocol::Verdict::Exited(code)) = &result {
         if *code != 0 {
             let failed =
                 std::fs::read_to_string(work.join("xchg").join(guest::profile::LAYER_FAILED)).unwrap_or_default();
@@ -532,10 +533,8 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     // They are unpacked while the VMs are torn down.
     let collect = {
         let (disk, outputs, progress) = (work.join(OUTPUTS_DISK), outputs.clone(), *progress);
-        move |verdict: &crate::controller::agent::Verdict| match verdict {
-            crate::controller::agent::Verdict::Exited(0) if !outputs.is_empty() => {
-                collect_outputs(&disk, &outputs, &progress)
-            }
+        move |verdict: &crate::protocol::Verdict| match verdict {
+            crate::protocol::Verdict::Exited(0) if !outputs.is_empty() => collect_outputs(&disk, &outputs, &progress),
             _ => Ok(()),
         }
     };

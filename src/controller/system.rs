@@ -5,7 +5,7 @@
 //! and only the pages they touched are in the saved memory (an initramfs would put all of
 //! Samba's libraries there).
 
-use super::{ReadyConfig, READY_AGENT, READY_CONFIG, READY_KEY, READY_STORE, READY_XCHG};
+use crate::protocol::{ReadyConfig, READY_AGENT, READY_CONFIG, READY_KEY, READY_STORE, READY_XCHG};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -99,7 +99,7 @@ exec /bin/sh "$@"
 /// `cache=loose`: reads go through the guest's page cache. The client of the standin's kernel
 /// (Debian's 6.1) gets a splice wrong when it reads uncached, as it does with `cache=strict`
 /// (the default) on a file it holds no read lease on, which is every file but the `nixstore`
-/// share's (the others are served without oplocks, see `controller::samba`), and with
+/// share's (the others are served without oplocks, see `agent::samba`), and with
 /// `cache=none`: the pipe is filled for the whole length asked and not trimmed to what the
 /// server sent, so `cat FILE | wc -c` (busybox cat sends the file with sendfile) counted 69632
 /// to 131072 bytes for a 296-byte file, zeros past its end. Only the page cache's path is right.

@@ -1,6 +1,6 @@
 //! What a session is asked to do: the two VMs' boots, the command, and what follows it.
 
-use crate::controller::TerminalRequest;
+use crate::protocol::TerminalRequest;
 use crate::spec::Accel;
 use crate::tools::Tools;
 use crate::vm::qemu::Machine;

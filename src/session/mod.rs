@@ -24,7 +24,7 @@ pub use error::RunError;
 pub use snapshot::{qemu_version, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
 pub use terminal::terminal_request;
 
-use crate::controller::{self, agent::Verdict};
+use crate::protocol::{self, Verdict};
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{Export, KernelBoot, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC, VIRTIO_NET};
 use crate::vm::qmp::{self, Qmp};
@@ -130,9 +130,9 @@ struct Outputs {
 impl Outputs {
     fn new(xchg: &Path, split: bool) -> Outputs {
         Outputs {
-            log: Tail::new(xchg.join(controller::OUTPUT_LOG)),
+            log: Tail::new(xchg.join(protocol::OUTPUT_LOG)),
             streams: split.then(|| {
-                (Tail::new(xchg.join(controller::COMMAND_STDOUT)), Tail::new(xchg.join(controller::COMMAND_STDERR)))
+                (Tail::new(xchg.join(protocol::COMMAND_STDOUT)), Tail::new(xchg.join(protocol::COMMAND_STDERR)))
             }),
         }
     }
@@ -465,7 +465,7 @@ async fn run_prepared<T: Send + 'static>(
 
 /// A booted controller prints its marker, then waits for its session line.
 async fn controller_waiting(files: &Files, controller: &mut ProcessGuard) -> Result<(), RunError> {
-    let marker = controller::WAITING_MARKER;
+    let marker = protocol::WAITING_MARKER;
     let serial = &files.controller_serial;
     let what = format!("the controller's init ('{marker}')");
     let waited = tokio::select! {
@@ -527,7 +527,7 @@ async fn save_pair(cfg: &SessionConfig, guest_qmp: &mut Qmp, ctl_qmp: &mut Qmp, 
     Ok(())
 }
 
-/// A controller started from its system disk says [`controller::READY_MARKER`] once it serves
+/// A controller started from its system disk says [`protocol::READY_MARKER`] once it serves
 /// and the guest is prepared; meanwhile its progress lines go into the build log. The stage's
 /// time-out bounds the wait (a Windows guest's first boot is long).
 async fn controller_ready(files: &Files, pair: &mut Pair, report: &dyn Report) -> Result<(), RunError> {
@@ -540,7 +540,7 @@ async fn controller_ready(files: &Files, pair: &mut Pair, report: &dyn Report) -
             }
         }
         shown = text.lines().count();
-        if text.contains(controller::READY_MARKER) {
+        if text.contains(protocol::READY_MARKER) {
             return Ok(());
         }
         let failed = |status| RunError::ControllerNotReady {
@@ -571,8 +571,8 @@ async fn watch_pair(
     doing: &Cell<&'static str>,
 ) -> Result<Verdict, RunError> {
     let mut outputs = Outputs::new(&files.xchg, split_streams);
-    let ssh_ready_file = files.xchg.join(controller::WAITING_DONE);
-    let exit_file = files.xchg.join(controller::EXIT_FILE);
+    let ssh_ready_file = files.xchg.join(protocol::WAITING_DONE);
+    let exit_file = files.xchg.join(protocol::EXIT_FILE);
     let mut phase = Phase::Connecting;
     doing.set(phase.doing());
     loop {

@@ -5,8 +5,9 @@
 use super::config::TestFault;
 use super::error::{io, RunError};
 use super::SessionConfig;
-use crate::controller::{self, AgentConfig, JobConfig, Mount, ServeConfig, Share, READY_XCHG};
+use crate::controller::{self, Mount};
 use crate::guest::{GUEST_IP, SSH_USER};
+use crate::protocol::{self, AgentConfig, JobConfig, ServeConfig, Share, READY_XCHG};
 use std::path::{Path, PathBuf};
 
 /// The guest's serial console, in the work folder.
@@ -49,9 +50,9 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     };
     if cfg.controller.system.is_some() {
         // A ready controller serves already; its paths are its own (see controller::READY_*).
-        files.session_line = controller::ready_session_line();
+        files.session_line = protocol::ready_session_line();
         let job = JobConfig { xchg: READY_XCHG.into(), ..job };
-        write_json(&files.xchg.join(controller::AGENT_CONFIG), &job)?;
+        write_json(&files.xchg.join(protocol::AGENT_CONFIG), &job)?;
         return Ok(files);
     }
     let key = files.xchg.join("key");
@@ -97,7 +98,7 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         },
         job,
     };
-    write_json(&files.xchg.join(controller::AGENT_CONFIG), &agent)?;
+    write_json(&files.xchg.join(protocol::AGENT_CONFIG), &agent)?;
     Ok(files)
 }
 

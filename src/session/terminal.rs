@@ -27,11 +27,11 @@ pub(super) struct Relay {
 
 /// The terminal's type and size, as the guest's pty should have them; a plain default
 /// without a terminal.
-pub fn terminal_request() -> crate::controller::TerminalRequest {
+pub fn terminal_request() -> crate::protocol::TerminalRequest {
     let stdin = std::io::stdin();
     let (cols, rows) = tty::window_size(stdin.as_fd()).unwrap_or((80, 24));
     let term = std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm".into());
-    crate::controller::TerminalRequest { term, cols, rows }
+    crate::protocol::TerminalRequest { term, cols, rows }
 }
 
 pub(super) fn start(port: tokio::net::UnixStream) -> std::io::Result<Relay> {

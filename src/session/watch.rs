@@ -9,7 +9,7 @@
 //! than closed, so the controller gets [`GUEST_DEATH_GRACE`] to report before the guest is
 //! called dead ([`Phase::GuestGone`]).
 
-use crate::controller::agent::{parse_exit_file, Verdict};
+use crate::protocol::{parse_exit_file, Verdict};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 

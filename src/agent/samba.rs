@@ -11,7 +11,7 @@
 //! written here as an smbpasswd file (the NT hash is MD4 of the UTF-16LE password), and a
 //! username map makes the client's `Administrator` the unix user `root`.
 
-use super::Share;
+use crate::protocol::Share;
 use std::io;
 use std::path::{Path, PathBuf};
 

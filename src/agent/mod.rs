@@ -2,8 +2,10 @@
 //! guest's SSH, run the command, stream its output into the exchange directory, record its
 //! exit code. Blocking code: it is the only thing running in that VM.
 
-use super::{
-    samba, AgentConfig, JobConfig, ReadyConfig, ServeConfig, AGENT_CONFIG, EXIT_FILE, OUTPUT_LOG, READY_MARKER,
+pub mod samba;
+
+use crate::protocol::{
+    self, AgentConfig, JobConfig, ReadyConfig, ServeConfig, Verdict, AGENT_CONFIG, EXIT_FILE, OUTPUT_LOG, READY_MARKER,
     READY_XCHG, WAITING_DONE,
 };
 use std::fmt;
@@ -321,7 +323,7 @@ fn read_session(port: &Path) -> Result<(u64, Vec<(String, std::path::PathBuf)>),
         }
         line.extend_from_slice(&buf[..n]);
     }
-    super::parse_ready_session_line(&String::from_utf8_lossy(&line)).map_err(AgentError::Config)
+    protocol::parse_ready_session_line(&String::from_utf8_lossy(&line)).map_err(AgentError::Config)
 }
 
 /// The host's folder exported as `tag`, mounted at `at` (mount(2) directly: no process to
@@ -333,7 +335,7 @@ fn mount_9p(tag: &str, at: &Path) -> Result<(), AgentError> {
         |detail: String| AgentError::Io(format!("cannot mount the export {tag} at {}: {detail}", at.display()));
     let source = CString::new(tag).map_err(|e| failed(e.to_string()))?;
     let target = CString::new(at.as_os_str().as_bytes()).map_err(|e| failed(e.to_string()))?;
-    let options = CString::new(super::NINEP_OPTIONS).expect("no NUL");
+    let options = CString::new(protocol::NINEP_OPTIONS).expect("no NUL");
     // SAFETY: every pointer is a valid C string that outlives the call.
     let r = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), c"9p".as_ptr(), 0, options.as_ptr().cast()) };
     if r != 0 {
@@ -387,12 +389,6 @@ fn finish(job: &JobConfig, result: Result<Verdict, AgentError>, log: &mut Log) -
         .and_then(|_| std::fs::rename(&tmp, job.xchg.join(EXIT_FILE)))
         .map_err(|e| AgentError::Io(format!("cannot write the exit code: {e}")))?;
     result.map(|_| 0)
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    Exited(i32),
-    Signal(String),
 }
 
 /// smbd up, the guest's SSH answered and logged on to with the image's key.
@@ -635,7 +631,7 @@ impl SplitFiles {
             let path = xchg.join(name);
             File::create(&path).map_err(|e| AgentError::Io(format!("cannot create {}: {e}", path.display())))
         };
-        Ok(SplitFiles { stdout: create(super::COMMAND_STDOUT)?, stderr: create(super::COMMAND_STDERR)? })
+        Ok(SplitFiles { stdout: create(protocol::COMMAND_STDOUT)?, stderr: create(protocol::COMMAND_STDERR)? })
     }
 }
 
@@ -743,17 +739,17 @@ fn verdict(session: &ssh2::Session, mut channel: ssh2::Channel) -> Result<Verdic
 fn run_on_terminal(
     session: &ssh2::Session,
     mut channel: ssh2::Channel,
-    terminal: &super::TerminalRequest,
+    terminal: &protocol::TerminalRequest,
     command: &str,
     log: &mut Log,
 ) -> Result<Verdict, AgentError> {
     use std::os::fd::AsFd;
     let io_err = |what: &str| {
         let what = what.to_owned();
-        move |e: std::io::Error| AgentError::Io(format!("{what} {}: {e}", super::SESSION_PORT))
+        move |e: std::io::Error| AgentError::Io(format!("{what} {}: {e}", protocol::SESSION_PORT))
     };
     let mut port =
-        OpenOptions::new().read(true).write(true).open(super::SESSION_PORT).map_err(io_err("cannot open"))?;
+        OpenOptions::new().read(true).write(true).open(protocol::SESSION_PORT).map_err(io_err("cannot open"))?;
     let _raw = crate::vm::sys::tty::RawMode::enter(port.as_fd(), false).map_err(io_err("cannot make raw"))?;
     let size = Some((terminal.cols, terminal.rows, 0, 0));
     channel.request_pty(&terminal.term, None, size).map_err(ssh_err("asking for a pty"))?;
@@ -830,18 +826,6 @@ pub fn clock_prefix(now: std::time::SystemTime) -> String {
     )
 }
 
-/// Parses the agent's exit file: "N", "signal NAME" or "error MESSAGE".
-pub fn parse_exit_file(text: &str) -> Result<Verdict, String> {
-    let t = text.trim();
-    if let Some(sig) = t.strip_prefix("signal ") {
-        return Ok(Verdict::Signal(sig.to_owned()));
-    }
-    if let Some(e) = t.strip_prefix("error ") {
-        return Err(e.to_owned());
-    }
-    t.parse::<i32>().map(Verdict::Exited).map_err(|_| format!("unreadable exit file: {t:?}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -900,13 +884,5 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
         assert_eq!(e.to_string(), "SSH to the guest failed while handshaking: the guest did not answer within 0.5 s");
         drop(held.join());
-    }
-
-    #[test]
-    fn exit_file_forms() {
-        assert_eq!(parse_exit_file("42\n"), Ok(Verdict::Exited(42)));
-        assert_eq!(parse_exit_file("signal KILL"), Ok(Verdict::Signal("KILL".into())));
-        assert_eq!(parse_exit_file("error smbd: boom"), Err("smbd: boom".into()));
-        assert!(parse_exit_file("").is_err());
     }
 }

@@ -1,0 +1,225 @@
+//! What crosses between the host and the controller's agent, and between the builder's own
+//! processes: the agent's configuration and each session's job (JSON files in the exchange
+//! folder), the session line on the controller's second serial port, the markers both sides
+//! wait for, the exit file and its verdict, and the fixed paths of a controller saved ready to
+//! serve. The host side (`session`, `builder`) writes these and the agent (`agent`, inside the
+//! controller VM) reads them; neither imports the other.
+//!
+//! A pinned image keeps the agent it was saved with across nix-winvm releases, so what the
+//! agent reads must stay readable by older agents: see [`JobConfig`].
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// The share of [`READY_SHARE_DIR`] (see `spec::SESSION_SHARE`).
+pub use crate::spec::SESSION_SHARE;
+
+/// Files in the exchange directory, the one place both sides see.
+pub const WAITING_DONE: &str = "waiting_done";
+
+pub const EXIT_FILE: &str = "in-vm-exit";
+
+pub const AGENT_CONFIG: &str = "agent.json";
+
+pub const OUTPUT_LOG: &str = "output.log";
+
+/// A command whose streams stay apart ([`JobConfig::split_streams`]): its stdout, its stderr.
+pub const COMMAND_STDOUT: &str = "command.stdout";
+
+pub const COMMAND_STDERR: &str = "command.stderr";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Share {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// What the agent serves and how it reaches the guest: the same for every session of an
+/// image, so a controller saved ready to serve has done all of it before the save.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServeConfig {
+    pub shares: Vec<Share>,
+    /// A tmpfs for Samba's state.
+    pub run_dir: PathBuf,
+    pub smbd: PathBuf,
+    /// Where smbd's log goes.
+    pub smbd_log: PathBuf,
+    pub guest_addr: String,
+    pub user: String,
+    pub key_file: PathBuf,
+    /// How long the guest may take to answer SSH: the image's (or the build's) time-out.
+    pub ssh_timeout_secs: u64,
+}
+
+/// One session's command, in the controller's own paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Read by the agent of the image's own controller: the one the image was saved with, which a
+/// pinned image keeps across nix-winvm releases. So the agent ignores fields it does not know
+/// (a newer builder's), and the builder writes optional fields only when they are set.
+#[serde(rename_all = "camelCase")]
+pub struct JobConfig {
+    pub xchg: PathBuf,
+    pub command: String,
+    /// Set the guest's clock from the controller's (fresh from the host) before the command.
+    pub set_clock: bool,
+    /// Tests only (`NIX_WINVM_TEST_FAULT=kill-smbd-after=SECS`): the agent kills its own smbd
+    /// that long after the command started, to prove that the loss is named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kill_smbd_after_secs: Option<u64>,
+    /// An interactive login (`run-vm`, `shell`): the command runs on a pty in the guest, its
+    /// bytes relayed through the session port ([`SESSION_PORT`]) to the host's terminal
+    /// instead of into the output log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminal: Option<TerminalRequest>,
+    /// A layer's session: after a command that succeeded, the agent makes itself ready to
+    /// serve again (a new waiting login, the exports unmounted, [`READY_MARKER`]) so that the
+    /// pair can be saved as a new image.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ready_again: bool,
+    /// The command's stdout and stderr each into a file of its own ([`COMMAND_STDOUT`],
+    /// [`COMMAND_STDERR`]) instead of merged, in order, into the output log: for
+    /// `run-vm -- COMMAND`, whose stdout is the host's. The agent's own lines stay in the log.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub split_streams: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// A controller booted for one session (direct runs): everything arrives with the session,
+/// written by the host into the exchange directory ([`AGENT_CONFIG`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AgentConfig {
+    pub serve: ServeConfig,
+    pub job: JobConfig,
+}
+
+/// A controller saved ready to serve (images): read from its system disk ([`READY_CONFIG`])
+/// at the suspend stage, where the agent starts smbd, logs on to the guest and runs `prepare`
+/// there (which leaves an SMB session open) before the pair is saved. Each build then only
+/// sends its [`JobConfig`] ([`AGENT_CONFIG`] in the exchange directory, mounted at
+/// [`READY_XCHG`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ReadyConfig {
+    pub serve: ServeConfig,
+    pub prepare: String,
+}
+
+/// The pty the guest gives an interactive login: the host terminal's type and size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TerminalRequest {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+}
+
+/// The controller's second serial port: it brings the session line, and stays open (the init
+/// holds it) so that it can carry an interactive login's bytes afterwards. A revived
+/// controller has exactly the devices it was saved with, so no new port can be added.
+pub const SESSION_PORT: &str = "/dev/ttyS1";
+
+/// How the controller mounts the host's exports (its init, and a ready agent after a revive).
+pub const NINEP_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=262144";
+
+/// What the controller's init prints before it waits for its session on ttyS1.
+pub const WAITING_MARKER: &str = "winvm-controller: waiting for the session";
+
+/// What the agent of a controller with a system disk prints once smbd runs, the guest's SSH
+/// logon is made and the guest's `prepare` succeeded: the pair can be saved.
+pub const READY_MARKER: &str = "winvm-controller: ready to serve";
+
+/// The system disk's layout (an ext2 file system, read-only; see [`system`]).
+pub const READY_CONFIG: &str = "/etc/winvm/ready.json";
+
+/// A link to this program, in the store path it has in the builds.
+pub const READY_AGENT: &str = "/etc/winvm/agent";
+
+pub const READY_KEY: &str = "/etc/winvm/key";
+
+/// Where a ready controller mounts the build's store and exchange directory: two folders of
+/// [`READY_SHARE_DIR`], the folder of the share the guest keeps mounted across the save.
+pub const READY_SHARE_DIR: &str = "/srv";
+
+pub const READY_STORE: &str = "/srv/store";
+
+pub const READY_XCHG: &str = "/srv/xchg";
+
+/// Samba's state, in the ready controller's tmpfs.
+pub const READY_SAMBA_DIR: &str = "/run/samba";
+
+/// The line a ready controller's agent reads: the build's two exports, at fixed places (the
+/// session adds the host's clock in front, `NOW=SECS `).
+pub fn ready_session_line() -> String {
+    format!("MOUNTS='store={READY_STORE} xchg={READY_XCHG}'\n")
+}
+
+/// The host's clock and the exports (tag, mount point) of a ready controller's session line.
+pub fn parse_ready_session_line(line: &str) -> Result<(u64, Vec<(String, PathBuf)>), String> {
+    let garbled = || format!("garbled session line: {line:?}");
+    let now = line.trim().strip_prefix("NOW=").and_then(|rest| rest.split(' ').next()).ok_or_else(garbled)?;
+    let now = now.parse().map_err(|_| garbled())?;
+    let mounts = line.split_once("MOUNTS='").and_then(|(_, rest)| rest.split_once('\'')).ok_or_else(garbled)?.0;
+    let mounts = mounts
+        .split_whitespace()
+        .map(|m| m.split_once('=').map(|(tag, at)| (tag.to_owned(), PathBuf::from(at))).ok_or_else(garbled))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((now, mounts))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Exited(i32),
+    Signal(String),
+}
+
+/// Parses the agent's exit file: "N", "signal NAME" or "error MESSAGE".
+pub fn parse_exit_file(text: &str) -> Result<Verdict, String> {
+    let t = text.trim();
+    if let Some(sig) = t.strip_prefix("signal ") {
+        return Ok(Verdict::Signal(sig.to_owned()));
+    }
+    if let Some(e) = t.strip_prefix("error ") {
+        return Err(e.to_owned());
+    }
+    t.parse::<i32>().map(Verdict::Exited).map_err(|_| format!("unreadable exit file: {t:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What an image's agent reads from later builders: unknown fields are let be, and a
+    /// plain job names only the fields every agent knows.
+    #[test]
+    fn a_job_file_stays_readable_across_releases() {
+        let job = JobConfig {
+            xchg: "/srv/xchg".into(),
+            command: "true".into(),
+            set_clock: true,
+            kill_smbd_after_secs: None,
+            terminal: None,
+            ready_again: false,
+            split_streams: false,
+        };
+        let json = serde_json::to_string(&job).unwrap();
+        assert_eq!(json, r#"{"xchg":"/srv/xchg","command":"true","setClock":true}"#);
+        let newer = r#"{"xchg":"/srv/xchg","command":"true","setClock":true,"somethingLater":[1]}"#;
+        assert_eq!(serde_json::from_str::<JobConfig>(newer).unwrap(), job);
+        let split = JobConfig { split_streams: true, ..job };
+        assert!(serde_json::to_string(&split).unwrap().ends_with(r#""splitStreams":true}"#));
+    }
+
+    #[test]
+    fn exit_file_forms() {
+        assert_eq!(parse_exit_file("42\n"), Ok(Verdict::Exited(42)));
+        assert_eq!(parse_exit_file("signal KILL"), Ok(Verdict::Signal("KILL".into())));
+        assert_eq!(parse_exit_file("error smbd: boom"), Err("smbd: boom".into()));
+        assert!(parse_exit_file("").is_err());
+    }
+}
