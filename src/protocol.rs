@@ -190,6 +190,191 @@ pub fn parse_exit_file(text: &str) -> Result<Verdict, String> {
     t.parse::<i32>().map(Verdict::Exited).map_err(|_| format!("unreadable exit file: {t:?}"))
 }
 
+/// The builder's subcommands, as the plugin's derivations, the session and the controller's
+/// init start them: parsed here and nowhere else, and written by [`Subcommand::args`] for every
+/// caller that spawns the builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Subcommand {
+    /// A derivation's stage; what it needs is in the environment Nix gives it.
+    Stage(Stage),
+    /// `run`, `rerun` and `shell`, each with its own arguments (see `builder::run`,
+    /// `builder::rerun`).
+    Run(Vec<String>),
+    Rerun(Vec<String>),
+    Shell(Vec<String>),
+    /// The agent of a controller booted for one session.
+    Agent {
+        config: PathBuf,
+        now: Option<u64>,
+    },
+    /// The agent of a controller with a system disk, saved ready to serve.
+    AgentReady {
+        config: PathBuf,
+        session: PathBuf,
+    },
+    /// The loading end of QEMU's incoming migration (the state file on stdout).
+    StateRead {
+        input: PathBuf,
+        error_to: Option<PathBuf>,
+    },
+    /// The saving end of QEMU's migration (the stream on stdin, into a state file).
+    StateWrite {
+        out: PathBuf,
+        memory_mib: u32,
+        qemu_version: String,
+        guest: String,
+        machine: String,
+    },
+    Help,
+}
+
+/// The stages a derivation's `args` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Media,
+    Install,
+    Suspend,
+    Layer,
+    Pin,
+    Build,
+    RequireFile,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 7] =
+        [Stage::Media, Stage::Install, Stage::Suspend, Stage::Layer, Stage::Pin, Stage::Build, Stage::RequireFile];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Media => "media",
+            Stage::Install => "install",
+            Stage::Suspend => "suspend",
+            Stage::Layer => "layer",
+            Stage::Pin => "pin",
+            Stage::Build => "build",
+            Stage::RequireFile => "require-file",
+        }
+    }
+}
+
+/// A command line the builder does not take: what is wrong, then the usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}\n{USAGE}", self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+pub const USAGE: &str = "usage: nix-winvm-builder STAGE (media, install, suspend, layer, pin, build: in a derivation)\n       nix-winvm-builder run [OPTIONS] -- COMMAND...\n       nix-winvm-builder rerun DIR [OPTIONS] [-- COMMAND...]\n       nix-winvm-builder shell IMAGE [OPTIONS] [-- COMMAND...]";
+
+impl Subcommand {
+    pub fn parse(args: &[String]) -> Result<Subcommand, UsageError> {
+        let (first, rest) = args.split_first().ok_or_else(|| UsageError("no stage or command given".into()))?;
+        let flag = |name: &str| -> Result<&str, UsageError> {
+            rest.iter()
+                .position(|a| a == name)
+                .and_then(|i| rest.get(i + 1))
+                .map(String::as_str)
+                .ok_or_else(|| UsageError(format!("{first}: missing {name}")))
+        };
+        if let Some(stage) = Stage::ALL.into_iter().find(|s| s.name() == first) {
+            return Ok(Subcommand::Stage(stage));
+        }
+        Ok(match first.as_str() {
+            "run" => Subcommand::Run(rest.to_vec()),
+            "rerun" => Subcommand::Rerun(rest.to_vec()),
+            "shell" => Subcommand::Shell(rest.to_vec()),
+            "agent" => Subcommand::Agent {
+                config: flag("--config")?.into(),
+                // The host's clock when the session began: a revived controller's own lags.
+                now: flag("--now").ok().and_then(|n| n.parse().ok()),
+            },
+            "agent-ready" => {
+                Subcommand::AgentReady { config: flag("--config")?.into(), session: flag("--session")?.into() }
+            }
+            "state-read" => {
+                Subcommand::StateRead { input: flag("--in")?.into(), error_to: flag("--error-to").ok().map(Into::into) }
+            }
+            "state-write" => Subcommand::StateWrite {
+                out: flag("--out")?.into(),
+                memory_mib: flag("--memory")?
+                    .parse()
+                    .map_err(|_| UsageError(format!("{first}: --memory: expected MiB")))?,
+                qemu_version: flag("--qemu-version")?.into(),
+                guest: flag("--guest")?.into(),
+                machine: flag("--machine")?.into(),
+            },
+            "--help" | "-h" => Subcommand::Help,
+            other => return Err(UsageError(format!("unknown stage or command '{other}'"))),
+        })
+    }
+
+    /// The arguments that start this subcommand (after the program's path).
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![self.name().into()];
+        let mut flag = |name: &str, value: &std::ffi::OsStr| {
+            a.push(name.into());
+            a.push(value.into());
+        };
+        match self {
+            Subcommand::Stage(_) | Subcommand::Help => {}
+            Subcommand::Run(rest) | Subcommand::Rerun(rest) | Subcommand::Shell(rest) => {
+                a.extend(rest.iter().map(Into::into))
+            }
+            Subcommand::Agent { config, now } => {
+                flag("--config", config.as_os_str());
+                if let Some(now) = now {
+                    flag("--now", now.to_string().as_ref());
+                }
+            }
+            Subcommand::AgentReady { config, session } => {
+                flag("--config", config.as_os_str());
+                flag("--session", session.as_os_str());
+            }
+            Subcommand::StateRead { input, error_to } => {
+                flag("--in", input.as_os_str());
+                if let Some(e) = error_to {
+                    flag("--error-to", e.as_os_str());
+                }
+            }
+            Subcommand::StateWrite { out, memory_mib, qemu_version, guest, machine } => {
+                flag("--out", out.as_os_str());
+                flag("--memory", memory_mib.to_string().as_ref());
+                flag("--qemu-version", qemu_version.as_ref());
+                flag("--guest", guest.as_ref());
+                flag("--machine", machine.as_ref());
+            }
+        }
+        a
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Subcommand::Stage(s) => s.name(),
+            Subcommand::Run(_) => "run",
+            Subcommand::Rerun(_) => "rerun",
+            Subcommand::Shell(_) => "shell",
+            Subcommand::Agent { .. } => "agent",
+            Subcommand::AgentReady { .. } => "agent-ready",
+            Subcommand::StateRead { .. } => "state-read",
+            Subcommand::StateWrite { .. } => "state-write",
+            Subcommand::Help => "--help",
+        }
+    }
+
+    /// What the builder's error line says it was doing: "in the build stage", "in 'shell'".
+    pub fn doing(&self) -> String {
+        match self {
+            Subcommand::Stage(s) => format!("in the {} stage", s.name()),
+            other => format!("in '{}'", other.name()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +406,37 @@ mod tests {
         assert_eq!(parse_exit_file("signal KILL"), Ok(Verdict::Signal("KILL".into())));
         assert_eq!(parse_exit_file("error smbd: boom"), Err("smbd: boom".into()));
         assert!(parse_exit_file("").is_err());
+    }
+
+    #[test]
+    fn every_subcommand_parses_what_args_writes() {
+        let all = [
+            Subcommand::Stage(Stage::Pin),
+            Subcommand::Rerun(vec!["/k".into(), "--".into(), "true".into()]),
+            Subcommand::Agent { config: "/x/agent.json".into(), now: Some(1_796_000_000) },
+            Subcommand::Agent { config: "/x/agent.json".into(), now: None },
+            Subcommand::AgentReady { config: READY_CONFIG.into(), session: SESSION_PORT.into() },
+            Subcommand::StateRead { input: "/i/state".into(), error_to: Some("/w/e".into()) },
+            Subcommand::StateWrite {
+                out: "/o/state".into(),
+                memory_mib: 256,
+                qemu_version: "10.0.2 (Debian)".into(),
+                guest: "standin".into(),
+                machine: "pc-q35-10.0".into(),
+            },
+        ];
+        for sub in all {
+            let args: Vec<String> = sub.args().into_iter().map(|a| a.into_string().unwrap()).collect();
+            assert_eq!(Subcommand::parse(&args), Ok(sub.clone()), "{args:?}");
+        }
+        for stage in Stage::ALL {
+            assert_eq!(Subcommand::parse(&[stage.name().to_owned()]), Ok(Subcommand::Stage(stage)));
+        }
+        let e = Subcommand::parse(&["bogus".into()]).unwrap_err().to_string();
+        assert!(e.starts_with("unknown stage or command 'bogus'\nusage: "), "{e}");
+        let e = Subcommand::parse(&["state-write".into(), "--out".into(), "/o".into()]).unwrap_err();
+        assert_eq!(e.0, "state-write: missing --memory");
+        assert_eq!(Subcommand::Stage(Stage::Build).doing(), "in the build stage");
+        assert_eq!(Subcommand::Shell(vec![]).doing(), "in 'shell'");
     }
 }

@@ -6,17 +6,9 @@ fn main() {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             // Which stage failed leads: a build log may hold several.
-            let what = match args.first().map(String::as_str) {
-                Some(stage @ ("media" | "install" | "suspend" | "layer" | "pin" | "build")) => {
-                    format!(" in the {stage} stage")
-                }
-                Some(
-                    command @ ("run" | "rerun" | "shell" | "agent" | "agent-ready" | "state-read" | "state-write"),
-                ) => {
-                    format!(" in '{command}'")
-                }
-                _ => String::new(),
-            };
+            let what = nix_winvm::protocol::Subcommand::parse(&args)
+                .map(|sub| format!(" {}", sub.doing()))
+                .unwrap_or_default();
             eprintln!("nix-winvm-builder: error{what}: {e}");
             std::process::exit(e.exit_code());
         }

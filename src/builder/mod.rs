@@ -277,9 +277,6 @@ pub fn io<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
     move |e| BuilderError::Io { what, source: e.into() }
 }
 
-pub const USAGE: &str =
-    "usage: nix-winvm-builder <media|install|suspend|layer|build|require-file|run|rerun|shell|agent|agent-ready|state-write|state-read> [options]";
-
 /// A path the derivation gives in the environment (`out`, `image`, `media`...).
 pub(crate) fn env_path(name: &'static str) -> Result<std::path::PathBuf, BuilderError> {
     std::env::var_os(name).map(std::path::PathBuf::from).ok_or(BuilderError::MissingEnv(name))
@@ -294,96 +291,59 @@ fn env(name: &'static str) -> Result<String, BuilderError> {
     std::env::var(name).map_err(|_| BuilderError::MissingEnv(name))
 }
 
-/// Runs one stage; returns the process exit code.
+/// Runs one stage or command; returns the process exit code.
 pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
-    let stage = args.first().map(String::as_str).ok_or_else(|| BuilderError::Usage(USAGE.into()))?;
-    match stage {
-        "media" | "install" | "suspend" => {
+    use crate::protocol::{Stage, Subcommand};
+    let sub = Subcommand::parse(args).map_err(|e| BuilderError::Usage(e.to_string()))?;
+    let progress = Progress::new();
+    match sub {
+        Subcommand::Stage(stage @ (Stage::Media | Stage::Install | Stage::Suspend | Stage::Pin)) => {
             let spec = spec::image_spec_from_json(&env("winvmImageSpec")?).map_err(BuilderError::Spec)?;
-            let progress = Progress::new();
-            progress.say(&format!("stage {stage} of a {} image", spec.guest.name()));
+            progress.say(&format!("stage {} of a {} image", stage.name(), spec.guest.name()));
             match stage {
-                "media" => stages::media(&spec, &progress),
-                "install" => stages::install(&spec, &progress),
+                Stage::Media => stages::media(&spec, &progress),
+                Stage::Install => stages::install(&spec, &progress),
+                Stage::Pin => pin::pin(&spec, &progress),
                 _ => stages::suspend(&spec, &progress),
             }
         }
-        "layer" => {
+        Subcommand::Stage(Stage::Layer) => {
             let spec = spec::layer_spec_from_json(&env("winvmLayerSpec")?).map_err(BuilderError::Spec)?;
-            let progress = Progress::new();
             progress.say(&format!("stage layer of a {} image", spec.image.guest.name()));
             stages::layer(&spec, &progress)
         }
-        "pin" => {
-            let spec = spec::image_spec_from_json(&env("winvmImageSpec")?).map_err(BuilderError::Spec)?;
-            let progress = Progress::new();
-            progress.say(&format!("stage pin of a {} image", spec.guest.name()));
-            pin::pin(&spec, &progress)
-        }
-        "build" => {
+        Subcommand::Stage(Stage::Build) => {
             let spec = spec::build_spec_from_json(&env("winvmBuildSpec")?).map_err(BuilderError::Spec)?;
-            stages::build(&spec, &Progress::new())
+            stages::build(&spec, &progress)
         }
-        "state-write" => state_write(&args[1..]),
-        "state-read" => state_read(&args[1..]),
-        "require-file" => {
+        Subcommand::Stage(Stage::RequireFile) => {
             Err(BuilderError::RequiredFileMissing { name: env("winvmRequiredName")?, hash: env("outputHash")? })
         }
-        "run" => run::main(&args[1..]),
-        "rerun" => rerun::rerun_main(&args[1..]),
-        "shell" => rerun::shell_main(&args[1..]),
-        "agent" => {
-            let config = flag(args, "--config")?;
-            // The host's clock when the session began: a revived controller's own clock lags.
-            let now = flag(args, "--now").ok().and_then(|n| n.parse::<u64>().ok());
-            Ok(crate::agent::main(std::path::Path::new(config), now)?)
-        }
-        "agent-ready" => {
-            let config = flag(args, "--config")?;
-            let port = flag(args, "--session")?;
-            Ok(crate::agent::main_ready(std::path::Path::new(config), std::path::Path::new(port))?)
-        }
-        "--help" | "-h" => {
-            println!("{USAGE}");
+        Subcommand::StateWrite { out, memory_mib, qemu_version, guest, machine } => {
+            let header = crate::vm::state::StateHeader { qemu_version, memory_mib, guest, machine };
+            let mut stdin = std::io::stdin().lock();
+            crate::vm::state::write(&out, &header, &mut stdin)?;
             Ok(0)
         }
-        other => Err(BuilderError::Usage(format!("unknown stage '{other}'\n{USAGE}"))),
+        Subcommand::StateRead { input, error_to } => state_read(&input, error_to.as_deref()),
+        Subcommand::Run(rest) => run::main(&rest),
+        Subcommand::Rerun(rest) => rerun::rerun_main(&rest),
+        Subcommand::Shell(rest) => rerun::shell_main(&rest),
+        Subcommand::Agent { config, now } => Ok(crate::agent::main(&config, now)?),
+        Subcommand::AgentReady { config, session } => Ok(crate::agent::main_ready(&config, &session)?),
+        Subcommand::Help => {
+            println!("{}", crate::protocol::USAGE);
+            Ok(0)
+        }
     }
 }
 
-fn flag<'a>(args: &'a [String], name: &str) -> Result<&'a str, BuilderError> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-        .ok_or_else(|| BuilderError::Usage(format!("missing {name}")))
-}
-
-/// The saving end of QEMU's migration: the stream on stdin, into a state file.
-fn state_write(args: &[String]) -> Result<i32, BuilderError> {
-    let header = crate::vm::state::StateHeader {
-        qemu_version: flag(args, "--qemu-version")?.to_owned(),
-        memory_mib: flag(args, "--memory")?
-            .parse()
-            .map_err(|_| BuilderError::Usage("--memory: expected MiB".into()))?,
-        guest: flag(args, "--guest")?.to_owned(),
-        machine: flag(args, "--machine")?.to_owned(),
-    };
-    let path = std::path::PathBuf::from(flag(args, "--out")?);
-    let mut stdin = std::io::stdin().lock();
-    crate::vm::state::write(&path, &header, &mut stdin)?;
-    Ok(0)
-}
-
 /// The loading end of QEMU's incoming migration: the state file, checked and inflated, on
-/// stdout. With
-/// `--error-to FILE`, a refusal is also left in FILE for the session (QEMU only sees the
-/// stream end).
-fn state_read(args: &[String]) -> Result<i32, BuilderError> {
-    let path = std::path::PathBuf::from(flag(args, "--in")?);
+/// stdout. A refusal is also left in `error_to` for the session (QEMU only sees the stream end).
+fn state_read(input: &std::path::Path, error_to: Option<&std::path::Path>) -> Result<i32, BuilderError> {
     let mut stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
-    if let Err(e) = crate::vm::state::read(&path, None, &mut stdout) {
-        if let Ok(file) = flag(args, "--error-to") {
+    if let Err(e) = crate::vm::state::read(input, None, &mut stdout) {
+        if let Some(file) = error_to {
             let _ = std::fs::write(file, e.to_string());
         }
         return Err(e.into());

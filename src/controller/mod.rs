@@ -7,7 +7,7 @@ pub mod system;
 
 use crate::initramfs::linux::{self, LinuxInitError};
 use crate::initramfs::Initramfs;
-use crate::protocol::{AGENT_CONFIG, NINEP_OPTIONS, READY_AGENT, READY_CONFIG, READY_XCHG};
+use crate::protocol::{Subcommand, AGENT_CONFIG, NINEP_OPTIONS, READY_AGENT, READY_CONFIG, READY_XCHG, SESSION_PORT};
 use crate::shell;
 use std::path::{Path, PathBuf};
 
@@ -49,7 +49,7 @@ if [ -b /dev/vda ]; then
     echo 'winvm-controller: starting the agent from the system disk'
     # It reads the session line itself and mounts the build's exports: no process to start
     # after the revive.
-    chroot /fs @READY_AGENT@ agent-ready --config @READY_CONFIG@ --session /dev/ttyS1
+    chroot /fs @READY_AGENT@ @AGENT_READY_ARGS@
     code=$?
     echo "$code" > "/fs@READY_XCHG@/agent-exit"
 else
@@ -76,6 +76,7 @@ fn init_script() -> String {
     crate::spec::with_addresses(INIT)
         .replace("@GUEST_MAC@", crate::vm::qemu::GUEST_MAC)
         .replace("@READY_AGENT@", READY_AGENT)
+        .replace("@AGENT_READY_ARGS@", &agent_ready_args())
         .replace("@READY_CONFIG@", READY_CONFIG)
         .replace("@READY_XCHG@", READY_XCHG)
         .replace("@NINEP_OPTIONS@", NINEP_OPTIONS)
@@ -88,6 +89,12 @@ impl std::fmt::Display for BadPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "the path {} has white space or '=' in it, which the controller's init cannot take", self.0.display())
     }
+}
+
+/// How the init starts the agent of a controller with a system disk.
+fn agent_ready_args() -> String {
+    let sub = Subcommand::AgentReady { config: READY_CONFIG.into(), session: SESSION_PORT.into() };
+    sub.args().iter().map(|a| shell::quote(&a.to_string_lossy())).collect::<Vec<_>>().join(" ")
 }
 
 /// The session as the controller's init reads it: shell assignments on one line.
@@ -127,6 +134,28 @@ pub fn initramfs(busybox: &Path, modules_dir: &Path, system_disk: bool) -> Resul
 mod tests {
     use super::*;
     use crate::protocol::{parse_ready_session_line, ready_session_line, WAITING_MARKER};
+
+    /// Both of the init's agent lines are command lines `protocol::Subcommand` parses.
+    #[test]
+    fn the_init_starts_the_agent_as_the_builder_parses_it() {
+        let init = init_script();
+        let line = |start: &str| {
+            let l = init.lines().map(str::trim).find(|l| l.starts_with(start)).unwrap();
+            l.split_whitespace().skip(3).map(|w| w.trim_matches('"').to_owned()).collect::<Vec<String>>()
+        };
+        let direct = line("chroot /fs \"$AGENT\" agent ");
+        let direct: Vec<String> =
+            direct.into_iter().map(|w| w.replace("$CONFIG", "/x/agent.json").replace("$NOW", "1796000000")).collect();
+        assert_eq!(
+            Subcommand::parse(&direct),
+            Ok(Subcommand::Agent { config: "/x/agent.json".into(), now: Some(1_796_000_000) })
+        );
+        let ready = line("chroot /fs /etc/winvm/agent agent-ready ");
+        assert_eq!(
+            Subcommand::parse(&ready),
+            Ok(Subcommand::AgentReady { config: READY_CONFIG.into(), session: SESSION_PORT.into() })
+        );
+    }
 
     #[test]
     fn init_mounts_before_chroot_and_always_powers_off() {

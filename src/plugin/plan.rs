@@ -4,6 +4,7 @@ use super::ffi::bridge::{Plan, PlannedAttr, PlannedDrv, Source};
 pub use super::inputs::{Env, StoreInput};
 use super::validate::{self, as_set, Attrs};
 use super::value::Val;
+use crate::protocol::Stage;
 use crate::spec::*;
 
 pub const BUILDER_NAME: &str = "nix-winvm-builder";
@@ -107,7 +108,7 @@ fn plan_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
         None => format!("{restricted}winvm-{guest}-layer"),
     };
     let at = |keys: &[&'_ str]| -> Vec<String> { prefix.iter().chain(keys).map(|k| k.to_string()).collect() };
-    let mut a = base(&name, "layer", env);
+    let mut a = base(&name, Stage::Layer.name(), env);
     a.push(text("winvmImageSpec", &to_json(&spec.image)));
     a.push(text("winvmLayerSpec", &to_json(spec)));
     a.push(PlannedAttr { path: at(&["base"]), ..user("image", &[]) });
@@ -128,7 +129,7 @@ fn plan_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
 /// store; and the unpinned one is left to the store, which makes the copy again, byte for
 /// byte, if the first build's hash has to be learnt.
 fn pinned(name: &str, spec: &ImageSpec, index: usize, hash: &str, env: &Env) -> PlannedDrv {
-    let mut a = base(&format!("{name}-pinned"), "pin", env);
+    let mut a = base(&format!("{name}-pinned"), Stage::Pin.name(), env);
     a.extend([
         text("winvmImageSpec", &to_json(spec)),
         stage("image", index),
@@ -164,7 +165,7 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     if let Some(WindowsOptions { iso: IsoSource::Fixed { name, sha256 }, .. }) = windows {
         // Like nixpkgs' requireFile: the path exists once the user adds the file; otherwise the
         // builder only explains how to.
-        let mut a = base(name, "require-file", env);
+        let mut a = base(name, Stage::RequireFile.name(), env);
         a.extend([
             text("outputHashMode", "flat"),
             text("outputHashAlgo", "sha256"),
@@ -175,7 +176,7 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
         drvs.push(PlannedDrv { attrs: a });
     }
 
-    let mut media = base(&format!("winvm-{guest}-media"), "media", env);
+    let mut media = base(&format!("winvm-{guest}-media"), Stage::Media.name(), env);
     media.push(text("winvmImageSpec", &spec_json));
     media.push(store_input("kernel", &env.kernel));
     if attrs.iter().any(|(k, _)| k == "cygwinRepo") {
@@ -185,7 +186,7 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     drvs.push(PlannedDrv { attrs: media });
 
     let vm_features = features(spec.accel, &[]);
-    let mut installed = base(&format!("{restricted}winvm-{guest}-installed"), "install", env);
+    let mut installed = base(&format!("{restricted}winvm-{guest}-installed"), Stage::Install.name(), env);
     installed.push(text("winvmImageSpec", &spec_json));
     installed.push(stage("media", media_index));
     match (windows, iso_stage) {
@@ -197,7 +198,7 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     let installed_index = drvs.len();
     drvs.push(PlannedDrv { attrs: installed });
 
-    let mut image = base(&format!("{restricted}winvm-{guest}-image"), "suspend", env);
+    let mut image = base(&format!("{restricted}winvm-{guest}-image"), Stage::Suspend.name(), env);
     image.push(text("winvmImageSpec", &spec_json));
     image.push(stage("media", media_index));
     image.push(stage("installed", installed_index));
@@ -214,8 +215,11 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
 
 fn plan_build(builtin: &str, attrs: &Attrs, env: &Env) -> Result<Plan, String> {
     let args = validate::build_args(builtin, attrs)?;
-    let mut drv =
-        vec![text("system", SYSTEM), list("args", vec!["build".into()]), text("winvmBuildSpec", &to_json(&args.spec))];
+    let mut drv = vec![
+        text("system", SYSTEM),
+        list("args", vec![Stage::Build.name().into()]),
+        text("winvmBuildSpec", &to_json(&args.spec)),
+    ];
     drv.extend(runtime(env));
     drv.extend(features(args.spec.image.accel, &args.extra_features));
     for (k, _) in attrs {
@@ -281,7 +285,7 @@ fn plan_run_in_vm(builtin: &str, root: &Val, env: &Env) -> Result<Plan, String> 
     }
     let mut drv = vec![
         text("system", SYSTEM),
-        list("args", vec!["build".into()]),
+        list("args", vec![Stage::Build.name().into()]),
         text("winvmBuildSpec", &to_json(&spec)),
         user("winvmOrigBuilder", &["builder"]),
         text("winvmArgc", &argc.to_string()),

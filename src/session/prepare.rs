@@ -125,8 +125,9 @@ pub(super) fn write_run_vm_script(cfg: &SessionConfig) {
          #   sh run-vm --quiet ...     no progress lines (on stderr otherwise)\n\
          #   sh run-vm --display       also the guest's screen on VNC (a unix socket here)\n\
          here=$(cd \"$(dirname \"$0\")\" && pwd) || exit 1\n\
-         {tools}exec {} rerun \"$here\" \"$@\"\n",
-        q(&cfg.agent)
+         {tools}exec {} {} \"$here\" \"$@\"\n",
+        q(&cfg.agent),
+        crate::protocol::Subcommand::Rerun(vec![]).name()
     );
     let path = cfg.work.join("run-vm");
     if std::fs::write(&path, script).is_ok() {

@@ -7,11 +7,11 @@
 use super::error::io;
 use super::error::RunError;
 use super::SessionConfig;
+use crate::protocol::Subcommand;
 use crate::vm::process::{self, describe_status, ProcessGuard};
 use crate::vm::qmp::{self, Qmp};
 use crate::vm::state::{self, StateHeader};
 use crate::vm::{tail_lines, LOG_TAIL_LINES};
-use std::ffi::OsStr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
@@ -35,12 +35,12 @@ const STATE_FD: &str = "winvm-state";
 fn state_process(
     cfg: &SessionConfig,
     name: &str,
-    args: &[&std::ffi::OsStr],
+    sub: &crate::protocol::Subcommand,
     qemu_reads: bool,
 ) -> Result<(ProcessGuard, OwnedFd), RunError> {
     let (read, write) = process::pipe().map_err(io(format!("creating the {name}'s pipe")))?;
     let mut cmd = Command::new(&cfg.agent);
-    cmd.args(args).stderr(Stdio::inherit());
+    cmd.args(sub.args()).stderr(Stdio::inherit());
     let qemus_end = if qemu_reads {
         cmd.stdin(Stdio::null()).stdout(Stdio::from(write));
         read
@@ -84,9 +84,8 @@ pub(super) async fn revive(
     // The caller checked the frame; here what needs this QEMU: its version, the memory.
     let wanted = state::Wanted { memory_mib, qemu_version: &version, machine: &cfg.machine };
     state::inspect(state, Some(wanted)).map_err(RunError::State)?;
-    let args: [&OsStr; 5] =
-        ["state-read".as_ref(), "--in".as_ref(), state.as_ref(), "--error-to".as_ref(), reader_error.as_ref()];
-    let (mut reader, qemus_end) = state_process(cfg, &format!("{name}'s state reader"), &args, true)?;
+    let sub = Subcommand::StateRead { input: state.to_path_buf(), error_to: Some(reader_error.clone()) };
+    let (mut reader, qemus_end) = state_process(cfg, &format!("{name}'s state reader"), &sub, true)?;
     qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(|e| failed(format!("handing QEMU the state: {e}")))?;
     drop(qemus_end);
     let uri = format!("fd:{STATE_FD}");
@@ -130,21 +129,14 @@ pub(super) async fn save(
         move |source| RunError::Qmp { vm, step, source }
     };
     qmp.execute(&qmp::Stop).await.map_err(step("stopping"))?;
-    let memory = header.memory_mib.to_string();
-    let args: [&OsStr; 11] = [
-        "state-write".as_ref(),
-        "--out".as_ref(),
-        path.as_ref(),
-        "--memory".as_ref(),
-        memory.as_ref(),
-        "--qemu-version".as_ref(),
-        header.qemu_version.as_ref(),
-        "--guest".as_ref(),
-        header.guest.as_ref(),
-        "--machine".as_ref(),
-        header.machine.as_ref(),
-    ];
-    let (mut writer, qemus_end) = state_process(cfg, &format!("{vm}'s state writer"), &args, false)?;
+    let sub = Subcommand::StateWrite {
+        out: path.to_path_buf(),
+        memory_mib: header.memory_mib,
+        qemu_version: header.qemu_version.clone(),
+        guest: header.guest.clone(),
+        machine: header.machine.clone(),
+    };
+    let (mut writer, qemus_end) = state_process(cfg, &format!("{vm}'s state writer"), &sub, false)?;
     qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(step("handing the state writer's pipe to"))?;
     drop(qemus_end);
     qmp.execute(&qmp::Migrate { uri: format!("fd:{STATE_FD}") }).await.map_err(step("starting to save"))?;
