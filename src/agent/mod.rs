@@ -16,6 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::vm::sys::os;
 use crate::vm::wait::{wait_until_blocking, Deadline, WaitError};
 
 pub const SMBD_READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -265,22 +266,13 @@ pub const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The session's exports unmounted, so that QEMU lets the controller be saved (a mounted
 /// 9p export blocks migration) and the next session mounts its own at the same places.
 fn unmount_exports(mounts: &[(String, std::path::PathBuf)]) -> Result<(), AgentError> {
-    use std::os::unix::ffi::OsStrExt;
     for (tag, at) in mounts.iter().rev() {
-        let target = std::ffi::CString::new(at.as_os_str().as_bytes())
-            .map_err(|e| AgentError::Io(format!("unmounting {}: {e}", at.display())))?;
         let deadline = Deadline::new(format!("the export {tag} at {} to unmount", at.display()), UNMOUNT_TIMEOUT)
             .every(Duration::from_millis(100));
-        let done = wait_until_blocking(&deadline, || {
-            // SAFETY: a valid C string that outlives the call.
-            if unsafe { libc::umount(target.as_ptr()) } == 0 {
-                return Ok(Some(()));
-            }
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::EBUSY) => Ok(None),
-                _ => Err(e),
-            }
+        let done = wait_until_blocking(&deadline, || match os::umount(at) {
+            Ok(()) => Ok(Some(())),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Ok(None),
+            Err(e) => Err(e),
         });
         match done {
             Ok(()) => {}
@@ -329,19 +321,8 @@ fn read_session(port: &Path) -> Result<(u64, Vec<(String, std::path::PathBuf)>),
 /// The host's folder exported as `tag`, mounted at `at` (mount(2) directly: no process to
 /// start under TCG).
 fn mount_9p(tag: &str, at: &Path) -> Result<(), AgentError> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let failed =
-        |detail: String| AgentError::Io(format!("cannot mount the export {tag} at {}: {detail}", at.display()));
-    let source = CString::new(tag).map_err(|e| failed(e.to_string()))?;
-    let target = CString::new(at.as_os_str().as_bytes()).map_err(|e| failed(e.to_string()))?;
-    let options = CString::new(protocol::NINEP_OPTIONS).expect("no NUL");
-    // SAFETY: every pointer is a valid C string that outlives the call.
-    let r = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), c"9p".as_ptr(), 0, options.as_ptr().cast()) };
-    if r != 0 {
-        return Err(failed(std::io::Error::last_os_error().to_string()));
-    }
-    Ok(())
+    os::mount(tag, at, "9p", protocol::NINEP_OPTIONS)
+        .map_err(|e| AgentError::Io(format!("cannot mount the export {tag} at {}: {e}", at.display())))
 }
 
 /// Checks that `at` is the mount point of one of `mounts` (which names its export in the
@@ -366,11 +347,8 @@ fn check_mounted(at: &Path, mounts: &[(String, std::path::PathBuf)]) -> Result<(
 }
 
 fn power_off() {
-    // SAFETY: sync and reboot take no pointers; the controller has nothing left to do.
-    unsafe {
-        libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
-    }
+    // The controller has nothing left to do.
+    os::power_off();
 }
 
 /// Records the verdict in the exchange directory: written last and renamed into place, so the
@@ -644,7 +622,7 @@ const SPLIT_POLL: Duration = Duration::from_millis(100);
 /// that stream's window full and the command stalled.
 fn pump_split(session: &ssh2::Session, channel: &mut ssh2::Channel, mut files: SplitFiles) -> Result<(), AgentError> {
     use std::io::ErrorKind::{Interrupted, WouldBlock};
-    use std::os::fd::{AsRawFd, BorrowedFd};
+    use std::os::fd::AsRawFd;
     let read_err = |e: std::io::Error| AgentError::Ssh { step: "reading output", detail: e.to_string() };
     let write_err = |e: std::io::Error| AgentError::Io(format!("writing the command's output: {e}"));
     session.set_blocking(false);
@@ -676,9 +654,8 @@ fn pump_split(session: &ssh2::Session, channel: &mut ssh2::Channel, mut files: S
             break Ok(());
         }
         if !moved {
-            // SAFETY: the session owns its socket, open for as long as the session lives.
-            let socket = unsafe { BorrowedFd::borrow_raw(session.as_raw_fd()) };
-            match crate::vm::sys::wait_readable(&[socket], Some(SPLIT_POLL)) {
+            // The session owns its socket, open for as long as the session lives.
+            match os::wait_raw_readable(session.as_raw_fd(), SPLIT_POLL) {
                 Ok(_) => {}
                 Err(e) if e.kind() == Interrupted => {}
                 Err(e) => break Err(AgentError::Io(format!("waiting for the command's output: {e}"))),

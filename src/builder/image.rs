@@ -244,9 +244,7 @@ pub(super) fn inspect_states(image: &Path) -> Result<(), BuilderError> {
     for f in [image.join("state"), image.join(CONTROLLER_STATE)] {
         state::inspect(&f, None)?;
         if let Ok(file) = std::fs::File::open(&f) {
-            use std::os::fd::AsRawFd;
-            // SAFETY: a file descriptor this function owns; the advice reads ahead, nothing else.
-            let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+            crate::vm::sys::os::read_ahead(&file);
         }
     }
     Ok(())

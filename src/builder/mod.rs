@@ -143,12 +143,7 @@ pub const FULL_BELOW_BYTES: u64 = 256 * 1024;
 
 /// Free bytes on the file system of `path`, for an unprivileged writer.
 pub fn free_bytes(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a zeroed statvfs the call fills in.
-    let r = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    (r == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+    crate::vm::sys::os::free_bytes(path)
 }
 
 /// A failure that a full file system explains: the first of `paths` that is full, named with

@@ -34,16 +34,7 @@ impl ProcessGuard {
         // Own process group: one killpg reaches QEMU's helpers (e.g. a migration's gzip) too.
         cmd.process_group(0).kill_on_drop(true);
         // If the builder itself is SIGKILLed (Nix cancelling a build), the kernel ends the child.
-        // SAFETY: the closure runs between fork and exec and only calls prctl, which is
-        // async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        super::sys::os::die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|source| SpawnError { name: name.into(), program, source })?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         Ok(ProcessGuard { name: name.into(), child, pid, status: None })
@@ -103,11 +94,8 @@ impl ProcessGuard {
 
     fn signal_group(&self, signal: i32) {
         if self.pid > 0 {
-            // SAFETY: killpg only sends a signal; the group is the one this guard created, and
-            // a stale group id at worst yields ESRCH.
-            unsafe {
-                libc::killpg(self.pid, signal);
-            }
+            // The group is the one this guard created; a stale one at worst yields ESRCH.
+            super::sys::os::signal_group(self.pid, signal);
         }
     }
 
@@ -144,11 +132,7 @@ impl Drop for ProcessGuard {
     fn drop(&mut self) {
         self.kill_group();
         if self.status.is_none() && self.pid > 0 {
-            let mut status = 0;
-            // SAFETY: waits for our own child, which SIGKILL has just ended; blocking is brief.
-            unsafe {
-                libc::waitpid(self.pid, &mut status, 0);
-            }
+            super::sys::os::reap(self.pid);
         }
     }
 }
@@ -166,16 +150,7 @@ pub fn describe_status(s: ExitStatus) -> String {
 /// A pipe, both ends close-on-exec: (read, write). A child gets its end through
 /// `Stdio::from`, which dups it into place.
 pub fn pipe() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0i32; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own; on success each is open and
-    // ours alone, so OwnedFd may take it.
-    unsafe {
-        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok((std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])))
-    }
+    super::sys::os::pipe()
 }
 
 /// Sends `bytes` on the unix socket `socket` with `fd` attached (SCM_RIGHTS), as QEMU's
@@ -186,36 +161,7 @@ pub fn send_with_fd(
     bytes: &[u8],
     fd: std::os::fd::BorrowedFd<'_>,
 ) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let raw = fd.as_raw_fd();
-    // SAFETY: every pointer handed to sendmsg points into locals that outlive the call: the
-    // iovec into `bytes`, the control buffer sized by CMSG_SPACE for one descriptor, which
-    // CMSG_FIRSTHDR/CMSG_DATA address inside that buffer. The kernel only reads them.
-    unsafe {
-        let space = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
-        let mut control = vec![0u8; space];
-        let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-        let mut msg: libc::msghdr = std::mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = space as _;
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as _;
-        std::ptr::copy_nonoverlapping(
-            &raw as *const i32 as *const u8,
-            libc::CMSG_DATA(cmsg),
-            std::mem::size_of::<i32>(),
-        );
-        let n = libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT);
-        if n < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
+    super::sys::os::send_with_fd(socket, bytes, fd)
 }
 
 /// How often [`log_reader_gone`] looks.
@@ -235,10 +181,7 @@ pub async fn log_reader_gone() {
 }
 
 fn stderr_reader_gone() -> bool {
-    let mut fd = libc::pollfd { fd: libc::STDERR_FILENO, events: 0, revents: 0 };
-    // SAFETY: one pollfd that lives through the call; a zero time-out never blocks.
-    let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+    super::sys::os::stderr_hung_up()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! safe function that says why it is sound, and the rest of the crate sees only those.
 
 pub mod kvm;
+pub mod os;
 pub mod tty;
 pub mod vdeplug;
 
