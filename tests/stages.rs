@@ -575,3 +575,23 @@ fn each_revive_gets_its_own_random_state() {
     assert_eq!(a.len(), 36, "{a:?}");
     assert_ne!(a, b, "two revives of one image read the same bytes from /dev/urandom");
 }
+
+/// A script in the store runs through PATH in a build, and `test -x` holds for it: what the
+/// Windows guest's `mount -f` of the store keeps (Cygwin mounts a network share `notexec`
+/// otherwise; src/guest/windows/scripts.rs tests the mount line). On the standin, Linux's SMB
+/// client has no such default, so this shows the behaviour builds rely on, not Cygwin's fault.
+#[test]
+fn a_script_in_the_store_runs_through_path_in_a_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tool = build_expr(
+        "store-tool",
+        "",
+        "mkdir -p $out/bin; printf '#!/bin/sh\\necho tool-ran\\n' > $out/bin/store-tool; chmod 755 $out/bin/store-tool",
+    );
+    let user = format!(
+        r#"builtins.windowsDerivation {{ name = "uses-store-tool"; image = {IMAGE}; token = "{}"; tool = {tool}; script = ''PATH=$tool/bin:$PATH; test -x $tool/bin/store-tool; store-tool > $out''; }}"#,
+        token("uses-store-tool")
+    );
+    let o = nix_build(&user, &tmp.path().join("r"));
+    assert_eq!(std::fs::read_to_string(built(&o)).unwrap(), "tool-ran\n");
+}
