@@ -32,6 +32,10 @@ pub const CONTROLLER_SYSTEM: &str = "controller-system.img";
 pub const CONTROLLER_IMG: &str = "controller.img";
 
 pub const CONTROLLER_STATE: &str = "controller-state";
+/// A pinned image's media folder, relative to the image (meta.json names it so; see `pin`).
+pub const PINNED_MEDIA: &str = "media";
+/// The controller's system disk in a pinned image's media: a compressed qcow2.
+pub const PINNED_CONTROLLER_SYSTEM: &str = "controller-system.qcow2";
 
 /// UEFI images: the firmware's variable store (boot entries), made at the install from OVMF's
 /// template, saved with the image at the suspend, copied for each build.
@@ -270,7 +274,7 @@ pub(super) fn revived_guest(
 /// The controller as a build revives it: saved while it waited for its session.
 pub(super) fn revived_controller(meta: &ImageMeta, image: &Path) -> ControllerBoot {
     // A pinned image's media hold the system disk as a compressed qcow2 (see `pin`).
-    let pinned = meta.media.join(super::pin::PINNED_CONTROLLER_SYSTEM);
+    let pinned = meta.media.join(PINNED_CONTROLLER_SYSTEM);
     ControllerBoot {
         initrd: Some(meta.media.join(CONTROLLER_IMG)),
         system: Some(if pinned.is_file() { pinned } else { meta.media.join(CONTROLLER_SYSTEM) }),

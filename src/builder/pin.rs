@@ -22,17 +22,14 @@
 //! The revived controller runs the agent of the system disk it was saved with: the agent of
 //! the nix-winvm that made the image, which is why the session protocol stays compatible.
 
-use super::image::{self, qemu_img, ImageMeta, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS};
+use super::image::{
+    self, qemu_img, ImageMeta, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, PINNED_CONTROLLER_SYSTEM, PINNED_MEDIA,
+};
 use super::{env_path, io, BuilderError, Progress};
 use crate::guest::windows::editions::INSTALL_RECORD;
 use crate::spec::ImageSpec;
 use crate::tools::Tools;
 use std::path::{Path, PathBuf};
-
-/// The pinned media's folder, relative to the image (meta.json names it so).
-pub const PINNED_MEDIA: &str = "media";
-/// The controller's system disk in a pinned image's media.
-pub const PINNED_CONTROLLER_SYSTEM: &str = "controller-system.qcow2";
 
 /// What a first build prints before Nix checks the hash.
 pub const NOT_REPRODUCIBLE: &str = "a Windows install is not reproducible, so a pinned image is made once and then kept and copied (nix copy, nix-store --export/--import), like a requireFile input: if Nix reports a hash mismatch below, pin the hash it got; the unpinned image stays in the store, so the next build copies it again instead of installing";

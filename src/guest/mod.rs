@@ -10,6 +10,11 @@ pub mod windows;
 /// The guest's fixed address on the VM network, and the controller's (defined with the spec,
 /// at the bottom, so that the initramfs layer can use them too).
 pub use crate::spec::{CONTROLLER_IP, GUEST_IP};
+
+/// In the exchange folder: a layer's commands, one file each, `1` ... `N`.
+pub const LAYER_DIR: &str = "layer";
+/// In the exchange folder, after a layer command failed: its number and exit code.
+pub const LAYER_FAILED: &str = "layer-failed";
 pub use profile::{profile, Install, MediaInputs, Profile, ProfileError};
 
 pub const SSH_USER: &str = "Administrator";

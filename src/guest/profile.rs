@@ -410,10 +410,7 @@ exit "$winvm_code"
 const GUEST_SAY: &str =
     "winvm_say() { read -r winvm_up winvm_idle </proc/uptime; echo \"nix-winvm: [guest $winvm_up s] $*\"; }\n";
 
-/// In the exchange folder: a layer's commands, one file each, `1` ... `N`.
-pub const LAYER_DIR: &str = "layer";
-/// In the exchange folder, after a layer command failed: its number and exit code.
-pub const LAYER_FAILED: &str = "layer-failed";
+pub use super::{LAYER_DIR, LAYER_FAILED};
 
 /// The size of the guest's outputs disk, the same in every session (a revived guest keeps the
 /// size it saw when it was saved): a sparse file, so only what the guest writes takes room.

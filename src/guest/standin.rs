@@ -341,5 +341,5 @@ sync
 echo 3 >/proc/sys/vm/drop_caches
 "#
     .replace("@STORE_LOCAL@", STORE_LOCAL)
-    .replace("@LAYER_FAILED@", super::profile::LAYER_FAILED)
+    .replace("@LAYER_FAILED@", super::LAYER_FAILED)
 }

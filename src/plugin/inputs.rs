@@ -10,7 +10,8 @@
 //!   to the plugin, patched here, and the kernel folder are host paths that only an impure
 //!   evaluation may copy into the store; pure evaluation refuses them with the way to register.
 
-use super::plan::BUILDER_NAME;
+/// The builder's file name, beside the plugin and in its store path.
+pub const BUILDER_NAME: &str = "nix-winvm-builder";
 use crate::spec::{DEFAULT_CACHE, STORE_DIR};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,6 @@ use super::value::Val;
 use crate::protocol::Stage;
 use crate::spec::*;
 
-pub const BUILDER_NAME: &str = "nix-winvm-builder";
 /// The VM runs on an x86_64 Linux host whatever the guest is.
 pub const SYSTEM: &str = "x86_64-linux";
 
