@@ -567,11 +567,6 @@ fn run_command(
     let mut channel = match waiting {
         Some(mut channel) => {
             session.set_timeout(SSH_STEP_TIMEOUT.as_millis() as u32);
-            if split.is_some() {
-                // Merging is libssh2's own choice at each read: the waiting login's channel,
-                // opened merged before the save, can still keep its streams apart.
-                channel.handle_extended_data(ssh2::ExtendedData::Normal).map_err(ssh_err("keeping stderr apart"))?;
-            }
             channel.write_all(command.as_bytes()).map_err(|e| AgentError::Ssh {
                 step: "sending the command to the waiting login",
                 detail: e.to_string(),
@@ -581,9 +576,6 @@ fn run_command(
         }
         None => {
             let mut channel = open_channel(session)?;
-            if split.is_some() {
-                channel.handle_extended_data(ssh2::ExtendedData::Normal).map_err(ssh_err("keeping stderr apart"))?;
-            }
             channel.exec(&command).map_err(ssh_err("starting the command"))?;
             channel
         }
@@ -591,6 +583,10 @@ fn run_command(
     match split {
         None => pump(session, channel, log),
         Some(files) => {
+            // Merging is libssh2's own choice at each read, not at arrival: a channel opened
+            // merged (the waiting login's, before the save, or a new one) can still keep its
+            // streams apart, since nothing has been read from it yet.
+            channel.handle_extended_data(ssh2::ExtendedData::Normal).map_err(ssh_err("keeping stderr apart"))?;
             pump_split(session, &mut channel, files)?;
             verdict(session, channel)
         }
@@ -621,13 +617,21 @@ const SPLIT_POLL: Duration = Duration::from_millis(100);
 /// a blocking read of one stream, while the command writes only to the other, would leave
 /// that stream's window full and the command stalled.
 fn pump_split(session: &ssh2::Session, channel: &mut ssh2::Channel, mut files: SplitFiles) -> Result<(), AgentError> {
+    session.set_blocking(false);
+    let pumped = pump_split_nonblocking(session, channel, &mut files);
+    session.set_blocking(true);
+    pumped
+}
+
+fn pump_split_nonblocking(
+    session: &ssh2::Session,
+    channel: &mut ssh2::Channel,
+    files: &mut SplitFiles,
+) -> Result<(), AgentError> {
     use std::io::ErrorKind::{Interrupted, WouldBlock};
     use std::os::fd::AsRawFd;
-    let read_err = |e: std::io::Error| AgentError::Ssh { step: "reading output", detail: e.to_string() };
-    let write_err = |e: std::io::Error| AgentError::Io(format!("writing the command's output: {e}"));
-    session.set_blocking(false);
     let mut buf = vec![0u8; 64 * 1024];
-    let pumped = loop {
+    loop {
         let mut moved = false;
         for (id, file) in [(0, &mut files.stdout), (ssh2::EXTENDED_DATA_STDERR, &mut files.stderr)] {
             let mut stream = channel.stream(id);
@@ -635,35 +639,28 @@ fn pump_split(session: &ssh2::Session, channel: &mut ssh2::Channel, mut files: S
                 match stream.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        if let Err(e) = file.write_all(&buf[..n]) {
-                            session.set_blocking(true);
-                            return Err(write_err(e));
-                        }
+                        file.write_all(&buf[..n])
+                            .map_err(|e| AgentError::Io(format!("writing the command's output: {e}")))?;
                         moved = true;
                     }
                     Err(e) if e.kind() == WouldBlock => break,
                     Err(e) if e.kind() == Interrupted => continue,
-                    Err(e) => {
-                        session.set_blocking(true);
-                        return Err(read_err(e));
-                    }
+                    Err(e) => return Err(AgentError::Ssh { step: "reading output", detail: e.to_string() }),
                 }
             }
         }
         if channel.eof() {
-            break Ok(());
+            return Ok(());
         }
         if !moved {
             // The session owns its socket, open for as long as the session lives.
             match os::wait_raw_readable(session.as_raw_fd(), SPLIT_POLL) {
                 Ok(_) => {}
                 Err(e) if e.kind() == Interrupted => {}
-                Err(e) => break Err(AgentError::Io(format!("waiting for the command's output: {e}"))),
+                Err(e) => return Err(AgentError::Io(format!("waiting for the command's output: {e}"))),
             }
         }
-    };
-    session.set_blocking(true);
-    pumped
+    }
 }
 
 /// A new channel, its stdout and stderr merged.

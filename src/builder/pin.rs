@@ -62,8 +62,10 @@ pub fn pin(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
         }
     })?;
     ImageMeta { media: PathBuf::from(PINNED_MEDIA), base: None, ..meta }.write(&out)?;
-    stands_alone(&out)?;
-    let size = tree_size(&out);
+    let mut files = vec![];
+    list_files(&out, &mut files);
+    stands_alone(&files)?;
+    let size: u64 = files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum();
     progress.say(&format!("pinned image: {:.1} MB", size as f64 / 1e6));
     progress.say(NOT_REPRODUCIBLE);
     Ok(0)
@@ -91,29 +93,15 @@ fn copy_tree(
     Ok(())
 }
 
-fn tree_size(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => tree_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
 /// The files of the pinned image that are not compressed (compressed qcow2 clusters and the
 /// deflated state files hide the paths they hold from Nix's scan, and are whole images of
 /// their own anyway) must name no store path: said here with the file, rather than by Nix as
 /// "illegal path references" without one.
-fn stands_alone(out: &Path) -> Result<(), BuilderError> {
+fn stands_alone(files: &[PathBuf]) -> Result<(), BuilderError> {
     let compressed = |p: &Path| {
         p.extension().is_some_and(|e| e == "qcow2")
             || p.file_name().is_some_and(|n| n == "state" || n == CONTROLLER_STATE)
     };
-    let mut files = vec![];
-    list_files(out, &mut files);
     for file in files.iter().filter(|f| !compressed(f)) {
         let bytes = std::fs::read(file).map_err(io(format!("reading {}", file.display())))?;
         if let Some(path) = store_path_in(&bytes) {
