@@ -173,6 +173,8 @@ fn bad_inputs_give_specific_errors() {
         ("builtins.windowsImage 3".into(), "windowsImage: the argument must be a set of attributes, got an integer"),
         (r#"builtins.windowsImage { guest = "standin"; memroy = 3; }"#.into(), "windowsImage: unknown attribute 'memroy'; did you mean 'memory'?"),
         (r#"builtins.windowsImage { guest = "standin"; colour = 3; }"#.into(), "windowsImage: unknown attribute 'colour'; known attributes: accel, cpus, cygwinPackages, cygwinRepo, diskSize, edition, efi, guest, installCommands, iso, locale, memory, pin, productKey, timeout"),
+        // An unknown attribute is refused by its name, unevaluated.
+        (r#"builtins.windowsImage { guest = "standin"; colour = throw "forced"; }"#.into(), "windowsImage: unknown attribute 'colour'; known attributes: accel, cpus, cygwinPackages, cygwinRepo, diskSize, edition, efi, guest, installCommands, iso, locale, memory, pin, productKey, timeout"),
         (r#"builtins.windowsImage { guest = "mac"; }"#.into(), r#"windowsImage: attribute 'guest' must be one of "windows", "standin", got "mac""#),
         (r#"builtins.windowsImage { guest = "standin"; memory = "lots"; }"#.into(), "windowsImage: attribute 'memory' must be an integer (MiB), got a string"),
         (r#"builtins.windowsImage { guest = "standin"; memory = 4294967296; }"#.into(), "windowsImage: attribute 'memory' must be between 64 and 1048576 (MiB), got 4294967296"),

@@ -14,7 +14,58 @@
 pub const BUILDER_NAME: &str = "nix-winvm-builder";
 use crate::spec::{DEFAULT_CACHE, STORE_DIR};
 use serde::Deserialize;
+use std::io;
 use std::path::{Path, PathBuf};
+
+/// Why the plugin cannot name what its derivations need.
+#[derive(Debug, thiserror::Error)]
+pub enum InputsError {
+    #[error("nix-winvm: the record of store paths {} cannot be read: {error}", .file.display())]
+    RecordUnreadable { file: PathBuf, error: io::Error },
+    #[error("nix-winvm: the record of store paths {} is not valid: {error}", .file.display())]
+    RecordInvalid { file: PathBuf, error: serde_json::Error },
+    #[error("nix-winvm: the record of store paths {} names {what} as {path}, which is not a path in {STORE_DIR}", .file.display())]
+    RecordOutsideStore { file: PathBuf, what: &'static str, path: String },
+    #[error("nix-winvm: the builder {} does not exist; build it (cargo build --release) or set NIX_WINVM_BUILDER", .0.display())]
+    NoBuilder(PathBuf),
+    #[error("nix-winvm: the Linux kernel for the VMs is missing ({}/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR", .0.display())]
+    NoKernel(PathBuf),
+    #[error("nix-winvm: the tools closure is missing or incomplete ({}: {problem}); run scripts/setup, or set NIX_WINVM_TOOLS_DIR", .dir.display())]
+    Closure { dir: PathBuf, problem: ClosureProblem },
+    #[error("nix-winvm: preparing the builder {} for the sandbox: {step}", .builder.display())]
+    PatchBuilder { builder: PathBuf, step: PatchStep },
+}
+
+/// What is wrong with the tools closure's folder.
+#[derive(Debug, thiserror::Error)]
+pub enum ClosureProblem {
+    #[error("{file}: {error}")]
+    Unreadable { file: &'static str, error: io::Error },
+    #[error("{file} does not hold a store path named {name}")]
+    NotAStorePath { file: &'static str, name: &'static str },
+    #[error("{} is not a folder", .0.display())]
+    NotAFolder(PathBuf),
+}
+
+/// The step of patching the builder that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchStep {
+    #[error("{0}")]
+    Stat(io::Error),
+    #[error("creating {}: {error}", .dir.display())]
+    CreateDir { dir: PathBuf, error: io::Error },
+    #[error("creating a file in {}: {error}", .dir.display())]
+    CreateFile { dir: PathBuf, error: io::Error },
+    #[error("copying it: {0}")]
+    Copy(io::Error),
+    #[error("running {}: {error}", .patchelf.display())]
+    Run { patchelf: PathBuf, error: io::Error },
+    /// patchelf's own words, from its stderr.
+    #[error("patchelf: {0}")]
+    Patchelf(String),
+    #[error("renaming into {}: {error}", .out.display())]
+    Rename { out: PathBuf, error: io::Error },
+}
 
 /// The record's file name, in the plugin's own folder.
 pub const RECORD: &str = "nix-winvm.paths.json";
@@ -125,20 +176,16 @@ fn is_store_path(path: &str, name: Option<&str>) -> bool {
 
 impl Closure {
     /// The closure scripts/tools-closure left in `dir`.
-    pub fn read(dir: &Path) -> Result<Closure, String> {
-        let missing = |what: &str| {
-            format!(
-                "nix-winvm: the tools closure is missing or incomplete ({}: {what}); run scripts/setup, or set NIX_WINVM_TOOLS_DIR",
-                dir.display()
-            )
-        };
-        let store_path = |file: &str, name: &str| -> Result<String, String> {
-            let text = std::fs::read_to_string(dir.join(file)).map_err(|e| missing(&format!("{file}: {e}")))?;
+    pub fn read(dir: &Path) -> Result<Closure, InputsError> {
+        let missing = |problem| InputsError::Closure { dir: dir.to_owned(), problem };
+        let store_path = |file: &'static str, name: &'static str| -> Result<String, InputsError> {
+            let text = std::fs::read_to_string(dir.join(file))
+                .map_err(|error| missing(ClosureProblem::Unreadable { file, error }))?;
             let path = text.trim();
             if is_store_path(path, Some(name)) {
                 Ok(path.to_owned())
             } else {
-                Err(missing(&format!("{file} does not hold a store path named {name}")))
+                Err(missing(ClosureProblem::NotAStorePath { file, name }))
             }
         };
         let tools_store = store_path("tools.path", "winvm-tools")?;
@@ -146,7 +193,7 @@ impl Closure {
         let lib = (dir.join("winvm-tools-lib"), store_path("lib.path", "winvm-tools-lib")?);
         for d in [&lib.0, &tools_dir] {
             if !d.is_dir() {
-                return Err(missing(&format!("{} is not a folder", d.display())));
+                return Err(missing(ClosureProblem::NotAFolder(d.clone())));
             }
         }
         Ok(Closure { lib, tools_dir, tools_store })
@@ -167,7 +214,7 @@ fn register_fix(plugin_dir: &Path) -> String {
 impl Env {
     /// The record beside the plugin when there is one and it is current; otherwise the host
     /// paths next to the plugin and in the set-up's cache (see the module's doc).
-    pub fn discover(plugin_dir: &str) -> Result<Env, String> {
+    pub fn discover(plugin_dir: &str) -> Result<Env, InputsError> {
         let dir = Path::new(plugin_dir);
         let record = dir.join(RECORD);
         if std::env::var_os("NIX_WINVM_BUILDER").is_none() && record.exists() {
@@ -179,24 +226,26 @@ impl Env {
     }
 
     /// The record at `file`; None when it is stale (the builder beside it was rebuilt).
-    pub fn recorded(file: &Path, plugin_dir: &Path) -> Result<Option<Env>, String> {
-        let bad = |what: String| format!("nix-winvm: the record of store paths {} {what}", file.display());
-        let text = std::fs::read_to_string(file).map_err(|e| bad(format!("cannot be read: {e}")))?;
-        let r: Record = serde_json::from_str(&text).map_err(|e| bad(format!("is not valid: {e}")))?;
+    pub fn recorded(file: &Path, plugin_dir: &Path) -> Result<Option<Env>, InputsError> {
+        let text = std::fs::read_to_string(file)
+            .map_err(|error| InputsError::RecordUnreadable { file: file.to_owned(), error })?;
+        let r: Record =
+            serde_json::from_str(&text).map_err(|error| InputsError::RecordInvalid { file: file.to_owned(), error })?;
         if let Some(key) = &r.builder_source {
             if source_key(&plugin_dir.join(BUILDER_NAME)).as_ref() != Some(key) {
                 return Ok(None);
             }
         }
         let fix = register_fix(plugin_dir);
-        let input = |what: &'static str, p: RecordedPath| -> Result<StoreInput, String> {
+        let input = |what: &'static str, p: RecordedPath| -> Result<StoreInput, InputsError> {
             let input = StoreInput { what, path: Some(p.path), host: p.host, fix: fix.clone() };
             match input.root() {
                 Some(root) if is_store_path(&root, None) => Ok(input),
-                _ => Err(bad(format!(
-                    "names {what} as {}, which is not a path in {STORE_DIR}",
-                    input.path.unwrap_or_default()
-                ))),
+                _ => Err(InputsError::RecordOutsideStore {
+                    file: file.to_owned(),
+                    what,
+                    path: input.path.unwrap_or_default(),
+                }),
             }
         };
         Ok(Some(Env {
@@ -209,7 +258,7 @@ impl Env {
 
     /// The builder next to the plugin (or `NIX_WINVM_BUILDER`), the closure in
     /// `NIX_WINVM_TOOLS_DIR` or the cache, the kernel in `NIX_WINVM_KERNEL_DIR` or the cache.
-    fn discovered(plugin_dir: &Path) -> Result<Env, String> {
+    fn discovered(plugin_dir: &Path) -> Result<Env, InputsError> {
         let from_env = |var: &str, default: PathBuf| std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
         let cache = Path::new(DEFAULT_CACHE);
         Env::discovered_at(
@@ -225,18 +274,12 @@ impl Env {
         builder: &Path,
         kernel_dir: &Path,
         tools_dir: &Path,
-    ) -> Result<Env, String> {
+    ) -> Result<Env, InputsError> {
         if !builder.is_file() {
-            return Err(format!(
-                "nix-winvm: the builder {} does not exist; build it (cargo build --release) or set NIX_WINVM_BUILDER",
-                builder.display()
-            ));
+            return Err(InputsError::NoBuilder(builder.to_owned()));
         }
         if !kernel_dir.join("vmlinuz").is_file() {
-            return Err(format!(
-                "nix-winvm: the Linux kernel for the VMs is missing ({}/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR",
-                kernel_dir.display()
-            ));
+            return Err(InputsError::NoKernel(kernel_dir.to_owned()));
         }
         let fix = register_fix(plugin_dir);
         let in_store = builder.starts_with(STORE_DIR);
@@ -290,11 +333,11 @@ const KEPT_BUILDERS: usize = 4;
 /// A copy of `builder` whose interpreter and RUNPATH are the closure's, so that it runs in a
 /// sandbox without the host's /lib; made once per builder (its inode, size and mtime) and
 /// closure.
-pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, String> {
+pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, InputsError> {
     use std::os::unix::fs::MetadataExt;
-    let fail = |what: String| format!("nix-winvm: preparing the builder {} for the sandbox: {what}", builder.display());
+    let fail = |step| InputsError::PatchBuilder { builder: builder.to_owned(), step };
     let (lib_dir, lib_store) = &closure.lib;
-    let meta = std::fs::metadata(builder).map_err(|e| fail(e.to_string()))?;
+    let meta = std::fs::metadata(builder).map_err(|e| fail(PatchStep::Stat(e)))?;
     let lib_hash = lib_store.trim_start_matches("/nix/store/").get(..12).unwrap_or("");
     let key = format!("{lib_hash}-{:x}-{:x}-{}.{}", meta.ino(), meta.size(), meta.mtime(), meta.mtime_nsec());
     // Every evaluation looks here: a made builder is found without writing anything.
@@ -312,14 +355,14 @@ pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, Str
     let loader = lib_dir.join(LOADER);
     let patchelf = closure.tools_dir.join("bin/patchelf");
     let dir = root.join(&key);
-    std::fs::create_dir_all(&dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir).map_err(|error| fail(PatchStep::CreateDir { dir: dir.clone(), error }))?;
     // Evaluations may patch the same builder at once: each in its own file, renamed into place.
     let tmp = tempfile::Builder::new()
         .prefix(".partial")
         .tempfile_in(&dir)
-        .map_err(|e| fail(format!("creating a file in {}: {e}", dir.display())))?
+        .map_err(|error| fail(PatchStep::CreateFile { dir: dir.clone(), error }))?
         .into_temp_path();
-    std::fs::copy(builder, &tmp).map_err(|e| fail(format!("copying it: {e}")))?;
+    std::fs::copy(builder, &tmp).map_err(|e| fail(PatchStep::Copy(e)))?;
     let o = std::process::Command::new(&loader)
         .arg("--library-path")
         .arg(lib_dir)
@@ -330,11 +373,11 @@ pub fn patched_builder(builder: &Path, closure: &Closure) -> Result<PathBuf, Str
         .arg(lib_store)
         .arg(&tmp)
         .output()
-        .map_err(|e| fail(format!("running {}: {e}", patchelf.display())))?;
+        .map_err(|error| fail(PatchStep::Run { patchelf: patchelf.clone(), error }))?;
     if !o.status.success() {
-        return Err(fail(format!("patchelf: {}", String::from_utf8_lossy(&o.stderr).trim())));
+        return Err(fail(PatchStep::Patchelf(String::from_utf8_lossy(&o.stderr).trim().to_owned())));
     }
-    tmp.persist(&out).map_err(|e| fail(format!("renaming into {}: {}", out.display(), e.error)))?;
+    tmp.persist(&out).map_err(|e| fail(PatchStep::Rename { out: out.clone(), error: e.error }))?;
     prune_builders(&root);
     Ok(out)
 }

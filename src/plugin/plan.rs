@@ -1,8 +1,10 @@
 //! Validated specs -> the derivations the shim creates with Nix's own `derivation`.
 
+use super::error::{ArgError, AttrPath, Caller, Problem};
 use super::ffi::bridge::{Plan, PlannedAttr, PlannedDrv, Source};
 pub use super::inputs::{Env, StoreInput};
-use super::validate::{self, as_set, Attrs};
+use super::table::{self, Builtin, Table};
+use super::validate::{self, argument, Attrs};
 use super::value::Val;
 use crate::protocol::Stage;
 use crate::spec::*;
@@ -36,34 +38,19 @@ pub fn store_input(name: &str, input: &StoreInput) -> PlannedAttr {
     }
 }
 
-fn error_plan(msg: String) -> Plan {
-    Plan { error: msg, drvs: vec![], passthru: vec![] }
+fn planned(drvs: Vec<PlannedDrv>, passthru: Vec<PlannedAttr>) -> Plan {
+    Plan { error: String::new(), drvs, passthru }
 }
 
-/// Which attributes the shim must evaluate before planning. Forcing an attribute the plan only
-/// passes through would make the builtin stricter than `derivation`, so those stay lazy.
-pub fn force_depth(builtin: &str, key: &str) -> u32 {
-    match (builtin, key) {
-        ("windowsImage", _) => 3,
-        (_, "windowsImage") => 3,
-        (_, "image") => 1,
-        ("windowsDerivation", "name" | "script" | "memory" | "cpus" | "accel" | "timeout") => 1,
-        ("windowsDerivation", "builder" | "args" | "system") => 1,
-        (_, "outputs" | "requiredSystemFeatures") => 2,
-        ("runInWindowsVM", "args") => 2,
-        ("runInWindowsVM", "name" | "timeout" | "builder") => 1,
-        _ => 0,
+pub fn plan(builtin: Builtin, root: &Val, env: &Env) -> Result<Plan, ArgError> {
+    match builtin {
+        Builtin::WindowsImage => {
+            let attrs = argument(builtin, root, "a set of attributes")?;
+            Ok(plan_image_or_layer(Caller::of(builtin), attrs, &[], env)?.plan)
+        }
+        Builtin::WindowsDerivation => plan_build(builtin, argument(builtin, root, "a set of attributes")?, env),
+        Builtin::RunInWindowsVM => plan_run_in_vm(builtin, argument(builtin, root, "a derivation")?, env),
     }
-}
-
-pub fn plan(builtin: &str, root: &Val, env: &Env) -> Plan {
-    let result = match builtin {
-        "windowsImage" => as_set(builtin, root).and_then(|a| plan_image_or_layer(builtin, a, &[], env)),
-        "windowsDerivation" => as_set(builtin, root).and_then(|a| plan_build(builtin, a, env)),
-        "runInWindowsVM" => plan_run_in_vm(builtin, root, env),
-        other => Err(format!("nix-winvm: unknown builtin '{other}'")),
-    };
-    result.unwrap_or_else(error_plan)
 }
 
 /// `requiredSystemFeatures`, or nothing when no feature is needed (Nix treats both alike, and a
@@ -92,11 +79,18 @@ fn runtime(env: &Env) -> Vec<PlannedAttr> {
     attrs
 }
 
+/// The derivations of an image or a layer, and the spec of the image the last one is: what a
+/// build on it revives.
+struct PlannedImage {
+    plan: Plan,
+    spec: ImageSpec,
+}
+
 /// A layer: one derivation, the `layer` stage, on the image `base` (see `builder::stages::layer`).
 /// Its commands stay attributes of their own, so their string context makes the layer depend
 /// on what they name; the layer carries its base's image spec, so it is an image like any.
-fn plan_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<Plan, String> {
-    let args = validate::layer_args(builtin, attrs)?;
+fn plan_layer(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<PlannedImage, ArgError> {
+    let args = validate::layer_args(caller, attrs)?;
     let spec = &args.spec;
     let guest = spec.image.guest.name();
     // A layer holds Windows as its base does.
@@ -116,10 +110,10 @@ fn plan_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     }
     a.extend(features(spec.image.accel, &[]));
     let mut drvs = vec![PlannedDrv { attrs: a }];
-    if let Some(hash) = validate::pin(builtin, attrs)? {
-        drvs.push(pinned(&name, &spec.image, 0, &hash, env));
+    if let Some(hash) = &args.pin {
+        drvs.push(pinned(&name, &spec.image, 0, hash, env));
     }
-    Ok(Plan { error: String::new(), drvs, passthru: vec![] })
+    Ok(PlannedImage { plan: planned(drvs, vec![]), spec: args.spec.image })
 }
 
 /// A pinned image or layer: a fixed-output derivation (`pin` stage) whose output is a copy of
@@ -140,18 +134,18 @@ fn pinned(name: &str, spec: &ImageSpec, index: usize, hash: &str, env: &Env) -> 
 }
 
 /// `windowsImage`'s argument: a layer when it names a `base`, a new image otherwise.
-fn plan_image_or_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<Plan, String> {
+fn plan_image_or_layer(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<PlannedImage, ArgError> {
     if attrs.iter().any(|(k, _)| k == "base") {
-        plan_layer(builtin, attrs, prefix, env)
+        plan_layer(caller, attrs, prefix, env)
     } else {
-        plan_image(builtin, attrs, prefix, env)
+        plan_image(caller, attrs, prefix, env)
     }
 }
 
 /// The three stages of an image: media -> installed disk -> suspended VM. `prefix` locates the
 /// image's attributes inside the user's value (empty for `windowsImage`'s own argument).
-fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<Plan, String> {
-    let spec = validate::image_spec(builtin, attrs)?;
+fn plan_image(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Result<PlannedImage, ArgError> {
+    let validate::ImageArgs { spec, pin } = validate::image_args(caller, attrs)?;
     let spec_json = to_json(&spec);
     let guest = spec.guest.name();
     // Stages holding Windows itself carry the marker binary caches use to refuse redistribution.
@@ -203,16 +197,22 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     image.push(stage("installed", installed_index));
     image.extend(vm_features);
     drvs.push(PlannedDrv { attrs: image });
-    if let Some(hash) = validate::pin(builtin, attrs)? {
+    if let Some(hash) = &pin {
         let name = format!("{restricted}winvm-{guest}-image");
-        drvs.push(pinned(&name, &spec, drvs.len() - 1, &hash, env));
+        drvs.push(pinned(&name, &spec, drvs.len() - 1, hash, env));
     }
 
     let passthru = vec![stage("media", media_index), stage("installed", installed_index)];
-    Ok(Plan { error: String::new(), drvs, passthru })
+    Ok(PlannedImage { plan: planned(drvs, passthru), spec })
 }
 
-fn plan_build(builtin: &str, attrs: &Attrs, env: &Env) -> Result<Plan, String> {
+/// The user's attributes the table passes on (and those it does not know), each as the user's
+/// own value, so that its string context survives.
+fn passed_on<'a>(table: &'static Table, attrs: &'a Attrs) -> impl Iterator<Item = PlannedAttr> + 'a {
+    attrs.iter().filter(move |(k, _)| table.row(k).map_or(true, |a| a.passed_on)).map(|(k, _)| user(k, &[k]))
+}
+
+fn plan_build(builtin: Builtin, attrs: &Attrs, env: &Env) -> Result<Plan, ArgError> {
     let args = validate::build_args(builtin, attrs)?;
     let mut drv = vec![
         text("system", SYSTEM),
@@ -221,66 +221,35 @@ fn plan_build(builtin: &str, attrs: &Attrs, env: &Env) -> Result<Plan, String> {
     ];
     drv.extend(runtime(env));
     drv.extend(features(args.spec.image.accel, &args.extra_features));
-    for (k, _) in attrs {
-        if validate::BUILD_CONSUMED_ATTRS.contains(&k.as_str()) || k == "requiredSystemFeatures" {
-            continue;
-        }
-        drv.push(user(k, &[k]));
-    }
-    Ok(Plan { error: String::new(), drvs: vec![PlannedDrv { attrs: drv }], passthru: vec![] })
+    drv.extend(passed_on(&table::BUILD, attrs));
+    Ok(planned(vec![PlannedDrv { attrs: drv }], vec![]))
 }
 
 /// The historic interface: a derivation in, the same derivation run inside the VM out. The
 /// shim hands over the derivation's `drvAttrs`.
-fn plan_run_in_vm(builtin: &str, root: &Val, env: &Env) -> Result<Plan, String> {
-    let attrs = match root {
-        Val::Set(a) => a,
-        other => {
-            return Err(format!("{builtin}: the argument must be a derivation, got {}", other.describe()));
-        }
-    };
+fn plan_run_in_vm(builtin: Builtin, attrs: &Attrs, env: &Env) -> Result<Plan, ArgError> {
+    let args = validate::Args::new(Caller::of(builtin), &table::RUN_IN_VM, attrs);
+    let missing = |name: &str, hint| args.error(AttrPath::attr(name), Problem::MissingFromDerivation { hint });
     let mut drvs = Vec::new();
-    let image_attr = match attrs.iter().find(|(k, _)| k == "windowsImage").map(|(_, v)| v) {
+    let (image_attr, image) = match args.get("windowsImage") {
         None => {
-            return Err(format!(
-                "{builtin}: the derivation has no attribute 'windowsImage'; set it to builtins.windowsImage {{ ... }} or to that builtin's arguments"
+            return Err(missing(
+                "windowsImage",
+                Some("set it to builtins.windowsImage { ... } or to that builtin's arguments"),
             ))
         }
         Some(Val::Set(image_attrs)) => {
-            let image_plan =
-                plan_image_or_layer(&format!("{builtin}: windowsImage"), image_attrs, &["windowsImage"], env)?;
-            drvs = image_plan.drvs;
-            stage("image", drvs.len() - 1)
+            let within = Caller { builtin, within: Some("windowsImage") };
+            let image = plan_image_or_layer(within, image_attrs, &["windowsImage"], env)?;
+            drvs = image.plan.drvs;
+            (stage("image", drvs.len() - 1), image.spec)
         }
-        Some(v) => {
-            validate::image_of(builtin, "windowsImage", Some(v))?;
-            user("image", &["windowsImage"])
-        }
+        Some(_) => (user("image", &["windowsImage"]), args.image("windowsImage")?),
     };
-    let image = match image_attr.source {
-        Source::Stage => {
-            let json = drvs[image_attr.stage].attrs.iter().find(|a| a.name == "winvmImageSpec").map(|a| a.text.clone());
-            image_spec_from_json(&json.unwrap_or_default()).map_err(|e| format!("{builtin}: {e}"))?
-        }
-        _ => validate::image_of(
-            builtin,
-            "windowsImage",
-            attrs.iter().find(|(k, _)| k == "windowsImage").map(|(_, v)| v),
-        )?,
-    };
-    let mut spec = BuildSpec { timeout_secs: image.timeout_secs, image, run_original_builder: true };
-    validate::apply_build_overrides(builtin, &[], &mut spec)?;
-    if let Some((_, v)) = attrs.iter().find(|(k, _)| k == "timeout") {
-        let only_timeout = vec![("timeout".to_owned(), v.clone())];
-        validate::apply_build_overrides(builtin, &only_timeout, &mut spec)?;
-    }
-    let argc = match attrs.iter().find(|(k, _)| k == "args").map(|(_, v)| v) {
-        None => 0,
-        Some(Val::List(items)) => items.len(),
-        Some(other) => return Err(validate::type_error(builtin, "args", "a list", other)),
-    };
-    if !attrs.iter().any(|(k, _)| k == "builder") {
-        return Err(format!("{builtin}: the derivation has no attribute 'builder'"));
+    let spec = BuildSpec { timeout_secs: validate::build_timeout(&args, &image)?, image, run_original_builder: true };
+    let argc = args.list_len("args")?;
+    if !args.has("builder") {
+        return Err(missing("builder", None));
     }
     let mut drv = vec![
         text("system", SYSTEM),
@@ -295,17 +264,9 @@ fn plan_run_in_vm(builtin: &str, root: &Val, env: &Env) -> Result<Plan, String> 
         let index = i.to_string();
         drv.push(user(&format!("winvmArg{i}"), &["args", &index]));
     }
-    let extra = match attrs.iter().find(|(k, _)| k == "requiredSystemFeatures").map(|(_, v)| v) {
-        None => vec![],
-        Some(v) => validate::string_list(builtin, "requiredSystemFeatures", v, "a list of strings")?,
-    };
+    let extra = args.text_list_or_empty("requiredSystemFeatures")?;
     drv.extend(features(spec.image.accel, &extra));
-    const OWNED: &[&str] = &["builder", "args", "system", "windowsImage", "requiredSystemFeatures", "image"];
-    for (k, _) in attrs {
-        if !OWNED.contains(&k.as_str()) {
-            drv.push(user(k, &[k]));
-        }
-    }
+    drv.extend(passed_on(&table::RUN_IN_VM, attrs));
     drvs.push(PlannedDrv { attrs: drv });
-    Ok(Plan { error: String::new(), drvs, passthru: vec![] })
+    Ok(planned(drvs, vec![]))
 }

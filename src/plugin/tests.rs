@@ -1,12 +1,20 @@
 //! Planner unit tests and a property test: no argument, however malformed, makes the planner
 //! panic (a panic would cross the FFI into the user's `nix`).
 
-use super::ffi::bridge::{Kind, Node, Source};
+use super::error::Caller;
+use super::ffi::bridge::{Kind, Node, Plan, Source};
 use super::inputs::{self, Env, StoreInput};
 use super::plan;
+use super::table::Builtin;
 use super::value::{from_nodes, to_nodes, DecodeError, Val};
 use proptest::prelude::*;
 use std::path::Path;
+
+/// What the shim gets: the plan, or its error rendered.
+fn planned(builtin: &str, v: &Val, env: &Env) -> Plan {
+    let builtin = Builtin::from_name(builtin).expect("a builtin");
+    super::rendered(plan::plan(builtin, v, env).map_err(Into::into))
+}
 
 fn env() -> (tempfile::TempDir, Env) {
     let dir = tempfile::tempdir().unwrap();
@@ -36,8 +44,8 @@ fn env() -> (tempfile::TempDir, Env) {
 #[test]
 fn every_derivation_names_the_tools_closure_by_its_store_path() {
     let (_d, env) = env();
-    let image = plan::plan("windowsImage", &set(&[("guest", s("standin")), ("accel", s("tcg"))]), &env);
-    let build = plan::plan(
+    let image = planned("windowsImage", &set(&[("guest", s("standin")), ("accel", s("tcg"))]), &env);
+    let build = planned(
         "windowsDerivation",
         &set(&[
             ("name", s("t")),
@@ -93,11 +101,11 @@ fn the_record_of_store_paths_is_read_checked_and_seen_stale() {
     assert!(Env::recorded(&file, dir.path()).unwrap().is_none(), "a rebuilt builder makes the record stale");
     std::fs::write(&file, record("").replace(&format!("/nix/store/{hash}-winvm-kernel"), "/opt/kernel")).unwrap();
     assert_eq!(
-        Env::recorded(&file, dir.path()).unwrap_err(),
+        Env::recorded(&file, dir.path()).unwrap_err().to_string(),
         format!("nix-winvm: the record of store paths {} names the VMs' kernel as /opt/kernel, which is not a path in /nix/store", file.display())
     );
     std::fs::write(&file, "{\"builder\": 1}").unwrap();
-    let err = Env::recorded(&file, dir.path()).unwrap_err();
+    let err = Env::recorded(&file, dir.path()).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!("nix-winvm: the record of store paths {} is not valid: ", file.display())),
         "{err}"
@@ -136,13 +144,13 @@ fn plan_spec(p: &super::ffi::bridge::Plan) -> String {
 #[test]
 fn a_missing_or_garbled_closure_is_refused_with_the_way_to_make_it() {
     let dir = tempfile::tempdir().unwrap();
-    let err = inputs::Closure::read(dir.path()).unwrap_err();
+    let err = inputs::Closure::read(dir.path()).unwrap_err().to_string();
     assert!(err.starts_with("nix-winvm: the tools closure is missing or incomplete ("), "{err}");
     assert!(err.ends_with("run scripts/setup, or set NIX_WINVM_TOOLS_DIR"), "{err}");
     std::fs::write(dir.path().join("tools.path"), format!("/nix/store/{}-winvm-tools\n", "d".repeat(32))).unwrap();
     std::fs::create_dir(dir.path().join("winvm-tools")).unwrap();
     std::fs::write(dir.path().join("lib.path"), "/tmp/elsewhere\n").unwrap();
-    let err = inputs::Closure::read(dir.path()).unwrap_err();
+    let err = inputs::Closure::read(dir.path()).unwrap_err().to_string();
     assert!(err.contains("lib.path does not hold a store path named winvm-tools-lib"), "{err}");
     std::fs::write(dir.path().join("lib.path"), format!("/nix/store/{}-winvm-tools-lib\n", "c".repeat(32))).unwrap();
     std::fs::create_dir(dir.path().join("winvm-tools-lib")).unwrap();
@@ -188,7 +196,7 @@ fn malformed_nodes_are_errors() {
 #[test]
 fn standin_image_plan_has_three_stages_and_passthru() {
     let (_d, env) = env();
-    let p = plan::plan("windowsImage", &set(&[("guest", s("standin")), ("accel", s("tcg"))]), &env);
+    let p = planned("windowsImage", &set(&[("guest", s("standin")), ("accel", s("tcg"))]), &env);
     assert_eq!(p.error, "");
     let names: Vec<String> =
         p.drvs.iter().map(|d| d.attrs.iter().find(|a| a.name == "name").unwrap().text.clone()).collect();
@@ -208,7 +216,7 @@ fn missing_kernel_is_an_error_naming_the_fix() {
     std::fs::write(&builder, b"").unwrap();
     let err = Env::discovered_at(dir.path(), &builder, Path::new("/nonexistent"), dir.path()).unwrap_err();
     assert_eq!(
-        err,
+        err.to_string(),
         "nix-winvm: the Linux kernel for the VMs is missing (/nonexistent/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR"
     );
 }
@@ -216,7 +224,7 @@ fn missing_kernel_is_an_error_naming_the_fix() {
 #[test]
 fn build_forwards_unknown_attributes_by_reference() {
     let (_d, env) = env();
-    let image = plan::plan("windowsImage", &set(&[("guest", s("standin"))]), &env);
+    let image = planned("windowsImage", &set(&[("guest", s("standin"))]), &env);
     let json = image.drvs[2].attrs.iter().find(|a| a.name == "winvmImageSpec").unwrap().text.clone();
     let args = set(&[
         ("name", s("t")),
@@ -225,7 +233,7 @@ fn build_forwards_unknown_attributes_by_reference() {
         ("FOO", Val::Unforced),
         ("timeout", Val::Int(5)),
     ]);
-    let p = plan::plan("windowsDerivation", &args, &env);
+    let p = planned("windowsDerivation", &args, &env);
     assert_eq!(p.error, "");
     let attrs = &p.drvs[0].attrs;
     for key in ["name", "image", "script", "FOO"] {
@@ -237,11 +245,21 @@ fn build_forwards_unknown_attributes_by_reference() {
     assert_eq!(features.list, ["kvm"]);
 }
 
+/// The shim forces what the plan reads, as deep as it reads it, and nothing it passes on.
 #[test]
 fn force_depth_keeps_pass_through_attributes_lazy() {
-    assert_eq!(plan::force_depth("windowsDerivation", "src"), 0);
-    assert_eq!(plan::force_depth("windowsDerivation", "script"), 1);
-    assert_eq!(plan::force_depth("windowsImage", "anything"), 3);
+    let depth = |b: &str, k: &str| super::force_depth(b, k.as_bytes());
+    assert_eq!(depth("windowsDerivation", "src"), 0);
+    assert_eq!(depth("windowsDerivation", "script"), 1);
+    assert_eq!(depth("windowsDerivation", "outputs"), 2);
+    assert_eq!(depth("windowsImage", "memory"), 1);
+    assert_eq!(depth("windowsImage", "iso"), 2, "the set form's fields");
+    assert_eq!(depth("windowsImage", "installCommands"), 2);
+    assert_eq!(depth("windowsImage", "anything"), 0, "an unknown attribute is an error by its name alone");
+    assert_eq!(depth("runInWindowsVM", "windowsImage"), 3, "an image's arguments, one level down");
+    assert_eq!(depth("runInWindowsVM", "args"), 2);
+    assert_eq!(depth("runInWindowsVM", "HELLO"), 0);
+    assert_eq!(depth("notABuiltin", "memory"), 0);
 }
 
 fn arb_val() -> impl Strategy<Value = Val> {
@@ -297,7 +315,7 @@ fn strings_that_are_not_utf8_are_forwarded_or_named() {
             attrs.retain(|(n, _)| n != k);
             attrs.push((k.to_string(), v));
         }
-        plan::plan("windowsDerivation", &Val::Set(attrs), &env)
+        planned("windowsDerivation", &Val::Set(attrs), &env)
     };
     // The script and environment attributes are forwarded as the user's own values.
     assert_eq!(build(vec![("script", bad.clone()), ("FOO", bad.clone())]).error, "");
@@ -307,7 +325,7 @@ fn strings_that_are_not_utf8_are_forwarded_or_named() {
     );
     let image = Val::Set(vec![("guest".into(), s("standin")), ("accel".into(), bad)]);
     assert_eq!(
-        plan::plan("windowsImage", &image, &env).error,
+        planned("windowsImage", &image, &env).error,
         "windowsImage: attribute 'accel' must be UTF-8 text, but byte 3 of the string is not valid UTF-8"
     );
 }
@@ -324,7 +342,7 @@ proptest! {
     #[test]
     fn planning_never_panics(v in arb_val(), builtin in prop_oneof![Just("windowsImage"), Just("windowsDerivation"), Just("runInWindowsVM")]) {
         let (_d, env) = env();
-        let p = plan::plan(builtin, &v, &env);
+        let p = planned(builtin, &v, &env);
         // Either an error naming the builtin, or derivations whose stage references point backwards.
         if p.error.is_empty() {
             prop_assert!(!p.drvs.is_empty());
@@ -352,19 +370,20 @@ proptest! {
 
 #[test]
 fn a_windows_image_under_tcg_gets_a_longer_default_timeout() {
-    use super::validate::image_spec;
+    let image_spec =
+        |attrs: &[(String, Val)]| super::validate::image_args(Caller::of(Builtin::WindowsImage), attrs).map(|a| a.spec);
     let attrs = |extra: &[(&str, Val)]| -> Vec<(String, Val)> {
         let mut a = vec![("iso".to_owned(), Val::Path("/w.iso".into())), ("edition".to_owned(), s("Windows 11 Pro"))];
         a.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
         a
     };
-    let kvm = image_spec("windowsImage", &attrs(&[])).unwrap();
+    let kvm = image_spec(&attrs(&[])).unwrap();
     assert_eq!(kvm.timeout_secs, crate::spec::DEFAULT_TIMEOUT_SECS);
-    let tcg = image_spec("windowsImage", &attrs(&[("accel", s("tcg"))])).unwrap();
+    let tcg = image_spec(&attrs(&[("accel", s("tcg"))])).unwrap();
     assert_eq!(tcg.timeout_secs, 8 * 3600);
-    let given = image_spec("windowsImage", &attrs(&[("accel", s("tcg")), ("timeout", Val::Int(60))])).unwrap();
+    let given = image_spec(&attrs(&[("accel", s("tcg")), ("timeout", Val::Int(60))])).unwrap();
     assert_eq!(given.timeout_secs, 60, "a timeout given is kept");
-    let standin = image_spec("windowsImage", &[("guest".into(), s("standin")), ("accel".into(), s("tcg"))]).unwrap();
+    let standin = image_spec(&[("guest".into(), s("standin")), ("accel".into(), s("tcg"))]).unwrap();
     assert_eq!(standin.timeout_secs, crate::spec::DEFAULT_TIMEOUT_SECS);
 }
 
@@ -376,7 +395,7 @@ fn standin_image_val() -> Val {
 fn a_layer_is_one_derivation_carrying_its_bases_spec_and_each_command_as_an_attribute() {
     let (_d, env) = env();
     let cmds = Val::List(vec![s("echo one"), Val::Str { text: "cp /nix/store/x-y /opt".into(), context: true }]);
-    let p = plan::plan("windowsImage", &set(&[("base", standin_image_val()), ("installCommands", cmds)]), &env);
+    let p = planned("windowsImage", &set(&[("base", standin_image_val()), ("installCommands", cmds)]), &env);
     assert_eq!(p.error, "");
     assert_eq!(p.drvs.len(), 1);
     let attrs = &p.drvs[0].attrs;
@@ -399,7 +418,7 @@ fn a_layer_is_one_derivation_carrying_its_bases_spec_and_each_command_as_an_attr
 #[test]
 fn a_layer_refuses_the_shape_and_a_base_that_is_not_an_image() {
     let (_d, env) = env();
-    let plan_err = |attrs: &[(&str, Val)]| plan::plan("windowsImage", &set(attrs), &env).error;
+    let plan_err = |attrs: &[(&str, Val)]| planned("windowsImage", &set(attrs), &env).error;
     assert_eq!(
         plan_err(&[("base", standin_image_val()), ("memory", Val::Int(512))]),
         "windowsImage: attribute 'memory' cannot be given with 'base': a layer revives its base's memory snapshot, so it keeps everything the base was made with (give 'memory' to the base)"
@@ -423,7 +442,7 @@ fn a_layer_refuses_the_shape_and_a_base_that_is_not_an_image() {
     // A Windows layer is restricted as its base is, whatever its name.
     let windows = crate::spec::ImageSpec::new(crate::spec::GuestSpec::Windows(crate::spec::WindowsOptions::new("W")));
     let base = Val::Derivation { image_spec: Some(crate::spec::to_json(&windows)) };
-    let p = plan::plan("windowsImage", &set(&[("base", base), ("name", s("vs"))]), &env);
+    let p = planned("windowsImage", &set(&[("base", base), ("name", s("vs"))]), &env);
     assert_eq!(p.drvs[0].attrs.iter().find(|a| a.name == "name").unwrap().text, "RESTRICTDIST-vs");
 }
 
@@ -435,7 +454,7 @@ fn a_pin_adds_a_fixed_output_copy_and_changes_nothing_below_it() {
     let hash = format!("sha256-{}=", "A".repeat(43));
     let plain = set(&[("guest", s("standin")), ("accel", s("tcg"))]);
     let pinned = set(&[("guest", s("standin")), ("accel", s("tcg")), ("pin", s(&hash))]);
-    let (p, q) = (plan::plan("windowsImage", &plain, &env), plan::plan("windowsImage", &pinned, &env));
+    let (p, q) = (planned("windowsImage", &plain, &env), planned("windowsImage", &pinned, &env));
     assert_eq!((p.error.as_str(), q.error.as_str()), ("", ""));
     assert_eq!(q.drvs.len(), p.drvs.len() + 1);
     for (a, b) in p.drvs.iter().zip(&q.drvs) {
@@ -449,15 +468,116 @@ fn a_pin_adds_a_fixed_output_copy_and_changes_nothing_below_it() {
     assert_eq!((get("image").source, get("image").stage), (Source::Stage, p.drvs.len() - 1));
     // A layer too.
     let layer = set(&[("base", standin_image_val()), ("pin", s(&hash))]);
-    let l = plan::plan("windowsImage", &layer, &env);
+    let l = planned("windowsImage", &layer, &env);
     assert_eq!(l.error, "");
     assert_eq!(l.drvs.len(), 2);
     assert!(l.drvs[1].attrs.iter().any(|a| a.name == "name" && a.text == "winvm-standin-layer-pinned"));
     // Not a hash: said with the shape.
     for bad in ["sha256-short=", "sha512-AAAA", &format!("sha256-{}", "A".repeat(44))] {
-        let e = plan::plan("windowsImage", &set(&[("guest", s("standin")), ("pin", s(bad))]), &env).error;
+        let e = planned("windowsImage", &set(&[("guest", s("standin")), ("pin", s(bad))]), &env).error;
         assert!(e.starts_with("windowsImage: attribute 'pin' must be a SHA-256 hash in SRI form"), "{bad}: {e}");
     }
-    let e = plan::plan("windowsImage", &set(&[("guest", s("standin")), ("pin", Val::Int(3))]), &env).error;
+    let e = planned("windowsImage", &set(&[("guest", s("standin")), ("pin", Val::Int(3))]), &env).error;
     assert!(e.contains("'pin'"), "{e}");
+}
+
+/// README.md's attribute reference is the tables': each one under its marker, row for row.
+#[test]
+fn the_readmes_attribute_tables_are_the_plugins_own() {
+    use super::table::{readme, TABLES};
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let name_of =
+        |line: &str| line.split('|').nth(1).map(|c| c.trim().trim_matches('`').to_owned()).unwrap_or_default();
+    for table in TABLES {
+        let fix = format!("README.md's table {} should read:\n\n{}\n", table.id, readme::table(table));
+        let marker = readme::marker(table);
+        let at = text.find(&marker).unwrap_or_else(|| panic!("README.md lacks the marker {marker}; {fix}"));
+        let documented: Vec<&str> =
+            text[at + marker.len()..].trim_start().lines().take_while(|l| l.starts_with('|')).collect();
+        assert!(documented.len() >= 2 && documented[..2] == readme::HEADER, "{fix}");
+        for a in table.rows {
+            let Some(line) = documented.iter().find(|l| name_of(l) == a.name) else {
+                panic!("README.md's table {} lacks `{}`; {fix}", table.id, a.name)
+            };
+            assert_eq!(
+                *line,
+                readme::row(a),
+                "README.md's row of `{}` ({}) differs from src/plugin/table.rs",
+                a.name,
+                table.id
+            );
+        }
+        for line in &documented[2..] {
+            let name = name_of(line);
+            assert!(
+                table.row(&name).is_some(),
+                "README.md documents `{name}`, which the table {} lacks; {fix}",
+                table.id
+            );
+        }
+        assert_eq!(documented.join("\n"), readme::table(table), "the rows' order; {fix}");
+    }
+}
+
+/// Each row's default is a value its own type allows, and the defaults are the spec's.
+#[test]
+fn the_tables_defaults_fit_their_rows_and_are_the_specs() {
+    use super::table::{Default, Guest, Kind, TABLES};
+    for table in TABLES {
+        let mut names = table.names();
+        names.dedup();
+        assert_eq!(names.len(), table.rows.len(), "a name twice in {}", table.id);
+        for a in table.rows {
+            match (a.kind, a.default) {
+                (Kind::Choice(choices), Default::Text(d)) => assert!(choices.contains(&d), "{}", a.name),
+                (Kind::Int { range, .. }, d) => {
+                    for windows in [false, true] {
+                        for tcg in [false, true] {
+                            if let Some(i) = d.int(Guest { windows, tcg }) {
+                                assert!((range.0..=range.1).contains(&i), "{}: {i}", a.name);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if a.default == Default::RequiredForWindows {
+                assert!(a.windows_only, "{} is required for windows only", a.name);
+            }
+        }
+    }
+    let caller = Caller::of(Builtin::WindowsImage);
+    let standin = super::validate::image_args(caller, &[("guest".into(), s("standin"))]).unwrap();
+    assert_eq!(standin.spec, crate::spec::ImageSpec::standin());
+    let windows = [("iso".to_owned(), Val::Path("/w.iso".into())), ("edition".to_owned(), s("Windows 11 Pro"))];
+    let windows = super::validate::image_args(caller, &windows).unwrap();
+    let options = crate::spec::WindowsOptions::new("Windows 11 Pro");
+    assert_eq!(windows.spec, crate::spec::ImageSpec::new(crate::spec::GuestSpec::Windows(options)));
+}
+
+/// An error names the attribute by its path, a list's element by its position.
+#[test]
+fn an_error_names_the_attribute_by_its_path() {
+    use super::error::{ArgError, AttrPath, Problem};
+    let error = |attr: AttrPath| ArgError {
+        caller: Caller::of(Builtin::WindowsImage),
+        attr,
+        problem: Problem::OutOfRange { value: 3, unit: "MiB", range: (64, 128) },
+    };
+    assert_eq!(
+        error(AttrPath::attr("layers").element(1).field("memory")).to_string(),
+        "windowsImage: attribute 'layers[1].memory' must be between 64 and 128 (MiB), got 3"
+    );
+    assert_eq!(
+        error(AttrPath::attr("sizes").element(2)).to_string(),
+        "windowsImage: element 2 of attribute 'sizes' must be between 64 and 128 (MiB), got 3"
+    );
+    let within = ArgError {
+        caller: super::error::Caller { builtin: Builtin::RunInWindowsVM, within: Some("windowsImage") },
+        ..error(AttrPath::attr("memory"))
+    };
+    assert_eq!(
+        within.to_string(),
+        "runInWindowsVM: windowsImage: attribute 'memory' must be between 64 and 128 (MiB), got 3"
+    );
 }

@@ -1,189 +1,264 @@
-//! The user's Nix attributes -> typed specs, with errors that name the attribute and the
-//! expected shape. Every message here is user-facing and asserted by tests.
+//! The user's Nix attributes -> typed specs. Each attribute is read through its builtin's table
+//! (table.rs), which gives its type, its range or choices and its default; each error names the
+//! builtin and the attribute (error.rs). Every message is user-facing and asserted by tests.
 
+use super::error::{ArgError, AttrPath, Caller, Problem, ShapeValue};
+use super::table::{self, Attr, Builtin, Default, Guest, Kind, Table, ISO_SHAPE, PIN_SHAPE};
 use super::value::Val;
 use crate::spec::*;
 
 pub type Attrs = [(String, Val)];
 
-/// The attributes of `windowsImage`, a closed set: a typo is an error, not a silent default.
-pub const IMAGE_ATTRS: &[&str] = &[
-    "accel",
-    "cpus",
-    "cygwinPackages",
-    "cygwinRepo",
-    "diskSize",
-    "edition",
-    "efi",
-    "guest",
-    "installCommands",
-    "iso",
-    "locale",
-    "memory",
-    "pin",
-    "productKey",
-    "timeout",
-];
-const WINDOWS_ONLY_ATTRS: &[&str] =
-    &["cygwinPackages", "cygwinRepo", "edition", "installCommands", "iso", "locale", "productKey"];
+/// One argument (a builtin's, or the image arguments inside `runInWindowsVM`'s), read through
+/// its table. The code asks for each attribute by name and kind: a name missing from the table,
+/// a kind that is not the row's, or a default the row does not have is a bug in this file, and
+/// panics (the unit tests read every row; `plugin::plan` would catch it and say "internal error").
+#[derive(Clone, Copy)]
+pub struct Args<'a> {
+    caller: Caller,
+    table: &'static Table,
+    attrs: &'a Attrs,
+}
 
-/// The attributes of a layer: `windowsImage` given a `base` image.
-pub const LAYER_ATTRS: &[&str] = &["base", "installCommands", "name", "pin", "timeout"];
-
-/// `pin`: the hash of an image or a layer, which makes it a fixed-output derivation (its
-/// store path then depends on its name and this hash alone). Not part of the spec: the
-/// derivation the pin copies is the same with and without it, so pinning never rebuilds it.
-pub fn pin(builtin: &str, attrs: &Attrs) -> Result<Option<String>, String> {
-    const SHAPE: &str = "a SHA-256 hash in SRI form, \"sha256-\" and 44 characters of base64 (the first build says it: leave it as \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\" and take the hash Nix got)";
-    let Some(v) = get(attrs, "pin") else { return Ok(None) };
-    let text = string(builtin, "pin", v, SHAPE)?;
-    let ok = text.strip_prefix("sha256-").is_some_and(|b64| {
-        b64.len() == 44
-            && b64.ends_with('=')
-            && b64[..43].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
-    });
-    if !ok {
-        return Err(format!("{builtin}: attribute 'pin' must be {SHAPE}, got \"{text}\""));
+impl<'a> Args<'a> {
+    pub fn new(caller: Caller, table: &'static Table, attrs: &'a Attrs) -> Args<'a> {
+        Args { caller, table, attrs }
     }
-    Ok(Some(text))
-}
 
-/// A layer's validated arguments.
-pub struct LayerArgs {
-    pub spec: LayerSpec,
-    pub name: Option<String>,
-}
+    pub fn error(&self, attr: AttrPath, problem: Problem) -> ArgError {
+        ArgError { caller: self.caller, attr, problem }
+    }
 
-/// `windowsImage { base = ...; installCommands = [ ... ]; }`: the base's spec, and what the
-/// layer adds. The shape is the base's and may not be given again.
-pub fn layer_args(builtin: &str, attrs: &Attrs) -> Result<LayerArgs, String> {
-    for (k, _) in attrs {
-        if LAYER_ATTRS.contains(&k.as_str()) {
-            continue;
+    fn error_at(&self, name: &str, problem: Problem) -> ArgError {
+        self.error(AttrPath::attr(name), problem)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&'a Val> {
+        self.attrs.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// The row the code reads `name` by: its absence is a bug in this file, found by the tests.
+    fn row(&self, name: &str) -> &'static Attr {
+        match self.table.row(name) {
+            Some(row) => row,
+            None => panic!("the table {} has no attribute '{name}'", self.table.id),
         }
-        if IMAGE_ATTRS.contains(&k.as_str()) {
-            return Err(format!(
-                "{builtin}: attribute '{k}' cannot be given with 'base': a layer revives its base's memory snapshot, so it keeps everything the base was made with (give '{k}' to the base)"
-            ));
-        }
-        return Err(unknown_attr(builtin, k, LAYER_ATTRS));
     }
-    let image = image_of(builtin, "base", get(attrs, "base"))?;
-    let commands = match get(attrs, "installCommands") {
-        None => 0,
-        Some(v) => string_list(
-            builtin,
-            "installCommands",
-            v,
-            "a list of strings (commands run in order in the guest's shell)",
-        )?
-        .len(),
-    };
-    let timeout_secs = match get(attrs, "timeout") {
-        None => image.timeout_secs,
-        Some(v) => int_in(builtin, "timeout", v, "seconds", TIMEOUT_SECS_RANGE)? as u64,
-    };
-    let name = match get(attrs, "name") {
-        None => None,
-        Some(v) => Some(string(builtin, "name", v, "a string (the layer's derivation name)")?),
-    };
-    Ok(LayerArgs { spec: LayerSpec { image, timeout_secs, commands }, name })
-}
 
-/// Attributes of `windowsDerivation` that the builder owns.
-pub const RESERVED_BUILD_ATTRS: &[&str] = &["builder", "args", "system"];
-
-pub fn type_error(builtin: &str, attr: &str, expected: &str, got: &Val) -> String {
-    format!("{builtin}: attribute '{attr}' must be {expected}, got {}", got.describe())
-}
-
-pub fn as_set<'a>(builtin: &str, v: &'a Val) -> Result<&'a Attrs, String> {
-    match v {
-        Val::Set(attrs) => Ok(attrs),
-        other => Err(format!("{builtin}: the argument must be a set of attributes, got {}", other.describe())),
+    fn wrong_type(&self, path: AttrPath, row: &Attr, got: &Val) -> ArgError {
+        self.error(path, Problem::WrongType { expected: row.kind.expected(row.note), got: got.describe() })
     }
-}
 
-fn get<'a>(attrs: &'a Attrs, key: &str) -> Option<&'a Val> {
-    attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-}
-
-/// An integer within `range`, checked before it is narrowed into the spec (the spec's own
-/// check, which gives the message, runs again on the result).
-fn int_in(builtin: &str, attr: &'static str, v: &Val, unit: &'static str, range: (i64, i64)) -> Result<i64, String> {
-    match v {
-        Val::Int(i) => check_range(attr, *i, unit, range).map(|()| *i).map_err(|e| format!("{builtin}: {e}")),
-        other => Err(type_error(builtin, attr, &format!("an integer ({unit})"), other)),
-    }
-}
-
-fn string(builtin: &str, attr: &str, v: &Val, expected: &str) -> Result<String, String> {
-    match v {
-        Val::Str { text, .. } => Ok(text.clone()),
-        Val::NonUtf8Str { valid_up_to, .. } => Err(not_utf8(builtin, &format!("attribute '{attr}'"), *valid_up_to)),
-        other => Err(type_error(builtin, attr, expected, other)),
-    }
-}
-
-fn not_utf8(builtin: &str, what: &str, valid_up_to: usize) -> String {
-    format!("{builtin}: {what} must be UTF-8 text, but byte {valid_up_to} of the string is not valid UTF-8")
-}
-
-/// A string the plan only forwards: any bytes will do.
-fn any_string(builtin: &str, attr: &str, v: &Val, expected: &str) -> Result<(), String> {
-    match v {
-        Val::Str { .. } | Val::NonUtf8Str { .. } => Ok(()),
-        other => Err(type_error(builtin, attr, expected, other)),
-    }
-}
-
-fn bool_(builtin: &str, attr: &str, v: &Val) -> Result<bool, String> {
-    match v {
-        Val::Bool(b) => Ok(*b),
-        other => Err(type_error(builtin, attr, "a Boolean", other)),
-    }
-}
-
-pub fn string_list(builtin: &str, attr: &str, v: &Val, expected: &str) -> Result<Vec<String>, String> {
-    let items = match v {
-        Val::List(items) => items,
-        other => return Err(type_error(builtin, attr, expected, other)),
-    };
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| match item {
+    /// The text of a string the plan reads (`row` says what else an error expects).
+    fn text_at(&self, path: AttrPath, row: &Attr, v: &Val) -> Result<String, ArgError> {
+        match v {
             Val::Str { text, .. } => Ok(text.clone()),
-            Val::NonUtf8Str { valid_up_to, .. } => {
-                Err(not_utf8(builtin, &format!("element {i} of attribute '{attr}'"), *valid_up_to))
-            }
-            other => {
-                Err(format!("{builtin}: element {i} of attribute '{attr}' must be a string, got {}", other.describe()))
-            }
-        })
-        .collect()
-}
-
-fn enum_str<T: Copy>(builtin: &str, attr: &str, v: &Val, choices: &[(&str, T)]) -> Result<T, String> {
-    let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
-    let expected = format!("one of {}", names.join(", "));
-    match v {
-        Val::Str { text, .. } => choices
-            .iter()
-            .find(|(n, _)| n == text)
-            .map(|(_, t)| *t)
-            .ok_or_else(|| format!("{builtin}: attribute '{attr}' must be {expected}, got \"{text}\"")),
-        Val::NonUtf8Str { valid_up_to, .. } => Err(not_utf8(builtin, &format!("attribute '{attr}'"), *valid_up_to)),
-        other => Err(type_error(builtin, attr, &expected, other)),
+            other => Err(self.not_text(path, row, other)),
+        }
     }
-}
 
-/// Suggests the closest known name for a typo ("memroy" -> "memory").
-pub fn unknown_attr(builtin: &str, attr: &str, known: &[&str]) -> String {
-    let closest = known.iter().map(|k| (edit_distance(attr, k), *k)).filter(|(d, _)| *d <= 2).min();
-    match closest {
-        Some((_, k)) => format!("{builtin}: unknown attribute '{attr}'; did you mean '{k}'?"),
-        None => format!("{builtin}: unknown attribute '{attr}'; known attributes: {}", known.join(", ")),
+    /// A string that is not UTF-8 is named as such; any other value is of the wrong type.
+    fn not_text(&self, path: AttrPath, row: &Attr, v: &Val) -> ArgError {
+        match v {
+            Val::NonUtf8Str { valid_up_to, .. } => self.error(path, Problem::NotUtf8 { valid_up_to: *valid_up_to }),
+            other => self.wrong_type(path, row, other),
+        }
+    }
+
+    /// Every attribute given is in the table.
+    pub fn known(&self) -> Result<(), ArgError> {
+        match self.attrs.iter().find(|(k, _)| self.table.row(k).is_none()) {
+            Some((k, _)) => Err(self.unknown(k)),
+            None => Ok(()),
+        }
+    }
+
+    /// Suggests the closest known name for a typo ("memroy" -> "memory").
+    pub fn unknown(&self, attr: &str) -> ArgError {
+        let known = self.table.names();
+        let closest = known.iter().map(|k| (edit_distance(attr, k), *k)).filter(|(d, _)| *d <= 2).min();
+        self.error_at(attr, Problem::Unknown { closest: closest.map(|(_, k)| k), known })
+    }
+
+    /// The value of a required attribute.
+    pub fn required(&self, name: &str) -> Result<&'a Val, ArgError> {
+        let row = self.row(name);
+        let when = (row.default == Default::RequiredForWindows).then_some("guest = \"windows\"");
+        self.get(name).ok_or_else(|| self.error_at(name, Problem::Missing { when, hint: row.kind.hint(row.note) }))
+    }
+
+    /// An integer within its row's range; None when it is not given.
+    pub fn int(&self, name: &str) -> Result<Option<i64>, ArgError> {
+        let row = self.row(name);
+        let Kind::Int { unit, range } = row.kind else { panic!("'{name}' is not an integer in {}", self.table.id) };
+        match self.get(name) {
+            None => Ok(None),
+            Some(Val::Int(i)) if (range.0..=range.1).contains(i) => Ok(Some(*i)),
+            Some(Val::Int(i)) => Err(self.error_at(name, Problem::OutOfRange { value: *i, unit, range })),
+            Some(other) => Err(self.wrong_type(AttrPath::attr(name), row, other)),
+        }
+    }
+
+    /// An integer, or its row's default for `guest`.
+    pub fn int_or_default(&self, name: &str, guest: Guest) -> Result<i64, ArgError> {
+        let row = self.row(name);
+        match (self.int(name)?, row.default.int(guest)) {
+            (Some(i), _) | (None, Some(i)) => Ok(i),
+            (None, None) => panic!("'{name}' has no integer default in {}", self.table.id),
+        }
+    }
+
+    /// One of its row's choices, as the value at the same position in `values`; None when it is
+    /// not given.
+    pub fn choice<T: Copy>(&self, name: &str, values: &[T]) -> Result<Option<T>, ArgError> {
+        let row = self.row(name);
+        let Kind::Choice(names) = row.kind else { panic!("'{name}' is not a choice in {}", self.table.id) };
+        let pick = |text: &str| names.iter().position(|n| *n == text).and_then(|i| values.get(i).copied());
+        match self.get(name) {
+            None => Ok(None),
+            Some(Val::Str { text, .. }) => pick(text).map(Some).ok_or_else(|| {
+                self.error_at(name, Problem::Invalid { expected: row.kind.expected(row.note), value: text.clone() })
+            }),
+            Some(other) => Err(self.not_text(AttrPath::attr(name), row, other)),
+        }
+    }
+
+    /// A choice, or its row's default.
+    pub fn choice_or_default<T: Copy>(&self, name: &str, values: &[T]) -> Result<T, ArgError> {
+        let row = self.row(name);
+        let Default::Text(default) = row.default else { panic!("'{name}' has no default in {}", self.table.id) };
+        let Kind::Choice(names) = row.kind else { panic!("'{name}' is not a choice in {}", self.table.id) };
+        match self.choice(name, values)? {
+            Some(v) => Ok(v),
+            None => match names.iter().position(|n| *n == default).and_then(|i| values.get(i)) {
+                Some(v) => Ok(*v),
+                None => panic!("the default of '{name}' is not one of its choices"),
+            },
+        }
+    }
+
+    /// A Boolean, or its row's default.
+    pub fn bool(&self, name: &str) -> Result<bool, ArgError> {
+        let row = self.row(name);
+        match (self.get(name), row.default) {
+            (Some(Val::Bool(b)), _) => Ok(*b),
+            (Some(other), _) => Err(self.wrong_type(AttrPath::attr(name), row, other)),
+            (None, Default::Bool(b)) => Ok(b),
+            (None, _) => panic!("'{name}' has no Boolean default in {}", self.table.id),
+        }
+    }
+
+    /// Text; None when it is not given (or null, where null is allowed).
+    pub fn text(&self, name: &str) -> Result<Option<String>, ArgError> {
+        let row = self.row(name);
+        match self.get(name) {
+            None => Ok(None),
+            Some(Val::Null) if row.kind == Kind::TextOrNull => Ok(None),
+            Some(v) => self.text_at(AttrPath::attr(name), row, v).map(Some),
+        }
+    }
+
+    /// Text, or its row's default.
+    pub fn text_or_default(&self, name: &str) -> Result<String, ArgError> {
+        let row = self.row(name);
+        match (self.text(name)?, row.default) {
+            (Some(t), _) => Ok(t),
+            (None, Default::Text(t)) => Ok(t.to_owned()),
+            (None, _) => panic!("'{name}' has no text default in {}", self.table.id),
+        }
+    }
+
+    /// A required attribute's text.
+    pub fn required_text(&self, name: &str) -> Result<String, ArgError> {
+        let v = self.required(name)?;
+        self.text_at(AttrPath::attr(name), self.row(name), v)
+    }
+
+    /// A list of text; None when it is not given.
+    pub fn text_list(&self, name: &str) -> Result<Option<Vec<String>>, ArgError> {
+        let row = self.row(name);
+        let items = match self.get(name) {
+            None => return Ok(None),
+            Some(Val::List(items)) => items,
+            Some(other) => return Err(self.wrong_type(AttrPath::attr(name), row, other)),
+        };
+        let list = AttrPath::attr(name);
+        let element = Attr::element();
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| self.text_at(list.element(i), &element, item))
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    /// A list of text, empty when it is not given.
+    pub fn text_list_or_empty(&self, name: &str) -> Result<Vec<String>, ArgError> {
+        Ok(self.text_list(name)?.unwrap_or_default())
+    }
+
+    /// The length of a list passed on element by element; 0 when it is not given.
+    pub fn list_len(&self, name: &str) -> Result<usize, ArgError> {
+        match self.get(name) {
+            None => Ok(0),
+            Some(Val::List(items)) => Ok(items.len()),
+            Some(other) => Err(self.wrong_type(AttrPath::attr(name), self.row(name), other)),
+        }
+    }
+
+    /// A string passed on untouched: any bytes will do.
+    pub fn forwarded_string(&self, name: &str) -> Result<(), ArgError> {
+        let row = self.row(name);
+        match self.required(name)? {
+            Val::Str { .. } | Val::NonUtf8Str { .. } => Ok(()),
+            other => Err(self.wrong_type(AttrPath::attr(name), row, other)),
+        }
+    }
+
+    /// A path or a derivation (or a string with context: a store path), passed on.
+    pub fn path_or_derivation(&self, name: &str) -> Result<(), ArgError> {
+        match self.get(name) {
+            None | Some(Val::Path(_) | Val::Derivation { .. } | Val::Str { context: true, .. }) => Ok(()),
+            Some(other) => Err(self.wrong_type(AttrPath::attr(name), self.row(name), other)),
+        }
+    }
+
+    /// The image `name` holds: the result of `windowsImage`.
+    pub fn image(&self, name: &str) -> Result<ImageSpec, ArgError> {
+        let row = self.row(name);
+        match self.required(name)? {
+            Val::Derivation { image_spec: Some(json) } => {
+                image_spec_from_json(json).map_err(|e| self.error_at(name, Problem::NotAnImage(e)))
+            }
+            Val::Derivation { image_spec: None } => Err(self.error_at(
+                name,
+                Problem::WrongType {
+                    expected: row.kind.expected(row.note),
+                    got: "a derivation that is not a nix-winvm image",
+                },
+            )),
+            other => Err(self.wrong_type(AttrPath::attr(name), row, other)),
+        }
+    }
+
+    /// `pin`: the hash of an image or a layer, which makes it a fixed-output derivation (its
+    /// store path then depends on its name and this hash alone). Not part of the spec: the
+    /// derivation the pin copies is the same with and without it, so pinning never rebuilds it.
+    pub fn pin(&self) -> Result<Option<String>, ArgError> {
+        let Some(text) = self.text("pin")? else { return Ok(None) };
+        let ok = text.strip_prefix("sha256-").is_some_and(|b64| {
+            b64.len() == 44
+                && b64.ends_with('=')
+                && b64[..43].bytes().all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+        });
+        if !ok {
+            return Err(self.error_at("pin", Problem::Invalid { expected: PIN_SHAPE.into(), value: text }));
+        }
+        Ok(Some(text))
     }
 }
 
@@ -200,220 +275,164 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-pub fn image_spec(builtin: &str, attrs: &Attrs) -> Result<ImageSpec, String> {
-    for (k, _) in attrs {
-        if !IMAGE_ATTRS.contains(&k.as_str()) {
-            return Err(unknown_attr(builtin, k, IMAGE_ATTRS));
-        }
+/// The builtin's argument, a set of attributes (`expected` says which).
+pub fn argument<'a>(builtin: Builtin, v: &'a Val, expected: &'static str) -> Result<&'a Attrs, ArgError> {
+    match v {
+        Val::Set(attrs) => Ok(attrs),
+        other => Err(ArgError {
+            caller: Caller::of(builtin),
+            attr: AttrPath::default(),
+            problem: Problem::Argument { expected, got: other.describe() },
+        }),
     }
-    let windows = match get(attrs, "guest") {
-        None => true,
-        Some(v) => enum_str(builtin, "guest", v, &[("windows", true), ("standin", false)])?,
-    };
+}
+
+/// A new image's validated arguments.
+pub struct ImageArgs {
+    pub spec: ImageSpec,
+    pub pin: Option<String>,
+}
+
+pub fn image_args(caller: Caller, attrs: &Attrs) -> Result<ImageArgs, ArgError> {
+    let args = Args::new(caller, &table::IMAGE, attrs);
+    args.known()?;
+    let windows = args.choice_or_default("guest", &[true, false])?;
     let guest = if windows {
-        GuestSpec::Windows(windows_options(builtin, attrs)?)
+        GuestSpec::Windows(windows_options(&args)?)
     } else {
-        if let Some((k, _)) = attrs.iter().find(|(k, _)| WINDOWS_ONLY_ATTRS.contains(&k.as_str())) {
-            return Err(format!("{builtin}: attribute '{k}' applies only to guest = \"windows\""));
+        if let Some((k, _)) = attrs.iter().find(|(k, _)| args.table.row(k).is_some_and(|a| a.windows_only)) {
+            return Err(args.error_at(k, Problem::WindowsOnly));
         }
         GuestSpec::Standin
     };
     let mut spec = ImageSpec::new(guest);
-    if let Some(v) = get(attrs, "memory") {
-        spec.memory_mib = int_in(builtin, "memory", v, "MiB", MEMORY_MIB_RANGE)? as u32;
-    }
-    if let Some(v) = get(attrs, "cpus") {
-        spec.cpus = int_in(builtin, "cpus", v, "count", CPUS_RANGE)? as u32;
-    }
-    if let Some(v) = get(attrs, "accel") {
-        spec.accel = enum_str(builtin, "accel", v, &[("kvm", Accel::Kvm), ("tcg", Accel::Tcg)])?;
-    }
-    if let Some(v) = get(attrs, "timeout") {
-        spec.timeout_secs = int_in(builtin, "timeout", v, "seconds", TIMEOUT_SECS_RANGE)? as u64;
-    } else if windows && spec.accel == Accel::Tcg {
-        spec.timeout_secs = crate::spec::WINDOWS_TCG_TIMEOUT_SECS;
-    }
-    if let Some(v) = get(attrs, "diskSize") {
-        spec.disk_size_mib = int_in(builtin, "diskSize", v, "MiB", DISK_SIZE_MIB_RANGE)? as u64;
-    }
-    if let Some(v) = get(attrs, "efi") {
-        spec.efi = bool_(builtin, "efi", v)?;
-    }
+    let mut shape = Guest { windows, tcg: false };
+    spec.memory_mib = args.int_or_default("memory", shape)? as u32;
+    spec.cpus = args.int_or_default("cpus", shape)? as u32;
+    spec.accel = args.choice_or_default("accel", &[Accel::Kvm, Accel::Tcg])?;
+    shape.tcg = spec.accel == Accel::Tcg;
+    spec.timeout_secs = args.int_or_default("timeout", shape)? as u64;
+    spec.disk_size_mib = args.int_or_default("diskSize", shape)? as u64;
+    spec.efi = args.bool("efi")?;
     // The checks the builder repeats on the spec it reads back.
-    spec.validate().map_err(|e| format!("{builtin}: {e}"))?;
-    Ok(spec)
+    spec.validate().map_err(|e| args.error(AttrPath::default(), Problem::Spec(e)))?;
+    Ok(ImageArgs { spec, pin: args.pin()? })
 }
 
-fn windows_options(builtin: &str, attrs: &Attrs) -> Result<WindowsOptions, String> {
-    const ISO_SHAPE: &str =
-        "a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`";
-    let iso = match get(attrs, "iso") {
-        None => {
-            return Err(format!("{builtin}: missing required attribute 'iso' for guest = \"windows\" ({ISO_SHAPE})"))
-        }
-        Some(Val::Path(_)) | Some(Val::Derivation { .. }) => IsoSource::Path,
-        Some(Val::Str { context: true, .. }) => IsoSource::Path,
-        Some(Val::Set(fields)) => {
-            for (k, _) in fields {
-                if k != "name" && k != "sha256" {
-                    return Err(format!("{builtin}: attribute 'iso' has unknown field '{k}' ({ISO_SHAPE})"));
-                }
-            }
-            let name = match get(fields, "name") {
-                Some(v) => string(builtin, "iso.name", v, "a string (the ISO's file name)")?,
-                None => return Err(format!("{builtin}: attribute 'iso' is missing field 'name' ({ISO_SHAPE})")),
-            };
-            let sha256 = match get(fields, "sha256") {
-                Some(v) => string(builtin, "iso.sha256", v, "a string (64 hexadecimal digits)")?,
-                None => return Err(format!("{builtin}: attribute 'iso' is missing field 'sha256' ({ISO_SHAPE})")),
-            };
-            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "{builtin}: attribute 'iso.sha256' must be 64 hexadecimal digits, got \"{sha256}\""
-                ));
-            }
-            if name.is_empty() || name.contains('/') {
-                return Err(format!("{builtin}: attribute 'iso.name' must be a file name without '/', got \"{name}\""));
-            }
-            IsoSource::Fixed { name, sha256: sha256.to_ascii_lowercase() }
-        }
-        Some(other) => return Err(type_error(builtin, "iso", ISO_SHAPE, other)),
-    };
-    let edition = match get(attrs, "edition") {
-        Some(v) => string(builtin, "edition", v, "a string (the image name inside install.wim, e.g. \"Windows 11 Pro\")")?,
-        None => {
-            return Err(format!(
-                "{builtin}: missing required attribute 'edition' for guest = \"windows\" (the image name inside install.wim, e.g. \"Windows 11 Pro\")"
-            ))
-        }
-    };
-    let product_key = match get(attrs, "productKey") {
-        None | Some(Val::Null) => None,
-        Some(v) => Some(string(builtin, "productKey", v, "a string (XXXXX-XXXXX-XXXXX-XXXXX-XXXXX) or null")?),
-    };
-    let locale = match get(attrs, "locale") {
-        None => DEFAULT_LOCALE.to_owned(),
-        Some(v) => string(builtin, "locale", v, "a string (e.g. \"en-US\")")?,
-    };
-    let cygwin_packages = match get(attrs, "cygwinPackages") {
-        None => vec![],
-        Some(v) => string_list(builtin, "cygwinPackages", v, "a list of Cygwin package names")?,
-    };
-    let install_commands = match get(attrs, "installCommands") {
-        None => vec![],
-        Some(v) => string_list(builtin, "installCommands", v, "a list of strings (commands run once in Cygwin bash)")?,
-    };
-    if let Some(v) = get(attrs, "cygwinRepo") {
-        match v {
-            Val::Path(_) | Val::Derivation { .. } | Val::Str { context: true, .. } => {}
-            other => {
-                return Err(type_error(
-                    builtin,
-                    "cygwinRepo",
-                    "a path or derivation (a local Cygwin package directory)",
-                    other,
-                ))
-            }
-        }
-    }
+fn windows_options(args: &Args) -> Result<WindowsOptions, ArgError> {
+    let iso = iso(args)?;
+    let edition = args.required_text("edition")?;
+    let product_key = args.text("productKey")?;
+    let locale = args.text_or_default("locale")?;
+    let cygwin_packages = args.text_list_or_empty("cygwinPackages")?;
+    let install_commands = args.text_list_or_empty("installCommands")?;
+    args.path_or_derivation("cygwinRepo")?;
     Ok(WindowsOptions { iso, edition, product_key, locale, cygwin_packages, install_commands })
 }
 
-/// `windowsDerivation`'s own attributes; every other attribute passes into the environment.
+/// `iso`: a path (or derivation, or store path) Nix copies, or `{ name; sha256; }` for a
+/// fixed-output path the user adds.
+fn iso(args: &Args) -> Result<IsoSource, ArgError> {
+    let at = AttrPath::attr("iso");
+    let fields = match args.required("iso")? {
+        Val::Path(_) | Val::Derivation { .. } | Val::Str { context: true, .. } => return Ok(IsoSource::Path),
+        Val::Set(fields) => fields,
+        other => return Err(args.wrong_type(at, args.row("iso"), other)),
+    };
+    if let Some((k, _)) = fields.iter().find(|(k, _)| k != "name" && k != "sha256") {
+        return Err(args.error(at, Problem::UnknownField { field: k.clone(), hint: ISO_SHAPE }));
+    }
+    let field = |name: &'static str, note: &'static str| {
+        let v = fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        let v = v.ok_or_else(|| args.error(at.clone(), Problem::MissingField { field: name, hint: ISO_SHAPE }))?;
+        args.text_at(at.field(name), &Attr::field(note), v)
+    };
+    let name = field("name", "the ISO's file name")?;
+    let sha256 = field("sha256", "64 hexadecimal digits")?;
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(args
+            .error(at.field("sha256"), Problem::Invalid { expected: "64 hexadecimal digits".into(), value: sha256 }));
+    }
+    if name.is_empty() || name.contains('/') {
+        return Err(
+            args.error(at.field("name"), Problem::Invalid { expected: "a file name without '/'".into(), value: name })
+        );
+    }
+    Ok(IsoSource::Fixed { name, sha256: sha256.to_ascii_lowercase() })
+}
+
+/// A layer's validated arguments.
+pub struct LayerArgs {
+    pub spec: LayerSpec,
+    pub name: Option<String>,
+    pub pin: Option<String>,
+}
+
+/// `windowsImage { base = ...; installCommands = [ ... ]; }`: the base's spec, and what the
+/// layer adds. The shape is the base's and may not be given again.
+pub fn layer_args(caller: Caller, attrs: &Attrs) -> Result<LayerArgs, ArgError> {
+    let args = Args::new(caller, &table::LAYER, attrs);
+    for (k, _) in attrs {
+        if args.table.row(k).is_some() {
+            continue;
+        }
+        if table::IMAGE.row(k).is_some() {
+            return Err(args.error_at(k, Problem::GivenWithBase));
+        }
+        return Err(args.unknown(k));
+    }
+    let image = args.image("base")?;
+    let commands = args.text_list_or_empty("installCommands")?.len();
+    let timeout_secs = args.int("timeout")?.map_or(image.timeout_secs, |t| t as u64);
+    let name = args.text("name")?;
+    Ok(LayerArgs { spec: LayerSpec { image, timeout_secs, commands }, name, pin: args.pin()? })
+}
+
+/// `windowsDerivation`'s validated arguments; its other attributes pass into the environment.
 pub struct BuildArgs {
     pub spec: BuildSpec,
     pub extra_features: Vec<String>,
 }
 
-pub const BUILD_CONSUMED_ATTRS: &[&str] = &["memory", "cpus", "accel", "timeout"];
-
-pub fn build_args(builtin: &str, attrs: &Attrs) -> Result<BuildArgs, String> {
-    for reserved in RESERVED_BUILD_ATTRS {
-        if get(attrs, reserved).is_some() {
-            return Err(format!(
-                "{builtin}: attribute '{reserved}' cannot be set: nix-winvm's builder runs the VM; put the build commands in 'script'"
-            ));
-        }
+pub fn build_args(builtin: Builtin, attrs: &Attrs) -> Result<BuildArgs, ArgError> {
+    let args = Args::new(Caller::of(builtin), &table::BUILD, attrs);
+    if let Some((k, _)) = attrs.iter().find(|(k, _)| args.table.row(k).is_some_and(|a| a.kind == Kind::Reserved)) {
+        return Err(args.error_at(k, Problem::Reserved));
     }
-    match get(attrs, "name") {
-        None => return Err(format!("{builtin}: missing required attribute 'name' (a string)")),
-        Some(v) => {
-            string(builtin, "name", v, "a string")?;
-        }
+    args.required_text("name")?;
+    args.forwarded_string("script")?;
+    let image = args.image("image")?;
+    let timeout_secs = build_timeout(&args, &image)?;
+    restated_shape(&args, &image)?;
+    if args.text_list("outputs")?.is_some_and(|o| o.is_empty()) {
+        return Err(args.error_at("outputs", Problem::Empty));
     }
-    match get(attrs, "script") {
-        None => {
-            return Err(format!(
-                "{builtin}: missing required attribute 'script' (a string: the shell script to run in the guest)"
-            ))
-        }
-        Some(v) => {
-            any_string(builtin, "script", v, "a string (the shell script to run in the guest)")?;
-        }
-    }
-    let image = image_of(builtin, "image", get(attrs, "image"))?;
-    let mut spec = BuildSpec { timeout_secs: image.timeout_secs, image, run_original_builder: false };
-    apply_build_overrides(builtin, attrs, &mut spec)?;
-    if let Some(v) = get(attrs, "outputs") {
-        let outputs = string_list(builtin, "outputs", v, "a list of output names")?;
-        if outputs.is_empty() {
-            return Err(format!("{builtin}: attribute 'outputs' must not be empty"));
-        }
-    }
-    let extra_features = match get(attrs, "requiredSystemFeatures") {
-        None => vec![],
-        Some(v) => string_list(builtin, "requiredSystemFeatures", v, "a list of strings")?,
-    };
-    Ok(BuildArgs { spec, extra_features })
+    let extra_features = args.text_list_or_empty("requiredSystemFeatures")?;
+    Ok(BuildArgs { spec: BuildSpec { image, timeout_secs, run_original_builder: false }, extra_features })
 }
 
-/// A build inherits the image's shape; it may only restate it, and may change the time-out.
-pub fn apply_build_overrides(builtin: &str, attrs: &Attrs, spec: &mut BuildSpec) -> Result<(), String> {
-    if let Some(v) = get(attrs, "timeout") {
-        spec.timeout_secs = int_in(builtin, "timeout", v, "seconds", TIMEOUT_SECS_RANGE)? as u64;
-    }
-    const FIXED: &str = "a VM revived from a memory snapshot keeps the shape it was saved with; build another image";
-    if let Some(v) = get(attrs, "memory") {
-        let m = int_in(builtin, "memory", v, "MiB", MEMORY_MIB_RANGE)? as u32;
-        if m != spec.image.memory_mib {
-            return Err(format!(
-                "{builtin}: attribute 'memory' ({m} MiB) differs from the image's ({} MiB): {FIXED}",
-                spec.image.memory_mib
-            ));
+/// A build's time-out: its own, or its image's.
+pub fn build_timeout(args: &Args, image: &ImageSpec) -> Result<u64, ArgError> {
+    Ok(args.int("timeout")?.map_or(image.timeout_secs, |t| t as u64))
+}
+
+/// A build inherits the image's shape; it may only restate it.
+fn restated_shape(args: &Args, image: &ImageSpec) -> Result<(), ArgError> {
+    let differs = |name: &str, given: ShapeValue, image: ShapeValue| {
+        if given == image {
+            Ok(())
+        } else {
+            Err(args.error_at(name, Problem::DiffersFromImage { given, image }))
         }
+    };
+    if let Some(m) = args.int("memory")? {
+        differs("memory", ShapeValue::Mib(m as u32), ShapeValue::Mib(image.memory_mib))?;
     }
-    if let Some(v) = get(attrs, "cpus") {
-        let c = int_in(builtin, "cpus", v, "count", CPUS_RANGE)? as u32;
-        if c != spec.image.cpus {
-            return Err(format!(
-                "{builtin}: attribute 'cpus' ({c}) differs from the image's ({}): {FIXED}",
-                spec.image.cpus
-            ));
-        }
+    if let Some(c) = args.int("cpus")? {
+        differs("cpus", ShapeValue::Count(c as u32), ShapeValue::Count(image.cpus))?;
     }
-    if let Some(v) = get(attrs, "accel") {
-        let a = enum_str(builtin, "accel", v, &[("kvm", Accel::Kvm), ("tcg", Accel::Tcg)])?;
-        if a != spec.image.accel {
-            return Err(format!(
-                "{builtin}: attribute 'accel' (\"{}\") differs from the image's (\"{}\"): {FIXED}",
-                a.name(),
-                spec.image.accel.name()
-            ));
-        }
+    if let Some(a) = args.choice("accel", &[Accel::Kvm, Accel::Tcg])? {
+        differs("accel", ShapeValue::Accel(a), ShapeValue::Accel(image.accel))?;
     }
     Ok(())
-}
-
-/// The image of a build: the result of `builtins.windowsImage`.
-pub fn image_of(builtin: &str, attr: &str, v: Option<&Val>) -> Result<ImageSpec, String> {
-    const SHAPE: &str = "the result of builtins.windowsImage { ... }";
-    match v {
-        None => Err(format!("{builtin}: missing required attribute '{attr}' ({SHAPE})")),
-        Some(Val::Derivation { image_spec: Some(json) }) => image_spec_from_json(json)
-            .map_err(|e| format!("{builtin}: attribute '{attr}' is not a usable nix-winvm image: {e}")),
-        Some(Val::Derivation { image_spec: None }) => Err(format!(
-            "{builtin}: attribute '{attr}' must be {SHAPE}, got a derivation that is not a nix-winvm image"
-        )),
-        Some(other) => Err(type_error(builtin, attr, SHAPE, other)),
-    }
 }
