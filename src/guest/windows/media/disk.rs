@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::{MediaError, MediaTools, PARTITION_OFFSET, SOURCE_DATE_EPOCH};
+use crate::format::fat::{self, FatKind};
+use crate::format::mbr;
 
 const SECTOR: u64 = 512;
 /// Fixed, so the image is reproducible; Windows only needs it to be non-zero.
@@ -164,40 +166,23 @@ pub(super) fn build_fat_disk(
     }
 
     let boot_sector = read_at(image, PARTITION_OFFSET, 512)?;
-    let (filesystem, partition_type) = if &boot_sector[82..87] == b"FAT32" {
-        ("FAT32", 0x0C) // FAT32, LBA
-    } else if &boot_sector[54..59] == b"FAT16" {
-        ("FAT16", 0x0E) // FAT16, LBA
-    } else {
-        return Err(MediaError::ToolOutput {
-            tool: tools.mformat.clone(),
-            detail: format!("{} holds neither FAT16 nor FAT32 at offset {PARTITION_OFFSET}", image.display()),
-        });
+    let (kind, partition_type) = match fat::kind(&boot_sector) {
+        Some(FatKind::Fat32) => (FatKind::Fat32, mbr::TYPE_FAT32_LBA),
+        Some(FatKind::Fat16) => (FatKind::Fat16, mbr::TYPE_FAT16_LBA),
+        None => {
+            return Err(MediaError::ToolOutput {
+                tool: tools.mformat.clone(),
+                detail: format!("{} holds neither FAT16 nor FAT32 at offset {PARTITION_OFFSET}", image.display()),
+            })
+        }
     };
     let sectors = u32::try_from(partition_sectors).map_err(|_| MediaError::NotOnFat {
         path: image.to_path_buf(),
         reason: "the content needs a partition over 2 TiB",
     })?;
-    write_at(image, 0, &mbr(partition_type, (PARTITION_OFFSET / SECTOR) as u32, sectors))?;
-    Ok(FatImage { bytes: total, filesystem })
-}
-
-/// A master boot record with one partition. Its code only asks the BIOS to try the next boot
-/// device (`int 18h`), like the floppy's boot sector.
-fn mbr(partition_type: u8, first_lba: u32, sectors: u32) -> [u8; 512] {
-    let mut mbr = [0u8; 512];
-    mbr[..5].copy_from_slice(&[0xCD, 0x18, 0xF4, 0xEB, 0xFD]); // int 18h; hlt; jmp $-1
-    mbr[440..444].copy_from_slice(&DISK_SIGNATURE.to_le_bytes());
-    let entry = &mut mbr[446..462];
-    entry[0] = 0x00; // not active
-    entry[1..4].copy_from_slice(&[0xFE, 0xFF, 0xFF]); // CHS unused: LBA only
-    entry[4] = partition_type;
-    entry[5..8].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
-    entry[8..12].copy_from_slice(&first_lba.to_le_bytes());
-    entry[12..16].copy_from_slice(&sectors.to_le_bytes());
-    mbr[510] = 0x55;
-    mbr[511] = 0xAA;
-    mbr
+    let first_lba = (PARTITION_OFFSET / SECTOR) as u32;
+    write_at(image, 0, &mbr::one_partition(DISK_SIGNATURE, partition_type, first_lba, sectors))?;
+    Ok(FatImage { bytes: total, filesystem: kind.name() })
 }
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, MediaError> {

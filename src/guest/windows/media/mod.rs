@@ -32,8 +32,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::cygwin::{ClosureError, SetupIniError, REQUIRED_PACKAGES};
-use super::fat::{self, FatError};
 use super::{answer, scripts, WindowsOptions};
+use crate::format::fat::{self, FatError};
 use crate::spec::WindowsOptionsError;
 use crate::tools::{self, MissingTool};
 use disk::{build_fat_disk, FatContent};

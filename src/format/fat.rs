@@ -1,12 +1,12 @@
 //! A 1.44 MB FAT12 floppy image, written by hand: Windows Setup searches the root of removable
 //! media for `autounattend.xml`, and a floppy needs no partition table and no external tool.
+//! Also what a FAT16 or FAT32 boot sector says it is ([`kind`]), for disks mtools formats.
 //!
 //! Names that fit 8.3 are stored upper-cased in a single entry. Longer names (the answer
 //! file's own, `autounattend.xml`, is twelve characters before the dot) get VFAT long-name
 //! entries plus a generated `NAME~N.EXT` short name, as Windows itself writes them.
 
 use std::collections::BTreeSet;
-use std::fmt;
 
 pub const FLOPPY_BYTES: usize = 1_474_560;
 
@@ -42,40 +42,19 @@ const FAT_TIME: u16 = 0;
 /// Characters allowed in short names besides A-Z and 0-9.
 const SHORT_NAME_PUNCTUATION: &[u8] = b"$%'-_@~`!(){}^#&";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FatError {
+    #[error("FAT volume label '{label}' {reason}")]
     InvalidLabel { label: String, reason: &'static str },
+    #[error("file name '{name}' cannot go on a FAT floppy: it {reason}")]
     InvalidFileName { name: String, reason: &'static str },
+    #[error("file name '{name}' appears twice (FAT compares names without case)")]
     DuplicateFileName { name: String },
+    #[error("the files need {entries_needed} root directory entries, the floppy has {entries_available}")]
     TooManyFiles { entries_needed: usize, entries_available: usize },
+    #[error("the files need {bytes_needed} bytes of clusters, the floppy has {bytes_available}")]
     DoesNotFit { bytes_needed: usize, bytes_available: usize },
 }
-
-impl fmt::Display for FatError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FatError::InvalidLabel { label, reason } => {
-                write!(f, "FAT volume label '{label}' {reason}")
-            }
-            FatError::InvalidFileName { name, reason } => {
-                write!(f, "file name '{name}' cannot go on a FAT floppy: it {reason}")
-            }
-            FatError::DuplicateFileName { name } => {
-                write!(f, "file name '{name}' appears twice (FAT compares names without case)")
-            }
-            FatError::TooManyFiles { entries_needed, entries_available } => write!(
-                f,
-                "the files need {entries_needed} root directory entries, the floppy has \
-                 {entries_available}"
-            ),
-            FatError::DoesNotFit { bytes_needed, bytes_available } => {
-                write!(f, "the files need {bytes_needed} bytes of clusters, the floppy has {bytes_available}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for FatError {}
 
 /// A file's directory name: the 8.3 entry, and the long name when 8.3 cannot hold it.
 struct DirName {
@@ -374,10 +353,38 @@ fn volume_id(label: Option<[u8; 11]>, files: &[(&str, &[u8])]) -> u32 {
     hash
 }
 
+/// FAT16 or FAT32, as a boot sector's extended BIOS parameter block names its file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FatKind {
+    Fat16,
+    Fat32,
+}
+
+impl FatKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FatKind::Fat16 => "FAT16",
+            FatKind::Fat32 => "FAT32",
+        }
+    }
+}
+
+/// Which of FAT16 and FAT32 the boot sector of a volume holds (the type names at their
+/// fields of the two extended BPB layouts), if either.
+pub fn kind(boot_sector: &[u8]) -> Option<FatKind> {
+    if boot_sector.get(82..87) == Some(b"FAT32") {
+        Some(FatKind::Fat32)
+    } else if boot_sector.get(54..59) == Some(b"FAT16") {
+        Some(FatKind::Fat16)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{temp_path, tool_available};
     use super::*;
-    use crate::guest::windows::test_util::{temp_path, tool_available};
     use std::path::Path;
     use std::process::Command;
 
@@ -560,6 +567,18 @@ mod tests {
         );
         let exact = vec![7u8; DATA_CLUSTERS * 512];
         assert!(fat12_floppy("X", &[("FULL.BIN", &exact)]).is_ok());
+    }
+
+    #[test]
+    fn the_kind_is_read_where_each_layout_names_it() {
+        let mut sector = [0u8; 512];
+        assert_eq!(kind(&sector), None);
+        sector[54..62].copy_from_slice(b"FAT16   ");
+        assert_eq!(kind(&sector), Some(FatKind::Fat16));
+        sector[82..90].copy_from_slice(b"FAT32   ");
+        assert_eq!(kind(&sector).map(FatKind::name), Some("FAT32"));
+        assert_eq!(kind(&build(&sample_files())), None, "a FAT12 floppy is neither");
+        assert_eq!(kind(&sector[..60]), Some(FatKind::Fat16));
     }
 
     #[test]
