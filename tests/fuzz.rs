@@ -1,6 +1,7 @@
 //! Fuzzing of the formats read from outside the program: the state file
 //! (src/format/state.rs and src/vm/state.rs), QEMU's QMP lines (src/vm/qmp.rs), Cygwin's
-//! setup.ini (src/guest/windows/cygwin.rs) and the shim's node arrays (src/plugin/value.rs).
+//! setup.ini (src/guest/windows/cygwin.rs) and the shim's node arrays (src/plugin/value.rs);
+//! and of every other codec of src/format/ (tests/fuzz/formats.rs).
 //!
 //! Each target makes its inputs from a seeded generator that knows the format: valid files,
 //! lines and trees first, then damaged in the ways that reach each check (bytes flipped,
@@ -32,6 +33,9 @@ use nix_winvm::plugin::value::{from_nodes, to_nodes, DecodeError, Val};
 use nix_winvm::vm::qmp::{self, Message, MessageError};
 use nix_winvm::vm::state::{self, StateFileError, StateHeader};
 use serde_json::Value;
+
+#[path = "fuzz/formats.rs"]
+mod formats;
 
 const DEFAULT_INPUTS: u64 = 20_000;
 const DEFAULT_SEED: u64 = 0x6e69_782d_7769_6e76; // "nix-winv"
