@@ -5,7 +5,7 @@
 //!
 //! - `iso`: ISO 9660 (with Joliet) and UDF, read-only: find a file in a disc image, read it.
 //! - `wim`: a WIM's header and its XML image list.
-//! - `fat`: a FAT12 floppy image, written.
+//! - `fat`: which FAT a boot sector holds.
 //! - `mbr`: a master boot record with one partition, written.
 //! - `cpio`: the "newc" archive entries an initramfs is made of, written.
 //! - `elf`: ELF64 little-endian: program headers, the dynamic section, sections.

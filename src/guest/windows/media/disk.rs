@@ -3,6 +3,8 @@
 //! with long names are mtools' job, and mtools honours `SOURCE_DATE_EPOCH`, so with every file
 //! copied in sorted order the same inputs give the same bytes. The partition table is there
 //! because Windows mounts partitions of fixed disks, not a bare file system on one.
+//!
+//! `answer.img`: a 1.44 MB FAT12 floppy, by mtools too, holding only the answer file.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -201,6 +203,19 @@ fn write_at(path: &Path, offset: u64, bytes: &[u8]) -> Result<(), MediaError> {
     file.write_all_at(bytes, offset).map_err(|source| MediaError::Write { path: path.to_path_buf(), source })
 }
 
+/// A 1.44 MB FAT12 floppy at `image` (which must not exist) holding `file` in its root, as
+/// Windows Setup looks for `autounattend.xml` on removable media.
+pub(super) fn build_floppy(image: &Path, label: &str, file: &Path) -> Result<(), MediaError> {
+    let mformat = crate::tools::find("mformat").map_err(MediaError::MissingTool)?;
+    let mcopy = crate::tools::find("mcopy").map_err(MediaError::MissingTool)?;
+    let mut args: Vec<OsString> =
+        ["-C", "-f", "1440", "-v", label, "-N", VOLUME_SERIAL, "-i"].into_iter().map(OsString::from).collect();
+    args.extend([image.into(), "::".into()]);
+    run_tool(&mformat, &args)?;
+    run_tool(&mcopy, &["-i".into(), image.into(), file.into(), "::/".into()])?;
+    Ok(())
+}
+
 /// Runs a tool with a fixed clock and no mtools configuration surprises; returns its stdout.
 pub(super) fn run_tool(tool: &Path, args: &[OsString]) -> Result<Vec<u8>, MediaError> {
     let mut command = Command::new(tool);
@@ -298,6 +313,36 @@ mod tests {
             let target = format!("{}@@{PARTITION_OFFSET}", image.display());
             assert_eq!(listing(&target), ["::/big.bin"]);
             assert!(mtype(&target, "big.bin") == bytes, "big.bin differs");
+        }
+    }
+
+    /// The answer floppy: what Setup reads, the same bytes for the same file, no trace of the
+    /// folder it was made in.
+    #[test]
+    fn the_answer_floppy_holds_the_file_and_is_reproducible() {
+        if !["mformat", "mcopy", "mdir", "mtype"].iter().all(|t| tool_available(t)) {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let xml = dir.path().join("autounattend.xml");
+        fs::write(&xml, b"<?xml version=\"1.0\"?>\n<unattend/>\n").expect("write");
+        let (one, two) = (dir.path().join("one.img"), dir.path().join("two.img"));
+        build_floppy(&one, "NIXANSWER", &xml).expect("floppy");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        build_floppy(&two, "NIXANSWER", &xml).expect("floppy");
+        let bytes = fs::read(&one).expect("read");
+        assert_eq!(bytes.len(), 1_474_560);
+        assert!(bytes == fs::read(&two).expect("read"), "two floppies of the same file differ");
+        let folder = dir.path().to_string_lossy().into_owned();
+        assert!(!bytes.windows(folder.len()).any(|w| w == folder.as_bytes()), "the floppy names its folder");
+        let target = one.display().to_string();
+        assert_eq!(listing(&target), ["::/autounattend.xml"]);
+        assert_eq!(mtype(&target, "autounattend.xml"), fs::read(&xml).expect("read"));
+        assert_eq!(&bytes[43..54], b"NIXANSWER  ", "the volume label");
+        assert_eq!(&bytes[54..62], b"FAT12   ");
+        if tool_available("fsck.fat") {
+            let output = Command::new("fsck.fat").arg("-n").arg(&one).output().expect("fsck.fat");
+            assert!(output.status.success(), "fsck.fat: {}", String::from_utf8_lossy(&output.stdout));
         }
     }
 
