@@ -428,7 +428,11 @@ fn generate_wim(rng: &mut Rng) -> WimInput {
             0 => bytes[rng.below(8)] ^= 1 << rng.below(8),
             1 => put_u32(&mut bytes, 8, rng.extreme(&[0, 207, 209, u32::MAX], |r| r as u32)),
             2 => bytes[79] |= 0x04,
-            3 => put_u64(&mut bytes, 80, rng.extreme(&[0, len, len - 1, u64::MAX, u64::MAX - 10, 1 << 63], |r| r)),
+            3 => put_u64(
+                &mut bytes,
+                80,
+                rng.extreme(&[0, len, len.saturating_sub(1), u64::MAX, u64::MAX - 10, 1 << 63], |r| r),
+            ),
             4 => {
                 let v = rng.extreme(&[0, 1, len, 64 << 20, (64 << 20) + 1, (1 << 56) - 1], |r| r & ((1 << 56) - 1));
                 bytes[72..79].copy_from_slice(&v.to_le_bytes()[..7]);
@@ -837,7 +841,7 @@ struct ElfInput {
 
 fn damage_elf(rng: &mut Rng, bytes: &mut Vec<u8>) {
     let len = bytes.len() as u64;
-    let u64s = [0, 1, 8, 56, 64, len, len - 1, u64::MAX, u64::MAX - 7, 1 << 63, 0x40_0000];
+    let u64s = [0, 1, 8, 56, 64, len, len.saturating_sub(1), u64::MAX, u64::MAX - 7, 1 << 63, 0x40_0000];
     let u16s = [0, 1, 3, 55, 56, 64, 0xff00, 0xffff];
     match rng.below(8) {
         0 => {
@@ -860,7 +864,7 @@ fn damage_elf(rng: &mut Rng, bytes: &mut Vec<u8>) {
                 put_u64(bytes, at, v);
             }
         }
-        3 => bytes[*rng.pick(&[4, 5])] = *rng.pick(&[0, 1, 2, 3, 0xff]),
+        3 if bytes.len() > 5 => bytes[*rng.pick(&[4, 5])] = *rng.pick(&[0, 1, 2, 3, 0xff]),
         4 if bytes.len() >= 16 => {
             // Anything that looks like a field, anywhere.
             let at = rng.below(bytes.len() / 8) * 8;
