@@ -229,7 +229,7 @@ fn main() {
         println!("  compress  gzip -c (level 6)             {t_gzip:6.2} s  {:6.1} MB", size(&gz));
         println!(
             "  compress  ours (zlib-rs, level {})       {t_ours:6.2} s  {:6.1} MB   size ratio {:.2}",
-            nix_winvm::vm::state::LEVEL,
+            nix_winvm::format::state::LEVEL,
             size(&ours),
             size(&ours) / size(&gz)
         );

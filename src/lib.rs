@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod builder;
 pub mod controller;
+pub mod format;
 pub mod guest;
 pub mod initramfs;
 pub mod plugin;

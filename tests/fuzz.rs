@@ -1,6 +1,7 @@
-//! Fuzzing of the four formats read from outside the program: the state file
-//! (src/vm/state.rs), QEMU's QMP lines (src/vm/qmp.rs), Cygwin's setup.ini
-//! (src/guest/windows/cygwin.rs) and the shim's node arrays (src/plugin/value.rs).
+//! Fuzzing of the formats read from outside the program: the state file
+//! (src/format/state.rs and src/vm/state.rs), QEMU's QMP lines (src/vm/qmp.rs), Cygwin's
+//! setup.ini (src/guest/windows/cygwin.rs) and the shim's node arrays (src/plugin/value.rs);
+//! and of every other codec of src/format/ (tests/fuzz/formats.rs).
 //!
 //! Each target makes its inputs from a seeded generator that knows the format: valid files,
 //! lines and trees first, then damaged in the ways that reach each check (bytes flipped,
@@ -25,12 +26,16 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use flate2::Crc;
+use nix_winvm::format::state::{FrameError, END_MAGIC, MAGIC};
 use nix_winvm::guest::windows::cygwin::{self, SetupIni, SetupIniError};
 use nix_winvm::plugin::ffi::bridge::{Kind, Node};
 use nix_winvm::plugin::value::{from_nodes, to_nodes, DecodeError, Val};
 use nix_winvm::vm::qmp::{self, Message, MessageError};
 use nix_winvm::vm::state::{self, StateFileError, StateHeader};
 use serde_json::Value;
+
+#[path = "fuzz/formats.rs"]
+mod formats;
 
 const DEFAULT_INPUTS: u64 = 20_000;
 const DEFAULT_SEED: u64 = 0x6e69_782d_7769_6e76; // "nix-winv"
@@ -635,7 +640,7 @@ fn reseal(rng: &mut Rng, bytes: &mut [u8], payload_offset: usize, raw_len: u64) 
     put_u64(bytes, payload_end, length);
     put_u64(bytes, payload_end + 8, raw_len);
     put_u32(bytes, payload_end + 16, crc);
-    bytes[payload_end + 20..].copy_from_slice(state::END_MAGIC);
+    bytes[payload_end + 20..].copy_from_slice(END_MAGIC);
 }
 
 #[derive(Default)]
@@ -732,7 +737,7 @@ fn damage_state(rng: &mut Rng, seeds: &[StateSeed], seed: &StateSeed, bytes: &mu
         }
         _ => {
             for _ in 0..1 + rng.size(3) {
-                damage_bytes(rng, bytes, &[state::MAGIC, state::END_MAGIC, b"\xff\xff\xff\xff"]);
+                damage_bytes(rng, bytes, &[MAGIC, END_MAGIC, b"\xff\xff\xff\xff"]);
             }
         }
     }
@@ -769,21 +774,23 @@ fn generate_state(rng: &mut Rng, seeds: &[StateSeed]) -> StateInput {
 }
 
 fn state_kind(error: &StateFileError) -> String {
-    use StateFileError::*;
+    use FrameError::*;
     let kind = match error {
-        Io { .. } => "Io",
-        NotAStateFile { .. } => "NotAStateFile",
-        UnsupportedFormat { .. } => "UnsupportedFormat",
-        BadHeader { detail, .. } if detail.starts_with("header length") => "BadHeader(length)",
-        BadHeader { .. } => "BadHeader(json)",
-        Truncated { .. } => "Truncated",
-        Checksum { .. } => "Checksum",
-        Corrupt { detail, .. } if detail.starts_with("payload length") => "Corrupt(size)",
-        Corrupt { detail, .. } if detail.starts_with("it inflates to") => "Corrupt(raw length)",
-        Corrupt { .. } => "Corrupt(inflate)",
-        MemoryMismatch { .. } => "MemoryMismatch",
-        QemuMismatch { .. } => "QemuMismatch",
-        MachineMismatch { .. } => "MachineMismatch",
+        StateFileError::Frame(frame) => match frame {
+            Io { .. } => "Io",
+            NotAStateFile { .. } => "NotAStateFile",
+            UnsupportedFormat { .. } => "UnsupportedFormat",
+            BadHeader { detail, .. } if detail.starts_with("header length") => "BadHeader(length)",
+            BadHeader { .. } => "BadHeader(json)",
+            Truncated { .. } => "Truncated",
+            Checksum { .. } => "Checksum",
+            Corrupt { detail, .. } if detail.starts_with("payload length") => "Corrupt(size)",
+            Corrupt { detail, .. } if detail.starts_with("it inflates to") => "Corrupt(raw length)",
+            Corrupt { .. } => "Corrupt(inflate)",
+        },
+        StateFileError::MemoryMismatch { .. } => "MemoryMismatch",
+        StateFileError::QemuMismatch { .. } => "QemuMismatch",
+        StateFileError::MachineMismatch { .. } => "MachineMismatch",
     };
     kind.to_string()
 }
@@ -817,14 +824,18 @@ fn check_state(input: &StateInput, path: &Path, seeds: &[StateSeed]) -> Result<V
         (_, Err(error)) if !error.to_string().contains(&shown) => {
             Err(format!("the error does not name the file: {error}"))
         }
-        (_, Err(error @ StateFileError::Io { .. })) => Err(format!("an I/O error reading a readable file: {error}")),
+        (_, Err(error @ StateFileError::Frame(FrameError::Io { .. }))) => {
+            Err(format!("an I/O error reading a readable file: {error}"))
+        }
         (Err(first), Err(second)) if state_kind(first) != state_kind(second) => {
             Err(format!("inspect said {first}, read said {second}"))
         }
         (Err(_), Err(error)) => Ok(Verdict::Refused(state_kind(error))),
         (Err(error), Ok(_)) => Err(format!("inspect refused ({error}) what read accepted")),
         (Ok(_), Err(error)) => match error {
-            StateFileError::Truncated { .. } | StateFileError::Checksum { .. } | StateFileError::Corrupt { .. } => {
+            StateFileError::Frame(
+                FrameError::Truncated { .. } | FrameError::Checksum { .. } | FrameError::Corrupt { .. },
+            ) => {
                 if let Some(seed) = input.intact.map(|i| &seeds[i]) {
                     if seed.raw_len > 0 && sink.len == seed.raw_len as u64 && sink.crc.sum() == seed.raw_crc {
                         return Err(format!("refused ({error}) after handing over the whole stream"));

@@ -509,7 +509,7 @@ fn a_build_that_times_out_names_its_last_screenshot() {
         .unwrap_or_else(|| panic!("{named} is not in the kept folder {}", build_dir.display()));
     let kept: Vec<_> = std::fs::read_dir(png.parent().unwrap()).unwrap().flatten().collect();
     assert!((2..=nix_winvm::vm::screen::KEEP).contains(&kept.len()), "{} screenshots kept", kept.len());
-    let (w, h, pixels) = nix_winvm::vm::screen::png_pixels(&std::fs::read(&png).unwrap()).unwrap();
+    let (w, h, pixels) = nix_winvm::format::png::decode(&std::fs::read(&png).unwrap()).unwrap();
     // VGA text mode: 80x25 cells of 9x16 pixels. Text is there: more than one colour, and
     // more than the firmware's few lines of it.
     assert_eq!((w, h), (720, 400));

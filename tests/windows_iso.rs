@@ -85,7 +85,7 @@ fn boot_image() -> Vec<u8> {
 /// blank but for [`BOOT_MESSAGE`]'s cells, each of two colours on one background, and two
 /// cells alike exactly where the message has the same character.
 fn assert_shows_boot_message(png: &Path) {
-    let (w, h, pixels) = nix_winvm::vm::screen::png_pixels(&std::fs::read(png).unwrap()).unwrap();
+    let (w, h, pixels) = nix_winvm::format::png::decode(&std::fs::read(png).unwrap()).unwrap();
     assert_eq!((w, h), (720, 400), "{} is not the 80x25 text screen", png.display());
     let (w, h) = (w as usize, h as usize);
     let (cw, ch) = (w / 80, h / 25);
@@ -251,7 +251,7 @@ fn an_edition_in_install_wim_passes_the_check_and_the_isos_boot_image_shows_on_t
         assert!(compact.contains("<ProductKey><Key>W269N-WFGWX-YVC9B-4J6C9-T83GX</Key>"), "{xml}");
         if efi {
             // On a CD (UEFI firmware reads no floppy), read back with the project's ISO reader.
-            use nix_winvm::guest::windows::iso::Iso;
+            use nix_winvm::format::iso::Iso;
             let cd = Iso::open(&work.join("answer.iso")).unwrap();
             let file = cd.find("autounattend.xml").unwrap().expect("autounattend.xml on the answer CD");
             assert_eq!(cd.read(&file, 0, file.size as usize).unwrap(), xml.as_bytes());
@@ -267,7 +267,7 @@ fn an_edition_in_install_wim_passes_the_check_and_the_isos_boot_image_shows_on_t
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("no screenshot named in:\n{err}"));
         if efi {
-            let (w, h, _) = nix_winvm::vm::screen::png_pixels(&std::fs::read(named).unwrap()).unwrap();
+            let (w, h, _) = nix_winvm::format::png::decode(&std::fs::read(named).unwrap()).unwrap();
             assert!(w > 0 && h > 0, "{named}");
         } else {
             assert_shows_boot_message(Path::new(named));

@@ -20,10 +20,10 @@ use crate::session::{self, After, ControllerBoot, GuestBoot, TestFault, SCREENS_
 use crate::shell;
 use crate::spec::{self, BuildSpec, ImageSpec, LayerSpec};
 use crate::tools::Tools;
+use crate::vm::kernel;
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{Machine, VmConfig};
 use crate::vm::screen::{self, Screens};
-use crate::vm::{kernel, state};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -326,7 +326,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     ImageMeta {
         format: IMAGE_FORMAT,
         spec: spec.clone(),
-        state_format: state::FORMAT_VERSION,
+        state_format: crate::format::state::FORMAT_VERSION,
         machine: cfg.machine.clone(),
         media,
         layers: 0,
@@ -388,7 +388,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
     ImageMeta {
         format: IMAGE_FORMAT,
         spec: spec.image.clone(),
-        state_format: state::FORMAT_VERSION,
+        state_format: crate::format::state::FORMAT_VERSION,
         machine: meta.machine,
         media: meta.media,
         layers,

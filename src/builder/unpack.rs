@@ -5,26 +5,24 @@
 //! end-of-archive marker; the rest of the disk is never read) and recreates its entries under
 //! the declared output paths, and nowhere else.
 //!
-//! What the guests write: ustar (busybox tar), GNU long names and link names (`L`, `K`: GNU
-//! tar's `--format=gnu`, and busybox beyond 100 bytes) and pax extended headers (`x`: `path`,
-//! `linkpath`, `size`). Entries: regular files, folders, symbolic links and hard links; any
-//! other kind is refused. Modes: only the owner's exec bit is kept, the one Nix looks at when
-//! it canonicalises the outputs. The archive is read once, in order, through a fixed buffer.
+//! What the guests write (ustar, GNU and pax headers) is read by [`crate::format::tar`].
+//! Entries: regular files, folders, symbolic links and hard links; any other kind is refused.
+//! Modes: only the owner's exec bit is kept, the one Nix looks at when it canonicalises the
+//! outputs. The archive is read once, in order, through a fixed buffer.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{DirBuilder, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-const BLOCK: usize = 512;
+use crate::format::tar::{self, CopyError, TarError};
+
 /// One large read buffer: the archive is read once, in order.
 const READ_BUFFER_BYTES: usize = 1 << 20;
-/// A GNU long name or a pax header is metadata: no honest archive needs more.
-const MAX_METADATA_BYTES: u64 = 1 << 20;
 
 /// What one archive put in place.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -140,6 +138,16 @@ impl std::error::Error for UnpackError {
     }
 }
 
+impl From<TarError> for UnpackError {
+    fn from(error: TarError) -> UnpackError {
+        match error {
+            TarError::Read(e) => UnpackError::Read(e),
+            TarError::Truncated { offset, reading } => UnpackError::Truncated { offset, reading },
+            TarError::BadHeader { offset, detail } => UnpackError::BadHeader { offset, detail },
+        }
+    }
+}
+
 /// What the archive made at a path, so that later entries are checked against it without a
 /// look at the file system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,179 +155,6 @@ enum Made {
     Folder,
     File,
     Link,
-}
-
-struct Archive<R> {
-    inner: BufReader<R>,
-    offset: u64,
-}
-
-impl<R: Read> Archive<R> {
-    /// The next header block; None at a clean end of the stream.
-    fn block(&mut self) -> Result<Option<[u8; BLOCK]>, UnpackError> {
-        let mut block = [0u8; BLOCK];
-        let mut filled = 0;
-        while filled < BLOCK {
-            let n = match self.inner.read(&mut block[filled..]) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(UnpackError::Read(e)),
-            };
-            if n == 0 {
-                if filled == 0 {
-                    return Ok(None);
-                }
-                return Err(UnpackError::Truncated { offset: self.offset + filled as u64, reading: "a header" });
-            }
-            filled += n;
-        }
-        self.offset += BLOCK as u64;
-        Ok(Some(block))
-    }
-
-    /// Copies `size` bytes of entry data into `out`, then skips the padding to the next block.
-    fn copy(&mut self, size: u64, out: &mut dyn Write, path: &Path) -> Result<(), UnpackError> {
-        let mut left = size;
-        while left > 0 {
-            let buf = self.inner.fill_buf().map_err(UnpackError::Read)?;
-            if buf.is_empty() {
-                return Err(UnpackError::Truncated { offset: self.offset, reading: "an entry's data" });
-            }
-            let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-            out.write_all(&buf[..n]).map_err(|source| UnpackError::Write { path: path.to_path_buf(), source })?;
-            self.inner.consume(n);
-            self.offset += n as u64;
-            left -= n as u64;
-        }
-        let pad = (BLOCK as u64 - size % BLOCK as u64) % BLOCK as u64;
-        self.skip_exact(pad)
-    }
-
-    fn skip_exact(&mut self, n: u64) -> Result<(), UnpackError> {
-        let skipped = io::copy(&mut (&mut self.inner).take(n), &mut io::sink()).map_err(UnpackError::Read)?;
-        self.offset += skipped;
-        if skipped < n {
-            return Err(UnpackError::Truncated { offset: self.offset, reading: "an entry's data" });
-        }
-        Ok(())
-    }
-
-    fn skip(&mut self, size: u64) -> Result<(), UnpackError> {
-        self.copy(size, &mut io::sink(), Path::new(""))
-    }
-
-    fn metadata(&mut self, size: u64, offset: u64) -> Result<Vec<u8>, UnpackError> {
-        if size > MAX_METADATA_BYTES {
-            return Err(UnpackError::BadHeader { offset, detail: format!("{size} bytes of metadata for one entry") });
-        }
-        let mut data = Vec::with_capacity(size as usize);
-        self.copy(size, &mut data, Path::new(""))?;
-        Ok(data)
-    }
-}
-
-/// The bytes of a header field up to its first NUL.
-fn text(field: &[u8]) -> &[u8] {
-    field.iter().position(|&b| b == 0).map_or(field, |end| &field[..end])
-}
-
-/// A numeric field: octal digits (space or NUL padded), or GNU's base-256 for large values.
-fn number(field: &[u8], what: &str, offset: u64) -> Result<u64, UnpackError> {
-    let bad = |detail: String| UnpackError::BadHeader { offset, detail };
-    if field.first().is_some_and(|b| b & 0x80 != 0) {
-        let mut value: u64 = u64::from(field[0] & 0x7f);
-        for &b in &field[1..] {
-            value = value
-                .checked_mul(256)
-                .and_then(|v| v.checked_add(u64::from(b)))
-                .ok_or_else(|| bad(format!("the {what} does not fit in 64 bits")))?;
-        }
-        return Ok(value);
-    }
-    let digits: Vec<u8> = text(field).iter().copied().filter(|b| *b != b' ').collect();
-    let mut value: u64 = 0;
-    for &d in &digits {
-        if !(b'0'..=b'7').contains(&d) {
-            return Err(bad(format!("the {what} field is not an octal number: {:?}", String::from_utf8_lossy(field))));
-        }
-        value = value
-            .checked_mul(8)
-            .and_then(|v| v.checked_add(u64::from(d - b'0')))
-            .ok_or_else(|| bad(format!("the {what} does not fit in 64 bits")))?;
-    }
-    Ok(value)
-}
-
-fn check_sum(block: &[u8; BLOCK], offset: u64) -> Result<(), UnpackError> {
-    let stored = number(&block[148..156], "checksum", offset)?;
-    let (mut unsigned, mut signed) = (0u64, 0i64);
-    for (i, &b) in block.iter().enumerate() {
-        let b = if (148..156).contains(&i) { b' ' } else { b };
-        unsigned += u64::from(b);
-        signed += i64::from(b as i8);
-    }
-    // Some old tars summed signed bytes; both are accepted, as GNU tar does.
-    if stored == unsigned || i64::try_from(stored).is_ok_and(|s| s == signed) {
-        Ok(())
-    } else {
-        Err(UnpackError::BadHeader { offset, detail: format!("checksum {stored} recorded, {unsigned} computed") })
-    }
-}
-
-/// The entry's name from the header alone: ustar's prefix and name.
-fn header_name(block: &[u8; BLOCK]) -> Vec<u8> {
-    let name = text(&block[0..100]);
-    // Only POSIX ustar has a prefix field; GNU's magic ("ustar  ") keeps other data there.
-    let prefix = if &block[257..263] == b"ustar\0" { text(&block[345..500]) } else { &[][..] };
-    if prefix.is_empty() {
-        name.to_vec()
-    } else {
-        [prefix, b"/", name].concat()
-    }
-}
-
-/// The fields of a pax extended header this reader honours.
-#[derive(Default)]
-struct Pax {
-    path: Option<Vec<u8>>,
-    linkpath: Option<Vec<u8>>,
-    size: Option<u64>,
-}
-
-/// Records of the form "LENGTH KEY=VALUE\n", LENGTH counting the whole record.
-fn parse_pax(data: &[u8], offset: u64) -> Result<Pax, UnpackError> {
-    let bad = |detail: &str| UnpackError::BadHeader { offset, detail: format!("pax header: {detail}") };
-    let mut pax = Pax::default();
-    let mut rest = data;
-    while !rest.is_empty() {
-        let space = rest.iter().position(|&b| b == b' ').ok_or_else(|| bad("a record without a length"))?;
-        let len: usize = std::str::from_utf8(&rest[..space])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("a record length that is not a number"))?;
-        if len <= space + 1 || len > rest.len() || rest[len - 1] != b'\n' {
-            return Err(bad("a record whose length does not match it"));
-        }
-        let record = &rest[space + 1..len - 1];
-        let eq = record.iter().position(|&b| b == b'=').ok_or_else(|| bad("a record without '='"))?;
-        let (key, value) = (&record[..eq], &record[eq + 1..]);
-        match key {
-            b"path" => pax.path = Some(value.to_vec()),
-            b"linkpath" => pax.linkpath = Some(value.to_vec()),
-            b"size" => {
-                pax.size = Some(
-                    std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .ok_or_else(|| bad("a size that is not a number"))?,
-                )
-            }
-            // Times, owners, character sets: Nix canonicalises them away.
-            _ => {}
-        }
-        rest = &rest[len..];
-    }
-    Ok(pax)
 }
 
 fn shown(name: &[u8]) -> String {
@@ -426,81 +261,48 @@ impl Writer {
 /// replaced.
 pub fn unpack(archive: impl Read, outputs: &[PathBuf]) -> Result<Unpacked, UnpackError> {
     let outputs = Outputs::new(outputs);
-    let mut r = Archive { inner: BufReader::with_capacity(READ_BUFFER_BYTES, archive), offset: 0 };
+    let mut r = tar::Reader::new(archive, READ_BUFFER_BYTES);
     let mut w = Writer { made: HashMap::new(), roots: HashSet::new() };
     let mut summary = Unpacked::default();
-    let (mut long_name, mut long_link, mut pax): (Option<Vec<u8>>, Option<Vec<u8>>, Pax) = (None, None, Pax::default());
-    loop {
-        let offset = r.offset;
-        let Some(block) = r.block()? else {
-            return Err(UnpackError::Truncated { offset, reading: "the end-of-archive marker" });
-        };
-        if block.iter().all(|&b| b == 0) {
-            break;
-        }
-        check_sum(&block, offset)?;
-        let kind = block[156];
-        let header_size = number(&block[124..136], "size", offset)?;
-        match kind {
-            b'L' => {
-                long_name = Some(text(&r.metadata(header_size, offset)?).to_vec());
-                continue;
-            }
-            b'K' => {
-                long_link = Some(text(&r.metadata(header_size, offset)?).to_vec());
-                continue;
-            }
-            b'x' => {
-                pax = parse_pax(&r.metadata(header_size, offset)?, offset)?;
-                continue;
-            }
-            b'g' => {
-                r.skip(header_size)?;
-                continue;
-            }
-            _ => {}
-        }
-        let size = pax.size.take().unwrap_or(header_size);
-        let name = pax.path.take().or(long_name.take()).unwrap_or_else(|| header_name(&block));
-        let link = pax.linkpath.take().or(long_link.take()).unwrap_or_else(|| text(&block[157..257]).to_vec());
-        let (root, path) = outputs.resolve(&name, offset)?;
-        w.parents(root, &path, &name)?;
-        match kind {
+    while let Some(entry) = r.next_entry()? {
+        let (name, link, offset) = (&entry.name, &entry.link, entry.offset);
+        let (root, path) = outputs.resolve(name, offset)?;
+        w.parents(root, &path, name)?;
+        match entry.kind {
             b'0' | 0 | b'7' => {
-                w.claim(&path, &name, Made::File)?;
-                let mode = number(&block[100..108], "mode", offset)?;
+                w.claim(&path, name, Made::File)?;
                 // Nix keeps the owner's exec bit and sets the rest itself.
-                let mode = if mode & 0o100 != 0 { 0o755 } else { 0o644 };
+                let mode = if entry.mode()? & 0o100 != 0 { 0o755 } else { 0o644 };
                 let mut file =
                     OpenOptions::new().write(true).create_new(true).mode(mode).open(&path).map_err(write_err(&path))?;
-                r.copy(size, &mut file, &path)?;
-                summary.bytes += size;
+                r.copy_data(&mut file).map_err(|e| match e {
+                    CopyError::Archive(e) => e.into(),
+                    CopyError::Write(source) => UnpackError::Write { path: path.clone(), source },
+                })?;
+                summary.bytes += entry.size;
             }
             b'5' => {
                 if w.made.get(&path) != Some(&Made::Folder) {
-                    w.claim(&path, &name, Made::Folder)?;
+                    w.claim(&path, name, Made::Folder)?;
                     DirBuilder::new().mode(0o755).create(&path).map_err(write_err(&path))?;
                 }
-                r.skip(size)?;
             }
             b'2' => {
-                w.claim(&path, &name, Made::Link)?;
-                std::os::unix::fs::symlink(OsStr::from_bytes(&link), &path).map_err(write_err(&path))?;
-                r.skip(size)?;
+                w.claim(&path, name, Made::Link)?;
+                std::os::unix::fs::symlink(OsStr::from_bytes(link), &path).map_err(write_err(&path))?;
             }
             b'1' => {
-                let target = match outputs.resolve(&link, offset) {
+                let target = match outputs.resolve(link, offset) {
                     Ok((_, target)) if w.made.get(&target) == Some(&Made::File) => target,
-                    _ => return Err(UnpackError::HardLinkTarget { name: shown(&name), target: shown(&link) }),
+                    _ => return Err(UnpackError::HardLinkTarget { name: shown(name), target: shown(link) }),
                 };
-                w.claim(&path, &name, Made::File)?;
+                w.claim(&path, name, Made::File)?;
                 if std::fs::hard_link(&target, &path).is_err() {
                     // A file system without hard links: a copy is the same to Nix.
                     std::fs::copy(&target, &path).map_err(write_err(&path))?;
                 }
-                r.skip(size)?;
             }
-            other => return Err(UnpackError::Unsupported { name: shown(&name), kind: other }),
+            other => return Err(UnpackError::Unsupported { name: shown(name), kind: other }),
         }
         summary.entries += 1;
     }
@@ -511,73 +313,8 @@ pub fn unpack(archive: impl Read, outputs: &[PathBuf]) -> Result<Unpacked, Unpac
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::tar::tests::Tar;
     use std::os::unix::fs::PermissionsExt;
-
-    /// A hand-made archive, block by block.
-    #[derive(Default)]
-    struct Tar(Vec<u8>);
-
-    impl Tar {
-        fn header(&mut self, name: &[u8], kind: u8, mode: u32, size: usize, link: &[u8], magic: &[u8; 8]) {
-            let mut h = [0u8; BLOCK];
-            h[..name.len().min(100)].copy_from_slice(&name[..name.len().min(100)]);
-            h[100..108].copy_from_slice(format!("{mode:07o}\0").as_bytes());
-            h[108..116].copy_from_slice(b"0000000\0");
-            h[116..124].copy_from_slice(b"0000000\0");
-            h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-            h[136..148].copy_from_slice(b"00000000000\0");
-            h[156] = kind;
-            h[157..157 + link.len().min(100)].copy_from_slice(&link[..link.len().min(100)]);
-            h[257..265].copy_from_slice(magic);
-            h[148..156].copy_from_slice(b"        ");
-            let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
-            h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-            self.0.extend_from_slice(&h);
-        }
-
-        fn data(&mut self, data: &[u8]) {
-            self.0.extend_from_slice(data);
-            let pad = (BLOCK - data.len() % BLOCK) % BLOCK;
-            self.0.extend(std::iter::repeat(0u8).take(pad));
-        }
-
-        fn entry(&mut self, name: &str, kind: u8, mode: u32, data: &[u8], link: &str) -> &mut Tar {
-            self.header(name.as_bytes(), kind, mode, data.len(), link.as_bytes(), b"ustar\x0000");
-            self.data(data);
-            self
-        }
-
-        fn gnu_long(&mut self, kind: u8, value: &[u8]) -> &mut Tar {
-            let mut v = value.to_vec();
-            v.push(0);
-            self.header(b"././@LongLink", kind, 0, v.len(), b"", b"ustar  \0");
-            self.data(&v);
-            self
-        }
-
-        fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Tar {
-            let mut body = Vec::new();
-            for (k, v) in records {
-                // The length counts its own digits: grow it until it fits.
-                let rest = k.len() + v.len() + 3;
-                let mut len = rest + 1;
-                while len.to_string().len() + rest != len {
-                    len += 1;
-                }
-                body.extend_from_slice(format!("{len} {k}=").as_bytes());
-                body.extend_from_slice(v);
-                body.push(b'\n');
-            }
-            self.header(b"PaxHeaders/x", b'x', 0o644, body.len(), b"", b"ustar\x0000");
-            self.data(&body);
-            self
-        }
-
-        fn end(&mut self) -> Vec<u8> {
-            self.0.extend(std::iter::repeat(0u8).take(2 * BLOCK));
-            std::mem::take(&mut self.0)
-        }
-    }
 
     fn store() -> (tempfile::TempDir, Vec<PathBuf>) {
         let dir = tempfile::tempdir().unwrap();
@@ -830,16 +567,5 @@ mod tests {
             assert_eq!(std::fs::read(&outs[1]).unwrap(), b"single file output");
             std::fs::remove_file(&archive).unwrap();
         }
-    }
-
-    #[test]
-    fn numbers_octal_and_base_256() {
-        assert_eq!(number(b"00000001750\0", "size", 0).unwrap(), 1000);
-        assert_eq!(number(b"   1750 \0", "size", 0).unwrap(), 1000);
-        let mut big = [0u8; 12];
-        big[0] = 0x80;
-        big[7] = 0x02; // 2 << 32
-        assert_eq!(number(&big, "size", 0).unwrap(), 2 << 32);
-        assert!(number(b"12x\0", "size", 9).unwrap_err().to_string().contains("at byte 9"));
     }
 }

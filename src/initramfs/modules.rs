@@ -11,7 +11,8 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::elf::Elf;
+use super::closure::ElfError;
+use crate::format::elf::Elf;
 
 #[derive(Debug)]
 pub enum ModuleError {
@@ -166,10 +167,10 @@ impl ModuleIndex {
 pub fn module_depends(path: &Path) -> Result<Vec<String>, ModuleError> {
     let data = std::fs::read(path).map_err(|source| ModuleError::Read { path: path.to_path_buf(), source })?;
     let bad = |what: String| ModuleError::BadModule { path: path.to_path_buf(), what };
-    let elf = Elf::parse(&data).map_err(|e| bad(e.at(path).to_string()))?;
+    let elf = Elf::parse(&data).map_err(|e| bad(ElfError::parse(path, e).to_string()))?;
     let modinfo = elf
         .section_by_name(".modinfo")
-        .map_err(|e| bad(e.at(path).to_string()))?
+        .map_err(|e| bad(ElfError::parse(path, e).to_string()))?
         .ok_or_else(|| bad("has no .modinfo section".to_string()))?;
     let mut depends = Vec::new();
     for entry in modinfo.split(|&b| b == 0) {

@@ -5,7 +5,6 @@
 
 pub mod accel;
 pub mod kernel;
-pub mod pcap;
 pub mod process;
 pub mod qemu;
 pub mod qmp;

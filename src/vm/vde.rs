@@ -2,10 +2,10 @@
 //! plug into it (libvdeplug, src/vm/sys/vdeplug.rs), and that port then captures the pair's
 //! traffic into `network.pcap` in the work folder: the hub hands it every frame.
 
-use super::pcap::{Frame, PcapWriter};
 use super::process::{describe_status, ProcessGuard, SpawnError};
 use super::sys::{self, vdeplug::Plug};
 use super::wait::{wait_until, TimedOut};
+use crate::format::pcap::{Frame, PcapWriter};
 use std::fmt;
 use std::io::BufWriter;
 use std::os::fd::{AsFd, OwnedFd};

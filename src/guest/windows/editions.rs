@@ -6,8 +6,9 @@
 //! EditionID (WINDOWS/EDITIONID, e.g. "ServerStandard"). Keys and evaluation periods belong to
 //! the EditionID, so the table here is keyed by it, never by a display name.
 
-use super::wim::{self, InstallImagesError, WimImage};
 use super::WindowsOptions;
+use crate::format::iso::{Iso, IsoError};
+use crate::format::wim::{self, WimError, WimImage};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -307,9 +308,46 @@ pub fn select(
     })
 }
 
+/// Where Windows Setup takes the images from; an ESD is a WIM with solid compression.
+pub const INSTALL_IMAGE_PATHS: [&str; 2] = ["sources/install.wim", "sources/install.esd"];
+
+/// The install image of an ISO and the images it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallImages {
+    pub iso: PathBuf,
+    /// The path inside the ISO, as the ISO spells it.
+    pub file: String,
+    pub images: Vec<WimImage>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstallImagesError {
+    #[error("{0}")]
+    Iso(#[source] IsoError),
+    #[error("the ISO {}: {file} is not a WIM Windows Setup can read: {error}", iso.display())]
+    Wim {
+        iso: PathBuf,
+        file: String,
+        #[source]
+        error: WimError,
+    },
+}
+
+/// The images of the ISO's `sources/install.wim` (or `install.esd`).
+pub fn install_images(iso_path: &Path) -> Result<InstallImages, InstallImagesError> {
+    let iso = Iso::open(iso_path).map_err(InstallImagesError::Iso)?;
+    let file = iso.find_first(&INSTALL_IMAGE_PATHS).map_err(InstallImagesError::Iso)?;
+    let images = wim::read_images(
+        file.size,
+        |offset, len| iso.read(&file, offset, len).map_err(InstallImagesError::Iso),
+        |error| InstallImagesError::Wim { iso: iso_path.to_path_buf(), file: file.path.clone(), error },
+    )?;
+    Ok(InstallImages { iso: iso_path.to_path_buf(), file: file.path, images })
+}
+
 /// The check before the install boots: the edition is in the ISO's install.wim.
 pub fn check_iso(iso: &Path, options: &WindowsOptions) -> Result<Selection, EditionError> {
-    let found = wim::install_images(iso).map_err(EditionError::Images)?;
+    let found = install_images(iso).map_err(EditionError::Images)?;
     select(iso, &found.file, &found.images, &options.edition, options.product_key.as_deref())
 }
 
@@ -402,6 +440,8 @@ fn civil_date(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guest::windows::test_util::{temp_path, tool_available};
+    use std::process::Command;
 
     fn image(index: u32, name: &str, edition_id: &str, build: Option<u32>) -> WimImage {
         WimImage {
@@ -621,7 +661,6 @@ mod tests {
 
     #[test]
     fn the_record_is_read_from_the_image() {
-        use crate::guest::windows::test_util::temp_path;
         let image = temp_path("record");
         std::fs::create_dir_all(&image).unwrap();
         assert_eq!(InstallRecord::of_image(&image), None, "an image without a record: no warning");
@@ -630,5 +669,37 @@ mod tests {
         std::fs::write(image.join(INSTALL_RECORD), serde_json::to_string(&eval_record()).unwrap()).unwrap();
         assert_eq!(InstallRecord::of_image(&image), Some(eval_record()));
         std::fs::remove_dir_all(image).unwrap();
+    }
+
+    #[test]
+    fn reads_the_images_of_a_wim_inside_an_iso() {
+        let dir = temp_path("wim-iso");
+        let Some(wim) = crate::format::wim::tests::wimcapture_two_images(&dir) else { return };
+        if !tool_available("genisoimage") {
+            return;
+        }
+        std::fs::create_dir_all(dir.join("tree/sources")).unwrap();
+        std::fs::rename(&wim, dir.join("tree/sources/install.wim")).unwrap();
+        let iso = dir.join("win.iso");
+        let make_iso = || {
+            let o = Command::new("genisoimage").args(["-quiet", "-udf", "-o"]).arg(&iso).arg(dir.join("tree")).output();
+            let o = o.unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
+        make_iso();
+        let found = install_images(&iso).unwrap();
+        assert_eq!(found.file, "sources/install.wim");
+        assert_eq!(found.images.len(), 2);
+        // Not a WIM at that path: the message names the ISO and the file.
+        std::fs::write(dir.join("tree/sources/install.wim"), vec![0u8; 4096]).unwrap();
+        make_iso();
+        assert_eq!(
+            install_images(&iso).unwrap_err().to_string(),
+            format!(
+                "the ISO {}: sources/install.wim is not a WIM Windows Setup can read: it does not start with the WIM magic \"MSWIM\"",
+                iso.display()
+            )
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -1,8 +1,9 @@
 //! The Windows guest profile: everything the install media carries, as text and bytes.
 //!
 //! Nothing here starts a VM or talks to Nix. The media stage assembles these pieces:
-//! - a floppy ([`fat::fat12_floppy`]) holding `autounattend.xml` ([`answer::autounattend_xml`]),
-//!   which Windows Setup finds on its own by searching the roots of removable media;
+//! - a floppy (made by mtools, [`media::write_answer_medium`]) holding `autounattend.xml`
+//!   ([`answer::autounattend_xml`]), which Windows Setup finds on its own by searching the roots
+//!   of removable media;
 //! - a second, larger medium whose root holds [`media::names::MARKER`],
 //!   [`media::names::INSTALL_CMD`] ([`scripts::install_cmd`]), [`media::names::BOOTSTRAP_SH`]
 //!   ([`scripts::bootstrap_sh`]), [`media::names::CYGWIN_SETUP_EXE`] and the offline Cygwin
@@ -20,12 +21,9 @@
 pub mod answer;
 pub mod cygwin;
 pub mod editions;
-pub mod fat;
-pub mod iso;
 pub mod media;
 pub mod outputs;
 pub mod scripts;
-pub mod wim;
 
 /// SSH_USER is the built-in "Administrator": Setup enables that account by itself only when the
 /// answer file names it in English, so media whose built-in account has another name (localized

@@ -3,6 +3,8 @@
 //! with long names are mtools' job, and mtools honours `SOURCE_DATE_EPOCH`, so with every file
 //! copied in sorted order the same inputs give the same bytes. The partition table is there
 //! because Windows mounts partitions of fixed disks, not a bare file system on one.
+//!
+//! `answer.img`: a 1.44 MB FAT12 floppy, by mtools too, holding only the answer file.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -11,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::{MediaError, MediaTools, PARTITION_OFFSET, SOURCE_DATE_EPOCH};
+use crate::format::fat::{self, FatKind};
+use crate::format::mbr;
 
 const SECTOR: u64 = 512;
 /// Fixed, so the image is reproducible; Windows only needs it to be non-zero.
@@ -164,40 +168,23 @@ pub(super) fn build_fat_disk(
     }
 
     let boot_sector = read_at(image, PARTITION_OFFSET, 512)?;
-    let (filesystem, partition_type) = if &boot_sector[82..87] == b"FAT32" {
-        ("FAT32", 0x0C) // FAT32, LBA
-    } else if &boot_sector[54..59] == b"FAT16" {
-        ("FAT16", 0x0E) // FAT16, LBA
-    } else {
-        return Err(MediaError::ToolOutput {
-            tool: tools.mformat.clone(),
-            detail: format!("{} holds neither FAT16 nor FAT32 at offset {PARTITION_OFFSET}", image.display()),
-        });
+    let (kind, partition_type) = match fat::kind(&boot_sector) {
+        Some(FatKind::Fat32) => (FatKind::Fat32, mbr::TYPE_FAT32_LBA),
+        Some(FatKind::Fat16) => (FatKind::Fat16, mbr::TYPE_FAT16_LBA),
+        None => {
+            return Err(MediaError::ToolOutput {
+                tool: tools.mformat.clone(),
+                detail: format!("{} holds neither FAT16 nor FAT32 at offset {PARTITION_OFFSET}", image.display()),
+            })
+        }
     };
     let sectors = u32::try_from(partition_sectors).map_err(|_| MediaError::NotOnFat {
         path: image.to_path_buf(),
         reason: "the content needs a partition over 2 TiB",
     })?;
-    write_at(image, 0, &mbr(partition_type, (PARTITION_OFFSET / SECTOR) as u32, sectors))?;
-    Ok(FatImage { bytes: total, filesystem })
-}
-
-/// A master boot record with one partition. Its code only asks the BIOS to try the next boot
-/// device (`int 18h`), like the floppy's boot sector.
-fn mbr(partition_type: u8, first_lba: u32, sectors: u32) -> [u8; 512] {
-    let mut mbr = [0u8; 512];
-    mbr[..5].copy_from_slice(&[0xCD, 0x18, 0xF4, 0xEB, 0xFD]); // int 18h; hlt; jmp $-1
-    mbr[440..444].copy_from_slice(&DISK_SIGNATURE.to_le_bytes());
-    let entry = &mut mbr[446..462];
-    entry[0] = 0x00; // not active
-    entry[1..4].copy_from_slice(&[0xFE, 0xFF, 0xFF]); // CHS unused: LBA only
-    entry[4] = partition_type;
-    entry[5..8].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
-    entry[8..12].copy_from_slice(&first_lba.to_le_bytes());
-    entry[12..16].copy_from_slice(&sectors.to_le_bytes());
-    mbr[510] = 0x55;
-    mbr[511] = 0xAA;
-    mbr
+    let first_lba = (PARTITION_OFFSET / SECTOR) as u32;
+    write_at(image, 0, &mbr::one_partition(DISK_SIGNATURE, partition_type, first_lba, sectors))?;
+    Ok(FatImage { bytes: total, filesystem: kind.name() })
 }
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>, MediaError> {
@@ -214,6 +201,19 @@ fn write_at(path: &Path, offset: u64, bytes: &[u8]) -> Result<(), MediaError> {
     let error = |source| MediaError::Write { path: path.to_path_buf(), source };
     let file = fs::OpenOptions::new().write(true).open(path).map_err(error)?;
     file.write_all_at(bytes, offset).map_err(|source| MediaError::Write { path: path.to_path_buf(), source })
+}
+
+/// A 1.44 MB FAT12 floppy at `image` (which must not exist) holding `file` in its root, as
+/// Windows Setup looks for `autounattend.xml` on removable media.
+pub(super) fn build_floppy(image: &Path, label: &str, file: &Path) -> Result<(), MediaError> {
+    let mformat = crate::tools::find("mformat").map_err(MediaError::MissingTool)?;
+    let mcopy = crate::tools::find("mcopy").map_err(MediaError::MissingTool)?;
+    let mut args: Vec<OsString> =
+        ["-C", "-f", "1440", "-v", label, "-N", VOLUME_SERIAL, "-i"].into_iter().map(OsString::from).collect();
+    args.extend([image.into(), "::".into()]);
+    run_tool(&mformat, &args)?;
+    run_tool(&mcopy, &["-i".into(), image.into(), file.into(), "::/".into()])?;
+    Ok(())
 }
 
 /// Runs a tool with a fixed clock and no mtools configuration surprises; returns its stdout.
@@ -313,6 +313,36 @@ mod tests {
             let target = format!("{}@@{PARTITION_OFFSET}", image.display());
             assert_eq!(listing(&target), ["::/big.bin"]);
             assert!(mtype(&target, "big.bin") == bytes, "big.bin differs");
+        }
+    }
+
+    /// The answer floppy: what Setup reads, the same bytes for the same file, no trace of the
+    /// folder it was made in.
+    #[test]
+    fn the_answer_floppy_holds_the_file_and_is_reproducible() {
+        if !["mformat", "mcopy", "mdir", "mtype"].iter().all(|t| tool_available(t)) {
+            return;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let xml = dir.path().join("autounattend.xml");
+        fs::write(&xml, b"<?xml version=\"1.0\"?>\n<unattend/>\n").expect("write");
+        let (one, two) = (dir.path().join("one.img"), dir.path().join("two.img"));
+        build_floppy(&one, "NIXANSWER", &xml).expect("floppy");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        build_floppy(&two, "NIXANSWER", &xml).expect("floppy");
+        let bytes = fs::read(&one).expect("read");
+        assert_eq!(bytes.len(), 1_474_560);
+        assert!(bytes == fs::read(&two).expect("read"), "two floppies of the same file differ");
+        let folder = dir.path().to_string_lossy().into_owned();
+        assert!(!bytes.windows(folder.len()).any(|w| w == folder.as_bytes()), "the floppy names its folder");
+        let target = one.display().to_string();
+        assert_eq!(listing(&target), ["::/autounattend.xml"]);
+        assert_eq!(mtype(&target, "autounattend.xml"), fs::read(&xml).expect("read"));
+        assert_eq!(&bytes[43..54], b"NIXANSWER  ", "the volume label");
+        assert_eq!(&bytes[54..62], b"FAT12   ");
+        if tool_available("fsck.fat") {
+            let output = Command::new("fsck.fat").arg("-n").arg(&one).output().expect("fsck.fat");
+            assert!(output.status.success(), "fsck.fat: {}", String::from_utf8_lossy(&output.stdout));
         }
     }
 

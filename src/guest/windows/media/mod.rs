@@ -32,11 +32,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::cygwin::{ClosureError, SetupIniError, REQUIRED_PACKAGES};
-use super::fat::{self, FatError};
 use super::{answer, scripts, WindowsOptions};
 use crate::spec::WindowsOptionsError;
 use crate::tools::{self, MissingTool};
-use disk::{build_fat_disk, FatContent};
+use disk::{build_fat_disk, build_floppy, FatContent};
 use readme::readme_text;
 use repo::inspect_repo;
 
@@ -120,7 +119,6 @@ pub enum MediaError {
     InvalidAuthorizedKey { reason: &'static str },
     Write { path: PathBuf, source: io::Error },
     Read { path: PathBuf, source: io::Error },
-    Floppy(FatError),
     RepoMissing { path: PathBuf, what: &'static str },
     SetupIni { path: PathBuf, error: SetupIniError },
     Closure { setup_ini: PathBuf, error: ClosureError },
@@ -144,7 +142,6 @@ impl fmt::Display for MediaError {
             E::InvalidAuthorizedKey { reason } => write!(f, "the SSH public key for the guest {reason}"),
             E::Write { path, source } => write!(f, "writing {}: {source}", path.display()),
             E::Read { path, source } => write!(f, "reading {}: {source}", path.display()),
-            E::Floppy(error) => write!(f, "building {ANSWER_IMG}: {error}"),
             E::RepoMissing { path, what } => write!(
                 f,
                 "the Cygwin repository (cygwinRepo) has no {what} at {}; build it with nix/cygwin.nix \
@@ -199,7 +196,6 @@ impl std::error::Error for MediaError {
         match self {
             MediaError::InvalidOptions(error) => Some(error),
             MediaError::MissingTool(error) => Some(error),
-            MediaError::Floppy(error) => Some(error),
             MediaError::SetupIni { error, .. } => Some(error),
             MediaError::Closure { error, .. } => Some(error),
             MediaError::Write { source, .. }
@@ -335,8 +331,8 @@ pub const ANSWER_ISO: &str = "answer.iso";
 
 /// Writes the answer file the install boots with into `dir`: `autounattend.xml` for
 /// `image`, the selection read from the ISO, and the medium holding it (`answer.img` or
-/// `answer.iso`). Same inputs, same bytes: the floppy's dates are fixed, and xorriso takes
-/// SOURCE_DATE_EPOCH.
+/// `answer.iso`). Same inputs, same bytes: mtools and xorriso take SOURCE_DATE_EPOCH, and the
+/// floppy's serial number is fixed.
 pub fn write_answer_medium(
     opts: &WindowsOptions,
     efi: bool,
@@ -347,10 +343,8 @@ pub fn write_answer_medium(
     let xml_path = dir.join(AUTOUNATTEND_XML);
     fs::write(&xml_path, &xml).map_err(|source| MediaError::Write { path: xml_path.clone(), source })?;
     if !efi {
-        let floppy =
-            fat::fat12_floppy(ANSWER_LABEL, &[(AUTOUNATTEND_XML, xml.as_bytes())]).map_err(MediaError::Floppy)?;
         let path = dir.join(ANSWER_IMG);
-        fs::write(&path, floppy).map_err(|source| MediaError::Write { path: path.clone(), source })?;
+        build_floppy(&path, ANSWER_LABEL, &xml_path)?;
         return Ok(AnswerMedium::Floppy(path));
     }
     let xorriso = tools::find("xorriso").map_err(MediaError::MissingTool)?;
@@ -639,7 +633,7 @@ mod tests {
         // A comma in the path checks the escaping.
         let media = dir.path().join("media,1");
         fs::create_dir(&media).expect("mkdir");
-        fs::write(media.join(ANSWER_IMG), vec![0u8; fat::FLOPPY_BYTES]).expect("floppy");
+        fs::write(media.join(ANSWER_IMG), vec![0u8; 1_474_560]).expect("floppy");
         fs::write(media.join(ANSWER_ISO), vec![0u8; 1 << 20]).expect("answer CD");
         fs::write(media.join(CYGWIN_IMG), vec![0u8; 1 << 20]).expect("disk");
         let iso = dir.path().join("win.iso");

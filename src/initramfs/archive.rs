@@ -1,5 +1,5 @@
-//! An in-memory initramfs and its cpio "newc" (070701) encoding, the format the Linux kernel
-//! unpacks into its rootfs at boot.
+//! An in-memory initramfs, written as the cpio "newc" archive ([`crate::format::cpio`]) the
+//! Linux kernel unpacks into its rootfs at boot.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -9,17 +9,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use super::elf::{default_lib_dirs, elf_closure, ElfError};
+use super::closure::{default_lib_dirs, elf_closure, ElfError};
+use crate::format::cpio::{self, S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG};
 
 /// The kernel refuses longer names when it unpacks an initramfs.
 const PATH_MAX: usize = 4096;
 const IMPLICIT_DIR_MODE: u32 = 0o755;
 const PERMISSION_BITS: u32 = 0o7777;
-
-const S_IFDIR: u32 = 0o040000;
-const S_IFREG: u32 = 0o100000;
-const S_IFLNK: u32 = 0o120000;
-const S_IFCHR: u32 = 0o020000;
 
 #[derive(Debug)]
 pub enum InitramfsError {
@@ -371,17 +367,16 @@ impl Initramfs {
                 Kind::CharDev { major, minor } => (major, minor),
                 _ => (0, 0),
             };
-            let header = Header {
+            let header = cpio::Header {
                 ino: u32::try_from(index + 1).unwrap_or(u32::MAX),
                 mode: entry.file_type() | entry.mode,
                 nlink: if matches!(entry.kind, Kind::Dir { .. }) { 2 } else { 1 },
                 rdev_major,
                 rdev_minor,
             };
-            write_entry(&mut out, &header, name, entry.data())?;
+            cpio::write_entry(&mut out, &header, name, entry.data())?;
         }
-        let trailer = Header { ino: 0, mode: 0, nlink: 1, rdev_major: 0, rdev_minor: 0 };
-        write_entry(&mut out, &trailer, b"TRAILER!!!", &[])?;
+        cpio::write_trailer(&mut out)?;
         out.flush()
     }
 
@@ -406,50 +401,4 @@ impl Initramfs {
         self.write_gz(&mut out)?;
         out.flush()
     }
-}
-
-struct Header {
-    ino: u32,
-    mode: u32,
-    nlink: u32,
-    rdev_major: u32,
-    rdev_minor: u32,
-}
-
-const NEWC_HEADER_LEN: usize = 110;
-
-fn padding(len: usize) -> &'static [u8] {
-    &[0, 0, 0][..(4 - len % 4) % 4]
-}
-
-fn write_entry<W: Write>(out: &mut W, header: &Header, name: &[u8], data: &[u8]) -> io::Result<()> {
-    let name_size = name.len() + 1;
-    // Sizes were checked when the entry was added; names are below PATH_MAX.
-    let file_size = u32::try_from(data.len()).unwrap_or(u32::MAX);
-    let fields = [
-        header.ino,
-        header.mode,
-        0, // uid
-        0, // gid
-        header.nlink,
-        0, // mtime
-        file_size,
-        0, // devmajor
-        0, // devminor
-        header.rdev_major,
-        header.rdev_minor,
-        u32::try_from(name_size).unwrap_or(u32::MAX),
-        0, // check: only used by the 070702 variant
-    ];
-    let mut head = String::with_capacity(NEWC_HEADER_LEN);
-    head.push_str("070701");
-    for field in fields {
-        head.push_str(&format!("{field:08x}"));
-    }
-    out.write_all(head.as_bytes())?;
-    out.write_all(name)?;
-    out.write_all(&[0])?;
-    out.write_all(padding(NEWC_HEADER_LEN + name_size))?;
-    out.write_all(data)?;
-    out.write_all(padding(data.len()))
 }

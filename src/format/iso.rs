@@ -1,5 +1,5 @@
-//! A small read-only reader for the file systems of Windows install ISOs, enough to find one
-//! file and read pieces of it without unpacking anything.
+//! A small read-only reader for the file systems of disc images, enough to find one file and
+//! read pieces of it without unpacking anything: Windows install ISOs, and the answer CD.
 //!
 //! Microsoft's media (made with oscdimg) keep their files in UDF 1.02; the ISO 9660 side of
 //! the bridge holds only a README, and a file above 4 GiB (install.wim of a multi-edition
@@ -62,6 +62,11 @@ pub enum IsoProblem {
     /// A UDF structure that is damaged or of a kind this reader does not handle.
     Udf(String),
     Iso9660(String),
+    /// A directory's entries, of the file system named ("UDF" or "ISO 9660"), are damaged.
+    Directory {
+        file_system: &'static str,
+        error: DirectoryError,
+    },
     /// None of the wanted files exists.
     NoFile {
         wanted: Vec<String>,
@@ -92,6 +97,7 @@ impl fmt::Display for IsoError {
             ),
             IsoProblem::Udf(detail) => write!(f, "the ISO {iso}: UDF: {detail}"),
             IsoProblem::Iso9660(detail) => write!(f, "the ISO {iso}: ISO 9660: {detail}"),
+            IsoProblem::Directory { file_system, error } => write!(f, "the ISO {iso}: {file_system}: {error}"),
             IsoProblem::NoFile { wanted } => write!(f, "the ISO {iso} has no {}", wanted.join(" and no ")),
             IsoProblem::BeyondFile { path, offset, len, size } => write!(
                 f,
@@ -106,9 +112,25 @@ impl std::error::Error for IsoError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.problem {
             IsoProblem::Open(e) | IsoProblem::Read { source: e, .. } => Some(e),
+            IsoProblem::Directory { error, .. } => Some(error),
             _ => None,
         }
     }
+}
+
+/// Why the bytes of a directory are not a list of entries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectoryError {
+    #[error("byte {at} of a directory is not a file identifier descriptor")]
+    NotFileIdentifier { at: usize },
+    #[error("the file identifier descriptor at byte {at} of a directory overruns it")]
+    FileIdentifierOverruns { at: usize },
+    #[error("a file name has the unknown compression id {0}")]
+    UnknownCompression(u8),
+    #[error("the directory record at byte {at} of a directory is damaged")]
+    RecordDamaged { at: usize },
+    #[error("the directory record at byte {at} of a directory overruns it")]
+    RecordOverruns { at: usize },
 }
 
 /// A file inside the image, as the pieces of the image that hold it, in order.
@@ -191,14 +213,6 @@ impl Iso {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// Which file system the image is read through: "UDF" or "ISO 9660".
-    pub fn file_system(&self) -> &'static str {
-        match self.fs {
-            FileSystem::Udf(_) => "UDF",
-            FileSystem::Iso9660(_) => "ISO 9660",
-        }
     }
 
     /// The file at `path` ('/'-separated, compared case-insensitively), if there is one.
@@ -299,20 +313,29 @@ impl Iso {
         }
     }
 
+    /// Which file system the image is read through: "UDF" or "ISO 9660".
+    fn file_system(&self) -> &'static str {
+        match self.fs {
+            FileSystem::Udf(_) => "UDF",
+            FileSystem::Iso9660(_) => "ISO 9660",
+        }
+    }
+
     fn read_directory(&self, size: u64, extents: &[Extent]) -> Result<Vec<DirEntry>, IsoError> {
-        let detail = |what: String| match self.fs {
-            FileSystem::Udf(_) => IsoProblem::Udf(what),
-            FileSystem::Iso9660(_) => IsoProblem::Iso9660(what),
-        };
         if size > MAX_DIRECTORY_BYTES {
-            return Err(self.error(detail(format!("a directory of {size} bytes is implausibly large"))));
+            let detail = format!("a directory of {size} bytes is implausibly large");
+            return Err(self.error(match self.fs {
+                FileSystem::Udf(_) => IsoProblem::Udf(detail),
+                FileSystem::Iso9660(_) => IsoProblem::Iso9660(detail),
+            }));
         }
         let dir = IsoFile { path: "(directory)".into(), size, extents: extents.to_vec() };
         let data = self.read(&dir, 0, size as usize)?;
-        match &self.fs {
-            FileSystem::Udf(_) => udf_directory(&data).map_err(|e| self.error(detail(e))),
-            FileSystem::Iso9660(fs) => iso9660_directory(&data, fs.joliet).map_err(|e| self.error(detail(e))),
-        }
+        let entries = match &self.fs {
+            FileSystem::Udf(_) => udf_directory(&data),
+            FileSystem::Iso9660(fs) => iso9660_directory(&data, fs.joliet),
+        };
+        entries.map_err(|error| self.error(IsoProblem::Directory { file_system: self.file_system(), error }))
     }
 
     // ---- UDF ----
@@ -539,20 +562,20 @@ impl Iso {
 }
 
 /// The file identifier descriptors of a UDF directory.
-fn udf_directory(data: &[u8]) -> Result<Vec<DirEntry>, String> {
+fn udf_directory(data: &[u8]) -> Result<Vec<DirEntry>, DirectoryError> {
     let mut entries = Vec::new();
     let mut at = 0;
     while at + 38 <= data.len() {
         let fid = &data[at..];
         if descriptor_tag(fid) != Some(TAG_FILE_IDENTIFIER) {
-            return Err(format!("byte {at} of a directory is not a file identifier descriptor"));
+            return Err(DirectoryError::NotFileIdentifier { at });
         }
         let characteristics = fid[18];
         let name_len = usize::from(fid[19]);
         let impl_len = usize::from(le16(fid, 36));
         let total = (38 + impl_len + name_len).div_ceil(4) * 4;
         if 38 + impl_len + name_len > fid.len() {
-            return Err(format!("the file identifier descriptor at byte {at} of a directory overruns it"));
+            return Err(DirectoryError::FileIdentifierOverruns { at });
         }
         // Bit 2: deleted; bit 3: the parent directory.
         if characteristics & 0b1100 == 0 {
@@ -570,12 +593,12 @@ fn udf_directory(data: &[u8]) -> Result<Vec<DirEntry>, String> {
 
 /// OSTA compressed Unicode (UDF 2.1.1): a compression id, then 8-bit or big-endian 16-bit
 /// units.
-fn osta_name(bytes: &[u8]) -> Result<String, String> {
+fn osta_name(bytes: &[u8]) -> Result<String, DirectoryError> {
     match bytes.split_first() {
         None => Ok(String::new()),
         Some((8 | 254, rest)) => Ok(rest.iter().map(|&b| char::from(b)).collect()),
         Some((16 | 255, rest)) => Ok(utf16_be(rest)),
-        Some((other, _)) => Err(format!("a file name has the unknown compression id {other}")),
+        Some((other, _)) => Err(DirectoryError::UnknownCompression(*other)),
     }
 }
 
@@ -585,7 +608,7 @@ fn utf16_be(bytes: &[u8]) -> String {
 }
 
 /// The directory records of an ISO 9660 directory; a multi-extent file is one entry.
-fn iso9660_directory(data: &[u8], joliet: bool) -> Result<Vec<DirEntry>, String> {
+fn iso9660_directory(data: &[u8], joliet: bool) -> Result<Vec<DirEntry>, DirectoryError> {
     let mut entries: Vec<DirEntry> = Vec::new();
     let mut continuing = false;
     let mut at = 0;
@@ -597,12 +620,12 @@ fn iso9660_directory(data: &[u8], joliet: bool) -> Result<Vec<DirEntry>, String>
             continue;
         }
         if len < 34 || at + len > data.len() {
-            return Err(format!("the directory record at byte {at} of a directory is damaged"));
+            return Err(DirectoryError::RecordDamaged { at });
         }
         let record = &data[at..at + len];
         let name_len = usize::from(record[32]);
         if 33 + name_len > len {
-            return Err(format!("the directory record at byte {at} of a directory overruns it"));
+            return Err(DirectoryError::RecordOverruns { at });
         }
         let raw_name = &record[33..33 + name_len];
         let flags = record[25];
@@ -674,8 +697,8 @@ fn le64(b: &[u8], at: usize) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::{temp_path, tool_available};
     use super::*;
-    use crate::guest::windows::test_util::{temp_path, tool_available};
     use std::process::Command;
 
     /// A folder with `sources/install.wim` (the given bytes) and a README at the root.
@@ -759,7 +782,7 @@ mod tests {
     fn osta_names_in_both_widths() {
         assert_eq!(osta_name(b"\x08sources").unwrap(), "sources");
         assert_eq!(osta_name(b"\x10\x00i\x00n\x00s\x00t\x00a\x00l\x00l").unwrap(), "install");
-        assert_eq!(osta_name(b"\x07x").unwrap_err(), "a file name has the unknown compression id 7");
+        assert_eq!(osta_name(b"\x07x").unwrap_err().to_string(), "a file name has the unknown compression id 7");
     }
 
     #[test]

@@ -1,73 +1,9 @@
-//! A minimal ELF64 little-endian reader and the shared-library closure of a binary.
-//!
-//! Only what the initramfs needs is parsed: program headers (PT_INTERP, PT_LOAD, PT_DYNAMIC),
+//! A minimal ELF64 little-endian reader: program headers (PT_INTERP, PT_LOAD, PT_DYNAMIC),
 //! the dynamic section (DT_NEEDED, DT_STRTAB, DT_STRSZ, DT_RPATH, DT_RUNPATH) and section
 //! headers (for `.modinfo` in kernel modules). Every read is bounds-checked: the input is
 //! whatever file the caller points at.
 
-use std::collections::{HashSet, VecDeque};
-use std::fmt;
-use std::io;
-use std::path::{Path, PathBuf};
-
-/// Where the loader of a Debian/Ubuntu x86_64 system looks, in its order. `elf_closure` does
-/// not read /etc/ld.so.cache: on the systems we build from these folders are what it lists.
-pub const DEFAULT_LIB_DIRS: &[&str] =
-    &["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib", "/lib"];
-
-pub fn default_lib_dirs() -> Vec<PathBuf> {
-    DEFAULT_LIB_DIRS.iter().map(PathBuf::from).collect()
-}
-
-#[derive(Debug)]
-pub enum ElfError {
-    Read { path: PathBuf, source: io::Error },
-    NotElf { path: PathBuf },
-    Unsupported { path: PathBuf, what: String },
-    Malformed { path: PathBuf, what: String },
-    InterpreterMissing { interpreter: PathBuf, binary: PathBuf, source: io::Error },
-    LibraryNotFound { library: String, needed_by: PathBuf, searched: Vec<PathBuf> },
-}
-
-impl fmt::Display for ElfError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ElfError::Read { path, source } => {
-                write!(f, "cannot read ELF file {}: {source}", path.display())
-            }
-            ElfError::NotElf { path } => {
-                write!(f, "{} is not an ELF file (no \\x7fELF magic)", path.display())
-            }
-            ElfError::Unsupported { path, what } => {
-                write!(f, "{}: unsupported ELF file: {what}", path.display())
-            }
-            ElfError::Malformed { path, what } => {
-                write!(f, "{}: malformed ELF file: {what}", path.display())
-            }
-            ElfError::InterpreterMissing { interpreter, binary, source } => {
-                write!(f, "interpreter {} of {} cannot be read: {source}", interpreter.display(), binary.display())
-            }
-            ElfError::LibraryNotFound { library, needed_by, searched } => {
-                let dirs: Vec<String> = searched.iter().map(|d| d.display().to_string()).collect();
-                write!(
-                    f,
-                    "shared library {library} needed by {} not found in [{}]",
-                    needed_by.display(),
-                    dirs.join(", ")
-                )
-            }
-        }
-    }
-}
-
-impl std::error::Error for ElfError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ElfError::Read { source, .. } | ElfError::InterpreterMissing { source, .. } => Some(source),
-            _ => None,
-        }
-    }
-}
+use std::path::PathBuf;
 
 const PT_LOAD: u32 = 1;
 const PT_DYNAMIC: u32 = 2;
@@ -86,23 +22,15 @@ const PHDR_SIZE: usize = 56;
 const SHDR_SIZE: usize = 64;
 const DYN_SIZE: usize = 16;
 
-/// Why a byte buffer is not an ELF file we can read. Carries no path: callers add it.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum ParseError {
+/// Why a byte buffer is not an ELF file this reader reads. Carries no path: callers add it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("not an ELF file (no \\x7fELF magic)")]
     NotElf,
+    #[error("unsupported ELF file: {0}")]
     Unsupported(String),
+    #[error("malformed ELF file: {0}")]
     Malformed(String),
-}
-
-impl ParseError {
-    pub(crate) fn at(self, path: &Path) -> ElfError {
-        let path = path.to_path_buf();
-        match self {
-            ParseError::NotElf => ElfError::NotElf { path },
-            ParseError::Unsupported(what) => ElfError::Unsupported { path, what },
-            ParseError::Malformed(what) => ElfError::Malformed { path, what },
-        }
-    }
 }
 
 fn malformed(what: impl Into<String>) -> ParseError {
@@ -110,7 +38,7 @@ fn malformed(what: impl Into<String>) -> ParseError {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ProgramHeader {
+pub struct ProgramHeader {
     pub p_type: u32,
     pub offset: u64,
     pub vaddr: u64,
@@ -118,7 +46,7 @@ pub(crate) struct ProgramHeader {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct SectionHeader {
+pub struct SectionHeader {
     pub name: u32,
     pub offset: u64,
     pub size: u64,
@@ -128,7 +56,7 @@ pub(crate) struct SectionHeader {
 const SHT_NOBITS: u32 = 8;
 
 /// A validated view of an ELF64 little-endian file held in memory.
-pub(crate) struct Elf<'a> {
+pub struct Elf<'a> {
     data: &'a [u8],
     pub machine: u16,
     phoff: u64,
@@ -173,7 +101,7 @@ fn c_str_at(table: &[u8], offset: u64) -> Option<&[u8]> {
 }
 
 impl<'a> Elf<'a> {
-    pub(crate) fn parse(data: &'a [u8]) -> Result<Elf<'a>, ParseError> {
+    pub fn parse(data: &'a [u8]) -> Result<Elf<'a>, ParseError> {
         if data.len() < 4 || &data[..4] != b"\x7fELF" {
             return Err(ParseError::NotElf);
         }
@@ -224,7 +152,7 @@ impl<'a> Elf<'a> {
         Ok(elf)
     }
 
-    pub(crate) fn program_headers(&self) -> Result<Vec<ProgramHeader>, ParseError> {
+    pub fn program_headers(&self) -> Result<Vec<ProgramHeader>, ParseError> {
         (0..usize::from(self.phnum))
             .map(|index| {
                 let offset = u64::from(self.phentsize)
@@ -262,7 +190,7 @@ impl<'a> Elf<'a> {
         })
     }
 
-    pub(crate) fn section_contents(&self, section: &SectionHeader) -> Result<&'a [u8], ParseError> {
+    pub fn section_contents(&self, section: &SectionHeader) -> Result<&'a [u8], ParseError> {
         if section.sh_type == SHT_NOBITS {
             return Ok(&[]);
         }
@@ -275,7 +203,7 @@ impl<'a> Elf<'a> {
     }
 
     /// The contents of the first section called `name`, if there is one.
-    pub(crate) fn section_by_name(&self, name: &str) -> Result<Option<&'a [u8]>, ParseError> {
+    pub fn section_by_name(&self, name: &str) -> Result<Option<&'a [u8]>, ParseError> {
         if self.shoff == 0 || self.shnum == 0 {
             return Ok(None);
         }
@@ -305,7 +233,7 @@ impl<'a> Elf<'a> {
         })
     }
 
-    pub(crate) fn dynamic_info(&self) -> Result<DynamicInfo, ParseError> {
+    pub fn dynamic_info(&self) -> Result<DynamicInfo, ParseError> {
         let phdrs = self.program_headers()?;
         let mut info = DynamicInfo::default();
         if let Some(interp) = phdrs.iter().find(|p| p.p_type == PT_INTERP) {
@@ -378,121 +306,9 @@ fn bytes_to_path(bytes: &[u8]) -> PathBuf {
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct DynamicInfo {
+pub struct DynamicInfo {
     pub interpreter: Option<PathBuf>,
     pub needed: Vec<String>,
     /// DT_RUNPATH (or DT_RPATH when there is no DT_RUNPATH), still with `$ORIGIN` in it.
     pub search_path: Vec<PathBuf>,
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, ElfError> {
-    std::fs::read(path).map_err(|source| ElfError::Read { path: path.to_path_buf(), source })
-}
-
-struct Object {
-    machine: u16,
-    info: DynamicInfo,
-}
-
-fn read_object(path: &Path) -> Result<Object, ElfError> {
-    let data = read_file(path)?;
-    let elf = Elf::parse(&data).map_err(|e| e.at(path))?;
-    let info = elf.dynamic_info().map_err(|e| e.at(path))?;
-    Ok(Object { machine: elf.machine, info })
-}
-
-/// Expands `$ORIGIN`/`${ORIGIN}` against the folder of the (symlink-resolved) object, as
-/// ld.so does; Nix-built binaries rely on RUNPATH, sometimes relative to $ORIGIN.
-fn expand_origin(dir: &Path, object: &Path) -> PathBuf {
-    let text = dir.to_string_lossy();
-    if !text.contains("$ORIGIN") && !text.contains("${ORIGIN}") {
-        return dir.to_path_buf();
-    }
-    let real = std::fs::canonicalize(object).unwrap_or_else(|_| object.to_path_buf());
-    let origin = real.parent().unwrap_or(Path::new("/")).to_string_lossy().into_owned();
-    PathBuf::from(text.replace("${ORIGIN}", &origin).replace("$ORIGIN", &origin))
-}
-
-/// The files a dynamically linked `binary` needs at run time: its interpreter (the PT_INTERP
-/// path as written in the binary) first, then every shared library reachable through
-/// DT_NEEDED, breadth-first in DT_NEEDED order.
-///
-/// Each library is looked up in the needing object's RUNPATH/RPATH, then in `lib_dirs` in
-/// order (see [`DEFAULT_LIB_DIRS`]); a candidate built for another machine is skipped, as
-/// ld.so skips it. The path returned for a library is the one the loader will open
-/// (`lib_dir/soname`), which may be a symlink on the host: it is followed to read the real
-/// file, and two names of the same real file are returned once. A static binary yields an
-/// empty list.
-pub fn elf_closure(binary: &Path, lib_dirs: &[PathBuf]) -> Result<Vec<PathBuf>, ElfError> {
-    let root = read_object(binary)?;
-    let mut closure = Vec::new();
-    let mut seen_files = HashSet::new();
-    if let Some(interpreter) = &root.info.interpreter {
-        let real = std::fs::canonicalize(interpreter).map_err(|source| ElfError::InterpreterMissing {
-            interpreter: interpreter.clone(),
-            binary: binary.to_path_buf(),
-            source,
-        })?;
-        seen_files.insert(real);
-        closure.push(interpreter.clone());
-    }
-    let machine = root.machine;
-    let mut resolved_names: HashSet<String> = HashSet::new();
-    let mut queue = VecDeque::from([(binary.to_path_buf(), root.info)]);
-    while let Some((object_path, info)) = queue.pop_front() {
-        for name in &info.needed {
-            if !resolved_names.insert(name.clone()) {
-                continue;
-            }
-            let mut searched: Vec<PathBuf> =
-                info.search_path.iter().map(|dir| expand_origin(dir, &object_path)).collect();
-            searched.extend(lib_dirs.iter().cloned());
-            let found = if name.contains('/') {
-                // A DT_NEEDED with a slash is a path, used as it is, like ld.so does.
-                let path = PathBuf::from(name);
-                match path.exists() {
-                    true => Some((path.clone(), read_object(&path)?)),
-                    false => None,
-                }
-            } else {
-                find_library(name, &searched, machine)?
-            };
-            let Some((path, object)) = found else {
-                return Err(ElfError::LibraryNotFound {
-                    library: name.clone(),
-                    needed_by: object_path.clone(),
-                    searched,
-                });
-            };
-            let real = std::fs::canonicalize(&path).map_err(|source| ElfError::Read { path: path.clone(), source })?;
-            if seen_files.insert(real) {
-                closure.push(path.clone());
-                queue.push_back((path, object.info));
-            }
-        }
-    }
-    Ok(closure)
-}
-
-/// The first `dir/name` that is an ELF object for `machine`, with its dynamic information.
-fn find_library(name: &str, dirs: &[PathBuf], machine: u16) -> Result<Option<(PathBuf, Object)>, ElfError> {
-    for dir in dirs {
-        let candidate = dir.join(name);
-        if !candidate.is_file() {
-            continue;
-        }
-        let data = read_file(&candidate)?;
-        let elf = match Elf::parse(&data) {
-            Ok(elf) => elf,
-            // ld.so also skips files it cannot use and keeps searching.
-            Err(ParseError::NotElf | ParseError::Unsupported(_)) => continue,
-            Err(error) => return Err(error.at(&candidate)),
-        };
-        if elf.machine != machine {
-            continue;
-        }
-        let info = elf.dynamic_info().map_err(|e| e.at(&candidate))?;
-        return Ok(Some((candidate, Object { machine: elf.machine, info })));
-    }
-    Ok(None)
 }

@@ -1,6 +1,6 @@
 //! The classic pcap file format (what `tcpdump -w` writes, version 2.4, microsecond stamps,
 //! little-endian), for Ethernet frames: the switch's traffic that a session keeps in
-//! `network.pcap` (src/vm/vde.rs). The file is bounded: a frame that would take it past its
+//! `network.pcap` (`vm::vde`). The file is bounded: a frame that would take it past its
 //! limit is refused, and the file ends there.
 
 use std::io::{self, Write};
