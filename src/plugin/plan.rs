@@ -114,7 +114,7 @@ fn plan_layer(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     for i in 0..spec.commands {
         a.push(PlannedAttr { path: at(&["installCommands", &i.to_string()]), ..user(&layer_command_attr(i), &[]) });
     }
-    a.extend(features(spec.image.accel, &[]));
+    a.extend(features(spec.image.shape.accel, &[]));
     let mut drvs = vec![PlannedDrv { attrs: a }];
     if let Some(hash) = validate::pin(builtin, attrs)? {
         drvs.push(pinned(&name, &spec.image, 0, &hash, env));
@@ -184,7 +184,7 @@ fn plan_image(builtin: &str, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resul
     let media_index = drvs.len();
     drvs.push(PlannedDrv { attrs: media });
 
-    let vm_features = features(spec.accel, &[]);
+    let vm_features = features(spec.shape.accel, &[]);
     let mut installed = base(&format!("{restricted}winvm-{guest}-installed"), Stage::Install.name(), env);
     installed.push(text("winvmImageSpec", &spec_json));
     installed.push(stage("media", media_index));
@@ -220,7 +220,7 @@ fn plan_build(builtin: &str, attrs: &Attrs, env: &Env) -> Result<Plan, String> {
         text("winvmBuildSpec", &to_json(&args.spec)),
     ];
     drv.extend(runtime(env));
-    drv.extend(features(args.spec.image.accel, &args.extra_features));
+    drv.extend(features(args.spec.image.shape.accel, &args.extra_features));
     for (k, _) in attrs {
         if validate::BUILD_CONSUMED_ATTRS.contains(&k.as_str()) || k == "requiredSystemFeatures" {
             continue;
@@ -299,7 +299,7 @@ fn plan_run_in_vm(builtin: &str, root: &Val, env: &Env) -> Result<Plan, String> 
         None => vec![],
         Some(v) => validate::string_list(builtin, "requiredSystemFeatures", v, "a list of strings")?,
     };
-    drv.extend(features(spec.image.accel, &extra));
+    drv.extend(features(spec.image.shape.accel, &extra));
     const OWNED: &[&str] = &["builder", "args", "system", "windowsImage", "requiredSystemFeatures", "image"];
     for (k, _) in attrs {
         if !OWNED.contains(&k.as_str()) {

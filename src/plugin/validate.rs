@@ -220,24 +220,24 @@ pub fn image_spec(builtin: &str, attrs: &Attrs) -> Result<ImageSpec, String> {
     };
     let mut spec = ImageSpec::new(guest);
     if let Some(v) = get(attrs, "memory") {
-        spec.memory_mib = int_in(builtin, "memory", v, "MiB", MEMORY_MIB_RANGE)? as u32;
+        spec.shape.memory_mib = int_in(builtin, "memory", v, "MiB", MEMORY_MIB_RANGE)? as u32;
     }
     if let Some(v) = get(attrs, "cpus") {
-        spec.cpus = int_in(builtin, "cpus", v, "count", CPUS_RANGE)? as u32;
+        spec.shape.cpus = int_in(builtin, "cpus", v, "count", CPUS_RANGE)? as u32;
     }
     if let Some(v) = get(attrs, "accel") {
-        spec.accel = enum_str(builtin, "accel", v, &[("kvm", Accel::Kvm), ("tcg", Accel::Tcg)])?;
+        spec.shape.accel = enum_str(builtin, "accel", v, &[("kvm", Accel::Kvm), ("tcg", Accel::Tcg)])?;
     }
     if let Some(v) = get(attrs, "timeout") {
         spec.timeout_secs = int_in(builtin, "timeout", v, "seconds", TIMEOUT_SECS_RANGE)? as u64;
-    } else if windows && spec.accel == Accel::Tcg {
+    } else if windows && spec.shape.accel == Accel::Tcg {
         spec.timeout_secs = crate::spec::WINDOWS_TCG_TIMEOUT_SECS;
     }
     if let Some(v) = get(attrs, "diskSize") {
         spec.disk_size_mib = int_in(builtin, "diskSize", v, "MiB", DISK_SIZE_MIB_RANGE)? as u64;
     }
     if let Some(v) = get(attrs, "efi") {
-        spec.efi = bool_(builtin, "efi", v)?;
+        spec.shape.efi = bool_(builtin, "efi", v)?;
     }
     // The checks the builder repeats on the spec it reads back.
     spec.validate().map_err(|e| format!("{builtin}: {e}"))?;
@@ -375,29 +375,29 @@ pub fn apply_build_overrides(builtin: &str, attrs: &Attrs, spec: &mut BuildSpec)
     const FIXED: &str = "a VM revived from a memory snapshot keeps the shape it was saved with; build another image";
     if let Some(v) = get(attrs, "memory") {
         let m = int_in(builtin, "memory", v, "MiB", MEMORY_MIB_RANGE)? as u32;
-        if m != spec.image.memory_mib {
+        if m != spec.image.shape.memory_mib {
             return Err(format!(
                 "{builtin}: attribute 'memory' ({m} MiB) differs from the image's ({} MiB): {FIXED}",
-                spec.image.memory_mib
+                spec.image.shape.memory_mib
             ));
         }
     }
     if let Some(v) = get(attrs, "cpus") {
         let c = int_in(builtin, "cpus", v, "count", CPUS_RANGE)? as u32;
-        if c != spec.image.cpus {
+        if c != spec.image.shape.cpus {
             return Err(format!(
                 "{builtin}: attribute 'cpus' ({c}) differs from the image's ({}): {FIXED}",
-                spec.image.cpus
+                spec.image.shape.cpus
             ));
         }
     }
     if let Some(v) = get(attrs, "accel") {
         let a = enum_str(builtin, "accel", v, &[("kvm", Accel::Kvm), ("tcg", Accel::Tcg)])?;
-        if a != spec.image.accel {
+        if a != spec.image.shape.accel {
             return Err(format!(
                 "{builtin}: attribute 'accel' (\"{}\") differs from the image's (\"{}\"): {FIXED}",
                 a.name(),
-                spec.image.accel.name()
+                spec.image.shape.accel.name()
             ));
         }
     }

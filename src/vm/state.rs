@@ -11,6 +11,7 @@
 //! stream: the session starts them on a pipe and hands QEMU its end (`migrate fd:`,
 //! `migrate-incoming fd:`).
 
+use crate::spec::MachineShape;
 use flate2::{read::DeflateDecoder, write::DeflateEncoder, Compression, Crc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -38,6 +39,20 @@ pub struct StateHeader {
     pub guest: String,
     /// The versioned machine type the VM ran as (`pc-q35-10.0`), which a revive asks for again.
     pub machine: String,
+}
+
+impl StateHeader {
+    /// The header of a VM of `shape` that runs `guest`, saved by QEMU `qemu_version`. Of the
+    /// shape it records what a revive checks before QEMU reads a byte, the memory size and the
+    /// machine type; the rest is the image's spec, which a build's must equal.
+    pub fn new(qemu_version: String, guest: &str, shape: &MachineShape) -> StateHeader {
+        StateHeader {
+            qemu_version,
+            memory_mib: shape.memory_mib,
+            guest: guest.into(),
+            machine: shape.machine_type.clone(),
+        }
+    }
 }
 
 /// What a revive needs of a state file: the VM it is about to load it into.
