@@ -14,10 +14,11 @@ use crate::agent::AgentError;
 use crate::guest::standin::StandinError;
 use crate::guest::ProfileError;
 use crate::initramfs::linux::LinuxInitError;
-use crate::session::RunError;
+use crate::session::{BadTestFault, RunError};
 use crate::spec;
 use crate::tools::MissingTool;
 use crate::vm::accel::NoKvm;
+use crate::vm::kernel::PvhError;
 use crate::vm::process::SpawnError;
 use crate::vm::qemu::MachineTypeError;
 use crate::vm::state::StateFileError;
@@ -54,6 +55,10 @@ pub enum BuilderError {
     Spawn(#[from] SpawnError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Pvh(#[from] PvhError),
+    #[error(transparent)]
+    TestFault(#[from] BadTestFault),
     /// Unpacking the guest's archive of the outputs from its outputs disk.
     #[error("unpacking the build's outputs from the guest's outputs disk: {0}")]
     Outputs(#[source] unpack::UnpackError),
@@ -210,6 +215,12 @@ pub(crate) fn env_path(name: &'static str) -> Result<std::path::PathBuf, Builder
 /// The async runtime of a stage's session: one thread (the session waits on its VMs).
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime"))
+}
+
+/// The uncompressed kernel inside `vmlinuz`, written to `dest` with the tools' xz.
+fn extract_vmlinux(vmlinuz: &std::path::Path, dest: &std::path::Path) -> Result<(), BuilderError> {
+    let xz = crate::tools::find("xz")?;
+    Ok(crate::vm::kernel::extract_vmlinux(vmlinuz, dest, &xz)?)
 }
 
 fn env(name: &'static str) -> Result<String, BuilderError> {

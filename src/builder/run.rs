@@ -127,7 +127,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     // A cold guest: a fresh key, and the standin system as the initramfs.
     let key = work.path().join("key");
     let pubkey = super::stages::generate_key(&tools.ssh_keygen, &key)?;
-    let test_fault = TestFault::from_env().map_err(|e| BuilderError::Usage(e.to_string()))?;
+    let test_fault = TestFault::from_env()?;
     let mut append = crate::vm::kernel::APPEND.to_owned();
     if test_fault == Some(TestFault::NoSshd) {
         append.push(' ');
@@ -204,10 +204,9 @@ fn pvh_kernel(kernel_dir: &std::path::Path, progress: &Progress) -> PathBuf {
     if pvh.is_file() {
         return pvh;
     }
-    let made = std::fs::create_dir_all(&dir).map_err(|e| e.to_string()).and_then(|_| {
-        let xz = crate::tools::find("xz").map_err(|e| e.to_string())?;
-        crate::vm::kernel::extract_vmlinux(&kernel_dir.join("vmlinuz"), &pvh, &xz).map_err(|e| e.to_string())
-    });
+    let made = std::fs::create_dir_all(&dir)
+        .map_err(io(format!("creating {}", dir.display())))
+        .and_then(|()| super::extract_vmlinux(&kernel_dir.join("vmlinuz"), &pvh));
     match made {
         Ok(()) => {
             progress.say(&format!("uncompressed kernel cached in {}", pvh.display()));

@@ -22,7 +22,7 @@ use crate::tools::Tools;
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{Machine, VmConfig};
 use crate::vm::screen::{self, Screens};
-use crate::vm::{kernel, state};
+use crate::vm::state;
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
@@ -69,9 +69,7 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
         let entry = entry.map_err(io("reading the kernel modules"))?;
         std::fs::copy(entry.path(), out.join("modules").join(entry.file_name())).map_err(io("copying a module"))?;
     }
-    match crate::tools::find("xz").map_err(|e| e.to_string()).and_then(|xz| {
-        kernel::extract_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux"), &xz).map_err(|e| e.to_string())
-    }) {
+    match super::extract_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux")) {
         Ok(()) => progress.say("uncompressed kernel ready (PVH boot)"),
         Err(e) => progress.say(&format!("{e}; the VMs boot the compressed kernel, seconds slower")),
     }
@@ -500,7 +498,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         inputs: super::rerun::Rerun::store_listing(&outputs),
     };
     rerun.record(&work);
-    cfg.test_fault = TestFault::from_env().map_err(|e| BuilderError::Usage(e.to_string()))?;
+    cfg.test_fault = TestFault::from_env()?;
     // A failed build's outputs are discarded by Nix: the guest packs them only on success.
     // They are unpacked while the VMs are torn down.
     let collect = {

@@ -112,6 +112,9 @@ pub enum RunError {
         detail: Box<QemuFailure>,
         log_tail: String,
     },
+    /// The work done after the verdict (a build's unpacking) did not finish: it panicked.
+    #[error("waiting for the work done after the verdict: {0}")]
+    After(#[source] tokio::task::JoinError),
     /// A failure of a session whose guest has a display, and where its last screenshot is.
     #[error("{error}\n{screen}")]
     Shown {

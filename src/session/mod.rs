@@ -451,10 +451,7 @@ async fn run_prepared<T: Send + 'static>(
     if torn.is_ok() {
         report.say("VMs stopped");
     }
-    let after = after.await.map_err(|e| RunError::Io {
-        what: "waiting for the work done after the verdict".into(),
-        source: std::io::Error::other(e.to_string()),
-    });
+    let after = after.await.map_err(RunError::After);
     torn?;
     Ok((verdict, after?))
 }

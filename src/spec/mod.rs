@@ -294,6 +294,19 @@ mod tests {
         assert!(err.contains("unknown field `colour`"), "{err}");
     }
 
+    /// The JSON is a derivation's attribute and part of every kept image's meta.json: the
+    /// shape inside the spec leaves it as it was, field for field and in order.
+    #[test]
+    fn an_image_spec_keeps_its_json() {
+        let json = r#"{"guest":"standin","memoryMib":256,"cpus":1,"accel":"kvm","timeoutSecs":3600,"diskSizeMib":1024,"efi":false}"#;
+        assert_eq!(to_json(&ImageSpec::standin()), json);
+        let spec = image_spec_from_json(&json.replace("256", "512").replace("false", "true")).unwrap();
+        assert_eq!(spec.shape, MachineShape::new(Accel::Kvm, 512, 1, true));
+        assert_eq!(spec.shape.machine_type, MACHINE_ALIAS);
+        let missing = image_spec_from_json(&json.replace(r#","efi":false"#, "")).unwrap_err().to_string();
+        assert!(missing.contains("missing field `efi`"), "{missing}");
+    }
+
     #[test]
     fn a_parsed_spec_is_validated_like_the_plugins() {
         let mut spec = ImageSpec::new(GuestSpec::Windows(WindowsOptions::new("Windows 11 Pro")));
