@@ -159,9 +159,14 @@ pub fn ready_session_line() -> String {
     format!("MOUNTS='store={READY_STORE} xchg={READY_XCHG}'\n")
 }
 
+/// A ready controller's session line that says neither the clock nor the exports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("garbled session line: {0:?}")]
+pub struct GarbledSessionLine(pub String);
+
 /// The host's clock and the exports (tag, mount point) of a ready controller's session line.
-pub fn parse_ready_session_line(line: &str) -> Result<(u64, Vec<(String, PathBuf)>), String> {
-    let garbled = || format!("garbled session line: {line:?}");
+pub fn parse_ready_session_line(line: &str) -> Result<(u64, Vec<(String, PathBuf)>), GarbledSessionLine> {
+    let garbled = || GarbledSessionLine(line.into());
     let now = line.trim().strip_prefix("NOW=").and_then(|rest| rest.split(' ').next()).ok_or_else(garbled)?;
     let now = now.parse().map_err(|_| garbled())?;
     let mounts = line.split_once("MOUNTS='").and_then(|(_, rest)| rest.split_once('\'')).ok_or_else(garbled)?.0;
@@ -178,16 +183,26 @@ pub enum Verdict {
     Signal(String),
 }
 
+/// An exit file without a verdict.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExitFileError {
+    /// "error MESSAGE": the agent could not run the command.
+    #[error("{0}")]
+    Agent(String),
+    #[error("unreadable exit file: {0:?}")]
+    Unreadable(String),
+}
+
 /// Parses the agent's exit file: "N", "signal NAME" or "error MESSAGE".
-pub fn parse_exit_file(text: &str) -> Result<Verdict, String> {
+pub fn parse_exit_file(text: &str) -> Result<Verdict, ExitFileError> {
     let t = text.trim();
     if let Some(sig) = t.strip_prefix("signal ") {
         return Ok(Verdict::Signal(sig.to_owned()));
     }
     if let Some(e) = t.strip_prefix("error ") {
-        return Err(e.to_owned());
+        return Err(ExitFileError::Agent(e.to_owned()));
     }
-    t.parse::<i32>().map(Verdict::Exited).map_err(|_| format!("unreadable exit file: {t:?}"))
+    t.parse::<i32>().map(Verdict::Exited).map_err(|_| ExitFileError::Unreadable(t.to_owned()))
 }
 
 /// The builder's subcommands, as the plugin's derivations, the session and the controller's
@@ -258,16 +273,9 @@ impl Stage {
 }
 
 /// A command line the builder does not take: what is wrong, then the usage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}\n{USAGE}")]
 pub struct UsageError(pub String);
-
-impl std::fmt::Display for UsageError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}\n{USAGE}", self.0)
-    }
-}
-
-impl std::error::Error for UsageError {}
 
 pub const USAGE: &str = "usage: nix-winvm-builder STAGE (media, install, suspend, layer, pin, build: in a derivation)\n       nix-winvm-builder run [OPTIONS] -- COMMAND...\n       nix-winvm-builder rerun DIR [OPTIONS] [-- COMMAND...]\n       nix-winvm-builder shell IMAGE [OPTIONS] [-- COMMAND...]";
 
@@ -404,7 +412,8 @@ mod tests {
     fn exit_file_forms() {
         assert_eq!(parse_exit_file("42\n"), Ok(Verdict::Exited(42)));
         assert_eq!(parse_exit_file("signal KILL"), Ok(Verdict::Signal("KILL".into())));
-        assert_eq!(parse_exit_file("error smbd: boom"), Err("smbd: boom".into()));
+        assert_eq!(parse_exit_file("error smbd: boom"), Err(ExitFileError::Agent("smbd: boom".into())));
+        assert_eq!(parse_exit_file("4x").unwrap_err().to_string(), "unreadable exit file: \"4x\"");
         assert!(parse_exit_file("").is_err());
     }
 

@@ -8,7 +8,6 @@ use crate::protocol::{
     self, AgentConfig, JobConfig, ReadyConfig, ServeConfig, Verdict, AGENT_CONFIG, EXIT_FILE, OUTPUT_LOG, READY_MARKER,
     READY_XCHG, WAITING_DONE,
 };
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -21,52 +20,29 @@ use crate::vm::wait::{wait_until_blocking, Deadline, WaitError};
 
 pub const SMBD_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("agent configuration: {0}")]
     Config(String),
+    #[error("agent configuration: {0}")]
+    SessionLine(#[from] protocol::GarbledSessionLine),
+    #[error("smbd: {0}")]
     Smbd(String),
-    SshWait {
-        addr: String,
-        after: Duration,
-    },
+    #[error("the guest's SSH server at {addr} did not answer within {} s", after.as_secs())]
+    SshWait { addr: String, after: Duration },
     /// smbd ended while the guest's command still needed the shares.
-    SmbdDied {
-        status: String,
-    },
-    Ssh {
-        step: &'static str,
-        detail: String,
-    },
+    #[error(
+        "smbd in the controller ended ({status}) during the command: the guest lost the store and exchange shares, so the command was stopped"
+    )]
+    SmbdDied { status: String },
+    #[error("SSH to the guest failed while {step}: {detail}")]
+    Ssh { step: &'static str, detail: String },
+    #[error("{0}")]
     Io(String),
     /// The guest's `prepare` (before a ready controller is saved) did not succeed.
-    Prepare {
-        command: String,
-        verdict: Verdict,
-    },
+    #[error("the guest's prepare command ended with {verdict:?} (its output is above): {command}")]
+    Prepare { command: String, verdict: Verdict },
 }
-
-impl fmt::Display for AgentError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AgentError::Config(e) => write!(f, "agent configuration: {e}"),
-            AgentError::Smbd(e) => write!(f, "smbd: {e}"),
-            AgentError::SshWait { addr, after } => {
-                write!(f, "the guest's SSH server at {addr} did not answer within {} s", after.as_secs())
-            }
-            AgentError::Ssh { step, detail } => write!(f, "SSH to the guest failed while {step}: {detail}"),
-            AgentError::SmbdDied { status } => write!(
-                f,
-                "smbd in the controller ended ({status}) during the command: the guest lost the store and exchange shares, so the command was stopped"
-            ),
-            AgentError::Io(e) => write!(f, "{e}"),
-            AgentError::Prepare { command, verdict } => {
-                write!(f, "the guest's prepare command ended with {verdict:?} (its output is above): {command}")
-            }
-        }
-    }
-}
-
-impl std::error::Error for AgentError {}
 
 /// Progress and the command's output: into the exchange directory's output log, which the
 /// host streams into the build log; before a ready controller's session, onto its console.
@@ -315,7 +291,7 @@ fn read_session(port: &Path) -> Result<(u64, Vec<(String, std::path::PathBuf)>),
         }
         line.extend_from_slice(&buf[..n]);
     }
-    protocol::parse_ready_session_line(&String::from_utf8_lossy(&line)).map_err(AgentError::Config)
+    Ok(protocol::parse_ready_session_line(&String::from_utf8_lossy(&line))?)
 }
 
 /// The host's folder exported as `tag`, mounted at `at` (mount(2) directly: no process to
@@ -401,7 +377,7 @@ fn run_job(
     let Served { smbd, ssh, tcp, waiting } = served;
     let watch = SmbdWatch::start(smbd, &tcp, job.kill_smbd_after_secs.map(Duration::from_secs))?;
     let result = run_command(&ssh, waiting, job, log, clock);
-    let smbd = watch.stop().map_err(|status| {
+    let smbd = watch.stop().map_err(|SmbdEnded { status }| {
         log.line(&format!("controller: smbd ended ({status}) during the command"));
         AgentError::SmbdDied { status }
     })?;
@@ -437,16 +413,21 @@ impl SmbdWatch {
         Ok(SmbdWatch { stop, thread })
     }
 
-    /// Ends the watch: smbd (stopped when its guard is dropped), or its end status if it
-    /// ended during the command.
-    fn stop(self) -> Result<SmbdGuard, String> {
+    /// Ends the watch: smbd (stopped when its guard is dropped), or how it ended if it ended
+    /// during the command.
+    fn stop(self) -> Result<SmbdGuard, SmbdEnded> {
         let _ = self.stop.send(());
         match self.thread.join() {
             Ok((guard, None)) => Ok(guard),
-            Ok((_, Some(died))) => Err(died),
-            Err(_) => Err("its watch failed".into()),
+            Ok((_, Some(status))) => Err(SmbdEnded { status }),
+            Err(_) => Err(SmbdEnded { status: "its watch failed".into() }),
         }
     }
+}
+
+/// smbd ended while the command ran: how ("exit status 1", "killed by signal 9").
+struct SmbdEnded {
+    status: String,
 }
 
 /// "exit status 1", "signal 9 (SIGKILL)".

@@ -8,18 +8,17 @@ use super::Progress;
 use super::{io, BuilderError};
 use crate::guest;
 use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
-use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig};
-use crate::spec::{self, Accel, ImageSpec};
+use crate::session::{ControllerBoot, GuestBoot, SessionConfig, Task};
+use crate::spec::{Accel, ImageSpec, MachineShape};
 use crate::tools::{Ovmf, Tools};
 use crate::vm::qemu::{Machine, Uefi};
 use crate::vm::{accel, kernel, state};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 pub(super) fn accel_for(spec: &ImageSpec, progress: &Progress) -> Result<Accel, BuilderError> {
-    let a = accel::choose(spec.accel)?;
+    let a = accel::choose(spec.shape.accel)?;
     progress.say(&format!("accelerator: {}", a.name()));
     Ok(a)
 }
@@ -44,7 +43,7 @@ pub const EFI_VARS: &str = "efi-vars.fd";
 /// UEFI (`efi = true`): OVMF, with the image's variable store at `vars`, a writable copy of
 /// `from` (OVMF's template at the install; the previous stage's store after). BIOS: None.
 pub(super) fn uefi(spec: &ImageSpec, from: Option<&Path>, vars: &Path) -> Result<Option<Uefi>, BuilderError> {
-    if !spec.efi {
+    if !spec.shape.efi {
         return Ok(None);
     }
     let ovmf = Ovmf::find()?;
@@ -179,6 +178,11 @@ impl ImageMeta {
         Ok(meta)
     }
 
+    /// The shape the pair was saved as: the spec's, of the recorded machine type.
+    pub fn shape(&self) -> MachineShape {
+        self.spec.shape.with_machine_type(&self.machine)
+    }
+
     /// The metadata of `image`, which must have been made from `spec`.
     pub fn read(image: &Path, spec: &ImageSpec) -> Result<ImageMeta, BuilderError> {
         let meta = ImageMeta::load(image)?;
@@ -194,14 +198,23 @@ impl ImageMeta {
     }
 }
 
+/// An image checked before any VM revives it (see [`revivable`]).
+pub(super) struct Revivable {
+    pub path: PathBuf,
+    pub meta: ImageMeta,
+    /// The shape its pair revives as: the image's, under the accelerator chosen here.
+    pub shape: MachineShape,
+    pub tools: Tools,
+}
+
 /// The image `image` checked before any VM revives it (a build, a layer on it, a pin, a
 /// re-run): its metadata (made from `spec`, where the caller has one), its two state files and
-/// its disk; the evaluation media's expiry said. With the accelerator and the tools to revive it.
+/// its disk; the evaluation media's expiry said. With the shape and the tools to revive it.
 pub(super) fn revivable(
     image: &Path,
     spec: Option<&ImageSpec>,
     progress: &Progress,
-) -> Result<(ImageMeta, Accel, Tools), BuilderError> {
+) -> Result<Revivable, BuilderError> {
     let meta = match spec {
         Some(spec) => ImageMeta::read(image, spec)?,
         None => ImageMeta::load(image)?,
@@ -211,10 +224,30 @@ pub(super) fn revivable(
         progress.say(&warning);
     }
     inspect_states(image)?;
-    let accel = accel_for(&meta.spec, progress)?;
+    let shape = MachineShape { accel: accel_for(&meta.spec, progress)?, ..meta.shape() };
     let tools = Tools::find()?;
     check_image(&tools, image)?;
-    Ok((meta, accel, tools))
+    Ok(Revivable { path: image.to_path_buf(), meta, shape, tools })
+}
+
+impl Revivable {
+    /// The session of this image's pair, revived: the guest on the overlay `disk` (of the
+    /// image's disk, or a layer's own), its UEFI variable store copied into `work`; the
+    /// controller saved while it waited for its session.
+    pub(super) fn session(&self, disk: PathBuf, work: &Path, task: Task) -> Result<SessionConfig, BuilderError> {
+        let (image, meta) = (&self.path, &self.meta);
+        let guest = GuestBoot {
+            machine: Machine {
+                uefi: uefi(&meta.spec, Some(&image.join(EFI_VARS)), &work.join(EFI_VARS))?,
+                ..guest::profile(&meta.spec.guest).machine(&meta.media, disk, &outputs_disk(work)?)
+            },
+            revive_from: Some(image.join("state")),
+            key: image.join("key"),
+        };
+        let controller =
+            ControllerBoot { revive_from: Some(image.join(CONTROLLER_STATE)), ..media_controller(&meta.media) };
+        Ok(SessionConfig::new(self.shape.clone(), guest, controller, task, work.to_path_buf(), self.tools.clone())?)
+    }
 }
 
 /// A new image's output begun: its disk, an overlay on the disk in `from` (the installed
@@ -254,31 +287,17 @@ pub(super) fn inspect_states(image: &Path) -> Result<(), BuilderError> {
     Ok(())
 }
 
-/// The guest of `image` as a build revives it: its machine on the overlay `disk`, its UEFI
-/// variable store copied into `work`, its memory from the image's state.
-pub(super) fn revived_guest(
-    meta: &ImageMeta,
-    image: &Path,
-    work: &Path,
-    disk: PathBuf,
-) -> Result<GuestBoot, BuilderError> {
-    Ok(GuestBoot {
-        machine: Machine {
-            uefi: uefi(&meta.spec, Some(&image.join(EFI_VARS)), &work.join(EFI_VARS))?,
-            ..guest::profile(&meta.spec.guest).machine(&meta.media, disk, &outputs_disk(work)?)
-        },
-        revive_from: Some(image.join("state")),
-    })
-}
-
-/// The controller as a build revives it: saved while it waited for its session.
-pub(super) fn revived_controller(meta: &ImageMeta, image: &Path) -> ControllerBoot {
+/// The controller of the media (an image's, or the stage's input): its kernel, its initramfs
+/// and its system disk, booted.
+pub(super) fn media_controller(media: &Path) -> ControllerBoot {
     // A pinned image's media hold the system disk as a compressed qcow2 (see `pin`).
-    let pinned = meta.media.join(PINNED_CONTROLLER_SYSTEM);
+    let pinned = media.join(PINNED_CONTROLLER_SYSTEM);
     ControllerBoot {
-        initrd: Some(meta.media.join(CONTROLLER_IMG)),
-        system: Some(if pinned.is_file() { pinned } else { meta.media.join(CONTROLLER_SYSTEM) }),
-        revive_from: Some(image.join(CONTROLLER_STATE)),
+        kernel: kernel::bootable(media),
+        modules: media.join("modules"),
+        initrd: Some(media.join(CONTROLLER_IMG)),
+        system: Some(if pinned.is_file() { pinned } else { media.join(CONTROLLER_SYSTEM) }),
+        revive_from: None,
     }
 }
 
@@ -295,52 +314,5 @@ pub(super) fn outputs_disk(work: &Path) -> Result<PathBuf, BuilderError> {
 
 /// The machine type `tools`' QEMU makes new images as (see `qemu::machine_type`).
 pub(super) fn machine_type(tools: &Tools) -> Result<String, BuilderError> {
-    crate::vm::qemu::machine_type(&tools.qemu).map_err(|detail| BuilderError::Tool { tool: "qemu".into(), detail })
-}
-
-/// A stage's session. `machine`: the image's, for a pair revived from it; None for a pair
-/// booted to be saved, which gets the versioned type of this QEMU.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn session_config(
-    spec: &ImageSpec,
-    machine: Option<&str>,
-    accel: Accel,
-    timeout: Duration,
-    work: &Path,
-    media: &Path,
-    guest: GuestBoot,
-    controller: ControllerBoot,
-    key: PathBuf,
-    command: String,
-    after: After,
-    tools: Tools,
-) -> Result<SessionConfig, BuilderError> {
-    let machine = match machine {
-        Some(m) => m.to_owned(),
-        None => machine_type(&tools)?,
-    };
-    Ok(SessionConfig {
-        machine,
-        accel,
-        memory_mib: spec.memory_mib,
-        cpus: spec.cpus,
-        timeout,
-        work: work.to_path_buf(),
-        kernel: kernel::bootable(media),
-        modules_dir: media.join("modules"),
-        guest,
-        controller,
-        key_file: key,
-        command,
-        set_clock: matches!(after, After::Quit | After::SaveLayer(_)),
-        after,
-        store_dir: PathBuf::from(spec::STORE_DIR),
-        extra_shares: vec![],
-        tools,
-        agent: std::env::current_exe().map_err(io("finding this program"))?,
-        test_fault: None,
-        terminal: None,
-        vnc: session::vnc_from_env(),
-        split_streams: false,
-    })
+    Ok(crate::vm::qemu::machine_type(&tools.qemu)?)
 }

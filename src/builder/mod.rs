@@ -14,98 +14,127 @@ use crate::agent::AgentError;
 use crate::guest::standin::StandinError;
 use crate::guest::ProfileError;
 use crate::initramfs::linux::LinuxInitError;
-use crate::session::RunError;
+use crate::session::{BadTestFault, RunError};
 use crate::spec;
 use crate::tools::MissingTool;
 use crate::vm::accel::NoKvm;
+use crate::vm::kernel::PvhError;
 use crate::vm::process::SpawnError;
+use crate::vm::qemu::MachineTypeError;
 use crate::vm::state::StateFileError;
-use std::fmt;
 
 /// Everything a stage can fail with, each layer's own error kept whole; the chain is rendered
 /// once, by `Display`, at the top (src/bin).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum BuilderError {
+    #[error("{0}")]
     Usage(String),
+    #[error("environment variable {0} is not set (is this run by Nix?)")]
     MissingEnv(&'static str),
-    Spec(spec::SpecJsonError),
-    RequiredFileMissing {
-        name: String,
-        hash: String,
-    },
-    NoKvm(NoKvm),
-    MissingTool(MissingTool),
-    Session(RunError),
-    State(StateFileError),
-    Initramfs(LinuxInitError),
-    Standin(StandinError),
-    Guest(ProfileError),
-    Spawn(SpawnError),
-    Agent(AgentError),
+    #[error(transparent)]
+    Spec(#[from] spec::SpecJsonError),
+    #[error(
+        "the file '{name}' is not in the Nix store. Add it with:\n  nix-store --add-fixed sha256 /path/to/{name}\n(expected sha256: {hash})"
+    )]
+    RequiredFileMissing { name: String, hash: String },
+    #[error(transparent)]
+    NoKvm(#[from] NoKvm),
+    #[error(transparent)]
+    MissingTool(#[from] MissingTool),
+    #[error(transparent)]
+    Session(#[from] RunError),
+    #[error(transparent)]
+    State(#[from] StateFileError),
+    #[error(transparent)]
+    Initramfs(#[from] LinuxInitError),
+    #[error(transparent)]
+    Standin(#[from] StandinError),
+    #[error(transparent)]
+    Guest(#[from] ProfileError),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Pvh(#[from] PvhError),
+    #[error(transparent)]
+    TestFault(#[from] BadTestFault),
     /// Unpacking the guest's archive of the outputs from its outputs disk.
-    Outputs(unpack::UnpackError),
+    #[error("unpacking the build's outputs from the guest's outputs disk: {0}")]
+    Outputs(#[source] unpack::UnpackError),
     /// Reading or writing a file, starting a runtime: what was being done, and the cause.
-    Io {
-        what: String,
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    #[error("{what}: {source}")]
+    Io { what: String, source: Box<dyn std::error::Error + Send + Sync> },
     /// A helper program (ssh-keygen, qemu-img) failed: its name and what it said.
-    Tool {
-        tool: String,
-        detail: String,
-    },
+    #[error("{tool} {detail}")]
+    Tool { tool: String, detail: String },
+    /// QEMU did not say which machine type a new image is.
+    #[error("qemu {0}")]
+    MachineType(#[from] MachineTypeError),
     /// The installer VM ran past the image's time-out.
+    #[error("the install exceeded its timeout of {secs} s and was stopped{}", shown(screen))]
     InstallTimeout {
         secs: u64,
         /// Where the installer's last screenshot is.
         screen: Option<String>,
     },
     /// The installer VM ended without announcing success.
-    InstallUnfinished {
-        status: String,
-        log_tail: String,
-        screen: Option<String>,
-    },
+    #[error(
+        "the installer ended ({status}) without finishing\n--- last lines of the installer's serial log ---\n{log_tail}{}",
+        shown(screen)
+    )]
+    InstallUnfinished { status: String, log_tail: String, screen: Option<String> },
     /// The build's image was made from another spec than the build was planned with.
-    ImageMismatch {
-        image: std::path::PathBuf,
-    },
+    #[error("the image at {} was built from another spec than this build expects", image.display())]
+    ImageMismatch { image: std::path::PathBuf },
     /// The image's layout is not the one this builder revives: what it is, and what to do.
-    ImageFormat {
-        image: std::path::PathBuf,
-        detail: String,
-    },
+    #[error("the image at {} cannot be revived: {detail}", image.display())]
+    ImageFormat { image: std::path::PathBuf, detail: String },
     /// A layer's command failed: its number (from 1; 0 when the guest did not say), its exit
     /// code, and its text.
-    LayerCommand {
-        index: usize,
-        code: i32,
-        command: String,
-    },
+    #[error("{}", layer_command(*index, *code, command))]
+    LayerCommand { index: usize, code: i32, command: String },
     /// A layer's commands succeeded, but the guest's check after them failed (its reason is
     /// in the log above).
+    #[error(
+        "the layer's commands succeeded, but they left the guest in a state a build cannot use (see the line above)"
+    )]
     LayerCheck,
     /// The command (a build's script, or `run`'s) was killed by a signal in the guest.
-    Killed {
-        signal: String,
-    },
+    #[error("the command was killed by signal {signal}")]
+    Killed { signal: String },
     /// A part of the image a build needs is missing or unreadable.
-    ImageDamaged {
-        image: std::path::PathBuf,
-        what: String,
-    },
+    #[error("the image {} {what}; build the image again (nix-store --repair-path)", image.display())]
+    ImageDamaged { image: std::path::PathBuf, what: String },
     /// `qemu-img check` finds the image's disk corrupt.
-    DiskDamaged {
-        disk: std::path::PathBuf,
-        detail: String,
-    },
+    #[error(
+        "the image's disk {} is damaged (qemu-img check: {detail}); build the image again (nix-store --repair-path)",
+        disk.display()
+    )]
+    DiskDamaged { disk: std::path::PathBuf, detail: String },
     /// The command failed, or the session did, with a file system it writes to full: the
     /// build folder (the exchange folder, the outputs' archive) or `run`'s output folder.
-    NoSpace {
-        path: std::path::PathBuf,
-        free_bytes: u64,
-        after: String,
-    },
+    #[error(
+        "no space left on device (ENOSPC): the file system of {} has {free_bytes} bytes free, and {after}; free space there (for a build: where Nix keeps its build folders, TMPDIR or build-dir)",
+        path.display()
+    )]
+    NoSpace { path: std::path::PathBuf, free_bytes: u64, after: String },
+}
+
+/// A screenshot's line under an error, when one was taken.
+fn shown(screen: &Option<String>) -> String {
+    screen.as_ref().map(|s| format!("\n{s}")).unwrap_or_default()
+}
+
+/// A failed layer command: which one and its text (shortened), or only the code when the guest
+/// did not say which.
+fn layer_command(index: usize, code: i32, command: &str) -> String {
+    if index == 0 {
+        return format!("the layer's commands exited {code} (the log above says where)");
+    }
+    let shown: String = command.trim().chars().take(LAYER_COMMAND_SHOWN).collect();
+    let cut = if command.trim().chars().count() > LAYER_COMMAND_SHOWN { " ..." } else { "" };
+    format!("layer command {index} exited {code}: {shown}{cut}")
 }
 
 /// A session's verdict as the builder's exit: the command's code, or an error; a failure
@@ -159,77 +188,6 @@ pub fn explain_full_disk(paths: &[&std::path::Path], after: String) -> Option<Bu
     })
 }
 
-impl fmt::Display for BuilderError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BuilderError::Usage(m) => write!(f, "{m}"),
-            BuilderError::MissingEnv(v) => write!(f, "environment variable {v} is not set (is this run by Nix?)"),
-            BuilderError::Spec(e) => write!(f, "{e}"),
-            BuilderError::RequiredFileMissing { name, hash } => write!(
-                f,
-                "the file '{name}' is not in the Nix store. Add it with:\n  nix-store --add-fixed sha256 /path/to/{name}\n(expected sha256: {hash})"
-            ),
-            BuilderError::NoKvm(e) => write!(f, "{e}"),
-            BuilderError::MissingTool(e) => write!(f, "{e}"),
-            BuilderError::Session(e) => write!(f, "{e}"),
-            BuilderError::State(e) => write!(f, "{e}"),
-            BuilderError::Initramfs(e) => write!(f, "{e}"),
-            BuilderError::Standin(e) => write!(f, "{e}"),
-            BuilderError::Guest(e) => write!(f, "{e}"),
-            BuilderError::Spawn(e) => write!(f, "{e}"),
-            BuilderError::Agent(e) => write!(f, "{e}"),
-            BuilderError::Outputs(e) => write!(f, "unpacking the build's outputs from the guest's outputs disk: {e}"),
-            BuilderError::Io { what, source } => write!(f, "{what}: {source}"),
-            BuilderError::Tool { tool, detail } => write!(f, "{tool} {detail}"),
-            BuilderError::InstallTimeout { secs, screen } => {
-                write!(f, "the install exceeded its timeout of {secs} s and was stopped")?;
-                screen.iter().try_for_each(|s| write!(f, "\n{s}"))
-            }
-            BuilderError::InstallUnfinished { status, log_tail, screen } => {
-                write!(
-                    f,
-                    "the installer ended ({status}) without finishing\n--- last lines of the installer's serial log ---\n{log_tail}"
-                )?;
-                screen.iter().try_for_each(|s| write!(f, "\n{s}"))
-            }
-            BuilderError::ImageMismatch { image } => {
-                write!(f, "the image at {} was built from another spec than this build expects", image.display())
-            }
-            BuilderError::ImageFormat { image, detail } => {
-                write!(f, "the image at {} cannot be revived: {detail}", image.display())
-            }
-            BuilderError::LayerCommand { index: 0, code, .. } => {
-                write!(f, "the layer's commands exited {code} (the log above says where)")
-            }
-            BuilderError::LayerCommand { index, code, command } => {
-                let shown: String = command.trim().chars().take(LAYER_COMMAND_SHOWN).collect();
-                let cut = if command.trim().chars().count() > LAYER_COMMAND_SHOWN { " ..." } else { "" };
-                write!(f, "layer command {index} exited {code}: {shown}{cut}")
-            }
-            BuilderError::LayerCheck => write!(
-                f,
-                "the layer's commands succeeded, but they left the guest in a state a build cannot use (see the line above)"
-            ),
-            BuilderError::Killed { signal } => write!(f, "the command was killed by signal {signal}"),
-            BuilderError::ImageDamaged { image, what } => {
-                write!(f, "the image {} {what}; build the image again (nix-store --repair-path)", image.display())
-            }
-            BuilderError::DiskDamaged { disk, detail } => write!(
-                f,
-                "the image's disk {} is damaged (qemu-img check: {detail}); build the image again (nix-store --repair-path)",
-                disk.display()
-            ),
-            BuilderError::NoSpace { path, free_bytes, after } => write!(
-                f,
-                "no space left on device (ENOSPC): the file system of {} has {free_bytes} bytes free, and {after}; free space there (for a build: where Nix keeps its build folders, TMPDIR or build-dir)",
-                path.display()
-            ),
-        }
-    }
-}
-
-impl std::error::Error for BuilderError {}
-
 impl BuilderError {
     /// The builder's exit code: a failed layer command's own (so Nix says it too), 1 for
     /// everything else.
@@ -240,29 +198,6 @@ impl BuilderError {
         }
     }
 }
-
-macro_rules! from_layer {
-    ($($t:ty => $v:ident),* $(,)?) => {
-        $(impl From<$t> for BuilderError {
-            fn from(e: $t) -> BuilderError {
-                BuilderError::$v(e)
-            }
-        })*
-    };
-}
-
-from_layer!(
-    NoKvm => NoKvm,
-    MissingTool => MissingTool,
-    RunError => Session,
-    StateFileError => State,
-    LinuxInitError => Initramfs,
-    StandinError => Standin,
-    ProfileError => Guest,
-    SpawnError => Spawn,
-    AgentError => Agent,
-    spec::SpecJsonError => Spec,
-);
 
 /// `map_err(io("doing what"))`: an I/O (or parse) failure with what was being done.
 pub fn io<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
@@ -280,6 +215,12 @@ pub(crate) fn env_path(name: &'static str) -> Result<std::path::PathBuf, Builder
 /// The async runtime of a stage's session: one thread (the session waits on its VMs).
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, BuilderError> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("starting the runtime"))
+}
+
+/// The uncompressed kernel inside `vmlinuz`, written to `dest` with the tools' xz.
+fn extract_vmlinux(vmlinuz: &std::path::Path, dest: &std::path::Path) -> Result<(), BuilderError> {
+    let xz = crate::tools::find("xz")?;
+    Ok(crate::vm::kernel::extract_vmlinux(vmlinuz, dest, &xz)?)
 }
 
 fn env(name: &'static str) -> Result<String, BuilderError> {

@@ -21,8 +21,8 @@
 use super::image;
 use super::{io, BuilderError, Progress};
 use crate::guest::{self, Profile};
-use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig};
-use crate::spec::{self, Accel};
+use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, Task};
+use crate::spec::{self, Accel, MachineShape};
 use crate::tools::Tools;
 use crate::vm::accel;
 use crate::vm::qemu::{KernelBoot, Machine, VIRTIO_NET};
@@ -258,25 +258,12 @@ fn revived(
     has: Has,
     progress: &Progress,
 ) -> Result<SessionConfig, BuilderError> {
-    let (meta, accel, tools) = image::revivable(image, None, progress)?;
+    let revivable = image::revivable(image, None, progress)?;
     let disk = work.join("disk.qcow2");
-    image::overlay(&tools, &image.join("disk.qcow2"), &disk)?;
-    let profile = guest::profile(&meta.spec.guest);
+    image::overlay(&revivable.tools, &image.join("disk.qcow2"), &disk)?;
+    let profile = guest::profile(&revivable.meta.spec.guest);
     let command = guest_command(profile, &rerun.outputs, &rerun.inputs, has, &a.mode);
-    let mut cfg = image::session_config(
-        &meta.spec,
-        Some(&meta.machine),
-        accel,
-        timeout(rerun, a),
-        work,
-        &meta.media,
-        image::revived_guest(&meta, image, work, disk)?,
-        image::revived_controller(&meta, image),
-        image.join("key"),
-        command,
-        After::Quit,
-        tools,
-    )?;
+    let mut cfg = revivable.session(disk, work, Task { command, after: After::Quit, timeout: timeout(rerun, a) })?;
     finish_config(&mut cfg, a);
     Ok(cfg)
 }
@@ -288,50 +275,39 @@ fn cold(dir: &Path, work: &Path, rerun: &Rerun, a: &Args, progress: &Progress) -
     };
     let accel = accel::choose(*accel)?;
     progress.say(&format!("accelerator: {}", accel.name()));
-    let controller_initrd = dir.join("controller-initrd.img");
-    let mut cfg = SessionConfig {
-        machine: crate::vm::qemu::MACHINE_ALIAS.into(),
-        accel,
-        memory_mib: *memory_mib,
-        cpus: 1,
-        timeout: timeout(rerun, a),
-        work: work.to_path_buf(),
-        kernel: kernel.clone(),
-        modules_dir: modules.clone(),
-        guest: GuestBoot {
-            machine: Machine {
-                boot: Some(KernelBoot {
-                    kernel: kernel.clone(),
-                    initrd: dir.join("guest-initrd.img"),
-                    append: append.clone(),
-                }),
-                disk: None,
-                nic_model: VIRTIO_NET,
-                extra_args: vec![],
-                hyperv: false,
-                display: false,
-                uefi: None,
-            },
-            revive_from: None,
+    let guest = GuestBoot {
+        machine: Machine {
+            boot: Some(KernelBoot {
+                kernel: kernel.clone(),
+                initrd: dir.join("guest-initrd.img"),
+                append: append.clone(),
+            }),
+            disk: None,
+            nic_model: VIRTIO_NET,
+            extra_args: vec![],
+            hyperv: false,
+            display: false,
+            uefi: None,
         },
-        controller: ControllerBoot {
-            initrd: controller_initrd.is_file().then_some(controller_initrd),
-            system: None,
-            revive_from: None,
-        },
-        key_file: dir.join("key"),
-        command: guest_command(Profile::Standin, &[], &[], Has::default(), &a.mode),
-        set_clock: false,
-        after: After::Quit,
-        store_dir: PathBuf::from(spec::STORE_DIR),
-        extra_shares: vec![],
-        tools: Tools::find()?,
-        agent: std::env::current_exe().map_err(io("finding this program"))?,
-        test_fault: None,
-        terminal: None,
-        vnc: false,
-        split_streams: false,
+        revive_from: None,
+        key: dir.join("key"),
     };
+    let controller_initrd = dir.join("controller-initrd.img");
+    let controller = ControllerBoot {
+        kernel: kernel.clone(),
+        modules: modules.clone(),
+        initrd: controller_initrd.is_file().then_some(controller_initrd),
+        system: None,
+        revive_from: None,
+    };
+    let task = Task {
+        command: guest_command(Profile::Standin, &[], &[], Has::default(), &a.mode),
+        after: After::Quit,
+        timeout: timeout(rerun, a),
+    };
+    // As the run booted it: never saved, QEMU's newest machine.
+    let shape = MachineShape::new(accel, *memory_mib, 1, false);
+    let mut cfg = SessionConfig::new(shape, guest, controller, task, work.to_path_buf(), Tools::find()?)?;
     finish_config(&mut cfg, a);
     Ok(cfg)
 }

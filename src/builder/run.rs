@@ -6,9 +6,9 @@
 use super::Progress;
 use super::{io, BuilderError};
 use crate::guest::standin;
-use crate::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig, TestFault};
+use crate::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig, Task, TestFault};
 use crate::shell;
-use crate::spec::{Accel, STANDIN_MEMORY_MIB};
+use crate::spec::{Accel, MachineShape, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
 use crate::vm::accel;
 use crate::vm::qemu::{KernelBoot, Machine, VIRTIO_NET};
@@ -127,7 +127,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     // A cold guest: a fresh key, and the standin system as the initramfs.
     let key = work.path().join("key");
     let pubkey = super::stages::generate_key(&tools.ssh_keygen, &key)?;
-    let test_fault = TestFault::from_env().map_err(BuilderError::Usage)?;
+    let test_fault = TestFault::from_env()?;
     let mut append = crate::vm::kernel::APPEND.to_owned();
     if test_fault == Some(TestFault::NoSshd) {
         append.push(' ');
@@ -137,49 +137,33 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     let guest_initrd = work.path().join("guest-initrd.img");
     let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey)?;
     img.write_gz_file(&guest_initrd).map_err(super::io(format!("writing {}", guest_initrd.display())))?;
-    let cfg = SessionConfig {
-        // Booted for this run alone, never saved: QEMU's newest machine.
-        machine: crate::vm::qemu::MACHINE_ALIAS.into(),
-        accel,
-        memory_mib: a.memory_mib,
-        cpus: 1,
-        timeout: Duration::from_secs(a.timeout_secs),
-        work: work.path().to_path_buf(),
-        kernel: kernel.clone(),
-        modules_dir,
-        guest: GuestBoot {
-            machine: Machine {
-                boot: Some(KernelBoot { kernel, initrd: guest_initrd, append }),
-                disk: None,
-                nic_model: VIRTIO_NET,
-                extra_args: vec![],
-                hyperv: false,
-                // The engine's cold guest boots the PVH kernel, which has no screen to show.
-                display: false,
-                uefi: None,
-            },
-            revive_from: None,
+    let guest = GuestBoot {
+        machine: Machine {
+            boot: Some(KernelBoot { kernel: kernel.clone(), initrd: guest_initrd, append }),
+            disk: None,
+            nic_model: VIRTIO_NET,
+            extra_args: vec![],
+            hyperv: false,
+            // The engine's cold guest boots the PVH kernel, which has no screen to show.
+            display: false,
+            uefi: None,
         },
-        controller: ControllerBoot::default(),
-        key_file: key,
-        set_clock: false,
-        after: After::Quit,
-        command,
-        store_dir: PathBuf::from("/nix/store"),
-        extra_shares,
-        tools,
-        agent: std::env::current_exe().map_err(io("cannot find this program"))?,
-        test_fault,
-        terminal: None,
-        vnc: session::vnc_from_env(),
-        split_streams: false,
+        revive_from: None,
+        key,
     };
+    let controller = ControllerBoot { kernel, modules: modules_dir, initrd: None, system: None, revive_from: None };
+    let task = Task { command, after: After::Quit, timeout: Duration::from_secs(a.timeout_secs) };
+    // Booted for this run alone, never saved: QEMU's newest machine.
+    let shape = MachineShape::new(accel, a.memory_mib, 1, false);
+    let mut cfg = SessionConfig::new(shape, guest, controller, task, work.path().to_path_buf(), tools)?;
+    cfg.extra_shares = extra_shares;
+    cfg.test_fault = test_fault;
     let rerun = super::rerun::Rerun {
         guest: super::rerun::RerunGuest::Cold {
             accel,
             memory_mib: a.memory_mib,
-            kernel: cfg.kernel.clone(),
-            modules: cfg.modules_dir.clone(),
+            kernel: cfg.controller.kernel.clone(),
+            modules: cfg.controller.modules.clone(),
             append: match &cfg.guest.machine.boot {
                 Some(boot) => boot.append.clone(),
                 None => String::new(),
@@ -220,10 +204,9 @@ fn pvh_kernel(kernel_dir: &std::path::Path, progress: &Progress) -> PathBuf {
     if pvh.is_file() {
         return pvh;
     }
-    let made = std::fs::create_dir_all(&dir).map_err(|e| e.to_string()).and_then(|_| {
-        let xz = crate::tools::find("xz").map_err(|e| e.to_string())?;
-        crate::vm::kernel::extract_vmlinux(&kernel_dir.join("vmlinuz"), &pvh, &xz).map_err(|e| e.to_string())
-    });
+    let made = std::fs::create_dir_all(&dir)
+        .map_err(io(format!("creating {}", dir.display())))
+        .and_then(|()| super::extract_vmlinux(&kernel_dir.join("vmlinuz"), &pvh));
     match made {
         Ok(()) => {
             progress.say(&format!("uncompressed kernel cached in {}", pvh.display()));

@@ -7,20 +7,18 @@
 //!   build   -> whatever the guest writes to $out through the share
 
 use super::image::{
-    accel_for, machine_type, new_image, outputs_disk, overlay, qemu_img, revivable, revived_controller, revived_guest,
-    session_config, uefi, ImageMeta, CONTROLLER_IMG, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, IMAGE_FORMAT,
-    OUTPUTS_DISK,
+    accel_for, machine_type, media_controller, new_image, outputs_disk, overlay, qemu_img, revivable, uefi, ImageMeta,
+    CONTROLLER_IMG, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, IMAGE_FORMAT, OUTPUTS_DISK,
 };
 use super::Progress;
 use super::{env_path, io, runtime, BuilderError};
 use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
 use crate::guest::{self, MediaInputs};
 
-use crate::session::{self, After, ControllerBoot, GuestBoot, TestFault, SCREENS_DIR};
+use crate::session::{self, After, GuestBoot, SessionConfig, Task, TestFault, SCREENS_DIR};
 use crate::shell;
-use crate::spec::{self, BuildSpec, ImageSpec, LayerSpec};
+use crate::spec::{self, BuildSpec, ImageSpec, LayerSpec, MachineShape};
 use crate::tools::Tools;
-use crate::vm::kernel;
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{Machine, VmConfig};
 use crate::vm::screen::{self, Screens};
@@ -70,9 +68,7 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
         let entry = entry.map_err(io("reading the kernel modules"))?;
         std::fs::copy(entry.path(), out.join("modules").join(entry.file_name())).map_err(io("copying a module"))?;
     }
-    match crate::tools::find("xz").map_err(|e| e.to_string()).and_then(|xz| {
-        kernel::extract_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux"), &xz).map_err(|e| e.to_string())
-    }) {
+    match super::extract_vmlinux(&out.join("vmlinuz"), &out.join("vmlinux")) {
         Ok(()) => progress.say("uncompressed kernel ready (PVH boot)"),
         Err(e) => progress.say(&format!("{e}; the VMs boot the compressed kernel, seconds slower")),
     }
@@ -94,7 +90,7 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
         dropbear: &tools.dropbear,
         cygwin_repo: cygwin_repo.as_deref(),
         disk_size_mib: spec.disk_size_mib,
-        efi: spec.efi,
+        efi: spec.shape.efi,
     })?;
     progress.say(&line);
     Ok(0)
@@ -193,19 +189,17 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let serial = work.join("install-serial.log");
     let profile = guest::profile(&spec.guest);
     let iso = if profile.needs_iso() { Some(env_path("iso")?) } else { None };
-    let mut install = profile.install(&media, &disk, iso.as_deref(), spec.efi, &work)?;
+    let mut install = profile.install(&media, &disk, iso.as_deref(), spec.shape.efi, &work)?;
     install.machine.uefi = uefi(spec, None, &out.join(EFI_VARS))?;
     if let Some(selection) = &install.edition {
         progress.say(&selection.describe());
     }
     qemu_img(&tools, &["create", "-q", "-f", "qcow2"], &[disk.as_os_str()], &format!("{}M", spec.disk_size_mib))?;
-    let accel = accel_for(spec, progress)?;
+    let shape =
+        MachineShape { accel: accel_for(spec, progress)?, ..spec.shape.with_machine_type(&machine_type(&tools)?) };
     let vm = VmConfig {
         name: "installer".into(),
-        machine: machine_type(&tools)?,
-        accel,
-        memory_mib: spec.memory_mib,
-        cpus: spec.cpus,
+        shape,
         boot: install.machine.boot,
         nic_model: install.machine.nic_model,
         extra_args: install.machine.extra_args,
@@ -296,30 +290,22 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let disk = new_image(&tools, &out, &installed, &media.join("key"), &media)?;
     let work = work_dir()?;
     let profile = guest::profile(&spec.guest);
-    let cfg = session_config(
-        spec,
-        None,
-        accel,
-        Duration::from_secs(spec.timeout_secs),
-        &work,
-        &media,
-        GuestBoot {
-            machine: Machine {
-                uefi: uefi(spec, Some(&installed.join(EFI_VARS)), &out.join(EFI_VARS))?,
-                ..profile.machine(&media, disk, &outputs_disk(&work)?)
-            },
-            revive_from: None,
+    // Booted to be saved: the versioned machine type this QEMU makes, which every revive asks for.
+    let shape = MachineShape { accel, ..spec.shape.with_machine_type(&machine_type(&tools)?) };
+    let guest = GuestBoot {
+        machine: Machine {
+            uefi: uefi(spec, Some(&installed.join(EFI_VARS)), &out.join(EFI_VARS))?,
+            ..profile.machine(&media, disk, &outputs_disk(&work)?)
         },
-        ControllerBoot {
-            initrd: Some(media.join(CONTROLLER_IMG)),
-            system: Some(media.join(CONTROLLER_SYSTEM)),
-            revive_from: None,
-        },
-        media.join("key"),
-        String::new(),
-        After::SavePair(save_to(spec, &out)),
-        tools,
-    )?;
+        revive_from: None,
+        key: media.join("key"),
+    };
+    let task = Task {
+        command: String::new(),
+        after: After::SavePair(save_to(spec, &out)),
+        timeout: Duration::from_secs(spec.timeout_secs),
+    };
+    let cfg = SessionConfig::new(shape, guest, media_controller(&media), task, work, tools)?;
     // Saving the pair has no command: it succeeds or fails as a session (a guest whose
     // prepare command failed is `RunError::ControllerNotReady`).
     runtime()?.block_on(session::run(&cfg, progress))?;
@@ -327,7 +313,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         format: IMAGE_FORMAT,
         spec: spec.clone(),
         state_format: crate::format::state::FORMAT_VERSION,
-        machine: cfg.machine.clone(),
+        machine: cfg.shape.machine_type.clone(),
         media,
         layers: 0,
         base: None,
@@ -343,9 +329,10 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
 pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError> {
     let out = env_path("out")?;
     let base = env_path("image")?;
-    let (meta, accel, tools) = revivable(&base, Some(&spec.image), progress)?;
-    progress.say(&format!("layer {} on {}: {} commands", meta.layers + 1, base.display(), spec.commands));
-    let disk = new_image(&tools, &out, &base, &base.join("key"), &meta.media)?;
+    let base = revivable(&base, Some(&spec.image), progress)?;
+    let meta = &base.meta;
+    progress.say(&format!("layer {} on {}: {} commands", meta.layers + 1, base.path.display(), spec.commands));
+    let disk = new_image(&base.tools, &out, &base.path, &base.path.join("key"), &meta.media)?;
     let work = work_dir()?;
     let commands = work.join("xchg").join(guest::profile::LAYER_DIR);
     std::fs::create_dir_all(&commands).map_err(io(format!("creating {}", commands.display())))?;
@@ -356,21 +343,12 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         std::fs::write(commands.join((i + 1).to_string()), text.into_vec())
             .map_err(io(format!("writing the layer's command {}", i + 1)))?;
     }
-    let profile = guest::profile(&spec.image.guest);
-    let cfg = session_config(
-        &spec.image,
-        Some(&meta.machine),
-        accel,
-        Duration::from_secs(spec.timeout_secs),
-        &work,
-        &meta.media,
-        revived_guest(&meta, &base, &work, disk)?,
-        revived_controller(&meta, &base),
-        base.join("key"),
-        profile.layer_command(spec.commands),
-        After::SaveLayer(save_to(&spec.image, &out)),
-        tools,
-    )?;
+    let task = Task {
+        command: guest::profile(&spec.image.guest).layer_command(spec.commands),
+        after: After::SaveLayer(save_to(&spec.image, &out)),
+        timeout: Duration::from_secs(spec.timeout_secs),
+    };
+    let cfg = base.session(disk, &work, task)?;
     let result = runtime()?.block_on(session::run(&cfg, progress));
     if let Ok(crate::protocol::Verdict::Exited(code)) = &result {
         if *code != 0 {
@@ -380,7 +358,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         }
     }
     let code = super::finish(result, progress, &[&work, &out])?;
-    if spec.image.efi {
+    if spec.image.shape.efi {
         let vars = work.join(EFI_VARS);
         std::fs::copy(&vars, out.join(EFI_VARS)).map_err(io(format!("copying {}", vars.display())))?;
     }
@@ -389,10 +367,10 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         format: IMAGE_FORMAT,
         spec: spec.image.clone(),
         state_format: crate::format::state::FORMAT_VERSION,
-        machine: meta.machine,
-        media: meta.media,
+        machine: meta.machine.clone(),
+        media: meta.media.clone(),
         layers,
-        base: Some(base),
+        base: Some(base.path.clone()),
     }
     .write(&out)?;
     let size = std::fs::metadata(out.join("disk.qcow2")).map(|m| m.len()).unwrap_or(0);
@@ -492,11 +470,10 @@ pub fn output_paths(var: impl Fn(&str) -> Option<OsString>) -> Vec<PathBuf> {
 
 /// Stage 4: revive the image on a throw-away overlay and run the build.
 pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError> {
-    let image = env_path("image")?;
-    let (meta, accel, tools) = revivable(&image, Some(&spec.image), progress)?;
+    let image = revivable(&env_path("image")?, Some(&spec.image), progress)?;
     let work = work_dir()?;
     let disk = work.join("disk.qcow2");
-    overlay(&tools, &image.join("disk.qcow2"), &disk)?;
+    overlay(&image.tools, &image.path.join("disk.qcow2"), &disk)?;
     let xchg = work.join("xchg");
     std::fs::create_dir_all(&xchg).map_err(io("creating the exchange directory"))?;
     std::fs::write(xchg.join("saved-env"), saved_env(std::env::vars_os())).map_err(io("writing saved-env"))?;
@@ -506,29 +483,21 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     }
     let argc = std::env::var("winvmArgc").ok().and_then(|a| a.parse().ok()).unwrap_or(0);
     let outputs = output_paths(|name| std::env::var_os(name));
-    let mut cfg = session_config(
-        &spec.image,
-        Some(&meta.machine),
-        accel,
-        Duration::from_secs(spec.timeout_secs),
-        &work,
-        &meta.media,
-        revived_guest(&meta, &image, &work, disk)?,
-        revived_controller(&meta, &image),
-        image.join("key"),
-        guest_command(spec, argc, &outputs),
-        After::Quit,
-        tools,
-    )?;
+    let task = Task {
+        command: guest_command(spec, argc, &outputs),
+        after: After::Quit,
+        timeout: Duration::from_secs(spec.timeout_secs),
+    };
+    let mut cfg = image.session(disk, &work, task)?;
     // What run-vm needs to start this build's VMs again, from wherever the folder is kept.
     let rerun = super::rerun::Rerun {
-        guest: super::rerun::RerunGuest::Image { image: image.clone() },
+        guest: super::rerun::RerunGuest::Image { image: image.path.clone() },
         timeout_secs: spec.timeout_secs,
         outputs: outputs.clone(),
         inputs: super::rerun::Rerun::store_listing(&outputs),
     };
     rerun.record(&work);
-    cfg.test_fault = TestFault::from_env().map_err(BuilderError::Usage)?;
+    cfg.test_fault = TestFault::from_env()?;
     // A failed build's outputs are discarded by Nix: the guest packs them only on success.
     // They are unpacked while the VMs are torn down.
     let collect = {

@@ -82,14 +82,9 @@ fn init_script() -> String {
         .replace("@NINEP_OPTIONS@", NINEP_OPTIONS)
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the path {} has white space or '=' in it, which the controller's init cannot take", .0.display())]
 pub struct BadPath(pub PathBuf);
-
-impl std::fmt::Display for BadPath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the path {} has white space or '=' in it, which the controller's init cannot take", self.0.display())
-    }
-}
 
 /// How the init starts the agent of a controller with a system disk.
 fn agent_ready_args() -> String {
@@ -179,7 +174,10 @@ mod tests {
             parse_ready_session_line(&line).unwrap(),
             (1796000000, vec![("store".into(), "/srv/store".into()), ("xchg".into(), "/srv/xchg".into())])
         );
-        assert!(parse_ready_session_line("NOW=x MOUNTS=''").unwrap_err().starts_with("garbled session line"));
+        assert!(parse_ready_session_line("NOW=x MOUNTS=''")
+            .unwrap_err()
+            .to_string()
+            .starts_with("garbled session line"));
         assert!(parse_ready_session_line("MOUNTS='a=/b'").is_err());
     }
 

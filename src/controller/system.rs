@@ -11,19 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Making the system disk failed at the step it names.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("making the controller's system disk: {what}: {detail}")]
 pub struct SystemDiskError {
     pub what: String,
     pub detail: String,
 }
-
-impl fmt::Display for SystemDiskError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "making the controller's system disk: {}: {}", self.what, self.detail)
-    }
-}
-
-impl std::error::Error for SystemDiskError {}
 
 fn err<E: fmt::Display>(what: impl Into<String>) -> impl FnOnce(E) -> SystemDiskError {
     let what = what.into();

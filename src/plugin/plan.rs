@@ -108,7 +108,7 @@ fn plan_layer(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resu
     for i in 0..spec.commands {
         a.push(PlannedAttr { path: at(&["installCommands", &i.to_string()]), ..user(&layer_command_attr(i), &[]) });
     }
-    a.extend(features(spec.image.accel, &[]));
+    a.extend(features(spec.image.shape.accel, &[]));
     let mut drvs = vec![PlannedDrv { attrs: a }];
     if let Some(hash) = &args.pin {
         drvs.push(pinned(&name, &spec.image, 0, hash, env));
@@ -178,7 +178,7 @@ fn plan_image(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resu
     let media_index = drvs.len();
     drvs.push(PlannedDrv { attrs: media });
 
-    let vm_features = features(spec.accel, &[]);
+    let vm_features = features(spec.shape.accel, &[]);
     let mut installed = base(&format!("{restricted}winvm-{guest}-installed"), Stage::Install.name(), env);
     installed.push(text("winvmImageSpec", &spec_json));
     installed.push(stage("media", media_index));
@@ -220,7 +220,7 @@ fn plan_build(builtin: Builtin, attrs: &Attrs, env: &Env) -> Result<Plan, ArgErr
         text("winvmBuildSpec", &to_json(&args.spec)),
     ];
     drv.extend(runtime(env));
-    drv.extend(features(args.spec.image.accel, &args.extra_features));
+    drv.extend(features(args.spec.image.shape.accel, &args.extra_features));
     drv.extend(passed_on(&table::BUILD, attrs));
     Ok(planned(vec![PlannedDrv { attrs: drv }], vec![]))
 }
@@ -265,7 +265,7 @@ fn plan_run_in_vm(builtin: Builtin, attrs: &Attrs, env: &Env) -> Result<Plan, Ar
         drv.push(user(&format!("winvmArg{i}"), &["args", &index]));
     }
     let extra = args.text_list_or_empty("requiredSystemFeatures")?;
-    drv.extend(features(spec.image.accel, &extra));
+    drv.extend(features(spec.image.shape.accel, &extra));
     drv.extend(passed_on(&table::RUN_IN_VM, attrs));
     drvs.push(PlannedDrv { attrs: drv });
     Ok(planned(drvs, vec![]))

@@ -307,13 +307,13 @@ pub fn image_args(caller: Caller, attrs: &Attrs) -> Result<ImageArgs, ArgError> 
     };
     let mut spec = ImageSpec::new(guest);
     let mut shape = Guest { windows, tcg: false };
-    spec.memory_mib = args.int_or_default("memory", shape)? as u32;
-    spec.cpus = args.int_or_default("cpus", shape)? as u32;
-    spec.accel = args.choice_or_default("accel", &[Accel::Kvm, Accel::Tcg])?;
-    shape.tcg = spec.accel == Accel::Tcg;
+    spec.shape.memory_mib = args.int_or_default("memory", shape)? as u32;
+    spec.shape.cpus = args.int_or_default("cpus", shape)? as u32;
+    spec.shape.accel = args.choice_or_default("accel", &[Accel::Kvm, Accel::Tcg])?;
+    shape.tcg = spec.shape.accel == Accel::Tcg;
     spec.timeout_secs = args.int_or_default("timeout", shape)? as u64;
     spec.disk_size_mib = args.int_or_default("diskSize", shape)? as u64;
-    spec.efi = args.bool("efi")?;
+    spec.shape.efi = args.bool("efi")?;
     // The checks the builder repeats on the spec it reads back.
     spec.validate().map_err(|e| args.error(AttrPath::default(), Problem::Spec(e)))?;
     Ok(ImageArgs { spec, pin: args.pin()? })
@@ -426,13 +426,13 @@ fn restated_shape(args: &Args, image: &ImageSpec) -> Result<(), ArgError> {
         }
     };
     if let Some(m) = args.int("memory")? {
-        differs("memory", ShapeValue::Mib(m as u32), ShapeValue::Mib(image.memory_mib))?;
+        differs("memory", ShapeValue::Mib(m as u32), ShapeValue::Mib(image.shape.memory_mib))?;
     }
     if let Some(c) = args.int("cpus")? {
-        differs("cpus", ShapeValue::Count(c as u32), ShapeValue::Count(image.cpus))?;
+        differs("cpus", ShapeValue::Count(c as u32), ShapeValue::Count(image.shape.cpus))?;
     }
     if let Some(a) = args.choice("accel", &[Accel::Kvm, Accel::Tcg])? {
-        differs("accel", ShapeValue::Accel(a), ShapeValue::Accel(image.accel))?;
+        differs("accel", ShapeValue::Accel(a), ShapeValue::Accel(image.shape.accel))?;
     }
     Ok(())
 }

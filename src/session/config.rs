@@ -1,7 +1,8 @@
 //! What a session is asked to do: the two VMs' boots, the command, and what follows it.
 
+use super::error::{io, RunError};
 use crate::protocol::TerminalRequest;
-use crate::spec::Accel;
+use crate::spec::{MachineShape, STORE_DIR};
 use crate::tools::Tools;
 use crate::vm::qemu::Machine;
 use std::path::PathBuf;
@@ -22,6 +23,8 @@ pub struct GuestBoot {
     pub machine: Machine,
     /// A state file to revive from (validated by the caller).
     pub revive_from: Option<PathBuf>,
+    /// The private key that opens the guest.
+    pub key: PathBuf,
 }
 
 /// What the session does: run the command, or (suspend stage) save the pair.
@@ -51,8 +54,11 @@ pub struct SaveTo {
 
 /// How the controller starts. Its initramfs and system disk are the same for every session,
 /// so an image can carry a saved controller that builds revive instead of booting.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ControllerBoot {
+    /// Its kernel, and the modules its initramfs is made with when none is given.
+    pub kernel: PathBuf,
+    pub modules: PathBuf,
     /// A prebuilt controller initramfs (the media's); None: made for this session.
     pub initrd: Option<PathBuf>,
     /// The system disk (the media's): smbd and the agent start from it before the session,
@@ -62,29 +68,26 @@ pub struct ControllerBoot {
     pub revive_from: Option<PathBuf>,
 }
 
+/// What the session does with the pair, and how long it may take.
+#[derive(Debug, Clone)]
+pub struct Task {
+    /// The command line run by the guest's shell (empty when the pair is only saved).
+    pub command: String,
+    pub after: After,
+    /// Bounds the whole session, from its files to its teardown.
+    pub timeout: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// QEMU's machine type for both VMs: a versioned one (`pc-q35-10.0`) wherever a pair is
-    /// saved or revived, so that a newer QEMU revives the same machine; see `qemu::machine_type`.
-    pub machine: String,
-    pub accel: Accel,
-    pub memory_mib: u32,
-    pub cpus: u32,
-    pub timeout: Duration,
-    /// Where the session keeps its files; must exist, short enough for unix socket paths.
-    pub work: PathBuf,
-    /// Kernel and modules of the controller.
-    pub kernel: PathBuf,
-    pub modules_dir: PathBuf,
+    /// The guest's shape (the controller's follows from it: `qemu::controller_shape`). Its
+    /// machine type is a versioned one (`pc-q35-10.0`) wherever a pair is saved or revived.
+    pub shape: MachineShape,
     pub guest: GuestBoot,
     pub controller: ControllerBoot,
-    /// The private key that opens the guest.
-    pub key_file: PathBuf,
-    /// The command line run by the guest's shell.
-    pub command: String,
-    /// Set the guest's clock first: a revived guest's clock lags by the time since the save.
-    pub set_clock: bool,
-    pub after: After,
+    pub task: Task,
+    /// Where the session keeps its files; must exist, short enough for unix socket paths.
+    pub work: PathBuf,
     pub store_dir: PathBuf,
     pub extra_shares: Vec<ExtraShare>,
     pub tools: Tools,
@@ -102,6 +105,41 @@ pub struct SessionConfig {
     /// apart from the progress lines (`run-vm -- COMMAND`); otherwise both streams, in order,
     /// into the build log.
     pub split_streams: bool,
+}
+
+impl SessionConfig {
+    /// The session of a pair, the guest of `shape`, in `work`, with what every session has
+    /// unless its caller changes it: the store shared read-only, no other share, no fault, the
+    /// command's streams merged into the log, VNC as the environment asks ([`VNC_VAR`]).
+    pub fn new(
+        shape: MachineShape,
+        guest: GuestBoot,
+        controller: ControllerBoot,
+        task: Task,
+        work: PathBuf,
+        tools: Tools,
+    ) -> Result<SessionConfig, RunError> {
+        Ok(SessionConfig {
+            shape,
+            guest,
+            controller,
+            task,
+            work,
+            store_dir: PathBuf::from(STORE_DIR),
+            extra_shares: vec![],
+            tools,
+            agent: std::env::current_exe().map_err(io("finding this program"))?,
+            test_fault: None,
+            terminal: None,
+            vnc: vnc_from_env(),
+            split_streams: false,
+        })
+    }
+
+    /// Whether the guest's clock is set first: a revived guest's lags by the time since the save.
+    pub fn set_clock(&self) -> bool {
+        self.guest.revive_from.is_some()
+    }
 }
 
 /// The guest's VNC socket, in the work folder, when [`SessionConfig::vnc`] asks for one.
@@ -129,24 +167,31 @@ pub enum TestFault {
 
 pub const TEST_FAULT_VAR: &str = "NIX_WINVM_TEST_FAULT";
 
+/// A [`TEST_FAULT_VAR`] that names no fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{TEST_FAULT_VAR}={text}: expected kill-smbd-after=SECS or no-sshd")]
+pub struct BadTestFault {
+    pub text: String,
+}
+
 impl TestFault {
-    pub fn parse(text: &str) -> Result<TestFault, String> {
+    pub fn parse(text: &str) -> Result<TestFault, BadTestFault> {
         if text == "no-sshd" {
             return Ok(TestFault::NoSshd);
         }
         text.strip_prefix("kill-smbd-after=")
             .and_then(|secs| secs.parse().ok())
             .map(TestFault::KillSmbdAfter)
-            .ok_or_else(|| format!("{TEST_FAULT_VAR}={text}: expected kill-smbd-after=SECS or no-sshd"))
+            .ok_or_else(|| BadTestFault { text: text.into() })
     }
 
     /// The fault the environment asks for, if any.
-    pub fn from_env() -> Result<Option<TestFault>, String> {
+    pub fn from_env() -> Result<Option<TestFault>, BadTestFault> {
         TestFault::from_var(std::env::var(TEST_FAULT_VAR).ok())
     }
 
     /// The fault `value` (the variable's) asks for: none in a builder without `test-faults`.
-    pub fn from_var(value: Option<String>) -> Result<Option<TestFault>, String> {
+    pub fn from_var(value: Option<String>) -> Result<Option<TestFault>, BadTestFault> {
         if !cfg!(feature = "test-faults") {
             return Ok(None);
         }
@@ -163,7 +208,7 @@ mod tests {
         assert_eq!(TestFault::parse("kill-smbd-after=5"), Ok(TestFault::KillSmbdAfter(5)));
         assert_eq!(TestFault::parse("no-sshd"), Ok(TestFault::NoSshd));
         assert_eq!(
-            TestFault::parse("kill-smbd-after=x").unwrap_err(),
+            TestFault::parse("kill-smbd-after=x").unwrap_err().to_string(),
             "NIX_WINVM_TEST_FAULT=kill-smbd-after=x: expected kill-smbd-after=SECS or no-sshd"
         );
     }

@@ -3,107 +3,158 @@
 
 use crate::controller::BadPath;
 use crate::initramfs::linux::LinuxInitError;
+use crate::protocol::ExitFileError;
 use crate::vm::process::SpawnError;
 use crate::vm::qmp::QmpError;
 use crate::vm::state::StateFileError;
 use crate::vm::vde::StartSwitchError;
 use crate::vm::wait::TimedOut;
-use std::fmt;
 use std::path::PathBuf;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// Writing the session's files into its work directory.
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
-    SessionLine(BadPath),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("the controller's session: {0}")]
+    SessionLine(#[source] BadPath),
     /// The controller ended before it said it was ready to serve (suspend stage).
-    ControllerNotReady {
-        status: String,
-        log_tail: String,
-    },
-    ControllerInit(LinuxInitError),
-    Switch(StartSwitchError),
-    Spawn(SpawnError),
+    #[error(
+        "the controller ended ({status}) before it was ready to serve (smbd, the guest's SSH logon and its prepare command){}",
+        tail("the controller's console", log_tail)
+    )]
+    ControllerNotReady { status: String, log_tail: String },
+    #[error("the controller's initramfs: {0}")]
+    ControllerInit(#[source] LinuxInitError),
+    #[error("{0}")]
+    Switch(#[source] StartSwitchError),
+    #[error("{0}")]
+    Spawn(#[source] SpawnError),
+    #[error("the {name} VM did not come up: {detail}{}", tail(&format!("the {name}'s QEMU output"), log_tail))]
     QemuNotUp {
         name: String,
-        detail: String,
+        #[source]
+        detail: Box<QemuFailure>,
         log_tail: String,
     },
     /// Sending the controller its session line.
-    SessionPort {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    SessionLineTimeout(TimedOut),
-    GuestDroppedOut {
-        status: String,
-        log_tail: String,
-    },
-    GuestDied {
-        status: String,
-        log_tail: String,
-    },
-    ControllerDied {
-        status: String,
-        log_tail: String,
-    },
-    NoExitCode {
-        log_tail: String,
-    },
+    #[error("sending the controller its session line on {}: {source}", path.display())]
+    SessionPort { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    SessionLineTimeout(#[source] TimedOut),
+    #[error(
+        "the guest VM dropped out early (QEMU ended with {status} before SSH was reached){}",
+        tail("the guest's serial log", log_tail)
+    )]
+    GuestDroppedOut { status: String, log_tail: String },
+    #[error(
+        "the guest VM died during the command (QEMU ended with {status}){}",
+        tail("the guest's serial log", log_tail)
+    )]
+    GuestDied { status: String, log_tail: String },
+    #[error(
+        "the controller VM ended with {status} before the command finished{}",
+        tail("the controller's serial log", log_tail)
+    )]
+    ControllerDied { status: String, log_tail: String },
+    #[error("the VM produced no exit code{}", tail("the controller's serial log", log_tail))]
+    NoExitCode { log_tail: String },
     /// The VDE switch between the guest and the controller ended mid-session.
-    SwitchDied {
-        status: String,
-    },
+    #[error(
+        "the VDE switch between the guest and the controller ended ({status}) during the session: the pair was cut off"
+    )]
+    SwitchDied { status: String },
+    #[error("the controller could not run the command: {error}{}", tail("the guest's serial log", log_tail))]
     Agent {
-        message: String,
+        #[source]
+        error: ExitFileError,
         log_tail: String,
     },
     /// The build's own time-out, and what the session was doing when it struck.
+    #[error(
+        "the build exceeded its timeout of {secs} s while {during}, and was stopped{}",
+        tail("the guest's serial log", log_tail)
+    )]
     Timeout {
         secs: u64,
         during: &'static str,
         /// The guest's serial log, when what it was waiting for was the guest.
         log_tail: String,
     },
-    Interrupted {
-        signal: &'static str,
-    },
+    #[error("interrupted by {signal}; the VMs were stopped")]
+    Interrupted { signal: &'static str },
     /// Nobody reads the build's log any more: Nix is gone (killed), and no signal said so.
+    #[error("the build's log was closed: Nix is gone (killed?), so the VMs were stopped")]
     LogClosed,
-    State(StateFileError),
+    #[error("{0}")]
+    State(#[source] StateFileError),
     /// A QMP step of saving or reviving a VM.
-    Qmp {
-        vm: String,
-        step: &'static str,
-        source: QmpError,
-    },
+    #[error("{step} the {vm}: {source}")]
+    Qmp { vm: String, step: &'static str, source: QmpError },
     /// QEMU reported the save complete, but the state writer did not finish.
-    StateWriter(TimedOut),
+    #[error("saving a VM's memory: {0}")]
+    StateWriter(#[source] TimedOut),
     /// The state writer failed (its own error is above it in the build log).
-    StateWriterFailed {
-        name: String,
-        status: String,
-    },
+    #[error("saving the {name}'s memory: the state writer ended with {status}")]
+    StateWriterFailed { name: String, status: String },
     /// A process of the session outlived its teardown.
-    Survived {
-        name: String,
-        processes: String,
-    },
+    #[error("after the session ended, the {name}'s processes were still running: {processes}")]
+    Survived { name: String, processes: String },
     /// The state reader refused the file while streaming it into QEMU.
+    #[error(
+        "the {name}'s saved state could not be loaded: {reader} (QEMU: {detail}){}",
+        tail(&format!("the {name}'s QEMU output"), log_tail)
+    )]
     StateLoad {
         name: String,
         reader: String,
-        detail: String,
+        #[source]
+        detail: Box<QemuFailure>,
         log_tail: String,
     },
+    /// The work done after the verdict (a build's unpacking) did not finish: it panicked.
+    #[error("waiting for the work done after the verdict: {0}")]
+    After(#[source] tokio::task::JoinError),
     /// A failure of a session whose guest has a display, and where its last screenshot is.
+    #[error("{error}\n{screen}")]
     Shown {
+        #[source]
         error: Box<RunError>,
         screen: String,
     },
+}
+
+/// What a VM did instead of coming up, or of loading its saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuFailure {
+    /// Its QMP socket did not answer.
+    #[error(transparent)]
+    Qmp(QmpError),
+    /// A QMP step of the load failed.
+    #[error("{step}: {source}")]
+    Step { step: &'static str, source: QmpError },
+    #[error("QEMU exited with {0}")]
+    Exited(String),
+    /// The controller's init did not say it waits for its session.
+    #[error(transparent)]
+    NotWaiting(TimedOut),
+    #[error("QEMU ended with {0}")]
+    Ended(String),
+    #[error("QEMU ended with {0} while loading the saved state")]
+    EndedLoading(String),
+    #[error("the state reader did not end within {} s of the load", after.as_secs())]
+    ReaderLate { after: std::time::Duration },
+    #[error("the state reader ended with {0}")]
+    ReaderFailed(String),
+}
+
+/// The tail of a log under an error, headed by what it is; nothing when the log said nothing.
+fn tail(what: &str, log_tail: &str) -> String {
+    if log_tail.is_empty() {
+        String::new()
+    } else {
+        format!("\n--- last lines of {what} ---\n{log_tail}")
+    }
 }
 
 impl RunError {
@@ -120,102 +171,6 @@ impl RunError {
         match self {
             RunError::Shown { error, .. } => error.cause(),
             e => e,
-        }
-    }
-}
-
-impl fmt::Display for RunError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tail = |f: &mut fmt::Formatter<'_>, what: &str, t: &str| {
-            if t.is_empty() {
-                Ok(())
-            } else {
-                write!(f, "\n--- last lines of {what} ---\n{t}")
-            }
-        };
-        match self {
-            RunError::Io { what, source } => write!(f, "{what}: {source}"),
-            RunError::SessionLine(e) => write!(f, "the controller's session: {e}"),
-            RunError::ControllerNotReady { status, log_tail } => {
-                write!(
-                    f,
-                    "the controller ended ({status}) before it was ready to serve (smbd, the guest's SSH logon and its prepare command)"
-                )?;
-                tail(f, "the controller's console", log_tail)
-            }
-            RunError::ControllerInit(e) => write!(f, "the controller's initramfs: {e}"),
-            RunError::Switch(e) => write!(f, "{e}"),
-            RunError::Spawn(e) => write!(f, "{e}"),
-            RunError::QemuNotUp { name, detail, log_tail } => {
-                write!(f, "the {name} VM did not come up: {detail}")?;
-                tail(f, &format!("the {name}'s QEMU output"), log_tail)
-            }
-            RunError::SessionPort { path, source } => {
-                write!(f, "sending the controller its session line on {}: {source}", path.display())
-            }
-            RunError::SessionLineTimeout(e) => write!(f, "{e}"),
-            RunError::GuestDroppedOut { status, log_tail } => {
-                write!(f, "the guest VM dropped out early (QEMU ended with {status} before SSH was reached)")?;
-                tail(f, "the guest's serial log", log_tail)
-            }
-            RunError::GuestDied { status, log_tail } => {
-                write!(f, "the guest VM died during the command (QEMU ended with {status})")?;
-                tail(f, "the guest's serial log", log_tail)
-            }
-            RunError::ControllerDied { status, log_tail } => {
-                write!(f, "the controller VM ended with {status} before the command finished")?;
-                tail(f, "the controller's serial log", log_tail)
-            }
-            RunError::SwitchDied { status } => write!(
-                f,
-                "the VDE switch between the guest and the controller ended ({status}) during the session: the pair was cut off"
-            ),
-            RunError::NoExitCode { log_tail } => {
-                write!(f, "the VM produced no exit code")?;
-                tail(f, "the controller's serial log", log_tail)
-            }
-            RunError::Agent { message, log_tail } => {
-                write!(f, "the controller could not run the command: {message}")?;
-                tail(f, "the guest's serial log", log_tail)
-            }
-            RunError::Timeout { secs, during, log_tail } => {
-                write!(f, "the build exceeded its timeout of {secs} s while {during}, and was stopped")?;
-                tail(f, "the guest's serial log", log_tail)
-            }
-            RunError::State(e) => write!(f, "{e}"),
-            RunError::Qmp { vm, step, source } => write!(f, "{step} the {vm}: {source}"),
-            RunError::StateWriter(e) => write!(f, "saving a VM's memory: {e}"),
-            RunError::StateWriterFailed { name, status } => {
-                write!(f, "saving the {name}'s memory: the state writer ended with {status}")
-            }
-            RunError::Survived { name, processes } => {
-                write!(f, "after the session ended, the {name}'s processes were still running: {processes}")
-            }
-            RunError::StateLoad { name, reader, detail, log_tail } => {
-                write!(f, "the {name}'s saved state could not be loaded: {reader} (QEMU: {detail})")?;
-                tail(f, &format!("the {name}'s QEMU output"), log_tail)
-            }
-            RunError::Interrupted { signal } => write!(f, "interrupted by {signal}; the VMs were stopped"),
-            RunError::LogClosed => {
-                write!(f, "the build's log was closed: Nix is gone (killed?), so the VMs were stopped")
-            }
-            RunError::Shown { error, screen } => write!(f, "{error}\n{screen}"),
-        }
-    }
-}
-
-impl std::error::Error for RunError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            RunError::Io { source, .. } | RunError::SessionPort { source, .. } => Some(source),
-            RunError::ControllerInit(e) => Some(e),
-            RunError::Switch(e) => Some(e),
-            RunError::Spawn(e) => Some(e),
-            RunError::State(e) => Some(e),
-            RunError::Qmp { source, .. } => Some(source),
-            RunError::StateWriter(e) | RunError::SessionLineTimeout(e) => Some(e),
-            RunError::Shown { error, .. } => Some(&**error),
-            _ => None,
         }
     }
 }

@@ -17,16 +17,16 @@ mod terminal;
 pub mod watch;
 
 pub use config::{
-    vnc_from_env, After, ControllerBoot, ExtraShare, GuestBoot, SaveTo, SessionConfig, TestFault, TEST_FAULT_VAR,
-    VNC_SOCKET, VNC_VAR,
+    vnc_from_env, After, BadTestFault, ControllerBoot, ExtraShare, GuestBoot, SaveTo, SessionConfig, Task, TestFault,
+    TEST_FAULT_VAR, VNC_SOCKET, VNC_VAR,
 };
-pub use error::RunError;
+pub use error::{QemuFailure, RunError};
 pub use snapshot::{qemu_version, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
 pub use terminal::terminal_request;
 
 use crate::protocol::{self, Verdict};
 use crate::vm::process::{describe_status, ProcessGuard};
-use crate::vm::qemu::{Export, KernelBoot, VmConfig, CONTROLLER_MAC, CONTROLLER_MEMORY_MIB, GUEST_MAC, VIRTIO_NET};
+use crate::vm::qemu::{controller_shape, Export, KernelBoot, VmConfig, CONTROLLER_MAC, GUEST_MAC, VIRTIO_NET};
 use crate::vm::qmp::{self, Qmp};
 use crate::vm::screen::{self, Screens};
 use crate::vm::state::StateHeader;
@@ -85,11 +85,14 @@ fn spawn_qemu(cfg: &SessionConfig, vm: &VmConfig, log: &Path) -> Result<ProcessG
 }
 
 async fn qmp_up(name: &str, guard: &mut ProcessGuard, sock: &Path, log: &Path) -> Result<Qmp, RunError> {
-    let not_up =
-        |detail: String| RunError::QemuNotUp { name: name.into(), detail, log_tail: tail_lines(log, LOG_TAIL_LINES) };
+    let not_up = |detail: QemuFailure| RunError::QemuNotUp {
+        name: name.into(),
+        detail: Box::new(detail),
+        log_tail: tail_lines(log, LOG_TAIL_LINES),
+    };
     tokio::select! {
-        r = Qmp::connect(sock, QEMU_UP_TIMEOUT) => r.map_err(|e| not_up(e.to_string())),
-        s = guard.wait() => Err(not_up(format!("QEMU exited with {}", describe_status(s)))),
+        r = Qmp::connect(sock, QEMU_UP_TIMEOUT) => r.map_err(|e| not_up(QemuFailure::Qmp(e))),
+        s = guard.wait() => Err(not_up(QemuFailure::Exited(describe_status(s)))),
     }
 }
 
@@ -188,7 +191,7 @@ pub async fn run_then<T: Send + 'static>(
     then: impl FnOnce(&Verdict) -> T + Send + 'static,
 ) -> Result<(Verdict, T), RunError> {
     let mut nix = NixWatch::new()?;
-    let deadline = tokio::time::sleep(cfg.timeout);
+    let deadline = tokio::time::sleep(cfg.task.timeout);
     tokio::pin!(deadline);
     // What the session was doing, for the time-out's message.
     let doing = Cell::new("preparing the session's files");
@@ -213,7 +216,7 @@ pub async fn run_then<T: Send + 'static>(
             } else {
                 String::new()
             };
-            Err(RunError::Timeout { secs: cfg.timeout.as_secs(), during, log_tail })
+            Err(RunError::Timeout { secs: cfg.task.timeout.as_secs(), during, log_tail })
         }
         stopped = nix.stopped() => Err(stopped),
     };
@@ -237,10 +240,7 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
     let w = &cfg.work;
     let guest = VmConfig {
         name: "guest".into(),
-        machine: cfg.machine.clone(),
-        accel: cfg.accel,
-        memory_mib: cfg.memory_mib,
-        cpus: cfg.cpus,
+        shape: cfg.shape.clone(),
         boot: cfg.guest.machine.boot.clone(),
         nic_model: cfg.guest.machine.nic_model,
         extra_args: {
@@ -308,12 +308,9 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
     }
     let controller = VmConfig {
         name: "controller".into(),
-        machine: cfg.machine.clone(),
-        accel: cfg.accel,
-        memory_mib: CONTROLLER_MEMORY_MIB,
-        cpus: 1,
+        shape: controller_shape(&cfg.shape),
         boot: Some(KernelBoot {
-            kernel: cfg.kernel.clone(),
+            kernel: cfg.controller.kernel.clone(),
             initrd: files.controller_initrd.clone(),
             append: crate::vm::kernel::APPEND.into(),
         }),
@@ -382,16 +379,15 @@ async fn run_prepared<T: Send + 'static>(
     let (guest_vm, controller_vm) = (&mut pair.guest, &mut pair.controller);
     let guest_load = async {
         if let Some(state) = &cfg.guest.revive_from {
-            snapshot::revive(cfg, "guest", state, cfg.memory_mib, &mut guest_qmp, guest_vm, &guest_log).await?;
+            snapshot::revive(cfg, "guest", state, &cfg.shape, &mut guest_qmp, guest_vm, &guest_log).await?;
             report.say("guest revived");
         }
         Ok::<_, RunError>(())
     };
     let controller_load = async {
         if let Some(state) = &cfg.controller.revive_from {
-            let qmp = &mut ctl_qmp;
-            snapshot::revive(cfg, "controller", state, CONTROLLER_MEMORY_MIB, qmp, controller_vm, &controller_log)
-                .await?;
+            let (qmp, shape) = (&mut ctl_qmp, &controller_shape(&cfg.shape));
+            snapshot::revive(cfg, "controller", state, shape, qmp, controller_vm, &controller_log).await?;
             report.say("controller revived");
         }
         Ok::<_, RunError>(())
@@ -402,7 +398,7 @@ async fn run_prepared<T: Send + 'static>(
     // The verdict; whether the pair was saved (an image's disk then must reach the host's
     // disk); what must stay open while the command runs (the session port, or the terminal's
     // relay through it).
-    let (verdict, saved, _session) = match &cfg.after {
+    let (verdict, saved, _session) = match &cfg.task.after {
         After::SavePair(to) => {
             doing.set("waiting for the controller to be ready to serve");
             save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
@@ -430,7 +426,7 @@ async fn run_prepared<T: Send + 'static>(
             let verdict = watch_pair(files, cfg.split_streams, &mut pair, report, doing).await?;
             report.say("command finished");
             let mut saved = false;
-            if let (After::SaveLayer(to), Verdict::Exited(0)) = (&cfg.after, &verdict) {
+            if let (After::SaveLayer(to), Verdict::Exited(0)) = (&cfg.task.after, &verdict) {
                 doing.set("waiting for the controller to be ready to serve again");
                 save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
                 saved = true;
@@ -455,10 +451,7 @@ async fn run_prepared<T: Send + 'static>(
     if torn.is_ok() {
         report.say("VMs stopped");
     }
-    let after = after.await.map_err(|e| RunError::Io {
-        what: "waiting for the work done after the verdict".into(),
-        source: std::io::Error::other(e.to_string()),
-    });
+    let after = after.await.map_err(RunError::After);
     torn?;
     Ok((verdict, after?))
 }
@@ -472,12 +465,12 @@ async fn controller_waiting(files: &Files, controller: &mut ProcessGuard) -> Res
         r = wait_until(&what, QEMU_UP_TIMEOUT, || {
             let seen = std::fs::read_to_string(serial).map(|t| t.contains(marker)).unwrap_or(false);
             async move { seen.then_some(()) }
-        }) => r.map_err(|e| e.to_string()),
-        s = controller.wait() => Err(format!("QEMU ended with {}", describe_status(s))),
+        }) => r.map_err(QemuFailure::NotWaiting),
+        s = controller.wait() => Err(QemuFailure::Ended(describe_status(s))),
     };
     waited.map_err(|detail| RunError::QemuNotUp {
         name: "controller".into(),
-        detail,
+        detail: Box::new(detail),
         log_tail: tail_lines(serial, LOG_TAIL_LINES),
     })
 }
@@ -510,18 +503,8 @@ async fn save_pair(cfg: &SessionConfig, guest_qmp: &mut Qmp, ctl_qmp: &mut Qmp, 
     let (g, c) = tokio::join!(guest_qmp.execute(&qmp::Stop), ctl_qmp.execute(&qmp::Stop));
     g.map_err(stop("guest"))?;
     c.map_err(stop("controller"))?;
-    let controller_header = StateHeader {
-        qemu_version: qemu_version(ctl_qmp),
-        memory_mib: CONTROLLER_MEMORY_MIB,
-        guest: "controller".into(),
-        machine: cfg.machine.clone(),
-    };
-    let guest_header = StateHeader {
-        qemu_version: qemu_version(guest_qmp),
-        memory_mib: cfg.memory_mib,
-        guest: guest_name.clone(),
-        machine: cfg.machine.clone(),
-    };
+    let controller_header = StateHeader::new(qemu_version(ctl_qmp), "controller", &controller_shape(&cfg.shape));
+    let guest_header = StateHeader::new(qemu_version(guest_qmp), guest_name, &cfg.shape);
     snapshot::save(cfg, ctl_qmp, controller_state, &controller_header).await?;
     snapshot::save(cfg, guest_qmp, guest_state, &guest_header).await?;
     Ok(())
@@ -615,7 +598,7 @@ async fn watch_pair(
             }
             Failure::SwitchDied(s) => RunError::SwitchDied { status: describe_status(s) },
             Failure::NoExitCode => RunError::NoExitCode { log_tail: controller_tail() },
-            Failure::Agent(message) => RunError::Agent { message, log_tail: guest_tail() },
+            Failure::Agent(error) => RunError::Agent { error, log_tail: guest_tail() },
         });
     }
 }

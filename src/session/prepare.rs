@@ -38,14 +38,14 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     }
     let job = JobConfig {
         xchg: files.xchg.clone(),
-        command: cfg.command.clone(),
-        set_clock: cfg.set_clock,
+        command: cfg.task.command.clone(),
+        set_clock: cfg.set_clock(),
         kill_smbd_after_secs: match cfg.test_fault {
             Some(TestFault::KillSmbdAfter(secs)) => Some(secs),
             _ => None,
         },
         terminal: cfg.terminal.clone(),
-        ready_again: matches!(cfg.after, super::After::SaveLayer(_)),
+        ready_again: matches!(cfg.task.after, super::After::SaveLayer(_)),
         split_streams: cfg.split_streams,
     };
     if cfg.controller.system.is_some() {
@@ -56,7 +56,7 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         return Ok(files);
     }
     let key = files.xchg.join("key");
-    std::fs::copy(&cfg.key_file, &key).map_err(io(format!("copying the key {}", cfg.key_file.display())))?;
+    std::fs::copy(&cfg.guest.key, &key).map_err(io(format!("copying the key {}", cfg.guest.key.display())))?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).map_err(io("making the key private"))?;
@@ -80,8 +80,8 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
     files.session_line = controller::session_line(&mounts, &[files.run.clone()], &cfg.agent, &files.xchg)
         .map_err(RunError::SessionLine)?;
     if cfg.controller.initrd.is_none() {
-        let ctl =
-            controller::initramfs(&cfg.tools.busybox, &cfg.modules_dir, false).map_err(RunError::ControllerInit)?;
+        let ctl = controller::initramfs(&cfg.tools.busybox, &cfg.controller.modules, false)
+            .map_err(RunError::ControllerInit)?;
         ctl.write_gz_file(&files.controller_initrd)
             .map_err(io(format!("writing {}", files.controller_initrd.display())))?;
     }
@@ -94,7 +94,7 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
             guest_addr: format!("{GUEST_IP}:22"),
             user: SSH_USER.into(),
             key_file: key,
-            ssh_timeout_secs: cfg.timeout.as_secs().max(1),
+            ssh_timeout_secs: cfg.task.timeout.as_secs().max(1),
         },
         job,
     };

@@ -5,9 +5,10 @@
 //! needs none.
 
 use super::error::io;
-use super::error::RunError;
+use super::error::{QemuFailure, RunError};
 use super::SessionConfig;
 use crate::protocol::Subcommand;
+use crate::spec::MachineShape;
 use crate::vm::process::{self, describe_status, ProcessGuard};
 use crate::vm::qmp::{self, Qmp};
 use crate::vm::state::{self, StateHeader};
@@ -64,14 +65,15 @@ pub(super) async fn revive(
     cfg: &SessionConfig,
     name: &str,
     state: &Path,
-    memory_mib: u32,
+    shape: &MachineShape,
     qmp: &mut Qmp,
     vm: &mut ProcessGuard,
     log: &Path,
 ) -> Result<(), RunError> {
     let reader_error = cfg.work.join(format!("{name}-state-read.err"));
     // The state reader's own verdict (a corrupt file) comes first; QEMU's view follows.
-    let failed = |detail: String| {
+    let failed = |detail: QemuFailure| {
+        let detail = Box::new(detail);
         let log_tail = tail_lines(log, LOG_TAIL_LINES);
         match std::fs::read_to_string(&reader_error) {
             Ok(reader) if !reader.trim().is_empty() => {
@@ -82,17 +84,20 @@ pub(super) async fn revive(
     };
     let version = qemu_version(qmp);
     // The caller checked the frame; here what needs this QEMU: its version, the memory.
-    let wanted = state::Wanted { memory_mib, qemu_version: &version, machine: &cfg.machine };
+    let wanted = state::Wanted { memory_mib: shape.memory_mib, qemu_version: &version, machine: &shape.machine_type };
     state::inspect(state, Some(wanted)).map_err(RunError::State)?;
     let sub = Subcommand::StateRead { input: state.to_path_buf(), error_to: Some(reader_error.clone()) };
     let (mut reader, qemus_end) = state_process(cfg, &format!("{name}'s state reader"), &sub, true)?;
-    qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(|e| failed(format!("handing QEMU the state: {e}")))?;
+    let step = |step: &'static str| move |source| failed(QemuFailure::Step { step, source });
+    qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(step("handing QEMU the state"))?;
     drop(qemus_end);
     let uri = format!("fd:{STATE_FD}");
-    qmp.execute(&qmp::MigrateIncoming { uri }).await.map_err(|e| failed(format!("starting the load: {e}")))?;
+    qmp.execute(&qmp::MigrateIncoming { uri }).await.map_err(step("starting the load"))?;
     let loaded = tokio::select! {
-        r = qmp.wait_incoming(MIGRATION_TIMEOUT) => r.map_err(|e| format!("loading the saved state: {e}")),
-        s = vm.wait() => Err(format!("QEMU ended with {} while loading the saved state", describe_status(s))),
+        r = qmp.wait_incoming(MIGRATION_TIMEOUT) => {
+            r.map_err(|source| QemuFailure::Step { step: "loading the saved state", source })
+        }
+        s = vm.wait() => Err(QemuFailure::EndedLoading(describe_status(s))),
     };
     let loaded = match loaded {
         Ok(loaded) => loaded,
@@ -104,14 +109,14 @@ pub(super) async fn revive(
         }
     };
     // QEMU has read the whole stream; the reader has then checked the trailer and ended.
-    let status = tokio::time::timeout(STATE_FILE_TIMEOUT, reader.wait()).await.map_err(|_| {
-        failed(format!("the state reader did not end within {} s of the load", STATE_FILE_TIMEOUT.as_secs()))
-    })?;
+    let status = tokio::time::timeout(STATE_FILE_TIMEOUT, reader.wait())
+        .await
+        .map_err(|_| failed(QemuFailure::ReaderLate { after: STATE_FILE_TIMEOUT }))?;
     if !status.success() {
-        return Err(failed(format!("the state reader ended with {}", describe_status(status))));
+        return Err(failed(QemuFailure::ReaderFailed(describe_status(status))));
     }
     if loaded != "running" {
-        qmp.execute(&qmp::Cont).await.map_err(|e| failed(format!("continuing after the load: {e}")))?;
+        qmp.execute(&qmp::Cont).await.map_err(step("continuing after the load"))?;
     }
     Ok(())
 }

@@ -9,7 +9,7 @@
 //! than closed, so the controller gets [`GUEST_DEATH_GRACE`] to report before the guest is
 //! called dead ([`Phase::GuestGone`]).
 
-use crate::protocol::{parse_exit_file, Verdict};
+use crate::protocol::{parse_exit_file, ExitFileError, Verdict};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
@@ -52,8 +52,8 @@ pub enum Failure {
     SwitchDied(ExitStatus),
     /// The controller ended cleanly but wrote no exit file.
     NoExitCode,
-    /// The controller's exit file says it could not run the command.
-    Agent(String),
+    /// The controller's exit file says it could not run the command, or is unreadable.
+    Agent(ExitFileError),
 }
 
 impl Phase {
@@ -94,7 +94,7 @@ impl Phase {
         if let Some(text) = &seen.exit_file {
             return match parse_exit_file(text) {
                 Ok(verdict) => Step::Done(verdict),
-                Err(message) => Step::Fail(Failure::Agent(message)),
+                Err(error) => Step::Fail(Failure::Agent(error)),
             };
         }
         if let Some(status) = seen.controller_exit {
@@ -199,7 +199,9 @@ mod tests {
         let refused = Seen { controller_exit: Some(exited(0)), exit_file: Some(text.into()), ..seen(true) };
         assert_eq!(
             run(&[(0, refused)]).pop(),
-            Some(Step::Fail(Failure::Agent("authenticating with the image's key: denied".into())))
+            Some(Step::Fail(Failure::Agent(ExitFileError::Agent(
+                "authenticating with the image's key: denied".into()
+            ))))
         );
     }
 
@@ -225,6 +227,7 @@ mod tests {
         let reported = Seen { exit_file: Some("0\n".into()), ..seen(true) };
         assert_eq!(run(&[(0, seen(true)), (10, reported)]).pop(), Some(Step::Done(Verdict::Exited(0))));
         let refused = Seen { exit_file: Some("error smbd: gone\n".into()), ..seen(true) };
-        assert_eq!(run(&[(0, refused)]).pop(), Some(Step::Fail(Failure::Agent("smbd: gone".into()))));
+        let failed = Failure::Agent(ExitFileError::Agent("smbd: gone".into()));
+        assert_eq!(run(&[(0, refused)]).pop(), Some(Step::Fail(failed)));
     }
 }

@@ -4,12 +4,13 @@
 //! stores them as JSON in the derivation's environment (`winvmImageSpec`, `winvmBuildSpec`);
 //! the builder parses the same JSON again, so a hand-edited .drv is refused the same way.
 
+mod shape;
 mod windows;
 
+pub use shape::{Accel, MachineShape, MACHINE_ALIAS};
 pub use windows::{is_cygwin_package_name, WindowsOptions, WindowsOptionsError, MIN_DISK_SIZE_MIB};
 
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
 /// Default memory of the standin guest: a busybox system is happy with little.
 pub const STANDIN_MEMORY_MIB: u32 = 256;
@@ -89,22 +90,6 @@ impl GuestSpec {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn name(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
 /// Where the Windows installation ISO comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -117,16 +102,55 @@ pub enum IsoSource {
 
 /// Everything that decides what an image is. Two images with equal specs are interchangeable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(from = "ImageSpecJson", into = "ImageSpecJson")]
 pub struct ImageSpec {
     pub guest: GuestSpec,
-    pub memory_mib: u32,
-    pub cpus: u32,
-    pub accel: Accel,
+    /// Memory, CPUs, accelerator and firmware; the machine type is [`MACHINE_ALIAS`] (the image
+    /// records the versioned type its pair was saved as).
+    pub shape: MachineShape,
     pub timeout_secs: u64,
     pub disk_size_mib: u64,
-    /// UEFI firmware (OVMF) instead of the BIOS.
-    pub efi: bool,
+}
+
+/// An [`ImageSpec`] as JSON (a derivation's `winvmImageSpec`, an image's meta.json): flat, its
+/// fields in the order they have always had, so that a derivation keeps its hash and a kept
+/// image its metadata.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ImageSpecJson {
+    guest: GuestSpec,
+    memory_mib: u32,
+    cpus: u32,
+    accel: Accel,
+    timeout_secs: u64,
+    disk_size_mib: u64,
+    efi: bool,
+}
+
+impl From<ImageSpecJson> for ImageSpec {
+    fn from(j: ImageSpecJson) -> ImageSpec {
+        ImageSpec {
+            guest: j.guest,
+            shape: MachineShape::new(j.accel, j.memory_mib, j.cpus, j.efi),
+            timeout_secs: j.timeout_secs,
+            disk_size_mib: j.disk_size_mib,
+        }
+    }
+}
+
+impl From<ImageSpec> for ImageSpecJson {
+    fn from(spec: ImageSpec) -> ImageSpecJson {
+        let MachineShape { accel, memory_mib, cpus, efi, .. } = spec.shape;
+        ImageSpecJson {
+            guest: spec.guest,
+            memory_mib,
+            cpus,
+            accel,
+            timeout_secs: spec.timeout_secs,
+            disk_size_mib: spec.disk_size_mib,
+            efi,
+        }
+    }
 }
 
 impl ImageSpec {
@@ -135,12 +159,9 @@ impl ImageSpec {
         let (memory_mib, cpus, disk_size_mib) = guest.defaults();
         ImageSpec {
             guest,
-            memory_mib,
-            cpus,
-            accel: Accel::Kvm,
+            shape: MachineShape::new(Accel::Kvm, memory_mib, cpus, false),
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             disk_size_mib,
-            efi: false,
         }
     }
 
@@ -151,36 +172,25 @@ impl ImageSpec {
     /// The checks the plugin runs at evaluation; the builder runs them again on the spec it
     /// parses, so a hand-edited derivation is refused with the same words.
     pub fn validate(&self) -> Result<(), SpecError> {
-        check_range("memory", self.memory_mib as i64, "MiB", MEMORY_MIB_RANGE)?;
-        check_range("cpus", self.cpus as i64, "count", CPUS_RANGE)?;
+        check_range("memory", self.shape.memory_mib as i64, "MiB", MEMORY_MIB_RANGE)?;
+        check_range("cpus", self.shape.cpus as i64, "count", CPUS_RANGE)?;
         check_range("timeout", self.timeout_secs as i64, "seconds", TIMEOUT_SECS_RANGE)?;
         check_range("diskSize", self.disk_size_mib.min(i64::MAX as u64) as i64, "MiB", DISK_SIZE_MIB_RANGE)?;
         if let GuestSpec::Windows(options) = &self.guest {
-            options.validate(self.disk_size_mib).map_err(SpecError::Windows)?;
+            options.validate(self.disk_size_mib)?;
         }
         Ok(())
     }
 }
 
 /// A spec that parsed but says something impossible.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
+    #[error("attribute '{attr}' must be between {} and {} ({unit}), got {value}", range.0, range.1)]
     OutOfRange { attr: &'static str, value: i64, unit: &'static str, range: (i64, i64) },
-    Windows(WindowsOptionsError),
+    #[error(transparent)]
+    Windows(#[from] WindowsOptionsError),
 }
-
-impl fmt::Display for SpecError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SpecError::OutOfRange { attr, value, unit, range } => {
-                write!(f, "attribute '{attr}' must be between {} and {} ({unit}), got {value}", range.0, range.1)
-            }
-            SpecError::Windows(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for SpecError {}
 
 /// `value` of the attribute `attr` within `range`.
 pub fn check_range(attr: &'static str, value: i64, unit: &'static str, range: (i64, i64)) -> Result<(), SpecError> {
@@ -222,19 +232,12 @@ pub fn layer_command_attr(index: usize) -> String {
     format!("winvmLayerCommand{index}")
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} (was the derivation written by another nix-winvm version?): {detail}")]
 pub struct SpecJsonError {
     pub what: &'static str,
     pub detail: String,
 }
-
-impl fmt::Display for SpecJsonError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid {} (was the derivation written by another nix-winvm version?): {}", self.what, self.detail)
-    }
-}
-
-impl std::error::Error for SpecJsonError {}
 
 /// Parses and validates an image spec.
 pub fn image_spec_from_json(s: &str) -> Result<ImageSpec, SpecJsonError> {
@@ -291,6 +294,19 @@ mod tests {
         assert!(err.contains("unknown field `colour`"), "{err}");
     }
 
+    /// The JSON is a derivation's attribute and part of every kept image's meta.json: the
+    /// shape inside the spec leaves it as it was, field for field and in order.
+    #[test]
+    fn an_image_spec_keeps_its_json() {
+        let json = r#"{"guest":"standin","memoryMib":256,"cpus":1,"accel":"kvm","timeoutSecs":3600,"diskSizeMib":1024,"efi":false}"#;
+        assert_eq!(to_json(&ImageSpec::standin()), json);
+        let spec = image_spec_from_json(&json.replace("256", "512").replace("false", "true")).unwrap();
+        assert_eq!(spec.shape, MachineShape::new(Accel::Kvm, 512, 1, true));
+        assert_eq!(spec.shape.machine_type, MACHINE_ALIAS);
+        let missing = image_spec_from_json(&json.replace(r#","efi":false"#, "")).unwrap_err().to_string();
+        assert!(missing.contains("missing field `efi`"), "{missing}");
+    }
+
     #[test]
     fn a_parsed_spec_is_validated_like_the_plugins() {
         let mut spec = ImageSpec::new(GuestSpec::Windows(WindowsOptions::new("Windows 11 Pro")));
@@ -301,7 +317,7 @@ mod tests {
              attribute 'diskSize' (1024 MiB) is below the 32768 MiB Windows needs"
         );
         let mut spec = ImageSpec::standin();
-        spec.memory_mib = 3;
+        spec.shape.memory_mib = 3;
         let build = BuildSpec { image: spec, timeout_secs: 5, run_original_builder: false };
         assert_eq!(
             build_spec_from_json(&to_json(&build)).unwrap_err().detail,
@@ -316,6 +332,6 @@ mod tests {
         assert!(json.starts_with(r#"{"guest":{"windows":{"iso":"path","edition":"Windows 11 Pro","#), "{json}");
         assert_eq!(image_spec_from_json(&json).unwrap(), windows);
         assert_eq!(to_json(&ImageSpec::standin().guest), r#""standin""#);
-        assert_eq!((windows.memory_mib, windows.disk_size_mib), (WINDOWS_MEMORY_MIB, WINDOWS_DISK_SIZE_MIB));
+        assert_eq!((windows.shape.memory_mib, windows.disk_size_mib), (WINDOWS_MEMORY_MIB, WINDOWS_DISK_SIZE_MIB));
     }
 }

@@ -4,7 +4,6 @@
 
 use super::{IsoSource, DEFAULT_LOCALE};
 use serde::{Deserialize, Serialize};
-use std::fmt;
 
 /// Windows 10/11 and Server 2019+ need at least 32 GB.
 pub const MIN_DISK_SIZE_MIB: u64 = 32_768;
@@ -51,10 +50,6 @@ impl WindowsOptions {
         self.edition.contains("11")
     }
 
-    pub fn is_server(&self) -> bool {
-        self.edition.to_ascii_lowercase().contains("server")
-    }
-
     /// The options, for an image whose disk has `disk_size_mib`.
     pub fn validate(&self, disk_size_mib: u64) -> Result<(), WindowsOptionsError> {
         use WindowsOptionsError as E;
@@ -90,49 +85,26 @@ impl WindowsOptions {
 }
 
 /// Each names the `windowsImage` attribute at fault, as the user wrote it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WindowsOptionsError {
+    #[error("attribute 'edition' is empty: give the image name from install.wim, e.g. \"Windows 11 Pro\"")]
     EmptyEdition,
+    #[error("attribute '{attr}' contains a control character")]
     ControlCharacter { attr: &'static str },
+    #[error(
+        "attribute 'productKey' (\"{key}\") is not five groups of five upper-case letters or digits \
+         (XXXXX-XXXXX-XXXXX-XXXXX-XXXXX)"
+    )]
     InvalidProductKey { key: String },
+    #[error("attribute 'locale' (\"{locale}\") is not a language tag such as \"en-US\"")]
     InvalidLocale { locale: String },
+    #[error("attribute 'diskSize' ({disk_size_mib} MiB) is below the {MIN_DISK_SIZE_MIB} MiB Windows needs")]
     DiskTooSmall { disk_size_mib: u64 },
+    #[error("attribute 'cygwinPackages': \"{name}\" is not a Cygwin package name (letters, digits and . _ + -)")]
     InvalidCygwinPackage { name: String },
+    #[error("attribute 'installCommands': command {index} contains a NUL byte")]
     NulInInstallCommand { index: usize },
 }
-
-impl fmt::Display for WindowsOptionsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use WindowsOptionsError as E;
-        match self {
-            E::EmptyEdition => {
-                write!(f, "attribute 'edition' is empty: give the image name from install.wim, e.g. \"Windows 11 Pro\"")
-            }
-            E::ControlCharacter { attr } => write!(f, "attribute '{attr}' contains a control character"),
-            E::InvalidProductKey { key } => write!(
-                f,
-                "attribute 'productKey' (\"{key}\") is not five groups of five upper-case letters or digits \
-                 (XXXXX-XXXXX-XXXXX-XXXXX-XXXXX)"
-            ),
-            E::InvalidLocale { locale } => {
-                write!(f, "attribute 'locale' (\"{locale}\") is not a language tag such as \"en-US\"")
-            }
-            E::DiskTooSmall { disk_size_mib } => write!(
-                f,
-                "attribute 'diskSize' ({disk_size_mib} MiB) is below the {MIN_DISK_SIZE_MIB} MiB Windows needs"
-            ),
-            E::InvalidCygwinPackage { name } => write!(
-                f,
-                "attribute 'cygwinPackages': \"{name}\" is not a Cygwin package name (letters, digits and . _ + -)"
-            ),
-            E::NulInInstallCommand { index } => {
-                write!(f, "attribute 'installCommands': command {index} contains a NUL byte")
-            }
-        }
-    }
-}
-
-impl std::error::Error for WindowsOptionsError {}
 
 fn is_product_key(key: &str) -> bool {
     let groups: Vec<&str> = key.split('-').collect();

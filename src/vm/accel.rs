@@ -5,13 +5,16 @@
 
 use super::sys::kvm;
 use crate::spec::Accel;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub const DEV_KVM: &str = "/dev/kvm";
 pub const CPUINFO: &str = "/proc/cpuinfo";
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "accel = \"kvm\" was requested but KVM is not usable here: {reason}{}. Use accel = \"tcg\" (software emulation, much slower) or build on a machine with hardware virtualisation",
+    note.as_ref().map(|note| format!("; {note}")).unwrap_or_default()
+)]
 pub struct NoKvm {
     /// Why, in a few words (the fallback line of `run --accel auto` shows it).
     pub reason: String,
@@ -20,55 +23,36 @@ pub struct NoKvm {
     pub note: Option<String>,
 }
 
-impl fmt::Display for NoKvm {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "accel = \"kvm\" was requested but KVM is not usable here: {}", self.reason)?;
-        if let Some(note) = &self.note {
-            write!(f, "; {note}")?;
-        }
-        write!(
-            f,
-            ". Use accel = \"tcg\" (software emulation, much slower) or build on a machine with hardware virtualisation"
-        )
-    }
-}
-
-impl std::error::Error for NoKvm {}
-
 /// The first step of the device probe that failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum KvmDeviceError {
     /// ENOENT: no KVM module loaded, or a sandbox without the device.
-    Missing {
-        path: PathBuf,
-    },
+    #[error(
+        "{} does not exist: the kernel has no KVM module loaded (kvm_intel or kvm_amd), or the Nix sandbox does not pass the device in (it does for derivations that require the 'kvm' system feature)",
+        path.display()
+    )]
+    Missing { path: PathBuf },
     /// EACCES: the device's owner, group and mode, and who asked.
-    Denied {
-        path: PathBuf,
-        uid: u32,
-        owner: Owner,
-    },
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{}", denied(path, *uid, owner))]
+    Denied { path: PathBuf, uid: u32, owner: Owner },
+    #[error("{} cannot be opened: {source}", path.display())]
+    Open { path: PathBuf, source: std::io::Error },
     /// KVM_GET_API_VERSION refused: not a KVM device.
-    NotKvm {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    ApiVersion {
-        path: PathBuf,
-        version: i32,
-    },
-    CreateVm {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    CreateVcpu {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{} is not a KVM device: KVM_GET_API_VERSION failed ({source})", path.display())]
+    NotKvm { path: PathBuf, source: std::io::Error },
+    #[error(
+        "{} speaks KVM API version {version}, not {}: this kernel's KVM is not the one QEMU uses",
+        path.display(),
+        kvm::API_VERSION
+    )]
+    ApiVersion { path: PathBuf, version: i32 },
+    #[error(
+        "{} opens, but the kernel refuses to create a VM (KVM_CREATE_VM: {source}); hardware virtualisation may be disabled in the firmware, or taken by another hypervisor",
+        path.display()
+    )]
+    CreateVm { path: PathBuf, source: std::io::Error },
+    #[error("{} creates a VM, but not a virtual CPU in it (KVM_CREATE_VCPU: {source})", path.display())]
+    CreateVcpu { path: PathBuf, source: std::io::Error },
 }
 
 /// Who may open a device file.
@@ -81,54 +65,21 @@ pub struct Owner {
     pub mode: u32,
 }
 
-impl fmt::Display for KvmDeviceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            KvmDeviceError::Missing { path } => write!(
-                f,
-                "{} does not exist: the kernel has no KVM module loaded (kvm_intel or kvm_amd), or the Nix sandbox does not pass the device in (it does for derivations that require the 'kvm' system feature)",
-                path.display()
-            ),
-            KvmDeviceError::Denied { path, uid, owner } => {
-                let group = owner.group.as_ref().map(|g| format!("'{g}'")).unwrap_or_else(|| format!("gid {}", owner.gid));
-                let access = if owner.gid == 0 {
-                    format!("its group is root's: give it a group of its own (usually 'kvm') with mode 0660 and make uid {uid} a member, or mode 0666 as NixOS does")
-                } else {
-                    format!("join the group {group} (for Nix's build users: add them to it), or give the device mode 0666 as NixOS does")
-                };
-                write!(
-                    f,
-                    "{} cannot be opened for reading and writing by uid {uid}: permission denied (owner uid {}, group {group}, mode {:04o}); {access}",
-                    path.display(),
-                    owner.uid,
-                    owner.mode & 0o7777,
-                )
-            }
-            KvmDeviceError::Open { path, source } => write!(f, "{} cannot be opened: {source}", path.display()),
-            KvmDeviceError::NotKvm { path, source } => {
-                write!(f, "{} is not a KVM device: KVM_GET_API_VERSION failed ({source})", path.display())
-            }
-            KvmDeviceError::ApiVersion { path, version } => write!(
-                f,
-                "{} speaks KVM API version {version}, not {}: this kernel's KVM is not the one QEMU uses",
-                path.display(),
-                kvm::API_VERSION
-            ),
-            KvmDeviceError::CreateVm { path, source } => write!(
-                f,
-                "{} opens, but the kernel refuses to create a VM (KVM_CREATE_VM: {source}); hardware virtualisation may be disabled in the firmware, or taken by another hypervisor",
-                path.display()
-            ),
-            KvmDeviceError::CreateVcpu { path, source } => write!(
-                f,
-                "{} creates a VM, but not a virtual CPU in it (KVM_CREATE_VCPU: {source})",
-                path.display()
-            ),
-        }
-    }
+/// [`KvmDeviceError::Denied`]: who owns the device, and how `uid` gets access.
+fn denied(path: &Path, uid: u32, owner: &Owner) -> String {
+    let group = owner.group.as_ref().map(|g| format!("'{g}'")).unwrap_or_else(|| format!("gid {}", owner.gid));
+    let access = if owner.gid == 0 {
+        format!("its group is root's: give it a group of its own (usually 'kvm') with mode 0660 and make uid {uid} a member, or mode 0666 as NixOS does")
+    } else {
+        format!("join the group {group} (for Nix's build users: add them to it), or give the device mode 0666 as NixOS does")
+    };
+    format!(
+        "{} cannot be opened for reading and writing by uid {uid}: permission denied (owner uid {}, group {group}, mode {:04o}); {access}",
+        path.display(),
+        owner.uid,
+        owner.mode & 0o7777,
+    )
 }
-
-impl std::error::Error for KvmDeviceError {}
 
 /// Opens `dev_kvm` and makes the calls QEMU makes first: the API version, a VM, a vCPU. All
 /// is closed again before this returns.

@@ -2,23 +2,15 @@
 //! under TCG its self-decompression costs seconds. The uncompressed ELF (vmlinux) boots through
 //! its PVH entry point instead: measured here, a cold guest reached SSH in 3.5 s instead of 6.5 s.
 
-use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("cannot make an uncompressed kernel: {0}")]
 pub struct PvhError(pub String);
-
-impl fmt::Display for PvhError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot make an uncompressed kernel: {}", self.0)
-    }
-}
-
-impl std::error::Error for PvhError {}
 
 /// Writes the uncompressed kernel inside `vmlinuz` to `dest` (atomically).
 pub fn extract_vmlinux(vmlinuz: &Path, dest: &Path, xz: &Path) -> Result<(), PvhError> {

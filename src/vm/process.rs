@@ -1,25 +1,17 @@
 //! Child processes owned by guards: each in its own process group, shut down gracefully on
 //! request, and killed as a group and reaped when the guard is dropped, whatever happened.
 
-use std::fmt;
 use std::process::ExitStatus;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start {name} ({program}): {source}")]
 pub struct SpawnError {
     pub name: String,
     pub program: String,
     pub source: std::io::Error,
 }
-
-impl fmt::Display for SpawnError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot start {} ({}): {}", self.name, self.program, self.source)
-    }
-}
-
-impl std::error::Error for SpawnError {}
 
 pub struct ProcessGuard {
     name: String,

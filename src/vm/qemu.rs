@@ -1,12 +1,19 @@
 //! QEMU command lines for the guest and the controller. Pure: built here, run by the caller.
 
-use crate::spec::Accel;
+pub use crate::spec::MACHINE_ALIAS;
+use crate::spec::{Accel, MachineShape};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 pub const GUEST_MAC: &str = "52:54:00:12:01:01";
 pub const CONTROLLER_MAC: &str = "52:54:00:12:01:02";
 pub const CONTROLLER_MEMORY_MIB: u32 = 256;
+
+/// The controller beside a guest of shape `guest`: the same accelerator and machine type (the
+/// pair is saved and revived together, by one QEMU), its own memory, one CPU, the BIOS.
+pub fn controller_shape(guest: &MachineShape) -> MachineShape {
+    MachineShape { memory_mib: CONTROLLER_MEMORY_MIB, cpus: 1, efi: false, ..guest.clone() }
+}
 
 /// A directory the controller gets over 9p.
 #[derive(Debug, Clone)]
@@ -79,26 +86,31 @@ pub fn option_path(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
 }
 
-/// virtio for the Linux VMs; e1000e for Windows, which has no virtio driver built in. Its PCI
-/// address is fixed: Windows binds its network settings to the adapter's slot.
-/// The machine every VM is: QEMU's name for its newest Q35 machine type.
-pub const MACHINE_ALIAS: &str = "q35";
+/// Why the machine type [`MACHINE_ALIAS`] stands for is unknown.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineTypeError {
+    #[error("running {} -machine help: {source}", qemu.display())]
+    Run { qemu: PathBuf, source: std::io::Error },
+    #[error("{} -machine help failed ({status})", qemu.display())]
+    Failed { qemu: PathBuf, status: std::process::ExitStatus },
+    #[error("{} -machine help names no machine type that '{MACHINE_ALIAS}' stands for", qemu.display())]
+    NoAlias { qemu: PathBuf },
+}
 
 /// The versioned machine type [`MACHINE_ALIAS`] stands for in `qemu` (`pc-q35-10.0`), read from
 /// its `-machine help`. An image records it, and every revive asks for it by that name: a newer
 /// QEMU keeps older machine types, so it still loads the image's memory.
-pub fn machine_type(qemu: &Path) -> Result<String, String> {
+pub fn machine_type(qemu: &Path) -> Result<String, MachineTypeError> {
     let out = std::process::Command::new(qemu)
         .args(["-machine", "help"])
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("running {} -machine help: {e}", qemu.display()))?;
+        .map_err(|source| MachineTypeError::Run { qemu: qemu.into(), source })?;
     if !out.status.success() {
-        return Err(format!("{} -machine help failed ({})", qemu.display(), out.status));
+        return Err(MachineTypeError::Failed { qemu: qemu.into(), status: out.status });
     }
-    aliased_machine(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
-        format!("{} -machine help names no machine type that '{MACHINE_ALIAS}' stands for", qemu.display())
-    })
+    aliased_machine(&String::from_utf8_lossy(&out.stdout))
+        .ok_or_else(|| MachineTypeError::NoAlias { qemu: qemu.into() })
 }
 
 /// From `-machine help`'s line `q35  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)`.
@@ -111,6 +123,8 @@ fn aliased_machine(help: &str) -> Option<String> {
         .filter(|name| !name.is_empty())
 }
 
+/// virtio for the Linux VMs; e1000e for Windows, which has no virtio driver built in. Its PCI
+/// address is fixed: Windows binds its network settings to the adapter's slot.
 pub const VIRTIO_NET: &str = "virtio-net-pci";
 /// QEMU's VM Generation ID device, with a GUID of its own at every start (see [`VmConfig::args`]).
 pub const VMGENID: &str = "vmgenid,guid=auto";
@@ -119,11 +133,9 @@ pub const E1000E: &str = "e1000e,addr=0x5";
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub name: String,
-    /// `-machine`: [`MACHINE_ALIAS`], or the versioned type it stood for when an image was made.
-    pub machine: String,
-    pub accel: Accel,
-    pub memory_mib: u32,
-    pub cpus: u32,
+    /// `-accel`, `-m`, `-smp`, `-machine` (see [`MachineShape::machine_type`]); its `efi` is
+    /// what [`VmConfig::uefi`] gives the files of.
+    pub shape: MachineShape,
     pub boot: Option<KernelBoot>,
     pub nic_model: &'static str,
     /// Guest-specific devices (Windows: AHCI disks, CD, floppy, display).
@@ -141,6 +153,7 @@ pub struct VmConfig {
     pub incoming: Option<String>,
     /// See [`Machine::hyperv`]; only under KVM (TCG does not offer them).
     pub hyperv: bool,
+    /// OVMF's files: present exactly when the shape's `efi` is set.
     pub uefi: Option<Uefi>,
     /// A VM with a display: the QMP socket its screenshots are taken through (a second
     /// monitor, so that taking them never waits for the session's own QMP traffic).
@@ -164,11 +177,9 @@ fn p(x: &Path) -> String {
 
 impl VmConfig {
     pub fn args(&self) -> Vec<OsString> {
-        let accel = match self.accel {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        };
-        let cpu = match (self.accel, self.hyperv) {
+        let shape = &self.shape;
+        debug_assert_eq!(shape.efi, self.uefi.is_some(), "{}: the firmware's files and the shape disagree", self.name);
+        let cpu = match (shape.accel, self.hyperv) {
             (Accel::Kvm, true) => format!("host,{HYPERV_FEATURES}"),
             (Accel::Kvm, false) => "host".to_owned(),
             (Accel::Tcg, _) => "max".to_owned(),
@@ -177,15 +188,15 @@ impl VmConfig {
             s("-name"),
             s(&self.name),
             s("-machine"),
-            s(&self.machine),
+            s(&shape.machine_type),
             s("-accel"),
-            s(accel),
+            s(shape.accel.name()),
             s("-cpu"),
             s(&cpu),
             s("-m"),
-            s(&self.memory_mib.to_string()),
+            s(&shape.memory_mib.to_string()),
             s("-smp"),
-            s(&self.cpus.to_string()),
+            s(&shape.cpus.to_string()),
             s("-nodefaults"),
             s("-display"),
             s("none"),
@@ -285,10 +296,7 @@ mod tests {
     fn command_line_has_the_measured_flags() {
         let c = VmConfig {
             name: "guest".into(),
-            machine: "pc-q35-10.0".into(),
-            accel: Accel::Tcg,
-            memory_mib: 256,
-            cpus: 1,
+            shape: MachineShape::new(Accel::Tcg, 256, 1, false).with_machine_type("pc-q35-10.0"),
             boot: Some(KernelBoot { kernel: "/k".into(), initrd: "/i".into(), append: "console=ttyS0".into() }),
             nic_model: VIRTIO_NET,
             extra_args: vec![],
@@ -325,7 +333,7 @@ mod tests {
         let with_hyperv = VmConfig { hyperv: true, ..c.clone() };
         let tcg = with_hyperv.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(tcg.contains("-cpu max -m"), "{tcg}");
-        let kvm = VmConfig { accel: Accel::Kvm, ..with_hyperv };
+        let kvm = VmConfig { shape: MachineShape { accel: Accel::Kvm, ..c.shape.clone() }, ..with_hyperv };
         let kvm = kvm.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(kvm.contains("-accel kvm -cpu host,hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-time -m"), "{kvm}");
         // No display unless asked for; with one, a second QMP socket for its screenshots.
@@ -354,7 +362,11 @@ mod tests {
         assert!(line.contains("-chardev file,id=serial0,path=/w/serial.log -serial chardev:serial0"), "{line}");
         // UEFI: OVMF's code read-only, the image's variable store writable; commas doubled.
         assert!(!line.contains("pflash"));
-        let uefi = VmConfig { uefi: Some(Uefi { code: "/o/CODE.fd".into(), vars: "/w/va,rs.fd".into() }), ..c };
+        let uefi = VmConfig {
+            shape: MachineShape { efi: true, ..c.shape.clone() },
+            uefi: Some(Uefi { code: "/o/CODE.fd".into(), vars: "/w/va,rs.fd".into() }),
+            ..c
+        };
         let uefi = uefi.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         assert!(
             uefi.contains(

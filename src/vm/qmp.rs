@@ -239,79 +239,27 @@ pub struct QemuVersion {
     pub micro: u32,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum QmpError {
-    Connect {
-        socket: PathBuf,
-        waited: Duration,
-        source: io::Error,
-    },
-    Io {
-        peer: String,
-        during: String,
-        source: io::Error,
-    },
-    Timeout {
-        peer: String,
-        awaited: String,
-        after: Duration,
-    },
+    #[error("could not connect to QMP socket {} within {}: {source}", socket.display(), seconds(*waited))]
+    Connect { socket: PathBuf, waited: Duration, source: io::Error },
+    #[error("{peer}: {during}: {source}")]
+    Io { peer: String, during: String, source: io::Error },
+    #[error("{peer}: timed out after {} waiting for {awaited}", seconds(*after))]
+    Timeout { peer: String, awaited: String, after: Duration },
     /// End of file while something was awaited, or the connection was closed before.
-    Closed {
-        peer: String,
-        awaited: String,
-    },
-    Protocol {
-        peer: String,
-        what: String,
-    },
+    #[error("{peer} closed while waiting for {awaited}")]
+    Closed { peer: String, awaited: String },
+    #[error("{peer}: protocol error: {what}")]
+    Protocol { peer: String, what: String },
     /// QEMU's error reply, as on the wire.
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
-    MigrationFailed {
-        status: String,
-        desc: Option<String>,
-    },
-}
-
-impl fmt::Display for QmpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QmpError::Connect { socket, waited, source } => {
-                write!(f, "could not connect to QMP socket {} within {}: {source}", socket.display(), seconds(*waited))
-            }
-            QmpError::Io { peer, during, source } => write!(f, "{peer}: {during}: {source}"),
-            QmpError::Timeout { peer, awaited, after } => {
-                write!(f, "{peer}: timed out after {} waiting for {awaited}", seconds(*after))
-            }
-            QmpError::Closed { peer, awaited } => {
-                write!(f, "{peer} closed while waiting for {awaited}")
-            }
-            QmpError::Protocol { peer, what } => write!(f, "{peer}: protocol error: {what}"),
-            QmpError::Command { command, class, desc } => {
-                write!(f, "QMP command {command} failed: {class}: {desc}")
-            }
-            QmpError::MigrationFailed { status, desc } => {
-                write!(f, "migration ended with status {status}")?;
-                match desc {
-                    Some(desc) => write!(f, ": {desc}"),
-                    None => write!(f, " (QEMU gave no reason)"),
-                }
-            }
-        }
-    }
-}
-
-impl std::error::Error for QmpError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            QmpError::Connect { source, .. } | QmpError::Io { source, .. } => Some(source),
-            _ => None,
-        }
-    }
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command { command: String, class: String, desc: String },
+    #[error("migration ended with status {status}{}", match desc {
+        Some(desc) => format!(": {desc}"),
+        None => " (QEMU gave no reason)".to_owned(),
+    })]
+    MigrationFailed { status: String, desc: Option<String> },
 }
 
 fn seconds(duration: Duration) -> String {
@@ -340,30 +288,21 @@ pub struct WireError {
 
 /// Why a line from the peer is not a QMP message. Each variant keeps the line (lossily
 /// decoded, trailing whitespace dropped) for the error message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MessageError {
+    #[error("not JSON ({detail}): {line}")]
     NotJson { detail: String, line: String },
+    #[error("not a JSON object: {line}")]
     NotAnObject { line: String },
+    #[error("bad greeting ({detail}): {line}")]
     BadGreeting { detail: String, line: String },
+    #[error("bad event ({detail}): {line}")]
     BadEvent { detail: String, line: String },
+    #[error("bad error reply ({detail}): {line}")]
     BadErrorReply { detail: String, line: String },
+    #[error("neither greeting, event nor reply: {line}")]
     Unrecognized { line: String },
 }
-
-impl fmt::Display for MessageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MessageError::NotJson { detail, line } => write!(f, "not JSON ({detail}): {line}"),
-            MessageError::NotAnObject { line } => write!(f, "not a JSON object: {line}"),
-            MessageError::BadGreeting { detail, line } => write!(f, "bad greeting ({detail}): {line}"),
-            MessageError::BadEvent { detail, line } => write!(f, "bad event ({detail}): {line}"),
-            MessageError::BadErrorReply { detail, line } => write!(f, "bad error reply ({detail}): {line}"),
-            MessageError::Unrecognized { line } => write!(f, "neither greeting, event nor reply: {line}"),
-        }
-    }
-}
-
-impl std::error::Error for MessageError {}
 
 /// Reads one line from QEMU (newline optional) as a greeting, an event or a reply. Pure, so
 /// that it can be tested and fuzzed apart from the socket.
@@ -492,10 +431,6 @@ impl Qmp {
         &self.greeting
     }
 
-    pub fn set_command_timeout(&mut self, timeout: Duration) {
-        self.command_timeout = timeout;
-    }
-
     /// Runs `command` and waits for its reply for the command timeout (30 s by default).
     pub async fn execute<C: Command>(&mut self, command: &C) -> Result<C::Reply, QmpError> {
         self.execute_within(command, self.command_timeout).await
@@ -619,7 +554,8 @@ impl Qmp {
     }
 
     /// The first event called `name`, taken from the queue if it already arrived; other
-    /// events stay queued.
+    /// events stay queued. (Only the tests wait for an event: the session polls the VM's state.)
+    #[cfg(test)]
     pub async fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Event, QmpError> {
         if let Some(index) = self.events.iter().position(|event| event.event == name) {
             if let Some(event) = self.events.remove(index) {

@@ -8,6 +8,7 @@
 //! `migrate-incoming fd:`).
 
 use crate::format::state::{self as frame, FrameError};
+use crate::spec::MachineShape;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,20 @@ pub struct StateHeader {
     pub guest: String,
     /// The versioned machine type the VM ran as (`pc-q35-10.0`), which a revive asks for again.
     pub machine: String,
+}
+
+impl StateHeader {
+    /// The header of a VM of `shape` that runs `guest`, saved by QEMU `qemu_version`. Of the
+    /// shape it records what a revive checks before QEMU reads a byte, the memory size and the
+    /// machine type; the rest is the image's spec, which a build's must equal.
+    pub fn new(qemu_version: String, guest: &str, shape: &MachineShape) -> StateHeader {
+        StateHeader {
+            qemu_version,
+            memory_mib: shape.memory_mib,
+            guest: guest.into(),
+            machine: shape.machine_type.clone(),
+        }
+    }
 }
 
 /// What a revive needs of a state file: the VM it is about to load it into.

@@ -6,7 +6,6 @@ use super::process::{describe_status, ProcessGuard, SpawnError};
 use super::sys::{self, vdeplug::Plug};
 use super::wait::{wait_until, TimedOut};
 use crate::format::pcap::{Frame, PcapWriter};
-use std::fmt;
 use std::io::BufWriter;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -30,46 +29,28 @@ const FRAME_BUFFER_BYTES: usize = 16 * 1024;
 /// Shorter than an Ethernet header: not a frame (libvdeplug's keep-alives are one byte).
 const ETHERNET_HEADER_BYTES: usize = 14;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StartSwitchError {
+    #[error(transparent)]
     Spawn(SpawnError),
+    #[error("vde_switch exited with {status}: {log}")]
     Exited { status: String, log: String },
-    NotReady(TimedOut),
+    #[error("vde_switch did not take a plug: {0}")]
+    NotReady(#[source] TimedOut),
 }
 
-impl fmt::Display for StartSwitchError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StartSwitchError::Spawn(e) => write!(f, "{e}"),
-            StartSwitchError::Exited { status, log } => write!(f, "vde_switch exited with {status}: {log}"),
-            StartSwitchError::NotReady(e) => write!(f, "vde_switch did not take a plug: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StartSwitchError {}
-
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     /// The file could not be made.
+    #[error("cannot create {}: {source}", path.display())]
     Create { path: PathBuf, source: std::io::Error },
     /// The capture's thread could not start.
-    Thread(std::io::Error),
+    #[error("cannot start the capture's thread: {0}")]
+    Thread(#[source] std::io::Error),
     /// The port that proved the switch ready was already used for a capture.
+    #[error("the switch's capture port is already in use")]
     NoPlug,
 }
-
-impl fmt::Display for CaptureError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CaptureError::Create { path, source } => write!(f, "cannot create {}: {source}", path.display()),
-            CaptureError::Thread(e) => write!(f, "cannot start the capture's thread: {e}"),
-            CaptureError::NoPlug => write!(f, "the switch's capture port is already in use"),
-        }
-    }
-}
-
-impl std::error::Error for CaptureError {}
 
 pub struct VdeSwitch {
     // First, so that it is dropped (stopped and flushed) before the switch is killed.
@@ -148,7 +129,8 @@ impl VdeSwitch {
     }
 
     /// How many frames the capture has taken so far (buffered: the file has them at its end).
-    pub fn captured_frames(&self) -> u64 {
+    #[cfg(test)]
+    fn captured_frames(&self) -> u64 {
         self.capture.as_ref().map(|c| c.frames.load(Ordering::Relaxed)).unwrap_or(0)
     }
 }
@@ -168,6 +150,8 @@ async fn plug_in(ctl: PathBuf) -> Option<Plug> {
 struct Capture {
     stop: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
+    /// Frames taken so far: what the tests wait for.
+    #[cfg_attr(not(test), allow(dead_code))]
     frames: Arc<AtomicU64>,
 }
 

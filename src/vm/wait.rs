@@ -2,23 +2,15 @@
 //! [`wait_until`] (async) or [`wait_until_blocking`] (its twin for threads that block, such as
 //! the agent's ssh2 steps). When it runs out, the error says what was awaited and for how long.
 
-use std::fmt;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("timed out after {:.1} s waiting for {what}", after.as_secs_f64())]
 pub struct TimedOut {
     pub what: String,
     pub after: Duration,
 }
-
-impl fmt::Display for TimedOut {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "timed out after {:.1} s waiting for {}", self.after.as_secs_f64(), self.what)
-    }
-}
-
-impl std::error::Error for TimedOut {}
 
 pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
 

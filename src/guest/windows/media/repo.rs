@@ -172,16 +172,27 @@ mod tests {
 
     // --- nix/cygwin.nix against the Rust parser -------------------------------------------
 
-    fn nix_eval(expr: &str) -> Result<serde_json::Value, String> {
+    /// Why `nix-instantiate --eval` gave no value.
+    #[derive(Debug, thiserror::Error)]
+    enum NixEvalError {
+        #[error("running nix-instantiate: {0}")]
+        Run(#[from] std::io::Error),
+        /// What it said on stderr (an evaluation error names the package).
+        #[error("{0}")]
+        Failed(String),
+        #[error("its output is not JSON: {0}")]
+        Json(#[from] serde_json::Error),
+    }
+
+    fn nix_eval(expr: &str) -> Result<serde_json::Value, NixEvalError> {
         let output = Command::new("nix-instantiate")
             .args(["--eval", "--strict", "--json", "-E", expr])
             .env("NIX_CONFIG", "build-users-group =")
-            .output()
-            .map_err(|e| e.to_string())?;
+            .output()?;
         if !output.status.success() {
-            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+            return Err(NixEvalError::Failed(String::from_utf8_lossy(&output.stderr).into_owned()));
         }
-        serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())
+        Ok(serde_json::from_slice(&output.stdout)?)
     }
 
     fn nix_string(s: &str) -> String {
@@ -299,7 +310,7 @@ mod tests {
         }
         let ini = fixtures().join("setup.ini");
         let expr = format!("({}).closure", repo_expr(&ini, &["no-such-package"], "file:///nowhere"));
-        let err = nix_eval(&expr).expect_err("unknown package");
+        let err = nix_eval(&expr).expect_err("unknown package").to_string();
         assert!(
             err.contains("cygwin package 'no-such-package' (requested for installation) is not in setup.ini"),
             "{err}"
@@ -308,7 +319,8 @@ mod tests {
         let broken = dir.path().join("setup.ini");
         fs::write(&broken, "@ openssh\ndepends2: foo (>= 2)\n@ cygrunsrv\n").expect("write");
         let err = nix_eval(&format!("({}).closure", repo_expr(&broken, &[], "file:///nowhere")))
-            .expect_err("missing dependency");
+            .expect_err("missing dependency")
+            .to_string();
         assert!(err.contains("cygwin package 'foo' (required by 'openssh') is not in setup.ini"), "{err}");
     }
 
