@@ -19,7 +19,7 @@
 mod common;
 
 use common::{derivation, derivation_on, nix, nix_build, nix_instantiate, run_stamped, Stamped, BUILDER, IMAGE};
-use nix_winvm::vm::qmp::{Cont, Migrate, Qmp, QueryStatus, Quit, Stop};
+use nix_winvm::testing::qmp::{Cont, Migrate, Qmp, QueryStatus, Quit, Stop};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -178,9 +178,9 @@ fn main() {
     let media = std::fs::read_link(image.join("media")).unwrap();
     let w = tmp.path();
     let key = w.join("key");
-    let pubkey = nix_winvm::builder::stages::generate_key(Path::new("/usr/bin/ssh-keygen"), &key).unwrap();
+    let pubkey = nix_winvm::testing::generate_key(Path::new("/usr/bin/ssh-keygen"), &key).unwrap();
     let initrd = w.join("guest.img");
-    let img = nix_winvm::guest::standin::initramfs(
+    let img = nix_winvm::testing::standin_initramfs(
         Path::new("/bin/busybox"),
         Path::new("/usr/sbin/dropbear"),
         &media.join("modules"),
@@ -206,7 +206,7 @@ fn main() {
         qmp.execute(&Migrate { uri: format!("exec:cat > {}", raw.display()) }).await.unwrap();
         qmp.wait_migration(Duration::from_secs(120)).await.unwrap();
         let t_raw = t.elapsed().as_secs_f64();
-        let version = nix_winvm::session::qemu_version(&qmp);
+        let version = nix_winvm::testing::qemu_version(&qmp);
         let _ = qmp.execute(&Quit).await;
         drop(src);
         let gz = w.join("state.gz");
@@ -352,7 +352,7 @@ fn layers() {
         "  trivial layer, base cached: made in    {t_one:6.2} s   its disk {:.2} MB, guest state {:.1} MB, controller state {:.1} MB",
         file_mb("disk.qcow2"),
         file_mb("state"),
-        file_mb(nix_winvm::builder::image::CONTROLLER_STATE)
+        file_mb(nix_winvm::testing::CONTROLLER_STATE)
     );
     let three = layer(&layer(&one, 2), 3);
     let (_, t_two_more) = nix_build(&three);

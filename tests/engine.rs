@@ -222,7 +222,7 @@ fn hardware_virtualisation() -> bool {
 
 #[test]
 fn kvm_on_a_machine_without_it_fails_fast() {
-    if !nix_winvm::tools::test_requires(
+    if !nix_winvm::testing::test_requires(
         "a CPU without hardware virtualisation (no vmx/svm flag in /proc/cpuinfo)",
         !hardware_virtualisation(),
     ) {

@@ -288,7 +288,7 @@ fn a_guest_that_never_answers_ssh_is_named_with_its_console() {
 /// overlay and the outputs' archive both live there.
 #[test]
 fn a_full_build_folder_is_named_as_enospc() {
-    let root = nix_winvm::tools::test_requires("root (to mount a small tmpfs)", unsafe { libc::geteuid() } == 0);
+    let root = nix_winvm::testing::test_requires("root (to mount a small tmpfs)", unsafe { libc::geteuid() } == 0);
     if !root {
         return;
     }

@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use flate2::Crc;
 use nix_winvm::format::state::{FrameError, END_MAGIC, MAGIC};
-use nix_winvm::guest::windows::cygwin::{self, SetupIni, SetupIniError};
-use nix_winvm::plugin::ffi::bridge::{Kind, Node};
-use nix_winvm::plugin::value::{from_nodes, to_nodes, DecodeError, Val};
-use nix_winvm::vm::qmp::{self, Message, MessageError};
-use nix_winvm::vm::state::{self, StateFileError, StateHeader};
+use nix_winvm::testing::cygwin::{self, SetupIni, SetupIniError};
+use nix_winvm::testing::plugin_bridge::{Kind, Node};
+use nix_winvm::testing::plugin_value::{from_nodes, to_nodes, DecodeError, Val};
+use nix_winvm::testing::qmp::{self, Message, MessageError};
+use nix_winvm::testing::state::{self, StateFileError, StateHeader};
 use serde_json::Value;
 
 #[path = "fuzz/formats.rs"]

@@ -197,7 +197,7 @@ fn a_newer_qemu_revives_the_image_as_the_machine_it_was_saved_as() {
     let machine = meta(&image)["machine"].as_str().unwrap().to_owned();
     let tmp = tempfile::tempdir().unwrap();
     let newer = newer_qemu(tmp.path());
-    if !nix_winvm::tools::test_requires("the Nix 2.34 root's QEMU (scripts/setup makes it)", newer.is_some()) {
+    if !nix_winvm::testing::test_requires("the Nix 2.34 root's QEMU (scripts/setup makes it)", newer.is_some()) {
         return;
     }
     let (qemu, used) = newer.unwrap();

@@ -37,7 +37,7 @@ fn run_with_kvm_says_exactly_why_kvm_is_unusable() {
         .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
     // What is tested is the refusal on a CPU without vmx/svm; elsewhere it cannot be seen, and
     // with NIX_WINVM_REQUIRE_TOOLS=1 that fails the test rather than skipping it.
-    if !nix_winvm::tools::test_requires(
+    if !nix_winvm::testing::test_requires(
         "a CPU without hardware virtualisation (no vmx/svm flag in /proc/cpuinfo)",
         !flag,
     ) {

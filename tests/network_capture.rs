@@ -20,7 +20,7 @@ fn tcpdump(args: &[&str], pcap: &Path) -> String {
 }
 
 fn has_tcpdump() -> bool {
-    nix_winvm::tools::test_requires("tcpdump", Command::new("tcpdump").arg("--version").output().is_ok())
+    nix_winvm::testing::test_requires("tcpdump", Command::new("tcpdump").arg("--version").output().is_ok())
 }
 
 /// A build revives a pair saved with its connections open: its capture holds SSH and SMB

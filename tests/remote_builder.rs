@@ -7,7 +7,7 @@
 
 mod common;
 use common::{builder, plugin, SANDBOX_CONFIG};
-use nix_winvm::vm::wait::{wait_until_blocking, Deadline};
+use nix_winvm::testing::wait::{wait_until_blocking, Deadline};
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -48,7 +48,7 @@ fn free_port() -> u16 {
 /// Starts sshd for root on 127.0.0.1 with keys of its own in `dir`. Every session runs through
 /// a wrapper that gives the remote Nix the same settings as the tests' local one.
 fn start_sshd(dir: &Path) -> Sshd {
-    assert!(nix_winvm::tools::test_requires("sshd (openssh-server)", Path::new(SSHD).is_file()), "sshd missing");
+    assert!(nix_winvm::testing::test_requires("sshd (openssh-server)", Path::new(SSHD).is_file()), "sshd missing");
     keygen(&dir.join("host"));
     keygen(&dir.join("client"));
     std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys")).unwrap();

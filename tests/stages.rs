@@ -477,7 +477,7 @@ fn a_uefi_standin_installs_suspends_revives_and_builds() {
     assert!(log.contains("guest revived"), "{log}");
     let image = built(&nix_build(image, &tmp.path().join("image")));
     let vars = std::fs::read(image.join("efi-vars.fd")).expect("the image's UEFI variable store");
-    let template = nix_winvm::tools::Ovmf::find().unwrap().vars_template;
+    let template = nix_winvm::testing::Ovmf::find().unwrap().vars_template;
     assert_eq!(vars.len() as u64, std::fs::metadata(&template).unwrap().len());
     assert_ne!(vars, std::fs::read(&template).unwrap(), "the firmware wrote its variables at the first boot");
 }
@@ -508,7 +508,7 @@ fn a_build_that_times_out_names_its_last_screenshot() {
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("{named} is not in the kept folder {}", build_dir.display()));
     let kept: Vec<_> = std::fs::read_dir(png.parent().unwrap()).unwrap().flatten().collect();
-    assert!((2..=nix_winvm::vm::screen::KEEP).contains(&kept.len()), "{} screenshots kept", kept.len());
+    assert!((2..=nix_winvm::testing::SCREENS_KEPT).contains(&kept.len()), "{} screenshots kept", kept.len());
     let (w, h, pixels) = nix_winvm::format::png::decode(&std::fs::read(&png).unwrap()).unwrap();
     // VGA text mode: 80x25 cells of 9x16 pixels. Text is there: more than one colour, and
     // more than the firmware's few lines of it.
@@ -525,7 +525,7 @@ fn a_build_that_times_out_names_its_last_screenshot() {
 fn builds_run_as_a_build_user_of_the_nixbld_group() {
     let group = Command::new("getent").args(["group", "nixbld"]).output().unwrap();
     assert!(
-        nix_winvm::tools::test_requires(
+        nix_winvm::testing::test_requires(
             "the nixbld group and its users (scripts/setup makes them)",
             group.status.success()
         ),

@@ -20,7 +20,7 @@ fn run_ok(cmd: &mut Command) {
 
 fn tool(name: &str) -> bool {
     let found = Command::new("sh").arg("-c").arg(format!("command -v {name} >/dev/null")).status().unwrap().success();
-    nix_winvm::tools::test_requires(name, found)
+    nix_winvm::testing::test_requires(name, found)
 }
 
 /// What the ISO's boot image writes on the screen: row 2, white on blue, from column 0.

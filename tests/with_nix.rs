@@ -10,7 +10,7 @@ fn a_multi_line_nix_config_reaches_each_modern_nix_whole() {
     let cache = std::env::var("NIX_WINVM_CACHE").unwrap_or_else(|_| "/var/cache/nix-winvm".into());
     for version in ["2.26", "2.34"] {
         let root = Path::new(&cache).join(format!("roots/nix-{version}/opt"));
-        if !nix_winvm::tools::test_requires(&format!("the Nix {version} root (scripts/setup)"), root.is_dir()) {
+        if !nix_winvm::testing::test_requires(&format!("the Nix {version} root (scripts/setup)"), root.is_dir()) {
             continue;
         }
         let config = "sandbox = true\nbuild-users-group =\nsubstituters =\nconnect-timeout = 7\n";

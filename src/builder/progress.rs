@@ -1,6 +1,6 @@
 //! Progress lines in the build log, each with the time since the stage started.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 #[derive(Clone, Copy)]
 pub struct Progress {
@@ -24,10 +24,6 @@ impl Progress {
             return;
         }
         eprintln!("nix-winvm: [{:6.2} s] {msg}", self.start.elapsed().as_secs_f64());
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.start.elapsed()
     }
 }
 

@@ -15,6 +15,6 @@ pub use crate::spec::{CONTROLLER_IP, GUEST_IP};
 pub const LAYER_DIR: &str = "layer";
 /// In the exchange folder, after a layer command failed: its number and exit code.
 pub const LAYER_FAILED: &str = "layer-failed";
-pub use profile::{profile, Install, MediaInputs, Profile, ProfileError};
+pub use profile::{profile, MediaInputs, Profile, ProfileError};
 
 pub const SSH_USER: &str = "Administrator";

@@ -103,13 +103,6 @@ const STANDIN_INSTALLER: &str = "installer.img";
 const STANDIN_BOOT: &str = "boot.img";
 
 impl Profile<'_> {
-    pub fn name(self) -> &'static str {
-        match self {
-            Profile::Standin => "standin",
-            Profile::Windows(_) => "windows",
-        }
-    }
-
     /// Writes what the guest installs and boots from into the media; returns the progress line.
     pub fn write_media(self, m: &MediaInputs) -> Result<String, ProfileError> {
         match self {

@@ -8,8 +8,7 @@ pub mod linux;
 mod modules;
 
 pub use archive::{Initramfs, InitramfsError};
-pub use closure::{default_lib_dirs, elf_closure, ElfError, DEFAULT_LIB_DIRS};
-pub use modules::{module_closure, module_depends, normalize_module_name, ModuleError};
+pub use modules::module_closure;
 
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::closure::{default_lib_dirs, elf_closure, ElfError};
+use super::modules::{module_depends, normalize_module_name, ModuleError};
 use super::*;
 
 const KERNEL_DIR: &str = "/var/cache/nix-winvm/kernel";

@@ -18,10 +18,9 @@ pub mod watch;
 
 pub use config::{
     vnc_from_env, After, BadTestFault, ControllerBoot, ExtraShare, GuestBoot, SaveTo, SessionConfig, Task, TestFault,
-    TEST_FAULT_VAR, VNC_SOCKET, VNC_VAR,
 };
 pub use error::{QemuFailure, RunError};
-pub use snapshot::{qemu_version, MIGRATION_TIMEOUT, STATE_FILE_TIMEOUT};
+pub use snapshot::qemu_version;
 pub use terminal::terminal_request;
 
 use crate::protocol::{self, Verdict};

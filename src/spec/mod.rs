@@ -8,7 +8,7 @@ mod shape;
 mod windows;
 
 pub use shape::{Accel, MachineShape, MACHINE_ALIAS};
-pub use windows::{is_cygwin_package_name, WindowsOptions, WindowsOptionsError, MIN_DISK_SIZE_MIB};
+pub use windows::{WindowsOptions, WindowsOptionsError};
 
 use serde::{Deserialize, Serialize};
 
@@ -165,6 +165,7 @@ impl ImageSpec {
         }
     }
 
+    #[cfg(test)]
     pub fn standin() -> ImageSpec {
         ImageSpec::new(GuestSpec::Standin)
     }

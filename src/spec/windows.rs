@@ -2,7 +2,7 @@
 //! evaluates `windowsImage` and when the builder reads the spec back, so a bad product key or
 //! a 1 GiB disk fails in seconds at evaluation, not an hour into an install.
 
-use super::{IsoSource, DEFAULT_LOCALE};
+use super::IsoSource;
 use serde::{Deserialize, Serialize};
 
 /// Windows 10/11 and Server 2019+ need at least 32 GB.
@@ -34,12 +34,13 @@ impl WindowsOptions {
     pub const ADMIN_PASSWORD: &'static str = "Nix-WinVM-2010";
 
     /// The defaults for an edition, from an ISO the user names by path.
+    #[cfg(test)]
     pub fn new(edition: impl Into<String>) -> Self {
         WindowsOptions {
             iso: IsoSource::Path,
             edition: edition.into(),
             product_key: None,
-            locale: DEFAULT_LOCALE.to_string(),
+            locale: super::DEFAULT_LOCALE.to_string(),
             cygwin_packages: Vec::new(),
             install_commands: Vec::new(),
         }

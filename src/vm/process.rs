@@ -36,6 +36,7 @@ impl ProcessGuard {
         &self.name
     }
 
+    #[cfg(test)]
     pub fn pid(&self) -> i32 {
         self.pid
     }

@@ -59,7 +59,6 @@ pub struct VdeSwitch {
     plug: Option<Plug>,
     pub guard: ProcessGuard,
     pub ctl: PathBuf,
-    pub mgmt: PathBuf,
     // Held open: vde_switch in the foreground reads commands from stdin and exits at EOF.
     _stdin: Option<tokio::process::ChildStdin>,
 }
@@ -97,7 +96,7 @@ impl VdeSwitch {
         })
         .await;
         match ready {
-            Ok(Ok(plug)) => Ok(VdeSwitch { capture: None, plug: Some(plug), guard, ctl, mgmt, _stdin: stdin }),
+            Ok(Ok(plug)) => Ok(VdeSwitch { capture: None, plug: Some(plug), guard, ctl, _stdin: stdin }),
             Ok(Err(status)) => Err(StartSwitchError::Exited {
                 status,
                 log: std::fs::read_to_string(&log).unwrap_or_default().trim().to_owned(),

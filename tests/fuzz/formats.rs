@@ -37,7 +37,7 @@ fn have(program: &str) -> bool {
         .arg(format!("command -v {program} >/dev/null"))
         .status()
         .is_ok_and(|s| s.success());
-    nix_winvm::tools::test_requires(program, found)
+    nix_winvm::testing::test_requires(program, found)
 }
 
 // ---------------------------------------------------------------------------------------------

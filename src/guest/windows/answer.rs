@@ -652,7 +652,6 @@ mod tests {
         assert!(oobe.contains("<Enabled>true</Enabled>"));
         // The password Cygwin's logons and the controller's Samba account use too.
         assert_eq!(oobe.matches(&format!("<Value>{}</Value>", WindowsOptions::ADMIN_PASSWORD)).count(), 2);
-        assert_eq!(WindowsOptions::ADMIN_PASSWORD, crate::guest::windows::DEFAULT_ADMIN_PASSWORD);
         assert!(oobe.contains("<HideOnlineAccountScreens>true</HideOnlineAccountScreens>"));
         assert!(oobe.contains("<HideEULAPage>true</HideEULAPage>"));
         let install = oobe

@@ -29,7 +29,7 @@ pub mod scripts;
 /// answer file names it in English, so media whose built-in account has another name (localized
 /// Windows) are not supported.
 pub use super::{CONTROLLER_IP, GUEST_IP, SSH_USER};
-pub use crate::spec::{WindowsOptions, MIN_DISK_SIZE_MIB};
+pub use crate::spec::WindowsOptions;
 
 /// The VM network is 192.168.0.0/24.
 pub const NETWORK_PREFIX_LEN: u8 = 24;
@@ -37,11 +37,6 @@ pub const NETWORK_MASK: &str = "255.255.255.0";
 
 /// Where Cygwin is installed in the guest.
 pub const CYGWIN_ROOT: &str = r"C:\cygwin64";
-
-/// The Administrator's password, the same in every image (see
-/// [`WindowsOptions::ADMIN_PASSWORD`]): Cygwin's sshd logs on with it (`passwd -R`) and the
-/// controller's Samba account has it.
-pub const DEFAULT_ADMIN_PASSWORD: &str = WindowsOptions::ADMIN_PASSWORD;
 
 // Names the answer file and the scripts both write: here, so neither imports the other.
 
@@ -83,7 +78,7 @@ mod tests {
     /// Windows Server refuses a password without three of: upper, lower, digit, symbol.
     #[test]
     fn the_admin_password_meets_windows_server_complexity() {
-        let p = DEFAULT_ADMIN_PASSWORD;
+        let p = WindowsOptions::ADMIN_PASSWORD;
         let classes = [
             p.chars().any(|c| c.is_ascii_uppercase()),
             p.chars().any(|c| c.is_ascii_lowercase()),

@@ -664,7 +664,6 @@ mod tests {
         let script = bootstrap_sh(KEY, &WindowsOptions::new("Windows 11 Pro"));
         let line = script.lines().find(|line| line.starts_with("readonly ADMIN_PASSWORD=")).expect("password line");
         assert_eq!(bash_eval(line, r#"printf '%s' "$ADMIN_PASSWORD""#), WindowsOptions::ADMIN_PASSWORD);
-        assert_eq!(WindowsOptions::ADMIN_PASSWORD, super::super::DEFAULT_ADMIN_PASSWORD, "the answer file's");
         assert!(script.contains("timeout 60 setsid passwd -R Administrator 2>&1"));
         let stored = script.find("\nstore_logon_password\n").expect("called");
         assert!(stored < script.find("ssh-host-config --yes").unwrap());

@@ -80,7 +80,8 @@ impl Plug {
         }
     }
 
-    /// Sends one frame into the switch.
+    /// Sends one frame into the switch (the capture's tests).
+    #[cfg(test)]
     pub fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
         // SAFETY: `frame` is readable for its length, which libvdeplug reads no further than;
         // the connection is open.
