@@ -4,25 +4,17 @@
 //! needs nothing from the host. Outside Nix (tests, `nix-winvm-builder run`) `NIX_WINVM_TOOLS`
 //! (a PATH), PATH and the usual system folders are searched.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 const FALLBACK: &[&str] = &["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin", "/usr/local/sbin"];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot find '{name}' (searched {searched}); {hint}")]
 pub struct MissingTool {
     pub name: String,
     pub searched: String,
     pub hint: &'static str,
 }
-
-impl fmt::Display for MissingTool {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot find '{}' (searched {}); {}", self.name, self.searched, self.hint)
-    }
-}
-
-impl std::error::Error for MissingTool {}
 
 fn search_path() -> Vec<PathBuf> {
     let mut dirs = Vec::new();

@@ -12,7 +12,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
-use std::fmt;
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -35,107 +34,43 @@ pub struct Unpacked {
     pub bytes: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
-    Read(io::Error),
+    #[error("reading the outputs archive: {0}")]
+    Read(#[source] io::Error),
     /// The stream ended inside an entry or before the end-of-archive marker.
-    Truncated {
-        offset: u64,
-        reading: &'static str,
-    },
-    BadHeader {
-        offset: u64,
-        detail: String,
-    },
-    AbsolutePath {
-        name: String,
-    },
-    ParentComponent {
-        name: String,
-    },
-    EmptyName {
-        offset: u64,
-    },
+    #[error("the outputs archive is truncated: it ends at byte {offset}, in {reading}")]
+    Truncated { offset: u64, reading: &'static str },
+    #[error("the outputs archive has a bad header at byte {offset}: {detail}")]
+    BadHeader { offset: u64, detail: String },
+    #[error("the outputs archive holds '{name}', an absolute path; its names must be relative to the store")]
+    AbsolutePath { name: String },
+    #[error("the outputs archive holds '{name}', which climbs out with '..'")]
+    ParentComponent { name: String },
+    #[error("the outputs archive has an entry without a name at byte {offset}")]
+    EmptyName { offset: u64 },
     /// The name's first component is none of the build's outputs.
-    Undeclared {
-        name: String,
-        outputs: String,
-    },
+    #[error("the outputs archive holds '{name}', which is outside the build's outputs ({outputs})")]
+    Undeclared { name: String, outputs: String },
     /// Below something the archive made as a file or a link: a write through a symbolic link
     /// could land anywhere.
-    BelowNonFolder {
-        name: String,
-    },
-    Duplicate {
-        name: String,
-    },
-    HardLinkTarget {
-        name: String,
-        target: String,
-    },
-    Unsupported {
-        name: String,
-        kind: u8,
-    },
-    AlreadyExists {
-        path: PathBuf,
-    },
-    Write {
-        path: PathBuf,
-        source: io::Error,
-    },
-}
-
-impl fmt::Display for UnpackError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UnpackError::Read(e) => write!(f, "reading the outputs archive: {e}"),
-            UnpackError::Truncated { offset, reading } => {
-                write!(f, "the outputs archive is truncated: it ends at byte {offset}, in {reading}")
-            }
-            UnpackError::BadHeader { offset, detail } => {
-                write!(f, "the outputs archive has a bad header at byte {offset}: {detail}")
-            }
-            UnpackError::AbsolutePath { name } => {
-                write!(f, "the outputs archive holds '{name}', an absolute path; its names must be relative to the store")
-            }
-            UnpackError::ParentComponent { name } => {
-                write!(f, "the outputs archive holds '{name}', which climbs out with '..'")
-            }
-            UnpackError::EmptyName { offset } => write!(f, "the outputs archive has an entry without a name at byte {offset}"),
-            UnpackError::Undeclared { name, outputs } => write!(
-                f,
-                "the outputs archive holds '{name}', which is outside the build's outputs ({outputs})"
-            ),
-            UnpackError::BelowNonFolder { name } => write!(
-                f,
-                "the outputs archive holds '{name}' below a file or symbolic link it made earlier; it is not unpacked through a link"
-            ),
-            UnpackError::Duplicate { name } => write!(f, "the outputs archive holds '{name}' twice"),
-            UnpackError::HardLinkTarget { name, target } => write!(
-                f,
-                "the outputs archive links '{name}' to '{target}', which is not a file the archive made before"
-            ),
-            UnpackError::Unsupported { name, kind } => write!(
-                f,
-                "the outputs archive holds '{name}' of tar type '{}', which is not a file, folder or link",
-                kind.escape_ascii()
-            ),
-            UnpackError::AlreadyExists { path } => {
-                write!(f, "{} exists already; an output is only ever made by the archive", path.display())
-            }
-            UnpackError::Write { path, source } => write!(f, "writing {}: {source}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for UnpackError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            UnpackError::Read(e) | UnpackError::Write { source: e, .. } => Some(e),
-            _ => None,
-        }
-    }
+    #[error(
+        "the outputs archive holds '{name}' below a file or symbolic link it made earlier; it is not unpacked through a link"
+    )]
+    BelowNonFolder { name: String },
+    #[error("the outputs archive holds '{name}' twice")]
+    Duplicate { name: String },
+    #[error("the outputs archive links '{name}' to '{target}', which is not a file the archive made before")]
+    HardLinkTarget { name: String, target: String },
+    #[error(
+        "the outputs archive holds '{name}' of tar type '{}', which is not a file, folder or link",
+        kind.escape_ascii()
+    )]
+    Unsupported { name: String, kind: u8 },
+    #[error("{} exists already; an output is only ever made by the archive", path.display())]
+    AlreadyExists { path: PathBuf },
+    #[error("writing {}: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
 }
 
 impl From<TarError> for UnpackError {

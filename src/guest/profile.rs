@@ -8,7 +8,6 @@ use crate::spec::{GuestSpec, WindowsOptions};
 use crate::tools::MissingTool;
 use crate::vm::kernel;
 use crate::vm::qemu::{KernelBoot, Machine, E1000E, GUEST_MAC, VIRTIO_NET};
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy)]
@@ -56,46 +55,23 @@ pub struct Install {
     pub press_keys: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    Standin(standin::StandinError),
-    Media(windows::media::MediaError),
-    MissingTool(MissingTool),
+    #[error("{0}")]
+    Standin(#[source] standin::StandinError),
+    #[error("{0}")]
+    Media(#[source] windows::media::MediaError),
+    #[error("{0}")]
+    MissingTool(#[source] MissingTool),
     /// Writing a file of the media.
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("writing {}: {source}", path.display())]
+    Write { path: PathBuf, source: std::io::Error },
     /// The image asks for something the profile cannot do yet.
+    #[error("{0}")]
     Unsupported(&'static str),
     /// The edition is not in the ISO's install.wim, or that cannot be read.
-    Edition(windows::editions::EditionError),
-}
-
-impl fmt::Display for ProfileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ProfileError::Standin(e) => write!(f, "{e}"),
-            ProfileError::Media(e) => write!(f, "{e}"),
-            ProfileError::MissingTool(e) => write!(f, "{e}"),
-            ProfileError::Write { path, source } => write!(f, "writing {}: {source}", path.display()),
-            ProfileError::Unsupported(what) => write!(f, "{what}"),
-            ProfileError::Edition(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for ProfileError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ProfileError::Standin(e) => Some(e),
-            ProfileError::Media(e) => Some(e),
-            ProfileError::MissingTool(e) => Some(e),
-            ProfileError::Write { source, .. } => Some(source),
-            ProfileError::Unsupported(_) => None,
-            ProfileError::Edition(e) => Some(e),
-        }
-    }
+    #[error("{0}")]
+    Edition(#[source] windows::editions::EditionError),
 }
 
 /// The standin's initramfs files in the media.

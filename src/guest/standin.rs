@@ -138,26 +138,9 @@ pub fn prepare_command() -> String {
 pub const SESSION_MOUNT: &str = "/var/winvm/srv";
 
 /// Building the standin's initramfs failed, in the part it names.
-#[derive(Debug)]
-pub struct StandinError(pub LinuxInitError);
-
-impl std::fmt::Display for StandinError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "building the standin guest's initramfs: {}", self.0)
-    }
-}
-
-impl std::error::Error for StandinError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
-    }
-}
-
-impl From<LinuxInitError> for StandinError {
-    fn from(e: LinuxInitError) -> StandinError {
-        StandinError(e)
-    }
-}
+#[derive(Debug, thiserror::Error)]
+#[error("building the standin guest's initramfs: {0}")]
+pub struct StandinError(#[from] pub LinuxInitError);
 
 fn err<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &'static str) -> impl FnOnce(E) -> StandinError {
     move |e| StandinError(crate::initramfs::linux::err(what)(e))

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
-use std::fmt;
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
@@ -17,83 +16,24 @@ const PATH_MAX: usize = 4096;
 const IMPLICIT_DIR_MODE: u32 = 0o755;
 const PERMISSION_BITS: u32 = 0o7777;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
-    InvalidPath {
-        path: PathBuf,
-        reason: &'static str,
-    },
-    InvalidMode {
-        path: PathBuf,
-        mode: u32,
-    },
+    #[error("invalid initramfs path {path:?}: {reason}")]
+    InvalidPath { path: PathBuf, reason: &'static str },
+    #[error("initramfs path {}: mode {mode:#o} has bits outside 0o7777 (give permissions only)", path.display())]
+    InvalidMode { path: PathBuf, mode: u32 },
     /// The path was already added as something else.
-    Conflict {
-        path: PathBuf,
-        existing: String,
-        new: String,
-    },
+    #[error("initramfs path {} added twice: first as {existing}, then as {new}", path.display())]
+    Conflict { path: PathBuf, existing: String, new: String },
     /// A parent of the path was added as something other than a directory.
-    NotADirectory {
-        path: PathBuf,
-        parent: PathBuf,
-    },
-    TooLarge {
-        path: PathBuf,
-        size: u64,
-    },
-    ReadHost {
-        archive_path: PathBuf,
-        host_path: PathBuf,
-        source: io::Error,
-    },
-    Elf {
-        archive_path: PathBuf,
-        source: ElfError,
-    },
-}
-
-impl fmt::Display for InitramfsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            InitramfsError::InvalidPath { path, reason } => {
-                write!(f, "invalid initramfs path {:?}: {reason}", path)
-            }
-            InitramfsError::InvalidMode { path, mode } => write!(
-                f,
-                "initramfs path {}: mode {mode:#o} has bits outside 0o7777 (give permissions only)",
-                path.display()
-            ),
-            InitramfsError::Conflict { path, existing, new } => {
-                write!(f, "initramfs path {} added twice: first as {existing}, then as {new}", path.display())
-            }
-            InitramfsError::NotADirectory { path, parent } => write!(
-                f,
-                "initramfs path {} cannot be added: its parent {} is not a directory",
-                path.display(),
-                parent.display()
-            ),
-            InitramfsError::TooLarge { path, size } => {
-                write!(f, "initramfs file {} is {size} bytes; cpio newc holds at most 4 GiB - 1", path.display())
-            }
-            InitramfsError::ReadHost { archive_path, host_path, source } => {
-                write!(f, "cannot read {} for initramfs path {}: {source}", host_path.display(), archive_path.display())
-            }
-            InitramfsError::Elf { archive_path, source } => {
-                write!(f, "cannot collect the libraries of initramfs binary {}: {source}", archive_path.display())
-            }
-        }
-    }
-}
-
-impl std::error::Error for InitramfsError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            InitramfsError::ReadHost { source, .. } => Some(source),
-            InitramfsError::Elf { source, .. } => Some(source),
-            _ => None,
-        }
-    }
+    #[error("initramfs path {} cannot be added: its parent {} is not a directory", path.display(), parent.display())]
+    NotADirectory { path: PathBuf, parent: PathBuf },
+    #[error("initramfs file {} is {size} bytes; cpio newc holds at most 4 GiB - 1", path.display())]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("cannot read {} for initramfs path {}: {source}", host_path.display(), archive_path.display())]
+    ReadHost { archive_path: PathBuf, host_path: PathBuf, source: io::Error },
+    #[error("cannot collect the libraries of initramfs binary {}: {source}", archive_path.display())]
+    Elf { archive_path: PathBuf, source: ElfError },
 }
 
 /// Lets callers that deal in `io::Result` use `?` on the builder.

@@ -2,7 +2,6 @@
 //! [`crate::format::elf`].
 
 use std::collections::{HashSet, VecDeque};
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -17,54 +16,25 @@ pub fn default_lib_dirs() -> Vec<PathBuf> {
     DEFAULT_LIB_DIRS.iter().map(PathBuf::from).collect()
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ElfError {
+    #[error("cannot read ELF file {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
+    #[error("{} is not an ELF file (no \\x7fELF magic)", path.display())]
     NotElf { path: PathBuf },
+    #[error("{}: unsupported ELF file: {what}", path.display())]
     Unsupported { path: PathBuf, what: String },
+    #[error("{}: malformed ELF file: {what}", path.display())]
     Malformed { path: PathBuf, what: String },
+    #[error("interpreter {} of {} cannot be read: {source}", interpreter.display(), binary.display())]
     InterpreterMissing { interpreter: PathBuf, binary: PathBuf, source: io::Error },
+    #[error("shared library {library} needed by {} not found in [{}]", needed_by.display(), dirs(searched))]
     LibraryNotFound { library: String, needed_by: PathBuf, searched: Vec<PathBuf> },
 }
 
-impl fmt::Display for ElfError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ElfError::Read { path, source } => {
-                write!(f, "cannot read ELF file {}: {source}", path.display())
-            }
-            ElfError::NotElf { path } => {
-                write!(f, "{} is not an ELF file (no \\x7fELF magic)", path.display())
-            }
-            ElfError::Unsupported { path, what } => {
-                write!(f, "{}: unsupported ELF file: {what}", path.display())
-            }
-            ElfError::Malformed { path, what } => {
-                write!(f, "{}: malformed ELF file: {what}", path.display())
-            }
-            ElfError::InterpreterMissing { interpreter, binary, source } => {
-                write!(f, "interpreter {} of {} cannot be read: {source}", interpreter.display(), binary.display())
-            }
-            ElfError::LibraryNotFound { library, needed_by, searched } => {
-                let dirs: Vec<String> = searched.iter().map(|d| d.display().to_string()).collect();
-                write!(
-                    f,
-                    "shared library {library} needed by {} not found in [{}]",
-                    needed_by.display(),
-                    dirs.join(", ")
-                )
-            }
-        }
-    }
-}
-
-impl std::error::Error for ElfError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ElfError::Read { source, .. } | ElfError::InterpreterMissing { source, .. } => Some(source),
-            _ => None,
-        }
-    }
+/// The folders searched, as `a, b, c`.
+fn dirs(searched: &[PathBuf]) -> String {
+    searched.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 impl ElfError {

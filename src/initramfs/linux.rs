@@ -22,22 +22,11 @@ done
 
 /// Building one of these initramfs images failed: which part (the busybox, a kernel module,
 /// an init), and the archive's or the module resolver's own error.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
 pub struct LinuxInitError {
     pub what: &'static str,
     pub source: Box<dyn std::error::Error + Send + Sync>,
-}
-
-impl std::fmt::Display for LinuxInitError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.what, self.source)
-    }
-}
-
-impl std::error::Error for LinuxInitError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.source)
-    }
 }
 
 /// `map_err(err("which part"))`.

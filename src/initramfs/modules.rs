@@ -7,25 +7,20 @@
 //! builds the guests' drivers as modules; nixpkgs' kernel may build some of them in.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use super::closure::ElfError;
 use crate::format::elf::Elf;
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ModuleError {
-    ReadDir {
-        dir: PathBuf,
-        source: io::Error,
-    },
+    #[error("cannot list kernel modules in {}: {source}", dir.display())]
+    ReadDir { dir: PathBuf, source: io::Error },
     /// Two files whose names are equal once '-' and '_' are treated alike.
-    Ambiguous {
-        module: String,
-        first: PathBuf,
-        second: PathBuf,
-    },
+    #[error("kernel module {module} is ambiguous: both {} and {} match", first.display(), second.display())]
+    Ambiguous { module: String, first: PathBuf, second: PathBuf },
+    #[error("kernel module {module} ({}) not found in {}{}", wanted_by(needed_by), dir.display(), decompress(compressed))]
     Missing {
         module: String,
         /// None when the caller asked for it directly.
@@ -34,63 +29,25 @@ pub enum ModuleError {
         /// A compressed file of that name, which this reader does not unpack.
         compressed: Option<PathBuf>,
     },
-    Read {
-        path: PathBuf,
-        source: io::Error,
-    },
-    BadModule {
-        path: PathBuf,
-        what: String,
-    },
-    Cycle {
-        chain: Vec<String>,
-    },
+    #[error("cannot read kernel module {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("kernel module {}: {what}", path.display())]
+    BadModule { path: PathBuf, what: String },
+    #[error("kernel module dependency cycle: {}", chain.join(" -> "))]
+    Cycle { chain: Vec<String> },
 }
 
-impl fmt::Display for ModuleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ModuleError::ReadDir { dir, source } => {
-                write!(f, "cannot list kernel modules in {}: {source}", dir.display())
-            }
-            ModuleError::Ambiguous { module, first, second } => write!(
-                f,
-                "kernel module {module} is ambiguous: both {} and {} match",
-                first.display(),
-                second.display()
-            ),
-            ModuleError::Missing { module, needed_by, dir, compressed } => {
-                write!(f, "kernel module {module}")?;
-                match needed_by {
-                    Some(parent) => write!(f, " (needed by {parent})")?,
-                    None => write!(f, " (requested)")?,
-                }
-                write!(f, " not found in {}", dir.display())?;
-                if let Some(compressed) = compressed {
-                    write!(f, "; only {} exists, decompress it first", compressed.display())?;
-                }
-                Ok(())
-            }
-            ModuleError::Read { path, source } => {
-                write!(f, "cannot read kernel module {}: {source}", path.display())
-            }
-            ModuleError::BadModule { path, what } => {
-                write!(f, "kernel module {}: {what}", path.display())
-            }
-            ModuleError::Cycle { chain } => {
-                write!(f, "kernel module dependency cycle: {}", chain.join(" -> "))
-            }
-        }
+/// `needed by PARENT`, or `requested` when the caller asked for the module directly.
+fn wanted_by(needed_by: &Option<String>) -> String {
+    match needed_by {
+        Some(parent) => format!("needed by {parent}"),
+        None => "requested".to_string(),
     }
 }
 
-impl std::error::Error for ModuleError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ModuleError::ReadDir { source, .. } | ModuleError::Read { source, .. } => Some(source),
-            _ => None,
-        }
-    }
+/// The hint when only a compressed file of the module exists.
+fn decompress(compressed: &Option<PathBuf>) -> String {
+    compressed.as_ref().map(|c| format!("; only {} exists, decompress it first", c.display())).unwrap_or_default()
 }
 
 /// The kernel itself treats '-' and '_' in module names as the same character.

@@ -6,7 +6,6 @@
 
 use super::qmp::{self, Qmp, QmpError};
 use crate::format::{png, ppm};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,38 +20,20 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting to the screen socket: short, as a VM that is gone leaves its socket refusing.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ScreenError {
+    #[error("{0}")]
     Qmp(QmpError),
     /// `screendump` did not answer within its time.
-    TimedOut {
-        vm: String,
-    },
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("the {vm}'s screendump took more than {} s", STEP_TIMEOUT.as_secs())]
+    TimedOut { vm: String },
+    /// The I/O error is in the message, and not a `source`.
+    #[error("{what}: {error}")]
+    Io { what: String, error: std::io::Error },
     /// QEMU's file is not the binary PPM it writes.
-    BadPpm {
-        path: PathBuf,
-        why: ppm::PpmError,
-    },
+    #[error("{} is not a binary PPM: {why}", path.display())]
+    BadPpm { path: PathBuf, why: ppm::PpmError },
 }
-
-impl fmt::Display for ScreenError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ScreenError::Qmp(e) => write!(f, "{e}"),
-            ScreenError::TimedOut { vm } => {
-                write!(f, "the {vm}'s screendump took more than {} s", STEP_TIMEOUT.as_secs())
-            }
-            ScreenError::Io { what, source } => write!(f, "{what}: {source}"),
-            ScreenError::BadPpm { path, why } => write!(f, "{} is not a binary PPM: {why}", path.display()),
-        }
-    }
-}
-
-impl std::error::Error for ScreenError {}
 
 /// The screenshots of one VM: `DIR/VM-0001.png`, `DIR/VM-0002.png`, ...
 pub struct Screens {
@@ -143,7 +124,7 @@ impl Screens {
             self.qmp = Some(Qmp::connect(&self.socket, CONNECT_TIMEOUT).await.map_err(ScreenError::Qmp)?);
         }
         std::fs::create_dir_all(&self.dir)
-            .map_err(|source| ScreenError::Io { what: format!("creating {}", self.dir.display()), source })?;
+            .map_err(|error| ScreenError::Io { what: format!("creating {}", self.dir.display()), error })?;
         let ppm = self.dir.join(format!(".{}.ppm", self.vm));
         let qmp = self.qmp.as_mut().expect("connected above");
         let dump = qmp::Screendump { filename: ppm.display().to_string() };
@@ -152,13 +133,13 @@ impl Screens {
             Err(_) => return Err(ScreenError::TimedOut { vm: self.vm.clone() }),
         };
         let bytes = std::fs::read(&ppm)
-            .map_err(|source| ScreenError::Io { what: format!("reading {}", ppm.display()), source })?;
+            .map_err(|error| ScreenError::Io { what: format!("reading {}", ppm.display()), error })?;
         let _ = std::fs::remove_file(&ppm);
         let png = ppm_to_png(&bytes).map_err(|why| ScreenError::BadPpm { path: ppm.clone(), why })?;
         self.count += 1;
         let path = self.dir.join(format!("{}-{:04}.png", self.vm, self.count));
         std::fs::write(&path, png)
-            .map_err(|source| ScreenError::Io { what: format!("writing {}", path.display()), source })?;
+            .map_err(|error| ScreenError::Io { what: format!("writing {}", path.display()), error })?;
         self.taken.push(path.clone());
         while self.taken.len() > KEEP {
             let old = self.taken.remove(0);

@@ -8,7 +8,6 @@
 //! as the format asks, so newer files still parse.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt;
 
 /// Always installed besides the Base category: sshd, and the service wrapper the bootstrap
 /// drives directly.
@@ -53,84 +52,39 @@ pub struct SetupIni {
     pub packages: BTreeMap<String, Package>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SetupIniError {
+    #[error("setup.ini line {line}: '@' without a package name")]
     MissingPackageName { line: usize },
+    #[error("setup.ini line {line}: package '{name}' appears a second time")]
     DuplicatePackage { name: String, line: usize },
+    #[error("setup.ini line {line}: version label before the first package")]
     SectionOutsidePackage { line: usize },
+    #[error("setup.ini line {line}: quoted value is never closed")]
     UnterminatedQuote { line: usize },
+    #[error("setup.ini line {line}: text after the closing quote")]
     TextAfterClosingQuote { line: usize },
+    #[error("setup.ini line {line}: package '{package}' has a second unlabelled (current) version")]
     DuplicateCurrentVersion { package: String, line: usize },
+    #[error("setup.ini line {line}: install: needs 'path size sha512', found {found} fields")]
     InstallFieldCount { line: usize, found: usize },
+    #[error("setup.ini line {line}: install path '{path}' is not a plain relative path")]
     UnsafeInstallPath { line: usize, path: String },
+    #[error("setup.ini line {line}: install size '{value}' is not a number")]
     InvalidInstallSize { line: usize, value: String },
+    #[error("setup.ini line {line}: install hash is not 128 hex digits (SHA-512)")]
     InstallHashNotSha512 { line: usize },
+    #[error("setup.ini line {line}: unbalanced parentheses in a dependency list")]
     UnbalancedParentheses { line: usize },
 }
 
-impl fmt::Display for SetupIniError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use SetupIniError as E;
-        match self {
-            E::MissingPackageName { line } => {
-                write!(f, "setup.ini line {line}: '@' without a package name")
-            }
-            E::DuplicatePackage { name, line } => {
-                write!(f, "setup.ini line {line}: package '{name}' appears a second time")
-            }
-            E::SectionOutsidePackage { line } => {
-                write!(f, "setup.ini line {line}: version label before the first package")
-            }
-            E::UnterminatedQuote { line } => {
-                write!(f, "setup.ini line {line}: quoted value is never closed")
-            }
-            E::TextAfterClosingQuote { line } => {
-                write!(f, "setup.ini line {line}: text after the closing quote")
-            }
-            E::DuplicateCurrentVersion { package, line } => {
-                write!(f, "setup.ini line {line}: package '{package}' has a second unlabelled (current) version")
-            }
-            E::InstallFieldCount { line, found } => {
-                write!(f, "setup.ini line {line}: install: needs 'path size sha512', found {found} fields")
-            }
-            E::UnsafeInstallPath { line, path } => {
-                write!(f, "setup.ini line {line}: install path '{path}' is not a plain relative path")
-            }
-            E::InvalidInstallSize { line, value } => {
-                write!(f, "setup.ini line {line}: install size '{value}' is not a number")
-            }
-            E::InstallHashNotSha512 { line } => {
-                write!(f, "setup.ini line {line}: install hash is not 128 hex digits (SHA-512)")
-            }
-            E::UnbalancedParentheses { line } => {
-                write!(f, "setup.ini line {line}: unbalanced parentheses in a dependency list")
-            }
-        }
-    }
-}
-
-impl std::error::Error for SetupIniError {}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClosureError {
+    #[error("cygwin package '{name}' (requested for installation) is not in setup.ini")]
     UnknownPackage { name: String },
+    #[error("cygwin package '{name}' (required by '{required_by}') is not in setup.ini")]
     MissingDependency { name: String, required_by: String },
 }
-
-impl fmt::Display for ClosureError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ClosureError::UnknownPackage { name } => {
-                write!(f, "cygwin package '{name}' (requested for installation) is not in setup.ini")
-            }
-            ClosureError::MissingDependency { name, required_by } => {
-                write!(f, "cygwin package '{name}' (required by '{required_by}') is not in setup.ini")
-            }
-        }
-    }
-}
-
-impl std::error::Error for ClosureError {}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Section {

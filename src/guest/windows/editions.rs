@@ -10,7 +10,6 @@ use super::WindowsOptions;
 use crate::format::iso::{Iso, IsoError};
 use crate::format::wim::{self, WimError, WimImage};
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
@@ -179,16 +178,26 @@ impl Selection {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum EditionError {
-    Images(InstallImagesError),
-    NotInImage {
-        iso: PathBuf,
-        file: String,
-        wanted: String,
-        available: Vec<WimImage>,
-    },
+    #[error("{0}")]
+    Images(#[source] InstallImagesError),
+    #[error(
+        "edition \"{wanted}\" is not in {}'s {file}, which has: {}{}",
+        iso.display(),
+        listed(available),
+        near_miss(wanted, available)
+    )]
+    NotInImage { iso: PathBuf, file: String, wanted: String, available: Vec<WimImage> },
     /// A Home edition without `productKey`: Setup would wait at its key page.
+    #[error(
+        "edition \"{}\" is a Home edition (EditionID {}), for which Microsoft publishes \
+         no generic key, and without a key Setup stops at its product key page until the time-out: \
+         set the image's productKey to a key of this edition{}",
+        .0.name,
+        .0.edition_id,
+        keyless_choice(.0)
+    )]
     NeedsProductKey(Box<KeyNeeded>),
 }
 
@@ -203,58 +212,38 @@ pub struct KeyNeeded {
     pub keyless: Vec<String>,
 }
 
-impl fmt::Display for EditionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            EditionError::Images(e) => write!(f, "{e}"),
-            EditionError::NotInImage { iso, file, wanted, available } => {
-                let listed: Vec<String> = available
-                    .iter()
-                    .map(|i| format!("\"{}\" ({})", i.name, i.edition_id.as_deref().unwrap_or("no EditionID")))
-                    .collect();
-                write!(
-                    f,
-                    "edition \"{wanted}\" is not in {}'s {file}, which has: {}",
-                    iso.display(),
-                    listed.join(", ")
-                )?;
-                if let Some(near) = available.iter().find(|i| i.name.eq_ignore_ascii_case(wanted)) {
-                    write!(f, "; names are compared exactly, and \"{}\" differs only in case", near.name)?;
-                } else if let Some(near) = available.iter().find(|i| i.display_name.as_deref() == Some(wanted)) {
-                    write!(f, "; \"{wanted}\" is the display name of \"{}\": give its name", near.name)?;
-                }
-                Ok(())
-            }
-            EditionError::NeedsProductKey(needed) => {
-                let KeyNeeded { iso, file, name, edition_id, keyless } = needed.as_ref();
-                write!(
-                    f,
-                    "edition \"{name}\" is a Home edition (EditionID {edition_id}), for which Microsoft publishes \
-                     no generic key, and without a key Setup stops at its product key page until the time-out: \
-                     set the image's productKey to a key of this edition"
-                )?;
-                if !keyless.is_empty() {
-                    let names: Vec<String> = keyless.iter().map(|name| format!("\"{name}\"")).collect();
-                    write!(
-                        f,
-                        ", or choose an edition of {}'s {file} that needs none: {}",
-                        iso.display(),
-                        names.join(", ")
-                    )?;
-                }
-                Ok(())
-            }
-        }
+/// The images of a WIM as `"NAME" (EDITIONID), ...`.
+fn listed(available: &[WimImage]) -> String {
+    let listed: Vec<String> = available
+        .iter()
+        .map(|i| format!("\"{}\" ({})", i.name, i.edition_id.as_deref().unwrap_or("no EditionID")))
+        .collect();
+    listed.join(", ")
+}
+
+/// A hint when `wanted` is an image's name in another case, or an image's display name.
+fn near_miss(wanted: &str, available: &[WimImage]) -> String {
+    if let Some(near) = available.iter().find(|i| i.name.eq_ignore_ascii_case(wanted)) {
+        format!("; names are compared exactly, and \"{}\" differs only in case", near.name)
+    } else if let Some(near) = available.iter().find(|i| i.display_name.as_deref() == Some(wanted)) {
+        format!("; \"{wanted}\" is the display name of \"{}\": give its name", near.name)
+    } else {
+        String::new()
     }
 }
 
-impl std::error::Error for EditionError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            EditionError::Images(e) => Some(e),
-            EditionError::NotInImage { .. } | EditionError::NeedsProductKey(_) => None,
-        }
+/// The editions of the same WIM to choose instead, if there are any.
+fn keyless_choice(needed: &KeyNeeded) -> String {
+    if needed.keyless.is_empty() {
+        return String::new();
     }
+    let names: Vec<String> = needed.keyless.iter().map(|name| format!("\"{name}\"")).collect();
+    format!(
+        ", or choose an edition of {}'s {} that needs none: {}",
+        needed.iso.display(),
+        needed.file,
+        names.join(", ")
+    )
 }
 
 /// Picks the image whose NAME is `edition` exactly, as Setup's `/IMAGE/NAME` does, and its key.

@@ -24,7 +24,6 @@
 //! [`install_drive_args`] gives the QEMU storage devices the install stage attaches.
 
 use std::ffi::{OsStr, OsString};
-use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -113,96 +112,78 @@ pub struct MediaSummary {
     pub files: Vec<String>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum MediaError {
-    InvalidOptions(WindowsOptionsError),
+    #[error("windows image options: {0}")]
+    InvalidOptions(#[source] WindowsOptionsError),
+    #[error("the SSH public key for the guest {reason}")]
     InvalidAuthorizedKey { reason: &'static str },
+    #[error("writing {}: {source}", path.display())]
     Write { path: PathBuf, source: io::Error },
+    #[error("reading {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
+    #[error(
+        "the Cygwin repository (cygwinRepo) has no {what} at {}; build it with nix/cygwin.nix \
+         (see docs/WINDOWS.md)",
+        path.display()
+    )]
     RepoMissing { path: PathBuf, what: &'static str },
-    SetupIni { path: PathBuf, error: SetupIniError },
-    Closure { setup_ini: PathBuf, error: ClosureError },
+    #[error("{}: {error}", path.display())]
+    SetupIni {
+        path: PathBuf,
+        #[source]
+        error: SetupIniError,
+    },
+    #[error("{error} ({})", setup_ini.display())]
+    Closure {
+        setup_ini: PathBuf,
+        #[source]
+        error: ClosureError,
+    },
+    #[error(
+        "the Cygwin repository lacks the archive of package '{package}' ({}); build cygwinRepo \
+         with the same packages as the image's cygwinPackages",
+        path.display()
+    )]
     ArchiveMissing { package: String, path: PathBuf },
+    #[error(
+        "the archive of cygwin package '{package}' ({}) has {found} bytes, setup.ini says {expected}",
+        path.display()
+    )]
     ArchiveSize { package: String, path: PathBuf, expected: u64, found: u64 },
+    #[error(
+        "the archive of cygwin package '{package}' ({}) has SHA-512 {found}, setup.ini says {expected}",
+        path.display()
+    )]
     ArchiveHash { package: String, path: PathBuf, expected: String, found: String },
+    #[error("{} cannot go on a FAT file system: {reason}", path.display())]
     NotOnFat { path: PathBuf, reason: &'static str },
+    #[error("cannot run {}: {source}", tool.display())]
     ToolStart { tool: PathBuf, source: io::Error },
+    #[error("{} {args} failed ({status}){}", tool.display(), stderr_tail(stderr))]
     ToolFailed { tool: PathBuf, args: String, status: String, stderr: String },
+    #[error("unexpected output from {}: {detail}", tool.display())]
     ToolOutput { tool: PathBuf, detail: String },
+    #[error("{} is not the summary of nix-winvm Windows media: {detail}", path.display())]
     Summary { path: PathBuf, detail: String },
+    #[error(
+        "the install media {} hold no Cygwin packages, so the install cannot run: build a local \
+         package directory with nix/cygwin.nix and pass it as cygwinRepo to builtins.windowsImage \
+         (see docs/WINDOWS.md)",
+        media.display()
+    )]
     CygwinPackagesMissing { media: PathBuf },
-    MissingTool(MissingTool),
+    #[error("{0}")]
+    MissingTool(#[source] MissingTool),
 }
 
-impl fmt::Display for MediaError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use MediaError as E;
-        match self {
-            E::InvalidOptions(error) => write!(f, "windows image options: {error}"),
-            E::InvalidAuthorizedKey { reason } => write!(f, "the SSH public key for the guest {reason}"),
-            E::Write { path, source } => write!(f, "writing {}: {source}", path.display()),
-            E::Read { path, source } => write!(f, "reading {}: {source}", path.display()),
-            E::RepoMissing { path, what } => write!(
-                f,
-                "the Cygwin repository (cygwinRepo) has no {what} at {}; build it with nix/cygwin.nix \
-                 (see docs/WINDOWS.md)",
-                path.display()
-            ),
-            E::SetupIni { path, error } => write!(f, "{}: {error}", path.display()),
-            E::Closure { setup_ini, error } => write!(f, "{error} ({})", setup_ini.display()),
-            E::ArchiveMissing { package, path } => write!(
-                f,
-                "the Cygwin repository lacks the archive of package '{package}' ({}); build cygwinRepo \
-                 with the same packages as the image's cygwinPackages",
-                path.display()
-            ),
-            E::ArchiveSize { package, path, expected, found } => write!(
-                f,
-                "the archive of cygwin package '{package}' ({}) has {found} bytes, setup.ini says {expected}",
-                path.display()
-            ),
-            E::ArchiveHash { package, path, expected, found } => write!(
-                f,
-                "the archive of cygwin package '{package}' ({}) has SHA-512 {found}, setup.ini says {expected}",
-                path.display()
-            ),
-            E::NotOnFat { path, reason } => write!(f, "{} cannot go on a FAT file system: {reason}", path.display()),
-            E::ToolStart { tool, source } => write!(f, "cannot run {}: {source}", tool.display()),
-            E::ToolFailed { tool, args, status, stderr } => {
-                write!(f, "{} {args} failed ({status})", tool.display())?;
-                if !stderr.trim().is_empty() {
-                    write!(f, ": {}", stderr.trim())?;
-                }
-                Ok(())
-            }
-            E::ToolOutput { tool, detail } => write!(f, "unexpected output from {}: {detail}", tool.display()),
-            E::Summary { path, detail } => {
-                write!(f, "{} is not the summary of nix-winvm Windows media: {detail}", path.display())
-            }
-            E::CygwinPackagesMissing { media } => write!(
-                f,
-                "the install media {} hold no Cygwin packages, so the install cannot run: build a local \
-                 package directory with nix/cygwin.nix and pass it as cygwinRepo to builtins.windowsImage \
-                 (see docs/WINDOWS.md)",
-                media.display()
-            ),
-            E::MissingTool(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for MediaError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            MediaError::InvalidOptions(error) => Some(error),
-            MediaError::MissingTool(error) => Some(error),
-            MediaError::SetupIni { error, .. } => Some(error),
-            MediaError::Closure { error, .. } => Some(error),
-            MediaError::Write { source, .. }
-            | MediaError::Read { source, .. }
-            | MediaError::ToolStart { source, .. } => Some(source),
-            _ => None,
-        }
+/// `: STDERR` when the tool wrote something.
+fn stderr_tail(stderr: &str) -> String {
+    let stderr = stderr.trim();
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!(": {stderr}")
     }
 }
 
