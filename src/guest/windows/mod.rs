@@ -47,29 +47,9 @@ pub const FIRST_NIC_ALIAS: &str = "Ethernet";
 /// No spaces: the name passes through Cygwin's and netsh's quoting unharmed.
 pub const FIREWALL_RULE_NAME: &str = "nix-winvm-sshd";
 
+/// The codecs' test helpers serve the Windows profile's tests too.
 #[cfg(test)]
-pub(crate) mod test_util {
-    use std::path::PathBuf;
-    use std::process::Command;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A fresh scratch file path; the caller removes it.
-    pub fn temp_path(name: &str) -> PathBuf {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        std::env::temp_dir().join(format!("nix-winvm-test-{}-{n}-{name}", std::process::id()))
-    }
-
-    pub fn tool_available(tool: &str) -> bool {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool} >/dev/null 2>&1"))
-            .status()
-            .map(|status| status.success())
-            .unwrap_or(false);
-        crate::tools::test_requires(tool, found)
-    }
-}
+pub(crate) use crate::format::test_util;
 
 #[cfg(test)]
 mod tests {
