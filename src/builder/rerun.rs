@@ -25,7 +25,7 @@ use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, Task
 use crate::spec::{self, Accel, MachineShape};
 use crate::tools::Tools;
 use crate::vm::accel;
-use crate::vm::qemu::{KernelBoot, Machine, VIRTIO_NET};
+use crate::vm::qemu::KernelBoot;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -275,23 +275,8 @@ fn cold(dir: &Path, work: &Path, rerun: &Rerun, a: &Args, progress: &Progress) -
     };
     let accel = accel::choose(*accel)?;
     progress.say(&format!("accelerator: {}", accel.name()));
-    let guest = GuestBoot {
-        machine: Machine {
-            boot: Some(KernelBoot {
-                kernel: kernel.clone(),
-                initrd: dir.join("guest-initrd.img"),
-                append: append.clone(),
-            }),
-            disk: None,
-            nic_model: VIRTIO_NET,
-            extra_args: vec![],
-            hyperv: false,
-            display: false,
-            uefi: None,
-        },
-        revive_from: None,
-        key: dir.join("key"),
-    };
+    let boot = KernelBoot { kernel: kernel.clone(), initrd: dir.join("guest-initrd.img"), append: append.clone() };
+    let guest = GuestBoot::from_kernel(boot, dir.join("key"));
     let controller_initrd = dir.join("controller-initrd.img");
     let controller = ControllerBoot {
         kernel: kernel.clone(),

@@ -11,7 +11,7 @@ use crate::shell;
 use crate::spec::{Accel, MachineShape, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
 use crate::vm::accel;
-use crate::vm::qemu::{KernelBoot, Machine, VIRTIO_NET};
+use crate::vm::qemu::KernelBoot;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -137,20 +137,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     let guest_initrd = work.path().join("guest-initrd.img");
     let img = standin::initramfs(&tools.busybox, &tools.dropbear, &modules_dir, &pubkey)?;
     img.write_gz_file(&guest_initrd).map_err(super::io(format!("writing {}", guest_initrd.display())))?;
-    let guest = GuestBoot {
-        machine: Machine {
-            boot: Some(KernelBoot { kernel: kernel.clone(), initrd: guest_initrd, append }),
-            disk: None,
-            nic_model: VIRTIO_NET,
-            extra_args: vec![],
-            hyperv: false,
-            // The engine's cold guest boots the PVH kernel, which has no screen to show.
-            display: false,
-            uefi: None,
-        },
-        revive_from: None,
-        key,
-    };
+    let guest = GuestBoot::from_kernel(KernelBoot { kernel: kernel.clone(), initrd: guest_initrd, append }, key);
     let controller = ControllerBoot { kernel, modules: modules_dir, initrd: None, system: None, revive_from: None };
     let task = Task { command, after: After::Quit, timeout: Duration::from_secs(a.timeout_secs) };
     // Booted for this run alone, never saved: QEMU's newest machine.

@@ -4,7 +4,7 @@ use super::error::{io, RunError};
 use crate::protocol::TerminalRequest;
 use crate::spec::{MachineShape, STORE_DIR};
 use crate::tools::Tools;
-use crate::vm::qemu::Machine;
+use crate::vm::qemu::{KernelBoot, Machine, VIRTIO_NET};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -25,6 +25,26 @@ pub struct GuestBoot {
     pub revive_from: Option<PathBuf>,
     /// The private key that opens the guest.
     pub key: PathBuf,
+}
+
+impl GuestBoot {
+    /// A direct run's guest (and its re-run's): the standin booted cold from a kernel and an
+    /// initramfs, with no disk, no firmware and no screen (the PVH kernel has none to show).
+    pub fn from_kernel(boot: KernelBoot, key: PathBuf) -> GuestBoot {
+        GuestBoot {
+            machine: Machine {
+                boot: Some(boot),
+                disk: None,
+                nic_model: VIRTIO_NET,
+                extra_args: vec![],
+                hyperv: false,
+                display: false,
+                uefi: None,
+            },
+            revive_from: None,
+            key,
+        }
+    }
 }
 
 /// What the session does: run the command, or (suspend stage) save the pair.
