@@ -339,3 +339,41 @@ fn run_vm_says_what_is_missing_in_a_folder_without_a_description() {
     assert_eq!(o.status.code(), Some(1), "{text}");
     assert!(text.contains("only a build's or a direct run's work folder can be started again"), "{text}");
 }
+
+/// While a build runs past a minute, its log names the guest's newest screenshot, at the path
+/// the host sees: opened here while the build still runs, it is a PNG.
+#[test]
+fn a_long_builds_log_names_its_newest_screenshot_which_root_opens_while_it_runs() {
+    let expr = format!(
+        r#"builtins.windowsDerivation {{ name = "long"; image = {IMAGE}; token = "{}"; script = "sleep 85; echo done > $out"; }}"#,
+        token("long")
+    );
+    let mut child = sandboxed_nix_build()
+        .args(["--no-out-link", "-E", &expr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut log = String::new();
+    let mut opened = None;
+    for line in lines {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        let Some(host) = line.split_once("(outside the sandbox: ").and_then(|(_, r)| r.split_once("), ")) else {
+            continue;
+        };
+        if opened.is_none() {
+            let png = std::fs::read(host.0).unwrap_or_else(|e| panic!("{}: {e}\n{log}", host.0));
+            let still_running = child.try_wait().unwrap().is_none();
+            opened = Some((png.starts_with(b"\x89PNG"), still_running, line.clone()));
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{log}");
+    let (is_png, still_running, line) = opened.unwrap_or_else(|| panic!("no screenshot named in:\n{log}"));
+    assert!(is_png && still_running, "{line}: a PNG {is_png}, opened while the build ran {still_running}");
+    assert!(line.contains("the guest's screen after 1 min"), "{line}");
+    assert!(line.contains("/build/"), "the path in the sandbox comes first: {line}");
+}

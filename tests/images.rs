@@ -310,3 +310,120 @@ fn pinned_images_stand_alone_and_survive_a_new_builder() {
     let out = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
     assert_eq!(std::fs::read_to_string(out).unwrap(), format!("layer {tok}\n"));
 }
+
+/// The build log Nix kept of the derivation that made `path`.
+fn build_log_of(path: &Path) -> String {
+    let deriver = Command::new("nix-store").arg("-q").arg("--deriver").arg(path).output().unwrap();
+    let drv = String::from_utf8_lossy(&deriver.stdout).trim().to_owned();
+    assert!(drv.ends_with(".drv"), "no deriver of {}: {}", path.display(), stderr(&deriver));
+    let log = Command::new("nix-store").args(["-l", &drv]).output().unwrap();
+    assert!(log.status.success(), "nix-store -l {drv}: {}", stderr(&log));
+    String::from_utf8_lossy(&log.stdout).into_owned()
+}
+
+/// The lines of `log` that say `text` as a timed progress line: `nix-winvm: [  12.34 s] text`.
+fn timed(log: &str, text: &str) -> bool {
+    log.lines().any(|l| {
+        l.strip_prefix("nix-winvm: [")
+            .and_then(|r| r.split_once(" s] "))
+            .is_some_and(|(t, said)| t.trim().parse::<f64>().is_ok() && said == text)
+    })
+}
+
+fn set_phase(phase: &str) -> String {
+    format!("@nix {}", serde_json::json!({ "action": "setPhase", "phase": phase }))
+}
+
+#[test]
+fn a_standin_images_build_log_shows_its_steps_with_times_and_nix_phases() {
+    let image = image();
+    let installed = std::fs::read_link(image.join("report/install")).expect("report/install links the install's");
+    let installed = installed.parent().and_then(Path::parent).unwrap().to_path_buf();
+    let install_log = build_log_of(&installed);
+    // Each step the standin's installer writes on its console, as it came, with its time.
+    for step in ["formatting /dev/vda", "copying the system", "done"] {
+        assert!(timed(&install_log, &format!("installer: {step}")), "no timed step {step:?} in:\n{install_log}");
+        assert!(install_log.contains(&set_phase(&format!("install: {step}"))), "no phase {step:?} in:\n{install_log}");
+    }
+    assert!(install_log.contains(&set_phase("install")), "{install_log}");
+    let suspend_log = build_log_of(&image);
+    assert!(suspend_log.contains(&set_phase("suspend")), "{suspend_log}");
+    for phase in ["starting the VMs", "saving the pair"] {
+        assert!(suspend_log.contains(&set_phase(phase)), "no phase {phase:?} in:\n{suspend_log}");
+    }
+    assert!(timed(&suspend_log, "guest up"), "{suspend_log}");
+}
+
+/// `page` as headless Chromium (Debian's) draws it in a 1280 x 2400 window, as RGB pixels.
+fn render_in_chromium(page: &Path, dir: &Path) -> (u32, u32, Vec<u8>) {
+    let shot = dir.join("rendered.png");
+    let o = Command::new("timeout")
+        .args(["120", "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"])
+        .args(["--force-device-scale-factor=1", "--window-size=1280,2400", "--no-first-run", "--disable-sync"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-quic"])
+        .arg(format!("--user-data-dir={}", dir.join("profile").display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", page.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success() && shot.is_file(), "chromium could not render {}: {}", page.display(), stderr(&o));
+    nix_winvm::format::png::decode(&std::fs::read(&shot).unwrap()).unwrap()
+}
+
+/// Pixels of the standin's console (white-on-black text): nearly black.
+fn dark_pixels(rgb: &[u8]) -> usize {
+    rgb.chunks_exact(3).filter(|p| p.iter().all(|&c| c < 48)).count()
+}
+
+#[test]
+fn a_standin_images_report_shows_its_screenshots_in_chromium() {
+    let chromium = Command::new("chromium").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !nix_winvm::testing::test_requires("chromium (Debian's package; scripts/setup installs it)", chromium) {
+        return;
+    }
+    let image = image();
+    let page = image.join("report.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    // Every product Hydra would offer is there; the screenshots are PNGs the page shows.
+    let products = std::fs::read_to_string(image.join("nix-support/hydra-build-products")).unwrap();
+    assert_eq!(products.lines().next().unwrap(), format!("doc report {}", page.display()));
+    let shots: Vec<PathBuf> =
+        products.lines().filter_map(|l| l.strip_prefix("file screenshot ")).map(PathBuf::from).collect();
+    for stage in ["install", "suspend"] {
+        assert!(
+            shots.iter().any(|s| s.starts_with(image.join("report").join(stage))),
+            "no {stage} screenshot: {products}"
+        );
+    }
+    for shot in &shots {
+        let bytes = std::fs::read(shot).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{}", shot.display());
+        let relative = shot.strip_prefix(&image).unwrap().display().to_string();
+        assert!(html.contains(&format!("<img src=\"{relative}\"")), "the page does not show {relative}");
+    }
+    for part in ["Time per phase", "Steps of install", "installer: copying the system", "saving the pair"] {
+        assert!(html.contains(part), "the page lacks {part:?}");
+    }
+    // Drawn by a real browser: the screenshots fill their boxes with the console's black.
+    let tmp = tempfile::tempdir().unwrap();
+    let (width, height, rgb) = render_in_chromium(&page, tmp.path());
+    let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("report-rendered.png");
+    let _ = std::fs::copy(tmp.path().join("rendered.png"), &kept);
+    eprintln!("the rendered report: {} ({width} x {height})", kept.display());
+    let shown = dark_pixels(&rgb);
+    // The same page without its screenshots: broken images draw an icon and their text.
+    let alone = tmp.path().join("alone");
+    std::fs::create_dir_all(&alone).unwrap();
+    std::fs::copy(&page, alone.join("report.html")).unwrap();
+    let (_, _, broken_rgb) = render_in_chromium(&alone.join("report.html"), &alone);
+    let broken = dark_pixels(&broken_rgb);
+    // The page's text is dark too, in both. A 320-pixel-wide thumbnail of a 720 x 400 console
+    // is 320 x 178 (57,000 pixels), most of them black; each stage's first row of screenshots
+    // is in the window.
+    let visible = shots.len().min(2);
+    assert!(
+        shown >= broken + visible * 30_000,
+        "{shown} dark pixels with the screenshots, {broken} without: the {visible} screenshots are not drawn"
+    );
+}

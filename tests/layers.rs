@@ -6,7 +6,7 @@
 mod common;
 use common::{sandboxed_nix_build, STANDIN_TCG};
 use std::ffi::OsStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
@@ -76,6 +76,17 @@ fn a_build_on_the_second_layer_sees_what_both_installed_and_a_change_rebuilds_tw
         assert!(log.contains(line), "no '{line}' in:\n{log}");
     }
     assert_eq!(log.matches("layer saved").count(), 2, "{log}");
+    // Each layer keeps its report, which links its base's: the second's base is the first.
+    let first = log
+        .lines()
+        .find_map(|l| l.split_once("] layer 2 on ").map(|(_, r)| r.split_once(": ").unwrap().0.to_owned()))
+        .unwrap_or_else(|| panic!("no second layer in:\n{log}"));
+    let page = std::fs::read_to_string(Path::new(&first).join("report.html")).unwrap();
+    for part in ["Steps of layer", "layer saved", "stopping the VMs", "report.html\">"] {
+        assert!(page.contains(part), "{first}/report.html lacks {part:?}");
+    }
+    let products = std::fs::read_to_string(Path::new(&first).join("nix-support/hydra-build-products")).unwrap();
+    assert!(products.starts_with(&format!("doc report {first}/report.html\n")), "{products}");
 
     // The second layer changed: exactly it and the build are built again.
     let changed = two_layers(&tok, "echo 'two b' > /opt/two", SEE_BOTH);

@@ -3,6 +3,7 @@
 pub mod image;
 pub mod pin;
 pub mod progress;
+pub mod report;
 pub mod rerun;
 pub mod run;
 pub mod stages;
@@ -236,6 +237,7 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
         Subcommand::Stage(stage @ (Stage::Media | Stage::Install | Stage::Suspend | Stage::Pin)) => {
             let spec = spec::image_spec_from_json(&env("winvmImageSpec")?).map_err(BuilderError::Spec)?;
             progress.say(&format!("stage {} of a {} image", stage.name(), spec.guest.name()));
+            progress.phase(stage.name());
             match stage {
                 Stage::Media => stages::media(&spec, &progress),
                 Stage::Install => stages::install(&spec, &progress),
@@ -246,10 +248,12 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
         Subcommand::Stage(Stage::Layer) => {
             let spec = spec::layer_spec_from_json(&env("winvmLayerSpec")?).map_err(BuilderError::Spec)?;
             progress.say(&format!("stage layer of a {} image", spec.image.guest.name()));
+            progress.phase("layer");
             stages::layer(&spec, &progress)
         }
         Subcommand::Stage(Stage::Build) => {
             let spec = spec::build_spec_from_json(&env("winvmBuildSpec")?).map_err(BuilderError::Spec)?;
+            progress.phase("build");
             stages::build(&spec, &progress)
         }
         Subcommand::Stage(Stage::RequireFile) => {

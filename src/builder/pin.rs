@@ -55,6 +55,10 @@ pub fn pin(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
     }
     let media = out.join(PINNED_MEDIA);
     copy_tree(&meta.media, &media, &|from, to| {
+        // The media stage's report may name store paths; a pinned image keeps no report.
+        if from.parent().and_then(Path::file_name).is_some_and(|n| n == super::report::REPORT_DIR) {
+            return Ok(true);
+        }
         if from.file_name().is_some_and(|n| n == CONTROLLER_SYSTEM) {
             convert(from, "raw", &to.with_file_name(PINNED_CONTROLLER_SYSTEM)).map(|()| true)
         } else {

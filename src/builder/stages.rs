@@ -10,6 +10,7 @@ use super::image::{
     accel_for, machine_type, media_controller, new_image, outputs_disk, overlay, qemu_img, revivable, uefi, ImageMeta,
     CONTROLLER_IMG, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, IMAGE_FORMAT, OUTPUTS_DISK,
 };
+use super::report;
 use super::Progress;
 use super::{env_path, io, runtime, BuilderError};
 use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
@@ -19,6 +20,7 @@ use crate::session::{self, After, GuestBoot, SessionConfig, Task, TestFault, SCR
 use crate::shell;
 use crate::spec::{self, BuildSpec, ImageSpec, LayerSpec, MachineShape};
 use crate::tools::Tools;
+use crate::vm::console::MarkedLines;
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{Machine, VmConfig};
 use crate::vm::screen::{self, Screens};
@@ -93,6 +95,7 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
         efi: spec.shape.efi,
     })?;
     progress.say(&line);
+    report::save_stage(&out, "media", progress, None)?;
     Ok(0)
 }
 
@@ -215,11 +218,14 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         screen: install.machine.display.then(|| work.join("installer-screen.sock")),
         uefi: install.machine.uefi,
     };
-    let mut screens = vm.screen.as_ref().map(|sock| Screens::new("installer", work.join(SCREENS_DIR), sock));
+    let mut screens = vm.screen.as_ref().map(|sock| {
+        Screens::new("installer", work.join(SCREENS_DIR), sock).with_timeline(report::shots_dir(&out, "install"))
+    });
     if let (Some(screens), true) = (screens.as_mut(), install.press_keys) {
         screens.press_keys_for(KEY_PRESS_WINDOW);
     }
     let timeout = Duration::from_secs(spec.timeout_secs);
+    let mut steps = MarkedLines::new(&serial, install.step_marker);
     let rt = runtime()?;
     let status = rt.block_on(async {
         let mut cmd = tokio::process::Command::new(&tools.qemu);
@@ -236,11 +242,17 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         let ended = {
             let wait = guard.wait();
             tokio::pin!(wait);
+            let follow = follow_steps(&mut steps, progress);
+            tokio::pin!(follow);
+            let say = |line: &str| progress.say(line);
             tokio::select! {
-                ended = tokio::time::timeout(timeout, screen::during(screens.as_mut(), wait)) => ended,
+                ended = tokio::time::timeout(timeout, screen::during(screens.as_mut(), wait, &say)) => ended,
                 stopped = nix.stopped() => return Err(stopped.into()),
+                never = &mut follow => match never {},
             }
         };
+        // The lines the installer wrote since the last look.
+        say_steps(&mut steps, progress);
         match ended {
             Ok(s) => Ok(s),
             Err(_) => {
@@ -268,7 +280,27 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let record = InstallRecord::new(now, install.edition.map(|selection| selection.edition));
     let json = serde_json::to_string_pretty(&record).map_err(io(INSTALL_RECORD))?;
     std::fs::write(out.join(INSTALL_RECORD), json).map_err(io(format!("writing {INSTALL_RECORD}")))?;
+    report::save_stage(&out, "install", progress, install.answer_file.as_deref())?;
     Ok(0)
+}
+
+/// How often the install stage reads the installer's serial log for its steps.
+const STEP_POLL: Duration = Duration::from_secs(1);
+
+/// Says each step the installer writes on its serial console, as it comes, until dropped.
+async fn follow_steps(steps: &mut MarkedLines, progress: &Progress) -> std::convert::Infallible {
+    loop {
+        tokio::time::sleep(STEP_POLL).await;
+        say_steps(steps, progress);
+    }
+}
+
+/// The installer's new steps: each a line of the log, and Nix's phase.
+fn say_steps(steps: &mut MarkedLines, progress: &Progress) {
+    for step in steps.poll() {
+        progress.phase(&format!("install: {step}"));
+        progress.say(&format!("installer: {step}"));
+    }
 }
 
 /// Where an image's pair is saved, in its output.
@@ -305,7 +337,8 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         after: After::SavePair(save_to(spec, &out)),
         timeout: Duration::from_secs(spec.timeout_secs),
     };
-    let cfg = SessionConfig::new(shape, guest, media_controller(&media), task, work, tools)?;
+    let mut cfg = SessionConfig::new(shape, guest, media_controller(&media), task, work, tools)?;
+    cfg.timeline = Some(report::shots_dir(&out, "suspend"));
     // Saving the pair has no command: it succeeds or fails as a session (a guest whose
     // prepare command failed is `RunError::ControllerNotReady`).
     runtime()?.block_on(session::run(&cfg, progress))?;
@@ -314,11 +347,17 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         spec: spec.clone(),
         state_format: crate::format::state::FORMAT_VERSION,
         machine: cfg.shape.machine_type.clone(),
-        media,
+        media: media.clone(),
         layers: 0,
         base: None,
     }
     .write(&out)?;
+    let mut records: Vec<report::StageRecord> = Vec::new();
+    records.extend(report::bring_stage(&media, &out, "media")?);
+    records.extend(report::bring_stage(&installed, &out, "install")?);
+    records.push(report::save_stage(&out, "suspend", progress, None)?);
+    let heading = report::PageHeading { what: format!("an image of the {} guest", spec.guest.name()), base: None };
+    report::write_page(&out, &heading, &records)?;
     Ok(0)
 }
 
@@ -348,7 +387,8 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         after: After::SaveLayer(save_to(&spec.image, &out)),
         timeout: Duration::from_secs(spec.timeout_secs),
     };
-    let cfg = base.session(disk, &work, task)?;
+    let mut cfg = base.session(disk, &work, task)?;
+    cfg.timeline = Some(report::shots_dir(&out, "layer"));
     let result = runtime()?.block_on(session::run(&cfg, progress));
     if let Ok(crate::protocol::Verdict::Exited(code)) = &result {
         if *code != 0 {
@@ -375,6 +415,12 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
     .write(&out)?;
     let size = std::fs::metadata(out.join("disk.qcow2")).map(|m| m.len()).unwrap_or(0);
     progress.say(&format!("layer saved: its disk holds {:.1} MB of changes", size as f64 / 1e6));
+    let record = report::save_stage(&out, "layer", progress, None)?;
+    let heading = report::PageHeading {
+        what: format!("layer {layers} of an image of the {} guest", spec.image.guest.name()),
+        base: Some(&base.path),
+    };
+    report::write_page(&out, &heading, &[record])?;
     Ok(code)
 }
 
@@ -501,7 +547,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
     // A failed build's outputs are discarded by Nix: the guest packs them only on success.
     // They are unpacked while the VMs are torn down.
     let collect = {
-        let (disk, outputs, progress) = (work.join(OUTPUTS_DISK), outputs.clone(), *progress);
+        let (disk, outputs, progress) = (work.join(OUTPUTS_DISK), outputs.clone(), progress.clone());
         move |verdict: &crate::protocol::Verdict| match verdict {
             crate::protocol::Verdict::Exited(0) if !outputs.is_empty() => collect_outputs(&disk, &outputs, &progress),
             _ => Ok(()),

@@ -1,5 +1,7 @@
-//! PNG, as far as screenshots need it: 8-bit RGB written with unfiltered rows, and read back
-//! (what this module writes, and what tests look at). Chunk checksums are CRC-32 from flate2.
+//! PNG, as far as screenshots need it: 8-bit RGB written with unfiltered rows, and read back:
+//! what this module writes, and what a browser's screenshot holds (8-bit RGB or RGBA, any row
+//! filter, no interlace; alpha dropped), which tests look at. Chunk checksums are CRC-32 from
+//! flate2.
 
 use std::io::{Read, Write};
 
@@ -22,7 +24,7 @@ pub enum PngError {
     Crc,
     #[error("the IHDR chunk is not 13 bytes")]
     BadHeader,
-    #[error("not 8-bit RGB")]
+    #[error("not 8-bit RGB or RGBA without interlace")]
     NotRgb8,
     #[error("the size is empty or beyond {MAX_SIDE} pixels")]
     BadSize,
@@ -76,11 +78,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     crc.sum()
 }
 
-/// Width, height and RGB pixels of an 8-bit RGB PNG with unfiltered rows, such as
-/// [`encode_rgb`] writes.
+/// Width, height and RGB pixels of an 8-bit RGB or RGBA PNG (alpha dropped), such as
+/// [`encode_rgb`] writes and browsers save.
 pub fn decode(png: &[u8]) -> Result<(u32, u32, Vec<u8>), PngError> {
     let mut rest = png.strip_prefix(SIGNATURE).ok_or(PngError::NoSignature)?;
-    let (mut width, mut height, mut idat) = (0u32, 0u32, Vec::new());
+    let (mut width, mut height, mut idat, mut channels) = (0u32, 0u32, Vec::new(), 3usize);
     while rest.len() >= 12 {
         let len = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
         let kind = &rest[4..8];
@@ -96,9 +98,11 @@ pub fn decode(png: &[u8]) -> Result<(u32, u32, Vec<u8>), PngError> {
                 }
                 width = u32::from_be_bytes(data[..4].try_into().expect("4 bytes"));
                 height = u32::from_be_bytes(data[4..8].try_into().expect("4 bytes"));
-                if data[8..10] != [8, 2] {
-                    return Err(PngError::NotRgb8);
-                }
+                channels = match data[8..13] {
+                    [8, 2, 0, 0, 0] => 3,
+                    [8, 6, 0, 0, 0] => 4,
+                    _ => return Err(PngError::NotRgb8),
+                };
             }
             b"IDAT" => idat.extend_from_slice(data),
             _ => {}
@@ -108,7 +112,7 @@ pub fn decode(png: &[u8]) -> Result<(u32, u32, Vec<u8>), PngError> {
     if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
         return Err(PngError::BadSize);
     }
-    let row = width as usize * 3;
+    let row = width as usize * channels;
     let expected = (row + 1) * height as usize;
     let mut raw = Vec::new();
     // No more than the header's size is inflated, whatever the data hold.
@@ -119,14 +123,48 @@ pub fn decode(png: &[u8]) -> Result<(u32, u32, Vec<u8>), PngError> {
     if raw.len() != expected {
         return Err(PngError::PixelDataLength);
     }
-    let mut pixels = Vec::with_capacity(row * height as usize);
-    for line in raw.chunks_exact(row + 1) {
-        if line[0] != 0 {
-            return Err(PngError::Filter);
+    let mut pixels = Vec::with_capacity(width as usize * 3 * height as usize);
+    let (mut above, mut line) = (vec![0u8; row], vec![0u8; row]);
+    for filtered in raw.chunks_exact(row + 1) {
+        unfilter(filtered[0], &filtered[1..], &above, channels, &mut line)?;
+        for px in line.chunks_exact(channels) {
+            pixels.extend_from_slice(&px[..3]);
         }
-        pixels.extend_from_slice(&line[1..]);
+        std::mem::swap(&mut above, &mut line);
     }
     Ok((width, height, pixels))
+}
+
+/// One row's bytes from its filtered ones (PNG's five filter types), given the row above
+/// (zeros for the first) and the bytes a pixel has.
+fn unfilter(kind: u8, row: &[u8], above: &[u8], bpp: usize, out: &mut [u8]) -> Result<(), PngError> {
+    for i in 0..row.len() {
+        let left = if i >= bpp { out[i - bpp] } else { 0 };
+        let up = above[i];
+        let up_left = if i >= bpp { above[i - bpp] } else { 0 };
+        let predicted = match kind {
+            0 => 0,
+            1 => left,
+            2 => up,
+            3 => ((u16::from(left) + u16::from(up)) / 2) as u8,
+            4 => paeth(left, up, up_left),
+            _ => return Err(PngError::Filter),
+        };
+        out[i] = row[i].wrapping_add(predicted);
+    }
+    Ok(())
+}
+
+fn paeth(a: u8, b: u8, c: u8) -> u8 {
+    let p = i16::from(a) + i16::from(b) - i16::from(c);
+    let (pa, pb, pc) = ((p - i16::from(a)).abs(), (p - i16::from(b)).abs(), (p - i16::from(c)).abs());
+    if pa <= pb && pa <= pc {
+        a
+    } else if pb <= pc {
+        b
+    } else {
+        c
+    }
 }
 
 #[cfg(test)]
@@ -146,6 +184,52 @@ mod tests {
         assert!(png.ends_with(&[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82]));
         assert_eq!(decode(&png).unwrap(), (2, 3, px));
         assert_eq!(encode_rgb(2, 3, &[0; 17]), Err(PngError::PixelCount { width: 2, height: 3, len: 17 }));
+    }
+
+    /// A PNG of RGBA `pixels` whose row `y` uses filter `y % 5`, filtered here the way the
+    /// specification defines each.
+    fn rgba_png_with_every_filter(width: usize, pixels: &[u8]) -> Vec<u8> {
+        let row = width * 4;
+        let mut raw = Vec::new();
+        let zero = vec![0u8; row];
+        for (y, line) in pixels.chunks_exact(row).enumerate() {
+            let above = if y == 0 { &zero[..] } else { &pixels[(y - 1) * row..y * row] };
+            let kind = (y % 5) as u8;
+            raw.push(kind);
+            for i in 0..row {
+                let (a, b) = (if i >= 4 { line[i - 4] } else { 0 }, above[i]);
+                let c = if i >= 4 { above[i - 4] } else { 0 };
+                let predicted = [0, a, b, ((a as u16 + b as u16) / 2) as u8, paeth(a, b, c)][kind as usize];
+                raw.push(line[i].wrapping_sub(predicted));
+            }
+        }
+        let mut png = SIGNATURE.to_vec();
+        let mut ihdr = (width as u32).to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&((pixels.len() / row) as u32).to_be_bytes());
+        ihdr.extend_from_slice(&[8, 6, 0, 0, 0]);
+        chunk(&mut png, b"IHDR", &ihdr);
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        z.write_all(&raw).unwrap();
+        chunk(&mut png, b"IDAT", &z.finish().unwrap());
+        chunk(&mut png, b"IEND", &[]);
+        png
+    }
+
+    #[test]
+    fn rgba_rows_under_every_filter_read_back_as_rgb() {
+        let (w, h) = (7, 10);
+        let rgba: Vec<u8> = (0..w * h * 4).map(|i| ((i * 37) ^ (i / 5)) as u8).collect();
+        let (width, height, rgb) = decode(&rgba_png_with_every_filter(w, &rgba)).unwrap();
+        assert_eq!((width, height), (w as u32, h as u32));
+        let expected: Vec<u8> = rgba.chunks_exact(4).flat_map(|p| p[..3].to_vec()).collect();
+        assert_eq!(rgb, expected);
+        // Paeth picks the neighbour nearest to left + up - up-left: left, then up, on a tie.
+        assert_eq!(paeth(10, 20, 15), 15);
+        assert_eq!(paeth(10, 10, 20), 10);
+        assert_eq!(paeth(10, 20, 5), 20);
+        assert_eq!(paeth(10, 20, 25), 10);
+        assert_eq!(paeth(100, 20, 90), 20);
+        assert_eq!(paeth(50, 60, 58), 50);
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct Install {
     pub no_reboot: bool,
     /// The serial console line that says the install finished.
     pub done_line: &'static str,
+    /// What starts the installer's steps on the serial console (the build log shows each).
+    pub step_marker: &'static str,
+    /// The answer file the installer boots with (Windows), for the install's report.
+    pub answer_file: Option<PathBuf>,
     /// Windows: the image of install.wim it installs, and the product key for the answer file.
     pub edition: Option<windows::editions::Selection>,
     /// Keys to press while the installer starts: Windows' CD boot loader under UEFI waits for
@@ -150,6 +154,8 @@ impl Profile<'_> {
                 mac: "",
                 no_reboot: true,
                 done_line: standin::INSTALL_DONE,
+                step_marker: standin::INSTALL_STEP,
+                answer_file: None,
                 edition: None,
                 press_keys: false,
             }),
@@ -171,6 +177,8 @@ impl Profile<'_> {
                     mac: GUEST_MAC,
                     no_reboot: false,
                     done_line: windows::scripts::INSTALL_OK_LINE,
+                    step_marker: windows::INSTALL_MARKER_PREFIX,
+                    answer_file: Some(work.join(windows::media::AUTOUNATTEND_XML)),
                     edition: Some(edition),
                     press_keys: efi,
                 })

@@ -225,6 +225,8 @@ poweroff -f
 "#;
 
 pub const INSTALL_DONE: &str = "winvm-install: done";
+/// What starts each of the installer's steps on its console.
+pub const INSTALL_STEP: &str = "winvm-install:";
 
 /// The installer: a system to copy, and an init that puts it on /dev/vda.
 pub fn installer(

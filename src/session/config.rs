@@ -125,6 +125,9 @@ pub struct SessionConfig {
     /// apart from the progress lines (`run-vm -- COMMAND`); otherwise both streams, in order,
     /// into the build log.
     pub split_streams: bool,
+    /// Where the guest's screen keeps a timeline for the stage's report (see
+    /// `screen::Timeline`); none unless the caller asks.
+    pub timeline: Option<PathBuf>,
 }
 
 impl SessionConfig {
@@ -153,6 +156,7 @@ impl SessionConfig {
             terminal: None,
             vnc: vnc_from_env(),
             split_streams: false,
+            timeline: None,
         })
     }
 

@@ -60,9 +60,21 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 pub trait Report {
     fn say(&self, line: &str);
 
+    /// The session begins a phase ("reviving the VMs"): the builder sends it to Nix as the
+    /// build's phase, and keeps it in the stage's report.
+    fn phase(&self, _name: &str) {}
+
     /// New bytes of the exchange directory's output log: the agent's own lines, and a
     /// build's output (unless the session splits the command's streams).
     fn log(&self, bytes: &[u8]);
+}
+
+/// What the session is doing from now on: for the time-out's message, and the build's phase.
+fn now_doing(doing: &Cell<&'static str>, report: &dyn Report, what: &'static str) {
+    if doing.get() != what {
+        doing.set(what);
+        report.phase(what);
+    }
 }
 
 /// Bytes to this process's stdout or stderr at once, as they came (a closed one drops them).
@@ -200,13 +212,16 @@ pub async fn run_then<T: Send + 'static>(
         run_prepared(cfg, &files, report, &doing, then).await
     };
     tokio::pin!(work);
-    let mut screens = cfg
-        .guest
-        .machine
-        .display
-        .then(|| Screens::new("guest", cfg.work.join(SCREENS_DIR), cfg.work.join(GUEST_SCREEN_SOCKET)));
+    let mut screens = cfg.guest.machine.display.then(|| {
+        let screens = Screens::new("guest", cfg.work.join(SCREENS_DIR), cfg.work.join(GUEST_SCREEN_SOCKET));
+        match &cfg.timeline {
+            Some(dir) => screens.with_timeline(dir),
+            None => screens,
+        }
+    });
+    let say = |line: &str| report.say(line);
     let result = tokio::select! {
-        r = screen::during(screens.as_mut(), work.as_mut()) => r,
+        r = screen::during(screens.as_mut(), work.as_mut(), &say) => r,
         _ = &mut deadline => {
             let during = doing.get();
             // A guest that never answered: what its console said is the first clue.
@@ -348,7 +363,7 @@ async fn run_prepared<T: Send + 'static>(
     then: impl FnOnce(&Verdict) -> T + Send + 'static,
 ) -> Result<(Verdict, T), RunError> {
     let w = &cfg.work;
-    doing.set("starting the switch");
+    now_doing(doing, report, "starting the switch");
     let mut switch = VdeSwitch::start(&cfg.tools.vde_switch, w).await.map_err(RunError::Switch)?;
     report.say("switch up");
     // A debugging aid only: a capture that cannot start is said and the session goes on.
@@ -360,7 +375,7 @@ async fn run_prepared<T: Send + 'static>(
     let guest_log = w.join("guest-qemu.log");
     let controller_log = w.join("controller-qemu.log");
     prepare::write_run_vm_script(cfg);
-    doing.set("starting the VMs");
+    now_doing(doing, report, "starting the VMs");
     let guest = spawn_qemu(cfg, &guest_vm, &guest_log)?;
     let controller = spawn_qemu(cfg, &controller_vm, &controller_log)?;
     let mut pair = Pair { switch, guest, controller };
@@ -374,7 +389,7 @@ async fn run_prepared<T: Send + 'static>(
         qmp_up("controller", &mut pair.controller, &w.join("controller-qmp.sock"), &controller_log).await?;
     report.say("controller up");
     // Both loads at once: each is a QEMU reading its own stream.
-    doing.set("reviving the VMs");
+    now_doing(doing, report, "reviving the VMs");
     let (guest_vm, controller_vm) = (&mut pair.guest, &mut pair.controller);
     let guest_load = async {
         if let Some(state) = &cfg.guest.revive_from {
@@ -399,18 +414,18 @@ async fn run_prepared<T: Send + 'static>(
     // relay through it).
     let (verdict, saved, _session) = match &cfg.task.after {
         After::SavePair(to) => {
-            doing.set("waiting for the controller to be ready to serve");
+            now_doing(doing, report, "waiting for the controller to be ready to serve");
             save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
             (Verdict::Exited(0), true, (None, None))
         }
         After::Quit | After::SaveLayer(_) => {
             if cfg.controller.revive_from.is_none() {
                 // A booted controller takes the line once its init holds the port open.
-                doing.set("booting the controller");
+                now_doing(doing, report, "booting the controller");
                 controller_waiting(files, &mut pair.controller).await?;
             }
             report.say("controller ready");
-            doing.set("sending the controller its session");
+            now_doing(doing, report, "sending the controller its session");
             let session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
             report.say("session sent");
             // An interactive login travels through the same port once the line is read.
@@ -426,7 +441,7 @@ async fn run_prepared<T: Send + 'static>(
             report.say("command finished");
             let mut saved = false;
             if let (After::SaveLayer(to), Verdict::Exited(0)) = (&cfg.task.after, &verdict) {
-                doing.set("waiting for the controller to be ready to serve again");
+                now_doing(doing, report, "waiting for the controller to be ready to serve again");
                 save_when_ready(cfg, files, &mut pair, (&mut guest_qmp, &mut ctl_qmp), to, report, doing).await?;
                 saved = true;
             }
@@ -435,7 +450,7 @@ async fn run_prepared<T: Send + 'static>(
     };
     let for_then = verdict.clone();
     let after = tokio::task::spawn_blocking(move || then(&for_then));
-    doing.set("stopping the VMs");
+    now_doing(doing, report, "stopping the VMs");
     if saved {
         // The image keeps the guest's disk: QMP's `quit` flushes it to the host's disk.
         let _ = tokio::time::timeout(Duration::from_secs(2), guest_qmp.execute(&qmp::Quit)).await;
@@ -487,7 +502,7 @@ async fn save_when_ready(
 ) -> Result<(), RunError> {
     controller_ready(files, pair, report).await?;
     report.say("controller ready");
-    doing.set("saving the pair");
+    now_doing(doing, report, "saving the pair");
     save_pair(cfg, guest_qmp, ctl_qmp, to).await?;
     report.say(&format!("pair saved: {} and {}", to.guest_state.display(), to.controller_state.display()));
     let _ = tokio::time::timeout(Duration::from_secs(2), ctl_qmp.execute(&qmp::Quit)).await;
@@ -556,7 +571,7 @@ async fn watch_pair(
     let ssh_ready_file = files.xchg.join(protocol::WAITING_DONE);
     let exit_file = files.xchg.join(protocol::EXIT_FILE);
     let mut phase = Phase::Connecting;
-    doing.set(phase.doing());
+    now_doing(doing, report, phase.doing());
     loop {
         outputs.pump(report);
         let mut seen = Seen {
@@ -578,7 +593,7 @@ async fn watch_pair(
                     report.say("ssh ready");
                 }
                 phase = next;
-                doing.set(phase.doing());
+                now_doing(doing, report, phase.doing());
                 tokio::time::sleep(WATCH_INTERVAL).await;
                 continue;
             }

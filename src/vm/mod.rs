@@ -1,9 +1,10 @@
 //! The VM pieces: processes and their guards, the VDE switch and its capture (pcap), QEMU
-//! command lines, QMP, acceleration (the KVM probe), saved state, screenshots, the one wait
-//! helper, and `sys`, the bindgen bindings to the kernel and libvdeplug. A session (src/session)
-//! puts them together.
+//! command lines, QMP, acceleration (the KVM probe), saved state, screenshots, a serial log
+//! followed as it grows, the one wait helper, and `sys`, the bindgen bindings to the kernel
+//! and libvdeplug. A session (src/session) puts them together.
 
 pub mod accel;
+pub mod console;
 pub mod kernel;
 pub mod process;
 pub mod qemu;

@@ -1,8 +1,10 @@
 //! What a VM's display shows, kept as PNG files: a stuck installer or a guest that never
 //! answers is seen, not guessed. QEMU writes a PPM (`screendump`) through a QMP connection of
-//! our own (the second `-qmp` socket of a VM with a display), which is converted here; only the
-//! last few are kept. The same connection is the VM's keyboard, for a boot loader that waits
-//! for a key.
+//! our own (the second `-qmp` socket of a VM with a display), which is converted here. Three
+//! sets are kept: the last few (for a failure's message), `VM-latest.png` (always the newest,
+//! named in the log while a long VM runs), and, where asked, a timeline for the stage's report
+//! (one about every 30 s, thinned as it grows). The same connection is the VM's keyboard, for a
+//! boot loader that waits for a key.
 
 use super::qmp::{self, Qmp, QmpError};
 use crate::format::{png, ppm};
@@ -15,6 +17,15 @@ pub const INTERVAL: Duration = Duration::from_secs(5);
 pub const KEY_INTERVAL: Duration = Duration::from_secs(1);
 /// How many screenshots of a VM are kept (older ones are deleted).
 pub const KEEP: usize = 5;
+/// How far apart the timeline's screenshots are at first.
+pub const TIMELINE_SPACING: Duration = Duration::from_secs(30);
+/// The most screenshots a timeline keeps: one more, and every other one is deleted and the
+/// spacing doubles. A 1 h install keeps 120; an 8 h one between 80 and 160.
+pub const TIMELINE_MAX: usize = 160;
+/// A VM that has run this long has its newest screenshot named in the log...
+pub const ANNOUNCE_AFTER: Duration = Duration::from_secs(60);
+/// ... and again this often.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(120);
 /// One `screendump`.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connecting to the screen socket: short, as a VM that is gone leaves its socket refusing.
@@ -35,6 +46,60 @@ pub enum ScreenError {
     BadPpm { path: PathBuf, why: ppm::PpmError },
 }
 
+/// One screenshot of a timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shot {
+    /// When it was taken, since the VM's screens were first asked for.
+    pub at: Duration,
+    pub path: PathBuf,
+}
+
+/// The screenshots a report shows: one about every `spacing`, the spacing doubled (and every
+/// other screenshot deleted) each time there would be more than [`TIMELINE_MAX`].
+#[derive(Debug)]
+pub struct Timeline {
+    dir: PathBuf,
+    spacing: Duration,
+    shots: Vec<Shot>,
+}
+
+impl Timeline {
+    pub fn new(dir: impl Into<PathBuf>) -> Timeline {
+        Timeline { dir: dir.into(), spacing: TIMELINE_SPACING, shots: Vec::new() }
+    }
+
+    /// Whether a screenshot taken at `at` belongs in the timeline.
+    fn wants(&self, at: Duration) -> bool {
+        self.shots.last().map_or(true, |last| at >= last.at + self.spacing)
+    }
+
+    /// Adds `shot`; the screenshots it thins out, to delete.
+    fn add(&mut self, shot: Shot) -> Vec<Shot> {
+        self.shots.push(shot);
+        if self.shots.len() <= TIMELINE_MAX {
+            return Vec::new();
+        }
+        self.spacing *= 2;
+        // The first and the newest stay; every other one between goes.
+        let all = std::mem::take(&mut self.shots);
+        let (mut kept, mut gone) = (Vec::new(), Vec::new());
+        let last = all.len() - 1;
+        for (i, shot) in all.into_iter().enumerate() {
+            if i % 2 == 0 || i == last {
+                kept.push(shot);
+            } else {
+                gone.push(shot);
+            }
+        }
+        self.shots = kept;
+        gone
+    }
+
+    pub fn shots(&self) -> &[Shot] {
+        &self.shots
+    }
+}
+
 /// The screenshots of one VM: `DIR/VM-0001.png`, `DIR/VM-0002.png`, ...
 pub struct Screens {
     vm: String,
@@ -45,6 +110,9 @@ pub struct Screens {
     count: u32,
     last_error: Option<String>,
     keys_until: Option<tokio::time::Instant>,
+    started: std::time::Instant,
+    timeline: Option<Timeline>,
+    announced: Option<Duration>,
 }
 
 impl Screens {
@@ -60,7 +128,51 @@ impl Screens {
             count: 0,
             last_error: None,
             keys_until: None,
+            started: std::time::Instant::now(),
+            timeline: None,
+            announced: None,
         }
+    }
+
+    /// Keeps a timeline of this VM's screen in `dir` (see [`Timeline`]).
+    pub fn with_timeline(mut self, dir: impl Into<PathBuf>) -> Screens {
+        self.timeline = Some(Timeline::new(dir));
+        self
+    }
+
+    pub fn timeline(&self) -> Option<&Timeline> {
+        self.timeline.as_ref()
+    }
+
+    /// `DIR/VM-latest.png`: the newest screenshot, replaced at each one.
+    pub fn latest(&self) -> PathBuf {
+        self.dir.join(format!("{}-latest.png", self.vm))
+    }
+
+    /// The log's line naming the newest screenshot, when it is due: once the VM has run
+    /// [`ANNOUNCE_AFTER`], then every [`ANNOUNCE_EVERY`]. With the path the host sees it at,
+    /// when the build runs in a sandbox.
+    pub fn due_announcement(&mut self) -> Option<String> {
+        let now = self.started.elapsed();
+        let due = match self.announced {
+            None => now >= ANNOUNCE_AFTER,
+            Some(then) => now >= then + ANNOUNCE_EVERY,
+        };
+        if !due || self.last().is_none() {
+            return None;
+        }
+        self.announced = Some(now);
+        let latest = self.latest();
+        let host = crate::vm::sys::os::host_path(&latest)
+            .map(|h| format!(" (outside the sandbox: {})", h.display()))
+            .unwrap_or_default();
+        Some(format!(
+            "the {}'s screen after {}: {}{host}, replaced every {} s",
+            self.vm,
+            minutes_seconds(now),
+            latest.display(),
+            INTERVAL.as_secs()
+        ))
     }
 
     /// Presses Enter every [`KEY_INTERVAL`] for `window` from now, while [`during`] runs.
@@ -145,6 +257,23 @@ impl Screens {
             let old = self.taken.remove(0);
             let _ = std::fs::remove_file(old);
         }
+        // A new name, then a rename: whoever opens the latest never reads half a file.
+        let latest = self.latest();
+        let fresh = self.dir.join(format!(".{}-latest.png", self.vm));
+        let _ = std::fs::remove_file(&fresh);
+        link_or_copy(&path, &fresh)?;
+        std::fs::rename(&fresh, &latest)
+            .map_err(|error| ScreenError::Io { what: format!("renaming {}", fresh.display()), error })?;
+        let at = self.started.elapsed();
+        if let Some(timeline) = self.timeline.as_mut().filter(|t| t.wants(at)) {
+            std::fs::create_dir_all(&timeline.dir)
+                .map_err(|error| ScreenError::Io { what: format!("creating {}", timeline.dir.display()), error })?;
+            let kept = timeline.dir.join(format!("{}-{}.png", self.vm, timeline_name(at)));
+            link_or_copy(&path, &kept)?;
+            for gone in timeline.add(Shot { at, path: kept }) {
+                let _ = std::fs::remove_file(gone.path);
+            }
+        }
         Ok(path)
     }
 
@@ -161,11 +290,46 @@ impl Screens {
     }
 }
 
+/// A second name for `from` (the same file: no room taken), or a copy where links fail.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), ScreenError> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(drop)
+        .map_err(|error| ScreenError::Io { what: format!("copying {} to {}", from.display(), to.display()), error })
+}
+
+/// `12m05s`: a timeline screenshot's time in its name (sorted by name, in time order).
+fn timeline_name(at: Duration) -> String {
+    let s = at.as_secs();
+    format!("{:04}m{:02}s", s / 60, s % 60)
+}
+
+/// The time a timeline screenshot's file name (`VM-0012m05s.png`) gives.
+pub fn timeline_time(file_name: &str) -> Option<Duration> {
+    let (_, time) = file_name.strip_suffix(".png")?.rsplit_once('-')?;
+    let (m, s) = time.strip_suffix('s')?.split_once('m')?;
+    Some(Duration::from_secs(m.parse::<u64>().ok()? * 60 + s.parse::<u64>().ok()?))
+}
+
+/// `12 min 5 s`, `40 s`.
+pub fn minutes_seconds(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s} s")
+    } else {
+        format!("{} min {} s", s / 60, s % 60)
+    }
+}
+
 /// Runs `work` to its end while taking `screens` (if any) every [`INTERVAL`], starting one
-/// interval after the start.
+/// interval after the start; `say` gets the line naming the newest screenshot when one is due
+/// (see [`Screens::due_announcement`]).
 pub async fn during<T>(
     screens: Option<&mut Screens>,
     work: std::pin::Pin<&mut impl std::future::Future<Output = T>>,
+    say: &dyn Fn(&str),
 ) -> T {
     let mut work = work;
     let Some(screens) = screens else { return work.await };
@@ -177,7 +341,12 @@ pub async fn during<T>(
         let pressing = screens.keys_until.is_some_and(|end| tokio::time::Instant::now() < end);
         tokio::select! {
             r = &mut work => return r,
-            _ = tick.tick() => { screens.capture().await; }
+            _ = tick.tick() => {
+                screens.capture().await;
+                if let Some(line) = screens.due_announcement() {
+                    say(&line);
+                }
+            }
             _ = keys.tick(), if pressing => { screens.press("ret").await; }
         }
     }
@@ -201,5 +370,48 @@ mod tests {
         dump.extend_from_slice(&px);
         assert_eq!(png::decode(&ppm_to_png(&dump).unwrap()).unwrap(), (2, 3, px));
         assert_eq!(ppm_to_png(b"P3\n1 1\n255\n000").unwrap_err().to_string(), "no P6 magic");
+    }
+
+    /// Offers a screenshot every `every` for `total`, as the captures would.
+    fn run_timeline(every: Duration, total: Duration) -> (Timeline, usize) {
+        let mut t = Timeline::new("/nowhere");
+        let (mut at, mut deleted) = (Duration::ZERO, 0);
+        while at <= total {
+            if t.wants(at) {
+                deleted += t.add(Shot { at, path: PathBuf::from(format!("{}", at.as_secs())) }).len();
+            }
+            at += every;
+        }
+        (t, deleted)
+    }
+
+    #[test]
+    fn a_timeline_keeps_one_shot_every_30_s_for_an_hour_and_stays_bounded_for_eight() {
+        let (hour, deleted) = run_timeline(INTERVAL, Duration::from_secs(3600));
+        assert_eq!(hour.shots().len(), 121, "0 s, 30 s, ..., 3600 s");
+        assert_eq!(deleted, 0);
+        assert!(hour.shots().windows(2).all(|w| w[1].at - w[0].at == TIMELINE_SPACING));
+        for hours in [2, 8, 24, 100] {
+            let (long, deleted) = run_timeline(INTERVAL, Duration::from_secs(3600 * hours));
+            let n = long.shots().len();
+            assert!((TIMELINE_MAX / 2..=TIMELINE_MAX).contains(&n), "{hours} h keeps {n}");
+            assert!(deleted > 0);
+            // Still spread over the whole run: the first screenshot and a recent one.
+            assert_eq!(long.shots()[0].at, Duration::ZERO);
+            let last = long.shots().last().unwrap().at;
+            assert!(Duration::from_secs(3600 * hours) - last <= long.spacing, "{hours} h: last at {last:?}");
+        }
+    }
+
+    #[test]
+    fn timeline_names_sort_in_time_order() {
+        let names: Vec<String> = [5, 65, 600, 3599, 36000].map(|s| timeline_name(Duration::from_secs(s))).into();
+        assert_eq!(names[0], "0000m05s");
+        assert_eq!(names[4], "0600m00s");
+        assert_eq!(timeline_time(&format!("installer-{}.png", names[1])), Some(Duration::from_secs(65)));
+        assert_eq!(timeline_time("installer-latest.png"), None);
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, names);
     }
 }

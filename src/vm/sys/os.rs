@@ -166,3 +166,81 @@ pub fn read_ahead(file: &std::fs::File) {
     // SAFETY: a descriptor the caller's File keeps open; the advice takes no pointers.
     let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
 }
+
+/// Where `path` is outside this mount namespace (a Nix sandbox binds the build folder, say
+/// `/tmp/nix-build-NAME.drv-0`, at `/build`): the folder the mount that holds `path` shows,
+/// from `/proc/self/mountinfo`. None when that is `path` itself (no sandbox), or unknown.
+/// The folder is given within its file system: right when the host's build folder is on the
+/// host's root file system, and relative to its own when it is a file system of its own.
+pub fn host_path(path: &Path) -> Option<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    host_path_in(&mountinfo, path)
+}
+
+fn host_path_in(mountinfo: &str, path: &Path) -> Option<std::path::PathBuf> {
+    // `ID PARENT MAJ:MIN ROOT MOUNTPOINT ...`; a later line mounted over an earlier one.
+    let (root, point) = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            Some((unescape_mount_field(f.get(3)?), unescape_mount_field(f.get(4)?)))
+        })
+        .filter(|(_, point)| path.starts_with(point))
+        .fold(None, |best: Option<(String, String)>, (root, point)| match &best {
+            Some((_, p)) if Path::new(p).components().count() > Path::new(&point).components().count() => best,
+            _ => Some((root, point)),
+        })?;
+    let host = Path::new(&root).join(path.strip_prefix(&point).ok()?);
+    (host != path).then_some(host)
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\040`-style octal escapes.
+fn unescape_mount_field(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Nix sandbox's mount table, shortened.
+    const SANDBOX: &str = "\
+2050 2040 254:0 /nix/store/abc-x.drv.chroot/root / rw,relatime - ext4 /dev/vda rw
+2051 2050 254:0 /tmp/nix-build-image\\040x.drv-0 /build rw,relatime - ext4 /dev/vda rw
+2052 2050 0:5 / /dev rw,nosuid - devtmpfs udev rw
+2053 2050 254:0 /nix/store /nix/store ro,relatime - ext4 /dev/vda rw
+";
+
+    #[test]
+    fn a_sandboxed_path_is_found_where_the_host_keeps_it() {
+        let p = Path::new("/build/winvm12/screens/installer-latest.png");
+        assert_eq!(
+            host_path_in(SANDBOX, p).unwrap(),
+            Path::new("/tmp/nix-build-image x.drv-0/winvm12/screens/installer-latest.png")
+        );
+        // The longest mount point wins, not the last line; a path the host sees as it is: None.
+        assert_eq!(host_path_in(SANDBOX, Path::new("/nix/store/q-y/f")), None);
+        assert_eq!(
+            host_path_in(SANDBOX, Path::new("/buildx/f")).unwrap(),
+            Path::new("/nix/store/abc-x.drv.chroot/root/buildx/f")
+        );
+        let plain = "25 1 254:0 / / rw - ext4 /dev/vda rw\n";
+        assert_eq!(host_path_in(plain, Path::new("/tmp/nix-build-a-0/x")), None);
+    }
+}
