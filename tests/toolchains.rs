@@ -1,12 +1,16 @@
-//! The offline toolchains of nix/toolchains.nix: the layers they make of a Windows image, the
-//! exact commands those layers run, their argument checks, and the layout that
-//! `nix-store --add-fixed --recursive` adds. Evaluation and instantiation only: no Windows
-//! media exist on this project's machines (docs/WINDOWS.md, "What cannot be tested here").
+//! The Nix library (nix/): the offline toolchains of nix/toolchains.nix, the layers they make
+//! of a Windows image, the exact commands those layers run, their argument checks, and the
+//! layout that `nix-store --add-fixed --recursive` adds; and nix/cygwin.nix's package folder,
+//! built for real in the sandbox with the plugin's tools closure. The layers are evaluated and
+//! instantiated only: no Windows media exist on this project's machines (docs/WINDOWS.md,
+//! "What cannot be tested here").
 #![cfg(feature = "plugin")]
 
 mod common;
 use common::*;
 use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 
 /// A Windows image that evaluates without its ISO: the `{ name; sha256; }` form names the ISO
@@ -465,4 +469,162 @@ fn bad_arguments_give_the_documented_errors() {
         &o,
         "cygwinPackages: attribute 'packages' is an empty list; give one or more Cygwin package names",
     );
+}
+
+/// `tools` of nix/default.nix is the tools closure every derivation of the plugin names, with
+/// its context; reading it writes no derivation, even where evaluation may write them.
+#[test]
+fn the_librarys_tools_are_the_closure_and_reading_them_writes_no_derivation() {
+    let env = NixEnv::new();
+    let expr = scope("let t = winvm.tools; in { inherit t; context = builtins.attrNames (builtins.getContext t); }");
+    let o = env.instantiate(&["--eval", "--strict", "--json", "--read-write-mode"], &expr);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let tools = text(&v, "t");
+    assert!(tools.starts_with("/nix/store/") && tools.ends_with("-winvm-tools"), "{v}");
+    assert_eq!(v["context"], serde_json::json!([tools]), "the string must carry the path as its context");
+    let drvs: Vec<String> = std::fs::read_dir(env.store().join("nix/store"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".drv"))
+        .collect();
+    assert!(drvs.is_empty(), "reading the tools wrote {drvs:?}");
+    // The closure a build names.
+    let build = eval(
+        &env,
+        "(builtins.windowsDerivation { name = \"x\"; script = \"\"; image = winvm.standinImage { }; }).drvAttrs.winvmTools",
+    );
+    assert_eq!(build, tools);
+}
+
+/// A mirror on a loopback port that serves the files under `root`: the fixed-output fetches of
+/// nix/cygwin.nix run in the sandbox, which shows no host file to a file:// URL but lets them
+/// reach the network. Its thread ends with the test process.
+fn serve(root: PathBuf) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = answer(&root, stream);
+        }
+    });
+    port
+}
+
+/// One GET, then the connection closes.
+fn answer(root: &Path, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    let mut header = String::new();
+    while reader.read_line(&mut header)? > 2 {
+        header.clear();
+    }
+    let target = request.split(' ').nth(1).unwrap_or("/");
+    let body = if target.contains("..") { None } else { std::fs::read(root.join(target.trim_start_matches('/'))).ok() };
+    match body {
+        Some(b) => {
+            write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len())?;
+            stream.write_all(&b)
+        }
+        None => stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+    }
+}
+
+/// The files below `dir` (links followed), by relative path, with their contents.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(top: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(top, &path, out);
+            } else {
+                let rel = path.strip_prefix(top).unwrap().display().to_string();
+                out.push((rel, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// nix/cygwin.nix with its defaults: the tools closure's busybox sh and PATH, system
+/// x86_64-linux. Built for real in the sandbox (nix/sandbox.conf, no path of the host), once
+/// by nix-build and once by a flake in pure evaluation; each build is a new derivation (its
+/// name), so neither finds the other's output. The result is the fixture folder, file for file.
+#[test]
+fn the_cygwin_repository_builds_in_the_sandbox_with_the_tools_closure() {
+    let fixture = checkout("tests/fixtures/cygwin-repo");
+    let port = serve(fixture.clone());
+    let mirror = format!("http://127.0.0.1:{port}/cygwin-packages/nix-winvm-mirror");
+    let ini = fixture.join("cygwin-packages/nix-winvm-mirror/x86_64/setup.ini");
+    let exe = fixture.join("setup-x86_64.exe");
+    let unique = tempfile::Builder::new().prefix("nix-winvm-cygwin").tempdir().unwrap();
+    let suffix: String =
+        unique.path().file_name().unwrap().to_string_lossy().chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let expected = files(&fixture);
+
+    // nix-build, impure: the library from the checkout.
+    let name = format!("cygwin-repo-{suffix}-build");
+    let repo = format!(
+        r#"import {cygwin} {{ setupIni = {ini}; packages = [ "make" ]; mirror = "{mirror}"; setupExe = {exe}; name = "{name}"; }}"#,
+        cygwin = checkout("nix/cygwin.nix").display(),
+        ini = ini.display(),
+        exe = exe.display(),
+    );
+    let o = sandboxed_nix_build()
+        .args(["--no-out-link", "-E"])
+        .arg(format!(
+            "let winvm = import {lib} {{ }}; r = {repo}; in \
+               assert r.system == \"x86_64-linux\"; \
+               assert r.drvAttrs.builder == \"${{winvm.tools}}/bin/sh\"; \
+               assert r.drvAttrs.PATH == \"${{winvm.tools}}/bin\"; \
+               assert builtins.hasContext r.drvAttrs.builder; r",
+            lib = checkout("nix").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let built = PathBuf::from(stdout(&o));
+    assert!(built.to_string_lossy().ends_with(&name), "{}", built.display());
+    assert_eq!(files(&built), expected, "{}", built.display());
+
+    // A flake, pure: the library copied into it, as a flake that vendors nix/ would hold it.
+    let flake = unique.path();
+    std::fs::create_dir(flake.join("nix")).unwrap();
+    for f in ["default.nix", "cygwin.nix", "toolchains.nix"] {
+        std::fs::copy(checkout("nix").join(f), flake.join("nix").join(f)).unwrap();
+    }
+    std::fs::copy(&ini, flake.join("setup.ini")).unwrap();
+    std::fs::copy(&exe, flake.join("setup-x86_64.exe")).unwrap();
+    let name = format!("cygwin-repo-{suffix}-flake");
+    std::fs::write(
+        flake.join("flake.nix"),
+        format!(
+            r#"{{
+  outputs = {{ self }}: {{
+    packages.x86_64-linux.default = import ./nix/cygwin.nix {{
+      setupIni = ./setup.ini;
+      packages = [ "make" ];
+      mirror = "{mirror}";
+      setupExe = ./setup-x86_64.exe;
+      name = "{name}";
+    }};
+  }};
+}}
+"#
+        ),
+    )
+    .unwrap();
+    let plugin = registered_plugin();
+    let o =
+        flake_nix(plugin.path(), &["build", "-L", "--no-link", "--json", &format!("path:{}#default", flake.display())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let out = PathBuf::from(json[0]["outputs"]["out"].as_str().unwrap());
+    assert!(out.to_string_lossy().ends_with(&name), "{}", out.display());
+    assert_eq!(files(&out), expected, "{}", out.display());
 }
