@@ -45,7 +45,10 @@ rec {
   # saved as an image of its own (docs/WINDOWS.md, "Layers: software on top of the image").
   layer = { base, installCommands ? [ ], ... }@args: windowsImage args;
 
-  # Offline toolchains as layers: visualStudioBuildTools, cygwinPackages, python
-  # (nix/toolchains.nix).
-  inherit (import ./toolchains.nix { inherit windowsImage; }) visualStudioBuildTools cygwinPackages python;
+  # Offline toolchains as layers: visualStudioBuildToolsLayer, cygwinPackagesLayer, pythonLayer
+  # (nix/toolchains.nix). The names they had before (visualStudioBuildTools, cygwinPackages,
+  # python) throw an error that names the new one.
+  inherit (import ./toolchains.nix { inherit windowsImage; })
+    visualStudioBuildToolsLayer cygwinPackagesLayer pythonLayer
+    visualStudioBuildTools cygwinPackages python;
 }

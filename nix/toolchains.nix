@@ -2,7 +2,7 @@
 # packages, Python from its installer.
 #
 #   let winvm = import ./nix { }; in
-#   winvm.visualStudioBuildTools { base = image; layout = { name = "RESTRICTDIST-vsbt"; sha256 = "..."; }; }
+#   winvm.visualStudioBuildToolsLayer { base = image; layout = { name = "RESTRICTDIST-vsbt"; sha256 = "..."; }; }
 #
 # Each function returns a layer, `windowsImage { base; installCommands; name; }`: the commands
 # run once, in order, in Cygwin bash in the guest, as Administrator, and the result is an image
@@ -217,7 +217,7 @@ let
   # store), then run the layout's bootstrapper with --noWeb and the same --add options, and
   # --wait, which makes it return the installer's exit code: 0, or 3010 for success that asks
   # for a restart.
-  visualStudioBuildTools =
+  visualStudioBuildToolsLayer =
     { base
     , layout
     , workloads ? [ "Microsoft.VisualStudio.Workload.VCTools" ]
@@ -227,7 +227,7 @@ let
     , timeout ? null
     }:
     let
-      fn = "visualStudioBuildTools";
+      fn = "visualStudioBuildToolsLayer";
       layoutPath =
         if isAttrs layout && !isDerivation layout && !(layout ? outPath)
         then "${requiredFolder fn "layout" layout}"
@@ -359,7 +359,7 @@ let
   # Setup exits 0 even when a package is missing from the folder (it only logs "Package 'x'
   # not found."), so the command checks /etc/setup/installed.db afterwards. It exits 118 when
   # it had to leave files in use for the next restart, which a layer never has: an error here.
-  cygwinPackages =
+  cygwinPackagesLayer =
     { base
     , repo
     , packages
@@ -367,7 +367,7 @@ let
     , timeout ? null
     }:
     let
-      fn = "cygwinPackages";
+      fn = "cygwinPackagesLayer";
       # nix/cygwin.nix's folder is symlinks into other store paths, and the store share does
       # not follow symlinks into the rest of the store (the controller's Samba refuses links
       # that leave the share). So its folder is rebuilt in the guest from the store paths it
@@ -466,7 +466,7 @@ let
   # Python from the official Windows installer (python-3.X.Y-amd64.exe), which holds every
   # component of a default install; only the debug binaries and symbols would be downloaded,
   # so they stay off. Then, given a folder of wheels, pip installs from it alone.
-  python =
+  pythonLayer =
     { base
     , installer
     , wheels ? null
@@ -476,7 +476,7 @@ let
     , timeout ? null
     }:
     let
-      fn = "python";
+      fn = "pythonLayer";
       installerPath = storeInput fn "installer" "the Python installer .exe (a path or derivation)" installer;
       wheelsPath = storeInput fn "wheels" "a folder of wheels (a path or derivation)" wheels;
       logs = "${layersDir}\\python";
@@ -551,7 +551,15 @@ let
           ''
         ]);
       }));
+
+  # ---------------------------------------------------------------------------------------
+  # The names before the `Layer` suffix: `cygwinPackages` is also an attribute of
+  # builtins.windowsImage (a list), and `python` said nothing of what the function makes.
+  renamed = old: new: throw "nix-winvm: `${old}` was renamed `${new}` (nix/toolchains.nix); call winvm.${new} with the same arguments";
 in
 {
-  inherit visualStudioBuildTools cygwinPackages python;
+  inherit visualStudioBuildToolsLayer cygwinPackagesLayer pythonLayer;
+  visualStudioBuildTools = renamed "visualStudioBuildTools" "visualStudioBuildToolsLayer";
+  cygwinPackages = renamed "cygwinPackages" "cygwinPackagesLayer";
+  python = renamed "python" "pythonLayer";
 }

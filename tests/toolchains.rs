@@ -153,7 +153,7 @@ fn visual_studio_installs_offline_from_the_layout_added_with_add_fixed() {
     let (hash, added) = add_fixed_folder(&env, "RESTRICTDIST-vsbt");
     assert!(added.starts_with("/nix/store/") && added.ends_with("-RESTRICTDIST-vsbt"), "{added}");
     let call = format!(
-        r#"visualStudioBuildTools {{ inherit base; layout = {{ name = "RESTRICTDIST-vsbt"; sha256 = "{hash}"; }}; }}"#
+        r#"visualStudioBuildToolsLayer {{ inherit base; layout = {{ name = "RESTRICTDIST-vsbt"; sha256 = "{hash}"; }}; }}"#
     );
     let v = layer_json(&env, &call);
     let c = assert_layer(&v, "vs-buildtools", 2);
@@ -195,7 +195,7 @@ fn a_missing_layout_stops_the_build_with_the_command_that_adds_it() {
     let env = NixEnv::new();
     let hash = "b".repeat(64);
     let call = format!(
-        r#"visualStudioBuildTools {{ inherit base; layout = {{ name = "RESTRICTDIST-vsgone"; sha256 = "{hash}"; }}; }}"#
+        r#"visualStudioBuildToolsLayer {{ inherit base; layout = {{ name = "RESTRICTDIST-vsgone"; sha256 = "{hash}"; }}; }}"#
     );
     let d = show_derivation(&env, &format!("winvm.{call}"));
     let layout_drv = input_drvs(&d)
@@ -229,7 +229,7 @@ fn visual_studio_arguments_follow_the_options() {
     let env = NixEnv::new();
     let v = layer_json(
         &env,
-        r#"visualStudioBuildTools {
+        r#"visualStudioBuildToolsLayer {
              inherit base;
              layout = derivation { name = "RESTRICTDIST-vsd"; system = "x86_64-linux"; builder = "/bin/sh"; };
              workloads = [ "Microsoft.VisualStudio.Workload.VCTools" "Microsoft.VisualStudio.Component.VC.ATL;includeOptional" ];
@@ -254,7 +254,7 @@ fn cygwin_packages_from_a_cygwin_nix_folder_are_copied_from_the_paths_it_links_t
         ini = checkout("tests/fixtures/setup.ini").display(),
         exe = checkout("tests/fixtures/cygwin-repo/setup-x86_64.exe").display(),
     );
-    let call = r#"cygwinPackages { inherit base repo; packages = [ "make" ]; }"#;
+    let call = r#"cygwinPackagesLayer { inherit base repo; packages = [ "make" ]; }"#;
     let v = eval(
         &env,
         &format!(
@@ -302,7 +302,7 @@ fn cygwin_packages_from_a_plain_folder_are_copied_as_they_are() {
     let v = layer_json(
         &env,
         &format!(
-            r#"cygwinPackages {{ inherit base; repo = {}; packages = [ "make" "gcc-core" "make" ]; }}"#,
+            r#"cygwinPackagesLayer {{ inherit base; repo = {}; packages = [ "make" "gcc-core" "make" ]; }}"#,
             checkout("tests/fixtures/cygwin-repo").display()
         ),
     );
@@ -324,7 +324,7 @@ fn python_installs_quietly_for_all_users_then_pip_installs_from_the_wheels() {
     std::fs::create_dir_all(&wheels).unwrap();
     std::fs::write(wheels.join("numpy-2.0.0-cp312-cp312-win_amd64.whl"), "PK not really\n").unwrap();
     let call = format!(
-        r#"python {{ inherit base; installer = {}; wheels = {}; packages = [ "numpy" "requests>=2" ]; timeout = 7200; }}"#,
+        r#"pythonLayer {{ inherit base; installer = {}; wheels = {}; packages = [ "numpy" "requests>=2" ]; timeout = 7200; }}"#,
         installer.display(),
         wheels.display()
     );
@@ -348,7 +348,7 @@ fn python_installs_quietly_for_all_users_then_pip_installs_from_the_wheels() {
     assert!(srcs.iter().any(|s| s.ends_with("-wheels")), "{srcs:?}");
 
     // Without wheels, the installer alone.
-    let v = layer_json(&env, &format!("python {{ inherit base; installer = {}; }}", installer.display()));
+    let v = layer_json(&env, &format!("pythonLayer {{ inherit base; installer = {}; }}", installer.display()));
     assert_layer(&v, "python", 1);
 }
 
@@ -371,9 +371,9 @@ fn the_functions_give_windows_image_only_base_commands_name_and_timeout() {
     let o = eval_without_plugin(
         &env,
         r#"let
-             vs = stub.visualStudioBuildTools { base = stubBase; layout = { name = "RESTRICTDIST-vsbt"; sha256 = "0000000000000000000000000000000000000000000000000000"; }; };
-             cyg = stub.cygwinPackages { base = stubBase; repo = derivation { name = "r"; system = "x86_64-linux"; builder = "/bin/sh"; }; packages = [ "make" ]; name = "RESTRICTDIST-mine"; timeout = 60; };
-             py = stub.python { base = stubBase; installer = builtins.toFile "python-3.12.4-amd64.exe" "MZ"; };
+             vs = stub.visualStudioBuildToolsLayer { base = stubBase; layout = { name = "RESTRICTDIST-vsbt"; sha256 = "0000000000000000000000000000000000000000000000000000"; }; };
+             cyg = stub.cygwinPackagesLayer { base = stubBase; repo = derivation { name = "r"; system = "x86_64-linux"; builder = "/bin/sh"; }; packages = [ "make" ]; name = "RESTRICTDIST-mine"; timeout = 60; };
+             py = stub.pythonLayer { base = stubBase; installer = builtins.toFile "python-3.12.4-amd64.exe" "MZ"; };
              shape = l: { keys = builtins.attrNames l; inherit (l) base name; };
            in [ (shape vs) (shape cyg) cyg.timeout (shape py) ]"#,
     );
@@ -399,43 +399,43 @@ fn bad_arguments_give_the_documented_errors() {
     let exe = exe.display();
     let hex = "c".repeat(64);
     let repo = r#"(derivation { name = "r"; system = "x86_64-linux"; builder = "/bin/sh"; })"#;
-    let vs = |rest: &str| format!("stub.visualStudioBuildTools {{ base = stubBase; {rest} }}");
+    let vs = |rest: &str| format!("stub.visualStudioBuildToolsLayer {{ base = stubBase; {rest} }}");
     let layout = format!(r#"layout = {{ name = "RESTRICTDIST-vsbt"; sha256 = "{hex}"; }};"#);
     let cases: Vec<(String, String)> = vec![
-        (vs(&format!(r#"layout = {{ name = "vsbt"; sha256 = "{hex}"; }};"#)), "visualStudioBuildTools: attribute 'layout.name' (\"vsbt\") must start with RESTRICTDIST-: Microsoft's files may not be redistributed, and binary caches refuse store paths with that marker (docs/WINDOWS.md, RESTRICTDIST)".into()),
-        (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; sha256 = "abc"; };"#), "visualStudioBuildTools: attribute 'layout.sha256' must be a SHA-256 of the folder, 64 hexadecimal digits (nix-hash --type sha256 DIR) or 52 base-32 characters, got \"abc\"".into()),
-        (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; hash = "abc"; };"#), "visualStudioBuildTools: attribute 'layout' as a set must be exactly { name; sha256; }, got the attributes hash, name".into()),
-        (vs(&format!(r#"layout = {{ name = "RESTRICTDIST vsbt"; sha256 = "{hex}"; }};"#)), "visualStudioBuildTools: attribute 'layout.name' must be a store name (letters, digits and + - . _ ? =, not starting with a dot, at most 150 characters), got \"RESTRICTDIST vsbt\"".into()),
-        (vs("layout = 3;"), "visualStudioBuildTools: attribute 'layout' must be a path or derivation holding the layout, or { name; sha256; } for a folder added with `nix-store --add-fixed --recursive sha256 DIR`, got an integer".into()),
-        (vs(r#"layout = "/nix/store/00000000000000000000000000000000-RESTRICTDIST-vsbt";"#), "visualStudioBuildTools: attribute 'layout' must be a path or derivation holding the layout, or { name; sha256; } for a folder added with `nix-store --add-fixed --recursive sha256 DIR`, got a string that is no store path with a dependency (use a path, a derivation or builtins.storePath)".into()),
-        (vs(&format!("{layout} workloads = \"x\";")), "visualStudioBuildTools: attribute 'workloads' must be a list of strings (workload or component IDs), got a string".into()),
-        (vs(&format!("{layout} workloads = [ ];")), "visualStudioBuildTools: attribute 'workloads' is an empty list; give one or more workload or component IDs".into()),
-        (vs(&format!("{layout} workloads = [ \"a\" 3 ];")), "visualStudioBuildTools: element 1 of attribute 'workloads' must be a string, got an integer".into()),
-        (vs(&format!("{layout} workloads = [ \"a&calc\" ];")), "visualStudioBuildTools: attribute 'workloads': \"a&calc\" is not a workload or component ID such as \"Microsoft.VisualStudio.Workload.VCTools\" or \"...;includeRecommended\"".into()),
-        (vs(&format!("{layout} includeRecommended = \"yes\";")), "visualStudioBuildTools: attribute 'includeRecommended' must be a Boolean, got a string".into()),
-        (vs(&format!(r#"{layout} installPath = "D:\\BT\\";"#)), r#"visualStudioBuildTools: attribute 'installPath' must be an absolute Windows path such as "C:\BuildTools", without " or % and without a trailing backslash, got "D:\BT\""#.into()),
-        (vs(&format!(r#"{layout} installPath = "C:\\%TEMP%";"#)), r#"visualStudioBuildTools: attribute 'installPath' must be an absolute Windows path such as "C:\BuildTools", without " or % and without a trailing backslash, got "C:\%TEMP%""#.into()),
-        (vs(&format!(r#"{layout} installPath = "C:\\{}";"#, "x".repeat(80))), format!("visualStudioBuildTools: attribute 'installPath' (\"C:\\{}\") must be shorter than 80 characters, as Microsoft requires", "x".repeat(80))),
-        (vs(&format!(r#"{layout} name = "";"#)), "visualStudioBuildTools: attribute 'name' must be a non-empty string, got an empty string".into()),
+        (vs(&format!(r#"layout = {{ name = "vsbt"; sha256 = "{hex}"; }};"#)), "visualStudioBuildToolsLayer: attribute 'layout.name' (\"vsbt\") must start with RESTRICTDIST-: Microsoft's files may not be redistributed, and binary caches refuse store paths with that marker (docs/WINDOWS.md, RESTRICTDIST)".into()),
+        (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; sha256 = "abc"; };"#), "visualStudioBuildToolsLayer: attribute 'layout.sha256' must be a SHA-256 of the folder, 64 hexadecimal digits (nix-hash --type sha256 DIR) or 52 base-32 characters, got \"abc\"".into()),
+        (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; hash = "abc"; };"#), "visualStudioBuildToolsLayer: attribute 'layout' as a set must be exactly { name; sha256; }, got the attributes hash, name".into()),
+        (vs(&format!(r#"layout = {{ name = "RESTRICTDIST vsbt"; sha256 = "{hex}"; }};"#)), "visualStudioBuildToolsLayer: attribute 'layout.name' must be a store name (letters, digits and + - . _ ? =, not starting with a dot, at most 150 characters), got \"RESTRICTDIST vsbt\"".into()),
+        (vs("layout = 3;"), "visualStudioBuildToolsLayer: attribute 'layout' must be a path or derivation holding the layout, or { name; sha256; } for a folder added with `nix-store --add-fixed --recursive sha256 DIR`, got an integer".into()),
+        (vs(r#"layout = "/nix/store/00000000000000000000000000000000-RESTRICTDIST-vsbt";"#), "visualStudioBuildToolsLayer: attribute 'layout' must be a path or derivation holding the layout, or { name; sha256; } for a folder added with `nix-store --add-fixed --recursive sha256 DIR`, got a string that is no store path with a dependency (use a path, a derivation or builtins.storePath)".into()),
+        (vs(&format!("{layout} workloads = \"x\";")), "visualStudioBuildToolsLayer: attribute 'workloads' must be a list of strings (workload or component IDs), got a string".into()),
+        (vs(&format!("{layout} workloads = [ ];")), "visualStudioBuildToolsLayer: attribute 'workloads' is an empty list; give one or more workload or component IDs".into()),
+        (vs(&format!("{layout} workloads = [ \"a\" 3 ];")), "visualStudioBuildToolsLayer: element 1 of attribute 'workloads' must be a string, got an integer".into()),
+        (vs(&format!("{layout} workloads = [ \"a&calc\" ];")), "visualStudioBuildToolsLayer: attribute 'workloads': \"a&calc\" is not a workload or component ID such as \"Microsoft.VisualStudio.Workload.VCTools\" or \"...;includeRecommended\"".into()),
+        (vs(&format!("{layout} includeRecommended = \"yes\";")), "visualStudioBuildToolsLayer: attribute 'includeRecommended' must be a Boolean, got a string".into()),
+        (vs(&format!(r#"{layout} installPath = "D:\\BT\\";"#)), r#"visualStudioBuildToolsLayer: attribute 'installPath' must be an absolute Windows path such as "C:\BuildTools", without " or % and without a trailing backslash, got "D:\BT\""#.into()),
+        (vs(&format!(r#"{layout} installPath = "C:\\%TEMP%";"#)), r#"visualStudioBuildToolsLayer: attribute 'installPath' must be an absolute Windows path such as "C:\BuildTools", without " or % and without a trailing backslash, got "C:\%TEMP%""#.into()),
+        (vs(&format!(r#"{layout} installPath = "C:\\{}";"#, "x".repeat(80))), format!("visualStudioBuildToolsLayer: attribute 'installPath' (\"C:\\{}\") must be shorter than 80 characters, as Microsoft requires", "x".repeat(80))),
+        (vs(&format!(r#"{layout} name = "";"#)), "visualStudioBuildToolsLayer: attribute 'name' must be a non-empty string, got an empty string".into()),
         (
-            format!(r#"let l = stub.visualStudioBuildTools {{ base = stubBase; layout = {{ name = "RESTRICTDIST-visual-studio-2022"; sha256 = "{hex}"; }}; }}; in builtins.substring 0 0 (builtins.elemAt l.installCommands 0)"#),
+            format!(r#"let l = stub.visualStudioBuildToolsLayer {{ base = stubBase; layout = {{ name = "RESTRICTDIST-visual-studio-2022"; sha256 = "{hex}"; }}; }}; in builtins.substring 0 0 (builtins.elemAt l.installCommands 0)"#),
             "__layout_too_long__".into(),
         ),
         (
-            r#"stub.visualStudioBuildTools { base = stubBase; layout = derivation { name = "vs-layout"; system = "x86_64-linux"; builder = "/bin/sh"; }; }"#.into(),
+            r#"stub.visualStudioBuildToolsLayer { base = stubBase; layout = derivation { name = "vs-layout"; system = "x86_64-linux"; builder = "/bin/sh"; }; }"#.into(),
             "__layout_not_restricted__".into(),
         ),
-        (format!(r#"stub.cygwinPackages {{ base = stubBase; repo = {repo}; packages = [ ]; }}"#), "cygwinPackages: attribute 'packages' is an empty list; give one or more Cygwin package names".into()),
-        (format!(r#"stub.cygwinPackages {{ base = stubBase; repo = {repo}; packages = "make"; }}"#), "cygwinPackages: attribute 'packages' must be a list of strings (Cygwin package names), got a string".into()),
-        (format!(r#"stub.cygwinPackages {{ base = stubBase; repo = {repo}; packages = [ "gcc&calc" ]; }}"#), r#"cygwinPackages: attribute 'packages': "gcc&calc" is not a Cygwin package name (letters, digits and . _ + -)"#.into()),
-        (r#"stub.cygwinPackages { base = stubBase; repo = 3; packages = [ "make" ]; }"#.into(), "cygwinPackages: attribute 'repo' must be a Cygwin package folder (a path or derivation, as nix/cygwin.nix makes), got an integer".into()),
-        (format!(r#"stub.python {{ base = stubBase; installer = {repo}; }}"#), "__installer_not_exe__".into()),
-        (format!(r#"stub.python {{ base = stubBase; installer = {exe}; packages = [ "numpy" ]; }}"#), "python: attribute 'packages' needs 'wheels', a folder of wheels: the guest has no network, so pip installs with --no-index".into()),
-        (format!(r#"stub.python {{ base = stubBase; installer = {exe}; wheels = {repo}; }}"#), r#"python: attribute 'packages' must name what to install from 'wheels', e.g. [ "numpy" ]"#.into()),
-        (format!(r#"stub.python {{ base = stubBase; installer = {exe}; wheels = {repo}; packages = [ "--index-url=x" ]; }}"#), "python: attribute 'packages': every requirement must be a non-empty line that does not start with -".into()),
-        (format!(r#"stub.python {{ base = stubBase; installer = {exe}; wheels = {repo}; packages = [ "x" true ]; }}"#), "python: element 1 of attribute 'packages' must be a string, got a Boolean".into()),
-        (format!(r#"stub.python {{ base = stubBase; installer = {exe}; wheels = 5; packages = [ "x" ]; }}"#), "python: attribute 'wheels' must be a folder of wheels (a path or derivation), got an integer".into()),
-        (format!(r#"stub.python {{ base = stubBase; installer = {exe}; targetDir = "Python"; }}"#), r#"python: attribute 'targetDir' must be an absolute Windows path such as "C:\Python", without " or % and without a trailing backslash, got "Python""#.into()),
+        (format!(r#"stub.cygwinPackagesLayer {{ base = stubBase; repo = {repo}; packages = [ ]; }}"#), "cygwinPackagesLayer: attribute 'packages' is an empty list; give one or more Cygwin package names".into()),
+        (format!(r#"stub.cygwinPackagesLayer {{ base = stubBase; repo = {repo}; packages = "make"; }}"#), "cygwinPackagesLayer: attribute 'packages' must be a list of strings (Cygwin package names), got a string".into()),
+        (format!(r#"stub.cygwinPackagesLayer {{ base = stubBase; repo = {repo}; packages = [ "gcc&calc" ]; }}"#), r#"cygwinPackagesLayer: attribute 'packages': "gcc&calc" is not a Cygwin package name (letters, digits and . _ + -)"#.into()),
+        (r#"stub.cygwinPackagesLayer { base = stubBase; repo = 3; packages = [ "make" ]; }"#.into(), "cygwinPackagesLayer: attribute 'repo' must be a Cygwin package folder (a path or derivation, as nix/cygwin.nix makes), got an integer".into()),
+        (format!(r#"stub.pythonLayer {{ base = stubBase; installer = {repo}; }}"#), "__installer_not_exe__".into()),
+        (format!(r#"stub.pythonLayer {{ base = stubBase; installer = {exe}; packages = [ "numpy" ]; }}"#), "pythonLayer: attribute 'packages' needs 'wheels', a folder of wheels: the guest has no network, so pip installs with --no-index".into()),
+        (format!(r#"stub.pythonLayer {{ base = stubBase; installer = {exe}; wheels = {repo}; }}"#), r#"pythonLayer: attribute 'packages' must name what to install from 'wheels', e.g. [ "numpy" ]"#.into()),
+        (format!(r#"stub.pythonLayer {{ base = stubBase; installer = {exe}; wheels = {repo}; packages = [ "--index-url=x" ]; }}"#), "pythonLayer: attribute 'packages': every requirement must be a non-empty line that does not start with -".into()),
+        (format!(r#"stub.pythonLayer {{ base = stubBase; installer = {exe}; wheels = {repo}; packages = [ "x" true ]; }}"#), "pythonLayer: element 1 of attribute 'packages' must be a string, got a Boolean".into()),
+        (format!(r#"stub.pythonLayer {{ base = stubBase; installer = {exe}; wheels = 5; packages = [ "x" ]; }}"#), "pythonLayer: attribute 'wheels' must be a folder of wheels (a path or derivation), got an integer".into()),
+        (format!(r#"stub.pythonLayer {{ base = stubBase; installer = {exe}; targetDir = "Python"; }}"#), r#"pythonLayer: attribute 'targetDir' must be an absolute Windows path such as "C:\Python", without " or % and without a trailing backslash, got "Python""#.into()),
     ];
     for (expr, msg) in cases {
         let o = eval_without_plugin(&env, &expr);
@@ -445,17 +445,17 @@ fn bad_arguments_give_the_documented_errors() {
         match msg.as_str() {
             // These name store paths, whose hashes the test does not repeat.
             "__layout_too_long__" => assert!(
-                last.starts_with("visualStudioBuildTools: the layout's path in the guest, \\\\192.168.0.2\\winvm\\store\\")
+                last.starts_with("visualStudioBuildToolsLayer: the layout's path in the guest, \\\\192.168.0.2\\winvm\\store\\")
                     && last.ends_with("-RESTRICTDIST-visual-studio-2022, must be shorter than 80 characters, as Microsoft requires of layouts: give the layout a name of at most 20 characters, such as \"RESTRICTDIST-vsbt\""),
                 "{last}"
             ),
             "__layout_not_restricted__" => assert!(
-                last.starts_with("visualStudioBuildTools: the layout's store path, /nix/store/")
+                last.starts_with("visualStudioBuildToolsLayer: the layout's store path, /nix/store/")
                     && last.ends_with("-vs-layout, must have a name that starts with RESTRICTDIST-: Microsoft's files may not be redistributed, and binary caches refuse store paths with that marker (docs/WINDOWS.md, RESTRICTDIST)"),
                 "{last}"
             ),
             "__installer_not_exe__" => assert!(
-                last.starts_with("python: attribute 'installer' must be a store path whose name ends in .exe, because Windows runs programs by their extension, got /nix/store/")
+                last.starts_with("pythonLayer: attribute 'installer' must be a store path whose name ends in .exe, because Windows runs programs by their extension, got /nix/store/")
                     && last.ends_with("-r"),
                 "{last}"
             ),
@@ -464,11 +464,29 @@ fn bad_arguments_give_the_documented_errors() {
     }
 
     // The same checks run behind the library the plugin serves.
-    let o = env.eval(&scope(&format!("winvm.cygwinPackages {{ inherit base; repo = {repo}; packages = [ ]; }}")));
+    let o = env.eval(&scope(&format!("winvm.cygwinPackagesLayer {{ inherit base; repo = {repo}; packages = [ ]; }}")));
     assert_eval_error(
         &o,
-        "cygwinPackages: attribute 'packages' is an empty list; give one or more Cygwin package names",
+        "cygwinPackagesLayer: attribute 'packages' is an empty list; give one or more Cygwin package names",
     );
+}
+
+/// The names the layer functions had before: each throws one line that names its new name,
+/// in the library the plugin serves and without it.
+#[test]
+fn the_old_names_of_the_layer_functions_say_their_new_names() {
+    let env = NixEnv::new();
+    for (old, new) in [
+        ("visualStudioBuildTools", "visualStudioBuildToolsLayer"),
+        ("cygwinPackages", "cygwinPackagesLayer"),
+        ("python", "pythonLayer"),
+    ] {
+        let msg = format!(
+            "nix-winvm: `{old}` was renamed `{new}` (nix/toolchains.nix); call winvm.{new} with the same arguments"
+        );
+        assert_eval_error(&env.eval(&scope(&format!("winvm.{old} {{ inherit base; }}"))), &msg);
+        assert_eval_error(&eval_without_plugin(&env, &format!("stub.{old}")), &msg);
+    }
 }
 
 /// `tools` of nix/default.nix is the tools closure every derivation of the plugin names, with
