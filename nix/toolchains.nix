@@ -2,7 +2,7 @@
 # packages, Python from its installer.
 #
 #   let winvm = import ./nix { }; in
-#   winvm.visualStudioBuildToolsLayer { base = image; layout = { name = "RESTRICTDIST-vsbt"; sha256 = "..."; }; }
+#   winvm.visualStudioBuildToolsLayer { base = image; layout = { name = "RESTRICTDIST-vsbt"; hash = "sha256-..."; }; }
 #
 # Each function returns a layer, `windowsImage { base; installCommands; name; }`: the commands
 # run once, in order, in Cygwin bash in the guest, as Administrator, and the result is an image
@@ -133,17 +133,34 @@ let
   # (Nix 2.8 prints stray bytes around it; the text is intact.) Each piece between slashes
   # stays under 255 bytes for names up to 150 characters, so the error is ENOENT, not
   # "File name too long". The path `nix-store --add-fixed --recursive sha256 NAME` makes is
-  # this derivation's output, so once added nothing builds.
+  # this derivation's output, so once added nothing builds. The hash is `hash`, in SRI form
+  # (`nix hash path DIR`), or `sha256`, in hexadecimal or base 32 (`nix-hash --type sha256 DIR`).
   requiredFolder = fn: attr: spec:
     let
       keys = attrNames spec;
       n = spec.name or null;
-      hash = spec.sha256 or null;
+      given = filter (k: spec ? ${k}) [ "sha256" "hash" ];
+      # null when none is given: the checks refuse that before the hash is read.
+      key = if given == [ ] then null else head given;
+      hash = spec.${key};
+      sriShape = "\"sha256-\" and 44 characters of base64 (nix hash path DIR)";
     in
-    check fn [
+    check fn ([
       {
-        ok = keys == [ "name" "sha256" ];
-        message = "attribute '${attr}' as a set must be exactly { name; sha256; }, got the attributes ${concatStringsSep ", " keys}";
+        ok = filter (k: k != "name" && k != "sha256" && k != "hash") keys == [ ];
+        message = "attribute '${attr}' as a set must be { name; hash; } or { name; sha256; }, got the attributes ${concatStringsSep ", " keys}";
+      }
+      {
+        ok = length given < 2;
+        message = "attribute '${attr}' has both 'hash' and 'sha256'; give one of them, the folder's hash";
+      }
+      {
+        ok = given != [ ];
+        message = "attribute '${attr}' lacks the folder's hash: give 'hash' (${sriShape}) or 'sha256' (64 hexadecimal digits, nix-hash --type sha256 DIR)";
+      }
+      {
+        ok = spec ? name;
+        message = "attribute '${attr}' lacks 'name', the folder's name in the store";
       }
       {
         ok = isString n && match "[A-Za-z0-9+_?=-][A-Za-z0-9+._?=-]*" n != null && stringLength n <= 150;
@@ -153,17 +170,31 @@ let
         ok = hasPrefix restrictedPrefix n;
         message = "attribute '${attr}.name' (\"${n}\") must start with ${restrictedPrefix}: Microsoft's files may not be redistributed, and binary caches refuse store paths with that marker (docs/WINDOWS.md, RESTRICTDIST)";
       }
+    ] ++ (if key != "hash" then [
       {
         ok = isString hash && (match "[0-9a-fA-F]{64}" hash != null || match "[0-9a-df-np-sv-z]{52}" hash != null);
         message = "attribute '${attr}.sha256' must be a SHA-256 of the folder, 64 hexadecimal digits (nix-hash --type sha256 DIR) or 52 base-32 characters, got ${if isString hash then "\"${hash}\"" else describe hash}";
       }
-    ]
+    ] else [
+      {
+        ok = isString hash;
+        message = "attribute '${attr}.hash' must be a string, ${sriShape}, got ${describe hash}";
+      }
+      {
+        # 32 bytes in base64: 43 digits and one "=". The last digit holds the hash's last 4
+        # bits and 2 zero bits: any other would be a hash that another string names too.
+        ok = match "sha256-[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=" hash != null;
+        message = "attribute '${attr}.hash' must be a SHA-256 of the folder in SRI form, ${sriShape}, got \"${hash}\"";
+      }
+    ]))
       (derivation {
         name = n;
         system = "x86_64-linux";
         builder = "/${n} is not in the Nix store. Add the folder once with: nix-store --add-fixed --recursive sha256 ./${n}";
         outputHashMode = "recursive";
         outputHashAlgo = "sha256";
+        # Nix reads either form; the .drv holds the hash in hexadecimal, so both forms of one
+        # hash make the same derivation.
         outputHash = hash;
         preferLocalBuild = true;
       });
@@ -232,7 +263,7 @@ let
         if isAttrs layout && !isDerivation layout && !(layout ? outPath)
         then "${requiredFolder fn "layout" layout}"
         else storeInput fn "layout"
-          "a path or derivation holding the layout, or { name; sha256; } for a folder added with `nix-store --add-fixed --recursive sha256 DIR`"
+          "a path or derivation holding the layout, or { name; hash; } (or { name; sha256; }) for a folder added with `nix-store --add-fixed --recursive sha256 DIR`"
           layout;
       layoutWindows = windowsPathOf layoutPath;
       logs = "${layersDir}\\vs-buildtools";

@@ -190,6 +190,31 @@ fn visual_studio_installs_offline_from_the_layout_added_with_add_fixed() {
     assert!(drvs.iter().any(|k| k.ends_with("-RESTRICTDIST-vsbt.drv")), "{drvs:?}");
 }
 
+/// `{ name; hash; }` with the SRI hash `nix hash path` prints names the same folder as
+/// `{ name; sha256; }`: the path `nix-store --add-fixed --recursive` made, and the same layer.
+#[test]
+fn an_sri_hash_names_the_layout_as_sha256_does() {
+    let env = NixEnv::new();
+    let (hex, added) = add_fixed_folder(&env, "RESTRICTDIST-vsbt");
+    let o = env.command("nix").args(["hash", "path"]).arg(env.dir.path().join("RESTRICTDIST-vsbt")).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sri = stdout(&o);
+    assert!(sri.starts_with("sha256-") && sri.len() == 51, "{sri}");
+    let call = |hash: &str| {
+        format!(
+            r#"visualStudioBuildToolsLayer {{ inherit base; layout = {{ name = "RESTRICTDIST-vsbt"; {hash}; }}; }}"#
+        )
+    };
+    let by_sri = call(&format!(r#"hash = "{sri}""#));
+    let c = assert_layer(&layer_json(&env, &by_sri), "vs-buildtools", 2);
+    assert!(c[0].contains(&format!("layout='{added}'\n")), "{}", c[0]);
+    let v = eval(
+        &env,
+        &format!("[ (winvm.{}).outPath (winvm.{}).outPath ]", by_sri, call(&format!(r#"sha256 = "{hex}""#))),
+    );
+    assert_eq!(v[0], v[1], "the two forms of one hash must make the same layer");
+}
+
 #[test]
 fn a_missing_layout_stops_the_build_with_the_command_that_adds_it() {
     let env = NixEnv::new();
@@ -398,16 +423,29 @@ fn bad_arguments_give_the_documented_errors() {
     std::fs::write(&exe, "MZ").unwrap();
     let exe = exe.display();
     let hex = "c".repeat(64);
+    let sri = format!("sha256-{}A=", "z".repeat(42));
     let repo = r#"(derivation { name = "r"; system = "x86_64-linux"; builder = "/bin/sh"; })"#;
     let vs = |rest: &str| format!("stub.visualStudioBuildToolsLayer {{ base = stubBase; {rest} }}");
     let layout = format!(r#"layout = {{ name = "RESTRICTDIST-vsbt"; sha256 = "{hex}"; }};"#);
     let cases: Vec<(String, String)> = vec![
         (vs(&format!(r#"layout = {{ name = "vsbt"; sha256 = "{hex}"; }};"#)), "visualStudioBuildToolsLayer: attribute 'layout.name' (\"vsbt\") must start with RESTRICTDIST-: Microsoft's files may not be redistributed, and binary caches refuse store paths with that marker (docs/WINDOWS.md, RESTRICTDIST)".into()),
         (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; sha256 = "abc"; };"#), "visualStudioBuildToolsLayer: attribute 'layout.sha256' must be a SHA-256 of the folder, 64 hexadecimal digits (nix-hash --type sha256 DIR) or 52 base-32 characters, got \"abc\"".into()),
-        (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; hash = "abc"; };"#), "visualStudioBuildToolsLayer: attribute 'layout' as a set must be exactly { name; sha256; }, got the attributes hash, name".into()),
+        (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; hash = "abc"; };"#), "visualStudioBuildToolsLayer: attribute 'layout.hash' must be a SHA-256 of the folder in SRI form, \"sha256-\" and 44 characters of base64 (nix hash path DIR), got \"abc\"".into()),
+        // Base64 that is no SHA-256: a character outside the alphabet, bits after the 256th,
+        // another algorithm, no padding.
+        (vs(&format!(r#"layout = {{ name = "RESTRICTDIST-vsbt"; hash = "sha256-{}!="; }};"#, "A".repeat(42))), format!("visualStudioBuildToolsLayer: attribute 'layout.hash' must be a SHA-256 of the folder in SRI form, \"sha256-\" and 44 characters of base64 (nix hash path DIR), got \"sha256-{}!=\"", "A".repeat(42))),
+        (vs(&format!(r#"layout = {{ name = "RESTRICTDIST-vsbt"; hash = "sha256-{}B="; }};"#, "A".repeat(42))), format!("visualStudioBuildToolsLayer: attribute 'layout.hash' must be a SHA-256 of the folder in SRI form, \"sha256-\" and 44 characters of base64 (nix hash path DIR), got \"sha256-{}B=\"", "A".repeat(42))),
+        (vs(&format!(r#"layout = {{ name = "RESTRICTDIST-vsbt"; hash = "sha512-{}A="; }};"#, "A".repeat(42))), format!("visualStudioBuildToolsLayer: attribute 'layout.hash' must be a SHA-256 of the folder in SRI form, \"sha256-\" and 44 characters of base64 (nix hash path DIR), got \"sha512-{}A=\"", "A".repeat(42))),
+        (vs(&format!(r#"layout = {{ name = "RESTRICTDIST-vsbt"; hash = "sha256-{}"; }};"#, "A".repeat(44))), format!("visualStudioBuildToolsLayer: attribute 'layout.hash' must be a SHA-256 of the folder in SRI form, \"sha256-\" and 44 characters of base64 (nix hash path DIR), got \"sha256-{}\"", "A".repeat(44))),
+        (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; hash = 3; };"#), "visualStudioBuildToolsLayer: attribute 'layout.hash' must be a string, \"sha256-\" and 44 characters of base64 (nix hash path DIR), got an integer".into()),
+        (vs(&format!(r#"layout = {{ name = "RESTRICTDIST-vsbt"; hash = "{sri}"; sha256 = "{hex}"; }};"#)), "visualStudioBuildToolsLayer: attribute 'layout' has both 'hash' and 'sha256'; give one of them, the folder's hash".into()),
+        (vs(r#"layout = { name = "RESTRICTDIST-vsbt"; };"#), "visualStudioBuildToolsLayer: attribute 'layout' lacks the folder's hash: give 'hash' (\"sha256-\" and 44 characters of base64 (nix hash path DIR)) or 'sha256' (64 hexadecimal digits, nix-hash --type sha256 DIR)".into()),
+        (vs(&format!(r#"layout = {{ hash = "{sri}"; }};"#)), "visualStudioBuildToolsLayer: attribute 'layout' lacks 'name', the folder's name in the store".into()),
+        (vs(&format!(r#"layout = {{ name = "RESTRICTDIST-vsbt"; hash = "{sri}"; size = 3; }};"#)), "visualStudioBuildToolsLayer: attribute 'layout' as a set must be { name; hash; } or { name; sha256; }, got the attributes hash, name, size".into()),
+        (vs(&format!(r#"layout = {{ name = "vsbt"; hash = "{sri}"; }};"#)), "visualStudioBuildToolsLayer: attribute 'layout.name' (\"vsbt\") must start with RESTRICTDIST-: Microsoft's files may not be redistributed, and binary caches refuse store paths with that marker (docs/WINDOWS.md, RESTRICTDIST)".into()),
         (vs(&format!(r#"layout = {{ name = "RESTRICTDIST vsbt"; sha256 = "{hex}"; }};"#)), "visualStudioBuildToolsLayer: attribute 'layout.name' must be a store name (letters, digits and + - . _ ? =, not starting with a dot, at most 150 characters), got \"RESTRICTDIST vsbt\"".into()),
-        (vs("layout = 3;"), "visualStudioBuildToolsLayer: attribute 'layout' must be a path or derivation holding the layout, or { name; sha256; } for a folder added with `nix-store --add-fixed --recursive sha256 DIR`, got an integer".into()),
-        (vs(r#"layout = "/nix/store/00000000000000000000000000000000-RESTRICTDIST-vsbt";"#), "visualStudioBuildToolsLayer: attribute 'layout' must be a path or derivation holding the layout, or { name; sha256; } for a folder added with `nix-store --add-fixed --recursive sha256 DIR`, got a string that is no store path with a dependency (use a path, a derivation or builtins.storePath)".into()),
+        (vs("layout = 3;"), "visualStudioBuildToolsLayer: attribute 'layout' must be a path or derivation holding the layout, or { name; hash; } (or { name; sha256; }) for a folder added with `nix-store --add-fixed --recursive sha256 DIR`, got an integer".into()),
+        (vs(r#"layout = "/nix/store/00000000000000000000000000000000-RESTRICTDIST-vsbt";"#), "visualStudioBuildToolsLayer: attribute 'layout' must be a path or derivation holding the layout, or { name; hash; } (or { name; sha256; }) for a folder added with `nix-store --add-fixed --recursive sha256 DIR`, got a string that is no store path with a dependency (use a path, a derivation or builtins.storePath)".into()),
         (vs(&format!("{layout} workloads = \"x\";")), "visualStudioBuildToolsLayer: attribute 'workloads' must be a list of strings (workload or component IDs), got a string".into()),
         (vs(&format!("{layout} workloads = [ ];")), "visualStudioBuildToolsLayer: attribute 'workloads' is an empty list; give one or more workload or component IDs".into()),
         (vs(&format!("{layout} workloads = [ \"a\" 3 ];")), "visualStudioBuildToolsLayer: element 1 of attribute 'workloads' must be a string, got an integer".into()),
