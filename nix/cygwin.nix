@@ -19,11 +19,17 @@
 #              Nix's builtin fetcher knows works (https, http, file).
 #   setupExe   setup-x86_64.exe (a path or a derivation). Cygwin changes it often and publishes
 #              no stable URL, so pin the copy you use.
-#   shell, toolPath, system
-#              the builder that assembles the directory: a POSIX shell and a PATH holding
-#              `mkdir`, `cp` and `ln`. The defaults use the host's /bin/sh and /usr/bin, which a
-#              Nix sandbox only shows with `sandbox-paths` (see docs/WINDOWS.md). With nixpkgs,
-#              pass shell = "${pkgs.bash}/bin/bash"; toolPath = "${pkgs.coreutils}/bin";
+#   tools, shell, toolPath, system
+#              the builder that assembles the directory: a POSIX shell (run with `-c SCRIPT`)
+#              and a PATH holding `mkdir`, `cp` and `ln`. The defaults take them from `tools`,
+#              the tools closure the plugin's derivations run with (`tools` of nix/default.nix,
+#              which needs the plugin loaded): its bin/ holds busybox's sh, mkdir, cp and ln,
+#              in the closure scripts/tools-closure makes and in nix/package.nix's. A build
+#              that names the closure gets it in its sandbox, so nothing comes from the host.
+#              Without the plugin, or to use other programs, pass shell and toolPath, e.g.
+#              shell = "${pkgs.bash}/bin/bash"; toolPath = "${pkgs.coreutils}/bin";
+#              `system` is "x86_64-linux", the only system the plugin's builds run on; pure
+#              evaluation (flakes) has no builtins.currentSystem.
 #
 # Result: a derivation whose output is laid out as the install medium wants it:
 #   $out/setup-x86_64.exe
@@ -49,9 +55,15 @@
 , packages ? [ ]
 , mirror
 , setupExe
-, shell ? "/bin/sh"
-, toolPath ? "/usr/bin:/bin"
-, system ? builtins.currentSystem
+  # Read only by the defaults of shell and toolPath.
+, tools ? (import ./. { }).tools
+  # Busybox's sh (bin/sh -> busybox), not bin/busybox: Nix runs a builder with its file name
+  # as argv[0], and busybox run as `busybox` takes its first argument as the applet's name.
+, shell ? "${tools}/bin/sh"
+  # A PATH even for busybox: Debian's static busybox runs its applets without one, which
+  # other builds of busybox (nixpkgs') need not do.
+, toolPath ? "${tools}/bin"
+, system ? "x86_64-linux"
 , name ? "cygwin-repo"
 }:
 

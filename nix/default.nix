@@ -22,6 +22,22 @@ rec {
   # Windows media. `accel = "kvm"` where the CPU has hardware virtualisation.
   standinImage = { accel ? "kvm", ... }@args: windowsImage ({ guest = "standin"; } // args // { inherit accel; });
 
+  # The tools closure the plugin's derivations run with (their attribute `winvmTools`), as a
+  # string with its context: a build that names it gets the whole closure in its sandbox.
+  # nix/cygwin.nix takes its shell and commands from it (bin/sh, mkdir, cp and ln: busybox).
+  # A standin image's arguments are the cheapest the plugin takes; reading one attribute of its
+  # derivation writes no .drv and builds nothing. Where the store lacks the closure, an impure
+  # evaluation gets the plugin's host copy as a path, which the string copies in: the same
+  # store path, content-addressed.
+  tools =
+    let
+      closure = (windowsImage { guest = "standin"; }).drvAttrs.winvmTools or (throw ''
+        nix-winvm: this plugin names no tools closure (its builder finds its programs by itself), so
+        nix/cygwin.nix has no default shell: give it shell and toolPath, e.g.
+          shell = "''${pkgs.bash}/bin/bash"; toolPath = "''${pkgs.coreutils}/bin";'');
+    in
+    "${closure}";
+
   # Cygwin package directory from a pinned setup.ini (see docs/WINDOWS.md).
   cygwinRepo = import ./cygwin.nix;
 
@@ -29,7 +45,10 @@ rec {
   # saved as an image of its own (docs/WINDOWS.md, "Layers: software on top of the image").
   layer = { base, installCommands ? [ ], ... }@args: windowsImage args;
 
-  # Offline toolchains as layers: visualStudioBuildTools, cygwinPackages, python
-  # (nix/toolchains.nix).
-  inherit (import ./toolchains.nix { inherit windowsImage; }) visualStudioBuildTools cygwinPackages python;
+  # Offline toolchains as layers: visualStudioBuildToolsLayer, cygwinPackagesLayer, pythonLayer
+  # (nix/toolchains.nix). The names they had before (visualStudioBuildTools, cygwinPackages,
+  # python) throw an error that names the new one.
+  inherit (import ./toolchains.nix { inherit windowsImage; })
+    visualStudioBuildToolsLayer cygwinPackagesLayer pythonLayer
+    visualStudioBuildTools cygwinPackages python;
 }

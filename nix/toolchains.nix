@@ -2,7 +2,7 @@
 # packages, Python from its installer.
 #
 #   let winvm = import ./nix { }; in
-#   winvm.visualStudioBuildTools { base = image; layout = { name = "RESTRICTDIST-vsbt"; sha256 = "..."; }; }
+#   winvm.visualStudioBuildToolsLayer { base = image; layout = { name = "RESTRICTDIST-vsbt"; hash = "sha256-..."; }; }
 #
 # Each function returns a layer, `windowsImage { base; installCommands; name; }`: the commands
 # run once, in order, in Cygwin bash in the guest, as Administrator, and the result is an image
@@ -133,17 +133,34 @@ let
   # (Nix 2.8 prints stray bytes around it; the text is intact.) Each piece between slashes
   # stays under 255 bytes for names up to 150 characters, so the error is ENOENT, not
   # "File name too long". The path `nix-store --add-fixed --recursive sha256 NAME` makes is
-  # this derivation's output, so once added nothing builds.
+  # this derivation's output, so once added nothing builds. The hash is `hash`, in SRI form
+  # (`nix hash path DIR`), or `sha256`, in hexadecimal or base 32 (`nix-hash --type sha256 DIR`).
   requiredFolder = fn: attr: spec:
     let
       keys = attrNames spec;
       n = spec.name or null;
-      hash = spec.sha256 or null;
+      given = filter (k: spec ? ${k}) [ "sha256" "hash" ];
+      # null when none is given: the checks refuse that before the hash is read.
+      key = if given == [ ] then null else head given;
+      hash = spec.${key};
+      sriShape = "\"sha256-\" and 44 characters of base64 (nix hash path DIR)";
     in
-    check fn [
+    check fn ([
       {
-        ok = keys == [ "name" "sha256" ];
-        message = "attribute '${attr}' as a set must be exactly { name; sha256; }, got the attributes ${concatStringsSep ", " keys}";
+        ok = filter (k: k != "name" && k != "sha256" && k != "hash") keys == [ ];
+        message = "attribute '${attr}' as a set must be { name; hash; } or { name; sha256; }, got the attributes ${concatStringsSep ", " keys}";
+      }
+      {
+        ok = length given < 2;
+        message = "attribute '${attr}' has both 'hash' and 'sha256'; give one of them, the folder's hash";
+      }
+      {
+        ok = given != [ ];
+        message = "attribute '${attr}' lacks the folder's hash: give 'hash' (${sriShape}) or 'sha256' (64 hexadecimal digits, nix-hash --type sha256 DIR)";
+      }
+      {
+        ok = spec ? name;
+        message = "attribute '${attr}' lacks 'name', the folder's name in the store";
       }
       {
         ok = isString n && match "[A-Za-z0-9+_?=-][A-Za-z0-9+._?=-]*" n != null && stringLength n <= 150;
@@ -153,17 +170,31 @@ let
         ok = hasPrefix restrictedPrefix n;
         message = "attribute '${attr}.name' (\"${n}\") must start with ${restrictedPrefix}: Microsoft's files may not be redistributed, and binary caches refuse store paths with that marker (docs/WINDOWS.md, RESTRICTDIST)";
       }
+    ] ++ (if key != "hash" then [
       {
         ok = isString hash && (match "[0-9a-fA-F]{64}" hash != null || match "[0-9a-df-np-sv-z]{52}" hash != null);
         message = "attribute '${attr}.sha256' must be a SHA-256 of the folder, 64 hexadecimal digits (nix-hash --type sha256 DIR) or 52 base-32 characters, got ${if isString hash then "\"${hash}\"" else describe hash}";
       }
-    ]
+    ] else [
+      {
+        ok = isString hash;
+        message = "attribute '${attr}.hash' must be a string, ${sriShape}, got ${describe hash}";
+      }
+      {
+        # 32 bytes in base64: 43 digits and one "=". The last digit holds the hash's last 4
+        # bits and 2 zero bits: any other would be a hash that another string names too.
+        ok = match "sha256-[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=" hash != null;
+        message = "attribute '${attr}.hash' must be a SHA-256 of the folder in SRI form, ${sriShape}, got \"${hash}\"";
+      }
+    ]))
       (derivation {
         name = n;
         system = "x86_64-linux";
         builder = "/${n} is not in the Nix store. Add the folder once with: nix-store --add-fixed --recursive sha256 ./${n}";
         outputHashMode = "recursive";
         outputHashAlgo = "sha256";
+        # Nix reads either form; the .drv holds the hash in hexadecimal, so both forms of one
+        # hash make the same derivation.
         outputHash = hash;
         preferLocalBuild = true;
       });
@@ -217,7 +248,7 @@ let
   # store), then run the layout's bootstrapper with --noWeb and the same --add options, and
   # --wait, which makes it return the installer's exit code: 0, or 3010 for success that asks
   # for a restart.
-  visualStudioBuildTools =
+  visualStudioBuildToolsLayer =
     { base
     , layout
     , workloads ? [ "Microsoft.VisualStudio.Workload.VCTools" ]
@@ -227,12 +258,12 @@ let
     , timeout ? null
     }:
     let
-      fn = "visualStudioBuildTools";
+      fn = "visualStudioBuildToolsLayer";
       layoutPath =
         if isAttrs layout && !isDerivation layout && !(layout ? outPath)
         then "${requiredFolder fn "layout" layout}"
         else storeInput fn "layout"
-          "a path or derivation holding the layout, or { name; sha256; } for a folder added with `nix-store --add-fixed --recursive sha256 DIR`"
+          "a path or derivation holding the layout, or { name; hash; } (or { name; sha256; }) for a folder added with `nix-store --add-fixed --recursive sha256 DIR`"
           layout;
       layoutWindows = windowsPathOf layoutPath;
       logs = "${layersDir}\\vs-buildtools";
@@ -359,7 +390,7 @@ let
   # Setup exits 0 even when a package is missing from the folder (it only logs "Package 'x'
   # not found."), so the command checks /etc/setup/installed.db afterwards. It exits 118 when
   # it had to leave files in use for the next restart, which a layer never has: an error here.
-  cygwinPackages =
+  cygwinPackagesLayer =
     { base
     , repo
     , packages
@@ -367,7 +398,7 @@ let
     , timeout ? null
     }:
     let
-      fn = "cygwinPackages";
+      fn = "cygwinPackagesLayer";
       # nix/cygwin.nix's folder is symlinks into other store paths, and the store share does
       # not follow symlinks into the rest of the store (the controller's Samba refuses links
       # that leave the share). So its folder is rebuilt in the guest from the store paths it
@@ -466,7 +497,7 @@ let
   # Python from the official Windows installer (python-3.X.Y-amd64.exe), which holds every
   # component of a default install; only the debug binaries and symbols would be downloaded,
   # so they stay off. Then, given a folder of wheels, pip installs from it alone.
-  python =
+  pythonLayer =
     { base
     , installer
     , wheels ? null
@@ -476,7 +507,7 @@ let
     , timeout ? null
     }:
     let
-      fn = "python";
+      fn = "pythonLayer";
       installerPath = storeInput fn "installer" "the Python installer .exe (a path or derivation)" installer;
       wheelsPath = storeInput fn "wheels" "a folder of wheels (a path or derivation)" wheels;
       logs = "${layersDir}\\python";
@@ -551,7 +582,15 @@ let
           ''
         ]);
       }));
+
+  # ---------------------------------------------------------------------------------------
+  # The names before the `Layer` suffix: `cygwinPackages` is also an attribute of
+  # builtins.windowsImage (a list), and `python` said nothing of what the function makes.
+  renamed = old: new: throw "nix-winvm: `${old}` was renamed `${new}` (nix/toolchains.nix); call winvm.${new} with the same arguments";
 in
 {
-  inherit visualStudioBuildTools cygwinPackages python;
+  inherit visualStudioBuildToolsLayer cygwinPackagesLayer pythonLayer;
+  visualStudioBuildTools = renamed "visualStudioBuildTools" "visualStudioBuildToolsLayer";
+  cygwinPackages = renamed "cygwinPackages" "cygwinPackagesLayer";
+  python = renamed "python" "pythonLayer";
 }

@@ -5,49 +5,13 @@
 #![cfg(feature = "plugin")]
 
 mod common;
-use common::{builder, plugin, stderr, stdout, SANDBOX_CONFIG};
+use common::{flake_nix as nix, registered_plugin, stderr, stdout};
 use std::path::Path;
-use std::process::{Command, Output};
-
-/// The plugin and its builder copied into a folder of their own, registered by scripts/register
-/// as the README's Debian route does (the tests' own plugin in target/ stays unregistered).
-fn registered_plugin() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix("nix-winvm-registered").tempdir().unwrap();
-    std::fs::copy(plugin(), dir.path().join("libnix_winvm.so")).unwrap();
-    std::fs::copy(builder(), dir.path().join("nix-winvm-builder")).unwrap();
-    let o = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/register"))
-        .arg(dir.path())
-        .env_remove("NIX_WINVM_BUILDER")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "scripts/register failed:\n{}", stderr(&o));
-    dir
-}
+use std::process::Output;
 
 /// examples/flake: no inputs, its default package a build on the standin.
 fn example_flake() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/flake"))
-}
-
-/// `nix --plugin-files PLUGIN ARGS...` with flakes on, pure evaluation (the default), the
-/// sandbox on, and none of the variables that make the plugin look for host paths. Without
-/// the evaluation cache: it is keyed by the flake alone, so it would hand back a drvPath that
-/// an earlier plugin (another builder) made (README, "What a derivation depends on").
-fn nix(plugin_dir: &Path, args: &[&str]) -> Output {
-    Command::new("nix")
-        .env(
-            "NIX_CONFIG",
-            format!("{SANDBOX_CONFIG}\nexperimental-features = nix-command flakes\neval-cache = false\n"),
-        )
-        .env_remove("NIX_WINVM_BUILDER")
-        .env_remove("NIX_WINVM_KERNEL_DIR")
-        .env_remove("NIX_REMOTE")
-        .arg("--plugin-files")
-        .arg(plugin_dir.join("libnix_winvm.so"))
-        .args(args)
-        .output()
-        .expect("run nix")
 }
 
 fn flake_ref(dir: &Path) -> String {

@@ -164,6 +164,43 @@ fn windows_image_with_fixed_iso_has_a_require_file_stage_and_restricted_names() 
     );
 }
 
+/// `iso = { name; hash; }` with the SRI hash `nix hash file` prints is the same ISO as
+/// `{ name; sha256; }` with `sha256sum`'s: the same derivations, and the path
+/// `nix-store --add-fixed sha256` adds.
+#[test]
+fn an_iso_named_by_an_sri_hash_is_the_path_add_fixed_makes() {
+    let env = NixEnv::new();
+    let iso = env.dir.path().join("win.iso");
+    std::fs::write(&iso, "not really an ISO\n").unwrap();
+    let hash = |args: &[&str]| {
+        let o = env.command("nix").args(["hash", "file"]).args(args).arg(&iso).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let (sri, hex) = (hash(&[]), hash(&["--base16"]));
+    assert!(sri.starts_with("sha256-"), "{sri}");
+    let o = env
+        .command("nix-store")
+        .arg("--store")
+        .arg(env.store())
+        .args(["--add-fixed", "sha256"])
+        .arg(&iso)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let added = stdout(&o);
+    let image = |field: &str| {
+        format!(r#"builtins.windowsImage {{ iso = {{ name = "win.iso"; {field}; }}; edition = "Windows 11 Pro"; }}"#)
+    };
+    let (by_sri, by_hex) = (image(&format!(r#"hash = "{sri}""#)), image(&format!(r#"sha256 = "{hex}""#)));
+    let o = env
+        .eval(&format!("let a = {by_sri}; b = {by_hex}; in [ a.drvPath b.drvPath a.installed.drvAttrs.iso.outPath ]"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0], v[1], "both forms of one hash must make the same image");
+    assert_eq!(v[2], added.as_str(), "the require-file stage's output is the path nix-store --add-fixed made");
+}
+
 /// Each bad input must be a clean Nix error with exactly this message: never a crash.
 #[test]
 fn bad_inputs_give_specific_errors() {
@@ -180,9 +217,13 @@ fn bad_inputs_give_specific_errors() {
         (r#"builtins.windowsImage { guest = "standin"; memory = 4294967296; }"#.into(), "windowsImage: attribute 'memory' must be between 64 and 1048576 (MiB), got 4294967296"),
         (r#"builtins.windowsImage { guest = "standin"; accel = true; }"#.into(), r#"windowsImage: attribute 'accel' must be one of "kvm", "tcg", got a Boolean"#),
         (r#"builtins.windowsImage { guest = "standin"; edition = "x"; }"#.into(), r#"windowsImage: attribute 'edition' applies only to guest = "windows""#),
-        (r#"builtins.windowsImage { edition = "Windows 11 Pro"; }"#.into(), r#"windowsImage: missing required attribute 'iso' for guest = "windows" (a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`)"#),
+        (r#"builtins.windowsImage { edition = "Windows 11 Pro"; }"#.into(), r#"windowsImage: missing required attribute 'iso' for guest = "windows" (a path to the ISO, or { name; sha256; } or { name; hash; } for one added with `nix-store --add-fixed sha256 FILE`)"#),
         (r#"builtins.windowsImage { iso = { name = "w.iso"; sha256 = "abc"; }; edition = "x"; }"#.into(), r#"windowsImage: attribute 'iso.sha256' must be 64 hexadecimal digits, got "abc""#),
-        (r#"builtins.windowsImage { iso = "/tmp/w.iso"; edition = "x"; }"#.into(), "windowsImage: attribute 'iso' must be a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`, got a string"),
+        (r#"builtins.windowsImage { iso = { name = "w.iso"; hash = "sha256-abc="; }; edition = "x"; }"#.into(), r#"windowsImage: attribute 'iso.hash' must be a SHA-256 hash in SRI form, "sha256-" and 44 characters of base64 (nix hash file FILE), got "sha256-abc=""#),
+        (r#"builtins.windowsImage { iso = { name = "w.iso"; hash = 3; }; edition = "x"; }"#.into(), r#"windowsImage: attribute 'iso.hash' must be a string ("sha256-" and 44 characters of base64), got an integer"#),
+        (r#"builtins.windowsImage { iso = { name = "w.iso"; }; edition = "x"; }"#.into(), "windowsImage: attribute 'iso' is missing field 'sha256' or 'hash' (a path to the ISO, or { name; sha256; } or { name; hash; } for one added with `nix-store --add-fixed sha256 FILE`)"),
+        (format!(r#"builtins.windowsImage {{ iso = {{ name = "w.iso"; sha256 = "{}"; hash = "sha256-{}="; }}; edition = "x"; }}"#, "0".repeat(64), "A".repeat(43)), "windowsImage: attribute 'iso' has both 'sha256' and 'hash'; give one of them"),
+        (r#"builtins.windowsImage { iso = "/tmp/w.iso"; edition = "x"; }"#.into(), "windowsImage: attribute 'iso' must be a path to the ISO, or { name; sha256; } or { name; hash; } for one added with `nix-store --add-fixed sha256 FILE`, got a string"),
         (r#"builtins.windowsImage { iso = ./x; cygwinPackages = [ "git" 3 ]; edition = "x"; }"#.into(), "windowsImage: element 1 of attribute 'cygwinPackages' must be a string, got an integer"),
         // The spec's own checks, which the builder runs again on the spec it reads.
         (r#"builtins.windowsImage { iso = ./x; edition = "Windows 11 Pro"; diskSize = 1024; }"#.into(), "windowsImage: attribute 'diskSize' (1024 MiB) is below the 32768 MiB Windows needs"),

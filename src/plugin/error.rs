@@ -159,6 +159,17 @@ pub enum Problem {
         field: &'static str,
         hint: &'static str,
     },
+    /// Neither of two fields, one of which is required.
+    MissingEither {
+        one: &'static str,
+        other: &'static str,
+        hint: &'static str,
+    },
+    /// Two fields that say the same thing, both given.
+    BothFields {
+        one: &'static str,
+        other: &'static str,
+    },
     Empty,
     WindowsOnly,
     /// A layer's shape is its base's.
@@ -220,6 +231,8 @@ impl fmt::Display for ArgError {
             }
             P::UnknownField { field, hint } => write!(f, "{at} has unknown field '{field}' ({hint})"),
             P::MissingField { field, hint } => write!(f, "{at} is missing field '{field}' ({hint})"),
+            P::MissingEither { one, other, hint } => write!(f, "{at} is missing field '{one}' or '{other}' ({hint})"),
+            P::BothFields { one, other } => write!(f, "{at} has both '{one}' and '{other}'; give one of them"),
             P::Empty => write!(f, "{at} must not be empty"),
             P::WindowsOnly => write!(f, "{at} applies only to guest = \"windows\""),
             P::GivenWithBase => write!(

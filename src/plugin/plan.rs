@@ -157,7 +157,8 @@ fn plan_image(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resu
     let mut iso_stage = None;
     if let Some(WindowsOptions { iso: IsoSource::Fixed { name, sha256 }, .. }) = windows {
         // Like nixpkgs' requireFile: the path exists once the user adds the file; otherwise the
-        // builder only explains how to.
+        // builder only explains how to. `sha256` is hexadecimal, an SRI `hash` converted
+        // (validate.rs), which every Nix reads with outputHashAlgo.
         let mut a = base(name, Stage::RequireFile.name(), env);
         a.extend([
             text("outputHashMode", "flat"),

@@ -116,7 +116,7 @@ pub enum Kind {
     ForwardedList,
     /// A path or a derivation, passed on: its store path becomes an input.
     PathOrDerivation,
-    /// The Windows installation ISO: a path, or `{ name; sha256; }`.
+    /// The Windows installation ISO: a path, or `{ name; sha256; }` or `{ name; hash; }`.
     Iso,
     /// The result of `windowsImage`.
     Image,
@@ -133,7 +133,10 @@ pub enum Kind {
 }
 
 pub const ISO_SHAPE: &str =
-    "a path to the ISO, or { name; sha256; } for one added with `nix-store --add-fixed sha256 FILE`";
+    "a path to the ISO, or { name; sha256; } or { name; hash; } for one added with `nix-store --add-fixed sha256 FILE`";
+/// What `iso.hash` must be.
+pub const ISO_HASH_SHAPE: &str =
+    "a SHA-256 hash in SRI form, \"sha256-\" and 44 characters of base64 (nix hash file FILE)";
 pub const IMAGE_SHAPE: &str = "the result of builtins.windowsImage { ... }";
 pub const PIN_SHAPE: &str = "a SHA-256 hash in SRI form, \"sha256-\" and 44 characters of base64 (the first build says it: leave it as \"sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\" and take the hash Nix got)";
 
@@ -302,7 +305,7 @@ pub const IMAGE: Table = Table {
             "iso",
             Kind::Iso,
             Default::RequiredForWindows,
-            "the installation ISO; the set form is a fixed-output path you add with `nix-store --add-fixed sha256 FILE`",
+            "the installation ISO; the set form is a fixed-output path you add with `nix-store --add-fixed sha256 FILE`, named by its hash: `sha256` in hexadecimal or `hash` in SRI form",
         )
         .windows_only(),
         row("edition", Kind::Text, Default::RequiredForWindows, "image name inside install.wim, e.g. `\"Windows 11 Pro\"`")
@@ -484,7 +487,7 @@ pub mod readme {
             Kind::TextList => "list of strings".into(),
             Kind::ForwardedList => "list".into(),
             Kind::PathOrDerivation => "path or derivation".into(),
-            Kind::Iso => "path, or `{ name; sha256; }`".into(),
+            Kind::Iso => "path, or `{ name; sha256; }` or `{ name; hash; }`".into(),
             Kind::Image => "an image".into(),
             Kind::ImageOrArgs => "an image, or `windowsImage`'s arguments".into(),
             Kind::Pin => "string, `\"sha256-…\"` (SRI)".into(),

@@ -293,6 +293,7 @@ fn arb_val() -> impl Strategy<Value = Val> {
         Just("args".to_string()),
         Just("builder".to_string()),
         Just("sha256".to_string()),
+        Just("hash".to_string()),
         "[a-zA-Z]{1,6}",
     ];
     leaf.prop_recursive(4, 48, 8, move |inner| {
@@ -479,6 +480,76 @@ fn a_pin_adds_a_fixed_output_copy_and_changes_nothing_below_it() {
     }
     let e = planned("windowsImage", &set(&[("guest", s("standin")), ("pin", Val::Int(3))]), &env).error;
     assert!(e.contains("'pin'"), "{e}");
+}
+
+/// `iso = { name; hash; }` with an SRI hash plans exactly what `{ name; sha256; }` with the same
+/// hash in hexadecimal does: the require-file stage's outputHash is hexadecimal either way.
+#[test]
+fn an_iso_named_by_an_sri_hash_is_the_iso_named_by_its_sha256() {
+    let (_d, env) = env();
+    let hex = "0123456789abcdef".repeat(4);
+    let sri = "sha256-ASNFZ4mrze8BI0VniavN7wEjRWeJq83vASNFZ4mrze8=";
+    let image = |iso: &[(&str, Val)]| {
+        planned("windowsImage", &set(&[("iso", set(iso)), ("edition", s("Windows 11 Pro")), ("accel", s("tcg"))]), &env)
+    };
+    let by_hex = image(&[("name", s("w.iso")), ("sha256", s(&hex.to_uppercase()))]);
+    let by_sri = image(&[("name", s("w.iso")), ("hash", s(sri))]);
+    assert_eq!((by_hex.error.as_str(), by_sri.error.as_str()), ("", ""));
+    assert_eq!(format!("{:?}", by_hex.drvs), format!("{:?}", by_sri.drvs));
+    let require = &by_sri.drvs[0].attrs;
+    let get = |n: &str| require.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n}")).text.clone();
+    assert_eq!((get("outputHashAlgo"), get("outputHash")), ("sha256".to_owned(), hex.clone()));
+    assert_eq!(super::validate::sri_sha256_hex(sri), Some(hex));
+    // 32 bytes of 0xff: the last digit holds the last 4 bits, then 2 zero bits.
+    assert_eq!(super::validate::sri_sha256_hex(&format!("sha256-{}8=", "/".repeat(42))), Some("f".repeat(64)));
+}
+
+/// Each way `iso`'s hash can be wrong has its own message, naming the field.
+#[test]
+fn a_wrong_iso_hash_is_named_with_what_it_must_be() {
+    let (_d, env) = env();
+    let error = |iso: &[(&str, Val)]| {
+        planned("windowsImage", &set(&[("iso", set(iso)), ("edition", s("Windows 11 Pro"))]), &env).error
+    };
+    let name = || ("name", s("w.iso"));
+    let sri = "sha256-ASNFZ4mrze8BI0VniavN7wEjRWeJq83vASNFZ4mrze8=";
+    let shape = "a path to the ISO, or { name; sha256; } or { name; hash; } for one added with `nix-store --add-fixed sha256 FILE`";
+    assert_eq!(
+        error(&[name(), ("hash", Val::Int(3))]),
+        r#"windowsImage: attribute 'iso.hash' must be a string ("sha256-" and 44 characters of base64), got an integer"#
+    );
+    assert_eq!(
+        error(&[name(), ("hash", s(sri)), ("sha256", s(&"0".repeat(64)))]),
+        "windowsImage: attribute 'iso' has both 'sha256' and 'hash'; give one of them"
+    );
+    assert_eq!(
+        error(&[name()]),
+        format!("windowsImage: attribute 'iso' is missing field 'sha256' or 'hash' ({shape})")
+    );
+    assert_eq!(error(&[("hash", s(sri))]), format!("windowsImage: attribute 'iso' is missing field 'name' ({shape})"));
+    assert_eq!(
+        error(&[name(), ("hash", s(sri)), ("size", Val::Int(1))]),
+        format!("windowsImage: attribute 'iso' has unknown field 'size' ({shape})")
+    );
+    // Not base64 of 32 bytes: a digit outside the alphabet, bits past the 256th, too short, no
+    // padding, another algorithm, base 32.
+    let body = &sri["sha256-".len()..];
+    for bad in [
+        format!("sha256-{}!=", &body[..42]),
+        format!("sha256-{}9=", &body[..42]),
+        format!("sha256-{}=", &body[..40]),
+        format!("sha256-{}", &body[..43]),
+        format!("sha512-{body}"),
+        format!("sha256:{}", "0".repeat(52)),
+    ] {
+        assert_eq!(
+            error(&[name(), ("hash", s(&bad))]),
+            format!(
+                r#"windowsImage: attribute 'iso.hash' must be a SHA-256 hash in SRI form, "sha256-" and 44 characters of base64 (nix hash file FILE), got "{bad}""#
+            ),
+            "{bad}"
+        );
+    }
 }
 
 /// README.md's attribute reference is the tables': each one under its marker, row for row.

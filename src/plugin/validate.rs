@@ -3,7 +3,7 @@
 //! builtin and the attribute (error.rs). Every message is user-facing and asserted by tests.
 
 use super::error::{ArgError, AttrPath, Caller, Problem, ShapeValue};
-use super::table::{self, Attr, Builtin, Default, Guest, Kind, Table, ISO_SHAPE, PIN_SHAPE};
+use super::table::{self, Attr, Builtin, Default, Guest, Kind, Table, ISO_HASH_SHAPE, ISO_SHAPE, PIN_SHAPE};
 use super::value::Val;
 use crate::spec::*;
 
@@ -330,8 +330,9 @@ fn windows_options(args: &Args) -> Result<WindowsOptions, ArgError> {
     Ok(WindowsOptions { iso, edition, product_key, locale, cygwin_packages, install_commands })
 }
 
-/// `iso`: a path (or derivation, or store path) Nix copies, or `{ name; sha256; }` for a
-/// fixed-output path the user adds.
+/// `iso`: a path (or derivation, or store path) Nix copies, or `{ name; sha256; }` or
+/// `{ name; hash; }` for a fixed-output path the user adds. An SRI `hash` becomes the
+/// hexadecimal `sha256` it stands for, so both forms of one hash make the same derivations.
 fn iso(args: &Args) -> Result<IsoSource, ArgError> {
     let at = AttrPath::attr("iso");
     let fields = match args.required("iso")? {
@@ -339,26 +340,73 @@ fn iso(args: &Args) -> Result<IsoSource, ArgError> {
         Val::Set(fields) => fields,
         other => return Err(args.wrong_type(at, args.row("iso"), other)),
     };
-    if let Some((k, _)) = fields.iter().find(|(k, _)| k != "name" && k != "sha256") {
+    if let Some((k, _)) = fields.iter().find(|(k, _)| !["name", "sha256", "hash"].contains(&k.as_str())) {
         return Err(args.error(at, Problem::UnknownField { field: k.clone(), hint: ISO_SHAPE }));
     }
-    let field = |name: &'static str, note: &'static str| {
-        let v = fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-        let v = v.ok_or_else(|| args.error(at.clone(), Problem::MissingField { field: name, hint: ISO_SHAPE }))?;
-        args.text_at(at.field(name), &Attr::field(note), v)
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let text = |name: &'static str, note: &'static str, v: &Val| args.text_at(at.field(name), &Attr::field(note), v);
+    let name =
+        get("name").ok_or_else(|| args.error(at.clone(), Problem::MissingField { field: "name", hint: ISO_SHAPE }))?;
+    let name = text("name", "the ISO's file name", name)?;
+    let sha256 = match (get("sha256"), get("hash")) {
+        (Some(_), Some(_)) => return Err(args.error(at, Problem::BothFields { one: "sha256", other: "hash" })),
+        (None, None) => {
+            return Err(args.error(at, Problem::MissingEither { one: "sha256", other: "hash", hint: ISO_SHAPE }))
+        }
+        (Some(v), None) => {
+            let sha256 = text("sha256", "64 hexadecimal digits", v)?;
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                let expected = "64 hexadecimal digits".into();
+                return Err(args.error(at.field("sha256"), Problem::Invalid { expected, value: sha256 }));
+            }
+            sha256.to_ascii_lowercase()
+        }
+        (None, Some(v)) => {
+            let hash = text("hash", "\"sha256-\" and 44 characters of base64", v)?;
+            match sri_sha256_hex(&hash) {
+                Some(hex) => hex,
+                None => {
+                    let expected = ISO_HASH_SHAPE.into();
+                    return Err(args.error(at.field("hash"), Problem::Invalid { expected, value: hash }));
+                }
+            }
+        }
     };
-    let name = field("name", "the ISO's file name")?;
-    let sha256 = field("sha256", "64 hexadecimal digits")?;
-    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(args
-            .error(at.field("sha256"), Problem::Invalid { expected: "64 hexadecimal digits".into(), value: sha256 }));
-    }
     if name.is_empty() || name.contains('/') {
         return Err(
             args.error(at.field("name"), Problem::Invalid { expected: "a file name without '/'".into(), value: name })
         );
     }
-    Ok(IsoSource::Fixed { name, sha256: sha256.to_ascii_lowercase() })
+    Ok(IsoSource::Fixed { name, sha256 })
+}
+
+/// The SHA-256 of an SRI hash (`sha256-` and 32 bytes in base64: 43 digits and one `=`), in
+/// hexadecimal; None for anything else. The last digit holds the hash's last 4 bits and 2 zero
+/// bits: any other would be a hash that another string names too.
+pub fn sri_sha256_hex(sri: &str) -> Option<String> {
+    let digits = sri.strip_prefix("sha256-")?.strip_suffix('=')?;
+    if digits.len() != 43 {
+        return None;
+    }
+    let (mut bytes, mut bits, mut held) = (Vec::with_capacity(32), 0u32, 0u32);
+    for c in digits.bytes() {
+        let value = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(value);
+        held += 6;
+        if held >= 8 {
+            held -= 8;
+            bytes.push((bits >> held) as u8);
+            bits &= (1 << held) - 1;
+        }
+    }
+    (bits == 0 && bytes.len() == 32).then(|| bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// A layer's validated arguments.

@@ -169,3 +169,39 @@ pub fn pin(expr: &str) -> (PathBuf, String, String) {
     assert!(built.iter().all(|l| l.contains("-pinned.drv")), "{log}");
     (PathBuf::from(String::from_utf8_lossy(&second.stdout).trim()), hash, first_log)
 }
+
+/// The plugin and its builder copied into a folder of their own, registered by scripts/register
+/// as the README's Debian route does (the tests' own plugin in target/ stays unregistered).
+pub fn registered_plugin() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("nix-winvm-registered").tempdir().unwrap();
+    std::fs::copy(plugin(), dir.path().join("libnix_winvm.so")).unwrap();
+    std::fs::copy(builder(), dir.path().join("nix-winvm-builder")).unwrap();
+    let o = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/register"))
+        .arg(dir.path())
+        .env_remove("NIX_WINVM_BUILDER")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "scripts/register failed:\n{}", stderr(&o));
+    dir
+}
+
+/// `nix --plugin-files PLUGIN ARGS...` with flakes on, pure evaluation (the default), the
+/// sandbox on, and none of the variables that make the plugin look for host paths. Without
+/// the evaluation cache: it is keyed by the flake alone, so it would hand back a drvPath that
+/// an earlier plugin (another builder) made (README, "What a derivation depends on").
+pub fn flake_nix(plugin_dir: &Path, args: &[&str]) -> Output {
+    Command::new("nix")
+        .env(
+            "NIX_CONFIG",
+            format!("{SANDBOX_CONFIG}\nexperimental-features = nix-command flakes\neval-cache = false\n"),
+        )
+        .env_remove("NIX_WINVM_BUILDER")
+        .env_remove("NIX_WINVM_KERNEL_DIR")
+        .env_remove("NIX_REMOTE")
+        .arg("--plugin-files")
+        .arg(plugin_dir.join("libnix_winvm.so"))
+        .args(args)
+        .output()
+        .expect("run nix")
+}

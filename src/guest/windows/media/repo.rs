@@ -199,10 +199,20 @@ mod tests {
         format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"").replace("${", "\\${"))
     }
 
+    /// A store path that stands for the tools closure where nothing is built: without the
+    /// plugin, nix/cygwin.nix's default `tools` cannot be read.
+    const NO_TOOLS: &str = "\"/nix/store/00000000000000000000000000000000-winvm-tools\"";
+
     fn repo_expr(setup_ini: &Path, packages: &[&str], mirror: &str) -> String {
+        repo_expr_with_tools(setup_ini, packages, mirror, NO_TOOLS)
+    }
+
+    /// nix/cygwin.nix's call, with `tools` (a Nix expression) and the defaults of every other
+    /// argument but those the tests give.
+    fn repo_expr_with_tools(setup_ini: &Path, packages: &[&str], mirror: &str, tools: &str) -> String {
         let list: Vec<String> = packages.iter().map(|p| nix_string(p)).collect();
         format!(
-            "import {nix} {{ setupIni = {ini}; packages = [ {list} ]; mirror = {mirror}; setupExe = {exe}; system = \"x86_64-linux\"; }}",
+            "import {nix} {{ setupIni = {ini}; packages = [ {list} ]; mirror = {mirror}; setupExe = {exe}; tools = {tools}; }}",
             nix = Path::new(env!("CARGO_MANIFEST_DIR")).join("nix/cygwin.nix").display(),
             ini = setup_ini.display(),
             list = list.join(" "),
@@ -354,7 +364,8 @@ mod tests {
 
     /// Builds the fixture repository with nix/cygwin.nix (a real build in the sandbox, with no
     /// host path in it: the archives come from a mirror on a loopback port, the builder's shell
-    /// and commands from the tools closure), then media from the result.
+    /// and commands from the tools closure, by nix/cygwin.nix's defaults), then media from the
+    /// result.
     #[test]
     fn nix_builds_the_fixture_repository_offline_and_media_accept_it() {
         let Some(tools) = tools() else { return };
@@ -377,11 +388,8 @@ mod tests {
             "(builtins.path {{ path = {}; name = \"winvm-tools\"; }})",
             nix_string(&closure_dir.display().to_string())
         );
-        let expr = repo_expr(&ini, &["make"], &mirror).replacen(
-            "system = ",
-            &format!("shell = \"${{{tools_path}}}/bin/sh\"; toolPath = \"${{{tools_path}}}/bin\"; system = "),
-            1,
-        );
+        // The default shell and PATH, from the closure.
+        let expr = repo_expr_with_tools(&ini, &["make"], &mirror, &tools_path);
         let output = Command::new("nix-build")
             .args(["--no-out-link", "-E", &expr])
             .env("NIX_CONFIG", include_str!("../../../../nix/sandbox.conf"))
