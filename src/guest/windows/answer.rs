@@ -250,7 +250,13 @@ fn specialize_pass(xml: &mut XmlWriter) {
 fn specialize_commands() -> Vec<(String, String)> {
     // The controller's shares need no SMB client setting: Administrator logs on to them with
     // its password, in signed sessions, as Windows' defaults (24H2's too) want.
-    let commands: [(&str, String); 10] = [
+    let commands: [(&str, String); 11] = [
+        (
+            "Tell the host that Windows runs from its disk (the install stage's log shows it)",
+            format!(
+                r#"cmd /c "echo {INSTALL_MARKER_PREFIX} Windows Setup specialize pass, from the installed disk>COM1""#
+            ),
+        ),
         (
             "Enable the built-in Administrator, the account the controller logs in as",
             format!("net user {SSH_USER} /active:yes"),
@@ -631,6 +637,9 @@ mod tests {
              protocol=TCP localport=22 profile=any"
         ));
         assert!(specialize.contains("powercfg /change standby-timeout-ac 0"));
+        // A step the install stage's log shows, as the installer's others.
+        assert!(specialize
+            .contains("echo nix-winvm-install: Windows Setup specialize pass, from the installed disk&gt;COM1"));
         assert!(specialize.contains("NoAutoUpdate /t REG_DWORD /d 1"));
         assert!(specialize.contains("Windows Defender Scheduled Scan\" /Disable"));
         // Authenticated, signed sessions: no guest-access or signing-off workaround.
