@@ -507,8 +507,14 @@ fn a_build_that_times_out_names_its_last_screenshot() {
         .into_iter()
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("{named} is not in the kept folder {}", build_dir.display()));
-    let kept: Vec<_> = std::fs::read_dir(png.parent().unwrap()).unwrap().flatten().collect();
-    assert!((2..=nix_winvm::testing::SCREENS_KEPT).contains(&kept.len()), "{} screenshots kept", kept.len());
+    let dir = png.parent().unwrap();
+    let names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let numbered = names.iter().filter(|n| !n.ends_with("-latest.png")).count();
+    assert!((2..=nix_winvm::testing::SCREENS_KEPT).contains(&numbered), "{numbered} screenshots kept: {names:?}");
+    // Beside them, the newest under a name that stays: the one the failure named.
+    let latest = std::fs::read(dir.join("guest-latest.png")).expect("guest-latest.png");
+    assert_eq!(latest, std::fs::read(&png).unwrap(), "the latest is the last one taken");
     let (w, h, pixels) = nix_winvm::format::png::decode(&std::fs::read(&png).unwrap()).unwrap();
     // VGA text mode: 80x25 cells of 9x16 pixels. Text is there: more than one colour, and
     // more than the firmware's few lines of it.
