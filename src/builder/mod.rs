@@ -72,7 +72,11 @@ pub enum BuilderError {
     #[error("qemu {0}")]
     MachineType(#[from] MachineTypeError),
     /// The installer VM ran past the image's time-out.
-    #[error("the install exceeded its timeout of {secs} s and was stopped{}", shown(screen))]
+    #[error(
+        "the install exceeded its timeout of {secs} s and was stopped; if it needs longer, {}{}",
+        crate::session::Limit::Image.raise(),
+        shown(screen)
+    )]
     InstallTimeout {
         secs: u64,
         /// Where the installer's last screenshot is.
@@ -285,4 +289,19 @@ fn state_read(input: &std::path::Path, error_to: Option<&std::path::Path>) -> Re
         return Err(e.into());
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_install_time_out_names_the_images_timeout() {
+        let e = BuilderError::InstallTimeout { secs: 30, screen: None };
+        assert_eq!(
+            e.to_string(),
+            "the install exceeded its timeout of 30 s and was stopped; if it needs longer, \
+             raise `timeout = SECONDS;` in the builtins.windowsImage call"
+        );
+    }
 }

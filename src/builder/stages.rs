@@ -304,6 +304,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         command: String::new(),
         after: After::SavePair(save_to(spec, &out)),
         timeout: Duration::from_secs(spec.timeout_secs),
+        limit: session::Limit::Image,
     };
     let cfg = SessionConfig::new(shape, guest, media_controller(&media), task, work, tools)?;
     // Saving the pair has no command: it succeeds or fails as a session (a guest whose
@@ -347,6 +348,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         command: guest::profile(&spec.image.guest).layer_command(spec.commands),
         after: After::SaveLayer(save_to(&spec.image, &out)),
         timeout: Duration::from_secs(spec.timeout_secs),
+        limit: session::Limit::Layer,
     };
     let cfg = base.session(disk, &work, task)?;
     let result = runtime()?.block_on(session::run(&cfg, progress));
@@ -487,6 +489,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         command: guest_command(spec, argc, &outputs),
         after: After::Quit,
         timeout: Duration::from_secs(spec.timeout_secs),
+        limit: if spec.run_original_builder { session::Limit::RunInVm } else { session::Limit::Build },
     };
     let mut cfg = image.session(disk, &work, task)?;
     // What run-vm needs to start this build's VMs again, from wherever the folder is kept.

@@ -1,6 +1,7 @@
 //! How a session fails: one variant per step, each naming what it waited for or touched, with
 //! the tail of the log that tells why.
 
+use super::config::Limit;
 use crate::controller::BadPath;
 use crate::initramfs::linux::LinuxInitError;
 use crate::protocol::ExitFileError;
@@ -70,13 +71,16 @@ pub enum RunError {
         error: ExitFileError,
         log_tail: String,
     },
-    /// The build's own time-out, and what the session was doing when it struck.
+    /// The session's own time-out, what sets it, and what the session was doing when it struck.
     #[error(
-        "the build exceeded its timeout of {secs} s while {during}, and was stopped{}",
+        "{} exceeded its timeout of {secs} s while {during}, and was stopped; if it needs longer, {}{}",
+        limit.what(),
+        limit.raise(),
         tail("the guest's serial log", log_tail)
     )]
     Timeout {
         secs: u64,
+        limit: Limit,
         during: &'static str,
         /// The guest's serial log, when what it was waiting for was the guest.
         log_tail: String,
