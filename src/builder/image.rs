@@ -317,7 +317,7 @@ pub(super) fn outputs_disk(work: &Path) -> Result<PathBuf, BuilderError> {
 }
 
 /// Whether `image` is a pinned one: it holds its media (see `pin`).
-pub(super) fn is_pinned(image: &Path) -> bool {
+pub(crate) fn is_pinned(image: &Path) -> bool {
     image.join(PINNED_MEDIA).join(PINNED_CONTROLLER_SYSTEM).is_file()
 }
 

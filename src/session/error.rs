@@ -116,6 +116,23 @@ pub enum RunError {
         detail: Box<QemuFailure>,
         log_tail: String,
     },
+    /// QEMU refused a whole state file as a VM it does not make (other devices, device
+    /// versions, machine): the image was saved by another QEMU, and is made again with this one.
+    #[error(
+        "the {name}'s saved state {} does not load into this QEMU: {qemu_said}; the image was saved by a QEMU whose VM differs (as after a QEMU upgrade): {}{}",
+        state.display(),
+        rebuild_advice(state, *pinned),
+        tail(&format!("the {name}'s QEMU output"), log_tail)
+    )]
+    StateIncompatible {
+        name: String,
+        state: PathBuf,
+        /// QEMU's line that says why.
+        qemu_said: String,
+        /// Whether the image is a pinned one (a fixed-output copy: its pin comes off to rebuild).
+        pinned: bool,
+        log_tail: String,
+    },
     /// The work done after the verdict (a build's unpacking) did not finish: it panicked.
     #[error("waiting for the work done after the verdict: {0}")]
     After(#[source] tokio::task::JoinError),
@@ -152,6 +169,18 @@ pub enum QemuFailure {
     ReaderFailed(String),
 }
 
+/// How to make the image that holds `state` again with this QEMU.
+fn rebuild_advice(state: &std::path::Path, pinned: bool) -> String {
+    let image = state.parent().unwrap_or(state).display();
+    if pinned {
+        format!("rebuild the image: {image} is pinned, so take `pin` off its windowsImage call, build it, and pin the new hash")
+    } else {
+        format!(
+            "rebuild the image: nix-store --delete {image} (remove the result links and layers that keep it first), then build it again (nix-build); or, as a trusted user, nix-store --repair-path {image}"
+        )
+    }
+}
+
 /// The tail of a log under an error, headed by what it is; nothing when the log said nothing.
 fn tail(what: &str, log_tail: &str) -> String {
     if log_tail.is_empty() {
@@ -183,4 +212,35 @@ impl RunError {
 pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let what = what.into();
     move |source| RunError::Io { what, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file QEMU refuses as another VM says to rebuild the image, with the command.
+    #[test]
+    fn an_incompatible_state_says_to_rebuild_the_image() {
+        let error = |pinned| RunError::StateIncompatible {
+            name: "guest".into(),
+            state: "/nix/store/x-image/state".into(),
+            qemu_said: "Unknown savevm section or instance 'kvmclock' 0".into(),
+            pinned,
+            log_tail: String::new(),
+        };
+        assert_eq!(
+            error(false).to_string(),
+            "the guest's saved state /nix/store/x-image/state does not load into this QEMU: Unknown savevm section or \
+             instance 'kvmclock' 0; the image was saved by a QEMU whose VM differs (as after a QEMU upgrade): rebuild \
+             the image: nix-store --delete /nix/store/x-image (remove the result links and layers that keep it first), \
+             then build it again (nix-build); or, as a trusted user, nix-store --repair-path /nix/store/x-image"
+        );
+        assert!(
+            error(true).to_string().ends_with(
+                "rebuild the image: /nix/store/x-image is pinned, so take `pin` off its windowsImage call, build it, and pin the new hash"
+            ),
+            "{}",
+            error(true)
+        );
+    }
 }
