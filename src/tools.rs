@@ -201,3 +201,30 @@ impl Tools {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// scripts/setup is named only where it exists and works: on Debian, and for a build's
+    /// closure that scripts/tools-closure made there. Elsewhere, the nixpkgs package.
+    #[test]
+    fn a_missing_tool_says_what_to_do_where_the_tools_come_from() {
+        assert_eq!(Source::DebianHost.hint("smbd"), "run scripts/setup");
+        let other = Source::OtherHost.hint("smbd");
+        assert_eq!(
+            other,
+            "install nixpkgs' samba (or your distribution's) and put it on PATH, or name its folder in NIX_WINVM_TOOLS (a PATH)"
+        );
+        let debian = Source::DebianClosure("/nix/store/x-winvm-tools".into()).hint("vde_switch");
+        assert!(debian.contains("run scripts/setup on the host again, then scripts/register"), "{debian}");
+        let package = Source::PackageClosure("/nix/store/y-winvm-tools".into()).hint("vde_switch");
+        assert_eq!(
+            package,
+            "the tools closure /nix/store/y-winvm-tools (nix/package.nix's winvm-tools) lacks it: its tools list needs nixpkgs' vde2"
+        );
+        for name in ["qemu-system-x86_64", "vde_switch", "smbd", "busybox", "dropbear", "ssh-keygen", "mke2fs", OVMF] {
+            assert_ne!(nixpkgs_package(name), nixpkgs_package("no-such-tool"), "{name}");
+        }
+    }
+}
