@@ -281,7 +281,9 @@ pub fn layer_command_attr(index: usize) -> String {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {what} (was the derivation written by another nix-winvm version?): {detail}")]
+#[error(
+    "invalid {what} (was the derivation written by another nix-winvm version? evaluate its expression again with this one): {detail}"
+)]
 pub struct SpecJsonError {
     pub what: &'static str,
     pub detail: String,
@@ -361,7 +363,8 @@ mod tests {
         spec.disk_size_mib = 1024;
         assert_eq!(
             image_spec_from_json(&to_json(&spec)).unwrap_err().to_string(),
-            "invalid image spec (was the derivation written by another nix-winvm version?): \
+            "invalid image spec (was the derivation written by another nix-winvm version? evaluate its expression again \
+             with this one): \
              attribute 'diskSize' (1024 MiB) is below the 32768 MiB Windows needs"
         );
         let mut spec = ImageSpec::standin();
