@@ -283,7 +283,11 @@ pub(super) fn new_image(
 /// (when they are not in the page cache, it is most of a revive's time).
 pub(super) fn inspect_states(image: &Path) -> Result<(), BuilderError> {
     for f in [image.join("state"), image.join(CONTROLLER_STATE)] {
-        state::inspect(&f, None)?;
+        // Missing, foreign, cut short: the image is damaged, and is built again.
+        state::inspect(&f, None).map_err(|e| BuilderError::ImageDamaged {
+            image: image.to_path_buf(),
+            what: format!("has a damaged state file: {e}"),
+        })?;
         if let Ok(file) = std::fs::File::open(&f) {
             crate::vm::sys::os::read_ahead(&file);
         }

@@ -29,7 +29,9 @@ use crate::vm::state::StateFileError;
 pub enum BuilderError {
     #[error("{0}")]
     Usage(String),
-    #[error("environment variable {0} is not set (is this run by Nix?)")]
+    #[error(
+        "environment variable {0} is not set: the stages run in the derivations the plugin makes; build those (nix-build) instead"
+    )]
     MissingEnv(&'static str),
     #[error(transparent)]
     Spec(#[from] spec::SpecJsonError),
@@ -110,12 +112,13 @@ pub enum BuilderError {
     #[error("the command was killed by signal {signal}")]
     Killed { signal: String },
     /// A part of the image a build needs is missing or unreadable.
-    #[error("the image {} {what}; build the image again (nix-store --repair-path)", image.display())]
+    #[error("the image {} {what}; build the image again (nix-store --repair-path {})", image.display(), image.display())]
     ImageDamaged { image: std::path::PathBuf, what: String },
     /// `qemu-img check` finds the image's disk corrupt.
     #[error(
-        "the image's disk {} is damaged (qemu-img check: {detail}); build the image again (nix-store --repair-path)",
-        disk.display()
+        "the image's disk {} is damaged (qemu-img check: {detail}); build the image again (nix-store --repair-path {})",
+        disk.display(),
+        disk.parent().unwrap_or(disk).display()
     )]
     DiskDamaged { disk: std::path::PathBuf, detail: String },
     /// The command failed, or the session did, with a file system it writes to full: the
@@ -304,7 +307,10 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
 fn state_read(input: &std::path::Path, error_to: Option<&std::path::Path>) -> Result<i32, BuilderError> {
     let mut stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
     if let Err(e) = crate::vm::state::read(input, None, &mut stdout) {
-        if let Some(file) = error_to {
+        // QEMU closing its end is no refusal of the file: QEMU's own output says why it stopped.
+        let qemu_stopped = matches!(&e, StateFileError::Frame(crate::format::state::FrameError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe);
+        if let (Some(file), false) = (error_to, qemu_stopped) {
             let _ = std::fs::write(file, e.to_string());
         }
         return Err(e.into());

@@ -104,14 +104,16 @@ pub enum RunError {
     /// A process of the session outlived its teardown.
     #[error("after the session ended, the {name}'s processes were still running: {processes}")]
     Survived { name: String, processes: String },
-    /// The state reader refused the file while streaming it into QEMU.
+    /// The state reader refused the file while streaming it into QEMU: the image is damaged.
     #[error(
-        "the {name}'s saved state could not be loaded: {reader} (QEMU: {detail}){}",
+        "the {name}'s saved state could not be loaded: {reader} (QEMU: {detail}); build the image again (nix-store --repair-path {}){}",
+        image.display(),
         tail(&format!("the {name}'s QEMU output"), log_tail)
     )]
     StateLoad {
         name: String,
         reader: String,
+        image: PathBuf,
         #[source]
         detail: Box<QemuFailure>,
         log_tail: String,

@@ -55,14 +55,31 @@ pub enum StateFileError {
     /// The file itself: missing, foreign, truncated, corrupt.
     #[error(transparent)]
     Frame(#[from] FrameError),
-    #[error("state file {} holds a VM with {saved} MiB of memory, but {wanted} MiB were asked for: rebuild the image", path.display())]
+    #[error(
+        "state file {} holds a VM with {saved} MiB of memory, but {wanted} MiB were asked for: the image's metadata does not match its state; {}",
+        path.display(),
+        repair(path)
+    )]
     MemoryMismatch { path: PathBuf, saved: u32, wanted: u32 },
     /// Saved by a newer QEMU than the running one (QEMU loads streams of its own version and
     /// older ones, not newer ones).
-    #[error("state file {} was saved by QEMU {saved}, but this is the older QEMU {running}; a memory snapshot loads only into the QEMU that made it or a newer one: use that QEMU or a newer one, or build the image again", path.display())]
+    #[error(
+        "state file {} was saved by QEMU {saved}, but this is the older QEMU {running}; a memory snapshot loads only into the QEMU that made it or a newer one: use that QEMU or a newer one, or {}",
+        path.display(),
+        repair(path)
+    )]
     QemuMismatch { path: PathBuf, saved: String, running: String },
-    #[error("state file {} holds a VM of machine type {saved}, but the revive asked for {wanted}: the image's metadata does not match its state", path.display())]
+    #[error(
+        "state file {} holds a VM of machine type {saved}, but the revive asked for {wanted}: the image's metadata does not match its state; {}",
+        path.display(),
+        repair(path)
+    )]
     MachineMismatch { path: PathBuf, saved: String, wanted: String },
+}
+
+/// What to do about an image whose state file `state` does not match it: build it again.
+fn repair(state: &Path) -> String {
+    format!("build the image again (nix-store --repair-path {})", state.parent().unwrap_or(state).display())
 }
 
 /// What QEMU prints when a whole migration stream describes a VM it does not make: other
@@ -191,7 +208,11 @@ mod tests {
         let msg = |wanted: Option<Wanted<'_>>| read(&path, wanted, &mut io::sink()).unwrap_err().to_string();
         assert_eq!(
             msg(wanted(512, "10.0.2 (test)")),
-            format!("state file {p} holds a VM with 256 MiB of memory, but 512 MiB were asked for: rebuild the image")
+            format!(
+                "state file {p} holds a VM with 256 MiB of memory, but 512 MiB were asked for: the image's metadata does \
+                 not match its state; build the image again (nix-store --repair-path {})",
+                d.path().display()
+            )
         );
         assert!(msg(wanted(256, "9.2.0")).contains("was saved by QEMU 10.0.2 (test), but this is the older QEMU 9.2.0"));
         let other_machine = Some(Wanted { memory_mib: 256, qemu_version: "10.0.2 (test)", machine: "pc-q35-9.2" });
