@@ -13,8 +13,78 @@ const FALLBACK: &[&str] = &["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/loca
 pub struct MissingTool {
     pub name: String,
     pub searched: String,
-    pub hint: &'static str,
+    /// What to do: it depends on where the tools come from (see [`Source`]).
+    pub hint: String,
 }
+
+/// Where the tools come from, which decides what a missing one's error says to do. Only on
+/// Debian does scripts/setup exist and work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A build's tools closure made by scripts/tools-closure (the derivation names its
+    /// libraries, `winvmToolsLib`): the Debian route.
+    DebianClosure(String),
+    /// A build's tools closure of nix/package.nix (`winvm-tools`, no `winvmToolsLib`).
+    PackageClosure(String),
+    /// The host's programs (tests, `run`), on Debian (`/etc/debian_version`).
+    DebianHost,
+    /// The host's programs elsewhere (NixOS, another distribution).
+    OtherHost,
+}
+
+/// Debian (or a derivative) has this file; scripts/setup needs it.
+pub const DEBIAN_VERSION: &str = "/etc/debian_version";
+
+impl Source {
+    /// This process's: a build's closure, or the host.
+    pub fn detect() -> Source {
+        match std::env::var("winvmTools") {
+            Ok(tools) if std::env::var_os("winvmToolsLib").is_some() => Source::DebianClosure(tools),
+            Ok(tools) => Source::PackageClosure(tools),
+            Err(_) if Path::new(DEBIAN_VERSION).is_file() => Source::DebianHost,
+            Err(_) => Source::OtherHost,
+        }
+    }
+
+    /// What to do when `name` (a program, or `OVMF`) is missing.
+    pub fn hint(&self, name: &str) -> String {
+        let package = nixpkgs_package(name);
+        match self {
+            Source::DebianClosure(tools) => format!(
+                "the tools closure {tools} (scripts/tools-closure's) lacks it: run scripts/setup on the host again, then scripts/register"
+            ),
+            Source::PackageClosure(tools) => {
+                format!("the tools closure {tools} (nix/package.nix's winvm-tools) lacks it: its tools list needs nixpkgs' {package}")
+            }
+            Source::DebianHost => "run scripts/setup".into(),
+            Source::OtherHost => {
+                format!("install nixpkgs' {package} (or your distribution's) and put it on PATH, or name its folder in NIX_WINVM_TOOLS (a PATH)")
+            }
+        }
+    }
+}
+
+/// The nixpkgs package that has `name` (nix/package.nix's tools list).
+pub fn nixpkgs_package(name: &str) -> &'static str {
+    match name {
+        "qemu-system-x86_64" | "qemu-img" => "qemu_kvm",
+        "vde_switch" => "vde2",
+        "smbd" => "samba",
+        "busybox" => "pkgsStatic.busybox",
+        "dropbear" => "dropbear",
+        "ssh-keygen" => "openssh",
+        "xz" => "xz",
+        "mke2fs" => "e2fsprogs",
+        "mformat" | "mmd" | "mcopy" => "mtools",
+        "sha512sum" => "coreutils",
+        "xorriso" => "xorriso",
+        OVMF => "OVMF.fd",
+        _ => "package that has it",
+    }
+}
+
+/// [`MissingTool::name`] of the UEFI firmware.
+const OVMF: &str = "OVMF (UEFI firmware, for efi = true)";
 
 fn search_path() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
@@ -42,7 +112,7 @@ pub fn find(name: &str) -> Result<PathBuf, MissingTool> {
     Err(MissingTool {
         name: name.into(),
         searched: dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":"),
-        hint: "run scripts/setup (in a build, the tools come from the closure the derivation names: winvmTools)",
+        hint: Source::detect().hint(name),
     })
 }
 
@@ -100,11 +170,11 @@ impl Ovmf {
             .flat_map(|(r, layouts)| layouts.iter().map(move |(code, _)| r.join(code).display().to_string()))
             .collect::<Vec<_>>()
             .join(", ");
-        Err(MissingTool {
-            name: "OVMF (UEFI firmware, for efi = true)".into(),
-            searched,
-            hint: "install Debian's ovmf and run scripts/setup (in a build, it comes from the tools closure: winvmTools/share/OVMF)",
-        })
+        let hint = match Source::detect() {
+            Source::DebianHost => "run scripts/setup (it installs Debian's ovmf)".to_owned(),
+            source => source.hint(OVMF),
+        };
+        Err(MissingTool { name: OVMF.into(), searched, hint })
     }
 }
 
@@ -129,5 +199,32 @@ impl Tools {
             dropbear: find("dropbear")?,
             ssh_keygen: find("ssh-keygen")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// scripts/setup is named only where it exists and works: on Debian, and for a build's
+    /// closure that scripts/tools-closure made there. Elsewhere, the nixpkgs package.
+    #[test]
+    fn a_missing_tool_says_what_to_do_where_the_tools_come_from() {
+        assert_eq!(Source::DebianHost.hint("smbd"), "run scripts/setup");
+        let other = Source::OtherHost.hint("smbd");
+        assert_eq!(
+            other,
+            "install nixpkgs' samba (or your distribution's) and put it on PATH, or name its folder in NIX_WINVM_TOOLS (a PATH)"
+        );
+        let debian = Source::DebianClosure("/nix/store/x-winvm-tools".into()).hint("vde_switch");
+        assert!(debian.contains("run scripts/setup on the host again, then scripts/register"), "{debian}");
+        let package = Source::PackageClosure("/nix/store/y-winvm-tools".into()).hint("vde_switch");
+        assert_eq!(
+            package,
+            "the tools closure /nix/store/y-winvm-tools (nix/package.nix's winvm-tools) lacks it: its tools list needs nixpkgs' vde2"
+        );
+        for name in ["qemu-system-x86_64", "vde_switch", "smbd", "busybox", "dropbear", "ssh-keygen", "mke2fs", OVMF] {
+            assert_ne!(nixpkgs_package(name), nixpkgs_package("no-such-tool"), "{name}");
+        }
     }
 }

@@ -390,8 +390,10 @@ fn damaged_images_are_refused_with_the_reason() {
         (
             &noise,
             format!(
-                "nix-winvm-builder: error in the build stage: {} is not a nix-winvm state file (wrong magic number)",
-                noise.join("state").display()
+                "nix-winvm-builder: error in the build stage: the image {} has a damaged state file: {} is not a nix-winvm state file (wrong magic number); build the image again (nix-store --repair-path {})",
+                noise.display(),
+                noise.join("state").display(),
+                noise.display()
             ),
         ),
         (&cut, format!("nix-winvm-builder: error in the build stage: the image's disk {} is damaged", disk.display())),
@@ -416,6 +418,46 @@ fn damaged_images_are_refused_with_the_reason() {
         // Without -K the refused stage removes its work folder: TMPDIR is empty after each.
         s.assert_tmpdir_empty();
     }
+    // A whole state file, of the image's header, whose stream is of another VM (one more
+    // device), as a QEMU upgrade that changes a device leaves one: QEMU refuses it, and the
+    // error says to rebuild the image, with the command.
+    let other = copy_of("other");
+    let bytes = std::fs::read(image.join("state")).unwrap();
+    let len = u32::from_le_bytes(bytes[20..24].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[24..24 + len]).unwrap();
+    let stream = s.dir.path().join("other-stream");
+    let memory = header["memoryMib"].to_string();
+    let mut saver = Command::new("qemu-system-x86_64")
+        .args(["-machine", &format!("{},accel=tcg", meta["machine"].as_str().unwrap())])
+        .args(["-m", &memory, "-nodefaults", "-display", "none", "-S", "-device", "virtio-rng-pci"])
+        .args(["-monitor", "stdio"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let migrate = format!("migrate \"exec:cat > {}\"\nquit\n", stream.display());
+    std::io::Write::write_all(&mut saver.stdin.take().unwrap(), migrate.as_bytes()).unwrap();
+    assert!(saver.wait().unwrap().success());
+    std::fs::remove_file(other.join("state")).unwrap();
+    let o = Command::new(builder())
+        .arg("state-write")
+        .arg("--out")
+        .arg(other.join("state"))
+        .args(["--memory", &memory, "--qemu-version", header["qemuVersion"].as_str().unwrap()])
+        .args(["--guest", header["guest"].as_str().unwrap(), "--machine", header["machine"].as_str().unwrap()])
+        .stdin(std::fs::File::open(&stream).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = build(&other);
+    let log = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{log}");
+    let msg = format!(
+        "nix-winvm-builder: error in the build stage: the guest's saved state {} does not load into this QEMU: Unknown savevm section or instance",
+        other.join("state").display()
+    );
+    assert!(log.contains(&msg), "expected {msg:?} in:\n{log}");
+    assert!(log.contains(&format!("rebuild the image: nix-store --delete {}", other.display())), "{log}");
     s.assert_nothing_running(None, None);
 }
 

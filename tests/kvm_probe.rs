@@ -65,7 +65,7 @@ fn run_with_kvm_says_exactly_why_kvm_is_unusable() {
             let modules = if modules.is_empty() { String::new() } else { format!(" ({})", modules.join(", ")) };
             format!("/dev/kvm itself works (API version 12, KVM_CREATE_VM and KVM_CREATE_VCPU succeed), so it is a paravirtual KVM{modules}, on which unmodified guests crawl")
         }
-        "open 2" => "/dev/kvm does not exist: the kernel has no KVM module loaded (kvm_intel or kvm_amd), or the Nix sandbox does not pass the device in (it does for derivations that require the 'kvm' system feature)".to_owned(),
+        "open 2" => "/dev/kvm does not exist: the kernel has no KVM module loaded (load one: modprobe kvm_intel, or kvm_amd), or the Nix sandbox does not pass the device in (it does for derivations that require the 'kvm' system feature)".to_owned(),
         other => {
             // A device that fails another way: its own step is named after the CPU's reason.
             assert!(err.contains(prefix) && err.contains("/dev/kvm "), "python3 found '{other}':\n{err}");

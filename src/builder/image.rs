@@ -187,7 +187,11 @@ impl ImageMeta {
     pub fn read(image: &Path, spec: &ImageSpec) -> Result<ImageMeta, BuilderError> {
         let meta = ImageMeta::load(image)?;
         if &meta.spec != spec {
-            return Err(BuilderError::ImageMismatch { image: image.to_path_buf() });
+            return Err(BuilderError::ImageMismatch {
+                image: image.to_path_buf(),
+                differs: crate::spec::differences(&meta.spec, spec),
+                pinned: is_pinned(image),
+            });
         }
         Ok(meta)
     }
@@ -279,7 +283,11 @@ pub(super) fn new_image(
 /// (when they are not in the page cache, it is most of a revive's time).
 pub(super) fn inspect_states(image: &Path) -> Result<(), BuilderError> {
     for f in [image.join("state"), image.join(CONTROLLER_STATE)] {
-        state::inspect(&f, None)?;
+        // Missing, foreign, cut short: the image is damaged, and is built again.
+        state::inspect(&f, None).map_err(|e| BuilderError::ImageDamaged {
+            image: image.to_path_buf(),
+            what: format!("has a damaged state file: {e}"),
+        })?;
         if let Ok(file) = std::fs::File::open(&f) {
             crate::vm::sys::os::read_ahead(&file);
         }
@@ -310,6 +318,11 @@ pub(super) fn outputs_disk(work: &Path) -> Result<PathBuf, BuilderError> {
     let file = std::fs::File::create(&path).map_err(io(format!("creating {}", path.display())))?;
     file.set_len(guest::profile::OUTPUTS_DISK_BYTES).map_err(io(format!("sizing {}", path.display())))?;
     Ok(path)
+}
+
+/// Whether `image` is a pinned one: it holds its media (see `pin`).
+pub(crate) fn is_pinned(image: &Path) -> bool {
+    image.join(PINNED_MEDIA).join(PINNED_CONTROLLER_SYSTEM).is_file()
 }
 
 /// The machine type `tools`' QEMU makes new images as (see `qemu::machine_type`).

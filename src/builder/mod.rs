@@ -30,7 +30,9 @@ use crate::vm::state::StateFileError;
 pub enum BuilderError {
     #[error("{0}")]
     Usage(String),
-    #[error("environment variable {0} is not set (is this run by Nix?)")]
+    #[error(
+        "environment variable {0} is not set: the stages run in the derivations the plugin makes; build those (nix-build) instead"
+    )]
     MissingEnv(&'static str),
     #[error(transparent)]
     Spec(#[from] spec::SpecJsonError),
@@ -73,7 +75,11 @@ pub enum BuilderError {
     #[error("qemu {0}")]
     MachineType(#[from] MachineTypeError),
     /// The installer VM ran past the image's time-out.
-    #[error("the install exceeded its timeout of {secs} s and was stopped{}", shown(screen))]
+    #[error(
+        "the install exceeded its timeout of {secs} s and was stopped; if it needs longer, {}{}",
+        crate::session::Limit::Image.raise(),
+        shown(screen)
+    )]
     InstallTimeout {
         secs: u64,
         /// Where the installer's last screenshot is.
@@ -85,9 +91,11 @@ pub enum BuilderError {
         shown(screen)
     )]
     InstallUnfinished { status: String, log_tail: String, screen: Option<String> },
-    /// The build's image was made from another spec than the build was planned with.
-    #[error("the image at {} was built from another spec than this build expects", image.display())]
-    ImageMismatch { image: std::path::PathBuf },
+    /// The build's image was made from another spec than the build was planned with: the
+    /// attributes that differ, and whether the image is a pinned one (its pin then stands for
+    /// an image of other attributes).
+    #[error("{}", image_mismatch(image, differs, *pinned))]
+    ImageMismatch { image: std::path::PathBuf, differs: Vec<spec::Difference>, pinned: bool },
     /// The image's layout is not the one this builder revives: what it is, and what to do.
     #[error("the image at {} cannot be revived: {detail}", image.display())]
     ImageFormat { image: std::path::PathBuf, detail: String },
@@ -105,12 +113,13 @@ pub enum BuilderError {
     #[error("the command was killed by signal {signal}")]
     Killed { signal: String },
     /// A part of the image a build needs is missing or unreadable.
-    #[error("the image {} {what}; build the image again (nix-store --repair-path)", image.display())]
+    #[error("the image {} {what}; build the image again (nix-store --repair-path {})", image.display(), image.display())]
     ImageDamaged { image: std::path::PathBuf, what: String },
     /// `qemu-img check` finds the image's disk corrupt.
     #[error(
-        "the image's disk {} is damaged (qemu-img check: {detail}); build the image again (nix-store --repair-path)",
-        disk.display()
+        "the image's disk {} is damaged (qemu-img check: {detail}); build the image again (nix-store --repair-path {})",
+        disk.display(),
+        disk.parent().unwrap_or(disk).display()
     )]
     DiskDamaged { disk: std::path::PathBuf, detail: String },
     /// The command failed, or the session did, with a file system it writes to full: the
@@ -125,6 +134,25 @@ pub enum BuilderError {
 /// A screenshot's line under an error, when one was taken.
 fn shown(screen: &Option<String>) -> String {
     screen.as_ref().map(|s| format!("\n{s}")).unwrap_or_default()
+}
+
+/// An image made with other attributes than the build (or layer, or pin) was planned with:
+/// which, and what to do.
+fn image_mismatch(image: &std::path::Path, differs: &[spec::Difference], pinned: bool) -> String {
+    let listed: Vec<String> = differs
+        .iter()
+        .map(|d| format!("{} = {} in the image, {} in this build's plan", d.attr, d.ours, d.theirs))
+        .collect();
+    let advice = if pinned {
+        "the image is pinned, and its pin stands for an image made with the old attributes: take the pin off, build the image again, and pin the new hash"
+    } else {
+        "build it with the image derivation this build was planned with (the same builtins.windowsImage call), or build that image again"
+    };
+    format!(
+        "the image at {} was made with other attributes than this build expects: {}; {advice}",
+        image.display(),
+        if listed.is_empty() { "its spec differs".to_owned() } else { listed.join(", ") }
+    )
 }
 
 /// A failed layer command: which one and its text (shortened), or only the code when the guest
@@ -283,10 +311,65 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
 fn state_read(input: &std::path::Path, error_to: Option<&std::path::Path>) -> Result<i32, BuilderError> {
     let mut stdout = std::io::BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
     if let Err(e) = crate::vm::state::read(input, None, &mut stdout) {
-        if let Some(file) = error_to {
+        // QEMU closing its end is no refusal of the file: QEMU's own output says why it stopped.
+        let qemu_stopped = matches!(&e, StateFileError::Frame(crate::format::state::FrameError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe);
+        if let (Some(file), false) = (error_to, qemu_stopped) {
             let _ = std::fs::write(file, e.to_string());
         }
         return Err(e.into());
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image of other attributes than the build's plan: which ones, and what to do, for a
+    /// plain image and a pinned one.
+    #[test]
+    fn an_image_mismatch_names_the_attributes_and_the_fix() {
+        use image::{ImageMeta, IMAGE_FORMAT, PINNED_CONTROLLER_SYSTEM, PINNED_MEDIA};
+        let dir = tempfile::tempdir().unwrap();
+        let made = spec::ImageSpec::standin();
+        let meta = ImageMeta {
+            format: IMAGE_FORMAT,
+            spec: made.clone(),
+            state_format: 1,
+            machine: "pc-q35-10.0".into(),
+            media: dir.path().join("media"),
+            layers: 0,
+            base: None,
+        };
+        meta.write(dir.path()).unwrap();
+        assert!(ImageMeta::read(dir.path(), &made).is_ok());
+        let mut planned = made.clone();
+        planned.shape.memory_mib = 512;
+        planned.shape.efi = true;
+        let e = ImageMeta::read(dir.path(), &planned).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "the image at {} was made with other attributes than this build expects: \
+                 efi = false in the image, true in this build's plan, memory = 256 in the image, 512 in this build's plan; \
+                 build it with the image derivation this build was planned with (the same builtins.windowsImage call), or build that image again",
+                dir.path().display()
+            )
+        );
+        std::fs::create_dir(dir.path().join(PINNED_MEDIA)).unwrap();
+        std::fs::write(dir.path().join(PINNED_MEDIA).join(PINNED_CONTROLLER_SYSTEM), "").unwrap();
+        let e = ImageMeta::read(dir.path(), &planned).unwrap_err().to_string();
+        assert!(e.ends_with("take the pin off, build the image again, and pin the new hash"), "{e}");
+    }
+
+    #[test]
+    fn an_install_time_out_names_the_images_timeout() {
+        let e = BuilderError::InstallTimeout { secs: 30, screen: None };
+        assert_eq!(
+            e.to_string(),
+            "the install exceeded its timeout of 30 s and was stopped; if it needs longer, \
+             raise `timeout = SECONDS;` in the builtins.windowsImage call"
+        );
+    }
 }

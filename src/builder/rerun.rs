@@ -21,7 +21,7 @@
 use super::image;
 use super::{io, BuilderError, Progress};
 use crate::guest::{self, Profile};
-use crate::session::{self, After, ControllerBoot, GuestBoot, SessionConfig, Task};
+use crate::session::{self, After, ControllerBoot, GuestBoot, Limit, SessionConfig, Task};
 use crate::spec::{self, Accel, MachineShape};
 use crate::tools::Tools;
 use crate::vm::accel;
@@ -263,7 +263,11 @@ fn revived(
     image::overlay(&revivable.tools, &image.join("disk.qcow2"), &disk)?;
     let profile = guest::profile(&revivable.meta.spec.guest);
     let command = guest_command(profile, &rerun.outputs, &rerun.inputs, has, &a.mode);
-    let mut cfg = revivable.session(disk, work, Task { command, after: After::Quit, timeout: timeout(rerun, a) })?;
+    let mut cfg = revivable.session(
+        disk,
+        work,
+        Task { command, after: After::Quit, timeout: timeout(rerun, a), limit: Limit::Option },
+    )?;
     finish_config(&mut cfg, a);
     Ok(cfg)
 }
@@ -289,6 +293,7 @@ fn cold(dir: &Path, work: &Path, rerun: &Rerun, a: &Args, progress: &Progress) -
         command: guest_command(Profile::Standin, &[], &[], Has::default(), &a.mode),
         after: After::Quit,
         timeout: timeout(rerun, a),
+        limit: Limit::Option,
     };
     // As the run booted it: never saved, QEMU's newest machine.
     let shape = MachineShape::new(accel, *memory_mib, 1, false);

@@ -6,7 +6,7 @@
 use super::Progress;
 use super::{io, BuilderError};
 use crate::guest::standin;
-use crate::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, SessionConfig, Task, TestFault};
+use crate::session::{self, After, ControllerBoot, ExtraShare, GuestBoot, Limit, SessionConfig, Task, TestFault};
 use crate::shell;
 use crate::spec::{Accel, MachineShape, STANDIN_MEMORY_MIB};
 use crate::tools::Tools;
@@ -139,7 +139,7 @@ pub fn main(args: &[String]) -> Result<i32, BuilderError> {
     img.write_gz_file(&guest_initrd).map_err(super::io(format!("writing {}", guest_initrd.display())))?;
     let guest = GuestBoot::from_kernel(KernelBoot { kernel: kernel.clone(), initrd: guest_initrd, append }, key);
     let controller = ControllerBoot { kernel, modules: modules_dir, initrd: None, system: None, revive_from: None };
-    let task = Task { command, after: After::Quit, timeout: Duration::from_secs(a.timeout_secs) };
+    let task = Task { command, after: After::Quit, timeout: Duration::from_secs(a.timeout_secs), limit: Limit::Option };
     // Booted for this run alone, never saved: QEMU's newest machine.
     let shape = MachineShape::new(accel, a.memory_mib, 1, false);
     let mut cfg = SessionConfig::new(shape, guest, controller, task, work.path().to_path_buf(), tools)?;

@@ -336,6 +336,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         command: String::new(),
         after: After::SavePair(save_to(spec, &out)),
         timeout: Duration::from_secs(spec.timeout_secs),
+        limit: session::Limit::Image,
     };
     let mut cfg = SessionConfig::new(shape, guest, media_controller(&media), task, work, tools)?;
     cfg.timeline = Some(report::shots_dir(&out, "suspend"));
@@ -386,6 +387,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         command: guest::profile(&spec.image.guest).layer_command(spec.commands),
         after: After::SaveLayer(save_to(&spec.image, &out)),
         timeout: Duration::from_secs(spec.timeout_secs),
+        limit: session::Limit::Layer,
     };
     let mut cfg = base.session(disk, &work, task)?;
     cfg.timeline = Some(report::shots_dir(&out, "layer"));
@@ -533,6 +535,7 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         command: guest_command(spec, argc, &outputs),
         after: After::Quit,
         timeout: Duration::from_secs(spec.timeout_secs),
+        limit: if spec.run_original_builder { session::Limit::RunInVm } else { session::Limit::Build },
     };
     let mut cfg = image.session(disk, &work, task)?;
     // What run-vm needs to start this build's VMs again, from wherever the folder is kept.

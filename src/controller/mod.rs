@@ -83,7 +83,10 @@ fn init_script() -> String {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("the path {} has white space or '=' in it, which the controller's init cannot take", .0.display())]
+#[error(
+    "the path {} has white space or '=' in it, which the controller's init cannot take: move it to a plain path (the work folder: TMPDIR, in a build Nix's build-dir)",
+    .0.display()
+)]
 pub struct BadPath(pub PathBuf);
 
 /// How the init starts the agent of a controller with a system disk.

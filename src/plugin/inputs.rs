@@ -28,12 +28,47 @@ pub enum InputsError {
     RecordOutsideStore { file: PathBuf, what: &'static str, path: String },
     #[error("nix-winvm: the builder {} does not exist; build it (cargo build --release) or set NIX_WINVM_BUILDER", .0.display())]
     NoBuilder(PathBuf),
-    #[error("nix-winvm: the Linux kernel for the VMs is missing ({}/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR", .0.display())]
-    NoKernel(PathBuf),
-    #[error("nix-winvm: the tools closure is missing or incomplete ({}: {problem}); run scripts/setup, or set NIX_WINVM_TOOLS_DIR", .dir.display())]
-    Closure { dir: PathBuf, problem: ClosureProblem },
+    #[error("nix-winvm: the Linux kernel for the VMs is missing ({}/vmlinuz); {}", .dir.display(), .set_up.kernel_fix())]
+    NoKernel { dir: PathBuf, set_up: SetUp },
+    #[error("nix-winvm: the tools closure is missing or incomplete ({}: {problem}); {}", .dir.display(), .set_up.closure_fix())]
+    Closure { dir: PathBuf, problem: ClosureProblem, set_up: SetUp },
     #[error("nix-winvm: preparing the builder {} for the sandbox: {step}", .builder.display())]
     PatchBuilder { builder: PathBuf, step: PatchStep },
+}
+
+/// How the plugin's host was set up, which decides what a missing kernel's or closure's error
+/// says to do: scripts/setup exists and works only on Debian, for a plugin built from the
+/// checkout (scripts/register records its paths); a plugin of nix/package.nix records its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetUp {
+    Debian,
+    /// Another system (NixOS, another distribution), or a plugin in the Nix store.
+    Other,
+}
+
+impl SetUp {
+    /// The set-up of the plugin in `plugin_dir` on this host.
+    pub fn of(plugin_dir: &Path) -> SetUp {
+        if Path::new(crate::tools::DEBIAN_VERSION).is_file() && !plugin_dir.starts_with(STORE_DIR) {
+            SetUp::Debian
+        } else {
+            SetUp::Other
+        }
+    }
+
+    fn kernel_fix(self) -> &'static str {
+        match self {
+            SetUp::Debian => "run scripts/setup or set NIX_WINVM_KERNEL_DIR",
+            SetUp::Other => "set NIX_WINVM_KERNEL_DIR to a folder with vmlinuz, modules/ and version (nix/package.nix's winvmKernel), or use the Nix package of nix-winvm, which records its own (on NixOS: `nix-winvm.enable = true;`, nix/module.nix)",
+        }
+    }
+
+    fn closure_fix(self) -> &'static str {
+        match self {
+            SetUp::Debian => "run scripts/setup, or set NIX_WINVM_TOOLS_DIR",
+            SetUp::Other => "set NIX_WINVM_TOOLS_DIR to a closure scripts/tools-closure made, or use the Nix package of nix-winvm, which records its own tools (on NixOS: `nix-winvm.enable = true;`, nix/module.nix)",
+        }
+    }
 }
 
 /// What is wrong with the tools closure's folder.
@@ -175,9 +210,9 @@ fn is_store_path(path: &str, name: Option<&str>) -> bool {
 }
 
 impl Closure {
-    /// The closure scripts/tools-closure left in `dir`.
-    pub fn read(dir: &Path) -> Result<Closure, InputsError> {
-        let missing = |problem| InputsError::Closure { dir: dir.to_owned(), problem };
+    /// The closure scripts/tools-closure left in `dir`; its error says what to do on `set_up`.
+    pub fn read(dir: &Path, set_up: SetUp) -> Result<Closure, InputsError> {
+        let missing = |problem| InputsError::Closure { dir: dir.to_owned(), problem, set_up };
         let store_path = |file: &'static str, name: &'static str| -> Result<String, InputsError> {
             let text = std::fs::read_to_string(dir.join(file))
                 .map_err(|error| missing(ClosureProblem::Unreadable { file, error }))?;
@@ -279,11 +314,11 @@ impl Env {
             return Err(InputsError::NoBuilder(builder.to_owned()));
         }
         if !kernel_dir.join("vmlinuz").is_file() {
-            return Err(InputsError::NoKernel(kernel_dir.to_owned()));
+            return Err(InputsError::NoKernel { dir: kernel_dir.to_owned(), set_up: SetUp::of(plugin_dir) });
         }
         let fix = register_fix(plugin_dir);
         let in_store = builder.starts_with(STORE_DIR);
-        let closure = match Closure::read(tools_dir) {
+        let closure = match Closure::read(tools_dir, SetUp::of(plugin_dir)) {
             Ok(closure) => Some(closure),
             Err(_) if in_store => None,
             Err(e) => return Err(e),

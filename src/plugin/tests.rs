@@ -3,7 +3,7 @@
 
 use super::error::Caller;
 use super::ffi::bridge::{Kind, Node, Plan, Source};
-use super::inputs::{self, Env, StoreInput};
+use super::inputs::{self, Env, SetUp, StoreInput};
 use super::plan;
 use super::table::Builtin;
 use super::value::{from_nodes, to_nodes, DecodeError, Val};
@@ -144,17 +144,21 @@ fn plan_spec(p: &super::ffi::bridge::Plan) -> String {
 #[test]
 fn a_missing_or_garbled_closure_is_refused_with_the_way_to_make_it() {
     let dir = tempfile::tempdir().unwrap();
-    let err = inputs::Closure::read(dir.path()).unwrap_err().to_string();
+    let err = inputs::Closure::read(dir.path(), SetUp::Debian).unwrap_err().to_string();
     assert!(err.starts_with("nix-winvm: the tools closure is missing or incomplete ("), "{err}");
     assert!(err.ends_with("run scripts/setup, or set NIX_WINVM_TOOLS_DIR"), "{err}");
+    // scripts/setup exists only on Debian: elsewhere, the variable or the Nix package.
+    let err = inputs::Closure::read(dir.path(), SetUp::Other).unwrap_err().to_string();
+    assert!(!err.contains("scripts/setup"), "{err}");
+    assert!(err.ends_with("(on NixOS: `nix-winvm.enable = true;`, nix/module.nix)"), "{err}");
     std::fs::write(dir.path().join("tools.path"), format!("/nix/store/{}-winvm-tools\n", "d".repeat(32))).unwrap();
     std::fs::create_dir(dir.path().join("winvm-tools")).unwrap();
     std::fs::write(dir.path().join("lib.path"), "/tmp/elsewhere\n").unwrap();
-    let err = inputs::Closure::read(dir.path()).unwrap_err().to_string();
+    let err = inputs::Closure::read(dir.path(), SetUp::Debian).unwrap_err().to_string();
     assert!(err.contains("lib.path does not hold a store path named winvm-tools-lib"), "{err}");
     std::fs::write(dir.path().join("lib.path"), format!("/nix/store/{}-winvm-tools-lib\n", "c".repeat(32))).unwrap();
     std::fs::create_dir(dir.path().join("winvm-tools-lib")).unwrap();
-    let closure = inputs::Closure::read(dir.path()).unwrap();
+    let closure = inputs::Closure::read(dir.path(), SetUp::Debian).unwrap();
     assert_eq!(closure.tools_store, format!("/nix/store/{}-winvm-tools", "d".repeat(32)));
     assert_eq!(
         closure.lib,
@@ -215,10 +219,19 @@ fn missing_kernel_is_an_error_naming_the_fix() {
     let builder = dir.path().join("nix-winvm-builder");
     std::fs::write(&builder, b"").unwrap();
     let err = Env::discovered_at(dir.path(), &builder, Path::new("/nonexistent"), dir.path()).unwrap_err();
+    let fix = if Path::new("/etc/debian_version").is_file() {
+        "run scripts/setup or set NIX_WINVM_KERNEL_DIR"
+    } else {
+        "set NIX_WINVM_KERNEL_DIR to a folder with vmlinuz, modules/ and version (nix/package.nix's winvmKernel), \
+         or use the Nix package of nix-winvm, which records its own (on NixOS: `nix-winvm.enable = true;`, nix/module.nix)"
+    };
     assert_eq!(
         err.to_string(),
-        "nix-winvm: the Linux kernel for the VMs is missing (/nonexistent/vmlinuz); run scripts/setup or set NIX_WINVM_KERNEL_DIR"
+        format!("nix-winvm: the Linux kernel for the VMs is missing (/nonexistent/vmlinuz); {fix}")
     );
+    // A plugin in the store is the Nix package's, even on Debian: scripts/setup is not its way.
+    let store = Path::new("/nix/store/00000000000000000000000000000000-nix-winvm/lib");
+    assert_eq!(SetUp::of(store), SetUp::Other);
 }
 
 #[test]

@@ -96,6 +96,45 @@ pub struct Task {
     pub after: After,
     /// Bounds the whole session, from its files to its teardown.
     pub timeout: Duration,
+    /// What sets `timeout`: its error names it, so that the user knows what to raise.
+    pub limit: Limit,
+}
+
+/// Where a time-out comes from: the attribute (or the option) that raises it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// An image's stages (its install, its suspend): `timeout` of builtins.windowsImage.
+    Image,
+    /// A layer's session: `timeout` of the builtins.windowsImage call that has `base`.
+    Layer,
+    /// A build: `timeout` of builtins.windowsDerivation.
+    Build,
+    /// A build of builtins.runInWindowsVM: `timeout` of the derivation it is given.
+    RunInVm,
+    /// `nix-winvm-builder run`, `rerun` and `shell`: their `--timeout SECS`.
+    Option,
+}
+
+impl Limit {
+    /// What ran out of time, as the error names it.
+    pub fn what(self) -> &'static str {
+        match self {
+            Limit::Image => "the image's stage",
+            Limit::Layer => "the layer",
+            Limit::Build | Limit::RunInVm | Limit::Option => "the build",
+        }
+    }
+
+    /// How to give it longer.
+    pub fn raise(self) -> &'static str {
+        match self {
+            Limit::Image => "raise `timeout = SECONDS;` in the builtins.windowsImage call",
+            Limit::Layer => "raise `timeout = SECONDS;` in the builtins.windowsImage call that has `base` (the layer's)",
+            Limit::Build => "raise `timeout = SECONDS;` in the builtins.windowsDerivation call (without it, the build has the image's)",
+            Limit::RunInVm => "raise `timeout = SECONDS;` in the derivation given to builtins.runInWindowsVM (without it, the build has the image's)",
+            Limit::Option => "raise it with --timeout SECONDS",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -226,6 +265,38 @@ impl TestFault {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A time-out says which attribute of which builtin raises it, and that builtin has it.
+    #[test]
+    fn a_time_out_names_the_attribute_that_raises_it() {
+        let e =
+            RunError::Timeout { secs: 60, limit: Limit::Build, during: "running the command", log_tail: String::new() };
+        assert_eq!(
+            e.to_string(),
+            "the build exceeded its timeout of 60 s while running the command, and was stopped; if it needs longer, \
+             raise `timeout = SECONDS;` in the builtins.windowsDerivation call (without it, the build has the image's)"
+        );
+        use crate::plugin::table::{Builtin, LAYER};
+        for (limit, builtin) in [
+            (Limit::Image, Builtin::WindowsImage),
+            (Limit::Layer, Builtin::WindowsImage),
+            (Limit::Build, Builtin::WindowsDerivation),
+            (Limit::RunInVm, Builtin::RunInWindowsVM),
+        ] {
+            assert!(
+                limit.raise().contains("`timeout = SECONDS;` in the ")
+                    && limit.raise().contains(&format!("builtins.{} ", builtin.name())),
+                "{limit:?}"
+            );
+            assert!(builtin.tables().iter().any(|t| t.row("timeout").is_some()), "{limit:?}");
+        }
+        assert!(LAYER.row("base").is_some() && LAYER.row("timeout").is_some());
+        assert!(Limit::Layer.raise().contains("that has `base`"));
+        let run = RunError::Timeout { secs: 5, limit: Limit::Option, during: "x", log_tail: String::new() };
+        assert!(run.to_string().ends_with("raise it with --timeout SECONDS"), "{run}");
+        let layer = RunError::Timeout { secs: 5, limit: Limit::Layer, during: "x", log_tail: String::new() };
+        assert!(layer.to_string().starts_with("the layer exceeded its timeout of 5 s"), "{layer}");
+    }
 
     #[test]
     fn test_faults_parse_or_are_refused_by_name() {

@@ -1,6 +1,7 @@
 //! How a session fails: one variant per step, each naming what it waited for or touched, with
 //! the tail of the log that tells why.
 
+use super::config::Limit;
 use crate::controller::BadPath;
 use crate::initramfs::linux::LinuxInitError;
 use crate::protocol::ExitFileError;
@@ -70,13 +71,16 @@ pub enum RunError {
         error: ExitFileError,
         log_tail: String,
     },
-    /// The build's own time-out, and what the session was doing when it struck.
+    /// The session's own time-out, what sets it, and what the session was doing when it struck.
     #[error(
-        "the build exceeded its timeout of {secs} s while {during}, and was stopped{}",
+        "{} exceeded its timeout of {secs} s while {during}, and was stopped; if it needs longer, {}{}",
+        limit.what(),
+        limit.raise(),
         tail("the guest's serial log", log_tail)
     )]
     Timeout {
         secs: u64,
+        limit: Limit,
         during: &'static str,
         /// The guest's serial log, when what it was waiting for was the guest.
         log_tail: String,
@@ -100,16 +104,35 @@ pub enum RunError {
     /// A process of the session outlived its teardown.
     #[error("after the session ended, the {name}'s processes were still running: {processes}")]
     Survived { name: String, processes: String },
-    /// The state reader refused the file while streaming it into QEMU.
+    /// The state reader refused the file while streaming it into QEMU: the image is damaged.
     #[error(
-        "the {name}'s saved state could not be loaded: {reader} (QEMU: {detail}){}",
+        "the {name}'s saved state could not be loaded: {reader} (QEMU: {detail}); build the image again (nix-store --repair-path {}){}",
+        image.display(),
         tail(&format!("the {name}'s QEMU output"), log_tail)
     )]
     StateLoad {
         name: String,
         reader: String,
+        image: PathBuf,
         #[source]
         detail: Box<QemuFailure>,
+        log_tail: String,
+    },
+    /// QEMU refused a whole state file as a VM it does not make (other devices, device
+    /// versions, machine): the image was saved by another QEMU, and is made again with this one.
+    #[error(
+        "the {name}'s saved state {} does not load into this QEMU: {qemu_said}; the image was saved by a QEMU whose VM differs (as after a QEMU upgrade): {}{}",
+        state.display(),
+        rebuild_advice(state, *pinned),
+        tail(&format!("the {name}'s QEMU output"), log_tail)
+    )]
+    StateIncompatible {
+        name: String,
+        state: PathBuf,
+        /// QEMU's line that says why.
+        qemu_said: String,
+        /// Whether the image is a pinned one (a fixed-output copy: its pin comes off to rebuild).
+        pinned: bool,
         log_tail: String,
     },
     /// The work done after the verdict (a build's unpacking) did not finish: it panicked.
@@ -148,6 +171,18 @@ pub enum QemuFailure {
     ReaderFailed(String),
 }
 
+/// How to make the image that holds `state` again with this QEMU.
+fn rebuild_advice(state: &std::path::Path, pinned: bool) -> String {
+    let image = state.parent().unwrap_or(state).display();
+    if pinned {
+        format!("rebuild the image: {image} is pinned, so take `pin` off its windowsImage call, build it, and pin the new hash")
+    } else {
+        format!(
+            "rebuild the image: nix-store --delete {image} (remove the result links and layers that keep it first), then build it again (nix-build); or, as a trusted user, nix-store --repair-path {image}"
+        )
+    }
+}
+
 /// The tail of a log under an error, headed by what it is; nothing when the log said nothing.
 fn tail(what: &str, log_tail: &str) -> String {
     if log_tail.is_empty() {
@@ -179,4 +214,35 @@ impl RunError {
 pub(super) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let what = what.into();
     move |source| RunError::Io { what, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state file QEMU refuses as another VM says to rebuild the image, with the command.
+    #[test]
+    fn an_incompatible_state_says_to_rebuild_the_image() {
+        let error = |pinned| RunError::StateIncompatible {
+            name: "guest".into(),
+            state: "/nix/store/x-image/state".into(),
+            qemu_said: "Unknown savevm section or instance 'kvmclock' 0".into(),
+            pinned,
+            log_tail: String::new(),
+        };
+        assert_eq!(
+            error(false).to_string(),
+            "the guest's saved state /nix/store/x-image/state does not load into this QEMU: Unknown savevm section or \
+             instance 'kvmclock' 0; the image was saved by a QEMU whose VM differs (as after a QEMU upgrade): rebuild \
+             the image: nix-store --delete /nix/store/x-image (remove the result links and layers that keep it first), \
+             then build it again (nix-build); or, as a trusted user, nix-store --repair-path /nix/store/x-image"
+        );
+        assert!(
+            error(true).to_string().ends_with(
+                "rebuild the image: /nix/store/x-image is pinned, so take `pin` off its windowsImage call, build it, and pin the new hash"
+            ),
+            "{}",
+            error(true)
+        );
+    }
 }

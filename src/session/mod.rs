@@ -17,7 +17,8 @@ mod terminal;
 pub mod watch;
 
 pub use config::{
-    vnc_from_env, After, BadTestFault, ControllerBoot, ExtraShare, GuestBoot, SaveTo, SessionConfig, Task, TestFault,
+    vnc_from_env, After, BadTestFault, ControllerBoot, ExtraShare, GuestBoot, Limit, SaveTo, SessionConfig, Task,
+    TestFault,
 };
 pub use error::{QemuFailure, RunError};
 pub use snapshot::qemu_version;
@@ -230,7 +231,7 @@ pub async fn run_then<T: Send + 'static>(
             } else {
                 String::new()
             };
-            Err(RunError::Timeout { secs: cfg.task.timeout.as_secs(), during, log_tail })
+            Err(RunError::Timeout { secs: cfg.task.timeout.as_secs(), limit: cfg.task.limit, during, log_tail })
         }
         stopped = nix.stopped() => Err(stopped),
     };

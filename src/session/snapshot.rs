@@ -75,11 +75,29 @@ pub(super) async fn revive(
     let failed = |detail: QemuFailure| {
         let detail = Box::new(detail);
         let log_tail = tail_lines(log, LOG_TAIL_LINES);
-        match std::fs::read_to_string(&reader_error) {
-            Ok(reader) if !reader.trim().is_empty() => {
-                RunError::StateLoad { name: name.into(), reader: reader.trim().into(), detail, log_tail }
+        let image = state.parent().unwrap_or(state).to_path_buf();
+        if let Ok(reader) = std::fs::read_to_string(&reader_error) {
+            if !reader.trim().is_empty() {
+                return RunError::StateLoad {
+                    name: name.into(),
+                    reader: reader.trim().into(),
+                    image,
+                    detail,
+                    log_tail,
+                };
             }
-            _ => RunError::QemuNotUp { name: name.into(), detail, log_tail },
+        }
+        // A whole file that QEMU refuses as another VM: made by another QEMU.
+        let output = std::fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        match state::incompatible_load(&output) {
+            Some(qemu_said) => RunError::StateIncompatible {
+                name: name.into(),
+                state: state.to_path_buf(),
+                qemu_said,
+                pinned: crate::builder::image::is_pinned(&image),
+                log_tail,
+            },
+            None => RunError::QemuNotUp { name: name.into(), detail, log_tail },
         }
     };
     let version = qemu_version(qmp);

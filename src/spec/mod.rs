@@ -184,6 +184,53 @@ impl ImageSpec {
     }
 }
 
+/// An attribute in which two image specs differ: its name as `windowsImage` takes it, and its
+/// two values as JSON (strings quoted, as Nix writes them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub attr: String,
+    pub ours: String,
+    pub theirs: String,
+}
+
+/// The attributes in which `theirs` differs from `ours`; a Windows
+/// guest's options are compared one by one.
+pub fn differences(ours: &ImageSpec, theirs: &ImageSpec) -> Vec<Difference> {
+    let (ours, theirs) =
+        (serde_json::to_value(ours).unwrap_or_default(), serde_json::to_value(theirs).unwrap_or_default());
+    let mut found = Vec::new();
+    compare_fields(&ours, &theirs, &mut found);
+    found
+}
+
+fn compare_fields(ours: &serde_json::Value, theirs: &serde_json::Value, found: &mut Vec<Difference>) {
+    let empty = serde_json::Map::new();
+    let (a, b) = (ours.as_object().unwrap_or(&empty), theirs.as_object().unwrap_or(&empty));
+    for (key, value) in a {
+        let other = b.get(key).unwrap_or(&serde_json::Value::Null);
+        if value == other {
+            continue;
+        }
+        // Both Windows: which of its options.
+        let windows = |v: &serde_json::Value| v.get("windows").filter(|w| w.is_object()).cloned();
+        if let (true, Some(a), Some(b)) = (key == "guest", windows(value), windows(other)) {
+            compare_fields(&a, &b, found);
+            continue;
+        }
+        found.push(Difference { attr: attribute(key).to_owned(), ours: value.to_string(), theirs: other.to_string() });
+    }
+}
+
+/// The `windowsImage` attribute of a spec's JSON field.
+fn attribute(field: &str) -> &str {
+    match field {
+        "memoryMib" => "memory",
+        "timeoutSecs" => "timeout",
+        "diskSizeMib" => "diskSize",
+        other => other,
+    }
+}
+
 /// A spec that parsed but says something impossible.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -234,7 +281,9 @@ pub fn layer_command_attr(index: usize) -> String {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {what} (was the derivation written by another nix-winvm version?): {detail}")]
+#[error(
+    "invalid {what} (was the derivation written by another nix-winvm version? evaluate its expression again with this one): {detail}"
+)]
 pub struct SpecJsonError {
     pub what: &'static str,
     pub detail: String,
@@ -314,7 +363,8 @@ mod tests {
         spec.disk_size_mib = 1024;
         assert_eq!(
             image_spec_from_json(&to_json(&spec)).unwrap_err().to_string(),
-            "invalid image spec (was the derivation written by another nix-winvm version?): \
+            "invalid image spec (was the derivation written by another nix-winvm version? evaluate its expression again \
+             with this one): \
              attribute 'diskSize' (1024 MiB) is below the 32768 MiB Windows needs"
         );
         let mut spec = ImageSpec::standin();
@@ -324,6 +374,24 @@ mod tests {
             build_spec_from_json(&to_json(&build)).unwrap_err().detail,
             "attribute 'memory' must be between 64 and 1048576 (MiB), got 3"
         );
+    }
+
+    #[test]
+    fn two_specs_differ_in_the_attributes_the_user_wrote() {
+        let ours = ImageSpec::new(GuestSpec::Windows(WindowsOptions::new("Windows 11 Pro")));
+        assert_eq!(differences(&ours, &ours), vec![]);
+        let mut theirs = ours.clone();
+        theirs.shape.memory_mib = 8192;
+        theirs.timeout_secs = 60;
+        if let GuestSpec::Windows(options) = &mut theirs.guest {
+            options.edition = "Windows 11 Home".into();
+        }
+        let found: Vec<String> =
+            differences(&ours, &theirs).iter().map(|d| format!("{} {} {}", d.attr, d.ours, d.theirs)).collect();
+        assert_eq!(found, ["edition \"Windows 11 Pro\" \"Windows 11 Home\"", "memory 4096 8192", "timeout 3600 60"]);
+        let standin = differences(&ImageSpec::standin(), &ours);
+        let guest = standin.iter().find(|d| d.attr == "guest").expect("the guest differs");
+        assert_eq!(guest.ours, "\"standin\"");
     }
 
     #[test]

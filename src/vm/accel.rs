@@ -28,7 +28,7 @@ pub struct NoKvm {
 pub enum KvmDeviceError {
     /// ENOENT: no KVM module loaded, or a sandbox without the device.
     #[error(
-        "{} does not exist: the kernel has no KVM module loaded (kvm_intel or kvm_amd), or the Nix sandbox does not pass the device in (it does for derivations that require the 'kvm' system feature)",
+        "{} does not exist: the kernel has no KVM module loaded (load one: modprobe kvm_intel, or kvm_amd), or the Nix sandbox does not pass the device in (it does for derivations that require the 'kvm' system feature)",
         path.display()
     )]
     Missing { path: PathBuf },
@@ -219,7 +219,7 @@ mod tests {
         assert!(matches!(e, KvmDeviceError::Missing { .. }), "{e:?}");
         assert_eq!(
             e.to_string(),
-            "/nonexistent/kvm does not exist: the kernel has no KVM module loaded (kvm_intel or kvm_amd), or the Nix sandbox does not pass the device in (it does for derivations that require the 'kvm' system feature)"
+            "/nonexistent/kvm does not exist: the kernel has no KVM module loaded (load one: modprobe kvm_intel, or kvm_amd), or the Nix sandbox does not pass the device in (it does for derivations that require the 'kvm' system feature)"
         );
     }
 

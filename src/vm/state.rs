@@ -55,14 +55,64 @@ pub enum StateFileError {
     /// The file itself: missing, foreign, truncated, corrupt.
     #[error(transparent)]
     Frame(#[from] FrameError),
-    #[error("state file {} holds a VM with {saved} MiB of memory, but {wanted} MiB were asked for: rebuild the image", path.display())]
+    #[error(
+        "state file {} holds a VM with {saved} MiB of memory, but {wanted} MiB were asked for: the image's metadata does not match its state; {}",
+        path.display(),
+        repair(path)
+    )]
     MemoryMismatch { path: PathBuf, saved: u32, wanted: u32 },
     /// Saved by a newer QEMU than the running one (QEMU loads streams of its own version and
     /// older ones, not newer ones).
-    #[error("state file {} was saved by QEMU {saved}, but this is the older QEMU {running}; a memory snapshot loads only into the QEMU that made it or a newer one: use that QEMU or a newer one, or build the image again", path.display())]
+    #[error(
+        "state file {} was saved by QEMU {saved}, but this is the older QEMU {running}; a memory snapshot loads only into the QEMU that made it or a newer one: use that QEMU or a newer one, or {}",
+        path.display(),
+        repair(path)
+    )]
     QemuMismatch { path: PathBuf, saved: String, running: String },
-    #[error("state file {} holds a VM of machine type {saved}, but the revive asked for {wanted}: the image's metadata does not match its state", path.display())]
+    #[error(
+        "state file {} holds a VM of machine type {saved}, but the revive asked for {wanted}: the image's metadata does not match its state; {}",
+        path.display(),
+        repair(path)
+    )]
     MachineMismatch { path: PathBuf, saved: String, wanted: String },
+}
+
+/// What to do about an image whose state file `state` does not match it: build it again.
+fn repair(state: &Path) -> String {
+    format!("build the image again (nix-store --repair-path {})", state.parent().unwrap_or(state).display())
+}
+
+/// What QEMU prints when a whole migration stream describes a VM it does not make: other
+/// devices or device versions, another machine, other RAM blocks (as after a QEMU upgrade that
+/// changed them). Each line starts with QEMU's program name.
+const INCOMPATIBLE: &[&str] = &[
+    "Unknown savevm section",
+    "savevm: unsupported version",
+    "error while loading state for instance",
+    "Machine type received is",
+    "Configuration section missing",
+    "Unknown ramblock",
+    "Length mismatch",
+];
+
+/// QEMU's failed load, from its output.
+const LOAD_FAILED: &str = "load of migration failed: ";
+
+/// A stream cut short: QEMU's words for it. The state reader checks a file's length and
+/// checksum itself, so a short stream is its failure (or an I/O one), not an incompatible VM.
+const SHORT_STREAM: &str = "Input/output error";
+
+/// Whether QEMU's output (`qemu_output`) says that the stream it loaded describes a VM it
+/// does not make; the line that says why, without QEMU's program name. A stream cut short or
+/// unreadable is not one (its own error says so).
+pub fn incompatible_load(qemu_output: &str) -> Option<String> {
+    let said = |line: &str| line.split_once(": ").map_or(line, |(_, rest)| rest).trim().to_owned();
+    let failed = qemu_output.lines().find(|l| l.contains(LOAD_FAILED))?;
+    if failed.trim_end().ends_with(SHORT_STREAM) {
+        return None;
+    }
+    let why = qemu_output.lines().find(|l| INCOMPATIBLE.iter().any(|m| l.contains(m)));
+    Some(said(why.unwrap_or(failed)))
 }
 
 /// Compresses `input` (QEMU's migration stream) into `path`, atomically: the file appears
@@ -118,7 +168,7 @@ pub fn read(path: &Path, wanted: Option<Wanted<'_>>, out: &mut dyn Write) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io;
+    use std::io::{self, Write};
 
     fn header() -> StateHeader {
         StateHeader {
@@ -158,7 +208,11 @@ mod tests {
         let msg = |wanted: Option<Wanted<'_>>| read(&path, wanted, &mut io::sink()).unwrap_err().to_string();
         assert_eq!(
             msg(wanted(512, "10.0.2 (test)")),
-            format!("state file {p} holds a VM with 256 MiB of memory, but 512 MiB were asked for: rebuild the image")
+            format!(
+                "state file {p} holds a VM with 256 MiB of memory, but 512 MiB were asked for: the image's metadata does \
+                 not match its state; build the image again (nix-store --repair-path {})",
+                d.path().display()
+            )
         );
         assert!(msg(wanted(256, "9.2.0")).contains("was saved by QEMU 10.0.2 (test), but this is the older QEMU 9.2.0"));
         let other_machine = Some(Wanted { memory_mib: 256, qemu_version: "10.0.2 (test)", machine: "pc-q35-9.2" });
@@ -173,6 +227,45 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
         let e = inspect(&path, wanted(512, "1.0.0")).unwrap_err();
         assert!(matches!(e, StateFileError::Frame(FrameError::Truncated { .. })), "{e}");
+    }
+
+    /// QEMU's output when a stream does not load, from a real QEMU: a VM saved with a device
+    /// the loading one lacks (as a QEMU upgrade changes a device) is named, with QEMU's line;
+    /// a stream cut short is not.
+    #[test]
+    fn a_stream_of_another_vm_is_told_from_a_short_one_by_what_qemu_says() {
+        let Ok(qemu) = crate::tools::find("qemu-system-x86_64") else {
+            crate::tools::test_requires("qemu-system-x86_64", false);
+            return;
+        };
+        let d = tempfile::tempdir().unwrap();
+        let stream = d.path().join("stream");
+        let vm = |extra: &[&str]| {
+            let mut c = std::process::Command::new(&qemu);
+            c.args(["-machine", "q35,accel=tcg", "-m", "64", "-nodefaults", "-display", "none"]).args(extra);
+            c
+        };
+        // Saved stopped, by the monitor's synchronous `migrate`.
+        let mut saver = vm(&["-S", "-device", "virtio-rng-pci", "-monitor", "stdio"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let command = format!("migrate \"exec:cat > {}\"\nquit\n", stream.display());
+        saver.stdin.take().unwrap().write_all(command.as_bytes()).unwrap();
+        assert!(saver.wait().unwrap().success());
+        assert!(std::fs::metadata(&stream).unwrap().len() > 0);
+        let load = |extra: &[&str], uri: String| {
+            let o = vm(extra).args(["-incoming", &uri]).output().unwrap();
+            assert!(!o.status.success());
+            String::from_utf8_lossy(&o.stderr).into_owned()
+        };
+        let other = load(&[], format!("exec:cat {}", stream.display()));
+        let said = incompatible_load(&other).unwrap_or_else(|| panic!("not named:\n{other}"));
+        assert!(said.starts_with("Unknown savevm section or instance '0000:00:01.0/virtio-rng' 0"), "{said}");
+        let short = load(&["-device", "virtio-rng-pci"], format!("exec:head -c 100000 {}", stream.display()));
+        assert!(short.contains(LOAD_FAILED), "{short}");
+        assert_eq!(incompatible_load(&short), None, "{short}");
     }
 
     #[test]

@@ -80,9 +80,13 @@ pub enum SetupIniError {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClosureError {
-    #[error("cygwin package '{name}' (requested for installation) is not in setup.ini")]
+    #[error(
+        "cygwin package '{name}' (requested for installation) is not in setup.ini: check its name in cygwinPackages"
+    )]
     UnknownPackage { name: String },
-    #[error("cygwin package '{name}' (required by '{required_by}') is not in setup.ini")]
+    #[error(
+        "cygwin package '{name}' (required by '{required_by}') is not in setup.ini: the repository's setup.ini is incomplete; build cygwinRepo again"
+    )]
     MissingDependency { name: String, required_by: String },
 }
 
@@ -456,11 +460,14 @@ mod tests {
             .expect("parses");
         assert_eq!(
             closure(&ini, &["openssh"]).map_err(|e| e.to_string()),
-            Err("cygwin package 'foo' (required by 'openssh') is not in setup.ini".to_string())
+            Err("cygwin package 'foo' (required by 'openssh') is not in setup.ini: the repository's setup.ini is \
+                 incomplete; build cygwinRepo again"
+                .to_string())
         );
         assert_eq!(
             closure(&ini, &["nope"]).map_err(|e| e.to_string()),
-            Err("cygwin package 'nope' (requested for installation) is not in setup.ini".to_string())
+            Err("cygwin package 'nope' (requested for installation) is not in setup.ini: check its name in cygwinPackages"
+                .to_string())
         );
     }
 
