@@ -377,3 +377,34 @@ fn a_long_builds_log_names_its_newest_screenshot_which_root_opens_while_it_runs(
     assert!(line.contains("the guest's screen after 1 min"), "{line}");
     assert!(line.contains("/build/"), "the path in the sandbox comes first: {line}");
 }
+
+/// `nix build`'s status line (on a terminal: `script` gives it one) shows the session's phase.
+#[test]
+fn nix_builds_status_line_shows_the_builds_phase() {
+    let expr = format!(
+        r#"builtins.windowsDerivation {{ name = "phases"; image = {IMAGE}; token = "{}"; script = "sleep 8; echo ok > $out"; }}"#,
+        token("phases")
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let typescript = tmp.path().join("typescript");
+    let plugin = common::plugin();
+    let command = format!(
+        "nix --plugin-files '{}' build --no-link --impure --expr '{}'",
+        plugin.display(),
+        expr.replace('\'', "'\\''")
+    );
+    let o = Command::new("script")
+        .args(["-q", "-e", "-c", &command])
+        .arg(&typescript)
+        .env("NIX_CONFIG", common::SANDBOX_CONFIG)
+        .env("NIX_WINVM_BUILDER", builder())
+        .env_remove("NIX_REMOTE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&std::fs::read(&typescript).unwrap()).into_owned();
+    assert!(o.status.success(), "{}\n{shown}", stderr(&o));
+    // The bar is drawn a few times a second: a phase of 8 s is on it, shorter ones may not be.
+    let phase = "(running the command)";
+    assert!(shown.contains(&format!("phases\x1b[0m {phase}")), "no {phase} on the status line:\n{shown}");
+}

@@ -250,7 +250,10 @@ impl Revivable {
         };
         let controller =
             ControllerBoot { revive_from: Some(image.join(CONTROLLER_STATE)), ..media_controller(&meta.media) };
-        Ok(SessionConfig::new(self.shape.clone(), guest, controller, task, work.to_path_buf(), self.tools.clone())?)
+        let mut cfg =
+            SessionConfig::new(self.shape.clone(), guest, controller, task, work.to_path_buf(), self.tools.clone())?;
+        cfg.pinned_image = is_pinned(image);
+        Ok(cfg)
     }
 }
 
@@ -321,7 +324,7 @@ pub(super) fn outputs_disk(work: &Path) -> Result<PathBuf, BuilderError> {
 }
 
 /// Whether `image` is a pinned one: it holds its media (see `pin`).
-pub(crate) fn is_pinned(image: &Path) -> bool {
+pub(super) fn is_pinned(image: &Path) -> bool {
     image.join(PINNED_MEDIA).join(PINNED_CONTROLLER_SYSTEM).is_file()
 }
 

@@ -167,6 +167,9 @@ pub struct SessionConfig {
     /// Where the guest's screen keeps a timeline for the stage's report (see
     /// `screen::Timeline`); none unless the caller asks.
     pub timeline: Option<PathBuf>,
+    /// The revived image is a pinned one (the builder knows): a state this QEMU cannot load
+    /// is then fixed by pinning a new build, not by rebuilding the path.
+    pub pinned_image: bool,
 }
 
 impl SessionConfig {
@@ -196,6 +199,7 @@ impl SessionConfig {
             vnc: vnc_from_env(),
             split_streams: false,
             timeline: None,
+            pinned_image: false,
         })
     }
 

@@ -94,7 +94,7 @@ pub(super) async fn revive(
                 name: name.into(),
                 state: state.to_path_buf(),
                 qemu_said,
-                pinned: crate::builder::image::is_pinned(&image),
+                pinned: cfg.pinned_image,
                 log_tail,
             },
             None => RunError::QemuNotUp { name: name.into(), detail, log_tail },
