@@ -340,14 +340,19 @@ fn run_vm_says_what_is_missing_in_a_folder_without_a_description() {
     assert!(text.contains("only a build's or a direct run's work folder can be started again"), "{text}");
 }
 
+/// A new build called `name` on the standin image, running `script`.
+fn build_on_the_image(name: &str, script: &str) -> String {
+    format!(
+        r#"builtins.windowsDerivation {{ name = "{name}"; image = {IMAGE}; token = "{}"; script = "{script}"; }}"#,
+        token(name)
+    )
+}
+
 /// While a build runs past a minute, its log names the guest's newest screenshot, at the path
 /// the host sees: opened here while the build still runs, it is a PNG.
 #[test]
 fn a_long_builds_log_names_its_newest_screenshot_which_root_opens_while_it_runs() {
-    let expr = format!(
-        r#"builtins.windowsDerivation {{ name = "long"; image = {IMAGE}; token = "{}"; script = "sleep 85; echo done > $out"; }}"#,
-        token("long")
-    );
+    let expr = build_on_the_image("long", "sleep 85; echo done > $out");
     let mut child = sandboxed_nix_build()
         .args(["--no-out-link", "-E", &expr])
         .stdout(Stdio::null())
@@ -381,10 +386,7 @@ fn a_long_builds_log_names_its_newest_screenshot_which_root_opens_while_it_runs(
 /// `nix build`'s status line (on a terminal: `script` gives it one) shows the session's phase.
 #[test]
 fn nix_builds_status_line_shows_the_builds_phase() {
-    let expr = format!(
-        r#"builtins.windowsDerivation {{ name = "phases"; image = {IMAGE}; token = "{}"; script = "sleep 8; echo ok > $out"; }}"#,
-        token("phases")
-    );
+    let expr = build_on_the_image("phases", "sleep 8; echo ok > $out");
     let tmp = tempfile::tempdir().unwrap();
     let typescript = tmp.path().join("typescript");
     let plugin = common::plugin();

@@ -266,6 +266,11 @@ fn an_edition_in_install_wim_passes_the_check_and_the_isos_boot_image_shows_on_t
             .find_map(|l| l.split("the installer's screen when it failed: ").nth(1))
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("no screenshot named in:\n{err}"));
+        // The timeline for the report stays in the work folder of the failed stage, named too.
+        let timeline = work.join("timeline");
+        assert!(err.contains(&format!("since the start in {}", timeline.display())), "{err}");
+        let first = std::fs::read_dir(&timeline).unwrap().flatten().map(|e| e.file_name()).min().expect("a screenshot");
+        assert!(first.to_string_lossy().starts_with("installer-0000m"), "{first:?}");
         if efi {
             let (w, h, _) = nix_winvm::format::png::decode(&std::fs::read(named).unwrap()).unwrap();
             assert!(w > 0 && h > 0, "{named}");

@@ -45,20 +45,35 @@ pub struct StageRecord {
     pub answer_file: Option<String>,
 }
 
-/// The folder of `stage`'s screenshots in `out`: where its timeline is kept as it is taken.
+/// The folder of `stage`'s screenshots in `out`.
 pub fn shots_dir(out: &Path, stage: &str) -> PathBuf {
     out.join(REPORT_DIR).join(stage)
 }
 
+/// Where a stage's timeline is kept while it runs: in its work folder, which `nix-build -K`
+/// keeps when the stage fails; [`save_stage`] copies it into the output.
+pub fn timeline_dir(work: &Path) -> PathBuf {
+    work.join("timeline")
+}
+
 /// Writes `out/report/STAGE.json`: the stage's journal, its timeline (the screenshots the VM's
-/// screens kept in [`shots_dir`]), and a copy of `answer_file`.
+/// screens kept in `timeline`, copied into [`shots_dir`]), and a copy of `answer_file`.
 pub fn save_stage(
     out: &Path,
     stage: &str,
     progress: &Progress,
     answer_file: Option<&Path>,
+    timeline: Option<&Path>,
 ) -> Result<StageRecord, BuilderError> {
     let report = out.join(REPORT_DIR);
+    if let Some(from) = timeline {
+        let to = shots_dir(out, stage);
+        for (_, shot) in timeline_in(from) {
+            std::fs::create_dir_all(&to).map_err(io(format!("creating {}", to.display())))?;
+            let target = to.join(shot.file_name().unwrap_or_default());
+            std::fs::copy(&shot, &target).map_err(io(format!("copying {} to {}", shot.display(), target.display())))?;
+        }
+    }
     let relative = |p: &Path| p.strip_prefix(&report).unwrap_or(p).display().to_string();
     let shots = timeline_in(&shots_dir(out, stage))
         .into_iter()

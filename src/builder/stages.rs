@@ -95,7 +95,7 @@ pub fn media(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError>
         efi: spec.shape.efi,
     })?;
     progress.say(&line);
-    report::save_stage(&out, "media", progress, None)?;
+    report::save_stage(&out, "media", progress, None, None)?;
     Ok(0)
 }
 
@@ -218,9 +218,10 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         screen: install.machine.display.then(|| work.join("installer-screen.sock")),
         uefi: install.machine.uefi,
     };
-    let mut screens = vm.screen.as_ref().map(|sock| {
-        Screens::new("installer", work.join(SCREENS_DIR), sock).with_timeline(report::shots_dir(&out, "install"))
-    });
+    let mut screens = vm
+        .screen
+        .as_ref()
+        .map(|sock| Screens::new("installer", work.join(SCREENS_DIR), sock).with_timeline(report::timeline_dir(&work)));
     if let (Some(screens), true) = (screens.as_mut(), install.press_keys) {
         screens.press_keys_for(KEY_PRESS_WINDOW);
     }
@@ -280,7 +281,7 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let record = InstallRecord::new(now, install.edition.map(|selection| selection.edition));
     let json = serde_json::to_string_pretty(&record).map_err(io(INSTALL_RECORD))?;
     std::fs::write(out.join(INSTALL_RECORD), json).map_err(io(format!("writing {INSTALL_RECORD}")))?;
-    report::save_stage(&out, "install", progress, install.answer_file.as_deref())?;
+    report::save_stage(&out, "install", progress, install.answer_file.as_deref(), Some(&report::timeline_dir(&work)))?;
     Ok(0)
 }
 
@@ -339,7 +340,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         limit: session::Limit::Image,
     };
     let mut cfg = SessionConfig::new(shape, guest, media_controller(&media), task, work, tools)?;
-    cfg.timeline = Some(report::shots_dir(&out, "suspend"));
+    cfg.timeline = Some(report::timeline_dir(&cfg.work));
     // Saving the pair has no command: it succeeds or fails as a session (a guest whose
     // prepare command failed is `RunError::ControllerNotReady`).
     runtime()?.block_on(session::run(&cfg, progress))?;
@@ -356,7 +357,7 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let mut records: Vec<report::StageRecord> = Vec::new();
     records.extend(report::bring_stage(&media, &out, "media")?);
     records.extend(report::bring_stage(&installed, &out, "install")?);
-    records.push(report::save_stage(&out, "suspend", progress, None)?);
+    records.push(report::save_stage(&out, "suspend", progress, None, cfg.timeline.as_deref())?);
     let heading = report::PageHeading { what: format!("an image of the {} guest", spec.guest.name()), base: None };
     report::write_page(&out, &heading, &records)?;
     Ok(0)
@@ -390,7 +391,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         limit: session::Limit::Layer,
     };
     let mut cfg = base.session(disk, &work, task)?;
-    cfg.timeline = Some(report::shots_dir(&out, "layer"));
+    cfg.timeline = Some(report::timeline_dir(&work));
     let result = runtime()?.block_on(session::run(&cfg, progress));
     if let Ok(crate::protocol::Verdict::Exited(code)) = &result {
         if *code != 0 {
@@ -417,7 +418,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
     .write(&out)?;
     let size = std::fs::metadata(out.join("disk.qcow2")).map(|m| m.len()).unwrap_or(0);
     progress.say(&format!("layer saved: its disk holds {:.1} MB of changes", size as f64 / 1e6));
-    let record = report::save_stage(&out, "layer", progress, None)?;
+    let record = report::save_stage(&out, "layer", progress, None, Some(&report::timeline_dir(&work)))?;
     let heading = report::PageHeading {
         what: format!("layer {layers} of an image of the {} guest", spec.image.guest.name()),
         base: Some(&base.path),

@@ -277,11 +277,17 @@ impl Screens {
         Ok(path)
     }
 
-    /// Where the error of a failed stage points to: the last screenshot and the folder.
+    /// Where the error of a failed stage points to: the last screenshot and the folders.
     pub fn describe(&self) -> Option<String> {
+        let timeline = self
+            .timeline
+            .as_ref()
+            .filter(|t| !t.shots().is_empty())
+            .map(|t| format!(", one about every {} s since the start in {}", t.spacing.as_secs(), t.dir.display()))
+            .unwrap_or_default();
         self.last().map(|p| {
             format!(
-                "the {}'s screen when it failed: {} (the last {KEEP} are in {}; nix-build -K keeps them)",
+                "the {}'s screen when it failed: {} (the last {KEEP} are in {}{timeline}; nix-build -K keeps them)",
                 self.vm,
                 p.display(),
                 self.dir.display()
