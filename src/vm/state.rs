@@ -87,6 +87,8 @@ fn repair(state: &Path) -> String {
 /// changed them). Each line starts with QEMU's program name.
 const INCOMPATIBLE: &[&str] = &[
     "Unknown savevm section",
+    // QEMU 11 words it so, at the end of its one line "load of migration failed: ...".
+    "Unknown section or instance",
     "savevm: unsupported version",
     "error while loading state for instance",
     "Machine type received is",
@@ -108,11 +110,14 @@ const SHORT_STREAM: &str = "Input/output error";
 pub fn incompatible_load(qemu_output: &str) -> Option<String> {
     let said = |line: &str| line.split_once(": ").map_or(line, |(_, rest)| rest).trim().to_owned();
     let failed = qemu_output.lines().find(|l| l.contains(LOAD_FAILED))?;
-    if failed.trim_end().ends_with(SHORT_STREAM) {
+    // QEMU 10 ends the line there; QEMU 11 adds the step that failed after it.
+    let reason = failed.split_once(LOAD_FAILED).map_or("", |(_, r)| r);
+    if reason.starts_with(SHORT_STREAM) {
         return None;
     }
-    let why = qemu_output.lines().find(|l| INCOMPATIBLE.iter().any(|m| l.contains(m)));
-    Some(said(why.unwrap_or(failed)))
+    // From QEMU's reason on: alone on its line (QEMU 10), or after the failure's words (11).
+    let why = qemu_output.lines().find_map(|l| INCOMPATIBLE.iter().find_map(|m| l.find(m).map(|at| &l[at..])));
+    Some(why.map_or_else(|| said(failed), |w| w.trim().to_owned()))
 }
 
 /// Compresses `input` (QEMU's migration stream) into `path`, atomically: the file appears
@@ -262,7 +267,9 @@ mod tests {
         };
         let other = load(&[], format!("exec:cat {}", stream.display()));
         let said = incompatible_load(&other).unwrap_or_else(|| panic!("not named:\n{other}"));
-        assert!(said.starts_with("Unknown savevm section or instance '0000:00:01.0/virtio-rng' 0"), "{said}");
+        // QEMU 10: "Unknown savevm section or instance ..."; QEMU 11: "Unknown section or instance ...".
+        assert!(said.starts_with("Unknown "), "{said}");
+        assert!(said.contains("section or instance '0000:00:01.0/virtio-rng' 0"), "{said}");
         let short = load(&["-device", "virtio-rng-pci"], format!("exec:head -c 100000 {}", stream.display()));
         assert!(short.contains(LOAD_FAILED), "{short}");
         assert_eq!(incompatible_load(&short), None, "{short}");
