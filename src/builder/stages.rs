@@ -218,10 +218,9 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         screen: install.machine.display.then(|| work.join("installer-screen.sock")),
         uefi: install.machine.uefi,
     };
-    let mut screens = vm
-        .screen
-        .as_ref()
-        .map(|sock| Screens::new("installer", work.join(SCREENS_DIR), sock).with_timeline(report::timeline_dir(&work)));
+    let timeline = report::timeline_dir(&work);
+    let mut screens =
+        vm.screen.as_ref().map(|sock| Screens::new("installer", work.join(SCREENS_DIR), sock).with_timeline(&timeline));
     if let (Some(screens), true) = (screens.as_mut(), install.press_keys) {
         screens.press_keys_for(KEY_PRESS_WINDOW);
     }
@@ -281,7 +280,7 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let record = InstallRecord::new(now, install.edition.map(|selection| selection.edition));
     let json = serde_json::to_string_pretty(&record).map_err(io(INSTALL_RECORD))?;
     std::fs::write(out.join(INSTALL_RECORD), json).map_err(io(format!("writing {INSTALL_RECORD}")))?;
-    report::save_stage(&out, "install", progress, install.answer_file.as_deref(), Some(&report::timeline_dir(&work)))?;
+    report::save_stage(&out, "install", progress, install.answer_file.as_deref(), Some(&timeline))?;
     Ok(0)
 }
 
@@ -418,7 +417,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
     .write(&out)?;
     let size = std::fs::metadata(out.join("disk.qcow2")).map(|m| m.len()).unwrap_or(0);
     progress.say(&format!("layer saved: its disk holds {:.1} MB of changes", size as f64 / 1e6));
-    let record = report::save_stage(&out, "layer", progress, None, Some(&report::timeline_dir(&work)))?;
+    let record = report::save_stage(&out, "layer", progress, None, cfg.timeline.as_deref())?;
     let heading = report::PageHeading {
         what: format!("layer {layers} of an image of the {} guest", spec.image.guest.name()),
         base: Some(&base.path),

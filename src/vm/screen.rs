@@ -140,10 +140,6 @@ impl Screens {
         self
     }
 
-    pub fn timeline(&self) -> Option<&Timeline> {
-        self.timeline.as_ref()
-    }
-
     /// `DIR/VM-latest.png`: the newest screenshot, replaced at each one.
     pub fn latest(&self) -> PathBuf {
         self.dir.join(format!("{}-latest.png", self.vm))
