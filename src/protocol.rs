@@ -239,6 +239,8 @@ pub enum Subcommand {
         qemu_version: String,
         guest: String,
         machine: String,
+        /// The RAM is left out of the stream (see `vm::memory`).
+        ram_outside: bool,
     },
     Help,
 }
@@ -251,13 +253,24 @@ pub enum Stage {
     Suspend,
     Layer,
     Pin,
+    /// An image's RAM file, expanded from its memory file where builds run (see
+    /// `builder::stages::memory_stage`).
+    Memory,
     Build,
     RequireFile,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 7] =
-        [Stage::Media, Stage::Install, Stage::Suspend, Stage::Layer, Stage::Pin, Stage::Build, Stage::RequireFile];
+    pub const ALL: [Stage; 8] = [
+        Stage::Media,
+        Stage::Install,
+        Stage::Suspend,
+        Stage::Layer,
+        Stage::Pin,
+        Stage::Memory,
+        Stage::Build,
+        Stage::RequireFile,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -266,6 +279,7 @@ impl Stage {
             Stage::Suspend => "suspend",
             Stage::Layer => "layer",
             Stage::Pin => "pin",
+            Stage::Memory => "memory",
             Stage::Build => "build",
             Stage::RequireFile => "require-file",
         }
@@ -315,6 +329,11 @@ impl Subcommand {
                 qemu_version: flag("--qemu-version")?.into(),
                 guest: flag("--guest")?.into(),
                 machine: flag("--machine")?.into(),
+                ram_outside: match flag("--ram-outside")? {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(UsageError(format!("{first}: --ram-outside: expected yes or no"))),
+                },
             },
             "--help" | "-h" => Subcommand::Help,
             other => return Err(UsageError(format!("unknown stage or command '{other}'"))),
@@ -349,12 +368,13 @@ impl Subcommand {
                     flag("--error-to", e.as_os_str());
                 }
             }
-            Subcommand::StateWrite { out, memory_mib, qemu_version, guest, machine } => {
+            Subcommand::StateWrite { out, memory_mib, qemu_version, guest, machine, ram_outside } => {
                 flag("--out", out.as_os_str());
                 flag("--memory", memory_mib.to_string().as_ref());
                 flag("--qemu-version", qemu_version.as_ref());
                 flag("--guest", guest.as_ref());
                 flag("--machine", machine.as_ref());
+                flag("--ram-outside", if *ram_outside { "yes" } else { "no" }.as_ref());
             }
         }
         a
@@ -432,6 +452,7 @@ mod tests {
                 qemu_version: "10.0.2 (Debian)".into(),
                 guest: "standin".into(),
                 machine: "pc-q35-10.0".into(),
+                ram_outside: true,
             },
         ];
         for sub in all {

@@ -11,6 +11,7 @@ use crate::guest::windows::editions::{InstallRecord, INSTALL_RECORD};
 use crate::session::{ControllerBoot, GuestBoot, SessionConfig, Task};
 use crate::spec::{Accel, ImageSpec, MachineShape};
 use crate::tools::{Ovmf, Tools};
+use crate::vm::memory::{self, GuestRam};
 use crate::vm::qemu::{Machine, Uefi};
 use crate::vm::{accel, kernel, state};
 use serde::{Deserialize, Serialize};
@@ -116,15 +117,15 @@ pub(super) fn overlay(tools: &Tools, backing: &Path, path: &Path) -> Result<(), 
     )
 }
 
-/// What to do about an image of another format than [`IMAGE_FORMAT`].
+/// What to do about an image of another format than [`IMAGE_FORMAT`] or [`STREAM_IMAGE_FORMAT`].
 fn image_format_advice(format: u64) -> String {
-    if format < u64::from(IMAGE_FORMAT) {
+    if format < u64::from(STREAM_IMAGE_FORMAT) {
         format!(
             "it has image format {format}, from an older nix-winvm that did not record the QEMU machine type its memory was saved as, so no QEMU but the one that made it could revive it safely; this nix-winvm revives format {IMAGE_FORMAT}: build the image again (a pinned image: take the pin off, build it, and pin the new hash)"
         )
     } else {
         format!(
-            "it has image format {format}, from a newer nix-winvm; this one revives format {IMAGE_FORMAT}: use the nix-winvm that made it, or a newer one"
+            "it has image format {format}, from a newer nix-winvm; this one revives formats {STREAM_IMAGE_FORMAT} and {IMAGE_FORMAT}: use the nix-winvm that made it, or a newer one"
         )
     }
 }
@@ -133,7 +134,12 @@ fn image_format_advice(format: u64) -> String {
 /// 1 (no `format` field): before the machine type was recorded; refused, with what to do.
 /// 2: `machine`, the QEMU machine type both VMs were saved as, given again at every revive;
 ///    both VMs have the VM Generation ID device (a revive reseeds their random numbers).
-pub const IMAGE_FORMAT: u32 = 2;
+///    The guest's RAM is in its state file: still revived (pinned images of that time).
+/// 3: the guest's RAM is in the memory file `memory` (see `vm::memory`): an image made from
+///    media lists its pages, a layer those that differ from its base's; builds map it.
+pub const IMAGE_FORMAT: u32 = 3;
+/// The format whose guest state holds its RAM (see [`IMAGE_FORMAT`]).
+pub const STREAM_IMAGE_FORMAT: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -167,7 +173,7 @@ impl ImageMeta {
                 detail: format!("its format is {f}, not a number"),
             })?,
         };
-        if format != u64::from(IMAGE_FORMAT) {
+        if format != u64::from(IMAGE_FORMAT) && format != u64::from(STREAM_IMAGE_FORMAT) {
             return Err(BuilderError::ImageFormat { image: image.to_path_buf(), detail: image_format_advice(format) });
         }
         let mut meta: ImageMeta = serde_json::from_value(value).map_err(not_meta())?;
@@ -176,6 +182,11 @@ impl ImageMeta {
             meta.media = image.join(&meta.media);
         }
         Ok(meta)
+    }
+
+    /// Whether the guest's RAM is in a memory file of its own (not in its state).
+    pub fn ram_outside(&self) -> bool {
+        self.format >= IMAGE_FORMAT
     }
 
     /// The shape the pair was saved as: the spec's, of the recorded machine type.
@@ -234,13 +245,86 @@ pub(super) fn revivable(
     Ok(Revivable { path: image.to_path_buf(), meta, shape, tools })
 }
 
+/// Where a revived guest's memory comes from (an image of format 3): the RAM file of the image
+/// at the bottom of its chain, and the memory files of the layers above it, bottom first.
+pub(super) struct Memory {
+    pub ram: PathBuf,
+    pub layers: Vec<PathBuf>,
+    pub memory_mib: u32,
+}
+
+/// The environment variable (a derivation attribute) naming the memory stage's output of an
+/// image's chain: the RAM file the build maps (see `stages::memory`).
+pub const MEMORY_VAR: &str = "winvmMemory";
+
+/// The images of `image`'s chain, from the one made from media (or pinned) up to `image`.
+pub(super) fn chain(image: &Path) -> Result<Vec<PathBuf>, BuilderError> {
+    let mut chain = vec![image.to_path_buf()];
+    loop {
+        let meta = ImageMeta::load(chain.last().expect("not empty"))?;
+        match meta.base {
+            Some(base) if chain.len() < 1000 => chain.push(base),
+            _ => break,
+        }
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
 impl Revivable {
+    /// Where this image's guest memory comes from (None: it is in the state, format 2): the RAM
+    /// file the memory stage expanded into `named` (`winvmMemory`), or, when there is none (a direct
+    /// `shell` of an image, an image value made without the plugin's `memory`), one expanded
+    /// into `work` now, which takes time in proportion to the memory used.
+    pub(super) fn memory(
+        &self,
+        named: Option<PathBuf>,
+        work: &Path,
+        progress: &Progress,
+    ) -> Result<Option<Memory>, BuilderError> {
+        if !self.meta.ram_outside() {
+            return Ok(None);
+        }
+        let chain = chain(&self.path)?;
+        let memory_mib = self.meta.spec.shape.memory_mib;
+        let ram = match named.map(|m| m.join(memory::RAM_FILE)) {
+            Some(ram) if ram.is_file() => ram,
+            Some(ram) => {
+                return Err(BuilderError::ImageDamaged {
+                    image: self.path.clone(),
+                    what: format!("has no expanded memory at {} ({MEMORY_VAR})", ram.display()),
+                })
+            }
+            None => {
+                let ram = work.join(memory::RAM_FILE).with_extension("base");
+                progress.say("expanding the image's memory into the work folder (no memory path given)");
+                memory::expand(&chain[0].join(memory::MEMORY_FILE), memory_mib, &ram).map_err(damaged(&chain[0]))?;
+                ram
+            }
+        };
+        let layers = chain[1..].iter().map(|i| i.join(memory::MEMORY_FILE)).collect();
+        Ok(Some(Memory { ram, layers, memory_mib }))
+    }
+
     /// The session of this image's pair, revived: the guest on the overlay `disk` (of the
     /// image's disk, or a layer's own), its UEFI variable store copied into `work`; the
-    /// controller saved while it waited for its session.
-    pub(super) fn session(&self, disk: PathBuf, work: &Path, task: Task) -> Result<SessionConfig, BuilderError> {
+    /// controller saved while it waited for its session. Its RAM mapped from `memory`'s file,
+    /// the layers' pages written over it.
+    pub(super) fn session(
+        &self,
+        disk: PathBuf,
+        work: &Path,
+        task: Task,
+        memory: Option<&Memory>,
+    ) -> Result<SessionConfig, BuilderError> {
         let (image, meta) = (&self.path, &self.meta);
+        let (ram, ram_layers) = match memory {
+            Some(m) => (GuestRam::Private(m.ram.clone()), m.layers.clone()),
+            None => (GuestRam::Anonymous, vec![]),
+        };
         let guest = GuestBoot {
+            ram,
+            ram_layers,
             machine: Machine {
                 uefi: uefi(&meta.spec, Some(&image.join(EFI_VARS)), &work.join(EFI_VARS))?,
                 ..guest::profile(&meta.spec.guest).machine(&meta.media, disk, &outputs_disk(work)?)
@@ -285,6 +369,11 @@ pub(super) fn new_image(
 /// each into QEMU. Their reading from disk starts now, while the switch and the QEMUs start
 /// (when they are not in the page cache, it is most of a revive's time).
 pub(super) fn inspect_states(image: &Path) -> Result<(), BuilderError> {
+    let meta = ImageMeta::load(image)?;
+    if meta.ram_outside() {
+        let layer = meta.base.is_some();
+        memory::inspect(&image.join(memory::MEMORY_FILE), meta.spec.shape.memory_mib, layer).map_err(damaged(image))?;
+    }
     for f in [image.join("state"), image.join(CONTROLLER_STATE)] {
         // Missing, foreign, cut short: the image is damaged, and is built again.
         state::inspect(&f, None).map_err(|e| BuilderError::ImageDamaged {
@@ -296,6 +385,11 @@ pub(super) fn inspect_states(image: &Path) -> Result<(), BuilderError> {
         }
     }
     Ok(())
+}
+
+/// A damaged memory file of `image`: the image is built again.
+pub(super) fn damaged(image: &Path) -> impl FnOnce(memory::MemoryError) -> BuilderError + '_ {
+    move |e| BuilderError::ImageDamaged { image: image.to_path_buf(), what: format!("has a damaged memory file: {e}") }
 }
 
 /// The controller of the media (an image's, or the stage's input): its kernel, its initramfs

@@ -279,6 +279,10 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
             progress.phase("layer");
             stages::layer(&spec, &progress)
         }
+        Subcommand::Stage(Stage::Memory) => {
+            progress.phase("memory");
+            stages::memory_stage(&progress)
+        }
         Subcommand::Stage(Stage::Build) => {
             let spec = spec::build_spec_from_json(&env("winvmBuildSpec")?).map_err(BuilderError::Spec)?;
             progress.phase("build");
@@ -287,8 +291,8 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
         Subcommand::Stage(Stage::RequireFile) => {
             Err(BuilderError::RequiredFileMissing { name: env("winvmRequiredName")?, hash: env("outputHash")? })
         }
-        Subcommand::StateWrite { out, memory_mib, qemu_version, guest, machine } => {
-            let header = crate::vm::state::StateHeader { qemu_version, memory_mib, guest, machine };
+        Subcommand::StateWrite { out, memory_mib, qemu_version, guest, machine, ram_outside } => {
+            let header = crate::vm::state::StateHeader { qemu_version, memory_mib, guest, machine, ram_outside };
             let mut stdin = std::io::stdin().lock();
             crate::vm::state::write(&out, &header, &mut stdin)?;
             Ok(0)

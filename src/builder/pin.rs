@@ -12,7 +12,8 @@
 //! reads, and no store path in plain bytes:
 //! - `disk.qcow2`: the whole backing chain (installed disk, base layers) flattened into one
 //!   compressed qcow2;
-//! - the two state files (deflate-compressed already), the key, the install record, the UEFI
+//! - the two state files and the memory file, the layers' pages written over their base's
+//!   (deflate-compressed already), the key, the install record, the UEFI
 //!   variables;
 //! - `media/`: the media's files, the controller's system disk (which holds the builder, smbd
 //!   and their libraries at their store paths, as the revived controller expects) as a
@@ -29,6 +30,7 @@ use super::{env_path, io, BuilderError, Progress};
 use crate::guest::windows::editions::INSTALL_RECORD;
 use crate::spec::ImageSpec;
 use crate::tools::Tools;
+use crate::vm::memory;
 use std::path::{Path, PathBuf};
 
 /// What a first build prints before Nix checks the hash.
@@ -47,6 +49,24 @@ pub fn pin(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
     };
     convert(&image.join("disk.qcow2"), "qcow2", &out.join("disk.qcow2"))?;
     progress.say("disk flattened and compressed");
+    if meta.ram_outside() {
+        // The memory flattened too: the whole memory, the layers' pages written over their
+        // base's, saved as the memory of an image with no base.
+        let scratch = tempfile::Builder::new()
+            .prefix("winvm-pin-")
+            .tempdir()
+            .map_err(io("making a scratch folder for the memory"))?;
+        let chain = image::chain(&image)?;
+        let mib = meta.spec.shape.memory_mib;
+        let ram = scratch.path().join(memory::RAM_FILE);
+        let flat =
+            |e: memory::MemoryError| BuilderError::Io { what: "flattening the memory".into(), source: Box::new(e) };
+        memory::expand(&chain[0].join(memory::MEMORY_FILE), mib, &ram).map_err(flat)?;
+        let layers: Vec<PathBuf> = chain[1..].iter().map(|i| i.join(memory::MEMORY_FILE)).collect();
+        memory::write_pages(&ram, &memory::layer_pages(&layers, mib).map_err(flat)?).map_err(flat)?;
+        memory::save(&ram, mib, None, &out.join(memory::MEMORY_FILE)).map_err(flat)?;
+        progress.say("memory flattened and compressed");
+    }
     for name in ["state", CONTROLLER_STATE, "key", INSTALL_RECORD, EFI_VARS] {
         let from = image.join(name);
         if from.is_file() {
@@ -104,7 +124,7 @@ fn copy_tree(
 fn stands_alone(files: &[PathBuf]) -> Result<(), BuilderError> {
     let compressed = |p: &Path| {
         p.extension().is_some_and(|e| e == "qcow2")
-            || p.file_name().is_some_and(|n| n == "state" || n == CONTROLLER_STATE)
+            || p.file_name().is_some_and(|n| n == "state" || n == CONTROLLER_STATE || n == memory::MEMORY_FILE)
     };
     for file in files.iter().filter(|f| !compressed(f)) {
         let bytes = std::fs::read(file).map_err(io(format!("reading {}", file.display())))?;

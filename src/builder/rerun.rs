@@ -60,7 +60,14 @@ pub struct Rerun {
 pub enum RerunGuest {
     /// Revived from an image in the store, as a build does.
     #[serde(rename_all = "camelCase")]
-    Image { image: PathBuf },
+    Image {
+        image: PathBuf,
+        /// The memory stage's output the build mapped (`winvmMemory`), if it named one: used
+        /// again while it is in the store, otherwise the memory is expanded into the work
+        /// folder.
+        #[serde(default)]
+        memory: Option<PathBuf>,
+    },
     /// Booted cold, as a direct run does: this kernel, and the standin's initramfs and key in
     /// the folder itself (`guest-initrd.img`, `key`).
     #[serde(rename_all = "camelCase")]
@@ -188,7 +195,10 @@ pub fn rerun_main(args: &[String]) -> Result<i32, BuilderError> {
         }
     }
     let cfg = match &rerun.guest {
-        RerunGuest::Image { image } => revived(image, &work, &rerun, &a, has, &progress)?,
+        RerunGuest::Image { image, memory } => {
+            let memory = memory.clone().filter(|m| m.join(crate::vm::memory::RAM_FILE).is_file());
+            revived(image, memory, &work, &rerun, &a, has, &progress)?
+        }
         RerunGuest::Cold { .. } => cold(&dir, &work, &rerun, &a, &progress)?,
     };
     if !rerun.outputs.is_empty() {
@@ -205,12 +215,12 @@ pub fn shell_main(args: &[String]) -> Result<i32, BuilderError> {
     let progress = a.progress();
     let work = tempfile::Builder::new().prefix("winvm-shell-").tempdir().map_err(io("creating a work directory"))?;
     let rerun = Rerun {
-        guest: RerunGuest::Image { image: image.clone() },
+        guest: RerunGuest::Image { image: image.clone(), memory: None },
         timeout_secs: 3600,
         outputs: vec![],
         inputs: vec![],
     };
-    let cfg = revived(&image, work.path(), &rerun, &a, Has::default(), &progress)?;
+    let cfg = revived(&image, None, work.path(), &rerun, &a, Has::default(), &progress)?;
     progress.say(&format!("work folder {} (removed at the end): the guest's /tmp/xchg", work.path().display()));
     run(cfg, &progress, work.path())
 }
@@ -252,6 +262,7 @@ struct Has {
 /// An image's VMs revived as a build revives them (see `stages::build`).
 fn revived(
     image: &Path,
+    memory: Option<PathBuf>,
     work: &Path,
     rerun: &Rerun,
     a: &Args,
@@ -263,10 +274,12 @@ fn revived(
     image::overlay(&revivable.tools, &image.join("disk.qcow2"), &disk)?;
     let profile = guest::profile(&revivable.meta.spec.guest);
     let command = guest_command(profile, &rerun.outputs, &rerun.inputs, has, &a.mode);
+    let memory = revivable.memory(memory, work, progress)?;
     let mut cfg = revivable.session(
         disk,
         work,
         Task { command, after: After::Quit, timeout: timeout(rerun, a), limit: Limit::Option },
+        memory.as_ref(),
     )?;
     finish_config(&mut cfg, a);
     Ok(cfg)
@@ -354,7 +367,7 @@ mod tests {
     #[test]
     fn the_description_round_trips() {
         let r = Rerun {
-            guest: RerunGuest::Image { image: "/nix/store/x-image".into() },
+            guest: RerunGuest::Image { image: "/nix/store/x-image".into(), memory: None },
             timeout_secs: 60,
             outputs: vec!["/nix/store/y-out".into()],
             inputs: vec!["z-in".into()],

@@ -7,8 +7,9 @@
 //!   build   -> whatever the guest writes to $out through the share
 
 use super::image::{
-    accel_for, machine_type, media_controller, new_image, outputs_disk, overlay, qemu_img, revivable, uefi, ImageMeta,
-    CONTROLLER_IMG, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, IMAGE_FORMAT, OUTPUTS_DISK,
+    accel_for, damaged, machine_type, media_controller, new_image, outputs_disk, overlay, qemu_img, revivable, uefi,
+    ImageMeta, CONTROLLER_IMG, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, IMAGE_FORMAT, MEMORY_VAR, OUTPUTS_DISK,
+    STREAM_IMAGE_FORMAT,
 };
 use super::report;
 use super::Progress;
@@ -21,6 +22,7 @@ use crate::shell;
 use crate::spec::{self, BuildSpec, ImageSpec, LayerSpec, MachineShape};
 use crate::tools::Tools;
 use crate::vm::console::MarkedLines;
+use crate::vm::memory::{self, GuestRam};
 use crate::vm::process::{describe_status, ProcessGuard};
 use crate::vm::qemu::{Machine, VmConfig};
 use crate::vm::screen::{self, Screens};
@@ -213,6 +215,7 @@ pub fn install(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
         qmp: None,
         exports: vec![],
         disk: install.machine.disk,
+        ram: crate::vm::memory::GuestRam::Anonymous,
         incoming: None,
         hyperv: install.machine.hyperv,
         screen: install.machine.display.then(|| work.join("installer-screen.sock")),
@@ -303,6 +306,57 @@ fn say_steps(steps: &mut MarkedLines, progress: &Progress) {
     }
 }
 
+/// The guest's RAM file `ram`, after its save, kept in `out` as the image's memory file: its
+/// pages that are not zero, or those that differ from `base` (a layer's).
+fn save_memory(
+    ram: &Path,
+    memory_mib: u32,
+    base: Option<(&Path, &std::collections::HashMap<u64, Box<[u8]>>)>,
+    out: &Path,
+    progress: &Progress,
+) -> Result<(), BuilderError> {
+    let to = out.join(memory::MEMORY_FILE);
+    let header = memory::save(ram, memory_mib, base, &to).map_err(|e| BuilderError::Io {
+        what: format!("saving the guest's memory into {}", to.display()),
+        source: Box::new(e),
+    })?;
+    let size = std::fs::metadata(&to).map_or(0, |m| m.len());
+    progress.say(&format!(
+        "memory saved: {} pages ({:.1} MB) {}, {:.1} MB compressed",
+        header.pages,
+        header.pages as f64 * memory::PAGE as f64 / 1e6,
+        if base.is_some() { "differ from the base's" } else { "are not zero" },
+        size as f64 / 1e6
+    ));
+    Ok(())
+}
+
+/// The memory stage: the RAM file of an image made from media (or pinned), expanded from its
+/// memory file into `$out/ram`, sparse, for builds to map. Made where it is used (a
+/// derivation that is not substituted): a copy of the image carries the compressed file alone.
+/// An image of format 2 has its RAM in its state: the output is then empty.
+pub fn memory_stage(progress: &Progress) -> Result<i32, BuilderError> {
+    let out = env_path("out")?;
+    let image = env_path("image")?;
+    let meta = ImageMeta::load(&image)?;
+    std::fs::create_dir_all(&out).map_err(io(format!("creating {}", out.display())))?;
+    if !meta.ram_outside() {
+        progress.say(&format!("{} keeps its memory in its state: nothing to expand", image.display()));
+        return Ok(0);
+    }
+    let started = std::time::Instant::now();
+    let pages =
+        memory::expand(&image.join(memory::MEMORY_FILE), meta.spec.shape.memory_mib, &out.join(memory::RAM_FILE))
+            .map_err(damaged(&image))?;
+    progress.say(&format!(
+        "memory expanded: {pages} pages ({:.1} MB) of {} MiB, in {:.2} s",
+        pages as f64 * memory::PAGE as f64 / 1e6,
+        meta.spec.shape.memory_mib,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(0)
+}
+
 /// Where an image's pair is saved, in its output.
 fn save_to(spec: &ImageSpec, out: &Path) -> session::SaveTo {
     session::SaveTo {
@@ -324,12 +378,17 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     let profile = guest::profile(&spec.guest);
     // Booted to be saved: the versioned machine type this QEMU makes, which every revive asks for.
     let shape = MachineShape { accel, ..spec.shape.with_machine_type(&machine_type(&tools)?) };
+    // The guest's RAM in a file of the work folder, which the save leaves out of its state
+    // and the image then keeps as its memory file.
+    let ram = work.join(memory::RAM_FILE);
     let guest = GuestBoot {
         machine: Machine {
             uefi: uefi(spec, Some(&installed.join(EFI_VARS)), &out.join(EFI_VARS))?,
             ..profile.machine(&media, disk, &outputs_disk(&work)?)
         },
         revive_from: None,
+        ram: GuestRam::Shared(ram.clone()),
+        ram_layers: vec![],
         key: media.join("key"),
     };
     let task = Task {
@@ -343,6 +402,8 @@ pub fn suspend(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderErro
     // Saving the pair has no command: it succeeds or fails as a session (a guest whose
     // prepare command failed is `RunError::ControllerNotReady`).
     runtime()?.block_on(session::run(&cfg, progress))?;
+    save_memory(&ram, spec.shape.memory_mib, None, &out, progress)?;
+    let _ = std::fs::remove_file(&ram);
     ImageMeta {
         format: IMAGE_FORMAT,
         spec: spec.clone(),
@@ -389,7 +450,23 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         timeout: Duration::from_secs(spec.timeout_secs),
         limit: session::Limit::Layer,
     };
-    let mut cfg = base.session(disk, &work, task)?;
+    // The layer's guest runs on a copy of its base's memory, shared, which it saves as the
+    // pages that differ from the base's.
+    let memory = base.memory(std::env::var_os(MEMORY_VAR).map(PathBuf::from), &work, progress)?;
+    let mut cfg = base.session(disk, &work, task, None)?;
+    let below = match &memory {
+        Some(m) => {
+            let pages = memory::layer_pages(&m.layers, m.memory_mib).map_err(damaged(&base.path))?;
+            let ram = work.join(memory::RAM_FILE);
+            memory::compose(&m.ram, &pages, &ram).map_err(|e| BuilderError::Io {
+                what: "putting the base's memory together for the layer".into(),
+                source: Box::new(e),
+            })?;
+            cfg.guest.ram = GuestRam::Shared(ram);
+            Some((m, pages))
+        }
+        None => None,
+    };
     cfg.timeline = Some(report::timeline_dir(&work));
     let result = runtime()?.block_on(session::run(&cfg, progress));
     if let Ok(crate::protocol::Verdict::Exited(code)) = &result {
@@ -405,8 +482,11 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         std::fs::copy(&vars, out.join(EFI_VARS)).map_err(io(format!("copying {}", vars.display())))?;
     }
     let layers = meta.layers + 1;
+    if let Some((m, pages)) = &below {
+        save_memory(&work.join(memory::RAM_FILE), m.memory_mib, Some((&m.ram, pages)), &out, progress)?;
+    }
     ImageMeta {
-        format: IMAGE_FORMAT,
+        format: if below.is_some() { IMAGE_FORMAT } else { STREAM_IMAGE_FORMAT },
         spec: spec.image.clone(),
         state_format: crate::format::state::FORMAT_VERSION,
         machine: meta.machine.clone(),
@@ -537,10 +617,12 @@ pub fn build(spec: &BuildSpec, progress: &Progress) -> Result<i32, BuilderError>
         timeout: Duration::from_secs(spec.timeout_secs),
         limit: if spec.run_original_builder { session::Limit::RunInVm } else { session::Limit::Build },
     };
-    let mut cfg = image.session(disk, &work, task)?;
+    let named = std::env::var_os(MEMORY_VAR).map(PathBuf::from);
+    let memory = image.memory(named.clone(), &work, progress)?;
+    let mut cfg = image.session(disk, &work, task, memory.as_ref())?;
     // What run-vm needs to start this build's VMs again, from wherever the folder is kept.
     let rerun = super::rerun::Rerun {
-        guest: super::rerun::RerunGuest::Image { image: image.path.clone() },
+        guest: super::rerun::RerunGuest::Image { image: image.path.clone(), memory: named },
         timeout_secs: spec.timeout_secs,
         outputs: outputs.clone(),
         inputs: super::rerun::Rerun::store_listing(&outputs),

@@ -14,6 +14,7 @@
 //! - `ppm`, `png`: QEMU's screen dumps read; PNG written and read.
 //! - `md4`: the digest under the NT password hash.
 //! - `state`: the framing of a saved VM state file, generic over its header.
+//! - `memory`: a guest's memory as page records, the payload of a memory file.
 
 pub mod cpio;
 pub mod elf;
@@ -21,6 +22,7 @@ pub mod fat;
 pub mod iso;
 pub mod mbr;
 pub mod md4;
+pub mod memory;
 pub mod pcap;
 pub mod png;
 pub mod ppm;

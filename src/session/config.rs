@@ -4,6 +4,7 @@ use super::error::{io, RunError};
 use crate::protocol::TerminalRequest;
 use crate::spec::{MachineShape, STORE_DIR};
 use crate::tools::Tools;
+use crate::vm::memory::GuestRam;
 use crate::vm::qemu::{KernelBoot, Machine, VIRTIO_NET};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +24,12 @@ pub struct GuestBoot {
     pub machine: Machine,
     /// A state file to revive from (validated by the caller).
     pub revive_from: Option<PathBuf>,
+    /// Where its RAM is: a file shared when the pair is saved (the state then holds the
+    /// devices alone), a file mapped privately when it is revived from such a state.
+    pub ram: GuestRam,
+    /// Memory files of layers (bottom first) whose pages are written into a private RAM
+    /// before the revived guest runs (see `vm::memory`).
+    pub ram_layers: Vec<PathBuf>,
     /// The private key that opens the guest.
     pub key: PathBuf,
 }
@@ -42,6 +49,8 @@ impl GuestBoot {
                 uefi: None,
             },
             revive_from: None,
+            ram: GuestRam::Anonymous,
+            ram_layers: vec![],
             key,
         }
     }

@@ -92,6 +92,9 @@ pub enum RunError {
     LogClosed,
     #[error("{0}")]
     State(#[source] StateFileError),
+    /// A memory file of the image, or writing its pages into the revived guest.
+    #[error("the guest's memory: {0}")]
+    Memory(#[source] crate::vm::memory::MemoryError),
     /// A QMP step of saving or reviving a VM.
     #[error("{step} the {vm}: {source}")]
     Qmp { vm: String, step: &'static str, source: QmpError },

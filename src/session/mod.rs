@@ -278,6 +278,7 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
         disk: cfg.guest.machine.disk.clone(),
         // Deferred: the state file is checked against this QEMU's version before it loads.
         incoming: cfg.guest.revive_from.as_ref().map(|_| "defer".to_owned()),
+        ram: cfg.guest.ram.clone(),
         hyperv: cfg.guest.machine.hyperv,
         screen: cfg.guest.machine.display.then(|| w.join(GUEST_SCREEN_SOCKET)),
         uefi: cfg.guest.machine.uefi.clone(),
@@ -340,6 +341,8 @@ fn vm_configs(cfg: &SessionConfig, files: &Files, switch: &Path) -> (VmConfig, V
         exports,
         disk: None,
         incoming: cfg.controller.revive_from.as_ref().map(|_| "defer".to_owned()),
+        // Small, and saved with the pair: its RAM goes in its state.
+        ram: crate::vm::memory::GuestRam::Anonymous,
         hyperv: false,
         // A serial console is all it has.
         screen: None,
@@ -394,7 +397,8 @@ async fn run_prepared<T: Send + 'static>(
     let (guest_vm, controller_vm) = (&mut pair.guest, &mut pair.controller);
     let guest_load = async {
         if let Some(state) = &cfg.guest.revive_from {
-            snapshot::revive(cfg, "guest", state, &cfg.shape, &mut guest_qmp, guest_vm, &guest_log).await?;
+            let ram = (&cfg.guest.ram, &cfg.guest.ram_layers[..]);
+            snapshot::revive(cfg, "guest", state, &cfg.shape, ram, &mut guest_qmp, guest_vm, &guest_log).await?;
             report.say("guest revived");
         }
         Ok::<_, RunError>(())
@@ -402,7 +406,8 @@ async fn run_prepared<T: Send + 'static>(
     let controller_load = async {
         if let Some(state) = &cfg.controller.revive_from {
             let (qmp, shape) = (&mut ctl_qmp, &controller_shape(&cfg.shape));
-            snapshot::revive(cfg, "controller", state, shape, qmp, controller_vm, &controller_log).await?;
+            let ram = (&crate::vm::memory::GuestRam::Anonymous, &[][..]);
+            snapshot::revive(cfg, "controller", state, shape, ram, qmp, controller_vm, &controller_log).await?;
             report.say("controller revived");
         }
         Ok::<_, RunError>(())
@@ -519,7 +524,10 @@ async fn save_pair(cfg: &SessionConfig, guest_qmp: &mut Qmp, ctl_qmp: &mut Qmp, 
     g.map_err(stop("guest"))?;
     c.map_err(stop("controller"))?;
     let controller_header = StateHeader::new(qemu_version(ctl_qmp), "controller", &controller_shape(&cfg.shape));
-    let guest_header = StateHeader::new(qemu_version(guest_qmp), guest_name, &cfg.shape);
+    let guest_header = StateHeader {
+        ram_outside: cfg.guest.ram.outside_the_stream(),
+        ..StateHeader::new(qemu_version(guest_qmp), guest_name, &cfg.shape)
+    };
     snapshot::save(cfg, ctl_qmp, controller_state, &controller_header).await?;
     snapshot::save(cfg, guest_qmp, guest_state, &guest_header).await?;
     Ok(())

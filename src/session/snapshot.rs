@@ -9,12 +9,13 @@ use super::error::{QemuFailure, RunError};
 use super::SessionConfig;
 use crate::protocol::Subcommand;
 use crate::spec::MachineShape;
+use crate::vm::memory::{self, GuestRam};
 use crate::vm::process::{self, describe_status, ProcessGuard};
 use crate::vm::qmp::{self, Qmp};
 use crate::vm::state::{self, StateHeader};
 use crate::vm::{tail_lines, LOG_TAIL_LINES};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::process::Command;
@@ -60,12 +61,26 @@ pub fn qemu_version(qmp: &Qmp) -> String {
     format!("{}.{}.{} {}", v.qemu.major, v.qemu.minor, v.qemu.micro, v.package.trim())
 }
 
-/// An incoming VM loads its memory, then waits paused until told to continue.
+/// QEMU's migration capability that leaves RAM in a shared file out of the stream.
+const IGNORE_SHARED: &str = "x-ignore-shared";
+
+/// Tells QEMU to leave the RAM in a file out of the stream, at a save and at a revive alike
+/// (the capability changes the stream's layout).
+async fn ignore_shared(qmp: &mut Qmp) -> Result<(), qmp::QmpError> {
+    let capabilities = vec![qmp::MigrationCapability { capability: IGNORE_SHARED.into(), state: true }];
+    qmp.execute(&qmp::MigrateSetCapabilities { capabilities }).await.map(|_| ())
+}
+
+/// An incoming VM loads its devices' state (and its memory, unless `ram` is a file: the
+/// layers' pages `ram_layers` are then written into it first), then waits paused until told to
+/// continue.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn revive(
     cfg: &SessionConfig,
     name: &str,
     state: &Path,
     shape: &MachineShape,
+    (ram, ram_layers): (&GuestRam, &[PathBuf]),
     qmp: &mut Qmp,
     vm: &mut ProcessGuard,
     log: &Path,
@@ -103,10 +118,23 @@ pub(super) async fn revive(
     let version = qemu_version(qmp);
     // The caller checked the frame; here what needs this QEMU: its version, the memory.
     let wanted = state::Wanted { memory_mib: shape.memory_mib, qemu_version: &version, machine: &shape.machine_type };
-    state::inspect(state, Some(wanted)).map_err(RunError::State)?;
+    let info = state::inspect(state, Some(wanted)).map_err(RunError::State)?;
+    let step = |step: &'static str| move |source| failed(QemuFailure::Step { step, source });
+    if info.header.ram_outside != ram.outside_the_stream() {
+        let mismatch =
+            state::StateFileError::RamMismatch { path: state.to_path_buf(), saved_outside: info.header.ram_outside };
+        return Err(RunError::State(mismatch));
+    }
+    if ram.outside_the_stream() {
+        ignore_shared(qmp).await.map_err(step("leaving the RAM file out of the load"))?;
+        if let (GuestRam::Private(mapped), false) = (ram, ram_layers.is_empty()) {
+            // Before the load: QEMU starts the guest as soon as the stream ends.
+            let pages = memory::layer_pages(ram_layers, shape.memory_mib).map_err(RunError::Memory)?;
+            memory::apply_to_process(vm.pid(), mapped, &pages).map_err(RunError::Memory)?;
+        }
+    }
     let sub = Subcommand::StateRead { input: state.to_path_buf(), error_to: Some(reader_error.clone()) };
     let (mut reader, qemus_end) = state_process(cfg, &format!("{name}'s state reader"), &sub, true)?;
-    let step = |step: &'static str| move |source| failed(QemuFailure::Step { step, source });
     qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(step("handing QEMU the state"))?;
     drop(qemus_end);
     let uri = format!("fd:{STATE_FD}");
@@ -152,12 +180,16 @@ pub(super) async fn save(
         move |source| RunError::Qmp { vm, step, source }
     };
     qmp.execute(&qmp::Stop).await.map_err(step("stopping"))?;
+    if header.ram_outside {
+        ignore_shared(qmp).await.map_err(step("leaving the RAM file out of the save of"))?;
+    }
     let sub = Subcommand::StateWrite {
         out: path.to_path_buf(),
         memory_mib: header.memory_mib,
         qemu_version: header.qemu_version.clone(),
         guest: header.guest.clone(),
         machine: header.machine.clone(),
+        ram_outside: header.ram_outside,
     };
     let (mut writer, qemus_end) = state_process(cfg, &format!("{vm}'s state writer"), &sub, false)?;
     qmp.pass_fd(STATE_FD, qemus_end.as_fd()).await.map_err(step("handing the state writer's pipe to"))?;

@@ -6,6 +6,7 @@
 pub mod accel;
 pub mod console;
 pub mod kernel;
+pub mod memory;
 pub mod process;
 pub mod qemu;
 pub mod qmp;

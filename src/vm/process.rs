@@ -36,7 +36,6 @@ impl ProcessGuard {
         &self.name
     }
 
-    #[cfg(test)]
     pub fn pid(&self) -> i32 {
         self.pid
     }

@@ -2,6 +2,7 @@
 
 pub use crate::spec::MACHINE_ALIAS;
 use crate::spec::{Accel, MachineShape};
+use crate::vm::memory::{GuestRam, BACKEND_ID};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
@@ -151,6 +152,8 @@ pub struct VmConfig {
     pub disk: Option<PathBuf>,
     /// `-incoming` source for a VM revived from a saved state.
     pub incoming: Option<String>,
+    /// Where its RAM is: QEMU's own, or a file (see `vm::memory`).
+    pub ram: GuestRam,
     /// See [`Machine::hyperv`]; only under KVM (TCG does not offer them).
     pub hyperv: bool,
     /// OVMF's files: present exactly when the shape's `efi` is set.
@@ -184,11 +187,16 @@ impl VmConfig {
             (Accel::Kvm, false) => "host".to_owned(),
             (Accel::Tcg, _) => "max".to_owned(),
         };
+        let backend = self.ram.backend(shape.memory_mib);
+        let machine = match backend {
+            Some(_) => format!("{},memory-backend={BACKEND_ID}", shape.machine_type),
+            None => shape.machine_type.clone(),
+        };
         let mut a: Vec<OsString> = vec![
             s("-name"),
             s(&self.name),
             s("-machine"),
-            s(&shape.machine_type),
+            s(&machine),
             s("-accel"),
             s(shape.accel.name()),
             s("-cpu"),
@@ -215,6 +223,9 @@ impl VmConfig {
             s("-device"),
             s(VMGENID),
         ];
+        if let Some(backend) = backend {
+            a.extend([s("-object"), s(&backend)]);
+        }
         if let Some(uefi) = &self.uefi {
             a.extend(uefi.args());
         }
@@ -308,6 +319,7 @@ mod tests {
             exports: vec![Export { tag: "root".into(), path: "/".into(), readonly: true }],
             disk: None,
             incoming: None,
+            ram: GuestRam::Anonymous,
             hyperv: false,
             screen: None,
             uefi: None,
@@ -344,8 +356,22 @@ mod tests {
             shown.contains("-vga std -qmp unix:/w/screen.sock,server=on,wait=off -qmp unix:/w/qmp.sock"),
             "{shown}"
         );
+        // RAM in a file: the machine takes the backend; saved shared, revived private and
+        // read-only (a store file), and never both.
+        let shared = VmConfig { ram: GuestRam::Shared("/w/ram".into()), ..c.clone() };
+        let shared = shared.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(shared.contains("-machine pc-q35-10.0,memory-backend=guest-ram "), "{shared}");
+        assert!(
+            shared.contains("-object memory-backend-file,id=guest-ram,size=256M,mem-path=/w/ram,share=on "),
+            "{shared}"
+        );
+        let private = VmConfig { ram: GuestRam::Private("/s/ram".into()), ..c.clone() };
+        let private = private.args().iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        assert!(private.contains("mem-path=/s/ram,share=off,readonly=on,rom=off "), "{private}");
+        assert!(!line.contains("memory-backend"), "{line}");
         // Every path in an option list has its commas doubled.
         let commas = VmConfig {
+            ram: GuestRam::Shared("/w,1/ram".into()),
             serial_log: "/w,1/serial.log".into(),
             vde_ctl: Some("/w,1/vde.ctl".into()),
             qmp: Some("/w,1/qmp.sock".into()),

@@ -23,6 +23,10 @@ pub struct StateHeader {
     pub guest: String,
     /// The versioned machine type the VM ran as (`pc-q35-10.0`), which a revive asks for again.
     pub machine: String,
+    /// The RAM is not in the stream: it was saved in a file of its own (`x-ignore-shared`; see
+    /// `vm::memory`), which a revive maps. Absent in the states of images made before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ram_outside: bool,
 }
 
 impl StateHeader {
@@ -35,6 +39,7 @@ impl StateHeader {
             memory_mib: shape.memory_mib,
             guest: guest.into(),
             machine: shape.machine_type.clone(),
+            ram_outside: false,
         }
     }
 }
@@ -75,6 +80,13 @@ pub enum StateFileError {
         repair(path)
     )]
     MachineMismatch { path: PathBuf, saved: String, wanted: String },
+    #[error(
+        "state file {} {}: the image's metadata does not match its state; {}",
+        path.display(),
+        if *saved_outside { "leaves the RAM to a memory file, but the revive has none" } else { "holds the RAM, but the revive maps a memory file" },
+        repair(path)
+    )]
+    RamMismatch { path: PathBuf, saved_outside: bool },
 }
 
 /// What to do about an image whose state file `state` does not match it: build it again.
@@ -181,6 +193,7 @@ mod tests {
             memory_mib: 256,
             guest: "standin".into(),
             machine: "pc-q35-10.0".into(),
+            ram_outside: false,
         }
     }
 

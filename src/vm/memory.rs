@@ -1,0 +1,491 @@
+//! The guest's RAM outside its migration stream. A saved guest runs with its RAM in a file
+//! (`memory-backend-file`, `share=on`), and QEMU saves it with the `x-ignore-shared` migration
+//! capability: the state file then holds the devices alone, and the RAM stays in the file.
+//! A revive maps a RAM file privately and read-only (`share=off,readonly=on,rom=off`, QEMU
+//! 8.2 and later): the guest's pages load from the file as it touches them, so a revive takes
+//! the same time whatever the memory holds, and every VM revived from one file shares its
+//! unchanged pages through the page cache (QEMU's vm-templating document describes the pair).
+//!
+//! In an image the RAM is a memory file ([`MEMORY_FILE`]): its pages as records
+//! ([`crate::format::memory`]), framed and compressed as a state file is. An image made from
+//! media lists its pages that are not zero; a layer lists the pages that differ from its
+//! base's memory. A build maps the RAM file expanded from the image at the bottom of the
+//! chain ([`expand`]) and writes the layers' pages into QEMU before the guest runs
+//! ([`apply_to_process`]).
+
+pub use crate::format::memory::PAGE;
+use crate::format::memory::{is_zero, PageSink, PageWriter};
+use crate::format::state::{self as frame, FrameError};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// An image's memory file.
+pub const MEMORY_FILE: &str = "memory";
+/// The expanded RAM file: a memory stage's output holds it, as does a session's work folder
+/// when it made its own.
+pub const RAM_FILE: &str = "ram";
+/// The memory backend's id on QEMU's command line.
+pub const BACKEND_ID: &str = "guest-ram";
+
+/// What a memory file says of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MemoryHeader {
+    /// The guest's memory size.
+    pub memory_mib: u32,
+    /// How many page records follow.
+    pub pages: u64,
+    /// The pages that differ from the base's memory (a layer's); otherwise those not zero.
+    pub layer: bool,
+}
+
+/// Where a VM's RAM is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRam {
+    /// QEMU's own anonymous memory (a cold boot that is not saved, the controller).
+    Anonymous,
+    /// In this file, shared: what the guest writes goes into it, and a save with
+    /// `x-ignore-shared` leaves the RAM there. QEMU makes the file if it is missing.
+    Shared(PathBuf),
+    /// Mapped from this file, privately and read-only: the file is never written.
+    Private(PathBuf),
+}
+
+impl GuestRam {
+    /// QEMU's memory backend object for `memory_mib` of this RAM, if it is a file.
+    pub fn backend(&self, memory_mib: u32) -> Option<String> {
+        let (path, mode) = match self {
+            GuestRam::Anonymous => return None,
+            GuestRam::Shared(p) => (p, "share=on"),
+            GuestRam::Private(p) => (p, "share=off,readonly=on,rom=off"),
+        };
+        Some(format!(
+            "memory-backend-file,id={BACKEND_ID},size={memory_mib}M,mem-path={},{mode}",
+            crate::vm::qemu::option_path(path)
+        ))
+    }
+
+    /// Whether the RAM is left out of a save (and so out of the state a revive loads).
+    pub fn outside_the_stream(&self) -> bool {
+        !matches!(self, GuestRam::Anonymous)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("{what} {}: {source}", path.display())]
+    Io { what: &'static str, path: PathBuf, source: io::Error },
+    #[error(
+        "memory file {} holds {saved} MiB of memory, but the image's guest has {wanted} MiB: the image is damaged; build it again (nix-store --repair-path {})",
+        path.display(),
+        path.parent().unwrap_or(path).display()
+    )]
+    SizeMismatch { path: PathBuf, saved: u32, wanted: u32 },
+    #[error("memory file {} lists page {index}, beyond the guest's {memory_mib} MiB: the image is damaged", path.display())]
+    PageOutside { path: PathBuf, index: u64, memory_mib: u32 },
+    #[error(
+        "memory file {} is {}, where {} was expected",
+        path.display(),
+        if *layer { "a layer's" } else { "a whole memory" },
+        if *layer { "a whole memory" } else { "a layer's" }
+    )]
+    WrongKind { path: PathBuf, layer: bool },
+    #[error("QEMU (pid {pid}) has no mapping of the RAM file {}: its memory backend is not that file", path.display())]
+    NotMapped { pid: i32, path: PathBuf },
+    #[error(
+        "writing the layers' {pages} memory pages into QEMU (pid {pid}) through /proc/{pid}/mem failed: {source}; the kernel allows a process to write into its own child unless kernel.yama.ptrace_scope is 2 or 3 ({scope})"
+    )]
+    ProcessWrite { pid: i32, pages: u64, source: io::Error, scope: String },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> MemoryError + 'a {
+    move |source| MemoryError::Io { what, path: path.to_path_buf(), source }
+}
+
+fn pages_of(memory_mib: u32) -> u64 {
+    u64::from(memory_mib) * (1 << 20) / PAGE as u64
+}
+
+/// Reads a memory file's header and checks its frame, its kind and its size; the pages not read.
+pub fn inspect(path: &Path, memory_mib: u32, layer: bool) -> Result<MemoryHeader, MemoryError> {
+    let info = frame::inspect(path, |h: &MemoryHeader| check(path, h, memory_mib, layer))?;
+    Ok(info.header)
+}
+
+fn check(path: &Path, h: &MemoryHeader, memory_mib: u32, layer: bool) -> Result<(), MemoryError> {
+    if h.memory_mib != memory_mib {
+        return Err(MemoryError::SizeMismatch { path: path.into(), saved: h.memory_mib, wanted: memory_mib });
+    }
+    if h.layer != layer {
+        return Err(MemoryError::WrongKind { path: path.into(), layer: h.layer });
+    }
+    Ok(())
+}
+
+/// Streams `path`'s pages to `page`, checked as they go (frame, kind, size, each index); the
+/// number of pages. A file that fails a check has had some pages handed over: the caller
+/// discards what it made of them.
+fn each_page(
+    path: &Path,
+    memory_mib: u32,
+    layer: bool,
+    mut page: impl FnMut(u64, &[u8]) -> io::Result<()>,
+) -> Result<u64, MemoryError> {
+    let limit = pages_of(memory_mib);
+    let mut outside = None;
+    let mut sink = PageSink::new(|index, bytes: &[u8]| {
+        if index >= limit {
+            outside = Some(index);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "a page beyond the memory"));
+        }
+        page(index, bytes)
+    });
+    let read = frame::read(path, |h: &MemoryHeader| check(path, h, memory_mib, layer), &mut sink);
+    let finished = sink.finish();
+    if let Some(index) = outside {
+        return Err(MemoryError::PageOutside { path: path.into(), index, memory_mib });
+    }
+    let info = read?;
+    let pages = finished.map_err(|e| FrameError::Corrupt { path: path.into(), detail: e.to_string() })?;
+    if pages != info.header.pages {
+        let detail = format!("it holds {pages} pages, not the recorded {}", info.header.pages);
+        return Err(FrameError::Corrupt { path: path.into(), detail }.into());
+    }
+    Ok(pages)
+}
+
+/// The pages of `layers` (memory files, bottom first), a later one's page winning.
+pub fn layer_pages(layers: &[PathBuf], memory_mib: u32) -> Result<HashMap<u64, Box<[u8]>>, MemoryError> {
+    let mut pages = HashMap::new();
+    for layer in layers {
+        each_page(layer, memory_mib, true, |index, bytes| {
+            pages.insert(index, bytes.into());
+            Ok(())
+        })?;
+    }
+    Ok(pages)
+}
+
+/// Saves the RAM file `ram` (a guest of `memory_mib`) into the memory file `out`: its pages
+/// that are not zero, or, given its base (`base`: the base's RAM file and its layers'
+/// pages), those that differ from the base's. The header written.
+pub fn save(
+    ram: &Path,
+    memory_mib: u32,
+    base: Option<(&Path, &HashMap<u64, Box<[u8]>>)>,
+    out: &Path,
+) -> Result<MemoryHeader, MemoryError> {
+    let total = u64::from(memory_mib) << 20;
+    let file = File::open(ram).map_err(io_err("opening the RAM file", ram))?;
+    let len = file.metadata().map_err(io_err("reading the size of", ram))?.len();
+    if len != total {
+        let source = io::Error::new(io::ErrorKind::InvalidData, format!("it has {len} bytes, not {total}"));
+        return Err(MemoryError::Io { what: "saving the RAM file", path: ram.into(), source });
+    }
+    let mut base_file = match base {
+        Some((raw, _)) => Some(BufReader::with_capacity(1 << 20, File::open(raw).map_err(io_err("opening", raw))?)),
+        None => None,
+    };
+    // The kept pages are gathered in a scratch file first: the header, written before them,
+    // counts them.
+    let scratch = tempfile::tempfile_in(out.parent().unwrap_or(Path::new(".")))
+        .map_err(io_err("making a scratch file beside", out))?;
+    let mut records = PageWriter::new(io::BufWriter::with_capacity(1 << 20, scratch));
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut page = vec![0u8; PAGE];
+    let mut below = vec![0u8; PAGE];
+    for index in 0..total / PAGE as u64 {
+        reader.read_exact(&mut page).map_err(io_err("reading", ram))?;
+        let keep = match (&mut base_file, base) {
+            (Some(b), Some((raw, layers))) => {
+                b.read_exact(&mut below).map_err(io_err("reading", raw))?;
+                let below: &[u8] = layers.get(&index).map_or(&below, |p| p);
+                page != below
+            }
+            _ => !is_zero(&page),
+        };
+        if keep {
+            records.put(index, &page).map_err(io_err("writing a scratch file for", out))?;
+        }
+    }
+    let pages = records.pages();
+    let mut scratch = records.into_inner().into_inner().map_err(|e| MemoryError::Io {
+        what: "writing a scratch file for",
+        path: out.to_path_buf(),
+        source: e.into_error(),
+    })?;
+    scratch.seek(SeekFrom::Start(0)).map_err(io_err("reading back the scratch file of", out))?;
+    let mut scratch = BufReader::with_capacity(1 << 20, scratch);
+    let header = MemoryHeader { memory_mib, pages, layer: base.is_some() };
+    frame::write(out, &header, &mut scratch)?;
+    Ok(header)
+}
+
+/// Expands the memory file `memory` (a whole memory) into a new RAM file `out`: sparse, its zero
+/// pages holes. Made under a temporary name, renamed into place when whole.
+pub fn expand(memory: &Path, memory_mib: u32, out: &Path) -> Result<u64, MemoryError> {
+    let partial = out.with_extension("partial");
+    let file = File::create(&partial).map_err(io_err("creating", &partial))?;
+    file.set_len(u64::from(memory_mib) << 20).map_err(io_err("sizing", &partial))?;
+    let pages = each_page(memory, memory_mib, false, |index, bytes| file.write_all_at(bytes, index * PAGE as u64));
+    let pages = match pages {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, out).map_err(io_err("renaming into place", out))?;
+    Ok(pages)
+}
+
+/// Copies the RAM file `from` to `to`, its holes left holes (found with SEEK_DATA), then
+/// writes `layers`' pages into the copy: a layer's guest then runs on it, shared.
+pub fn compose(from: &Path, layers: &HashMap<u64, Box<[u8]>>, to: &Path) -> Result<(), MemoryError> {
+    let mut src = File::open(from).map_err(io_err("opening", from))?;
+    let len = src.metadata().map_err(io_err("reading the size of", from))?.len();
+    let mut dst = File::create(to).map_err(io_err("creating", to))?;
+    dst.set_len(len).map_err(io_err("sizing", to))?;
+    let mut at = 0u64;
+    while at < len {
+        let Some(data) = seek_data(&src, at, libc::SEEK_DATA) else { break };
+        let hole = seek_data(&src, data, libc::SEEK_HOLE).unwrap_or(len);
+        src.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", from))?;
+        dst.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", to))?;
+        io::copy(&mut (&mut src).take(hole - data), &mut dst).map_err(io_err("copying the RAM file into", to))?;
+        at = hole;
+    }
+    drop(dst);
+    write_pages(to, layers)
+}
+
+/// Writes `pages` into the RAM file `to`.
+pub fn write_pages(to: &Path, pages: &HashMap<u64, Box<[u8]>>) -> Result<(), MemoryError> {
+    let file = File::options().write(true).open(to).map_err(io_err("opening", to))?;
+    for (index, page) in pages {
+        file.write_all_at(page, index * PAGE as u64).map_err(io_err("writing a layer's page into", to))?;
+    }
+    Ok(())
+}
+
+/// `lseek(fd, at, whence)` for SEEK_DATA or SEEK_HOLE; None past the last data (ENXIO).
+fn seek_data(f: &File, at: u64, whence: libc::c_int) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor we own; no memory is passed.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), at as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+/// Writes `pages` into the RAM of QEMU `pid`, whose memory backend maps `mapped` (privately):
+/// through /proc/PID/mem at the mapping's address. The guest must not run yet.
+pub fn apply_to_process(pid: i32, mapped: &Path, pages: &HashMap<u64, Box<[u8]>>) -> Result<(), MemoryError> {
+    if pages.is_empty() {
+        return Ok(());
+    }
+    let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
+    let maps = std::fs::read_to_string(&maps_path).map_err(io_err("reading", &maps_path))?;
+    let want = std::fs::canonicalize(mapped).unwrap_or_else(|_| mapped.to_path_buf());
+    let areas = mappings_of(&maps, &want);
+    if areas.is_empty() {
+        return Err(MemoryError::NotMapped { pid, path: mapped.to_path_buf() });
+    }
+    let failed = |source| MemoryError::ProcessWrite {
+        pid,
+        pages: pages.len() as u64,
+        source,
+        scope: std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+            .map_or_else(|_| "no Yama here".to_owned(), |s| format!("it is {} here", s.trim())),
+    };
+    let mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")).map_err(failed)?;
+    for (index, page) in pages {
+        let offset = index * PAGE as u64;
+        let Some(area) = areas.iter().find(|a| offset >= a.offset && offset + PAGE as u64 <= a.offset + a.len) else {
+            return Err(MemoryError::NotMapped { pid, path: mapped.to_path_buf() });
+        };
+        mem.write_all_at(page, area.start + (offset - area.offset)).map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// One mapping of a file in a process: its address, length and file offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Area {
+    start: u64,
+    len: u64,
+    offset: u64,
+}
+
+/// The mappings of `path` in a `/proc/PID/maps` text.
+fn mappings_of(maps: &str, path: &Path) -> Vec<Area> {
+    let path = path.to_string_lossy();
+    maps.lines()
+        .filter_map(|line| {
+            let mut f = line.splitn(6, ' ');
+            let range = f.next()?;
+            let _perms = f.next()?;
+            let offset = u64::from_str_radix(f.next()?, 16).ok()?;
+            let _dev = f.next()?;
+            let rest = f.next()?;
+            let name = f.next().unwrap_or(rest).trim();
+            if name != path {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            let (start, end) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+            Some(Area { start, len: end - start, offset })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE]
+    }
+
+    /// A RAM file of 1 MiB (256 pages) with pages 3 and 200 written.
+    fn ram(dir: &Path, name: &str, pages: &[(u64, u8)]) -> PathBuf {
+        let p = dir.join(name);
+        let f = File::create(&p).unwrap();
+        f.set_len(1 << 20).unwrap();
+        for (i, fill) in pages {
+            f.write_all_at(&page(*fill), i * PAGE as u64).unwrap();
+        }
+        p
+    }
+
+    /// A whole memory keeps the pages that are not zero, and expands to the same bytes with its
+    /// zero pages as holes.
+    #[test]
+    fn a_memory_saved_and_expanded_is_the_same_memory() {
+        let d = scratch();
+        let ram = ram(d.path(), "ram", &[(3, 7), (200, 9)]);
+        let mem = d.path().join("memory");
+        let h = save(&ram, 1, None, &mem).unwrap();
+        assert_eq!(h, MemoryHeader { memory_mib: 1, pages: 2, layer: false });
+        let out = d.path().join("expanded");
+        assert_eq!(expand(&mem, 1, &out).unwrap(), 2);
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&ram).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert!(std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20, "the zero pages are holes");
+    }
+
+    /// A layer keeps only the pages that differ from its base (the base's RAM file and its own
+    /// layers' pages), a page zeroed since included; applied over the base it gives the layer's.
+    #[test]
+    fn a_layer_keeps_only_what_differs_from_its_base() {
+        let d = scratch();
+        let base = ram(d.path(), "base", &[(3, 7), (200, 9)]);
+        let below = layer_pages(&[], 1).unwrap();
+        // The layer: page 3 zeroed, 200 the same, 10 new.
+        let top = ram(d.path(), "top", &[(200, 9), (10, 4)]);
+        let l1 = d.path().join("l1");
+        let h = save(&top, 1, Some((&base, &below)), &l1).unwrap();
+        assert_eq!(h, MemoryHeader { memory_mib: 1, pages: 2, layer: true });
+        // A second layer on it: only page 11.
+        let pages1 = layer_pages(&[l1.clone()], 1).unwrap();
+        let work = d.path().join("work");
+        compose(&base, &pages1, &work).unwrap();
+        assert_eq!(std::fs::read(&work).unwrap(), std::fs::read(&top).unwrap(), "base and layer put together");
+        File::options().write(true).open(&work).unwrap().write_all_at(&page(5), 11 * PAGE as u64).unwrap();
+        let l2 = d.path().join("l2");
+        assert_eq!(save(&work, 1, Some((&base, &pages1)), &l2).unwrap().pages, 1);
+        let all = layer_pages(&[l1, l2], 1).unwrap();
+        let again = d.path().join("again");
+        compose(&base, &all, &again).unwrap();
+        assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&work).unwrap());
+    }
+
+    #[test]
+    fn a_memory_file_of_another_size_or_kind_is_refused() {
+        let d = scratch();
+        let ram = ram(d.path(), "ram", &[(1, 1)]);
+        let mem = d.path().join("memory");
+        save(&ram, 1, None, &mem).unwrap();
+        let e = expand(&mem, 2, &d.path().join("x")).unwrap_err();
+        assert!(e.to_string().contains("holds 1 MiB of memory, but the image's guest has 2 MiB"), "{e}");
+        assert!(!d.path().join("x").exists() && !d.path().join("x.partial").exists());
+        let e = layer_pages(&[mem], 1).unwrap_err();
+        assert!(e.to_string().contains("is a whole memory, where a layer's was expected"), "{e}");
+    }
+
+    /// A damaged memory file is refused by its checksum, and leaves no RAM file behind.
+    #[test]
+    fn a_corrupt_memory_file_is_refused() {
+        let d = scratch();
+        let ram = ram(d.path(), "ram", &[(1, 1), (2, 2)]);
+        let mem = d.path().join("memory");
+        save(&ram, 1, None, &mem).unwrap();
+        let mut bytes = std::fs::read(&mem).unwrap();
+        // A byte of the payload, before the trailer.
+        let at = bytes.len() - frame::TRAILER_LEN as usize - 3;
+        bytes[at] ^= 0xff;
+        std::fs::write(&mem, bytes).unwrap();
+        let out = d.path().join("out");
+        let e = expand(&mem, 1, &out).unwrap_err();
+        assert!(e.to_string().contains("is corrupt"), "{e}");
+        assert!(!out.exists() && !out.with_extension("partial").exists());
+    }
+
+    #[test]
+    fn mappings_are_found_by_path() {
+        let maps = "\
+7f0000000000-7f0040000000 rw-p 00000000 fe:01 123   /nix/store/x-memory/ram
+7f0040000000-7f0080000000 rw-p 40000000 fe:01 123   /nix/store/x-memory/ram
+7f0080000000-7f0080001000 r--p 00000000 fe:01 9     /usr/lib/libc.so
+";
+        let a = mappings_of(maps, Path::new("/nix/store/x-memory/ram"));
+        assert_eq!(
+            a,
+            vec![
+                Area { start: 0x7f0000000000, len: 0x40000000, offset: 0 },
+                Area { start: 0x7f0040000000, len: 0x40000000, offset: 0x40000000 }
+            ]
+        );
+    }
+
+    /// The pages reach a real child's private mapping of a file, and the file is untouched.
+    #[test]
+    fn pages_are_written_into_a_childs_private_mapping() {
+        let d = scratch();
+        let file = ram(d.path(), "ram", &[(0, 1)]);
+        // python maps the file privately, waits for a line, then prints page 5's first byte.
+        let script = format!(
+            "import mmap,sys\nf=open('{}','rb')\nm=mmap.mmap(f.fileno(),0,flags=mmap.MAP_PRIVATE,prot=mmap.PROT_READ|mmap.PROT_WRITE)\nprint('ready',flush=True)\nsys.stdin.readline()\nprint(m[5*4096], m[0])\n",
+            file.display()
+        );
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (the machine's) runs this test");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        let mut pages = HashMap::new();
+        pages.insert(5u64, page(42).into_boxed_slice());
+        apply_to_process(child.id() as i32, &file, &pages).unwrap();
+        io::Write::write_all(child.stdin.as_mut().unwrap(), b"\n").unwrap();
+        line.clear();
+        io::BufRead::read_line(&mut out, &mut line).unwrap();
+        child.wait().unwrap();
+        assert_eq!(line.trim(), "42 1", "the child sees the page written, and the file's own first page");
+        assert_eq!(std::fs::read(&file).unwrap()[5 * PAGE], 0, "the file itself is not written");
+        let e = apply_to_process(std::process::id() as i32, &d.path().join("none"), &pages).unwrap_err();
+        assert!(e.to_string().contains("has no mapping of the RAM file"), "{e}");
+    }
+}
