@@ -219,7 +219,7 @@ fn main() {
         };
         let t_gzip = sh(format!("gzip -c < {} > {}", raw.display(), gz.display()));
         let t_ours = sh(format!(
-            "{BUILDER} state-write --out {} --memory 256 --qemu-version '{version}' --guest standin --machine q35 < {}",
+            "{BUILDER} state-write --out {} --memory 256 --qemu-version '{version}' --guest standin --machine q35 --ram-outside no < {}",
             ours.display(),
             raw.display()
         ));

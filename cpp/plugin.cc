@@ -109,6 +109,8 @@ struct Converter
                         nodes[at].int_value = 1;
                     }
                 }
+                // An image of this plugin's names the memory stage builds on it use.
+                if (nixc::find_attr(state, val, "winvmMemory")) nodes[at].int_value |= 2;
                 break;
             }
             // Sorted by name so that the planner (and its error messages) are deterministic.
@@ -218,7 +220,8 @@ struct Executor
     {
         for (auto & d : plan.drvs) stages.push_back(derivation(d));
         if (stages.empty()) nixc::throw_eval_error(state, pos, "nix-winvm: internal error: empty plan");
-        nix::Value & last = *stages.back();
+        if (plan.result >= stages.size()) nixc::throw_eval_error(state, pos, "nix-winvm: internal error: bad result");
+        nix::Value & last = *stages[plan.result];
         if (plan.passthru.empty()) {
             v = last;
             return;

@@ -76,13 +76,14 @@ pub mod bridge {
         attrs: Vec<PlannedAttr>,
     }
 
-    /// Derivations to create in order; the result is the last one with `passthru` added.
-    /// A non-empty `error` is thrown as a Nix evaluation error at the call site.
+    /// Derivations to create in order; the result is the one at `result` with `passthru`
+    /// added. A non-empty `error` is thrown as a Nix evaluation error at the call site.
     #[derive(Debug, Clone)]
     struct Plan {
         error: String,
         drvs: Vec<PlannedDrv>,
         passthru: Vec<PlannedAttr>,
+        result: usize,
     }
 
     // ---- Rust, called by the shim ----------------------------------------------------------

@@ -41,7 +41,7 @@ pub fn rendered(result: Result<Plan, PlanError>) -> Plan {
 }
 
 fn error_plan(error: String) -> Plan {
-    Plan { error, drvs: vec![], passthru: vec![] }
+    Plan { error, drvs: vec![], passthru: vec![], result: 0 }
 }
 
 #[cfg(test)]

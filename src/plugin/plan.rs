@@ -38,8 +38,39 @@ pub fn store_input(name: &str, input: &StoreInput) -> PlannedAttr {
     }
 }
 
+/// The plan whose result is its last derivation.
 fn planned(drvs: Vec<PlannedDrv>, passthru: Vec<PlannedAttr>) -> Plan {
-    Plan { error: String::new(), drvs, passthru }
+    Plan { error: String::new(), result: drvs.len().saturating_sub(1), drvs, passthru }
+}
+
+/// The attribute of an image that names its memory stage: the RAM file builds on it map.
+pub const MEMORY_ATTR: &str = "winvmMemory";
+
+/// The memory stage of the image that stage `image` makes: its RAM expanded where the builds
+/// run (see `builder::stages::memory_stage`). Never substituted: a copy of the image carries
+/// its compressed memory, and the expanded one is as large as the guest's memory.
+fn memory_stage(name: &str, image: usize, env: &Env) -> PlannedDrv {
+    let mut a = base(&format!("{name}-memory"), Stage::Memory.name(), env);
+    a.push(stage("image", image));
+    a.push(PlannedAttr { int_value: 0, ..attr("allowSubstitutes", Source::Bool) });
+    PlannedDrv { attrs: a }
+}
+
+/// Adds `image`'s memory stage to `drvs` and makes the image (the stage `image`) the plan's
+/// result, which names its memory stage as [`MEMORY_ATTR`].
+fn with_memory(name: &str, image: usize, mut drvs: Vec<PlannedDrv>, mut passthru: Vec<PlannedAttr>, env: &Env) -> Plan {
+    drvs.push(memory_stage(name, image, env));
+    passthru.push(stage(MEMORY_ATTR, drvs.len() - 1));
+    Plan { error: String::new(), drvs, passthru, result: image }
+}
+
+/// An image value's memory stage, when it names one (an image of this plugin's): the
+/// attribute `name` of a derivation that revives it.
+fn image_memory(name: &str, image: &Val, path: &[&str]) -> Option<PlannedAttr> {
+    let mut at: Vec<&str> = path.to_vec();
+    at.push(MEMORY_ATTR);
+    matches!(image, Val::Derivation { memory: true, .. })
+        .then(|| PlannedAttr { path: at.iter().map(|s| s.to_string()).collect(), ..user(name, &[]) })
 }
 
 pub fn plan(builtin: Builtin, root: &Val, env: &Env) -> Result<Plan, ArgError> {
@@ -105,15 +136,25 @@ fn plan_layer(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resu
     a.push(text("winvmImageSpec", &to_json(&spec.image)));
     a.push(text("winvmLayerSpec", &to_json(spec)));
     a.push(PlannedAttr { path: at(&["base"]), ..user("image", &[]) });
+    let base_memory = attrs.iter().find(|(k, _)| k == "base").and_then(|(_, b)| {
+        let at = at(&["base"]);
+        image_memory(MEMORY_ATTR, b, &at.iter().map(String::as_str).collect::<Vec<_>>())
+    });
+    a.extend(base_memory.clone());
     for i in 0..spec.commands {
         a.push(PlannedAttr { path: at(&["installCommands", &i.to_string()]), ..user(&layer_command_attr(i), &[]) });
     }
     a.extend(features(spec.image.shape.accel, &[]));
     let mut drvs = vec![PlannedDrv { attrs: a }];
-    if let Some(hash) = &args.pin {
+    let plan = if let Some(hash) = &args.pin {
+        // A pinned layer stands alone, its memory flattened: a memory stage of its own.
         drvs.push(pinned(&name, &spec.image, 0, hash, env));
-    }
-    Ok(PlannedImage { plan: planned(drvs, vec![]), spec: args.spec.image })
+        with_memory(&format!("{name}-pinned"), 1, drvs, vec![], env)
+    } else {
+        // The layer's builds map its base's RAM file, and write its pages over it.
+        planned(drvs, base_memory.into_iter().collect())
+    };
+    Ok(PlannedImage { plan, spec: args.spec.image })
 }
 
 /// A pinned image or layer: a fixed-output derivation (`pin` stage) whose output is a copy of
@@ -198,13 +239,15 @@ fn plan_image(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resu
     image.push(stage("installed", installed_index));
     image.extend(vm_features);
     drvs.push(PlannedDrv { attrs: image });
+    let mut name = format!("{restricted}winvm-{guest}-image");
     if let Some(hash) = &pin {
-        let name = format!("{restricted}winvm-{guest}-image");
         drvs.push(pinned(&name, &spec, drvs.len() - 1, hash, env));
+        name.push_str("-pinned");
     }
 
     let passthru = vec![stage("media", media_index), stage("installed", installed_index)];
-    Ok(PlannedImage { plan: planned(drvs, passthru), spec })
+    let result = drvs.len() - 1;
+    Ok(PlannedImage { plan: with_memory(&name, result, drvs, passthru, env), spec })
 }
 
 /// The user's attributes the table passes on (and those it does not know), each as the user's
@@ -223,6 +266,9 @@ fn plan_build(builtin: Builtin, attrs: &Attrs, env: &Env) -> Result<Plan, ArgErr
     drv.extend(runtime(env));
     drv.extend(features(args.spec.image.shape.accel, &args.extra_features));
     drv.extend(passed_on(&table::BUILD, attrs));
+    if let Some((_, image)) = attrs.iter().find(|(k, _)| k == "image") {
+        drv.extend(image_memory(MEMORY_ATTR, image, &["image"]));
+    }
     Ok(planned(vec![PlannedDrv { attrs: drv }], vec![]))
 }
 
@@ -232,6 +278,7 @@ fn plan_run_in_vm(builtin: Builtin, attrs: &Attrs, env: &Env) -> Result<Plan, Ar
     let args = validate::Args::new(Caller::of(builtin), &table::RUN_IN_VM, attrs);
     let missing = |name: &str, hint| args.error(AttrPath::attr(name), Problem::MissingFromDerivation { hint });
     let mut drvs = Vec::new();
+    let memory;
     let (image_attr, image) = match args.get("windowsImage") {
         None => {
             return Err(missing(
@@ -242,10 +289,16 @@ fn plan_run_in_vm(builtin: Builtin, attrs: &Attrs, env: &Env) -> Result<Plan, Ar
         Some(Val::Set(image_attrs)) => {
             let within = Caller { builtin, within: Some("windowsImage") };
             let image = plan_image_or_layer(within, image_attrs, &["windowsImage"], env)?;
+            let result = image.plan.result;
+            // The image's memory stage, as its result would name it.
+            memory = image.plan.passthru.iter().find(|a| a.name == MEMORY_ATTR).cloned();
             drvs = image.plan.drvs;
-            (stage("image", drvs.len() - 1), image.spec)
+            (stage("image", result), image.spec)
         }
-        Some(_) => (user("image", &["windowsImage"]), args.image("windowsImage")?),
+        Some(image) => {
+            memory = image_memory(MEMORY_ATTR, image, &["windowsImage"]);
+            (user("image", &["windowsImage"]), args.image("windowsImage")?)
+        }
     };
     let spec = BuildSpec { timeout_secs: validate::build_timeout(&args, &image)?, image, run_original_builder: true };
     let argc = args.list_len("args")?;
@@ -260,6 +313,7 @@ fn plan_run_in_vm(builtin: Builtin, attrs: &Attrs, env: &Env) -> Result<Plan, Ar
         text("winvmArgc", &argc.to_string()),
         image_attr,
     ];
+    drv.extend(memory);
     drv.extend(runtime(env));
     for i in 0..argc {
         let index = i.to_string();

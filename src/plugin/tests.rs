@@ -50,7 +50,7 @@ fn every_derivation_names_the_tools_closure_by_its_store_path() {
         &set(&[
             ("name", s("t")),
             ("script", s("")),
-            ("image", Val::Derivation { image_spec: Some(plan_spec(&image)) }),
+            ("image", Val::Derivation { image_spec: Some(plan_spec(&image)), memory: false }),
         ]),
         &env,
     );
@@ -178,7 +178,7 @@ fn set(attrs: &[(&str, Val)]) -> Val {
 fn nodes_round_trip() {
     let v = set(&[
         ("a", Val::List(vec![Val::Int(1), s("x"), Val::Null, set(&[("deep", Val::Bool(true))])])),
-        ("b", Val::Derivation { image_spec: Some("{}".into()) }),
+        ("b", Val::Derivation { image_spec: Some("{}".into()), memory: false }),
         ("c", Val::Path("/p".into())),
         ("d", Val::Float(1.5)),
         ("e", Val::Unforced),
@@ -241,7 +241,7 @@ fn build_forwards_unknown_attributes_by_reference() {
     let json = image.drvs[2].attrs.iter().find(|a| a.name == "winvmImageSpec").unwrap().text.clone();
     let args = set(&[
         ("name", s("t")),
-        ("image", Val::Derivation { image_spec: Some(json) }),
+        ("image", Val::Derivation { image_spec: Some(json), memory: false }),
         ("script", Val::Str { text: "x".into(), context: true }),
         ("FOO", Val::Unforced),
         ("timeout", Val::Int(5)),
@@ -286,9 +286,12 @@ fn arb_val() -> impl Strategy<Value = Val> {
         "/[a-z]{0,8}".prop_map(Val::Path),
         Just(Val::Function),
         Just(Val::Unforced),
-        proptest::option::of("\\PC{0,40}").prop_map(|image_spec| Val::Derivation { image_spec }),
+        proptest::option::of("\\PC{0,40}").prop_map(|image_spec| Val::Derivation { image_spec, memory: false }),
         // A real image spec now and then, so that deeper validation is reached.
-        Just(Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())) }),
+        Just(Val::Derivation {
+            image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())),
+            memory: false
+        }),
     ];
     let keys = prop_oneof![
         Just("guest".to_string()),
@@ -320,7 +323,8 @@ fn arb_val() -> impl Strategy<Value = Val> {
 #[test]
 fn strings_that_are_not_utf8_are_forwarded_or_named() {
     let (_d, env) = env();
-    let image = Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())) };
+    let image =
+        Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())), memory: false };
     let bad = Val::NonUtf8Str { valid_up_to: 3, context: false };
     let build = |extra: Vec<(&str, Val)>| {
         let mut attrs =
@@ -402,7 +406,7 @@ fn a_windows_image_under_tcg_gets_a_longer_default_timeout() {
 }
 
 fn standin_image_val() -> Val {
-    Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())) }
+    Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())), memory: false }
 }
 
 #[test]
@@ -442,7 +446,7 @@ fn a_layer_refuses_the_shape_and_a_base_that_is_not_an_image() {
         "windowsImage: unknown attribute 'instalCommands'; did you mean 'installCommands'?"
     );
     assert_eq!(
-        plan_err(&[("base", Val::Derivation { image_spec: None })]),
+        plan_err(&[("base", Val::Derivation { image_spec: None, memory: false })]),
         "windowsImage: attribute 'base' must be the result of builtins.windowsImage { ... }, got a derivation that is not a nix-winvm image"
     );
     assert_eq!(
@@ -455,7 +459,7 @@ fn a_layer_refuses_the_shape_and_a_base_that_is_not_an_image() {
     );
     // A Windows layer is restricted as its base is, whatever its name.
     let windows = crate::spec::ImageSpec::new(crate::spec::GuestSpec::Windows(crate::spec::WindowsOptions::new("W")));
-    let base = Val::Derivation { image_spec: Some(crate::spec::to_json(&windows)) };
+    let base = Val::Derivation { image_spec: Some(crate::spec::to_json(&windows)), memory: false };
     let p = planned("windowsImage", &set(&[("base", base), ("name", s("vs"))]), &env);
     assert_eq!(p.drvs[0].attrs.iter().find(|a| a.name == "name").unwrap().text, "RESTRICTDIST-vs");
 }

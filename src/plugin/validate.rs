@@ -231,10 +231,10 @@ impl<'a> Args<'a> {
     pub fn image(&self, name: &str) -> Result<ImageSpec, ArgError> {
         let row = self.row(name);
         match self.required(name)? {
-            Val::Derivation { image_spec: Some(json) } => {
+            Val::Derivation { image_spec: Some(json), .. } => {
                 image_spec_from_json(json).map_err(|e| self.error_at(name, Problem::NotAnImage(e)))
             }
-            Val::Derivation { image_spec: None } => Err(self.error_at(
+            Val::Derivation { image_spec: None, .. } => Err(self.error_at(
                 name,
                 Problem::WrongType {
                     expected: row.kind.expected(row.note),

@@ -24,6 +24,8 @@ pub enum Val {
     Function,
     Derivation {
         image_spec: Option<String>,
+        /// It has `winvmMemory`: an image of this plugin's, whose memory stage a build names.
+        memory: bool,
     },
     Unforced,
     External,
@@ -165,7 +167,9 @@ fn build(nodes: &[Node], seen: &mut [bool], index: usize, depth: usize, path: &s
         }
         Kind::Function => Val::Function,
         Kind::Derivation => {
-            Val::Derivation { image_spec: if node.int_value != 0 { Some(text(node, path)?) } else { None } }
+            // Bit 0: it has `winvmImageSpec` (in `text`); bit 1: it has `winvmMemory`.
+            let image_spec = if node.int_value & 1 != 0 { Some(text(node, path)?) } else { None };
+            Val::Derivation { image_spec, memory: node.int_value & 2 != 0 }
         }
         Kind::Unforced => Val::Unforced,
         Kind::External => Val::External,
@@ -214,10 +218,13 @@ fn fill(nodes: &mut Vec<Node>, at: usize, v: &Val) {
             kids = items.iter().map(|v| (String::new(), v)).collect();
         }
         Val::Function => n.kind = Kind::Function,
-        Val::Derivation { image_spec } => {
+        Val::Derivation { image_spec, memory } => {
             n.kind = Kind::Derivation;
             if let Some(s) = image_spec {
                 (n.text, n.int_value) = (s.clone().into(), 1);
+            }
+            if *memory {
+                n.int_value |= 2;
             }
         }
         Val::Unforced => n.kind = Kind::Unforced,
