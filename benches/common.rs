@@ -29,8 +29,14 @@ pub fn plugin() -> PathBuf {
 /// `program` (nix-build, nix-instantiate) with the sandbox configuration, this builder and
 /// this plugin.
 pub fn nix(program: &str) -> Command {
+    nix_with(program, Path::new(BUILDER), &plugin())
+}
+
+/// `program` with the sandbox configuration and another builder and plugin (another
+/// nix-winvm's, for a before-and-after).
+pub fn nix_with(program: &str, builder: &Path, plugin: &Path) -> Command {
     let mut cmd = Command::new(program);
-    cmd.env("NIX_CONFIG", SANDBOX).env("NIX_WINVM_BUILDER", BUILDER).arg("--plugin-files").arg(plugin());
+    cmd.env("NIX_CONFIG", SANDBOX).env("NIX_WINVM_BUILDER", builder).arg("--plugin-files").arg(plugin);
     cmd
 }
 

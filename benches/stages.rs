@@ -18,9 +18,11 @@
 #[path = "common.rs"]
 mod common;
 
-use common::{derivation, derivation_on, nix, nix_build, nix_instantiate, run_stamped, Stamped, BUILDER, IMAGE};
+use common::{
+    derivation, derivation_on, nix, nix_build, nix_instantiate, nix_with, run_stamped, Stamped, BUILDER, IMAGE,
+};
 use nix_winvm::testing::qmp::{Cont, Migrate, Qmp, QueryStatus, Quit, Stop};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -130,6 +132,7 @@ fn main() {
     match std::env::var("STAGES_ONLY").as_deref() {
         Ok("layers") => return layers(),
         Ok("outputs") => return outputs(),
+        Ok("memory") => return memory(),
         _ => {}
     }
     // --- image, cached after the first time ---
@@ -268,6 +271,154 @@ fn main() {
 
     outputs();
     layers();
+    memory();
+}
+
+/// A nix-winvm to measure: its builder and its plugin.
+struct Winvm {
+    label: String,
+    builder: PathBuf,
+    plugin: PathBuf,
+}
+
+impl Winvm {
+    fn build(&self, expr: &str) -> (PathBuf, f64) {
+        let start = Instant::now();
+        let o =
+            nix_with("nix-build", &self.builder, &self.plugin).args(["--no-out-link", "-E", expr]).output().unwrap();
+        assert!(o.status.success(), "{}: {}", self.label, String::from_utf8_lossy(&o.stderr));
+        (PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()), start.elapsed().as_secs_f64())
+    }
+
+    fn stamped(&self, expr: &str) -> Stamped {
+        let mut cmd = nix_with("nix-build", &self.builder, &self.plugin);
+        cmd.args(["--no-out-link", "-E", expr]);
+        run_stamped(cmd)
+    }
+}
+
+/// The guest QEMUs running now (the sandbox's, seen from the host), and their summed
+/// resident and proportional sizes in MB (a page shared by n processes counts 1/n in the
+/// latter: the memory they really hold together).
+fn guest_qemus() -> (usize, f64, f64) {
+    let mut n = 0;
+    let (mut rss, mut pss) = (0.0, 0.0);
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if !cmdline.split(|b| *b == 0).any(|a| a == b"qemu-system-x86_64" || a.ends_with(b"/qemu-system-x86_64")) {
+            continue;
+        }
+        if !cmdline.windows(b"\0guest\0".len()).any(|w| w == b"\0guest\0") {
+            continue;
+        }
+        let Ok(rollup) = std::fs::read_to_string(entry.path().join("smaps_rollup")) else { continue };
+        let kb = |key: &str| {
+            rollup
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        n += 1;
+        rss += kb("Rss:") / 1e3;
+        pss += kb("Pss:") / 1e3;
+    }
+    (n, rss, pss)
+}
+
+/// Memory at scale: a 2 GiB standin with a layer that fills 0, 512 or 1536 MiB of a tmpfs
+/// with random data, then a trivial build on it; by this nix-winvm, and by another one given
+/// as BENCH_BEFORE=DIR (a checkout of it, built with cargo build --release) for the before
+/// and after in one run. Then the guests' memory with one build and with four at once.
+fn memory() {
+    let mut winvms = vec![];
+    if let Some(dir) = std::env::var_os("BENCH_BEFORE") {
+        let dir = PathBuf::from(dir).join("target/release");
+        winvms.push(Winvm {
+            label: "before".into(),
+            builder: dir.join("nix-winvm-builder"),
+            plugin: dir.join("libnix_winvm.so"),
+        });
+    }
+    winvms.push(Winvm { label: "after".into(), builder: BUILDER.into(), plugin: common::plugin() });
+    let image = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; memory = 2048; timeout = 1800; }"#;
+    let tok = token("memory");
+    let layer = |mib: u32| {
+        format!(
+            r#"(builtins.windowsImage {{ base = {image}; name = "dirty-{mib}"; timeout = 1800; installCommands = [ "mkdir -p /mnt/fill && mount -t tmpfs -o size=1900m none /mnt/fill && dd if=/dev/urandom of=/mnt/fill/random bs=1M count={mib} 2>/dev/null && echo {tok}" ]; }})"#
+        )
+    };
+    println!("  memory at scale: a 2 GiB standin, a layer filling N MiB of a tmpfs, a trivial build on it");
+    println!(
+        "  {:<7} {:>6} {:>12} {:>12} {:>10} {:>12} {:>14}",
+        "", "dirty", "state MB", "memory MB", "layer s", "build s", "revived at s"
+    );
+    let mut dirtiest: Option<(String, String)> = None;
+    for w in &winvms {
+        let (base, _) = w.build(image);
+        for mib in [0u32, 512, 1536] {
+            let (expr, path, made) = if mib == 0 {
+                (image.to_owned(), base.clone(), None)
+            } else {
+                let expr = layer(mib);
+                let (path, t) = w.build(&expr);
+                (expr, path, Some(t))
+            };
+            let mb = |name: &str| std::fs::metadata(path.join(name)).map_or(0.0, |m| m.len() as f64 / 1e6);
+            // The first build on an image makes its memory stage (once per image): untimed.
+            let _ = w.stamped(&derivation_on(&expr, &token("warm"), "true > $out"));
+            let run = w.stamped(&derivation_on(&expr, &token("trivial"), "true > $out"));
+            let revived = run.at("guest revived").map_or("-".to_owned(), |t| format!("{t:.2}"));
+            println!(
+                "  {:<7} {:>6} {:>12.1} {:>12.1} {:>10} {:>12.2} {:>14}",
+                w.label,
+                mib,
+                mb("state"),
+                mb("memory"),
+                made.map_or("-".to_owned(), |t| format!("{t:.1}")),
+                run.exit,
+                revived
+            );
+            if !run.status.success() {
+                println!("  THE BUILD FAILED ({}); its output:\n{}", run.status, run.log());
+            }
+            if mib == 1536 {
+                dirtiest = Some((w.label.clone(), expr));
+            }
+        }
+        // Parallel builds: the guests' memory, sampled while 1 and then 4 builds sleep.
+        let Some((label, expr)) = dirtiest.take() else { continue };
+        for n in [1usize, 4] {
+            let mut children = vec![];
+            for i in 0..n {
+                let script = "sleep 20; true > $out";
+                let mut cmd = nix_with("nix-build", &w.builder, &w.plugin);
+                cmd.args(["--no-out-link", "-j4", "-E", &derivation_on(&expr, &token(&format!("par{i}")), script)]);
+                children.push(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+            }
+            let (mut peak_rss, mut peak_pss, mut most) = (0.0f64, 0.0f64, 0);
+            let start = Instant::now();
+            while children.iter_mut().any(|c| c.try_wait().unwrap().is_none())
+                && start.elapsed() < Duration::from_secs(300)
+            {
+                let (k, rss, pss) = guest_qemus();
+                if k >= most {
+                    most = k;
+                    peak_rss = peak_rss.max(rss);
+                    peak_pss = peak_pss.max(pss);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            for mut c in children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            println!(
+                "  {label:<7} {n} build(s) at once on the 1536 MiB layer: {most} guests seen, their memory {peak_pss:7.0} MB (PSS; RSS summed {peak_rss:7.0} MB)"
+            );
+        }
+    }
 }
 
 /// Outputs: the script's end to the builder's end (the outputs unpacked from the outputs disk
@@ -347,11 +498,12 @@ fn layers() {
     };
     let one = layer(IMAGE, 1);
     let (one_path, t_one) = nix_build(&one);
-    let file_mb = |name: &str| size(&one_path.join(name));
+    let file_mb = |name: &str| std::fs::metadata(one_path.join(name)).map_or(0.0, |m| m.len() as f64 / 1e6);
     println!(
-        "  trivial layer, base cached: made in    {t_one:6.2} s   its disk {:.2} MB, guest state {:.1} MB, controller state {:.1} MB",
+        "  trivial layer, base cached: made in    {t_one:6.2} s   its disk {:.2} MB, guest state {:.1} MB, guest memory {:.2} MB, controller state {:.1} MB",
         file_mb("disk.qcow2"),
         file_mb("state"),
+        file_mb("memory"),
         file_mb(nix_winvm::testing::CONTROLLER_STATE)
     );
     let three = layer(&layer(&one, 2), 3);

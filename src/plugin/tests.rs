@@ -204,13 +204,37 @@ fn standin_image_plan_has_three_stages_and_passthru() {
     assert_eq!(p.error, "");
     let names: Vec<String> =
         p.drvs.iter().map(|d| d.attrs.iter().find(|a| a.name == "name").unwrap().text.clone()).collect();
-    assert_eq!(names, ["winvm-standin-media", "winvm-standin-installed", "winvm-standin-image"]);
+    assert_eq!(
+        names,
+        ["winvm-standin-media", "winvm-standin-installed", "winvm-standin-image", "winvm-standin-image-memory"]
+    );
+    // The result is the image; its memory stage, made from it, is never substituted.
+    assert_eq!(p.result, 2);
+    let memory = &p.drvs[3].attrs;
+    let get = |n: &str| memory.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n}"));
+    assert_eq!(get("args").list, ["memory"]);
+    assert_eq!((get("image").source, get("image").stage), (Source::Stage, 2));
+    assert_eq!((get("allowSubstitutes").source, get("allowSubstitutes").int_value), (Source::Bool, 0));
     let installed = &p.drvs[1];
     let media_ref = installed.attrs.iter().find(|a| a.name == "media").unwrap();
     assert_eq!((media_ref.source, media_ref.stage), (Source::Stage, 0));
     assert!(!installed.attrs.iter().any(|a| a.name == "requiredSystemFeatures"));
     let passthru: Vec<(&str, usize)> = p.passthru.iter().map(|a| (a.name.as_str(), a.stage)).collect();
-    assert_eq!(passthru, [("media", 0), ("installed", 1)]);
+    assert_eq!(passthru, [("media", 0), ("installed", 1), ("winvmMemory", 3)]);
+    // A build on an image that names its memory stage maps it; on one that does not, the
+    // builder expands the memory itself.
+    for (memory, named) in [(true, true), (false, false)] {
+        let image =
+            Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())), memory };
+        let b = planned("windowsDerivation", &set(&[("name", s("b")), ("image", image), ("script", s("x"))]), &env);
+        assert_eq!(b.error, "");
+        let m = b.drvs[0].attrs.iter().find(|a| a.name == "winvmMemory");
+        assert_eq!(
+            m.map(|a| (a.source, a.path.clone())),
+            named.then(|| (Source::User, vec!["image".into(), "winvmMemory".into()]))
+        );
+    }
+    assert_eq!(super::plan::MEMORY_ATTR, crate::builder::image::MEMORY_VAR);
 }
 
 #[test]
@@ -475,20 +499,26 @@ fn a_pin_adds_a_fixed_output_copy_and_changes_nothing_below_it() {
     let (p, q) = (planned("windowsImage", &plain, &env), planned("windowsImage", &pinned, &env));
     assert_eq!((p.error.as_str(), q.error.as_str()), ("", ""));
     assert_eq!(q.drvs.len(), p.drvs.len() + 1);
-    for (a, b) in p.drvs.iter().zip(&q.drvs) {
+    // The same stages up to the image; the memory stage follows the pinned copy, of which it
+    // is made, and the pinned copy is the result.
+    for (a, b) in p.drvs.iter().zip(&q.drvs).take(p.drvs.len() - 1) {
         assert_eq!(format!("{:?}", a.attrs), format!("{:?}", b.attrs));
     }
-    let last = &q.drvs.last().unwrap().attrs;
+    assert_eq!(q.result, q.drvs.len() - 2);
+    let memory = &q.drvs.last().unwrap().attrs;
+    let from = memory.iter().find(|a| a.name == "image").unwrap();
+    assert_eq!((from.source, from.stage), (Source::Stage, q.result));
+    let last = &q.drvs[q.result].attrs;
     let get = |n: &str| last.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n}"));
     assert_eq!(get("name").text, "winvm-standin-image-pinned");
     assert_eq!(get("args").list, ["pin"]);
     assert_eq!((get("outputHashMode").text.as_str(), get("outputHash").text.as_str()), ("recursive", hash.as_str()));
-    assert_eq!((get("image").source, get("image").stage), (Source::Stage, p.drvs.len() - 1));
-    // A layer too.
+    assert_eq!((get("image").source, get("image").stage), (Source::Stage, p.result));
+    // A layer too, with a memory stage of its own (a pin flattens the memory).
     let layer = set(&[("base", standin_image_val()), ("pin", s(&hash))]);
     let l = planned("windowsImage", &layer, &env);
     assert_eq!(l.error, "");
-    assert_eq!(l.drvs.len(), 2);
+    assert_eq!((l.drvs.len(), l.result), (3, 1));
     assert!(l.drvs[1].attrs.iter().any(|a| a.name == "name" && a.text == "winvm-standin-layer-pinned"));
     // Not a hash: said with the shape.
     for bad in ["sha256-short=", "sha512-AAAA", &format!("sha256-{}", "A".repeat(44))] {

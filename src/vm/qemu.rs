@@ -384,7 +384,7 @@ mod tests {
         for arg in &commas {
             assert!(!arg.contains("/w,1"), "a single comma in {arg}: {commas:?}");
         }
-        assert_eq!(commas.iter().filter(|a| a.contains("/w,,1")).count(), 6, "{commas:?}");
+        assert_eq!(commas.iter().filter(|a| a.contains("/w,,1")).count(), 7, "{commas:?}");
         assert!(line.contains("-chardev file,id=serial0,path=/w/serial.log -serial chardev:serial0"), "{line}");
         // UEFI: OVMF's code read-only, the image's variable store writable; commas doubled.
         assert!(!line.contains("pflash"));
