@@ -390,7 +390,20 @@ fn damaged_images_are_refused_with_the_reason() {
     // The key gone.
     let keyless = copy_of("keyless");
     std::fs::remove_file(keyless.join("key")).unwrap();
-    let cases: [(&Path, String); 3] = [
+    // The memory file cut short: its end marker gone.
+    let forgetful = copy_of("forgetful");
+    let memory = forgetful.join("memory");
+    let memory_len = std::fs::metadata(&memory).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&memory).unwrap().set_len(memory_len - 10).unwrap();
+    let cases: [(&Path, String); 4] = [
+        (
+            &forgetful,
+            format!(
+                "nix-winvm-builder: error in the build stage: the image {} has a damaged memory file: state file {} is truncated",
+                forgetful.display(),
+                memory.display()
+            ),
+        ),
         (
             &noise,
             format!(
@@ -431,15 +444,19 @@ fn damaged_images_are_refused_with_the_reason() {
     let header: serde_json::Value = serde_json::from_slice(&bytes[24..24 + len]).unwrap();
     let stream = s.dir.path().join("other-stream");
     let memory = header["memoryMib"].to_string();
+    // Saved as images are: its RAM in a shared file, left out of the stream.
+    let ram = s.dir.path().join("other-ram");
     let mut saver = Command::new("qemu-system-x86_64")
-        .args(["-machine", &format!("{},accel=tcg", meta["machine"].as_str().unwrap())])
+        .args(["-machine", &format!("{},accel=tcg,memory-backend=ram", meta["machine"].as_str().unwrap())])
+        .args(["-object", &format!("memory-backend-file,id=ram,size={memory}M,mem-path={},share=on", ram.display())])
         .args(["-m", &memory, "-nodefaults", "-display", "none", "-S", "-device", "virtio-rng-pci"])
         .args(["-monitor", "stdio"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let migrate = format!("migrate \"exec:cat > {}\"\nquit\n", stream.display());
+    let migrate =
+        format!("migrate_set_capability x-ignore-shared on\nmigrate \"exec:cat > {}\"\nquit\n", stream.display());
     std::io::Write::write_all(&mut saver.stdin.take().unwrap(), migrate.as_bytes()).unwrap();
     assert!(saver.wait().unwrap().success());
     std::fs::remove_file(other.join("state")).unwrap();
@@ -449,6 +466,7 @@ fn damaged_images_are_refused_with_the_reason() {
         .arg(other.join("state"))
         .args(["--memory", &memory, "--qemu-version", header["qemuVersion"].as_str().unwrap()])
         .args(["--guest", header["guest"].as_str().unwrap(), "--machine", header["machine"].as_str().unwrap()])
+        .args(["--ram-outside", "yes"])
         .stdin(std::fs::File::open(&stream).unwrap())
         .output()
         .unwrap();

@@ -218,3 +218,67 @@ fn the_layers_example_builds() {
     assert_eq!(std::fs::read_to_string(out.join("greeting")).unwrap(), format!("three words {tok}\n"));
     assert_eq!(std::fs::read_to_string(out.join("words")).unwrap(), "3\n");
 }
+
+/// The first 24 bytes of a state or memory file's frame, then its JSON header.
+fn frame_header(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u32::from_le_bytes(bytes[20..24].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[24..24 + len]).unwrap()
+}
+
+fn mb(path: &Path) -> f64 {
+    std::fs::metadata(path).unwrap().len() as f64 / 1e6
+}
+
+/// A layer keeps only what it changed: its memory file lists the pages that differ from its
+/// base's, its state the devices alone, and its disk what its commands still hold (50 MB
+/// written and deleted take no room: discarded through to the overlay, trimmed before the
+/// save). A build on the second layer finds both layers' files in a tmpfs, which lives in the
+/// guest's memory alone: the base's RAM file, mapped, with both layers' pages written over it.
+#[test]
+fn a_layer_stores_only_the_memory_and_disk_it_changed_and_builds_see_every_layers_memory() {
+    let tok = token("memory");
+    let expr = format!(
+        r#"let
+  one = builtins.windowsImage {{
+    base = {STANDIN_TCG};
+    name = "memory-one";
+    installCommands = [
+      "mkdir -p /mnt/ram && mount -t tmpfs none /mnt/ram && echo 'one {tok}' > /mnt/ram/one"
+      "dd if=/dev/urandom of=/big bs=1M count=50 2>/dev/null && sync && rm /big"
+    ];
+  }};
+  two = builtins.windowsImage {{ base = one; name = "memory-two"; installCommands = [ "echo two > /mnt/ram/two" ]; }};
+in {{
+  inherit one two;
+  build = builtins.windowsDerivation {{ name = "in-ram"; image = two; script = "cat /mnt/ram/one /mnt/ram/two > $out"; }};
+}}"#
+    );
+    let o = nix_build(&["-E", &expr, "-A", "one", "-A", "two", "-A", "build"]);
+    let paths = outputs(&o);
+    let (one, two, build) = (&paths[0], &paths[1], &paths[2]);
+    assert_eq!(std::fs::read_to_string(build).unwrap(), format!("one {tok}\ntwo\n"));
+    let log = stderr(&o);
+    // The build mapped the memory stage's RAM file: it expanded nothing itself.
+    assert!(!log.contains("expanding the image's memory"), "{log}");
+    for layer in [one, two] {
+        let memory = frame_header(&layer.join("memory"));
+        assert_eq!((memory["layer"].as_bool(), memory["memoryMib"].as_u64()), (Some(true), Some(256)), "{memory}");
+        let pages = memory["pages"].as_u64().unwrap();
+        // The guest's RAM is 256 MiB (65536 pages); a trivial layer touches a few thousand.
+        assert!(pages > 0 && pages < 16384, "{}: {pages} pages", layer.display());
+        assert!(mb(&layer.join("memory")) < 20.0, "{}: memory {} MB", layer.display(), mb(&layer.join("memory")));
+        let state = frame_header(&layer.join("state"));
+        assert_eq!(state["ramOutside"].as_bool(), Some(true), "{state}");
+        assert!(mb(&layer.join("state")) < 5.0, "{}: state {} MB", layer.display(), mb(&layer.join("state")));
+    }
+    let disk = mb(&one.join("disk.qcow2"));
+    assert!(disk < 20.0, "the first layer's disk holds {disk} MB: the 50 MB deleted were not discarded");
+    // The base lists its pages that are not zero.
+    let base = PathBuf::from(
+        log.lines()
+            .find_map(|l| l.split_once("] layer 1 on ").map(|(_, r)| r.split_once(": ").unwrap().0.to_owned()))
+            .unwrap(),
+    );
+    assert_eq!(frame_header(&base.join("memory"))["layer"].as_bool(), Some(false));
+}

@@ -323,6 +323,7 @@ pub fn layer_finish() -> String {
     exit 1
 fi
 sync
+fstrim / 2>/dev/null || echo "nix-winvm: fstrim / failed: the layer's disk keeps the blocks its commands freed" >&2
 echo 3 >/proc/sys/vm/drop_caches
 "#
     .replace("@STORE_LOCAL@", STORE_LOCAL)

@@ -16,6 +16,7 @@
 pub use crate::format::memory::PAGE;
 use crate::format::memory::{is_zero, PageSink, PageWriter};
 use crate::format::state::{self as frame, FrameError};
+use crate::vm::sys::os;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
@@ -254,8 +255,8 @@ pub fn compose(from: &Path, layers: &HashMap<u64, Box<[u8]>>, to: &Path) -> Resu
     dst.set_len(len).map_err(io_err("sizing", to))?;
     let mut at = 0u64;
     while at < len {
-        let Some(data) = seek_data(&src, at, libc::SEEK_DATA) else { break };
-        let hole = seek_data(&src, data, libc::SEEK_HOLE).unwrap_or(len);
+        let Some(data) = os::seek_data(&src, at, false) else { break };
+        let hole = os::seek_data(&src, data, true).unwrap_or(len);
         src.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", from))?;
         dst.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", to))?;
         io::copy(&mut (&mut src).take(hole - data), &mut dst).map_err(io_err("copying the RAM file into", to))?;
@@ -272,14 +273,6 @@ pub fn write_pages(to: &Path, pages: &HashMap<u64, Box<[u8]>>) -> Result<(), Mem
         file.write_all_at(page, index * PAGE as u64).map_err(io_err("writing a layer's page into", to))?;
     }
     Ok(())
-}
-
-/// `lseek(fd, at, whence)` for SEEK_DATA or SEEK_HOLE; None past the last data (ENXIO).
-fn seek_data(f: &File, at: u64, whence: libc::c_int) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on an open descriptor we own; no memory is passed.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), at as libc::off_t, whence) };
-    (r >= 0).then_some(r as u64)
 }
 
 /// Writes `pages` into the RAM of QEMU `pid`, whose memory backend maps `mapped` (privately):

@@ -167,6 +167,11 @@ pub struct VmConfig {
 /// full host file system, which looks like a hang).
 pub const DISK_ERRORS: &str = "werror=report,rerror=report";
 
+/// How a system disk passes on what the guest frees: a discard (TRIM) unmaps the overlay's
+/// clusters, and a write of zeros is made one, so an overlay keeps only what its session
+/// wrote and still holds.
+pub const DISK_DISCARD: &str = "discard=unmap,detect-zeroes=unmap";
+
 /// The Hyper-V enlightenments Windows guests use under KVM.
 pub const HYPERV_FEATURES: &str = "hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-time";
 
@@ -257,7 +262,7 @@ impl VmConfig {
             // writeback, not unsafe: a migration flushes the disk, and the saved memory must
             // match what the overlay holds. A write error (the work folder full) goes to the
             // guest, whose command then fails, rather than pausing the VM until the time-out.
-            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=writeback,{DISK_ERRORS}", p(disk))));
+            a.push(s(&format!("file={},if=virtio,format=qcow2,cache=writeback,{DISK_DISCARD},{DISK_ERRORS}", p(disk))));
         }
         a.extend(self.extra_args.iter().cloned());
         if let Some(screen) = &self.screen {

@@ -36,5 +36,7 @@ pub const PACK_OUTPUTS: &str = r#"winvm_pack() {
 /// `sync` flushes every file system's buffers). The store is the share, read-only: nothing of
 /// theirs can be left there.
 pub fn layer_finish() -> String {
-    "sync\n".into()
+    // `defrag C: /L` retrims the volume (Windows 8 and later): the blocks the layer's commands
+    // freed are discarded through the AHCI disk, so its overlay keeps only what they wrote.
+    "sync\ndefrag.exe C: /L >/dev/null 2>&1 || echo \"nix-winvm: defrag C: /L (retrim) failed: the layer's disk keeps the blocks its commands freed\" >&2\n".into()
 }

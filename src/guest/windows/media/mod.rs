@@ -399,7 +399,8 @@ pub fn install_drive_args(media: &Path, answer: &AnswerMedium, iso: &Path, syste
 /// The system disk on AHCI port 0, as the install and every later stage attach it.
 pub fn system_disk_args(system_disk: &Path) -> Vec<OsString> {
     let mut args = Vec::new();
-    let options = format!("format=qcow2,cache=writeback,{}", crate::vm::qemu::DISK_ERRORS);
+    let options =
+        format!("format=qcow2,cache=writeback,{},{}", crate::vm::qemu::DISK_DISCARD, crate::vm::qemu::DISK_ERRORS);
     args.extend(drive("winvm-system", system_disk, &options));
     args.extend(device("ide-hd,drive=winvm-system,bus=ide.0,bootindex=0"));
     args
