@@ -447,8 +447,11 @@ fn damaged_images_are_refused_with_the_reason() {
     // Saved as images are: its RAM in a shared file, left out of the stream.
     let ram = s.dir.path().join("other-ram");
     let mut saver = Command::new("qemu-system-x86_64")
-        .args(["-machine", &format!("{},accel=tcg,memory-backend=ram", meta["machine"].as_str().unwrap())])
-        .args(["-object", &format!("memory-backend-file,id=ram,size={memory}M,mem-path={},share=on", ram.display())])
+        .args(["-machine", &format!("{},accel=tcg,memory-backend=guest-ram", meta["machine"].as_str().unwrap())])
+        .args([
+            "-object",
+            &format!("memory-backend-file,id=guest-ram,size={memory}M,mem-path={},share=on", ram.display()),
+        ])
         .args(["-m", &memory, "-nodefaults", "-display", "none", "-S", "-device", "virtio-rng-pci"])
         .args(["-monitor", "stdio"])
         .stdin(Stdio::piped())

@@ -534,12 +534,14 @@ fn make_state_seeds(dir: &Path) -> Vec<StateSeed> {
         memory_mib: 256,
         guest: "standin".into(),
         machine: "pc-q35-9.2".into(),
+        ram_outside: false,
     };
     let odd = StateHeader {
         qemu_version: "10.0.2 \"quoted\"\n🦀".into(),
         memory_mib: u32::MAX,
         guest: "windows".into(),
         machine: "pc-q35-10.0,\"x\"".into(),
+        ram_outside: true,
     };
     let mut rng = Rng::for_input(DEFAULT_SEED, u64::MAX);
     let streams: Vec<(StateHeader, Vec<u8>)> = vec![
@@ -750,6 +752,7 @@ fn generate_state(rng: &mut Rng, seeds: &[StateSeed]) -> StateInput {
             memory_mib: rng.extreme(&[0, 1, 256, 4096, u32::MAX], |r| r as u32),
             guest: random_text(rng, 10),
             machine: random_text(rng, 12),
+            ram_outside: rng.percent(50),
         };
         let stream = random_stream(rng, 20_000);
         return StateInput { bytes: vec![], wanted: None, intact: None, round_trip: Some((header, stream)) };
@@ -791,6 +794,7 @@ fn state_kind(error: &StateFileError) -> String {
         StateFileError::MemoryMismatch { .. } => "MemoryMismatch",
         StateFileError::QemuMismatch { .. } => "QemuMismatch",
         StateFileError::MachineMismatch { .. } => "MachineMismatch",
+        StateFileError::RamMismatch { .. } => "RamMismatch",
     };
     kind.to_string()
 }
@@ -1491,7 +1495,7 @@ fn random_val(rng: &mut Rng, depth: usize) -> Val {
         4 => Val::Str { text: random_bytes_text(rng), context: rng.percent(30) },
         5 => Val::NonUtf8Str { valid_up_to: rng.size(20), context: rng.percent(30) },
         6 => Val::Path(format!("/{}", random_bytes_text(rng))),
-        7 => Val::Derivation { image_spec: rng.percent(50).then(|| random_bytes_text(rng)) },
+        7 => Val::Derivation { image_spec: rng.percent(50).then(|| random_bytes_text(rng)), memory: rng.percent(50) },
         8 => rng.pick(&[Val::Function, Val::Unforced, Val::External]).clone(),
         9 => Val::List(vec![]),
         10 => Val::List((0..rng.size(6)).map(|_| random_val(rng, depth - 1)).collect()),

@@ -305,7 +305,7 @@ fn bad_state_files_are_refused_with_the_reason() {
     for (name, bytes, msg) in cases {
         let copy = tmp.path().join(name);
         std::fs::create_dir_all(&copy).unwrap();
-        for f in ["disk.qcow2", "key", "meta.json", "controller-state"] {
+        for f in ["disk.qcow2", "key", "meta.json", "controller-state", "memory"] {
             std::fs::copy(image.join(f), copy.join(f)).unwrap();
         }
         std::os::unix::fs::symlink(std::fs::read_link(image.join("media")).unwrap(), copy.join("media")).unwrap();

@@ -28,6 +28,7 @@ use crate::vm::qemu::{Machine, VmConfig};
 use crate::vm::screen::{self, Screens};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -495,7 +496,8 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         base: Some(base.path.clone()),
     }
     .write(&out)?;
-    let size = std::fs::metadata(out.join("disk.qcow2")).map(|m| m.len()).unwrap_or(0);
+    // What the overlay takes on disk: the clusters the guest discarded are holes in it.
+    let size = std::fs::metadata(out.join("disk.qcow2")).map(|m| m.blocks() * 512).unwrap_or(0);
     progress.say(&format!("layer saved: its disk holds {:.1} MB of changes", size as f64 / 1e6));
     let record = report::save_stage(&out, "layer", progress, None, cfg.timeline.as_deref())?;
     let heading = report::PageHeading {

@@ -1,8 +1,8 @@
-//! Targets 5 to 14: the codecs of src/format/, on the harness of tests/fuzz.rs. Readers (ISO
+//! Targets 5 to 15: the codecs of src/format/, on the harness of tests/fuzz.rs. Readers (ISO
 //! and UDF, WIM, ELF, tar, PNG and PPM) get valid inputs made by a generator that knows the
 //! format, then damage aimed at their fields, and must refuse what they cannot read with an
 //! error of their own type; a valid input must read back as it was made (the FAT boot sector
-//! reader is compared with the rule written out here). Writers (MBR, cpio, pcap, PNG, MD4) get
+//! reader is compared with the rule written out here). Writers (MBR, cpio, pcap, PNG, MD4, memory pages) get
 //! random content, and what they write is read back by an independent reader here (or, for
 //! MD4, an independent implementation).
 
@@ -1493,5 +1493,58 @@ fn fuzz_md4_digest() {
             Ok(Verdict::Accepted)
         },
         |message| escaped(message),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Target 15: memory page records
+
+#[test]
+fn fuzz_memory_page_records() {
+    use nix_winvm::format::memory::{PageSink, PageWriter, PAGE, RECORD};
+    run(
+        "memory pages",
+        1 << 20,
+        |rng| {
+            // Records of random indices and fills, cut at a random length, fed in random pieces.
+            let n = rng.extreme(&[0, 1, 2], |r| (r % 6) as usize);
+            let records: Vec<(u64, u8)> = (0..n).map(|_| (rng.next(), rng.next() as u8)).collect();
+            let mut w = PageWriter::new(Vec::new());
+            for (index, fill) in &records {
+                w.put(*index, &vec![*fill; PAGE]).unwrap();
+            }
+            let mut bytes = w.into_inner();
+            let cut =
+                rng.extreme(&[bytes.len(), 0, 1, 8, RECORD - 1, RECORD + 1], |r| (r as usize) % (bytes.len() + 1));
+            bytes.truncate(cut.min(bytes.len()));
+            let piece = 1 + (rng.next() as usize) % (2 * RECORD);
+            (records, bytes, piece)
+        },
+        |(records, bytes, piece)| {
+            let mut seen = Vec::new();
+            let mut sink = PageSink::new(|index, page: &[u8]| {
+                if page.len() != PAGE || page.iter().any(|b| *b != page[0]) {
+                    return Err(std::io::Error::other("a page came back changed"));
+                }
+                seen.push((index, page[0]));
+                Ok(())
+            });
+            for chunk in bytes.chunks(*piece) {
+                std::io::Write::write_all(&mut sink, chunk).map_err(|e| e.to_string())?;
+            }
+            let finished = sink.finish();
+            let whole = bytes.len() / RECORD;
+            if seen[..] != records[..whole] {
+                return Err(format!("read {seen:?}, wrote {:?}", &records[..whole]));
+            }
+            match (finished, bytes.len() % RECORD) {
+                (Ok(n), 0) if n as usize == whole => Ok(Verdict::Accepted),
+                (Err(e), r) if r != 0 && e.to_string().contains("ends inside a record") => {
+                    Ok(Verdict::Refused("cut".into()))
+                }
+                (got, r) => Err(format!("{} bytes ({r} past the last whole record): {got:?}", bytes.len())),
+            }
+        },
+        |(records, bytes, piece)| format!("{} records, {} bytes, pieces of {piece}", records.len(), bytes.len()),
     );
 }
