@@ -15,6 +15,7 @@ use crate::vm::memory::{self, GuestRam};
 use crate::vm::qemu::{Machine, Uefi};
 use crate::vm::{accel, kernel, state};
 use serde::{Deserialize, Serialize};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -257,6 +258,42 @@ pub(super) struct Memory {
 /// image's chain: the RAM file the build maps (see `stages::memory`).
 pub const MEMORY_VAR: &str = "winvmMemory";
 
+/// The file of a memory stage's output naming the image whose memory its RAM file holds.
+pub const MEMORY_UPTO: &str = "upto";
+
+/// A memory stage's output, read for the image `image`: its RAM file, and the images of
+/// `image`'s chain above the one whose memory that file holds, bottom first (their pages are
+/// written over it).
+pub(super) struct MemoryStage {
+    pub ram: PathBuf,
+    pub upto: PathBuf,
+    pub above: Vec<PathBuf>,
+}
+
+impl MemoryStage {
+    pub(super) fn read(stage: &Path, image: &Path) -> Result<MemoryStage, BuilderError> {
+        let ram = stage.join(memory::RAM_FILE);
+        let missing = |what: String| BuilderError::ImageDamaged { image: image.to_path_buf(), what };
+        if !ram.is_file() {
+            return Err(missing(format!("has no expanded memory at {} ({MEMORY_VAR})", ram.display())));
+        }
+        let chain = chain(image)?;
+        // A stage of an image made from media may lack `upto`: it holds the bottom's.
+        let upto = match std::fs::read(stage.join(MEMORY_UPTO)) {
+            Ok(bytes) => PathBuf::from(std::ffi::OsString::from_vec(bytes)),
+            Err(_) => chain[0].clone(),
+        };
+        let Some(at) = chain.iter().position(|i| *i == upto) else {
+            return Err(missing(format!(
+                "is not above {}, whose memory its memory stage {} holds",
+                upto.display(),
+                stage.display()
+            )));
+        };
+        Ok(MemoryStage { ram, upto, above: chain[at + 1..].to_vec() })
+    }
+}
+
 /// The images of `image`'s chain, from the one made from media (or pinned) up to `image`.
 pub(super) fn chain(image: &Path) -> Result<Vec<PathBuf>, BuilderError> {
     let mut chain = vec![image.to_path_buf()];
@@ -287,22 +324,19 @@ impl Revivable {
         }
         let chain = chain(&self.path)?;
         let memory_mib = self.meta.spec.shape.memory_mib;
-        let ram = match named.map(|m| m.join(memory::RAM_FILE)) {
-            Some(ram) if ram.is_file() => ram,
-            Some(ram) => {
-                return Err(BuilderError::ImageDamaged {
-                    image: self.path.clone(),
-                    what: format!("has no expanded memory at {} ({MEMORY_VAR})", ram.display()),
-                })
+        let (ram, above) = match named {
+            Some(named) => {
+                let stage = MemoryStage::read(&named, &self.path)?;
+                (stage.ram, stage.above)
             }
             None => {
                 let ram = work.join(memory::RAM_FILE).with_extension("base");
                 progress.say("expanding the image's memory into the work folder (no memory path given)");
                 memory::expand(&chain[0].join(memory::MEMORY_FILE), memory_mib, &ram).map_err(damaged(&chain[0]))?;
-                ram
+                (ram, chain[1..].to_vec())
             }
         };
-        let layers = chain[1..].iter().map(|i| i.join(memory::MEMORY_FILE)).collect();
+        let layers = above.iter().map(|i| i.join(memory::MEMORY_FILE)).collect();
         Ok(Some(Memory { ram, layers, memory_mib }))
     }
 

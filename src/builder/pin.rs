@@ -58,12 +58,12 @@ pub fn pin(spec: &ImageSpec, progress: &Progress) -> Result<i32, BuilderError> {
             .map_err(io("making a scratch folder for the memory"))?;
         let chain = image::chain(&image)?;
         let mib = meta.spec.shape.memory_mib;
-        let ram = scratch.path().join(memory::RAM_FILE);
+        let (bottom, ram) = (scratch.path().join("bottom"), scratch.path().join(memory::RAM_FILE));
         let flat =
             |e: memory::MemoryError| BuilderError::Io { what: "flattening the memory".into(), source: Box::new(e) };
-        memory::expand(&chain[0].join(memory::MEMORY_FILE), mib, &ram).map_err(flat)?;
+        memory::expand(&chain[0].join(memory::MEMORY_FILE), mib, &bottom).map_err(flat)?;
         let layers: Vec<PathBuf> = chain[1..].iter().map(|i| i.join(memory::MEMORY_FILE)).collect();
-        memory::write_pages(&ram, &memory::layer_pages(&layers, mib).map_err(flat)?).map_err(flat)?;
+        memory::compose(&bottom, &layers, mib, &ram).map_err(flat)?;
         memory::save(&ram, mib, None, &out.join(memory::MEMORY_FILE)).map_err(flat)?;
         progress.say("memory flattened and compressed");
     }

@@ -312,7 +312,7 @@ fn say_steps(steps: &mut MarkedLines, progress: &Progress) {
 fn save_memory(
     ram: &Path,
     memory_mib: u32,
-    base: Option<(&Path, &std::collections::HashMap<u64, Box<[u8]>>)>,
+    base: Option<&Path>,
     out: &Path,
     progress: &Progress,
 ) -> Result<(), BuilderError> {
@@ -332,10 +332,18 @@ fn save_memory(
     Ok(())
 }
 
-/// The memory stage: the RAM file of an image made from media (or pinned), expanded from its
-/// memory file into `$out/ram`, sparse, for builds to map. Made where it is used (a
-/// derivation that is not substituted): a copy of the image carries the compressed file alone.
-/// An image of format 2 has its RAM in its state: the output is then empty.
+/// A layer's memory stage links to its base's RAM file, and leaves its pages (and those of
+/// the layers below it that the base's stage did not put in) to each revive, while they are
+/// at most this many bytes; above, it puts the base's RAM file and them together in a RAM file
+/// of its own, so that no revive writes more than this into its guest.
+pub const LINKED_LAYER_BYTES: u64 = 64 << 20;
+
+/// The memory stage: an image's RAM file, for builds to map, made where they run (a derivation
+/// that is not substituted: a copy of the image carries the compressed memory alone). An image
+/// made from media (or pinned): its memory file expanded into `$out/ram`, sparse. A layer
+/// (`baseMemory`: its base's memory stage): `ram` links to the base's RAM file, or is the base's
+/// and the layers' pages put together (see [`LINKED_LAYER_BYTES`]); `upto` names the image
+/// whose memory it holds. An image of format 2 has its RAM in its state: the output is empty.
 pub fn memory_stage(progress: &Progress) -> Result<i32, BuilderError> {
     let out = env_path("out")?;
     let image = env_path("image")?;
@@ -345,16 +353,52 @@ pub fn memory_stage(progress: &Progress) -> Result<i32, BuilderError> {
         progress.say(&format!("{} keeps its memory in its state: nothing to expand", image.display()));
         return Ok(0);
     }
+    let mib = meta.spec.shape.memory_mib;
     let started = std::time::Instant::now();
-    let pages =
-        memory::expand(&image.join(memory::MEMORY_FILE), meta.spec.shape.memory_mib, &out.join(memory::RAM_FILE))
-            .map_err(damaged(&image))?;
-    progress.say(&format!(
-        "memory expanded: {pages} pages ({:.1} MB) of {} MiB, in {:.2} s",
-        pages as f64 * memory::PAGE as f64 / 1e6,
-        meta.spec.shape.memory_mib,
-        started.elapsed().as_secs_f64()
-    ));
+    let ram = out.join(memory::RAM_FILE);
+    let (upto, pages) = match std::env::var_os("baseMemory") {
+        None => {
+            // The bottom's memory, and any layers' above it (a layer whose base names no memory
+            // stage) put together.
+            let chain = super::image::chain(&image)?;
+            let layers: Vec<PathBuf> = chain[1..].iter().map(|i| i.join(memory::MEMORY_FILE)).collect();
+            let bottom = if layers.is_empty() { ram.clone() } else { out.join("bottom") };
+            let mut pages =
+                memory::expand(&chain[0].join(memory::MEMORY_FILE), mib, &bottom).map_err(damaged(&chain[0]))?;
+            if !layers.is_empty() {
+                pages = memory::compose(&bottom, &layers, mib, &ram).map_err(damaged(&image))?;
+                std::fs::remove_file(&bottom).map_err(io(format!("removing {}", bottom.display())))?;
+            }
+            (image.clone(), pages)
+        }
+        Some(base) => {
+            let base = super::image::MemoryStage::read(&PathBuf::from(base), &image)?;
+            let layers: Vec<PathBuf> = base.above.iter().map(|i| i.join(memory::MEMORY_FILE)).collect();
+            let pages = memory::pages_in(&layers, mib).map_err(damaged(&image))?;
+            if pages * memory::PAGE as u64 <= LINKED_LAYER_BYTES {
+                let to = std::fs::canonicalize(&base.ram).map_err(io(format!("reading {}", base.ram.display())))?;
+                std::os::unix::fs::symlink(&to, &ram).map_err(io("linking the base's RAM file"))?;
+                progress.say(&format!(
+                    "memory: the base's RAM file, linked; each revive writes the {pages} pages ({:.1} MB) of {} layers over it",
+                    pages as f64 * memory::PAGE as f64 / 1e6,
+                    layers.len()
+                ));
+                (base.upto.clone(), 0)
+            } else {
+                let pages = memory::compose(&base.ram, &layers, mib, &ram).map_err(damaged(&image))?;
+                (image.clone(), pages)
+            }
+        }
+    };
+    std::fs::write(out.join(super::image::MEMORY_UPTO), upto.as_os_str().as_bytes())
+        .map_err(io("writing the memory stage's upto"))?;
+    if pages > 0 {
+        progress.say(&format!(
+            "memory expanded: {pages} pages ({:.1} MB) of {mib} MiB, in {:.2} s",
+            pages as f64 * memory::PAGE as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        ));
+    }
     Ok(0)
 }
 
@@ -457,14 +501,17 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
     let mut cfg = base.session(disk, &work, task, None)?;
     let below = match &memory {
         Some(m) => {
-            let pages = memory::layer_pages(&m.layers, m.memory_mib).map_err(damaged(&base.path))?;
-            let ram = work.join(memory::RAM_FILE);
-            memory::compose(&m.ram, &pages, &ram).map_err(|e| BuilderError::Io {
+            // The base's memory put together, kept to tell what the layer changed; the guest
+            // runs on a copy of it.
+            let (below, ram) = (work.join("ram-below"), work.join(memory::RAM_FILE));
+            let together = |e| BuilderError::Io {
                 what: "putting the base's memory together for the layer".into(),
                 source: Box::new(e),
-            })?;
+            };
+            memory::compose(&m.ram, &m.layers, m.memory_mib, &below).map_err(together)?;
+            memory::compose(&below, &[], m.memory_mib, &ram).map_err(together)?;
             cfg.guest.ram = GuestRam::Shared(ram);
-            Some((m, pages))
+            Some((m.memory_mib, below))
         }
         None => None,
     };
@@ -483,8 +530,8 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
         std::fs::copy(&vars, out.join(EFI_VARS)).map_err(io(format!("copying {}", vars.display())))?;
     }
     let layers = meta.layers + 1;
-    if let Some((m, pages)) = &below {
-        save_memory(&work.join(memory::RAM_FILE), m.memory_mib, Some((&m.ram, pages)), &out, progress)?;
+    if let Some((mib, below)) = &below {
+        save_memory(&work.join(memory::RAM_FILE), *mib, Some(below), &out, progress)?;
     }
     ImageMeta {
         format: if below.is_some() { IMAGE_FORMAT } else { STREAM_IMAGE_FORMAT },

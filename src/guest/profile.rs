@@ -463,7 +463,7 @@ mod tests {
             args,
             [
                 "-drive",
-                "if=none,id=winvm-system,file=/d,,x.qcow2,format=qcow2,cache=writeback,werror=report,rerror=report",
+                "if=none,id=winvm-system,file=/d,,x.qcow2,format=qcow2,cache=writeback,discard=unmap,detect-zeroes=unmap,werror=report,rerror=report",
                 "-device",
                 "ide-hd,drive=winvm-system,bus=ide.0,bootindex=0",
                 "-drive",

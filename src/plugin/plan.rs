@@ -151,8 +151,12 @@ fn plan_layer(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resu
         drvs.push(pinned(&name, &spec.image, 0, hash, env));
         with_memory(&format!("{name}-pinned"), 1, drvs, vec![], env)
     } else {
-        // The layer's builds map its base's RAM file, and write its pages over it.
-        planned(drvs, base_memory.into_iter().collect())
+        // The layer's memory stage starts from its base's: it links to the base's RAM file, or
+        // puts the layers' pages into a RAM file of its own (`builder::stages::memory_stage`).
+        let mut plan = with_memory(&name, 0, drvs, vec![], env);
+        let stage = plan.drvs.last_mut().expect("the memory stage");
+        stage.attrs.extend(base_memory.map(|m| PlannedAttr { name: "baseMemory".into(), ..m }));
+        plan
     };
     Ok(PlannedImage { plan, spec: args.spec.image })
 }

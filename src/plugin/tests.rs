@@ -437,9 +437,20 @@ fn standin_image_val() -> Val {
 fn a_layer_is_one_derivation_carrying_its_bases_spec_and_each_command_as_an_attribute() {
     let (_d, env) = env();
     let cmds = Val::List(vec![s("echo one"), Val::Str { text: "cp /nix/store/x-y /opt".into(), context: true }]);
-    let p = planned("windowsImage", &set(&[("base", standin_image_val()), ("installCommands", cmds)]), &env);
+    let p = planned("windowsImage", &set(&[("base", standin_image_val()), ("installCommands", cmds.clone())]), &env);
     assert_eq!(p.error, "");
-    assert_eq!(p.drvs.len(), 1);
+    // The layer, then its memory stage; the layer is the result and names the stage.
+    assert_eq!((p.drvs.len(), p.result), (2, 0));
+    assert_eq!(p.drvs[1].attrs.iter().find(|a| a.name == "args").unwrap().list, ["memory"]);
+    assert_eq!(p.passthru.iter().map(|a| (a.name.as_str(), a.stage)).collect::<Vec<_>>(), [("winvmMemory", 1)]);
+    // On a base that names its memory stage, the layer's session and its memory stage start
+    // from the base's.
+    let base =
+        Val::Derivation { image_spec: Some(crate::spec::to_json(&crate::spec::ImageSpec::standin())), memory: true };
+    let q = planned("windowsImage", &set(&[("base", base), ("installCommands", cmds)]), &env);
+    let named = |d: usize, n: &str| q.drvs[d].attrs.iter().find(|a| a.name == n).map(|a| a.path.clone());
+    let base_memory = Some(vec!["base".to_owned(), "winvmMemory".to_owned()]);
+    assert_eq!((named(0, "winvmMemory"), named(1, "baseMemory")), (base_memory.clone(), base_memory));
     let attrs = &p.drvs[0].attrs;
     let get = |n: &str| attrs.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n}"));
     assert_eq!(get("name").text, "winvm-standin-layer");

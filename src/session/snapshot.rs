@@ -129,8 +129,7 @@ pub(super) async fn revive(
         ignore_shared(qmp).await.map_err(step("leaving the RAM file out of the load"))?;
         if let (GuestRam::Private(mapped), false) = (ram, ram_layers.is_empty()) {
             // Before the load: QEMU starts the guest as soon as the stream ends.
-            let pages = memory::layer_pages(ram_layers, shape.memory_mib).map_err(RunError::Memory)?;
-            memory::apply_to_process(vm.pid(), mapped, &pages).map_err(RunError::Memory)?;
+            memory::apply_to_process(vm.pid(), mapped, ram_layers, shape.memory_mib).map_err(RunError::Memory)?;
         }
     }
     let sub = Subcommand::StateRead { input: state.to_path_buf(), error_to: Some(reader_error.clone()) };

@@ -18,7 +18,6 @@ use crate::format::memory::{is_zero, PageSink, PageWriter};
 use crate::format::state::{self as frame, FrameError};
 use crate::vm::sys::os;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
@@ -100,9 +99,9 @@ pub enum MemoryError {
     #[error("QEMU (pid {pid}) has no mapping of the RAM file {}: its memory backend is not that file", path.display())]
     NotMapped { pid: i32, path: PathBuf },
     #[error(
-        "writing the layers' {pages} memory pages into QEMU (pid {pid}) through /proc/{pid}/mem failed: {source}; the kernel allows a process to write into its own child unless kernel.yama.ptrace_scope is 2 or 3 ({scope})"
+        "writing the layers' memory pages into QEMU (pid {pid}) through /proc/{pid}/mem failed: {source}; the kernel allows a process to write into its own child unless kernel.yama.ptrace_scope is 2 or 3 ({scope})"
     )]
-    ProcessWrite { pid: i32, pages: u64, source: io::Error, scope: String },
+    ProcessWrite { pid: i32, source: io::Error, scope: String },
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> MemoryError + 'a {
@@ -161,53 +160,53 @@ fn each_page(
     Ok(pages)
 }
 
-/// The pages of `layers` (memory files, bottom first), a later one's page winning.
-pub fn layer_pages(layers: &[PathBuf], memory_mib: u32) -> Result<HashMap<u64, Box<[u8]>>, MemoryError> {
-    let mut pages = HashMap::new();
+/// How many page records `layers` (memory files of layers) hold in all, from their headers.
+pub fn pages_in(layers: &[PathBuf], memory_mib: u32) -> Result<u64, MemoryError> {
+    layers.iter().map(|l| inspect(l, memory_mib, true).map(|h| h.pages)).sum()
+}
+
+/// Streams the pages of `layers` (memory files, bottom first) to `page`: a later page of the
+/// same index comes later, and so wins when written in turn.
+fn each_layer_page(
+    layers: &[PathBuf],
+    memory_mib: u32,
+    mut page: impl FnMut(u64, &[u8]) -> io::Result<()>,
+) -> Result<u64, MemoryError> {
+    let mut pages = 0;
     for layer in layers {
-        each_page(layer, memory_mib, true, |index, bytes| {
-            pages.insert(index, bytes.into());
-            Ok(())
-        })?;
+        pages += each_page(layer, memory_mib, true, &mut page)?;
     }
     Ok(pages)
 }
 
 /// Saves the RAM file `ram` (a guest of `memory_mib`) into the memory file `out`: its pages
-/// that are not zero, or, given its base (`base`: the base's RAM file and its layers'
-/// pages), those that differ from the base's. The header written.
-pub fn save(
-    ram: &Path,
-    memory_mib: u32,
-    base: Option<(&Path, &HashMap<u64, Box<[u8]>>)>,
-    out: &Path,
-) -> Result<MemoryHeader, MemoryError> {
+/// that are not zero, or, given the RAM file it started from (`base`: its base's memory put
+/// together), those that differ from it. The header written.
+pub fn save(ram: &Path, memory_mib: u32, base: Option<&Path>, out: &Path) -> Result<MemoryHeader, MemoryError> {
     let total = u64::from(memory_mib) << 20;
-    let file = File::open(ram).map_err(io_err("opening the RAM file", ram))?;
-    let len = file.metadata().map_err(io_err("reading the size of", ram))?.len();
-    if len != total {
-        let source = io::Error::new(io::ErrorKind::InvalidData, format!("it has {len} bytes, not {total}"));
-        return Err(MemoryError::Io { what: "saving the RAM file", path: ram.into(), source });
-    }
-    let mut base_file = match base {
-        Some((raw, _)) => Some(BufReader::with_capacity(1 << 20, File::open(raw).map_err(io_err("opening", raw))?)),
-        None => None,
+    let open = |path: &Path| -> Result<BufReader<File>, MemoryError> {
+        let file = File::open(path).map_err(io_err("opening the RAM file", path))?;
+        let len = file.metadata().map_err(io_err("reading the size of", path))?.len();
+        if len != total {
+            let source = io::Error::new(io::ErrorKind::InvalidData, format!("it has {len} bytes, not {total}"));
+            return Err(MemoryError::Io { what: "saving the RAM file", path: path.into(), source });
+        }
+        Ok(BufReader::with_capacity(1 << 20, file))
     };
+    let mut reader = open(ram)?;
+    let mut below = base.map(open).transpose()?;
     // The kept pages are gathered in a scratch file first: the header, written before them,
     // counts them.
     let scratch = tempfile::tempfile_in(out.parent().unwrap_or(Path::new(".")))
         .map_err(io_err("making a scratch file beside", out))?;
     let mut records = PageWriter::new(io::BufWriter::with_capacity(1 << 20, scratch));
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut page = vec![0u8; PAGE];
-    let mut below = vec![0u8; PAGE];
+    let (mut page, mut under) = (vec![0u8; PAGE], vec![0u8; PAGE]);
     for index in 0..total / PAGE as u64 {
         reader.read_exact(&mut page).map_err(io_err("reading", ram))?;
-        let keep = match (&mut base_file, base) {
-            (Some(b), Some((raw, layers))) => {
-                b.read_exact(&mut below).map_err(io_err("reading", raw))?;
-                let below: &[u8] = layers.get(&index).map_or(&below, |p| p);
-                page != below
+        let keep = match (&mut below, base) {
+            (Some(b), Some(path)) => {
+                b.read_exact(&mut under).map_err(io_err("reading", path))?;
+                page != under
             }
             _ => !is_zero(&page),
         };
@@ -222,9 +221,8 @@ pub fn save(
         source: e.into_error(),
     })?;
     scratch.seek(SeekFrom::Start(0)).map_err(io_err("reading back the scratch file of", out))?;
-    let mut scratch = BufReader::with_capacity(1 << 20, scratch);
     let header = MemoryHeader { memory_mib, pages, layer: base.is_some() };
-    frame::write(out, &header, &mut scratch)?;
+    frame::write(out, &header, &mut BufReader::with_capacity(1 << 20, scratch))?;
     Ok(header)
 }
 
@@ -246,40 +244,46 @@ pub fn expand(memory: &Path, memory_mib: u32, out: &Path) -> Result<u64, MemoryE
     Ok(pages)
 }
 
-/// Copies the RAM file `from` to `to`, its holes left holes (found with SEEK_DATA), then
-/// writes `layers`' pages into the copy: a layer's guest then runs on it, shared.
-pub fn compose(from: &Path, layers: &HashMap<u64, Box<[u8]>>, to: &Path) -> Result<(), MemoryError> {
-    let mut src = File::open(from).map_err(io_err("opening", from))?;
-    let len = src.metadata().map_err(io_err("reading the size of", from))?.len();
-    let mut dst = File::create(to).map_err(io_err("creating", to))?;
-    dst.set_len(len).map_err(io_err("sizing", to))?;
-    let mut at = 0u64;
-    while at < len {
-        let Some(data) = os::seek_data(&src, at, false) else { break };
-        let hole = os::seek_data(&src, data, true).unwrap_or(len);
-        src.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", from))?;
-        dst.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", to))?;
-        io::copy(&mut (&mut src).take(hole - data), &mut dst).map_err(io_err("copying the RAM file into", to))?;
-        at = hole;
+/// Copies the RAM file `from` to `to`, its holes left holes (found with SEEK_DATA), then writes
+/// the pages of `layers` (memory files, bottom first) into the copy: the memory of the image at
+/// the top of those layers, put together. Made under a temporary name, renamed when whole.
+pub fn compose(from: &Path, layers: &[PathBuf], memory_mib: u32, to: &Path) -> Result<u64, MemoryError> {
+    let partial = to.with_extension("partial");
+    let made = (|| {
+        let mut src = File::open(from).map_err(io_err("opening", from))?;
+        let len = src.metadata().map_err(io_err("reading the size of", from))?.len();
+        let mut dst = File::create(&partial).map_err(io_err("creating", &partial))?;
+        dst.set_len(len).map_err(io_err("sizing", &partial))?;
+        let mut at = 0u64;
+        while at < len {
+            let Some(data) = os::seek_data(&src, at, false) else { break };
+            let hole = os::seek_data(&src, data, true).unwrap_or(len);
+            src.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", from))?;
+            dst.seek(SeekFrom::Start(data)).map_err(io_err("seeking in", &partial))?;
+            io::copy(&mut (&mut src).take(hole - data), &mut dst)
+                .map_err(io_err("copying the RAM file into", &partial))?;
+            at = hole;
+        }
+        each_layer_page(layers, memory_mib, |index, page| dst.write_all_at(page, index * PAGE as u64))
+    })();
+    match made {
+        Ok(pages) => {
+            std::fs::rename(&partial, to).map_err(io_err("renaming into place", to))?;
+            Ok(pages)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
     }
-    drop(dst);
-    write_pages(to, layers)
 }
 
-/// Writes `pages` into the RAM file `to`.
-pub fn write_pages(to: &Path, pages: &HashMap<u64, Box<[u8]>>) -> Result<(), MemoryError> {
-    let file = File::options().write(true).open(to).map_err(io_err("opening", to))?;
-    for (index, page) in pages {
-        file.write_all_at(page, index * PAGE as u64).map_err(io_err("writing a layer's page into", to))?;
-    }
-    Ok(())
-}
-
-/// Writes `pages` into the RAM of QEMU `pid`, whose memory backend maps `mapped` (privately):
-/// through /proc/PID/mem at the mapping's address. The guest must not run yet.
-pub fn apply_to_process(pid: i32, mapped: &Path, pages: &HashMap<u64, Box<[u8]>>) -> Result<(), MemoryError> {
-    if pages.is_empty() {
-        return Ok(());
+/// Writes the pages of `layers` (memory files, bottom first) into the RAM of QEMU `pid`, whose
+/// memory backend maps `mapped` (privately): through /proc/PID/mem at the mapping's address,
+/// as they are read. The guest must not run yet. The number of pages written.
+pub fn apply_to_process(pid: i32, mapped: &Path, layers: &[PathBuf], memory_mib: u32) -> Result<u64, MemoryError> {
+    if layers.is_empty() {
+        return Ok(0);
     }
     let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
     let maps = std::fs::read_to_string(&maps_path).map_err(io_err("reading", &maps_path))?;
@@ -288,22 +292,33 @@ pub fn apply_to_process(pid: i32, mapped: &Path, pages: &HashMap<u64, Box<[u8]>>
     if areas.is_empty() {
         return Err(MemoryError::NotMapped { pid, path: mapped.to_path_buf() });
     }
-    let failed = |source| MemoryError::ProcessWrite {
+    let denied = |source| MemoryError::ProcessWrite {
         pid,
-        pages: pages.len() as u64,
         source,
         scope: std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
             .map_or_else(|_| "no Yama here".to_owned(), |s| format!("it is {} here", s.trim())),
     };
-    let mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")).map_err(failed)?;
-    for (index, page) in pages {
+    let mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{pid}/mem")).map_err(denied)?;
+    let mut unmapped = false;
+    let mut failed = None;
+    let pages = each_layer_page(layers, memory_mib, |index, page| {
         let offset = index * PAGE as u64;
         let Some(area) = areas.iter().find(|a| offset >= a.offset && offset + PAGE as u64 <= a.offset + a.len) else {
-            return Err(MemoryError::NotMapped { pid, path: mapped.to_path_buf() });
+            unmapped = true;
+            return Err(io::Error::other("a page outside the mapping"));
         };
-        mem.write_all_at(page, area.start + (offset - area.offset)).map_err(failed)?;
+        mem.write_all_at(page, area.start + (offset - area.offset)).map_err(|e| {
+            failed = Some(io::Error::new(e.kind(), e.to_string()));
+            e
+        })
+    });
+    if unmapped {
+        return Err(MemoryError::NotMapped { pid, path: mapped.to_path_buf() });
     }
-    Ok(())
+    if let Some(e) = failed {
+        return Err(denied(e));
+    }
+    pages
 }
 
 /// One mapping of a file in a process: its address, length and file offset.
@@ -375,29 +390,31 @@ mod tests {
         assert!(std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20, "the zero pages are holes");
     }
 
-    /// A layer keeps only the pages that differ from its base (the base's RAM file and its own
-    /// layers' pages), a page zeroed since included; applied over the base it gives the layer's.
+    /// A layer keeps only the pages that differ from the memory it started from, a page zeroed
+    /// since included; put together over the base, the layers give the top layer's memory.
     #[test]
     fn a_layer_keeps_only_what_differs_from_its_base() {
         let d = scratch();
         let base = ram(d.path(), "base", &[(3, 7), (200, 9)]);
-        let below = layer_pages(&[], 1).unwrap();
-        // The layer: page 3 zeroed, 200 the same, 10 new.
+        // The first layer: page 3 zeroed, 200 the same, 10 new.
         let top = ram(d.path(), "top", &[(200, 9), (10, 4)]);
         let l1 = d.path().join("l1");
-        let h = save(&top, 1, Some((&base, &below)), &l1).unwrap();
+        let h = save(&top, 1, Some(&base), &l1).unwrap();
         assert_eq!(h, MemoryHeader { memory_mib: 1, pages: 2, layer: true });
-        // A second layer on it: only page 11.
-        let pages1 = layer_pages(&[l1.clone()], 1).unwrap();
         let work = d.path().join("work");
-        compose(&base, &pages1, &work).unwrap();
+        assert_eq!(compose(&base, &[l1.clone()], 1, &work).unwrap(), 2);
         assert_eq!(std::fs::read(&work).unwrap(), std::fs::read(&top).unwrap(), "base and layer put together");
-        File::options().write(true).open(&work).unwrap().write_all_at(&page(5), 11 * PAGE as u64).unwrap();
+        // A second layer on it: only page 11, and page 10 written again with the same bytes.
+        let below = d.path().join("below");
+        compose(&work, &[], 1, &below).unwrap();
+        let f = File::options().write(true).open(&work).unwrap();
+        f.write_all_at(&page(5), 11 * PAGE as u64).unwrap();
+        f.write_all_at(&page(4), 10 * PAGE as u64).unwrap();
         let l2 = d.path().join("l2");
-        assert_eq!(save(&work, 1, Some((&base, &pages1)), &l2).unwrap().pages, 1);
-        let all = layer_pages(&[l1, l2], 1).unwrap();
+        assert_eq!(save(&work, 1, Some(&below), &l2).unwrap().pages, 1);
+        assert_eq!(pages_in(&[l1.clone(), l2.clone()], 1).unwrap(), 3);
         let again = d.path().join("again");
-        compose(&base, &all, &again).unwrap();
+        compose(&base, &[l1, l2], 1, &again).unwrap();
         assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&work).unwrap());
     }
 
@@ -410,8 +427,11 @@ mod tests {
         let e = expand(&mem, 2, &d.path().join("x")).unwrap_err();
         assert!(e.to_string().contains("holds 1 MiB of memory, but the image's guest has 2 MiB"), "{e}");
         assert!(!d.path().join("x").exists() && !d.path().join("x.partial").exists());
-        let e = layer_pages(&[mem], 1).unwrap_err();
+        let e = pages_in(&[mem.clone()], 1).unwrap_err();
         assert!(e.to_string().contains("is a whole memory, where a layer's was expected"), "{e}");
+        let e = compose(&ram, &[mem], 1, &d.path().join("y")).unwrap_err();
+        assert!(e.to_string().contains("is a whole memory, where a layer's was expected"), "{e}");
+        assert!(!d.path().join("y").exists() && !d.path().join("y.partial").exists());
     }
 
     /// A damaged memory file is refused by its checksum, and leaves no RAM file behind.
@@ -469,16 +489,18 @@ mod tests {
         let mut line = String::new();
         io::BufRead::read_line(&mut out, &mut line).unwrap();
         assert_eq!(line.trim(), "ready");
-        let mut pages = HashMap::new();
-        pages.insert(5u64, page(42).into_boxed_slice());
-        apply_to_process(child.id() as i32, &file, &pages).unwrap();
+        // A layer whose page 5 holds 42s.
+        let top = ram(d.path(), "top", &[(0, 1), (5, 42)]);
+        let layer = d.path().join("layer");
+        save(&top, 1, Some(&file), &layer).unwrap();
+        assert_eq!(apply_to_process(child.id() as i32, &file, &[layer.clone()], 1).unwrap(), 1);
         io::Write::write_all(child.stdin.as_mut().unwrap(), b"\n").unwrap();
         line.clear();
         io::BufRead::read_line(&mut out, &mut line).unwrap();
         child.wait().unwrap();
         assert_eq!(line.trim(), "42 1", "the child sees the page written, and the file's own first page");
         assert_eq!(std::fs::read(&file).unwrap()[5 * PAGE], 0, "the file itself is not written");
-        let e = apply_to_process(std::process::id() as i32, &d.path().join("none"), &pages).unwrap_err();
+        let e = apply_to_process(std::process::id() as i32, &d.path().join("none"), &[layer], 1).unwrap_err();
         assert!(e.to_string().contains("has no mapping of the RAM file"), "{e}");
     }
 }
