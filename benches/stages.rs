@@ -133,6 +133,7 @@ fn main() {
         Ok("layers") => return layers(),
         Ok("outputs") => return outputs(),
         Ok("memory") => return memory(),
+        Ok("memory-layers") => return memory_layers(),
         _ => {}
     }
     // --- image, cached after the first time ---
@@ -272,6 +273,86 @@ fn main() {
     outputs();
     layers();
     memory();
+    memory_layers();
+}
+
+/// The nix-winvms to compare: this one, after the one BENCH_BEFORE names if it is set.
+fn winvms() -> Vec<Winvm> {
+    let mut winvms = vec![];
+    if let Some(dir) = std::env::var_os("BENCH_BEFORE") {
+        let dir = PathBuf::from(dir).join("target/release");
+        winvms.push(Winvm {
+            label: "before".into(),
+            builder: dir.join("nix-winvm-builder"),
+            plugin: dir.join("libnix_winvm.so"),
+        });
+    }
+    winvms.push(Winvm { label: "after".into(), builder: BUILDER.into(), plugin: common::plugin() });
+    winvms
+}
+
+/// The 2 GiB standin of the memory bench.
+const IMAGE_2G: &str = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; memory = 2048; timeout = 1800; }"#;
+
+/// A layer on `base` that fills `mib` MiB of a tmpfs with random data.
+fn dirty_layer(base: &str, mib: u32, tok: &str) -> String {
+    format!(
+        r#"(builtins.windowsImage {{ base = {base}; name = "dirty-{mib}"; timeout = 1800; installCommands = [ "mkdir -p /mnt/fill && mount -t tmpfs -o size=1900m none /mnt/fill && dd if=/dev/urandom of=/mnt/fill/random bs=1M count={mib} 2>/dev/null && echo {tok}" ]; }})"#
+    )
+}
+
+/// Trivial layers on the 1536 MiB-dirty layer of the memory bench (the same token finds it
+/// built): one, with its sizes, by each nix-winvm; then, by this one, a chain of five and a
+/// build on it against one on the dirty layer itself.
+fn memory_layers() {
+    let tok = std::env::var("BENCH_DIRTY_TOKEN").unwrap_or_else(|_| token("memory"));
+    let dirty = dirty_layer(IMAGE_2G, 1536, &tok);
+    let trivial = |base: &str, n: u32| {
+        format!(
+            r#"(builtins.windowsImage {{ base = {base}; name = "trivial-{n}"; timeout = 1800; installCommands = [ "echo {tok} > /trivial-{n}" ]; }})"#
+        )
+    };
+    println!("  trivial layers on the 1536 MiB-dirty layer of a 2 GiB standin");
+    for w in winvms() {
+        w.build(&dirty);
+        let (one, t) = w.build(&trivial(&dirty, 1));
+        use std::os::unix::fs::MetadataExt;
+        let on_disk = |name: &str| std::fs::metadata(one.join(name)).map_or(0.0, |m| m.blocks() as f64 * 512.0 / 1e6);
+        println!(
+            "  {:<7} a trivial layer: made in {t:6.1} s; guest state {:.1} MB, memory {:.1} MB, disk {:.2} MB, controller state {:.1} MB",
+            w.label,
+            on_disk("state"),
+            on_disk("memory"),
+            on_disk("disk.qcow2"),
+            on_disk(nix_winvm::testing::CONTROLLER_STATE)
+        );
+        if w.label != "after" {
+            continue;
+        }
+        let mut chain = trivial(&dirty, 1);
+        let start = Instant::now();
+        for n in 2..=5 {
+            chain = trivial(&chain, n);
+        }
+        w.build(&chain);
+        println!("  {:<7} four more trivial layers on it: {:.1} s", w.label, start.elapsed().as_secs_f64());
+        let mut at = vec![];
+        for (what, image) in [("the dirty layer", &dirty), ("five layers on it", &chain)] {
+            let _ = w.stamped(&derivation_on(image, &token("warm"), "true > $out"));
+            let run = w.stamped(&derivation_on(image, &token("trivial"), "echo FIRST-OUTPUT; true > $out"));
+            println!(
+                "  {:<7} a trivial build on {what:<18} guest revived at {:>5} s, first output {:>5} s, spawn to exit {:5.2} s",
+                w.label,
+                run.at("guest revived").map_or("-".to_owned(), |t| format!("{t:.2}")),
+                run.at(FIRST_OUTPUT).map_or("-".to_owned(), |t| format!("{t:.2}")),
+                run.exit
+            );
+            at.push(run.at("guest revived"));
+        }
+        if let [Some(a), Some(b)] = at[..] {
+            println!("  {:<7} guest revived, five layers / the dirty layer: {:.2}", w.label, b / a);
+        }
+    }
 }
 
 /// A nix-winvm to measure: its builder and its plugin.
@@ -346,23 +427,11 @@ fn guest_qemus(roots: &[u32]) -> (usize, f64, f64) {
 /// as BENCH_BEFORE=DIR (a checkout of it, built with cargo build --release) for the before
 /// and after in one run. Then the guests' memory with one build and with four at once.
 fn memory() {
-    let mut winvms = vec![];
-    if let Some(dir) = std::env::var_os("BENCH_BEFORE") {
-        let dir = PathBuf::from(dir).join("target/release");
-        winvms.push(Winvm {
-            label: "before".into(),
-            builder: dir.join("nix-winvm-builder"),
-            plugin: dir.join("libnix_winvm.so"),
-        });
-    }
-    winvms.push(Winvm { label: "after".into(), builder: BUILDER.into(), plugin: common::plugin() });
-    let image = r#"builtins.windowsImage { guest = "standin"; accel = "tcg"; memory = 2048; timeout = 1800; }"#;
-    let tok = token("memory");
-    let layer = |mib: u32| {
-        format!(
-            r#"(builtins.windowsImage {{ base = {image}; name = "dirty-{mib}"; timeout = 1800; installCommands = [ "mkdir -p /mnt/fill && mount -t tmpfs -o size=1900m none /mnt/fill && dd if=/dev/urandom of=/mnt/fill/random bs=1M count={mib} 2>/dev/null && echo {tok}" ]; }})"#
-        )
-    };
+    let winvms = winvms();
+    let image = IMAGE_2G;
+    let tok = std::env::var("BENCH_DIRTY_TOKEN").unwrap_or_else(|_| token("memory"));
+    println!("  (the dirty layers' token: BENCH_DIRTY_TOKEN={tok})");
+    let layer = |mib: u32| dirty_layer(image, mib, &tok);
     println!("  memory at scale: a 2 GiB standin, a layer filling N MiB of a tmpfs, a trivial build on it");
     println!(
         "  {:<7} {:>6} {:>12} {:>12} {:>10} {:>12} {:>14}",

@@ -233,8 +233,11 @@ fn mb(path: &Path) -> f64 {
 /// A layer keeps only what it changed: its memory file lists the pages that differ from its
 /// base's, its state the devices alone, and its disk what its commands still hold (50 MB
 /// written and deleted take no room: discarded through to the overlay, trimmed before the
-/// save). A build on the second layer finds both layers' files in a tmpfs, which lives in the
-/// guest's memory alone: the base's RAM file, mapped, with both layers' pages written over it.
+/// save). The first layer leaves 80 MB of random data in a tmpfs, more than a revive writes
+/// into its guest: its memory stage puts a RAM file of its own together. The second is
+/// trivial: its memory stage links to the first's RAM file, and each revive writes its pages.
+/// A build on the second finds both layers' files in the tmpfs, which lives in the guest's
+/// memory alone.
 #[test]
 fn a_layer_stores_only_the_memory_and_disk_it_changed_and_builds_see_every_layers_memory() {
     let tok = token("memory");
@@ -245,29 +248,40 @@ fn a_layer_stores_only_the_memory_and_disk_it_changed_and_builds_see_every_layer
     name = "memory-one";
     installCommands = [
       "mkdir -p /mnt/ram && mount -t tmpfs none /mnt/ram && echo 'one {tok}' > /mnt/ram/one"
+      "dd if=/dev/urandom of=/mnt/ram/random bs=1M count=80 2>/dev/null && md5sum /mnt/ram/random | cut -c1-32 > /mnt/ram/sum"
       "dd if=/dev/urandom of=/big bs=1M count=50 2>/dev/null && sync && rm /big"
     ];
   }};
   two = builtins.windowsImage {{ base = one; name = "memory-two"; installCommands = [ "echo two > /mnt/ram/two" ]; }};
 in {{
   inherit one two;
-  build = builtins.windowsDerivation {{ name = "in-ram"; image = two; script = "cat /mnt/ram/one /mnt/ram/two > $out"; }};
+  build = builtins.windowsDerivation {{
+    name = "in-ram";
+    image = two;
+    script = "cat /mnt/ram/one /mnt/ram/two > $out; md5sum /mnt/ram/random | cut -c1-32 | cmp - /mnt/ram/sum && echo same >> $out";
+  }};
 }}"#
     );
     let o = nix_build(&["-E", &expr, "-A", "one", "-A", "two", "-A", "build"]);
     let paths = outputs(&o);
     let (one, two, build) = (&paths[0], &paths[1], &paths[2]);
-    assert_eq!(std::fs::read_to_string(build).unwrap(), format!("one {tok}\ntwo\n"));
+    assert_eq!(std::fs::read_to_string(build).unwrap(), format!("one {tok}\ntwo\nsame\n"));
     let log = stderr(&o);
-    // The build mapped the memory stage's RAM file: it expanded nothing itself.
+    // The build mapped a memory stage's RAM file: it expanded nothing itself.
     assert!(!log.contains("expanding the image's memory"), "{log}");
-    for layer in [one, two] {
+    assert!(log.contains("memory: the base's RAM file, linked; each revive writes the "), "{log}");
+    let pages = |layer: &Path| {
         let memory = frame_header(&layer.join("memory"));
         assert_eq!((memory["layer"].as_bool(), memory["memoryMib"].as_u64()), (Some(true), Some(256)), "{memory}");
-        let pages = memory["pages"].as_u64().unwrap();
-        // The guest's RAM is 256 MiB (65536 pages); a trivial layer touches a few thousand.
-        assert!(pages > 0 && pages < 16384, "{}: {pages} pages", layer.display());
-        assert!(mb(&layer.join("memory")) < 20.0, "{}: memory {} MB", layer.display(), mb(&layer.join("memory")));
+        memory["pages"].as_u64().unwrap()
+    };
+    // 80 MB are 19532 pages; the guest's RAM is 256 MiB (65536 pages), and a trivial layer
+    // touches a few thousand.
+    let (first, second) = (pages(one), pages(two));
+    assert!((19532..40000).contains(&first), "the first layer: {first} pages");
+    assert!(second > 0 && second < 16384, "the second layer: {second} pages");
+    assert!(mb(&two.join("memory")) < 20.0, "the second layer's memory: {} MB", mb(&two.join("memory")));
+    for layer in [one, two] {
         let state = frame_header(&layer.join("state"));
         assert_eq!(state["ramOutside"].as_bool(), Some(true), "{state}");
         assert!(mb(&layer.join("state")) < 5.0, "{}: state {} MB", layer.display(), mb(&layer.join("state")));

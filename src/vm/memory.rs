@@ -402,7 +402,7 @@ mod tests {
         let h = save(&top, 1, Some(&base), &l1).unwrap();
         assert_eq!(h, MemoryHeader { memory_mib: 1, pages: 2, layer: true });
         let work = d.path().join("work");
-        assert_eq!(compose(&base, &[l1.clone()], 1, &work).unwrap(), 2);
+        assert_eq!(compose(&base, std::slice::from_ref(&l1), 1, &work).unwrap(), 2);
         assert_eq!(std::fs::read(&work).unwrap(), std::fs::read(&top).unwrap(), "base and layer put together");
         // A second layer on it: only page 11, and page 10 written again with the same bytes.
         let below = d.path().join("below");
@@ -427,7 +427,7 @@ mod tests {
         let e = expand(&mem, 2, &d.path().join("x")).unwrap_err();
         assert!(e.to_string().contains("holds 1 MiB of memory, but the image's guest has 2 MiB"), "{e}");
         assert!(!d.path().join("x").exists() && !d.path().join("x.partial").exists());
-        let e = pages_in(&[mem.clone()], 1).unwrap_err();
+        let e = pages_in(std::slice::from_ref(&mem), 1).unwrap_err();
         assert!(e.to_string().contains("is a whole memory, where a layer's was expected"), "{e}");
         let e = compose(&ram, &[mem], 1, &d.path().join("y")).unwrap_err();
         assert!(e.to_string().contains("is a whole memory, where a layer's was expected"), "{e}");
@@ -493,7 +493,7 @@ mod tests {
         let top = ram(d.path(), "top", &[(0, 1), (5, 42)]);
         let layer = d.path().join("layer");
         save(&top, 1, Some(&file), &layer).unwrap();
-        assert_eq!(apply_to_process(child.id() as i32, &file, &[layer.clone()], 1).unwrap(), 1);
+        assert_eq!(apply_to_process(child.id() as i32, &file, std::slice::from_ref(&layer), 1).unwrap(), 1);
         io::Write::write_all(child.stdin.as_mut().unwrap(), b"\n").unwrap();
         line.clear();
         io::BufRead::read_line(&mut out, &mut line).unwrap();

@@ -215,6 +215,15 @@ fn unescape_mount_field(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Where the next data (`hole` false: SEEK_DATA) or hole (true: SEEK_HOLE) of `file` starts at
+/// or after `at`; None past the last data (ENXIO) or where the file system cannot say.
+pub fn seek_data(file: &std::fs::File, at: u64, hole: bool) -> Option<u64> {
+    let whence = if hole { libc::SEEK_HOLE } else { libc::SEEK_DATA };
+    // SAFETY: lseek on a descriptor the borrowed file keeps open; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,13 +252,4 @@ mod tests {
         let plain = "25 1 254:0 / / rw - ext4 /dev/vda rw\n";
         assert_eq!(host_path_in(plain, Path::new("/tmp/nix-build-a-0/x")), None);
     }
-}
-
-/// Where the next data (`hole` false: SEEK_DATA) or hole (true: SEEK_HOLE) of `file` starts at
-/// or after `at`; None past the last data (ENXIO) or where the file system cannot say.
-pub fn seek_data(file: &std::fs::File, at: u64, hole: bool) -> Option<u64> {
-    let whence = if hole { libc::SEEK_HOLE } else { libc::SEEK_DATA };
-    // SAFETY: lseek on a descriptor the borrowed file keeps open; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
-    (r >= 0).then_some(r as u64)
 }
