@@ -472,33 +472,45 @@ mod tests {
     /// The pages reach a real child's private mapping of a file, and the file is untouched.
     #[test]
     fn pages_are_written_into_a_childs_private_mapping() {
+        // A real QEMU, stopped (-S), whose 16 MiB of RAM map a file privately and read-only,
+        // as a revived guest's do; its monitor then saves guest page 5 (physical 0x5000, in
+        // the PC's low RAM: the file's page 5) into a file.
         let d = scratch();
-        let file = ram(d.path(), "ram", &[(0, 1)]);
-        // python maps the file privately, waits for a line, then prints page 5's first byte.
-        let script = format!(
-            "import mmap,sys\nf=open('{}','rb')\nm=mmap.mmap(f.fileno(),0,flags=mmap.MAP_PRIVATE,prot=mmap.PROT_READ|mmap.PROT_WRITE)\nprint('ready',flush=True)\nsys.stdin.readline()\nprint(m[5*4096], m[0])\n",
-            file.display()
-        );
-        let mut child = std::process::Command::new("python3")
-            .args(["-c", &script])
+        let file = d.path().join("ram");
+        let f = File::create(&file).unwrap();
+        f.set_len(16 << 20).unwrap();
+        f.write_all_at(&page(1), 0).unwrap();
+        drop(f);
+        let qemu = crate::tools::Tools::find().map(|t| t.qemu).unwrap_or_else(|_| "qemu-system-x86_64".into());
+        let backend = GuestRam::Private(file.clone()).backend(16).unwrap();
+        let mut child = std::process::Command::new(qemu)
+            .args(["-machine", &format!("pc,accel=tcg,memory-backend={BACKEND_ID}"), "-m", "16", "-S"])
+            .args(["-object", &backend, "-nodefaults", "-display", "none", "-monitor", "stdio"])
             .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
             .spawn()
-            .expect("python3 (the machine's) runs this test");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        io::BufRead::read_line(&mut out, &mut line).unwrap();
-        assert_eq!(line.trim(), "ready");
+            .expect("QEMU (the machine's) runs this test");
+        let pid = child.id() as i32;
+        let canonical = std::fs::canonicalize(&file).unwrap();
+        let start = std::time::Instant::now();
+        while mappings_of(&std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default(), &canonical)
+            .is_empty()
+        {
+            assert!(start.elapsed().as_secs() < 30, "QEMU never mapped its RAM file");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         // A layer whose page 5 holds 42s.
-        let top = ram(d.path(), "top", &[(0, 1), (5, 42)]);
+        let top = d.path().join("top");
+        compose(&file, &[], 16, &top).unwrap();
+        File::options().write(true).open(&top).unwrap().write_all_at(&page(42), 5 * PAGE as u64).unwrap();
         let layer = d.path().join("layer");
-        save(&top, 1, Some(&file), &layer).unwrap();
-        assert_eq!(apply_to_process(child.id() as i32, &file, std::slice::from_ref(&layer), 1).unwrap(), 1);
-        io::Write::write_all(child.stdin.as_mut().unwrap(), b"\n").unwrap();
-        line.clear();
-        io::BufRead::read_line(&mut out, &mut line).unwrap();
-        child.wait().unwrap();
-        assert_eq!(line.trim(), "42 1", "the child sees the page written, and the file's own first page");
+        save(&top, 16, Some(&file), &layer).unwrap();
+        assert_eq!(apply_to_process(pid, &file, std::slice::from_ref(&layer), 16).unwrap(), 1);
+        let saved = d.path().join("page5");
+        let monitor = format!("pmemsave 0x5000 4096 \"{}\"\nquit\n", saved.display());
+        io::Write::write_all(child.stdin.as_mut().unwrap(), monitor.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        assert_eq!(std::fs::read(&saved).unwrap(), page(42), "the guest sees the page written");
         assert_eq!(std::fs::read(&file).unwrap()[5 * PAGE], 0, "the file itself is not written");
         let e = apply_to_process(std::process::id() as i32, &d.path().join("none"), &[layer], 1).unwrap_err();
         assert!(e.to_string().contains("has no mapping of the RAM file"), "{e}");
