@@ -176,7 +176,7 @@ class Machine:
         self.buffer = b""
         self.qmp = None
         self.serial = 0
-        self.screenshots = 0
+        self.last_stderr = ""
 
     def __repr__(self):
         return "<Machine %s>" % self.name
@@ -298,6 +298,7 @@ class Machine:
         if stderr:
             for l in stderr.rstrip("\n").splitlines():
                 self.log("stderr: " + l)
+        self.last_stderr = stderr
         return status, stdout
 
     def succeed(self, *commands, timeout=900):
@@ -308,8 +309,9 @@ class Machine:
                 status, out = self.execute(command, timeout=timeout)
                 if status != 0:
                     self.log("output: " + out)
-                    raise TestFailure("%s: command `%s` failed (exit code %d)\n--- its output ---\n%s"
-                                      % (self.name, command, status, out))
+                    raise TestFailure("%s: command `%s` failed (exit code %d)\n--- its output ---\n%s%s"
+                                      % (self.name, command, status, out,
+                                         "--- its stderr ---\n" + self.last_stderr if self.last_stderr else ""))
                 output += out
         return output
 
