@@ -29,7 +29,6 @@ import traceback
 import zlib
 
 READY = "winvm-test-shell-ready"
-NODE_START_TIMEOUT = 300
 
 
 class TestFailure(Exception):
@@ -213,7 +212,8 @@ class Machine:
         self.started_at = time.monotonic()
 
     def _connect(self):
-        deadline = time.monotonic() + NODE_START_TIMEOUT
+        # A revive takes seconds; the test's own time-out bounds it (a Windows node under TCG).
+        deadline = time.monotonic() + self.driver.timeout
         while True:
             if self.process.poll() is not None:
                 code = self.process.returncode
@@ -228,7 +228,7 @@ class Machine:
                 conn.close()
             if time.monotonic() > deadline:
                 raise TestFailure("%s: no login after %d s; its log: %s"
-                                  % (self.name, NODE_START_TIMEOUT, self.node_log_tail()))
+                                  % (self.name, self.driver.timeout, self.node_log_tail()))
             time.sleep(0.02)
         self.conn = conn
         self.buffer = b""
@@ -480,6 +480,7 @@ class Driver:
     def __init__(self, config):
         self.builder = config["builder"]
         self.results = config["results"]
+        self.timeout = config["timeoutSecs"]
         os.makedirs(self.results, exist_ok=True)
         self.log = Log(os.path.join(self.results, "log.txt"))
         self.machines = [Machine(self, spec) for spec in config["nodes"]]

@@ -346,6 +346,32 @@ mod tests {
         }
     }
 
+    /// The login joins the test network the profile's way: `ip` on the standin, `netsh` on
+    /// Windows (whose computer name cannot change without a restart: the hosts file names it).
+    #[test]
+    fn a_nodes_login_sets_its_address_and_names_then_reads_commands() {
+        let hosts = vec![(node_address(0), "client".to_owned()), (node_address(1), "server".to_owned())];
+        let standin = guest::Profile::Standin.test_node_login("server", &node_address(1), &hosts);
+        for part in [
+            "ip addr add 192.168.1.2/24 dev eth0\n",
+            "hostname server\n",
+            "printf '127.0.0.1 localhost\\n192.168.1.1 client\\n192.168.1.2 server\\n' > /etc/hosts\n",
+        ] {
+            assert!(standin.contains(part), "{part:?} not in {standin}");
+        }
+        assert!(standin.ends_with("stty raw -echo\necho winvm-test-shell-ready\nexec /bin/sh\n"), "{standin}");
+        let options = crate::spec::WindowsOptions::new("Windows 10 Pro");
+        let windows = guest::Profile::Windows(&options).test_node_login("server", &node_address(1), &hosts);
+        for part in [
+            "\"$sys/netsh.exe\" interface ipv4 add address name=Ethernet 192.168.1.2 255.255.255.0",
+            "firewall add rule name=nix-winvm-test dir=in action=allow remoteip=192.168.1.0/24",
+            "printf '192.168.1.1 client\\n192.168.1.2 server\\n' | sed 's/$/\\r/' >> \"$(cygpath -W)/System32/drivers/etc/hosts\"",
+        ] {
+            assert!(windows.contains(part), "{part:?} not in {windows}");
+        }
+        assert!(windows.ends_with("echo winvm-test-shell-ready\nexec /bin/bash\n"), "{windows}");
+    }
+
     #[test]
     fn nodes_are_numbered_from_one_on_the_test_network() {
         assert_eq!(node_address(0), "192.168.1.1");

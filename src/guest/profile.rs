@@ -353,7 +353,7 @@ done
     /// marker the driver waits for, and a shell reading commands from the driver.
     pub fn test_node_login(self, name: &str, address: &str, hosts: &[(String, String)]) -> String {
         use crate::shell::quote;
-        let entries: String = hosts.iter().map(|(addr, host)| format!("{addr} {host}\n")).collect();
+        let entries: String = hosts.iter().map(|(addr, host)| format!("{addr} {host}\\n")).collect();
         let ready = format!("stty raw -echo\necho {TEST_SHELL_READY}\n");
         match self {
             Profile::Standin => format!(
