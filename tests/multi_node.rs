@@ -97,8 +97,9 @@ fn assert_results(results: &Path, nodes: &[&str]) {
 }
 
 /// Two standin nodes: `server` serves a file with busybox httpd, `client` waits for the port
-/// (by the server's name), fetches the file over the test network and checks it; a screenshot
-/// is taken. $out holds the log, the screenshot (a PNG), each node's serial log and capture,
+/// (by the server's name), fetches the file over the test network and checks it; a command of
+/// 100 kB goes through, keys typed through QMP reach the guest's keyboard (its interrupt count),
+/// a folder is copied out; a screenshot is taken. $out holds the log, the screenshot (a PNG), each node's serial log and capture,
 /// the test network's capture (the HTTP exchange between the two test addresses passed
 /// through the forwarder) and JUnit XML with the subtests; no node is left running.
 #[test]
@@ -116,6 +117,14 @@ with subtest("the client fetches by name"):
     assert got.strip() == "{tok}", got
     assert client.succeed("hostname").strip() == "client"
     client.fail("wget -q -O - http://server/missing.html")
+with subtest("long commands, keys and copies"):
+    assert server.succeed("echo " + "y" * 100000 + " | wc -c").strip() == "100001"
+    keyboard = lambda: int(server.succeed("grep i8042 /proc/interrupts | head -n 1").split()[1])
+    before = keyboard()
+    server.send_chars("Typed 1!\n")
+    server.send_key("ctrl-alt-f2")
+    assert keyboard() > before, "no key reached the guest's keyboard"
+    server.copy_from_vm("/tmp/www", "copied")
 client.screenshot("client-screen")
 "#
     );
@@ -123,6 +132,7 @@ client.screenshot("client-screen")
     let out = out_path(&o);
     assert_results(&out, &["client", "server"]);
     assert_nodes_stopped(&out, &["client", "server"]);
+    assert_eq!(read(&out.join("copied/www/index.html")), format!("{tok}\n"), "copy_from_vm");
     let png = std::fs::read(out.join("screenshots/client-screen.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000, "not a PNG of a screen");
     let log = read(&out.join("log.txt"));

@@ -359,7 +359,10 @@ mod tests {
         ] {
             assert!(standin.contains(part), "{part:?} not in {standin}");
         }
-        assert!(standin.ends_with("stty raw -echo\necho winvm-test-shell-ready\nexec /bin/sh\n"), "{standin}");
+        assert!(
+            standin.ends_with("stty raw -echo\necho winvm-test-shell-ready\nexec /bin/sh /proc/self/fd/0\n"),
+            "{standin}"
+        );
         let options = crate::spec::WindowsOptions::new("Windows 10 Pro");
         let windows = guest::Profile::Windows(&options).test_node_login("server", &node_address(1), &hosts);
         for part in [
@@ -369,7 +372,7 @@ mod tests {
         ] {
             assert!(windows.contains(part), "{part:?} not in {windows}");
         }
-        assert!(windows.ends_with("echo winvm-test-shell-ready\nexec /bin/bash\n"), "{windows}");
+        assert!(windows.ends_with("echo winvm-test-shell-ready\nexec /bin/bash /dev/stdin\n"), "{windows}");
     }
 
     #[test]

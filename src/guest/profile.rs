@@ -350,7 +350,10 @@ done
     /// (`address`/24, beside the session's own on the same adapter: a revived machine keeps
     /// the devices it was saved with), its host name, every node's name in the hosts file,
     /// then the pty made raw and silent (the driver speaks a protocol, not a terminal), the
-    /// marker the driver waits for, and a shell reading commands from the driver.
+    /// marker the driver waits for, and a shell reading commands from the driver: as a script
+    /// (`/proc/self/fd/0` on the standin, whose /dev has no `stdin`; `/dev/stdin` in Cygwin),
+    /// since a shell whose stdin is a terminal is interactive (a prompt, and line editing that
+    /// echoes and limits a line's length).
     pub fn test_node_login(self, name: &str, address: &str, hosts: &[(String, String)]) -> String {
         use crate::shell::quote;
         let entries: String = hosts.iter().map(|(addr, host)| format!("{addr} {host}\\n")).collect();
@@ -358,7 +361,7 @@ done
         match self {
             Profile::Standin => format!(
                 "cd /tmp\nip addr add {address}/24 dev eth0\nhostname {name}\n\
-                 printf '127.0.0.1 localhost\\n{entries}' > /etc/hosts\n{ready}exec /bin/sh\n",
+                 printf '127.0.0.1 localhost\\n{entries}' > /etc/hosts\n{ready}exec /bin/sh /proc/self/fd/0\n",
                 name = quote(name),
             ),
             // Read in Microsoft's documentation, never run: `netsh interface ipv4 add address`
@@ -372,7 +375,7 @@ done
                  \"$sys/netsh.exe\" advfirewall firewall add rule name={rule} dir=in action=allow \
                  remoteip={net}.0/24 >/dev/null\n\
                  printf '{entries}' | sed 's/$/\\r/' >> \"$(cygpath -W)/System32/drivers/etc/hosts\"\n\
-                 export HOSTNAME={name}\n{ready}exec /bin/bash\n",
+                 export HOSTNAME={name}\n{ready}exec /bin/bash /dev/stdin\n",
                 nic = windows::FIRST_NIC_ALIAS,
                 rule = TEST_FIREWALL_RULE,
                 net = crate::spec::TEST_NET_PREFIX,
