@@ -48,7 +48,9 @@ class Log:
         stamp = "%8.2f" % (time.monotonic() - self.start)
         for line in str(message).splitlines() or [""]:
             text = "%s %s%s" % (stamp, "  " * self.depth, line)
-            print(text, file=sys.stderr, flush=True)
+            # A terminal that closed (the prompt's) must not stop the cleanup that logs.
+            with contextlib.suppress(OSError):
+                print(text, file=sys.stderr, flush=True)
             self.file.write(text + "\n")
         self.file.flush()
 
@@ -565,8 +567,10 @@ def main():
         script = f.read()
     driver = Driver(config)
     name = os.environ.get("name", "test")
-    # Nix's SIGTERM or the builder's: the nodes are stopped on the way out.
+    # Nix's SIGTERM or the builder's, or the prompt's terminal closed (SIGHUP): the nodes are
+    # stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     start = time.monotonic()
     failure = None
     try:
