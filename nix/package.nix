@@ -40,6 +40,7 @@
 , coreutils
 , xorriso
 , OVMF
+, python3
 }:
 
 let
@@ -93,11 +94,11 @@ let
   # initramfs), dropbear (the standin guest's sshd), ssh-keygen (openssh), xz, mke2fs (e2fsprogs:
   # the controller's system disk), mformat, mmd and mcopy (mtools), sha512sum (coreutils) and
   # xorriso (the media of Windows images); OVMF's `fd` output holds FV/OVMF_CODE.fd and
-  # FV/OVMF_VARS.fd, the firmware of UEFI images. stdenv's move-sbin hook leaves every package's
-  # sbin/ a link to bin/; the builder looks in both. busybox's applet links (bin/sh, and mkdir,
-  # cp and ln, which coreutils has too) are nix/cygwin.nix's default shell and PATH, as in
-  # scripts/tools-closure's closure.
-  tools = [ qemu_kvm vde2 samba pkgsStatic.busybox dropbear openssh xz e2fsprogs mtools coreutils xorriso OVMF.fd ];
+  # FV/OVMF_VARS.fd, the firmware of UEFI images; python3 runs a test's driver (windowsTest).
+  # stdenv's move-sbin hook leaves every package's sbin/ a link to bin/; the builder looks in
+  # both. busybox's applet links (bin/sh, and mkdir, cp and ln, which coreutils has too) are
+  # nix/cygwin.nix's default shell and PATH, as in scripts/tools-closure's closure.
+  tools = [ qemu_kvm vde2 samba pkgsStatic.busybox dropbear openssh xz e2fsprogs mtools coreutils xorriso OVMF.fd python3 ];
   winvmTools = symlinkJoin {
     name = "winvm-tools";
     paths = tools;

@@ -217,6 +217,10 @@ pub enum Subcommand {
     Run(Vec<String>),
     Rerun(Vec<String>),
     Shell(Vec<String>),
+    /// One node of a test, started by the test's driver (see `builder::test`).
+    TestNode(Vec<String>),
+    /// A test's driver at a prompt, outside Nix.
+    TestInteractive(Vec<String>),
     /// The agent of a controller booted for one session.
     Agent {
         config: PathBuf,
@@ -258,10 +262,12 @@ pub enum Stage {
     Memory,
     Build,
     RequireFile,
+    /// A test with several machines (nix/default.nix's `windowsTest`).
+    Test,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 8] = [
+    pub const ALL: [Stage; 9] = [
         Stage::Media,
         Stage::Install,
         Stage::Suspend,
@@ -270,6 +276,7 @@ impl Stage {
         Stage::Memory,
         Stage::Build,
         Stage::RequireFile,
+        Stage::Test,
     ];
 
     pub fn name(self) -> &'static str {
@@ -282,6 +289,7 @@ impl Stage {
             Stage::Memory => "memory",
             Stage::Build => "build",
             Stage::RequireFile => "require-file",
+            Stage::Test => "test",
         }
     }
 }
@@ -291,7 +299,7 @@ impl Stage {
 #[error("{0}\n{USAGE}")]
 pub struct UsageError(pub String);
 
-pub const USAGE: &str = "usage: nix-winvm-builder STAGE (media, install, suspend, layer, pin, build: in a derivation)\n       nix-winvm-builder run [OPTIONS] -- COMMAND...\n       nix-winvm-builder rerun DIR [OPTIONS] [-- COMMAND...]\n       nix-winvm-builder shell IMAGE [OPTIONS] [-- COMMAND...]";
+pub const USAGE: &str = "usage: nix-winvm-builder STAGE (media, install, suspend, layer, pin, build, test: in a derivation)\n       nix-winvm-builder run [OPTIONS] -- COMMAND...\n       nix-winvm-builder rerun DIR [OPTIONS] [-- COMMAND...]\n       nix-winvm-builder shell IMAGE [OPTIONS] [-- COMMAND...]\n       nix-winvm-builder test-interactive NODES_JSON [SCRIPT_FILE]";
 
 impl Subcommand {
     pub fn parse(args: &[String]) -> Result<Subcommand, UsageError> {
@@ -310,6 +318,8 @@ impl Subcommand {
             "run" => Subcommand::Run(rest.to_vec()),
             "rerun" => Subcommand::Rerun(rest.to_vec()),
             "shell" => Subcommand::Shell(rest.to_vec()),
+            "test-node" => Subcommand::TestNode(rest.to_vec()),
+            "test-interactive" => Subcommand::TestInteractive(rest.to_vec()),
             "agent" => Subcommand::Agent {
                 config: flag("--config")?.into(),
                 // The host's clock when the session began: a revived controller's own lags.
@@ -349,9 +359,11 @@ impl Subcommand {
         };
         match self {
             Subcommand::Stage(_) | Subcommand::Help => {}
-            Subcommand::Run(rest) | Subcommand::Rerun(rest) | Subcommand::Shell(rest) => {
-                a.extend(rest.iter().map(Into::into))
-            }
+            Subcommand::Run(rest)
+            | Subcommand::Rerun(rest)
+            | Subcommand::Shell(rest)
+            | Subcommand::TestNode(rest)
+            | Subcommand::TestInteractive(rest) => a.extend(rest.iter().map(Into::into)),
             Subcommand::Agent { config, now } => {
                 flag("--config", config.as_os_str());
                 if let Some(now) = now {
@@ -386,6 +398,8 @@ impl Subcommand {
             Subcommand::Run(_) => "run",
             Subcommand::Rerun(_) => "rerun",
             Subcommand::Shell(_) => "shell",
+            Subcommand::TestNode(_) => "test-node",
+            Subcommand::TestInteractive(_) => "test-interactive",
             Subcommand::Agent { .. } => "agent",
             Subcommand::AgentReady { .. } => "agent-ready",
             Subcommand::StateRead { .. } => "state-read",

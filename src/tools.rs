@@ -78,6 +78,7 @@ pub fn nixpkgs_package(name: &str) -> &'static str {
         "mformat" | "mmd" | "mcopy" => "mtools",
         "sha512sum" => "coreutils",
         "xorriso" => "xorriso",
+        "python3" => "python3",
         OVMF => "OVMF.fd",
         _ => "package that has it",
     }

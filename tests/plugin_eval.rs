@@ -455,7 +455,8 @@ fn the_nixos_module_builds_for_the_systems_nix_and_refuses_another() {
             "mtools",
             "coreutils",
             "xorriso",
-            "OVMF-fd"
+            "OVMF-fd",
+            "python3"
         ])
     );
     // The controller's libraries: the closure of smbd's package and the builder, in the tools.

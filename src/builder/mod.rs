@@ -7,6 +7,7 @@ pub mod report;
 pub mod rerun;
 pub mod run;
 pub mod stages;
+pub mod test;
 pub mod unpack;
 
 pub use progress::Progress;
@@ -65,6 +66,15 @@ pub enum BuilderError {
     /// Unpacking the guest's archive of the outputs from its outputs disk.
     #[error("unpacking the build's outputs from the guest's outputs disk: {0}")]
     Outputs(#[source] unpack::UnpackError),
+    /// A test's script failed: the driver's exit code, and where the results are kept.
+    #[error(
+        "the test failed (the driver exited {code}: the log above says which command); its results (log, screenshots, serial logs, captures, JUnit XML) are in {} (kept with nix-build -K)",
+        results.display()
+    )]
+    TestFailed { code: i32, results: std::path::PathBuf },
+    /// A test ran past its time-out.
+    #[error("the test exceeded its timeout of {secs} s and was stopped; if it needs longer, raise `timeout = SECONDS;` in the windowsTest call")]
+    TestTimeout { secs: u64 },
     /// Reading or writing a file, starting a runtime: what was being done, and the cause.
     #[error("{what}: {source}")]
     Io { what: String, source: Box<dyn std::error::Error + Send + Sync> },
@@ -301,6 +311,12 @@ pub fn main_with_args(args: &[String]) -> Result<i32, BuilderError> {
         Subcommand::Run(rest) => run::main(&rest),
         Subcommand::Rerun(rest) => rerun::rerun_main(&rest),
         Subcommand::Shell(rest) => rerun::shell_main(&rest),
+        Subcommand::Stage(Stage::Test) => {
+            progress.phase("test");
+            test::stage(&progress)
+        }
+        Subcommand::TestNode(rest) => test::node_main(&rest),
+        Subcommand::TestInteractive(rest) => test::interactive_main(&rest),
         Subcommand::Agent { config, now } => Ok(crate::agent::main(&config, now)?),
         Subcommand::AgentReady { config, session } => Ok(crate::agent::main_ready(&config, &session)?),
         Subcommand::Help => {

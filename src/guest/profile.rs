@@ -10,6 +10,11 @@ use crate::vm::kernel;
 use crate::vm::qemu::{KernelBoot, Machine, E1000E, GUEST_MAC, VIRTIO_NET};
 use std::path::{Path, PathBuf};
 
+/// What a test node's login prints once it reads commands (see [`Profile::test_node_login`]).
+pub const TEST_SHELL_READY: &str = "winvm-test-shell-ready";
+/// Windows' firewall rule that lets the test network in.
+pub const TEST_FIREWALL_RULE: &str = "nix-winvm-test";
+
 #[derive(Debug, Clone, Copy)]
 pub enum Profile<'a> {
     Standin,
@@ -339,6 +344,44 @@ done
             }
         }
         c
+    }
+
+    /// A test node's login (`windowsTest`): the node's address on the test network
+    /// (`address`/24, beside the session's own on the same adapter: a revived machine keeps
+    /// the devices it was saved with), its host name, every node's name in the hosts file,
+    /// then the pty made raw and silent (the driver speaks a protocol, not a terminal), the
+    /// marker the driver waits for, and a shell reading commands from the driver: as a script
+    /// (`/proc/self/fd/0` on the standin, whose /dev has no `stdin`; `/dev/stdin` in Cygwin),
+    /// since a shell whose stdin is a terminal is interactive (a prompt, and line editing that
+    /// echoes and limits a line's length).
+    pub fn test_node_login(self, name: &str, address: &str, hosts: &[(String, String)]) -> String {
+        use crate::shell::quote;
+        let entries: String = hosts.iter().map(|(addr, host)| format!("{addr} {host}\\n")).collect();
+        let ready = format!("stty raw -echo\necho {TEST_SHELL_READY}\n");
+        match self {
+            Profile::Standin => format!(
+                "cd /tmp\nip addr add {address}/24 dev eth0\nhostname {name}\n\
+                 printf '127.0.0.1 localhost\\n{entries}' > /etc/hosts\n{ready}exec /bin/sh /proc/self/fd/0\n",
+                name = quote(name),
+            ),
+            // Read in Microsoft's documentation, never run: `netsh interface ipv4 add address`
+            // adds an address to an adapter that has a static one; the hosts file is Windows'
+            // (Cygwin's /etc/hosts links to it); the computer's own name changes only with a
+            // restart, which a revived node cannot take, so the node's name is only the hosts
+            // file's. The firewall lets the test network in.
+            Profile::Windows(_) => format!(
+                "cd /tmp\nsys=$(cygpath -S)\n\
+                 \"$sys/netsh.exe\" interface ipv4 add address name={nic} {address} 255.255.255.0 >/dev/null\n\
+                 \"$sys/netsh.exe\" advfirewall firewall add rule name={rule} dir=in action=allow \
+                 remoteip={net}.0/24 >/dev/null\n\
+                 printf '{entries}' | sed 's/$/\\r/' >> \"$(cygpath -W)/System32/drivers/etc/hosts\"\n\
+                 export HOSTNAME={name}\n{ready}exec /bin/bash /dev/stdin\n",
+                nic = windows::FIRST_NIC_ALIAS,
+                rule = TEST_FIREWALL_RULE,
+                net = crate::spec::TEST_NET_PREFIX,
+                name = quote(name),
+            ),
+        }
     }
 
     /// `build` (the command that runs the build) wrapped so that the outputs, named by their

@@ -122,6 +122,8 @@ pub enum Limit {
     RunInVm,
     /// `nix-winvm-builder run`, `rerun` and `shell`: their `--timeout SECS`.
     Option,
+    /// A node of a test (nix/default.nix's `windowsTest`): the test's `timeout`.
+    Test,
 }
 
 impl Limit {
@@ -131,6 +133,7 @@ impl Limit {
             Limit::Image => "the image's stage",
             Limit::Layer => "the layer",
             Limit::Build | Limit::RunInVm | Limit::Option => "the build",
+            Limit::Test => "the test's node",
         }
     }
 
@@ -142,6 +145,7 @@ impl Limit {
             Limit::Build => "raise `timeout = SECONDS;` in the builtins.windowsDerivation call (without it, the build has the image's)",
             Limit::RunInVm => "raise `timeout = SECONDS;` in the derivation given to builtins.runInWindowsVM (without it, the build has the image's)",
             Limit::Option => "raise it with --timeout SECONDS",
+            Limit::Test => "raise `timeout = SECONDS;` in the windowsTest call",
         }
     }
 }
@@ -166,6 +170,9 @@ pub struct SessionConfig {
     /// An interactive login instead of a logged command: the host's stdin and stdout are
     /// joined to a pty in the guest, through the controller's session port.
     pub terminal: Option<TerminalRequest>,
+    /// With `terminal`: the login is joined to the first connection on this unix socket
+    /// instead of this process's stdin and stdout (a test driver's channel to its node).
+    pub login_socket: Option<PathBuf>,
     /// The guest's screen also as a VNC server on a unix socket in the work folder
     /// ([`VNC_SOCKET`]); no TCP port.
     pub vnc: bool,
@@ -205,6 +212,7 @@ impl SessionConfig {
             agent: std::env::current_exe().map_err(io("finding this program"))?,
             test_fault: None,
             terminal: None,
+            login_socket: None,
             vnc: vnc_from_env(),
             split_streams: false,
             timeline: None,

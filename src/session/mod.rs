@@ -21,6 +21,7 @@ pub use config::{
     TestFault,
 };
 pub use error::{QemuFailure, RunError};
+pub use prepare::{CONTROLLER_SERIAL_LOG, GUEST_SERIAL_LOG};
 pub use snapshot::qemu_version;
 pub use terminal::terminal_request;
 
@@ -435,13 +436,18 @@ async fn run_prepared<T: Send + 'static>(
             let session_port = send_session(&w.join("controller-session.sock"), &files.session_line).await?;
             report.say("session sent");
             // An interactive login travels through the same port once the line is read.
-            let session = match &cfg.terminal {
-                Some(_) => {
+            let session = match (&cfg.terminal, &cfg.login_socket) {
+                (Some(_), Some(socket)) => {
+                    let relay = terminal::start_socket(session_port, socket)
+                        .map_err(io(format!("joining {} to the session port", socket.display())))?;
+                    (Some(relay), None)
+                }
+                (Some(_), None) => {
                     let relay =
                         terminal::start(session_port).map_err(io("joining the terminal to the session port"))?;
                     (Some(relay), None)
                 }
-                None => (None, Some(session_port)),
+                (None, _) => (None, Some(session_port)),
             };
             let verdict = watch_pair(files, cfg.split_streams, &mut pair, report, doing).await?;
             report.say("command finished");

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 /// The guest's serial console, in the work folder.
 pub const GUEST_SERIAL_LOG: &str = "guest-serial.log";
+pub const CONTROLLER_SERIAL_LOG: &str = "controller-serial.log";
 
 pub(super) struct Files {
     pub xchg: PathBuf,
@@ -31,7 +32,7 @@ pub(super) fn prepare(cfg: &SessionConfig) -> Result<Files, RunError> {
         controller_initrd: cfg.controller.initrd.clone().unwrap_or_else(|| w.join("controller-initrd.img")),
         session_line: String::new(),
         guest_serial: w.join(GUEST_SERIAL_LOG),
-        controller_serial: w.join("controller-serial.log"),
+        controller_serial: w.join(CONTROLLER_SERIAL_LOG),
     };
     for d in [&files.xchg, &files.run] {
         std::fs::create_dir_all(d).map_err(io(format!("creating {}", d.display())))?;

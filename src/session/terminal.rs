@@ -6,7 +6,8 @@
 use crate::vm::sys::tty::{self, RawMode};
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -85,6 +86,51 @@ pub(super) fn start(port: tokio::net::UnixStream) -> std::io::Result<Relay> {
         }
     });
     Ok(Relay { stop, port, threads: vec![input, output], raw })
+}
+
+/// The login joined to the first connection on a unix socket at `path` (made here), instead of
+/// this terminal: a test driver's channel to its node. The socket is listened on until a
+/// client comes or the relay is dropped; one client only, as a terminal has one user.
+pub(super) fn start_socket(port: tokio::net::UnixStream, path: &Path) -> std::io::Result<Relay> {
+    let port = port.into_std()?;
+    port.set_nonblocking(false)?;
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let to_guest = port.try_clone()?;
+    let mut from_guest = port.try_clone()?;
+    let stopped = stop.clone();
+    let joined = std::thread::spawn(move || {
+        let client = loop {
+            if stopped.load(Ordering::Relaxed) {
+                return;
+            }
+            match listener.accept() {
+                Ok((client, _)) => break client,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(INPUT_POLL / 10),
+                Err(_) => return,
+            }
+        };
+        if client.set_nonblocking(false).is_err() {
+            return;
+        }
+        let (Ok(mut client_in), Ok(mut client_out)) = (client.try_clone(), client.try_clone()) else { return };
+        let mut to_guest = to_guest;
+        // The client's bytes to the guest on a thread of its own; the guest's to the client here.
+        let input = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut client_in, &mut to_guest);
+        });
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n) = from_guest.read(&mut buf) {
+            if n == 0 || client_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        let _ = input.join();
+    });
+    Ok(Relay { stop, port, threads: vec![joined], raw: Arc::new(Mutex::new(None)) })
 }
 
 impl Drop for Relay {

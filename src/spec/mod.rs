@@ -35,6 +35,9 @@ pub const STORE_DIR: &str = "/nix/store";
 /// serves it the shares. Shell text names them `@GUEST_IP@` and `@CONTROLLER_IP@`.
 pub const GUEST_IP: &str = "192.168.0.1";
 pub const CONTROLLER_IP: &str = "192.168.0.2";
+/// A test's own network (`windowsTest`): node N (from 1, in the order of their names) is
+/// `TEST_NET_PREFIX.N`; the host's forwarder between the nodes answers for the others.
+pub const TEST_NET_PREFIX: &str = "192.168.1";
 
 /// The share of a controller saved ready to serve that the guest keeps mounted while the pair
 /// is saved: the session (logged on) and its tree survive the save, and the build's store and

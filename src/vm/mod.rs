@@ -1,6 +1,6 @@
 //! The VM pieces: processes and their guards, the VDE switch and its capture (pcap), QEMU
 //! command lines, QMP, acceleration (the KVM probe), saved state, screenshots, a serial log
-//! followed as it grows, the one wait helper, and `sys`, the bindgen bindings to the kernel
+//! followed as it grows, the one wait helper, a test's forwarder between the switches of its nodes, and `sys`, the bindgen bindings to the kernel
 //! and libvdeplug. A session (src/session) puts them together.
 
 pub mod accel;
@@ -14,6 +14,7 @@ pub mod screen;
 pub mod state;
 pub mod sys;
 pub mod vde;
+pub mod vlan;
 pub mod wait;
 
 /// How much of a VM's log an error shows.

@@ -80,8 +80,7 @@ impl Plug {
         }
     }
 
-    /// Sends one frame into the switch (the capture's tests).
-    #[cfg(test)]
+    /// Sends one frame into the switch (a test's forwarder between nodes, the capture's tests).
     pub fn send(&mut self, frame: &[u8]) -> io::Result<usize> {
         // SAFETY: `frame` is readable for its length, which libvdeplug reads no further than;
         // the connection is open.
