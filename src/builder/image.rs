@@ -257,6 +257,8 @@ pub(super) struct Memory {
 /// The environment variable (a derivation attribute) naming the memory stage's output of an
 /// image's chain: the RAM file the build maps (see `stages::memory`).
 pub const MEMORY_VAR: &str = "winvmMemory";
+/// The environment variable of a layer and of its memory stage naming its base's memory stage.
+pub const BASE_MEMORY_VAR: &str = "baseMemory";
 
 /// The file of a memory stage's output naming the image whose memory its RAM file holds.
 pub const MEMORY_UPTO: &str = "upto";

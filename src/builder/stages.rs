@@ -8,8 +8,8 @@
 
 use super::image::{
     accel_for, damaged, machine_type, media_controller, new_image, outputs_disk, overlay, qemu_img, revivable, uefi,
-    ImageMeta, CONTROLLER_IMG, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, IMAGE_FORMAT, MEMORY_VAR, OUTPUTS_DISK,
-    STREAM_IMAGE_FORMAT,
+    ImageMeta, BASE_MEMORY_VAR, CONTROLLER_IMG, CONTROLLER_STATE, CONTROLLER_SYSTEM, EFI_VARS, IMAGE_FORMAT,
+    MEMORY_VAR, OUTPUTS_DISK, STREAM_IMAGE_FORMAT,
 };
 use super::report;
 use super::Progress;
@@ -356,7 +356,7 @@ pub fn memory_stage(progress: &Progress) -> Result<i32, BuilderError> {
     let mib = meta.spec.shape.memory_mib;
     let started = std::time::Instant::now();
     let ram = out.join(memory::RAM_FILE);
-    let (upto, pages) = match std::env::var_os("baseMemory") {
+    let (upto, pages) = match std::env::var_os(BASE_MEMORY_VAR) {
         None => {
             // The bottom's memory, and any layers' above it (a layer whose base names no memory
             // stage) put together.
@@ -497,7 +497,7 @@ pub fn layer(spec: &LayerSpec, progress: &Progress) -> Result<i32, BuilderError>
     };
     // The layer's guest runs on a copy of its base's memory, shared, which it saves as the
     // pages that differ from the base's.
-    let memory = base.memory(std::env::var_os(MEMORY_VAR).map(PathBuf::from), &work, progress)?;
+    let memory = base.memory(std::env::var_os(BASE_MEMORY_VAR).map(PathBuf::from), &work, progress)?;
     let mut cfg = base.session(disk, &work, task, None)?;
     let below = match &memory {
         Some(m) => {

@@ -45,6 +45,8 @@ fn planned(drvs: Vec<PlannedDrv>, passthru: Vec<PlannedAttr>) -> Plan {
 
 /// The attribute of an image that names its memory stage: the RAM file builds on it map.
 pub const MEMORY_ATTR: &str = "winvmMemory";
+/// The attribute of a layer and of its memory stage that names its base's memory stage.
+pub const BASE_MEMORY_ATTR: &str = "baseMemory";
 
 /// The memory stage of the image that stage `image` makes: its RAM expanded where the builds
 /// run (see `builder::stages::memory_stage`). Never substituted: a copy of the image carries
@@ -136,9 +138,11 @@ fn plan_layer(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resu
     a.push(text("winvmImageSpec", &to_json(&spec.image)));
     a.push(text("winvmLayerSpec", &to_json(spec)));
     a.push(PlannedAttr { path: at(&["base"]), ..user("image", &[]) });
+    // The base's memory stage, as `baseMemory`: the layer's own result names its own memory
+    // stage `winvmMemory`, and a derivation's value holds its attributes beside its passthru.
     let base_memory = attrs.iter().find(|(k, _)| k == "base").and_then(|(_, b)| {
         let at = at(&["base"]);
-        image_memory(MEMORY_ATTR, b, &at.iter().map(String::as_str).collect::<Vec<_>>())
+        image_memory(BASE_MEMORY_ATTR, b, &at.iter().map(String::as_str).collect::<Vec<_>>())
     });
     a.extend(base_memory.clone());
     for i in 0..spec.commands {
@@ -155,7 +159,7 @@ fn plan_layer(caller: Caller, attrs: &Attrs, prefix: &[&str], env: &Env) -> Resu
         // puts the layers' pages into a RAM file of its own (`builder::stages::memory_stage`).
         let mut plan = with_memory(&name, 0, drvs, vec![], env);
         let stage = plan.drvs.last_mut().expect("the memory stage");
-        stage.attrs.extend(base_memory.map(|m| PlannedAttr { name: "baseMemory".into(), ..m }));
+        stage.attrs.extend(base_memory);
         plan
     };
     Ok(PlannedImage { plan, spec: args.spec.image })

@@ -235,6 +235,7 @@ fn standin_image_plan_has_three_stages_and_passthru() {
         );
     }
     assert_eq!(super::plan::MEMORY_ATTR, crate::builder::image::MEMORY_VAR);
+    assert_eq!(super::plan::BASE_MEMORY_ATTR, crate::builder::image::BASE_MEMORY_VAR);
 }
 
 #[test]
@@ -450,7 +451,9 @@ fn a_layer_is_one_derivation_carrying_its_bases_spec_and_each_command_as_an_attr
     let q = planned("windowsImage", &set(&[("base", base), ("installCommands", cmds)]), &env);
     let named = |d: usize, n: &str| q.drvs[d].attrs.iter().find(|a| a.name == n).map(|a| a.path.clone());
     let base_memory = Some(vec!["base".to_owned(), "winvmMemory".to_owned()]);
-    assert_eq!((named(0, "winvmMemory"), named(1, "baseMemory")), (base_memory.clone(), base_memory));
+    assert_eq!((named(0, "baseMemory"), named(1, "baseMemory")), (base_memory.clone(), base_memory));
+    // The layer's own attributes hold no `winvmMemory`: its value names its own memory stage so.
+    assert!(named(0, "winvmMemory").is_none());
     let attrs = &p.drvs[0].attrs;
     let get = |n: &str| attrs.iter().find(|a| a.name == n).unwrap_or_else(|| panic!("no {n}"));
     assert_eq!(get("name").text, "winvm-standin-layer");
