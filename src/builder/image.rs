@@ -239,7 +239,7 @@ pub(super) fn revivable(
     if let Some(warning) = InstallRecord::of_image(image).and_then(|record| record.expiry_warning(now)) {
         progress.say(&warning);
     }
-    inspect_states(image)?;
+    inspect_states(image, &meta)?;
     let shape = MachineShape { accel: accel_for(&meta.spec, progress)?, ..meta.shape() };
     let tools = Tools::find()?;
     check_image(&tools, image)?;
@@ -400,12 +400,11 @@ pub(super) fn new_image(
     Ok(disk)
 }
 
-/// An image's two state files, refused before any VM starts if they are not state files of
-/// this version or are cut short; their checksums are checked in the one pass that streams
-/// each into QEMU. Their reading from disk starts now, while the switch and the QEMUs start
+/// An image's memory file and two state files (`meta`: its metadata, already read), refused
+/// before any VM starts if they are not files of this version or are cut short; their
+/// checksums are checked in the one pass that streams each into QEMU. Their reading from disk starts now, while the switch and the QEMUs start
 /// (when they are not in the page cache, it is most of a revive's time).
-pub(super) fn inspect_states(image: &Path) -> Result<(), BuilderError> {
-    let meta = ImageMeta::load(image)?;
+pub(super) fn inspect_states(image: &Path, meta: &ImageMeta) -> Result<(), BuilderError> {
     if meta.ram_outside() {
         let layer = meta.base.is_some();
         memory::inspect(&image.join(memory::MEMORY_FILE), meta.spec.shape.memory_mib, layer).map_err(damaged(image))?;
